@@ -1,0 +1,249 @@
+"""The region store: one Zarr v3 group per region.
+
+Layout (see ARCHITECTURE.md):
+
+- ``image`` (band, y, x): the mosaic; ``band`` coordinate 1..N, band names in the
+  ``long_name`` attribute (rioxarray's convention), nodata as ``_FillValue``.
+- ``labels`` (y, x) uint8: optional; 0 = unlabelled.
+- ``classes`` / ``confidence`` (y, x) uint8: predictions, 255 = nodata.
+- ``spatial_ref``: rioxarray's grid-mapping coordinate (CRS and GeoTransform).
+- group attribute ``segpipe``: schema version, block size, classes.
+
+Every layer is sharded with one shard per ``block_size`` x ``block_size`` block, and
+dask chunks equal shards, so one task writes one shard and retries are safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from affine import Affine
+
+from segpipe.errors import MissingInputError, StoreError
+from segpipe.types import ClassInfo, Grid, classes_from_json, classes_to_json
+
+__all__ = [
+    "INNER_CHUNK",
+    "NODATA_U8",
+    "STORE_SCHEMA",
+    "RegionInfo",
+    "create_layer",
+    "open_layer",
+    "open_region",
+    "read_region_info",
+    "set_region_classes",
+    "write_block",
+]
+
+STORE_SCHEMA = 1
+NODATA_U8 = 255
+INNER_CHUNK = 256  # inner chunk of every shard: small enough for random chip reads
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """What a store says about its region (cheap to read, small to ship).
+
+    Attributes:
+        path: Store location.
+        height: Rows of the region grid.
+        width: Columns of the region grid.
+        block_size: Shard (and dask chunk) edge in pixels.
+        band_names: One name per image band.
+        dtype: Image dtype name.
+        nodata: Image nodata value, or None.
+        crs_wkt: CRS as WKT ("" when the image has none).
+        transform: Affine transform as 6 floats (a, b, c, d, e, f).
+        classes: Classes known to the store (from ingest), possibly empty.
+    """
+
+    path: str
+    height: int
+    width: int
+    block_size: int
+    band_names: tuple[str, ...]
+    dtype: str
+    nodata: float | None
+    crs_wkt: str
+    transform: tuple[float, float, float, float, float, float]
+    classes: tuple[ClassInfo, ...]
+
+    @property
+    def affine(self) -> Affine:
+        """The transform as an :class:`affine.Affine`."""
+        return Affine(*self.transform)
+
+    @property
+    def grid(self) -> Grid:
+        """The region's pixel grid."""
+        return Grid(self.crs_wkt, self.transform, self.height, self.width)
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """Number of blocks along y and x."""
+        return (-(-self.height // self.block_size), -(-self.width // self.block_size))
+
+
+def _group(store: str | Path, mode: str = "r") -> zarr.Group:
+    path = str(store)
+    if "://" not in path and not Path(path).exists():
+        raise MissingInputError(f"region store {path} does not exist: run 'segpipe ingest' first")
+    try:
+        return zarr.open_group(path, mode=mode)  # type: ignore[arg-type]
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise MissingInputError(f"{path} is not a region store: run 'segpipe ingest' first") from exc
+
+
+def read_region_info(store: str | Path) -> RegionInfo:
+    """Read the region's grid, bands and classes without touching pixel data.
+
+    Raises:
+        MissingInputError: The store does not exist.
+        StoreError: The store has no ``image`` layer or no segpipe metadata.
+    """
+    group = _group(store)
+    meta = group.attrs.get("segpipe")
+    if not isinstance(meta, dict) or "image" not in group:
+        raise StoreError(f"{store} is not a segpipe region store (no image or metadata)")
+    image = group["image"]
+    assert isinstance(image, zarr.Array)
+    sref = group["spatial_ref"].attrs if "spatial_ref" in group else {}
+    gt = [float(v) for v in str(sref.get("GeoTransform", "0 1 0 0 0 -1")).split()]
+    names = image.attrs.get("long_name") or [f"band{i + 1}" for i in range(image.shape[0])]
+    if isinstance(names, str):
+        names = [names]
+    nodata = image.attrs.get("_FillValue")
+    return RegionInfo(
+        path=str(store),
+        height=int(image.shape[1]),
+        width=int(image.shape[2]),
+        block_size=int(meta["block_size"]),
+        band_names=tuple(str(n) for n in names),
+        dtype=str(image.dtype),
+        nodata=None if nodata is None else float(nodata),
+        crs_wkt=str(sref.get("crs_wkt", "")),
+        transform=(gt[1], gt[2], gt[0], gt[4], gt[5], gt[3]),
+        classes=tuple(classes_from_json(meta.get("classes", []))),
+    )
+
+
+def set_region_classes(store: str | Path, classes: Sequence[ClassInfo]) -> None:
+    """Record the region's classes in the store metadata."""
+    group = _group(store, mode="r+")
+    meta = dict(group.attrs["segpipe"])
+    meta["classes"] = classes_to_json(classes)
+    group.attrs["segpipe"] = meta
+
+
+def open_region(store: str | Path) -> xr.Dataset:
+    """Open the store lazily with dask chunks equal to its shards.
+
+    CRS and nodata are kept as rioxarray expects (``decode_coords="all"``, no masking).
+    """
+    info = read_region_info(store)
+    ds = xr.open_zarr(
+        str(store),
+        consolidated=False,
+        decode_coords="all",
+        mask_and_scale=False,
+        chunks={"y": info.block_size, "x": info.block_size, "band": -1},
+    )
+    return ds
+
+
+def create_layer(
+    store: str | Path,
+    name: str,
+    dtype: str,
+    fill_value: int | float,
+    leading: tuple[tuple[str, int], ...] = (),
+    attributes: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create an empty layer on the region grid, sharded by block, filled with ``fill_value``.
+
+    The layer is a template that tasks fill block by block with :func:`write_block`.
+    It carries the grid mapping and ``_FillValue`` so xarray and rioxarray read it
+    with its CRS.
+
+    Args:
+        store: Region store.
+        name: Layer name (e.g. ``classes``).
+        dtype: Numpy dtype name.
+        fill_value: Value of never-written pixels (also recorded as ``_FillValue``).
+        leading: Extra leading dimensions as (name, size), e.g. ``(("class", 6),)``.
+        attributes: Extra attributes for the layer.
+        overwrite: Replace an existing layer of that name.
+
+    Returns:
+        The created zarr array.
+    """
+    info = read_region_info(store)
+    group = _group(store, mode="r+")
+    if name in group and not overwrite:
+        existing = group[name]
+        assert isinstance(existing, zarr.Array)
+        return existing
+    lead_names = [n for n, _ in leading]
+    lead_sizes = [s for _, s in leading]
+    b = info.block_size
+    inner = min(INNER_CHUNK, b)
+    attrs = {"_FillValue": fill_value, "grid_mapping": "spatial_ref", **(attributes or {})}
+    arr = group.create_array(
+        name,
+        shape=(*lead_sizes, info.height, info.width),
+        dtype=dtype,
+        chunks=(*lead_sizes, inner, inner),
+        shards=(*lead_sizes, b, b),
+        fill_value=fill_value,
+        dimension_names=[*lead_names, "y", "x"],
+        attributes=attrs,
+        overwrite=True,
+    )
+    return arr
+
+
+def open_layer(store: str | Path, name: str, mode: str = "r") -> zarr.Array:
+    """Open one layer of the store as a zarr array.
+
+    Raises:
+        StoreError: The layer does not exist.
+    """
+    group = _group(store, mode="r+" if mode != "r" else "r")
+    if name not in group:
+        raise StoreError(f"region store {store} has no '{name}' layer")
+    arr = group[name]
+    assert isinstance(arr, zarr.Array)
+    return arr
+
+
+def write_block(array: zarr.Array, y0: int, x0: int, data: np.ndarray, block_size: int) -> None:
+    """Write ``data`` at (y0, x0), refusing writes that do not cover whole shards.
+
+    A write that covers exactly one or more whole shards (clamped at the region's
+    edge) is the only kind that is safe with several writers and with retries.
+
+    Raises:
+        StoreError: The write is not shard-aligned.
+    """
+    h, w = data.shape[-2:]
+    height, width = array.shape[-2:]
+    aligned = (
+        y0 % block_size == 0
+        and x0 % block_size == 0
+        and (h % block_size == 0 or y0 + h == height)
+        and (w % block_size == 0 or x0 + w == width)
+    )
+    if not aligned or y0 + h > height or x0 + w > width:
+        raise StoreError(
+            f"write of {h}x{w} at ({y0}, {x0}) is not aligned with {block_size}-px blocks "
+            f"of a {height}x{width} layer"
+        )
+    index = (Ellipsis, slice(y0, y0 + h), slice(x0, x0 + w))
+    array[index] = data

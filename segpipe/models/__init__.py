@@ -1,0 +1,26 @@
+"""Networks and model packages."""
+
+from segpipe.models.networks import ARCHITECTURES, ENCODERS, build_network, output_stride
+from segpipe.models.package import (
+    ModelSpec,
+    check_bands,
+    load_model,
+    model_hash,
+    normalise,
+    read_spec,
+    save_model,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "ENCODERS",
+    "ModelSpec",
+    "build_network",
+    "check_bands",
+    "load_model",
+    "model_hash",
+    "normalise",
+    "output_stride",
+    "read_spec",
+    "save_model",
+]
