@@ -1,0 +1,1 @@
+"""Readers and writers: mosaics, labels, the region store."""

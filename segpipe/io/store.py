@@ -15,6 +15,8 @@ dask chunks equal shards, so one task writes one shard and retries are safe.
 
 from __future__ import annotations
 
+import base64
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +102,18 @@ def _group(store: str | Path, mode: str = "r") -> zarr.Group:
         raise MissingInputError(f"{path} is not a region store: run 'segpipe ingest' first") from exc
 
 
+def _decode_fill(value: Any) -> float | None:
+    """A ``_FillValue`` attribute as a float; xarray stores float ones as base64 '<d'."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return float(struct.unpack("<d", base64.standard_b64decode(value))[0])
+        except (ValueError, struct.error):
+            return float(value)  # "NaN", "Infinity" as zarr itself writes them
+    return float(value)
+
+
 def read_region_info(store: str | Path) -> RegionInfo:
     """Read the region's grid, bands and classes without touching pixel data.
 
@@ -126,7 +140,7 @@ def read_region_info(store: str | Path) -> RegionInfo:
         block_size=int(meta["block_size"]),
         band_names=tuple(str(n) for n in names),
         dtype=str(image.dtype),
-        nodata=None if nodata is None else float(nodata),
+        nodata=_decode_fill(nodata),
         crs_wkt=str(sref.get("crs_wkt", "")),
         transform=(gt[1], gt[2], gt[0], gt[4], gt[5], gt[3]),
         classes=tuple(classes_from_json(meta.get("classes", []))),

@@ -1,0 +1,219 @@
+"""The ingest stage: tiles (and optional labels) in, one region store out.
+
+The mosaic is streamed block by block into a Zarr v3 store (dask chunks == shards ==
+``block_size``); labels are warped or rasterized onto the same grid one block per dask
+task. Nothing holds the whole region in memory, and nothing half-written is ever left
+at ``out``: the store is built in a hidden sibling directory and renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import dask
+import numpy as np
+import xarray as xr
+import zarr
+
+from segpipe.errors import InputError, LabelsError, StoreError
+from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
+from segpipe.io.mosaic import open_mosaic
+from segpipe.io.store import (
+    INNER_CHUNK,
+    STORE_SCHEMA,
+    RegionInfo,
+    create_layer,
+    open_layer,
+    read_region_info,
+    set_region_classes,
+    write_block,
+)
+from segpipe.types import ClassInfo, Grid, read_classes_file
+
+__all__ = ["ingest"]
+
+# Encoding keys xarray's Zarr backend accepts; rioxarray's reader adds others
+# ("source", "rasterio_dtype") that an explicit encoding would reject.
+_ZARR_ENCODING_KEYS = {"grid_mapping", "dtype", "compressors", "filters", "serializer", "coordinates"}
+
+Progress = Callable[[str], None]
+
+
+def _grid(image: xr.DataArray) -> Grid:
+    crs = image.rio.crs
+    t = image.rio.transform()
+    return Grid(
+        crs_wkt="" if crs is None else crs.to_wkt(),
+        transform=(t.a, t.b, t.c, t.d, t.e, t.f),
+        height=int(image.sizes["y"]),
+        width=int(image.sizes["x"]),
+    )
+
+
+def _resolve_classes(classes: Sequence[ClassInfo] | str | Path | None) -> list[ClassInfo] | None:
+    if classes is None:
+        return None
+    if isinstance(classes, str | Path):
+        return read_classes_file(classes)
+    return sorted(classes, key=lambda c: c.value) or None
+
+
+def _write_image(image: xr.DataArray, store: Path, block_size: int) -> None:
+    """Stream the mosaic into ``store``'s ``image`` array, one dask task per shard."""
+    var = image.copy()
+    var.attrs["long_name"] = list(var.attrs["long_name"])  # JSON has no tuples
+    nodata = var.attrs.pop("_FillValue", None)
+    nbands = int(var.sizes["band"])
+    inner = min(INNER_CHUNK, block_size)
+    # Merge the variable's own encoding: an explicit dict replaces it, and with it
+    # rioxarray's grid_mapping (the CRS would be silently lost).
+    encoding = {
+        **{k: v for k, v in var.encoding.items() if k in _ZARR_ENCODING_KEYS},
+        "chunks": (nbands, inner, inner),
+        "shards": (nbands, block_size, block_size),
+        # Explicit None: without nodata, xarray must not invent a NaN fill value.
+        "_FillValue": nodata,
+    }
+    ds = var.to_dataset(name="image")
+    ds.to_zarr(str(store), mode="w-", zarr_format=3, consolidated=False, encoding={"image": encoding})
+
+
+def _label_block(src: LabelSource, grid: Grid, store: str, y0: int, x0: int, size: int) -> np.ndarray:
+    """Rasterize one block of labels into the store; return its class histogram."""
+    h, w = min(size, grid.height - y0), min(size, grid.width - x0)
+    data = labels_window(src, grid, y0, x0, h, w)
+    write_block(open_layer(store, "labels", mode="r+"), y0, x0, data, size)
+    return np.bincount(data.ravel(), minlength=256)
+
+
+def _write_labels(src: LabelSource, grid: Grid, store: Path, block_size: int) -> np.ndarray:
+    """Fill the ``labels`` layer block by block; return the per-value pixel counts."""
+    create_layer(store, "labels", "uint8", 0)
+    block = dask.delayed(_label_block, pure=True)
+    tasks = [
+        block(src, grid, str(store), y0, x0, block_size)
+        for y0 in range(0, grid.height, block_size)
+        for x0 in range(0, grid.width, block_size)
+    ]
+    counts: np.ndarray = np.sum(dask.compute(*tasks), axis=0)
+    return counts
+
+
+def _region_classes(src: LabelSource, counts: np.ndarray, given: list[ClassInfo] | None) -> list[ClassInfo]:
+    present = [int(v) for v in np.flatnonzero(counts[1:255]) + 1]
+    if not present:
+        raise LabelsError(f"labels {src.path} hold no labelled pixel (all 0 or nodata) inside the image")
+    found = given if given is not None else label_classes(src, values=present)
+    missing = sorted(set(present) - {c.value for c in found})
+    if missing:
+        raise LabelsError(
+            f"labels {src.path} hold class value(s) {', '.join(map(str, missing))} that the "
+            "classes do not define: add them to the classes file"
+        )
+    return found
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool, tag: str) -> None:
+    """Rename the finished store to ``out``; an old one is removed only after that."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not overwrite:
+        raise StoreError(f"{out} exists; pass --overwrite to replace it")
+    old = out.parent / f".{out.name}.old-{tag}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def ingest(
+    images: Sequence[str | Path] | str | Path,
+    out: str | Path,
+    labels: str | Path | None = None,
+    label_field: str | None = None,
+    classes: Sequence[ClassInfo] | str | Path | None = None,
+    block_size: int = 1024,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> RegionInfo:
+    """Build a region store from image tiles and optional labels.
+
+    Runs on whichever dask scheduler is active (it creates no cluster).
+
+    Args:
+        images: GeoTIFF files, VRTs and/or folders of GeoTIFFs forming one mosaic.
+        out: Directory of the region store to create (local filesystem).
+        labels: Optional class raster or class polygons.
+        label_field: For polygons, the integer field with class values.
+        classes: Classes (a list, or a classes JSON file); by default taken from the
+            labels (polygon attributes, or the values found in a raster).
+        block_size: Shard and dask chunk edge in pixels: at most 256, or a multiple of 256.
+        overwrite: Replace an existing store at ``out`` (only once the new one is complete).
+        progress: Called with a short message at each stage.
+
+    Returns:
+        What the new store says about its region.
+
+    Raises:
+        StoreError: ``out`` exists and ``overwrite`` is False.
+        MissingInputError: An image, the labels or the classes file does not exist.
+        TileMismatchError: The tiles cannot form one mosaic.
+        LabelsError: The labels do not overlap the image, hold no labelled pixel,
+            hold a value outside 0-254 or one the given classes do not define.
+    """
+    say = progress or (lambda _msg: None)
+    inner = min(INNER_CHUNK, block_size)
+    if block_size < 1 or block_size % inner:
+        raise InputError(f"block size {block_size} is invalid: use at most {INNER_CHUNK} or a multiple of it")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out} exists; pass --overwrite to replace it")
+    given = _resolve_classes(classes)
+    src = open_labels(labels, label_field) if labels is not None else None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = secrets.token_hex(4)
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    # Beside the store, so workers that can write the store can read the VRT too.
+    vrt = out.parent / f".{out.name}.tmp-{tag}.vrt"
+    try:
+        image = open_mosaic(images, chunk_size=block_size, vrt_path=vrt)
+        grid = _grid(image)
+        if src is not None:
+            check_overlap(src, grid)
+        say(
+            f"writing image: {grid.width} x {grid.height} px, {image.sizes['band']} bands, "
+            f"{image.data.npartitions} blocks of {block_size} px"
+        )
+        _write_image(image, tmp, block_size)
+        zarr.open_group(str(tmp), mode="r+").attrs["segpipe"] = {
+            "schema": STORE_SCHEMA,
+            "block_size": block_size,
+            "classes": [],
+        }
+        found = given or []
+        if src is not None:
+            say(f"writing labels from {src.path}")
+            found = _region_classes(src, _write_labels(src, grid, tmp, block_size), given)
+        if found:
+            set_region_classes(tmp, found)
+        _move_into_place(tmp, out, overwrite, tag)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        vrt.unlink(missing_ok=True)
+    say(f"region store written to {out}")
+    return read_region_info(out)

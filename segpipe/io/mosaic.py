@@ -1,0 +1,292 @@
+"""Open GeoTIFF tiles, a VRT or a folder of tiles as one lazy (band, y, x) mosaic.
+
+Several tiles are joined by a GDAL VRT that this module writes itself (rasterio does
+not expose ``gdalbuildvrt``), so the mosaic is never loaded into memory: dask tasks
+read just their window through GDAL. Tiles must share CRS, pixel size, band count,
+dtype, nodata and pixel grid; anything else would mean silent resampling, so it is
+refused with :class:`~segpipe.errors.TileMismatchError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+import rioxarray
+import xarray as xr
+from rasterio.crs import CRS
+
+from segpipe.errors import MissingInputError, TileMismatchError
+
+__all__ = ["expand_inputs", "mosaic_vrt_xml", "open_mosaic"]
+
+_TILE_SUFFIXES = (".tif", ".tiff")
+# Tiles closer than this fraction of a pixel to the common grid count as aligned:
+# coordinates written by other tools carry float rounding, not real shifts.
+_ALIGN_TOL = 1e-3
+
+_GDAL_TYPES = {
+    "uint8": "Byte",
+    "int8": "Int8",
+    "uint16": "UInt16",
+    "int16": "Int16",
+    "uint32": "UInt32",
+    "int32": "Int32",
+    "uint64": "UInt64",
+    "int64": "Int64",
+    "float32": "Float32",
+    "float64": "Float64",
+}
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """What the mosaic needs to know about one tile (read once, from its header)."""
+
+    path: str
+    crs: CRS | None
+    transform: tuple[float, ...]
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    descriptions: tuple[str | None, ...]
+    block: tuple[int, int]
+
+    @property
+    def res(self) -> tuple[float, float]:
+        return (abs(self.transform[0]), abs(self.transform[4]))
+
+
+def expand_inputs(images: Sequence[str | Path] | str | Path) -> list[Path]:
+    """Turn files, VRTs and folders into the list of raster files they stand for.
+
+    A folder stands for every ``*.tif``/``*.tiff`` directly inside it, sorted by name.
+
+    Raises:
+        MissingInputError: A path does not exist, a folder holds no GeoTIFF, or
+            nothing was given.
+    """
+    items = [images] if isinstance(images, str | Path) else list(images)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _TILE_SUFFIXES)
+            if not found:
+                raise MissingInputError(f"folder {p} holds no GeoTIFF (*.tif, *.tiff)")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise MissingInputError(f"image {p} does not exist")
+    if not files:
+        raise MissingInputError("no image given: pass GeoTIFF files, a VRT or a folder of tiles")
+    return files
+
+
+def _read_tile(path: Path) -> _Tile:
+    try:
+        with rasterio.open(path) as ds:
+            return _Tile(
+                path=str(path.resolve()),
+                crs=ds.crs,
+                transform=tuple(ds.transform)[:6],
+                width=ds.width,
+                height=ds.height,
+                count=ds.count,
+                dtype=str(ds.dtypes[0]),
+                nodata=ds.nodata,
+                descriptions=tuple(ds.descriptions),
+                block=ds.block_shapes[0],
+            )
+    except rasterio.errors.RasterioIOError as exc:
+        raise MissingInputError(f"image {path} cannot be read as a raster: {exc}") from exc
+
+
+def _crs_name(crs: CRS | None) -> str:
+    return "none" if crs is None else crs.to_string()
+
+
+def _same_nodata(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _check_tiles(files: Sequence[Path], tiles: Sequence[_Tile]) -> None:
+    """Refuse tiles that cannot be mosaicked without resampling or guessing."""
+    ref, ref_name = tiles[0], files[0]
+    for name, t in zip(files, tiles, strict=True):
+        if t.transform[1] != 0 or t.transform[3] != 0 or t.transform[4] >= 0:
+            raise TileMismatchError(
+                f"tile {name} is rotated or not north-up (transform {t.transform}): "
+                "warp it to a north-up grid first"
+            )
+    for name, t in zip(files[1:], tiles[1:], strict=True):
+        checks = [
+            ("CRS", t.crs == ref.crs, _crs_name(t.crs), _crs_name(ref.crs)),
+            (
+                "pixel size",
+                all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(t.res, ref.res, strict=True)),
+                f"{t.res[0]:g} x {t.res[1]:g}",
+                f"{ref.res[0]:g} x {ref.res[1]:g}",
+            ),
+            ("band count", t.count == ref.count, str(t.count), str(ref.count)),
+            ("dtype", t.dtype == ref.dtype, t.dtype, ref.dtype),
+            ("nodata", _same_nodata(t.nodata, ref.nodata), str(t.nodata), str(ref.nodata)),
+        ]
+        for what, ok, mine, theirs in checks:
+            if not ok:
+                raise TileMismatchError(
+                    f"tile {name} has {what} {mine} but {ref_name} has {theirs}: "
+                    "all tiles of a mosaic must agree"
+                )
+        for axis, origin, ref_origin, res in (
+            ("x", t.transform[2], ref.transform[2], ref.res[0]),
+            ("y", t.transform[5], ref.transform[5], ref.res[1]),
+        ):
+            shift = (origin - ref_origin) / res
+            if abs(shift - round(shift)) > _ALIGN_TOL:
+                raise TileMismatchError(
+                    f"tile {name} is not on the pixel grid of {ref_name}: its {axis} origin is "
+                    f"{abs(shift - round(shift)):.3f} px off; warp it onto a common grid first"
+                )
+
+
+def _number(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def _band_names(tile: _Tile) -> tuple[str, ...]:
+    return tuple(d if d else f"band{i + 1}" for i, d in enumerate(tile.descriptions))
+
+
+def mosaic_vrt_xml(files: Sequence[str | Path], relative_to: str | Path | None = None) -> str:
+    """Write the GDAL VRT (as XML text) that mosaics ``files`` on their common grid.
+
+    Later tiles win where tiles overlap, except on their nodata pixels, which are
+    transparent (as with ``gdalbuildvrt``).
+
+    Args:
+        files: The tiles.
+        relative_to: Folder the VRT will be saved in: tiles inside it are referenced
+            relative to the VRT, so the folder can be moved as a whole.
+
+    Raises:
+        MissingInputError: A file does not exist or is not a raster.
+        TileMismatchError: Tiles disagree in CRS, pixel size, band count, dtype,
+            nodata or pixel grid, or are rotated.
+    """
+    paths = [Path(f) for f in files]
+    tiles = [_read_tile(p) for p in paths]
+    _check_tiles(paths, tiles)
+    ref = tiles[0]
+    rx, ry = ref.res
+    left = min(t.transform[2] for t in tiles)
+    top = max(t.transform[5] for t in tiles)
+    right = max(t.transform[2] + t.width * rx for t in tiles)
+    bottom = min(t.transform[5] - t.height * ry for t in tiles)
+    width, height = round((right - left) / rx), round((top - bottom) / ry)
+    gdal_type = _GDAL_TYPES.get(ref.dtype)
+    if gdal_type is None:
+        raise TileMismatchError(f"tile {paths[0]} has dtype {ref.dtype}, which segpipe cannot mosaic")
+
+    out = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">']
+    if ref.crs is not None:
+        out.append(f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(ref.crs.to_wkt())}</SRS>')
+    out.append(f"  <GeoTransform>{left!r}, {rx!r}, 0.0, {top!r}, 0.0, {-ry!r}</GeoTransform>")
+    # ComplexSource honours a tile's nodata (transparent in overlaps); SimpleSource is
+    # cheaper and enough when there is none.
+    source = "SimpleSource" if ref.nodata is None else "ComplexSource"
+    for b, name in enumerate(_band_names(ref), start=1):
+        out.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">')
+        out.append(f"    <Description>{escape(name)}</Description>")
+        if ref.nodata is not None:
+            out.append(f"    <NoDataValue>{_number(ref.nodata)}</NoDataValue>")
+        for t in tiles:
+            name, relative = t.path, 0
+            if relative_to is not None and Path(t.path).resolve().is_relative_to(Path(relative_to).resolve()):
+                name, relative = str(Path(t.path).resolve().relative_to(Path(relative_to).resolve())), 1
+            xoff = round((t.transform[2] - left) / rx)
+            yoff = round((top - t.transform[5]) / ry)
+            # SourceProperties let GDAL skip opening every tile when the VRT is opened.
+            out += [
+                f"    <{source}>",
+                f'      <SourceFilename relativeToVRT="{relative}">{escape(name)}</SourceFilename>',
+                f"      <SourceBand>{b}</SourceBand>",
+                f'      <SourceProperties RasterXSize="{t.width}" RasterYSize="{t.height}" '
+                f'DataType="{gdal_type}" BlockXSize="{t.block[1]}" BlockYSize="{t.block[0]}"/>',
+                f'      <SrcRect xOff="0" yOff="0" xSize="{t.width}" ySize="{t.height}"/>',
+                f'      <DstRect xOff="{xoff}" yOff="{yoff}" xSize="{t.width}" ySize="{t.height}"/>',
+            ]
+            if ref.nodata is not None:
+                out.append(f"      <NODATA>{_number(ref.nodata)}</NODATA>")
+            out.append(f"    </{source}>")
+        out.append("  </VRTRasterBand>")
+    out.append("</VRTDataset>")
+    return "\n".join(out) + "\n"
+
+
+def open_mosaic(
+    images: Sequence[str | Path] | str | Path,
+    chunk_size: int = 1024,
+    vrt_path: str | Path | None = None,
+) -> xr.DataArray:
+    """Open images as one lazy mosaic, chunked ``(all bands, chunk_size, chunk_size)``.
+
+    Args:
+        images: GeoTIFF files, VRTs and/or folders of GeoTIFFs (see :func:`expand_inputs`).
+        chunk_size: Dask chunk edge along y and x.
+        vrt_path: Where to write the VRT that joins several tiles. Without it the VRT
+            travels inside the dask graph as XML text, which is fine for a few hundred
+            tiles; give a path (on storage every worker sees) for more.
+
+    Returns:
+        A (band, y, x) DataArray backed by dask, with band coordinate 1..N, attribute
+        ``long_name`` = tuple of band names (GeoTIFF band descriptions, else
+        ``band1``..``bandN``), CRS through rioxarray and ``rio.nodata`` from the files.
+
+    Raises:
+        MissingInputError: An input does not exist, or a folder holds no GeoTIFF.
+        TileMismatchError: Tiles cannot be mosaicked (see :func:`mosaic_vrt_xml`).
+    """
+    files = expand_inputs(images)
+    source: str
+    if len(files) == 1:
+        source = str(files[0])
+    else:
+        xml = mosaic_vrt_xml(files)
+        if vrt_path is None:
+            source = xml  # GDAL opens VRT XML given in place of a file name
+        else:
+            Path(vrt_path).write_text(xml)
+            source = str(vrt_path)
+    with rasterio.open(source) as ds:
+        names = tuple(d if d else f"band{i + 1}" for i, d in enumerate(ds.descriptions))
+    # lock=False gives every thread its own GDAL handle: parallel reads, no global lock.
+    da = rioxarray.open_rasterio(
+        source,
+        chunks={"band": -1, "y": chunk_size, "x": chunk_size},
+        lock=False,
+        mask_and_scale=False,
+    )
+    assert isinstance(da, xr.DataArray)
+    # rioxarray adds a neutral scale/offset to every file; stored they would make
+    # default (masking) readers turn integer images into floats.
+    if da.attrs.get("scale_factor") == 1.0:
+        da.attrs.pop("scale_factor")
+    if da.attrs.get("add_offset") == 0.0:
+        da.attrs.pop("add_offset")
+    da.attrs["long_name"] = names
+    da = da.assign_coords(band=np.arange(1, len(names) + 1, dtype=np.int64))
+    da.name = "image"
+    return da
