@@ -1,0 +1,103 @@
+"""Dask clusters for segpipe stages: connect to one, or start a local one.
+
+Order of preference: an explicit scheduler address, then ``SEGPIPE_SCHEDULER``, then
+one worker per GPU (``dask_cuda.LocalCUDACluster``) where a GPU is present, then a
+local CPU cluster of worker processes. A cluster this module started is closed on
+exit; a cluster it only connected to is left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import distributed
+
+__all__ = ["SCHEDULER_ENV", "describe_cluster", "get_client", "gpu_present"]
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_ENV = "SEGPIPE_SCHEDULER"
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU looks usable, without initialising CUDA in this process.
+
+    Checks for ``nvidia-smi`` and an importable ``dask_cuda``; CUDA itself is only
+    touched by the workers.
+    """
+    return shutil.which("nvidia-smi") is not None and importlib.util.find_spec("dask_cuda") is not None
+
+
+def _local_cuda_cluster() -> Any | None:
+    try:
+        from dask_cuda import LocalCUDACluster
+
+        return LocalCUDACluster(dashboard_address=":0")
+    except Exception as exc:  # NVML errors without a driver, missing CUDA libraries
+        log.warning("no GPU cluster (%s); falling back to a CPU cluster", exc)
+        return None
+
+
+@contextlib.contextmanager
+def get_client(
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+) -> Iterator[distributed.Client]:
+    """Yield a dask client, starting a local cluster only when there is none to join.
+
+    Args:
+        scheduler: Scheduler address (e.g. ``tcp://host:8786``); default: the
+            ``SEGPIPE_SCHEDULER`` environment variable, else a local cluster.
+        n_workers: Local CPU workers; default: CPU count / threads per worker.
+        threads_per_worker: Task threads per local CPU worker (torch uses as many).
+        processes: Local workers as separate processes (the GIL-free choice).
+
+    Yields:
+        A connected :class:`distributed.Client`.
+    """
+    from distributed import Client, LocalCluster
+
+    address = scheduler or os.environ.get(SCHEDULER_ENV)
+    if address:
+        with Client(address) as client:
+            log.info("connected to %s (dashboard %s)", address, client.dashboard_link)
+            yield client
+        return
+    cluster: Any = _local_cuda_cluster() if gpu_present() else None
+    if cluster is None:
+        threads = max(1, threads_per_worker)
+        cluster = LocalCluster(
+            n_workers=n_workers or max(1, (os.cpu_count() or 1) // threads),
+            threads_per_worker=threads,
+            processes=processes,
+            dashboard_address=":0",
+        )
+    try:
+        with Client(cluster) as client:
+            log.info("started %s; dashboard %s", describe_cluster(client), client.dashboard_link)
+            yield client
+    finally:
+        cluster.close()
+
+
+def describe_cluster(client: distributed.Client) -> str:
+    """One line about the cluster: workers, threads, memory and GPUs."""
+    info = client.scheduler_info(n_workers=-1)
+    workers = info.get("workers", {})
+    threads = sum(int(w.get("nthreads", 0)) for w in workers.values())
+    memory = sum(int(w.get("memory_limit", 0) or 0) for w in workers.values())
+    # Workers with NVML diagnostics (dask-cuda) report a "gpu" entry.
+    gpus = sum(1 for w in workers.values() if w.get("gpu"))
+    text = f"{len(workers)} workers, {threads} threads, {memory / 2**30:.1f} GiB"
+    if gpus:
+        text += f", {gpus} GPUs"
+    return f"{text} at {info.get('address', '?')}"

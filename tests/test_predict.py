@@ -1,0 +1,400 @@
+"""Blending oracles for predict_block, and predict end to end on a real dask cluster."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import torch
+import xarray as xr
+import zarr
+from affine import Affine
+from distributed import Client, LocalCluster
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segpipe.cluster import SCHEDULER_ENV, describe_cluster, get_client
+from segpipe.errors import BandMismatchError, InputError
+from segpipe.io.store import open_layer, open_region, read_region_info
+from segpipe.models import ModelSpec, build_network, load_model, model_hash, normalise, read_spec, save_model
+from segpipe.predict import (
+    PROGRESS_LAYER,
+    BlockJob,
+    _prepare_layers,
+    _torch_forward,
+    predict,
+    predict_block,
+    run_block,
+    valid_mask,
+)
+from segpipe.tiling import block_windows, halo_bounds, window_weights
+from segpipe.types import ClassInfo
+
+
+def _identity(batch: np.ndarray) -> np.ndarray:
+    return batch
+
+
+def _blocked(
+    image: np.ndarray,
+    forward,  # type: ignore[no-untyped-def]
+    tile: int,
+    overlap: int,
+    block: int,
+    valid: np.ndarray | None = None,
+    batch_size: int = 3,
+) -> np.ndarray:
+    """Run predict_block over every block of a whole in-memory raster, as run_block does."""
+    _, height, width = image.shape
+    valid = np.ones((height, width), dtype=bool) if valid is None else valid
+    out: np.ndarray | None = None
+    for y0 in range(0, height, block):
+        for x0 in range(0, width, block):
+            h, w = min(block, height - y0), min(block, width - x0)
+            box = halo_bounds(y0, x0, h, w, height, width, tile, tile - overlap)
+            probs = predict_block(
+                image[:, box.y0 : box.y1, box.x0 : box.x1],
+                valid[box.y0 : box.y1, box.x0 : box.x1],
+                forward, tile, overlap, (box.y0, box.x0), (height, width), (y0, x0, h, w),
+                batch_size=batch_size,
+            )
+            if out is None:
+                out = np.zeros((probs.shape[0], height, width), dtype=np.float32)
+            out[:, y0 : y0 + h, x0 : x0 + w] = probs
+    assert out is not None
+    return out
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "overlap", "block"),
+    [
+        (97, 61, 32, 8, 40),  # odd sizes, last windows shifted back
+        (20, 45, 64, 16, 16),  # raster smaller than a tile: padded, then cropped
+        (64, 64, 64, 0, 64),  # exactly one tile, no overlap
+        (130, 75, 32, 31, 33),  # overlap almost the tile: many windows per pixel
+        (1, 50, 32, 8, 7),  # a single row
+    ],
+)
+def test_identity_predictor_reproduces_the_input(
+    height: int, width: int, tile: int, overlap: int, block: int
+) -> None:
+    image = np.random.default_rng(height * width).random((3, height, width)).astype(np.float32)
+    out = _blocked(image, _identity, tile, overlap, block)
+    np.testing.assert_allclose(out, image, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 90), st.integers(1, 90), st.sampled_from([16, 32]), st.integers(0, 15),
+    st.integers(5, 60), st.integers(1, 4),
+)
+def test_identity_holds_for_any_geometry(
+    height: int, width: int, tile: int, overlap: int, block: int, batch: int
+) -> None:
+    image = np.random.default_rng(7).random((2, height, width)).astype(np.float32)
+    out = _blocked(image, _identity, tile, overlap, block, batch_size=batch)
+    np.testing.assert_allclose(out, image, atol=1e-5)
+
+
+def _contextual(batch: np.ndarray) -> np.ndarray:
+    """A non-local 'network': each output depends on the whole window it sees."""
+    mean = batch.mean(axis=(2, 3), keepdims=True)
+    return np.tanh(batch - mean + 0.1 * np.roll(batch, 3, axis=3))
+
+
+def test_two_blockings_give_bitwise_identical_results() -> None:
+    image = np.random.default_rng(3).random((2, 101, 77)).astype(np.float32)
+    a = _blocked(image, _contextual, 32, 8, block=17)
+    b = _blocked(image, _contextual, 32, 8, block=40)
+    c = _blocked(image, _contextual, 32, 8, block=200)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def _coordinates(height: int, width: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    return np.stack([yy, xx])
+
+
+def _offset_per_window(batch: np.ndarray) -> np.ndarray:
+    """A constant per window, keyed by its global position (read from coordinate bands)."""
+    wy, wx = batch[:, 0, 0, 0], batch[:, 1, 0, 0]
+    c = np.sin(wy * 12.9898 + wx * 78.233) * 10.0
+    return np.broadcast_to(c[:, None, None, None], (batch.shape[0], 1, *batch.shape[2:])).copy()
+
+
+def test_window_offsets_blend_without_seams() -> None:
+    height, width, tile, overlap = 120, 90, 32, 12
+    stride = tile - overlap
+    out = _blocked(_coordinates(height, width), _offset_per_window, tile, overlap, block=50)[0]
+    # Reference: the weighted mean of the window constants, straight from the weights.
+    num = np.zeros((height, width))
+    den = np.zeros((height, width))
+    for wy, wx in block_windows(0, 0, height, width, height, width, tile, stride):
+        wt = window_weights(wy, wx, height, width, tile, overlap)
+        c = _offset_per_window(_coordinates(height, width)[None, :, wy:, wx:][..., :tile, :tile])[0, 0, 0, 0]
+        num[wy : wy + tile, wx : wx + tile] += c * wt
+        den[wy : wy + tile, wx : wx + tile] += wt
+    np.testing.assert_allclose(out, num / den, atol=1e-4)
+    # No seam: neighbours differ by at most what a cosine ramp allows (range * pi / overlap
+    # per pixel per axis), far below the jump of overlap-and-discard.
+    spread = 20.0
+    bound = spread * np.pi / overlap
+    assert np.abs(np.diff(out, axis=0)).max() <= bound
+    assert np.abs(np.diff(out, axis=1)).max() <= bound
+    discard = _blocked(_coordinates(height, width), _offset_per_window, tile, 0, block=50)[0]
+    assert np.abs(np.diff(discard, axis=1)).max() > 3 * np.abs(np.diff(out, axis=1)).max()
+
+
+def test_nodata_windows_are_skipped_and_invalid_pixels_zeroed() -> None:
+    height, width, tile, overlap = 80, 80, 32, 8
+    image = np.random.default_rng(1).random((2, height, width)).astype(np.float32)
+    valid = np.ones((height, width), dtype=bool)
+    valid[:, :40] = False  # left half nodata
+    image[:, ~valid] = 0
+    calls: list[int] = []
+
+    def counting(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape[0])
+        return batch
+
+    out = predict_block(image, valid, counting, tile, overlap, (0, 0), (height, width),
+                        (0, 0, height, width), batch_size=4)
+    np.testing.assert_allclose(out[:, valid], image[:, valid], atol=1e-5)
+    assert np.all(out[:, ~valid] == 0)
+    # Windows start at 0, 24, 48 on each axis; those at x = 0 see only nodata and are
+    # skipped: 6 windows in 2 calls, the last padded so every call has the same shape.
+    assert calls == [4, 4]
+
+
+def test_all_nodata_block_returns_empty_probabilities() -> None:
+    image = np.zeros((2, 40, 40), dtype=np.float32)
+    valid = np.zeros((40, 40), dtype=bool)
+    out = predict_block(image, valid, _identity, 32, 8, (0, 0), (40, 40), (0, 0, 40, 40))
+    assert out.shape == (0, 40, 40)
+
+
+def test_predict_block_rejects_a_short_halo_and_bad_overlap() -> None:
+    image = np.zeros((1, 40, 40), dtype=np.float32)
+    valid = np.ones((40, 40), dtype=bool)
+    with pytest.raises(InputError, match="halo"):
+        predict_block(image, valid, _identity, 32, 8, (40, 40), (200, 200), (40, 40, 40, 40))
+    with pytest.raises(InputError, match="overlap"):
+        predict_block(image, valid, _identity, 32, 32, (0, 0), (40, 40), (0, 0, 40, 40))
+
+
+def test_valid_mask_any_band_nodata_or_nan() -> None:
+    raw = np.ones((2, 2, 3), dtype=np.float32)
+    raw[0, 0, 0] = -9999
+    raw[1, 1, 2] = np.nan
+    assert valid_mask(raw, -9999.0).tolist() == [[False, True, True], [True, True, False]]
+    assert valid_mask(np.zeros((2, 3, 3), dtype=np.int16), None).all()
+
+
+# --- end to end on a real multi-process cluster ---------------------------------------
+
+CLASSES = (ClassInfo(3, "water", "#1f77b4"), ClassInfo(7, "forest", "#1f7a1f"),
+           ClassInfo(9, "urban", "#d62728"))
+HEIGHT, WIDTH = 200, 170
+
+
+def make_store(path: Path, block: int, bands: int = 3, nan_nodata: bool = False) -> Path:
+    """A tiny region store in segpipe's layout, nodata in a corner and a stripe."""
+    rng = np.random.default_rng(42)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    img = np.stack([(np.sin(yy / (9 + b)) + np.cos(xx / (7 + 2 * b))) * 300 + 700 for b in range(bands)])
+    img = (img + rng.normal(0, 30, img.shape)).clip(1, 2000).astype(np.uint16)
+    img[:, :30, :25] = 0
+    img[1, 120:125, :] = 0  # one band only: still nodata
+    nodata: float = 0
+    if nan_nodata:
+        img = img.astype(np.float32)
+        img[img == 0] = nodata = np.nan
+    da = xr.DataArray(img, dims=("band", "y", "x"), coords={
+        "band": np.arange(1, bands + 1),
+        "y": 4000.0 - 10 * np.arange(HEIGHT) - 5, "x": 300000.0 + 10 * np.arange(WIDTH) + 5})
+    da = da.rio.write_crs("EPSG:32617").rio.write_transform(Affine(10, 0, 300000, 0, -10, 4000))
+    da.attrs["long_name"] = [f"b{i + 1}" for i in range(bands)]
+    ds = da.to_dataset(name="image")
+    enc = {"image": {**ds["image"].encoding, "chunks": (bands, block, block),
+                     "shards": (bands, block, block), "_FillValue": nodata}}
+    ds.to_zarr(path, zarr_format=3, encoding=enc, consolidated=False, mode="w")
+    zarr.open_group(path, mode="r+").attrs["segpipe"] = {"schema": 1, "block_size": block, "classes": []}
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    spec = ModelSpec("unet", "resnet18", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64)
+    return save_model(tmp_path_factory.mktemp("model"), spec, build_network("unet", "resnet18", 3, 3))
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+SETTINGS = {"tile_size": 64, "overlap": 16, "batch_size": 4}
+
+
+def _read(store: Path, name: str) -> np.ndarray:
+    return np.asarray(open_layer(store, name)[...])
+
+
+def test_predict_end_to_end(tmp_path: Path, model_dir: Path, client: Client) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64)
+    seen: list[tuple[int, int]] = []
+    summary = predict(store, model_dir, client=client, progress=lambda d, t: seen.append((d, t)), **SETTINGS)
+    assert (summary.blocks_total, summary.blocks_done, summary.blocks_skipped) == (12, 12, 0)
+    assert summary.pixels == HEIGHT * WIDTH and summary.windows > 16
+    assert seen[0] == (0, 12) and seen[-1] == (12, 12)
+    classes, conf = _read(store, "classes"), _read(store, "confidence")
+    image = _read(store, "image")
+    nodata = (image == 0).any(axis=0)
+    assert nodata.sum() == 30 * 25 + 5 * WIDTH
+    assert np.all(classes[nodata] == 255) and np.all(conf[nodata] == 255)
+    assert set(np.unique(classes[~nodata])) <= {3, 7, 9}
+    assert conf[~nodata].min() >= 33 and conf[~nodata].max() <= 100  # max of 3 probabilities
+    assert _read(store, PROGRESS_LAYER).all()
+    # The store still opens with xarray, and outputs keep the CRS.
+    ds = open_region(store)
+    assert ds["classes"].rio.crs.to_epsg() == 32617
+    assert open_layer(store, "classes").attrs["model_hash"] == open_layer(store, PROGRESS_LAYER).attrs[
+        "model_hash"]
+
+
+def test_block_size_does_not_change_the_result(
+    tmp_path: Path, model_dir: Path, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = make_store(tmp_path / "a.zarr", block=64)
+    b = make_store(tmp_path / "b.zarr", block=96)
+    predict(a, model_dir, client=client, **SETTINGS)
+    # No client given: predict joins the cluster named by SEGPIPE_SCHEDULER.
+    monkeypatch.setenv(SCHEDULER_ENV, client.scheduler.address)
+    predict(b, model_dir, **SETTINGS)
+    np.testing.assert_array_equal(_read(a, "classes"), _read(b, "classes"))
+    np.testing.assert_array_equal(_read(a, "confidence"), _read(b, "confidence"))
+    assert read_region_info(b).blocks == (3, 2)
+
+
+def test_resume_skips_finished_blocks_and_force_recomputes(
+    tmp_path: Path, model_dir: Path, client: Client
+) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64)
+    predict(store, model_dir, client=client, **SETTINGS)
+    first = _read(store, "classes")
+    again = predict(store, model_dir, client=client, **SETTINGS)
+    assert (again.blocks_done, again.blocks_skipped, again.windows) == (0, 12, 0)
+    # An interrupted run: one block lost its marker (and holds garbage) -> only it reruns.
+    open_layer(store, PROGRESS_LAYER, mode="r+")[1, 2] = 0
+    open_layer(store, "classes", mode="r+")[64:128, 128:170] = 0
+    resumed = predict(store, model_dir, client=client, **SETTINGS)
+    assert (resumed.blocks_done, resumed.blocks_skipped) == (1, 11)
+    np.testing.assert_array_equal(_read(store, "classes"), first)
+    forced = predict(store, model_dir, client=client, force=True, **SETTINGS)
+    assert (forced.blocks_done, forced.blocks_skipped) == (12, 0)
+    np.testing.assert_array_equal(_read(store, "classes"), first)
+    # Other settings are another result: progress resets.
+    other = predict(store, model_dir, client=client, tile_size=64, overlap=8, batch_size=4)
+    assert other.blocks_done == 12
+
+
+def test_wrong_bands_fail_before_any_write(tmp_path: Path, model_dir: Path, client: Client) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64, bands=4)
+    with pytest.raises(BandMismatchError, match="4 bands"):
+        predict(store, model_dir, client=client, **SETTINGS)
+    assert set(zarr.open_group(store).keys()) == {"band", "x", "y", "image", "spatial_ref"}
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(48, 8), (64, 64), (64, -1)])
+def test_bad_settings_are_input_errors(tmp_path: Path, model_dir: Path, tile: int, overlap: int) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64)
+    with pytest.raises(InputError):
+        predict(store, model_dir, tile_size=tile, overlap=overlap)
+
+
+def test_run_block_in_process_matches_the_cluster(tmp_path: Path, model_dir: Path, client: Client) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64)
+    predict(store, model_dir, client=client, **SETTINGS)
+    expected = _read(store, "classes")[64:128, 64:128]
+    open_layer(store, "classes", mode="r+")[64:128, 64:128] = 0
+    job = BlockJob(str(store), str(model_dir), model_hash(model_dir), 64, 64, 64, 64, 64, 16, 4)
+    stats = run_block(job)
+    assert stats["pixels"] == 64 * 64 and stats["windows"] == 6  # rows 48, 96 x columns 48, 96, 106
+    np.testing.assert_array_equal(_read(store, "classes")[64:128, 64:128], expected)
+
+
+def test_get_client_connects_without_closing_the_cluster(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = client.scheduler.address
+    monkeypatch.setenv(SCHEDULER_ENV, address)
+    with get_client() as c:
+        assert c.scheduler.address == address
+        assert describe_cluster(c).startswith("2 workers, 2 threads")
+    assert client.submit(int, "5").result() == 5  # still alive
+
+
+def test_get_client_starts_and_closes_a_local_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    monkeypatch.setenv("PATH", os.devnull)  # no nvidia-smi: the CPU cluster
+    with get_client(n_workers=1, processes=False) as c:
+        assert c.submit(sum, [1, 2]).result() == 3
+        cluster = c.cluster
+    assert cluster is not None and cluster.status.name == "closed"
+
+
+def test_a_failing_block_fails_the_run_and_a_rerun_resumes(
+    tmp_path: Path, model_dir: Path, client: Client
+) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64)
+    shard = store / "image" / "c" / "0" / "2" / "2"  # band shard 0, block row 2, column 2
+    good = shard.read_bytes()
+    shard.write_bytes(b"not a shard" * 10)
+    with pytest.raises(Exception):  # noqa: B017  (the codec's own error, re-raised)
+        predict(store, model_dir, client=client, **SETTINGS)
+    assert _read(store, PROGRESS_LAYER)[2, 2] == 0
+    shard.write_bytes(good)
+    resumed = predict(store, model_dir, client=client, **SETTINGS)
+    # Blocks that finished (even after the failure was raised) are not redone.
+    assert resumed.blocks_done >= 1 and resumed.blocks_done + resumed.blocks_skipped == 12
+    assert _read(store, PROGRESS_LAYER).all()
+    assert np.all(_read(store, "classes")[128:192, 128:170] != 255)
+
+
+def test_nan_nodata_never_reaches_the_network(tmp_path: Path, model_dir: Path) -> None:
+    ints = make_store(tmp_path / "int.zarr", block=256)
+    nans = make_store(tmp_path / "nan.zarr", block=256, nan_nodata=True)
+    assert np.isnan(read_region_info(nans).nodata)  # type: ignore[arg-type]
+    for store in (ints, nans):
+        # The driver's template step, then the worker's task, both in this process.
+        _prepare_layers(str(store), read_spec(model_dir), (1, 1), {"model_hash": "x"}, force=True)
+        run_block(BlockJob(str(store), str(model_dir), model_hash(model_dir), 0, 0, HEIGHT, WIDTH, 64, 16, 4))
+    np.testing.assert_array_equal(_read(ints, "classes"), _read(nans, "classes"))
+    assert np.all(_read(nans, "classes")[:30, :25] == 255)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_forward_agrees_with_cpu(tmp_path: Path, model_dir: Path) -> None:
+    store = make_store(tmp_path / "a.zarr", block=256)
+    _prepare_layers(str(store), read_spec(model_dir), (1, 1), {"model_hash": "x"}, force=True)
+    stats = run_block(BlockJob(str(store), str(model_dir), model_hash(model_dir), 0, 0, HEIGHT, WIDTH,
+                               64, 16, 4))
+    assert stats["windows"] == 16
+    gpu = _read(store, "classes")
+    net, spec = load_model(model_dir)
+    raw = _read(store, "image")
+    valid = valid_mask(raw, 0)
+    forward = _torch_forward(net, torch.device("cpu"))
+    probs = predict_block(normalise(raw, spec, valid), valid, forward, 64, 16,
+                          (0, 0), (HEIGHT, WIDTH), (0, 0, HEIGHT, WIDTH), batch_size=4)
+    cpu = np.array([c.value for c in CLASSES], dtype=np.uint8)[probs.argmax(0)]
+    assert (gpu[valid] == cpu[valid]).mean() > 0.98

@@ -1,0 +1,183 @@
+"""Window grid, blend weights and padding: invariants checked with hypothesis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segpipe.tiling import (
+    blend_weights,
+    block_windows,
+    halo_bounds,
+    pad_to_multiple,
+    window_starts,
+    window_weights,
+)
+
+
+@st.composite
+def grids(draw: st.DrawFn) -> tuple[int, int, int]:
+    """(length, tile, stride) with 0 <= overlap < tile."""
+    tile = draw(st.integers(1, 64))
+    overlap = draw(st.integers(0, tile - 1))
+    length = draw(st.integers(1, 400))
+    return length, tile, tile - overlap
+
+
+@given(grids())
+def test_window_starts_cover_every_pixel_inside_the_raster(grid: tuple[int, int, int]) -> None:
+    length, tile, stride = grid
+    starts = window_starts(length, tile, stride)
+    assert starts[0] == 0
+    assert np.all(np.diff(starts) > 0)  # sorted, no duplicates
+    if length <= tile:
+        assert starts.tolist() == [0]
+        return
+    assert np.all(starts + tile <= length)
+    assert starts[-1] + tile == length
+    covered = np.zeros(length, dtype=bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered.all()
+    # Anchored at global pixel 0: every start but the last is a multiple of the stride.
+    assert np.all(starts[:-1] % stride == 0)
+    assert np.all(np.diff(starts) <= stride)
+
+
+def test_window_starts_examples() -> None:
+    assert window_starts(10, 4, 3).tolist() == [0, 3, 6]
+    assert window_starts(11, 4, 3).tolist() == [0, 3, 6, 7]
+    assert window_starts(3, 8, 6).tolist() == [0]
+    assert window_starts(8, 8, 6).tolist() == [0]
+
+
+def test_window_starts_rejects_gaps() -> None:
+    with pytest.raises(ValueError):
+        window_starts(100, 10, 11)
+
+
+@given(st.integers(2, 64), st.data())
+def test_blend_weights_shape_and_range(tile: int, data: st.DataObject) -> None:
+    overlap = data.draw(st.integers(0, tile - 1))
+    at_start, at_end = data.draw(st.booleans()), data.draw(st.booleans())
+    w = blend_weights(tile, overlap, at_start, at_end)
+    assert w.dtype == np.float32 and w.shape == (tile,)
+    assert np.all(w > 0) and np.all(w <= 1)
+    if 2 * overlap <= tile:
+        assert np.all(w[overlap : tile - overlap] == 1)
+    if at_start:
+        assert w[0] == 1
+    if at_end:
+        assert w[-1] == 1
+
+
+def test_blend_weights_taper_to_nearly_zero() -> None:
+    w = blend_weights(64, 16, False, False)
+    assert w[0] < 0.01 and w[-1] < 0.01
+    assert np.all(np.diff(w[:16]) > 0) and np.all(np.diff(w[-16:]) < 0)
+    np.testing.assert_allclose(w, w[::-1])
+
+
+@given(st.integers(2, 48), st.integers(0, 6), st.data())
+def test_cosine_ramps_are_a_partition_of_unity(tile: int, k: int, data: st.DataObject) -> None:
+    overlap = data.draw(st.integers(0, tile // 2))
+    stride = tile - overlap
+    length = tile + k * stride  # a regular grid: the last window needs no shift
+    total = np.zeros(length)
+    for s in window_starts(length, tile, stride):
+        total[s : s + tile] += blend_weights(tile, overlap, s == 0, s + tile >= length)
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+
+
+def test_window_weights_partition_of_unity_in_2d() -> None:
+    tile, overlap = 32, 8
+    stride = tile - overlap
+    height, width = tile + 3 * stride, tile + 2 * stride
+    total = np.zeros((height, width))
+    for wy, wx in block_windows(0, 0, height, width, height, width, tile, stride):
+        total[wy : wy + tile, wx : wx + tile] += window_weights(wy, wx, height, width, tile, overlap)
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+
+
+@st.composite
+def rasters(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
+    """(height, width, tile, stride, block)."""
+    tile = draw(st.integers(4, 40))
+    overlap = draw(st.integers(0, tile - 1))
+    return (
+        draw(st.integers(1, 150)),
+        draw(st.integers(1, 150)),
+        tile,
+        tile - overlap,
+        draw(st.integers(1, 70)),
+    )
+
+
+def _blocks(height: int, width: int, block: int) -> list[tuple[int, int, int, int]]:
+    return [
+        (y, x, min(block, height - y), min(block, width - x))
+        for y in range(0, height, block)
+        for x in range(0, width, block)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rasters())
+def test_block_windows_do_not_depend_on_the_partition(r: tuple[int, int, int, int, int]) -> None:
+    height, width, tile, stride, block = r
+    everything = set(block_windows(0, 0, height, width, height, width, tile, stride))
+    union: set[tuple[int, int]] = set()
+    for y0, x0, h, w in _blocks(height, width, block):
+        wins = block_windows(y0, x0, h, w, height, width, tile, stride)
+        assert wins == sorted(wins)
+        # Exactly the windows of the global grid that intersect the block.
+        expected = {
+            (wy, wx) for wy, wx in everything
+            if wy < y0 + h and wy + tile > y0 and wx < x0 + w and wx + tile > x0
+        }
+        assert set(wins) == expected
+        union |= expected
+    assert union == everything
+
+
+@settings(max_examples=60, deadline=None)
+@given(rasters())
+def test_halo_holds_every_window_touching_the_block(r: tuple[int, int, int, int, int]) -> None:
+    height, width, tile, stride, block = r
+    for y0, x0, h, w in _blocks(height, width, block):
+        box = halo_bounds(y0, x0, h, w, height, width, tile, stride)
+        assert 0 <= box.y0 <= y0 and 0 <= box.x0 <= x0
+        assert y0 + h <= box.y1 <= height and x0 + w <= box.x1 <= width
+        for wy, wx in block_windows(y0, x0, h, w, height, width, tile, stride):
+            assert box.y0 <= wy and min(wy + tile, height) <= box.y1
+            assert box.x0 <= wx and min(wx + tile, width) <= box.x1
+
+
+def test_halo_bounds_outside_the_raster() -> None:
+    with pytest.raises(ValueError):
+        halo_bounds(200, 0, 10, 10, 100, 100, 32, 24)
+
+
+@given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([8, 32]), st.integers(0, 64))
+def test_pad_to_multiple_round_trips(h: int, w: int, multiple: int, min_size: int) -> None:
+    arr = np.random.default_rng(h * 100 + w).random((2, h, w)).astype(np.float32)
+    padded, (ch, cw) = pad_to_multiple(arr, multiple, min_size=min_size)
+    assert (ch, cw) == (h, w)
+    assert padded.shape[0] == 2
+    for size, orig in zip(padded.shape[1:], (h, w), strict=True):
+        assert size % multiple == 0 or size == min_size
+        assert size >= max(orig, min_size)
+    np.testing.assert_array_equal(padded[:, :h, :w], arr)
+
+
+def test_pad_reflects_without_repeating_the_edge() -> None:
+    arr = np.arange(5.0)[None, :].repeat(3, axis=0)
+    padded, _ = pad_to_multiple(arr, 8)
+    assert padded.shape == (8, 8)
+    assert padded[0, 5:].tolist() == [3.0, 2.0, 1.0]
+    edge, _ = pad_to_multiple(arr, 8, mode="edge")
+    assert edge[0, 5:].tolist() == [4.0, 4.0, 4.0]
+    with pytest.raises(ValueError):
+        pad_to_multiple(arr, 8, mode="wrap")
