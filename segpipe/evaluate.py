@@ -1,0 +1,255 @@
+"""Accuracy of a class prediction against a reference, out of core.
+
+The prediction is a region store's ``classes`` layer or a class GeoTIFF (e.g. the
+exported COG); the reference is a label raster (any grid or CRS, warped with nearest
+resampling) or polygons (rasterized), brought onto the prediction's grid window by
+window through :mod:`segpipe.io.labels`.
+
+One dask task per window counts (reference, prediction) value pairs into a 256 x 256
+joint histogram; the histograms are summed in a tree, so memory stays at a few
+windows whatever the region size, and the classes to evaluate are chosen after the
+single pass (the reference's values are only known once it has been read).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+from dask.base import compute
+from dask.delayed import Delayed, delayed
+
+from segpipe.cog import classes_from_tags
+from segpipe.errors import InputError, LabelsError, MissingInputError, StoreError
+from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
+from segpipe.io.store import NODATA_U8, open_layer, read_region_info
+from segpipe.metrics import confusion_from_histogram, joint_histogram, json_ready, scores
+from segpipe.plots import plot_confusion_matrix, plot_preview
+from segpipe.types import ClassInfo, Grid, default_colour
+
+__all__ = ["EVAL_WINDOW", "PredictionSource", "evaluate", "open_prediction"]
+
+EVAL_WINDOW = 1024  # pixels per side of one task's window
+_PREVIEW = 1024  # side of the central window drawn in preview.png
+_RGB_NAMES = ("red", "green", "blue")
+
+
+@dataclass(frozen=True)
+class PredictionSource:
+    """A class prediction to evaluate, small enough to ship inside dask graphs.
+
+    Attributes:
+        path: Region store or GeoTIFF.
+        kind: ``"store"`` or ``"raster"``.
+        layer: Store layer holding the classes (stores only).
+        nodata: The raster's nodata value, read as 255 (rasters only).
+    """
+
+    path: str
+    kind: Literal["store", "raster"]
+    layer: str = "classes"
+    nodata: float | None = None
+
+
+def open_prediction(
+    prediction: str | Path, layer: str = "classes"
+) -> tuple[PredictionSource, Grid, list[ClassInfo], int]:
+    """Describe a prediction: where its pixels are, its grid, its classes and a window alignment.
+
+    Args:
+        prediction: Region store (Zarr directory) or single-band class GeoTIFF.
+        layer: Store layer to evaluate.
+
+    Returns:
+        The source, its grid, the classes its metadata names (band tags of a GeoTIFF,
+        the store's classes; possibly empty) and the block size windows should align to.
+
+    Raises:
+        MissingInputError: The prediction or its layer does not exist.
+        InputError: A GeoTIFF is multi-band or not of integers.
+    """
+    p = Path(prediction)
+    if not p.exists():
+        raise MissingInputError(f"prediction {p} does not exist")
+    if p.is_dir():
+        info = read_region_info(p)
+        try:
+            array = open_layer(p, layer)
+        except StoreError as exc:
+            raise MissingInputError(
+                f"region store {p} has no '{layer}' layer to evaluate: run 'segpipe predict' first"
+            ) from exc
+        if tuple(array.shape) != (info.height, info.width):
+            raise StoreError(f"layer '{layer}' of {p} is not a (y, x) layer of the region grid")
+        return PredictionSource(str(p), "store", layer), info.grid, list(info.classes), info.block_size
+    try:
+        with rasterio.open(p) as src:
+            if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+                raise InputError(
+                    f"prediction {p} has {src.count} band(s) of {src.dtypes[0]}: "
+                    "give a single-band integer class raster"
+                )
+            grid = Grid(src.crs.to_wkt() if src.crs else "", tuple(src.transform)[:6], src.height, src.width)
+            classes = classes_from_tags(src.tags(1))
+            return PredictionSource(str(p), "raster", nodata=src.nodata), grid, classes, 1
+    except rasterio.errors.RasterioIOError as exc:
+        raise InputError(f"prediction {p} is neither a region store nor a raster GDAL can read") from exc
+
+
+def _read_prediction(pred: PredictionSource, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """Prediction pixels of one window, nodata as 255."""
+    if pred.kind == "store":
+        return np.asarray(open_layer(pred.path, pred.layer)[y0 : y0 + h, x0 : x0 + w])
+    with rasterio.open(pred.path) as src:
+        data: np.ndarray = src.read(1, window=rasterio.windows.Window(x0, y0, w, h))
+    if pred.nodata is not None and pred.nodata != NODATA_U8:
+        data = np.where(data == pred.nodata, NODATA_U8, data)
+    return data
+
+
+def _window_histogram(
+    pred: PredictionSource, labels: LabelSource, grid: Grid, y0: int, x0: int, h: int, w: int
+) -> np.ndarray:
+    return joint_histogram(_read_prediction(pred, y0, x0, h, w), labels_window(labels, grid, y0, x0, h, w))
+
+
+def _tree_sum(parts: list[Delayed]) -> Delayed:
+    """Sum delayed arrays pairwise, so no task holds more than two partial sums."""
+    add = delayed(np.add, pure=True)
+    while len(parts) > 1:
+        paired = [add(a, b) for a, b in zip(parts[::2], parts[1::2], strict=False)]
+        parts = paired + parts[len(paired) * 2 :]
+    return parts[0]
+
+
+def _windows(grid: Grid, size: int) -> list[tuple[int, int, int, int]]:
+    return [
+        (y0, x0, min(size, grid.height - y0), min(size, grid.width - x0))
+        for y0 in range(0, grid.height, size)
+        for x0 in range(0, grid.width, size)
+    ]
+
+
+def _evaluated_classes(
+    predicted: Sequence[ClassInfo], labels: LabelSource, hist: np.ndarray
+) -> list[ClassInfo]:
+    """Classes of the prediction's metadata plus every class value the reference holds.
+
+    Without metadata the prediction's own values count as classes. Names and colours
+    come from the prediction first (the model's names), then from the reference.
+    """
+    ref_values = [int(v) for v in np.flatnonzero(hist.sum(axis=1)) if 1 <= v <= 254]
+    known = {c.value: c for c in predicted}
+    if not known:
+        pred_values = [int(v) for v in np.flatnonzero(hist.sum(axis=0)) if 1 <= v <= 254]
+        known = {v: ClassInfo(v, f"class {v}", default_colour(v)) for v in pred_values}
+    from_ref = {c.value: c for c in label_classes(labels, ref_values if labels.kind == "raster" else None)}
+    for v in ref_values:
+        known.setdefault(v, from_ref.get(v) or ClassInfo(v, f"class {v}", default_colour(v)))
+    return [known[v] for v in sorted(known)]
+
+
+def _rgb(pred: PredictionSource, y0: int, x0: int, h: int, w: int) -> np.ndarray | None:
+    """(h, w, 3) image of a store whose bands are named red/green/blue, else None."""
+    if pred.kind != "store":
+        return None
+    info = read_region_info(pred.path)
+    names = [n.lower() for n in info.band_names]
+    if not all(n in names for n in _RGB_NAMES):
+        return None
+    image = open_layer(pred.path, "image")
+    nodata = info.nodata
+    rows, cols = slice(y0, y0 + h), slice(x0, x0 + w)
+    rgb = np.stack([np.asarray(image[names.index(n), rows, cols], np.float64) for n in _RGB_NAMES], axis=-1)
+    return np.where(rgb == nodata, np.nan, rgb) if nodata is not None else rgb
+
+
+def evaluate(
+    prediction: str | Path,
+    reference: str | Path,
+    out_dir: str | Path,
+    reference_field: str | None = None,
+    layer: str = "classes",
+    window: int = EVAL_WINDOW,
+    preview: bool = True,
+) -> dict[str, Any]:
+    """Compare a prediction with a reference and write metrics and figures.
+
+    Pixels count where the reference is labelled (not 0) and the prediction has data
+    (not 255); a prediction outside the evaluated classes counts as an error ("other",
+    see :mod:`segpipe.metrics`). Runs on the active dask scheduler (a distributed
+    client if one is set up), one task per window.
+
+    Args:
+        prediction: Region store (its ``layer``) or class GeoTIFF on the grid to evaluate.
+        reference: Label raster (any grid or CRS) or polygons (Shapefile, GeoPackage...).
+        out_dir: Folder for ``metrics.json``, ``confusion_matrix.png`` and ``preview.png``.
+        reference_field: Integer class field of reference polygons (default: guessed).
+        layer: Store layer holding the classes.
+        window: Pixels per side of one task's window (aligned to the store's blocks).
+        preview: Also draw prediction and reference of a central window to ``preview.png``.
+
+    Returns:
+        The metrics written to ``metrics.json`` (undefined ratios as None).
+
+    Raises:
+        MissingInputError: The prediction or the reference does not exist.
+        LabelsError: The reference does not overlap the prediction, or holds no labelled
+            pixel where the prediction has data.
+    """
+    pred, grid, pred_classes, block = open_prediction(prediction, layer)
+    labels = open_labels(reference, reference_field)
+    check_overlap(labels, grid)
+    size = max(block, window // block * block)
+    parts = [delayed(_window_histogram)(pred, labels, grid, *win) for win in _windows(grid, size)]
+    (hist,) = compute(_tree_sum(parts))
+    labelled = int(hist[1:, :].sum())
+    if labelled == 0:
+        raise LabelsError(
+            f"reference {reference} has no labelled pixel (class > 0) where it overlaps {prediction}"
+        )
+    classes = _evaluated_classes(pred_classes, labels, hist)
+    values = [c.value for c in classes]
+    cm = confusion_from_histogram(hist, values)
+    if int(cm.sum()) == 0:
+        raise LabelsError(
+            f"the prediction {prediction} has no data (all 255) where reference {reference} is labelled: "
+            "run 'segpipe predict' over the labelled area"
+        )
+    result = scores(cm, values, [c.name for c in classes])
+    result["classes"] = [{"value": c.value, "name": c.name, "colour": c.colour} for c in classes]
+    metrics: dict[str, Any] = {
+        "prediction": str(prediction),
+        "reference": str(reference),
+        **result,
+        "pixel_counts": {
+            "grid": int(hist.sum()),
+            "reference_labelled": labelled,
+            "evaluated": int(cm.sum()),
+            "labelled_without_prediction": int(hist[values, NODATA_U8].sum()),
+            "other_predictions": int(cm[:, -1].sum()),
+        },
+    }
+    metrics = json_ready(metrics)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    title = f"{Path(str(prediction)).name} vs {Path(str(reference)).name}"
+    shown = cm if cm[:, -1].any() else cm[:, :-1]  # an all-zero "other" column is clutter
+    plot_confusion_matrix(shown, [c.name for c in classes], out / "confusion_matrix.png", title)
+    if preview:
+        h, w = min(_PREVIEW, grid.height), min(_PREVIEW, grid.width)
+        y0, x0 = (grid.height - h) // 2, (grid.width - w) // 2
+        plot_preview(
+            _rgb(pred, y0, x0, h, w),
+            _read_prediction(pred, y0, x0, h, w),
+            labels_window(labels, grid, y0, x0, h, w),
+            classes,
+            out / "preview.png",
+        )
+    return metrics

@@ -1,0 +1,192 @@
+"""Figures written as PNG files: confusion matrix, training curves, class previews.
+
+Matplotlib runs on the Agg backend (set before pyplot is imported) so plotting works on
+headless workers; every figure is closed after saving so long runs do not leak memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot is imported: no display on workers
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from segpipe.types import ClassInfo
+
+__all__ = ["class_colour_table", "plot_confusion_matrix", "plot_loss_curve", "plot_preview"]
+
+
+def class_colour_table(classes: Sequence[ClassInfo]) -> np.ndarray:
+    """RGBA lookup table (256, 4) float in 0-1: class colours, everything else transparent."""
+    lut = np.zeros((256, 4), dtype=np.float64)
+    for c in classes:
+        lut[c.value, :3] = np.asarray(c.rgb, dtype=np.float64) / 255.0
+        lut[c.value, 3] = 1.0
+    return lut
+
+
+def plot_confusion_matrix(cm: np.ndarray, names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Draw a row-normalised confusion matrix annotated with counts and row percentages.
+
+    Args:
+        cm: (K, K) or (K, K + 1) counts, rows = reference, columns = prediction; a
+            K + 1-th column is labelled "other" (predictions outside the classes).
+        names: The K class names.
+        path: PNG file to write.
+        title: Figure title.
+
+    Returns:
+        The written path.
+    """
+    counts = np.asarray(cm, dtype=np.int64)
+    k = counts.shape[0]
+    if len(names) != k or counts.shape[1] not in (k, k + 1):
+        raise ValueError(f"confusion matrix {counts.shape} does not fit {len(names)} class names")
+    col_names = [*names, "other"] if counts.shape[1] == k + 1 else list(names)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
+    size = 1.2 + 0.75 * max(k, 2)
+    fig, ax = plt.subplots(figsize=(size + 2.0, size + 0.8))
+    try:
+        image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of reference row")
+        font = 8 if k <= 8 else 6
+        for i in range(counts.shape[0]):
+            for j in range(counts.shape[1]):
+                text = f"{counts[i, j]:,}\n{100.0 * share[i, j]:.1f}%"
+                colour = "white" if share[i, j] > 0.5 else "black"
+                ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=font)
+        ax.set_xticks(range(len(col_names)), col_names, rotation=45, ha="right")
+        ax.set_yticks(range(k), list(names))
+        ax.set_xlabel("prediction")
+        ax.set_ylabel("reference")
+        ax.set_title(title or "Confusion matrix (row-normalised)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs: list[float] = []
+    ys: list[float] = []
+    for n, record in enumerate(history, start=1):
+        value = record.get(key)
+        if value is None or not math.isfinite(float(value)):
+            continue
+        xs.append(float(record.get("epoch", n)))
+        ys.append(float(value))
+    return xs, ys
+
+
+def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Plot training and validation loss, and validation mIoU, per epoch.
+
+    Args:
+        history: One record per epoch, e.g. ``{"epoch": 1, "train_loss": .., "valid_loss": ..,
+            "valid_miou": ..}``; missing or None values are skipped.
+        path: PNG file to write.
+
+    Returns:
+        The written path.
+    """
+    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        for key, label in (("train_loss", "train"), ("valid_loss", "validation")):
+            xs, ys = _series(history, key)
+            if xs:
+                ax_loss.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax_loss.set_xlabel("epoch")
+        ax_loss.set_ylabel("loss")
+        ax_loss.set_title("Loss")
+        if ax_loss.get_legend_handles_labels()[0]:
+            ax_loss.legend()
+        xs, ys = _series(history, "valid_miou")
+        if xs:
+            ax_miou.plot(xs, ys, marker="o", markersize=3, color="tab:green")
+        ax_miou.set_ylim(0.0, 1.0)
+        ax_miou.set_xlabel("epoch")
+        ax_miou.set_ylabel("mIoU")
+        ax_miou.set_title("Validation mIoU")
+        for ax in (ax_loss, ax_miou):
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _stretch(rgb: np.ndarray) -> np.ndarray:
+    """Scale an (H, W, 3) image to 0-1 with a 2-98 percentile stretch per band."""
+    img = np.asarray(rgb, dtype=np.float64)
+    out = np.zeros_like(img)
+    for b in range(img.shape[-1]):
+        band = img[..., b]
+        finite = band[np.isfinite(band)]
+        if finite.size == 0:
+            continue
+        lo, hi = np.percentile(finite, [2, 98])
+        out[..., b] = np.clip((band - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
+    return np.nan_to_num(out)
+
+
+def plot_preview(
+    rgb: np.ndarray | None,
+    prediction: np.ndarray,
+    reference: np.ndarray | None,
+    classes: Sequence[ClassInfo],
+    path: str | Path,
+) -> Path:
+    """Draw image, prediction and reference side by side in class colours, with a legend.
+
+    Args:
+        rgb: Optional (H, W, 3) image (any numeric dtype; stretched for display).
+        prediction: (H, W) class raster; values without a class (0, 255) are transparent.
+        reference: Optional (H, W) reference raster, same convention.
+        classes: Classes giving colours and legend names.
+        path: PNG file to write.
+
+    Returns:
+        The written path.
+    """
+    lut = class_colour_table(classes)
+
+    def coloured(classes_raster: np.ndarray) -> np.ndarray:
+        values = np.asarray(classes_raster)
+        return lut[np.where((values < 0) | (values > 255), 0, values).astype(np.intp)]
+
+    panels: list[tuple[str, np.ndarray]] = []
+    if rgb is not None:
+        panels.append(("image", _stretch(rgb)))
+    panels.append(("prediction", coloured(prediction)))
+    if reference is not None:
+        panels.append(("reference", coloured(reference)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 4.6), squeeze=False)
+    try:
+        for ax, (title, img) in zip(axes[0], panels, strict=True):
+            ax.imshow(img, interpolation="nearest")
+            ax.set_title(title)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        handles = [Patch(facecolor=c.colour, edgecolor="black", label=f"{c.value} {c.name}") for c in classes]
+        if handles:
+            fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+            fig.tight_layout(rect=(0.0, 0.0, 0.82, 1.0))
+        else:
+            fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)

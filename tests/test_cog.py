@@ -1,0 +1,232 @@
+"""Cloud-Optimized GeoTIFF export from a region store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+from rio_cogeo import cog_validate
+
+import segpipe.cog as cog
+from segpipe.cog import classes_from_tags, write_cog
+from segpipe.errors import InputError, MissingInputError, SegpipeError, StoreError
+from segpipe.io.store import RegionInfo, create_layer, read_region_info, write_block
+from segpipe.types import ClassInfo, classes_to_json
+
+CLASSES = (
+    ClassInfo(1, "forest", "#1f7a1f"),
+    ClassInfo(3, "water", "#1f77b4"),
+    ClassInfo(7, "urban", "#d62728"),
+)
+TRANSFORM = Affine(30.0, 0.0, 500000.0, 0.0, -30.0, 4000000.0)
+
+
+def make_store(
+    path: Path,
+    height: int,
+    width: int,
+    block: int = 512,
+    crs: str = "EPSG:32617",
+    transform: Affine = TRANSFORM,
+    classes: tuple[ClassInfo, ...] = CLASSES,
+) -> RegionInfo:
+    """A region store with store.py's layout and an all-zero one-band image."""
+    ys = transform.f + transform.e * (np.arange(height) + 0.5)
+    xs = transform.c + transform.a * (np.arange(width) + 0.5)
+    image = xr.DataArray(
+        np.zeros((1, height, width), np.uint16),
+        dims=("band", "y", "x"),
+        coords={"band": [1], "y": ys, "x": xs},
+        name="image",
+        attrs={"long_name": ["b1"]},
+    )
+    image = image.rio.write_crs(crs).rio.write_transform(transform)
+    inner = min(256, block)
+    encoding = {"image": {"chunks": (1, inner, inner), "shards": (1, block, block)}}
+    image.to_dataset().to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["segpipe"] = {"schema": 1, "block_size": block, "classes": classes_to_json(classes)}
+    return read_region_info(path)
+
+
+def fill_layer(store: Path, name: str, data: np.ndarray) -> None:
+    info = read_region_info(store)
+    array = create_layer(store, name, "uint8", 255, overwrite=True)
+    b = info.block_size
+    for y0 in range(0, info.height, b):
+        for x0 in range(0, info.width, b):
+            write_block(array, y0, x0, data[y0 : y0 + b, x0 : x0 + b], b)
+
+
+def _majority_cells(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Classes where every 2 x 2 cell holds 3 pixels of one class and 1 of another.
+
+    The first overview (factor 2) of a MODE resampling is then exactly the majority
+    class of each cell; averaging (of ids or of palette colours) would not give it.
+    """
+    ids = np.array([1, 3, 7], np.uint8)
+    major = rng.integers(0, 3, size=(height // 2, width // 2))
+    minor = (major + rng.integers(1, 3, size=major.shape)) % 3
+    cells = np.repeat(ids[major][:, :, None], 4, axis=2)
+    corner = rng.integers(0, 4, size=major.shape)
+    np.put_along_axis(cells, corner[:, :, None], ids[minor][:, :, None], axis=2)
+    return cells.reshape(height // 2, width // 2, 2, 2).transpose(0, 2, 1, 3).reshape(height, width)
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A 1500 x 1300 store whose classes are random 1/3 with a nodata corner."""
+    store = tmp_path_factory.mktemp("cog") / "region.zarr"
+    make_store(store, 1500, 1300)
+    rng = np.random.default_rng(7)
+    classes = _majority_cells(rng, 1500, 1300)
+    classes[:300, :200] = 255
+    classes[1400:, 1200:] = 7
+    fill_layer(store, "classes", classes)
+    confidence = rng.integers(0, 255, size=(1500, 1300), dtype=np.uint8)
+    confidence[:300, :200] = 255
+    fill_layer(store, "confidence", confidence)
+    return store, classes
+
+
+def test_classes_cog_is_valid_and_keeps_everything(region: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    store, expected = region
+    out = write_cog(store, tmp_path / "sub" / "classes.tif")
+    assert out == tmp_path / "sub" / "classes.tif"
+    assert cog_validate(out, strict=False, quiet=True)[0]
+    info = read_region_info(store)
+    with rasterio.open(out) as src:
+        assert src.crs == CRS.from_wkt(info.crs_wkt) == CRS.from_epsg(32617)
+        assert src.transform == TRANSFORM
+        assert (src.height, src.width, src.count, src.dtypes[0]) == (1500, 1300, 1, "uint8")
+        assert src.nodata == 255
+        assert src.block_shapes[0] == (512, 512)
+        factors = src.overviews(1)
+        assert factors  # >= 1024 px gets internal overviews
+        assert src.descriptions == ("classes",)
+        assert src.compression.name.upper() == "DEFLATE"
+        assert src.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == "2"
+        np.testing.assert_array_equal(src.read(1), expected)
+        cmap = src.colormap(1)
+        for c in CLASSES:
+            assert cmap[c.value][:3] == c.rgb
+        assert cmap[255][3] == 0  # nodata transparent
+        assert cmap[0][:3] == (0, 0, 0)
+        tags = src.tags(1)
+        assert tags["CLASS_1"] == "forest" and tags["CLASS_3"] == "water" and tags["CLASS_7"] == "urban"
+        assert json.loads(tags["classes"])[1] == {"value": 3, "name": "water", "colour": "#1f77b4"}
+        assert classes_from_tags(tags) == list(CLASSES)
+    # MODE overviews: the majority class of each 2 x 2 cell, exactly
+    with rasterio.open(out, overview_level=0) as ovr:
+        assert ovr.shape == (750, 650)
+        first = ovr.read(1)
+    cells = expected.reshape(750, 2, 650, 2).transpose(0, 2, 1, 3).reshape(750, 650, 4)
+    candidates = np.array([1, 3, 7, 255], np.uint8)
+    counts = (cells[:, :, :, None] == candidates).sum(axis=2)
+    majority = candidates[counts.argmax(axis=2)]
+    np.testing.assert_array_equal(first, majority)
+    assert (first[:150, :100] == 255).all()
+    # coarser overviews hold class ids or nodata only, never an average such as 2 from {1, 3}
+    with rasterio.open(out, overview_level=len(factors) - 1) as ovr:
+        assert set(np.unique(ovr.read(1)).tolist()) <= {1, 3, 7, 255}
+    assert [p.name for p in out.parent.iterdir()] == ["classes.tif"]  # no temporaries left
+
+
+def test_confidence_cog_uses_average_overviews(region: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    store, _ = region
+    out = write_cog(store, tmp_path / "confidence.tif", layer="confidence", compress="ZSTD")
+    assert cog_validate(out, quiet=True)[0]
+    with rasterio.open(out) as src:
+        assert src.descriptions == ("confidence",)
+        assert src.nodata == 255
+        assert src.compression.name.upper() == "ZSTD"
+        overview = src.read(1, out_shape=(750, 650))
+        # averages of uniform 0-254 values cluster near the middle; MODE/NEAREST would not
+        valid = overview[overview != 255]
+        assert 100 < valid.mean() < 155 and valid.std() < 60
+        assert "CLASS_1" not in src.tags(1)
+
+
+def test_missing_layer_and_bad_arguments(tmp_path: Path) -> None:
+    store = tmp_path / "empty.zarr"
+    make_store(store, 64, 64, block=64)
+    with pytest.raises(StoreError, match="segpipe predict"):
+        write_cog(store, tmp_path / "x.tif")
+    assert not (tmp_path / "x.tif").exists()
+    with pytest.raises(MissingInputError):
+        write_cog(tmp_path / "nope.zarr", tmp_path / "x.tif")
+    fill_layer(store, "classes", np.ones((64, 64), np.uint8))
+    with pytest.raises(InputError, match="cannot export"):
+        write_cog(store, tmp_path / "x.tif", layer="image")
+    (tmp_path / "x.tif").write_bytes(b"old")
+    with pytest.raises(InputError, match="overwrite"):
+        write_cog(store, tmp_path / "x.tif", overwrite=False)
+    assert (tmp_path / "x.tif").read_bytes() == b"old"
+
+
+def test_small_raster_and_store_without_classes(tmp_path: Path) -> None:
+    store = tmp_path / "small.zarr"
+    make_store(store, 100, 70, block=64, classes=())
+    data = np.full((100, 70), 2, np.uint8)
+    data[:10] = 255
+    fill_layer(store, "classes", data)
+    out = write_cog(store, tmp_path / "small.tif")
+    assert cog_validate(out, quiet=True)[0]
+    with rasterio.open(out) as src:
+        np.testing.assert_array_equal(src.read(1), data)
+        assert "classes" not in src.tags(1)
+        assert src.colormap(1)[2][:3] == ClassInfo(2, "x", "#e8c547").rgb  # default palette
+
+
+def _old_file(path: Path) -> bytes:
+    path.write_bytes(b"previous export")
+    return path.read_bytes()
+
+
+def test_failed_validation_leaves_old_file(
+    region: tuple[Path, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = region
+    out = tmp_path / "classes.tif"
+    old = _old_file(out)
+    monkeypatch.setattr(cog, "cog_validate", lambda *a, **k: (False, ["broken IFD"], []))
+    with pytest.raises(SegpipeError, match="broken IFD"):
+        write_cog(store, out)
+    assert out.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["classes.tif"]
+
+
+def test_exception_mid_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "s.zarr"
+    make_store(store, 1100, 600)
+    fill_layer(store, "classes", np.ones((1100, 600), np.uint8))
+    calls = []
+
+    def fail_third(y0: int, x0: int) -> None:
+        calls.append((y0, x0))
+        if len(calls) == 3:
+            raise OSError("disk full")
+
+    real = cog.write_geotiff_layer
+    monkeypatch.setattr(
+        cog, "write_geotiff_layer", lambda *a, **k: real(*a, **{**k, "on_window": fail_third})
+    )
+    out = tmp_path / "out" / "classes.tif"
+    with pytest.raises(OSError, match="disk full"):
+        write_cog(store, out)
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
+    old = _old_file(out)
+    calls.clear()
+    with pytest.raises(OSError, match="disk full"):
+        write_cog(store, out)
+    assert out.read_bytes() == old
+    assert [p.name for p in out.parent.iterdir()] == ["classes.tif"]

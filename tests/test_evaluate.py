@@ -1,0 +1,294 @@
+"""Out-of-core evaluation of a prediction against reference rasters and polygons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import shapely
+import xarray as xr
+import zarr
+from affine import Affine
+from rasterio.features import rasterize
+from rasterio.warp import transform as transform_points
+from rasterio.warp import transform_bounds
+
+from segpipe.cog import write_cog
+from segpipe.errors import LabelsError, MissingInputError
+from segpipe.evaluate import EVAL_WINDOW, evaluate
+from segpipe.io.labels import labels_window, open_labels
+from segpipe.io.store import create_layer, read_region_info, write_block
+from segpipe.metrics import json_ready, scores
+from segpipe.plots import plot_loss_curve
+from segpipe.types import ClassInfo, Grid, classes_to_json
+
+CLASSES = (
+    ClassInfo(1, "forest", "#1f7a1f"),
+    ClassInfo(3, "water", "#1f77b4"),
+    ClassInfo(7, "urban", "#d62728"),
+)
+UTM = "EPSG:32617"
+TRANSFORM = Affine(30.0, 0.0, 500000.0, 0.0, -30.0, 4000000.0)
+H, W = 1500, 1300
+
+
+def make_store(
+    path: Path, height: int, width: int, block: int = 512, bands: tuple[str, ...] = ("b1",)
+) -> None:
+    """A region store with store.py's layout and a random image."""
+    ys = TRANSFORM.f + TRANSFORM.e * (np.arange(height) + 0.5)
+    xs = TRANSFORM.c + TRANSFORM.a * (np.arange(width) + 0.5)
+    image = xr.DataArray(
+        np.random.default_rng(0).integers(0, 4000, (len(bands), height, width), dtype=np.uint16),
+        dims=("band", "y", "x"),
+        coords={"band": list(range(1, len(bands) + 1)), "y": ys, "x": xs},
+        name="image",
+        attrs={"long_name": list(bands)},
+    )
+    image = image.rio.write_crs(UTM).rio.write_transform(TRANSFORM)
+    inner = min(256, block)
+    n = len(bands)
+    encoding = {"image": {"chunks": (n, inner, inner), "shards": (n, block, block), "_FillValue": 0}}
+    image.to_dataset().to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["segpipe"] = {"schema": 1, "block_size": block, "classes": classes_to_json(CLASSES)}
+
+
+def fill_classes(store: Path, data: np.ndarray) -> None:
+    info = read_region_info(store)
+    array = create_layer(store, "classes", "uint8", 255, overwrite=True)
+    b = info.block_size
+    for y0 in range(0, info.height, b):
+        for x0 in range(0, info.width, b):
+            write_block(array, y0, x0, data[y0 : y0 + b, x0 : x0 + b], b)
+
+
+def write_tif(path: Path, data: np.ndarray, crs: str, transform: Affine, nodata: int | None = None) -> None:
+    h, w = data.shape
+    profile = {"driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": str(data.dtype)}
+    with rasterio.open(path, "w", **profile, nodata=nodata, crs=crs, transform=transform) as dst:
+        dst.write(data, 1)
+
+
+def blocky(rng: np.random.Generator, shape: tuple[int, int], values: list[int], cell: int) -> np.ndarray:
+    small = rng.choice(np.array(values, np.uint8), size=(shape[0] // cell + 1, shape[1] // cell + 1))
+    return small.repeat(cell, 0).repeat(cell, 1)[: shape[0], : shape[1]]
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | np.ndarray]:
+    """A store with a prediction, a reference raster in EPSG:4326 and polygons in EPSG:4326.
+
+    The reference rasters share blocky structure with the prediction (so scores are
+    neither 0 nor 1), cover only part of the grid, and hold class 5, which the
+    model does not know.
+    """
+    root = tmp_path_factory.mktemp("evaluate")
+    rng = np.random.default_rng(3)
+    store = root / "region.zarr"
+    make_store(store, H, W)
+    pred = blocky(rng, (H, W), [1, 3, 7], 24)
+    pred[rng.random((H, W)) < 0.05] = 2  # a value outside the known classes: "other"
+    pred[:, :64] = 255  # no image data in the western strip
+    fill_classes(store, pred)
+
+    # Reference raster in geographic coordinates, over the grid's west 80 %.
+    west, south, east, north = transform_bounds(
+        UTM, "EPSG:4326", 500000 - 900, 4000000 - 30 * H - 900, 500000 + 30 * W * 0.8, 4000000 + 900
+    )
+    res = 0.0003
+    rh, rw = int((north - south) / res), int((east - west) / res)
+    ref = blocky(rng, (rh, rw), [0, 1, 3, 5, 7], 6)
+    ref_tif = root / "reference.tif"
+    write_tif(ref_tif, ref, "EPSG:4326", Affine(res, 0, west, 0, -res, north), nodata=0)
+
+    # Polygons drawn in UTM, stored in EPSG:4326.
+    boxes, cls = [], []
+    for _ in range(40):
+        x0 = 500000 + rng.uniform(-3000, 30 * W)
+        y0 = 4000000 - rng.uniform(0, 30 * H + 3000)
+        boxes.append(shapely.box(x0, y0 - rng.uniform(300, 9000), x0 + rng.uniform(300, 9000), y0))
+        cls.append(int(rng.choice([1, 3, 5, 7])))
+    names = {1: "forest", 3: "water", 5: "wetland", 7: "urban"}
+    gdf = gpd.GeoDataFrame({"class": cls, "name": [names[c] for c in cls]}, geometry=boxes, crs=UTM)
+    gpkg = root / "reference.gpkg"
+    gdf.to_crs("EPSG:4326").to_file(gpkg, driver="GPKG")
+    return {"root": root, "store": store, "pred": pred, "ref_tif": ref_tif, "gpkg": gpkg, "utm_polygons": gdf}
+
+
+def grid() -> Grid:
+    from rasterio.crs import CRS
+
+    return Grid(CRS.from_string(UTM).to_wkt(), tuple(TRANSFORM)[:6], H, W)
+
+
+def reference_on_grid(path: Path, window: int = EVAL_WINDOW) -> np.ndarray:
+    """The reference as evaluate sees it: labels_window over the same windows."""
+    src = open_labels(path)
+    out = np.zeros((H, W), np.uint8)
+    for y0 in range(0, H, window):
+        for x0 in range(0, W, window):
+            h, w = min(window, H - y0), min(window, W - x0)
+            out[y0 : y0 + h, x0 : x0 + w] = labels_window(src, grid(), y0, x0, h, w)
+    return out
+
+
+def direct_metrics(pred: np.ndarray, ref: np.ndarray, values: list[int]) -> tuple[np.ndarray, list[int]]:
+    """Confusion matrix and "other" counts by plain boolean masks over whole arrays."""
+    cm = np.array([[np.count_nonzero((ref == r) & (pred == p)) for p in values] for r in values])
+    outside = ~np.isin(pred, values) & (pred != 255)
+    return cm, [int(np.count_nonzero((ref == r) & outside)) for r in values]
+
+
+def check_against_direct(metrics: dict, pred: np.ndarray, ref: np.ndarray, names: dict[int, str]) -> None:
+    values = [1, 3, 5, 7]
+    assert [c["value"] for c in metrics["classes"]] == values
+    assert [c["name"] for c in metrics["classes"]] == [names[v] for v in values]
+    cm, other = direct_metrics(pred, ref, values)
+    assert metrics["confusion_matrix"] == cm.tolist()
+    assert metrics["other_predictions"] == other
+    evaluated = (ref != 0) & (pred != 255)
+    assert metrics["pixel_counts"] == {
+        "grid": H * W,
+        "reference_labelled": int(np.count_nonzero(ref)),
+        "evaluated": int(np.count_nonzero(evaluated)),
+        "labelled_without_prediction": int(np.count_nonzero((ref != 0) & (pred == 255))),
+        "other_predictions": sum(other),
+    }
+    correct = np.count_nonzero(evaluated & (ref == pred))
+    assert metrics["overall_accuracy"] == correct / np.count_nonzero(evaluated)
+    water_hits = np.count_nonzero((ref == 3) & (pred == 3))
+    assert metrics["per_class"][1]["recall"] == water_hits / np.count_nonzero((ref == 3) & (pred != 255))
+    wetland = metrics["per_class"][2]  # class 5: in the reference only
+    assert wetland["recall"] == 0.0 and wetland["precision"] is None
+    full = np.concatenate([cm, np.array(other)[:, None]], axis=1)
+    expected = json_ready(scores(full, values, [names[v] for v in values]))
+    for key in ("overall_accuracy", "kappa", "miou", "per_class", "pixels", "correct"):
+        assert metrics[key] == expected[key], key
+
+
+def test_store_against_raster_in_other_crs(scene: dict, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    metrics = evaluate(scene["store"], scene["ref_tif"], out)
+    ref = reference_on_grid(scene["ref_tif"])
+    # the warp itself is right: nearest source pixel of each pixel centre, checked point by point
+    rows, cols = np.mgrid[0:H:7, 0:W:7]
+    xs, ys = (TRANSFORM @ Affine.translation(0.5, 0.5)) @ (cols.ravel() + 0.0, rows.ravel() + 0.0)
+    lon, lat = transform_points(UTM, "EPSG:4326", xs, ys)
+    with rasterio.open(scene["ref_tif"]) as src:
+        data = src.read(1)
+        c, r = ~src.transform @ (np.asarray(lon), np.asarray(lat))
+    r, c = np.floor(r).astype(int), np.floor(c).astype(int)
+    inside = (r >= 0) & (r < data.shape[0]) & (c >= 0) & (c < data.shape[1])
+    expected = np.where(inside, data[np.clip(r, 0, data.shape[0] - 1), np.clip(c, 0, data.shape[1] - 1)], 0)
+    assert np.mean(ref[::7, ::7].ravel() == expected) > 0.99
+    assert (ref[:, int(W * 0.85) :] == 0).all()  # east of the reference: unlabelled
+    names = {1: "forest", 3: "water", 5: "class 5", 7: "urban"}
+    check_against_direct(metrics, scene["pred"], ref, names)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for png in ("confusion_matrix.png", "preview.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_store_against_polygons(scene: dict, tmp_path: Path) -> None:
+    metrics = evaluate(scene["store"], scene["gpkg"], tmp_path, reference_field="class", window=512)
+    ref = reference_on_grid(scene["gpkg"], window=512)
+    gdf = scene["utm_polygons"]
+    shapes = zip(gdf.geometry, gdf["class"], strict=True)
+    burnt = rasterize(shapes, out_shape=(H, W), transform=TRANSFORM, dtype="uint8")
+    assert np.mean(ref == burnt) > 0.995  # reprojected to 4326 and back: edges may move a pixel
+    check_against_direct(metrics, scene["pred"], ref, {1: "forest", 3: "water", 5: "wetland", 7: "urban"})
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_cog_prediction_gives_the_same_metrics(scene: dict, tmp_path: Path) -> None:
+    cog = write_cog(scene["store"], tmp_path / "classes.tif")
+    from_cog = evaluate(cog, scene["ref_tif"], tmp_path / "a", preview=False)
+    from_store = evaluate(scene["store"], scene["ref_tif"], tmp_path / "b", preview=False)
+    assert from_cog["classes"] == from_store["classes"]  # names from the COG's band tags
+    for key in ("confusion_matrix", "other_predictions", "per_class", "kappa", "miou", "pixel_counts"):
+        assert from_cog[key] == from_store[key]
+    assert not (tmp_path / "a" / "preview.png").exists()
+
+
+def test_plain_geotiff_prediction_without_tags(scene: dict, tmp_path: Path) -> None:
+    pred = np.where(scene["pred"] == 255, 0, scene["pred"]).astype(np.int16)  # nodata 0, other dtype
+    path = tmp_path / "pred.tif"
+    write_tif(path, pred, UTM, TRANSFORM, nodata=0)
+    metrics = evaluate(path, scene["ref_tif"], tmp_path / "e", window=700, preview=False)
+    # without tags the prediction's values are the classes: 2 is a class now, not "other"
+    assert [c["value"] for c in metrics["classes"]] == [1, 2, 3, 5, 7]
+    assert metrics["other_predictions"] == [0] * 5
+    ref = reference_on_grid(scene["ref_tif"], window=700)
+    assert metrics["pixel_counts"]["evaluated"] == np.count_nonzero((ref != 0) & (pred != 0))
+
+
+def test_errors(scene: dict, tmp_path: Path) -> None:
+    with pytest.raises(MissingInputError):
+        evaluate(tmp_path / "none.zarr", scene["ref_tif"], tmp_path)
+    with pytest.raises(MissingInputError):
+        evaluate(scene["store"], tmp_path / "none.tif", tmp_path)
+    empty = tmp_path / "empty.zarr"
+    make_store(empty, 64, 64, block=64)
+    with pytest.raises(MissingInputError, match="segpipe predict"):
+        evaluate(empty, scene["ref_tif"], tmp_path)
+    far = tmp_path / "far.tif"
+    write_tif(far, np.ones((10, 10), np.uint8), "EPSG:4326", Affine(0.01, 0, 10.0, 0, -0.01, 50.0))
+    with pytest.raises(LabelsError, match="overlap"):
+        evaluate(scene["store"], far, tmp_path)
+    blank = tmp_path / "blank.tif"
+    write_tif(blank, np.zeros((H, W), np.uint8), UTM, TRANSFORM)
+    with pytest.raises(LabelsError, match="no labelled pixel"):
+        evaluate(scene["store"], blank, tmp_path)
+    west = tmp_path / "west.tif"
+    write_tif(west, np.ones((H, 64), np.uint8), UTM, TRANSFORM)  # labels only where no prediction
+    with pytest.raises(LabelsError, match="no data"):
+        evaluate(scene["store"], west, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_preview_shows_the_image_of_an_rgb_store(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    store = tmp_path / "rgb.zarr"
+    make_store(store, 200, 300, block=128, bands=("Blue", "Green", "Red", "NIR"))
+    assert read_region_info(store).nodata == 0
+    pred = np.full((200, 300), 3, np.uint8)
+    fill_classes(store, pred)
+    labels = tmp_path / "labels.tif"
+    halves = np.where(np.arange(300) < 150, 3, 1).astype(np.uint8)
+    write_tif(labels, np.repeat(halves[None], 200, axis=0), UTM, TRANSFORM)
+    metrics = evaluate(store, labels, tmp_path / "out")
+    assert metrics["overall_accuracy"] == 0.5
+    assert metrics["per_class"][0]["recall"] == 0.0 and metrics["per_class"][1]["recall"] == 1.0
+    three_panels = matplotlib.image.imread(tmp_path / "out" / "preview.png")
+    make_store(store, 200, 300, block=128)  # bands without colour names: no image panel
+    fill_classes(store, pred)
+    evaluate(store, labels, tmp_path / "out")
+    two_panels = matplotlib.image.imread(tmp_path / "out" / "preview.png")
+    assert three_panels.shape[1] > two_panels.shape[1] * 1.3
+
+
+def test_loss_curve_plot(tmp_path: Path) -> None:
+    history = [
+        {"epoch": 1, "train_loss": 1.2, "valid_loss": 1.1, "valid_miou": 0.2},
+        {"epoch": 2, "train_loss": 0.8, "valid_loss": None, "valid_miou": float("nan")},
+        {"epoch": 3, "train_loss": 0.5, "valid_loss": 0.7, "valid_miou": 0.5},
+    ]
+    path = plot_loss_curve(history, tmp_path / "loss.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_distributed_cluster_gives_the_same_metrics(scene: dict, tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    local = evaluate(scene["store"], scene["gpkg"], tmp_path / "local", preview=False)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, Client(cluster):
+        remote = evaluate(scene["store"], scene["gpkg"], tmp_path / "remote", preview=False, window=512)
+    assert remote == local
