@@ -1,0 +1,199 @@
+"""A deterministic synthetic land-cover scene, computed block by block.
+
+Every pixel is a pure function of its global (row, column) and the seed, so any
+window of an arbitrarily large scene can be generated on its own, in any order,
+and two windows always agree where they overlap.
+
+The scene is built so that spatial context matters. Classes come in pairs that
+share the same spectral mean *and* the same per-pixel value distribution, and
+differ only in how their pixels are arranged:
+
+- forest (canopy blobs a few pixels wide) vs grassland (pixel-scale speckle);
+- cropland (oriented rows) vs built-up (a checkerboard of blocks).
+
+A per-pixel classifier cannot tell the members of a pair apart; a convolutional
+network that sees a neighbourhood can. Water and bare soil are spectrally distinct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from segpipe.types import ClassInfo
+
+__all__ = ["SCENE_CLASSES", "SceneSpec", "class_block", "hash_uniform", "image_block", "nodata_block"]
+
+SCENE_CLASSES = (
+    ClassInfo(1, "water", "#1f77b4"),
+    ClassInfo(2, "forest", "#1f7a1f"),
+    ClassInfo(3, "grassland", "#98df8a"),
+    ClassInfo(4, "cropland", "#e8c547"),
+    ClassInfo(5, "built-up", "#d62728"),
+    ClassInfo(6, "bare soil", "#8c564b"),
+)
+
+IMAGE_NODATA = 0
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """Parameters of a synthetic scene.
+
+    Attributes:
+        size: Edge of the (square) scene in pixels.
+        bands: Number of spectral bands.
+        seed: Seed of every random field.
+        region_scale: Typical size of a land-cover patch in pixels.
+    """
+
+    size: int = 2048
+    bands: int = 4
+    seed: int = 0
+    region_scale: int = 192
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def hash_uniform(iy: np.ndarray, ix: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """Uniform [0, 1) values hashed from integer lattice coordinates (splitmix64)."""
+    with np.errstate(over="ignore"):
+        z = (
+            iy.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+            ^ (ix.astype(np.uint64) + np.uint64(0x632BE59BD9B4E019)) * np.uint64(0xD6E8FEB86659FD93)
+            ^ np.uint64((seed * 1_000_003 + salt * 7919) & 0xFFFFFFFFFFFF) * np.uint64(0xA0761D6478BD642F)
+        )
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _value_noise(ys: np.ndarray, xs: np.ndarray, scale: float, seed: int, salt: int) -> np.ndarray:
+    """Smooth noise in [0, 1): hashed lattice values every ``scale`` px, smoothstep-interpolated.
+
+    Only the lattice points the window needs are hashed, then gathered: hashing
+    every pixel four times would dominate the cost of large scenes.
+    """
+    gy = ys / scale
+    gx = xs / scale
+    iy = np.floor(gy).astype(np.int64)
+    ix = np.floor(gx).astype(np.int64)
+    fy = gy - iy
+    fx = gx - ix
+    fy = (fy * fy * (3 - 2 * fy))[:, None]
+    fx = (fx * fx * (3 - 2 * fx))[None, :]
+    ly = np.arange(iy.min(), iy.max() + 2)
+    lx = np.arange(ix.min(), ix.max() + 2)
+    offset = 1 << 20  # keep lattice indices non-negative
+    lattice = hash_uniform((ly + offset)[:, None], (lx + offset)[None, :], seed, salt)
+    ry = (iy - ly[0])[:, None]
+    rx = (ix - lx[0])[None, :]
+    v00 = lattice[ry, rx]
+    v01 = lattice[ry, rx + 1]
+    v10 = lattice[ry + 1, rx]
+    v11 = lattice[ry + 1, rx + 1]
+    top = v00 + (v01 - v00) * fx
+    bottom = v10 + (v11 - v10) * fx
+    return top + (bottom - top) * fy  # type: ignore[no-any-return]
+
+
+def _coords(y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(y0, y0 + h, dtype=np.float64), np.arange(x0, x0 + w, dtype=np.float64)
+
+
+def nodata_block(spec: SceneSpec, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """True where the scene has no data: a triangle cut off the top-left corner.
+
+    Real scenes have nodata borders; this one exercises that path everywhere.
+    """
+    ys, xs = _coords(y0, x0, h, w)
+    cut = spec.size * 0.18
+    return (ys[:, None] + xs[None, :]) < cut  # type: ignore[no-any-return]
+
+
+def class_block(spec: SceneSpec, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """Dense land-cover classes (values 1-6) of a window; 0 where the scene has no data."""
+    ys, xs = _coords(y0, x0, h, w)
+    s = spec.region_scale
+    fields = []
+    for k in range(len(SCENE_CLASSES)):
+        # Fractal sum of value noise: large patches with irregular, natural edges.
+        f = (
+            _value_noise(ys, xs, s, spec.seed, 100 + k)
+            + 0.45 * _value_noise(ys, xs, s / 3.0, spec.seed, 200 + k)
+            + 0.2 * _value_noise(ys, xs, s / 9.0, spec.seed, 300 + k)
+        )
+        fields.append(f)
+    classes = (np.argmax(np.stack(fields), axis=0) + 1).astype(np.uint8)
+    classes[nodata_block(spec, y0, x0, h, w)] = 0
+    return classes
+
+
+def _spectra(bands: int) -> np.ndarray:
+    """Mean digital numbers of each class (rows) in each band (columns)."""
+    t = np.linspace(0.0, 1.0, bands) if bands > 1 else np.array([0.5])
+    red_edge = 1.0 / (1.0 + np.exp(-(t - 0.62) * 18.0))
+    water = 700 - 350 * t
+    vegetation = 900 + 250 * t + 1500 * red_edge
+    man_made = 1500 + 350 * t + 250 * red_edge
+    soil = 1700 + 700 * t
+    # Pairs share spectra on purpose: only their texture tells them apart.
+    return np.stack([water, vegetation, vegetation, man_made, man_made, soil])
+
+
+def _texture(spec: SceneSpec, k: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """A +-1 pattern for class value ``k``; pairs have the same 50/50 marginal."""
+    yy = ys[:, None]
+    xx = xs[None, :]
+    h, w = ys.size, xs.size
+    if k == 2:  # forest: canopy blobs ~3 px across
+        return np.where(_value_noise(ys, xs, 3.0, spec.seed, 400) > 0.5, 1.0, -1.0)
+    if k == 3:  # grassland: independent per-pixel speckle
+        iy = np.broadcast_to(yy.astype(np.int64), (h, w))
+        ix = np.broadcast_to(xx.astype(np.int64), (h, w))
+        return np.where(hash_uniform(iy, ix, spec.seed, 401) > 0.5, 1.0, -1.0)
+    if k == 4:  # cropland: rows 8 px apart, oriented per field
+        angle = np.pi * _value_noise(ys, xs, spec.region_scale * 2.0, spec.seed, 402)
+        phase = (xx * np.cos(angle) + yy * np.sin(angle)) / 8.0
+        return np.where((phase - np.floor(phase)) < 0.5, 1.0, -1.0)
+    if k == 5:  # built-up: a checkerboard of 6 px blocks
+        return np.where(((yy // 6) + (xx // 6)) % 2 == 0, 1.0, -1.0) * np.ones((h, w))
+    return np.zeros((h, w))
+
+
+def image_block(
+    spec: SceneSpec, y0: int, x0: int, h: int, w: int, classes: np.ndarray | None = None
+) -> np.ndarray:
+    """The (band, y, x) uint16 image of a window; 0 (nodata) outside the scene footprint.
+
+    ``classes`` may pass the window's :func:`class_block` when the caller has it already.
+    """
+    ys, xs = _coords(y0, x0, h, w)
+    if classes is None:
+        classes = class_block(spec, y0, x0, h, w)
+    spectra = _spectra(spec.bands)
+    # Slow illumination changes across the scene, so absolute levels are not a cue.
+    light = 1.0 + 0.10 * (_value_noise(ys, xs, spec.region_scale * 4.0, spec.seed, 500) - 0.5)
+    out = np.zeros((spec.bands, h, w), dtype=np.float64)
+    for cls in SCENE_CLASSES:
+        k = cls.value
+        mask = classes == k
+        if not mask.any():
+            continue
+        tex = _texture(spec, k, ys, xs)
+        for b in range(spec.bands):
+            mean = spectra[k - 1, b]
+            out[b][mask] = (mean * (1.0 + 0.16 * tex))[mask]
+    iy = np.broadcast_to(ys[:, None].astype(np.int64), (h, w))
+    ix = np.broadcast_to(xs[None, :].astype(np.int64), (h, w))
+    for b in range(spec.bands):
+        # Sensor noise: approximately Gaussian (sum of 3 uniforms), band-independent.
+        u = sum(hash_uniform(iy, ix, spec.seed, 600 + 3 * b + j) for j in range(3)) - 1.5
+        out[b] = out[b] * light + u * 0.09 * spectra[:, b].mean()
+    image = np.clip(np.rint(out), 1, 65535).astype(np.uint16)
+    image[:, classes == 0] = IMAGE_NODATA
+    return image

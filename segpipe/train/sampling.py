@@ -1,0 +1,213 @@
+"""Chips for training, drawn straight from the region store where labels exist.
+
+The region is never loaded whole: labelled positions are gathered block by block
+(at most ``max_per_block`` per block), and chips are read through a small LRU
+cache of store blocks. Validation is spatially disjoint from training: the
+region is cut into square cells, each cell wholly train or wholly validation,
+and labels of the other part are masked out of every chip.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+import dask
+import numpy as np
+
+from segpipe.errors import LabelsError
+
+__all__ = ["BlockReader", "Candidates", "ChipSampler", "find_candidates", "split_cells"]
+
+
+class _Sliceable(Protocol):
+    shape: tuple[int, ...]
+
+    def __getitem__(self, key: object) -> np.ndarray: ...
+
+
+class BlockReader:
+    """Read arbitrary windows of a (…, y, x) array through an LRU cache of whole blocks.
+
+    Chips overlap and repeat; decoding each block once keeps a streaming loader
+    fast without holding more than ``max_blocks`` blocks in memory.
+    """
+
+    def __init__(self, array: _Sliceable, block: int, max_blocks: int = 64) -> None:
+        self.array = array
+        self.block = block
+        self.max_blocks = max_blocks
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def _get(self, by: int, bx: int) -> np.ndarray:
+        key = (by, bx)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        b = self.block
+        data = np.asarray(self.array[..., by * b : (by + 1) * b, bx * b : (bx + 1) * b])
+        self._cache[key] = data
+        if len(self._cache) > self.max_blocks:
+            self._cache.popitem(last=False)
+        return data
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """The window [y0:y0+h, x0:x0+w] (must lie inside the array)."""
+        b = self.block
+        lead = self.array.shape[:-2]
+        out = np.empty((*lead, h, w), dtype=self._get(y0 // b, x0 // b).dtype)
+        for by in range(y0 // b, (y0 + h - 1) // b + 1):
+            for bx in range(x0 // b, (x0 + w - 1) // b + 1):
+                data = self._get(by, bx)
+                ys, ye = max(y0, by * b), min(y0 + h, (by + 1) * b)
+                xs, xe = max(x0, bx * b), min(x0 + w, (bx + 1) * b)
+                out[..., ys - y0 : ye - y0, xs - x0 : xe - x0] = data[
+                    ..., ys - by * b : ye - by * b, xs - bx * b : xe - bx * b
+                ]
+        return out
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Labelled positions to centre chips on.
+
+    Attributes:
+        y: Rows.
+        x: Columns.
+        value: Label value at (y, x).
+    """
+
+    y: np.ndarray
+    x: np.ndarray
+    value: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> Candidates:
+        """The candidates where ``keep`` is True."""
+        return Candidates(self.y[keep], self.x[keep], self.value[keep])
+
+
+def _block_candidates(
+    labels: _Sliceable, y0: int, x0: int, h: int, w: int, limit: int, seed: int
+) -> np.ndarray:
+    block = np.asarray(labels[y0 : y0 + h, x0 : x0 + w])
+    ys, xs = np.nonzero(block)
+    if ys.size > limit:
+        pick = np.random.default_rng([seed, y0, x0]).choice(ys.size, limit, replace=False)
+        ys, xs = ys[pick], xs[pick]
+    return np.stack([ys + y0, xs + x0, block[ys, xs]]).astype(np.int64)
+
+
+def find_candidates(labels: _Sliceable, block: int, max_per_block: int = 4096, seed: int = 0) -> Candidates:
+    """Gather labelled positions block by block (in parallel with the active dask scheduler).
+
+    Raises:
+        LabelsError: The labels hold no labelled pixel.
+    """
+    height, width = labels.shape[-2:]
+    tasks = [
+        dask.delayed(_block_candidates)(
+            labels, y0, x0, min(block, height - y0), min(block, width - x0), max_per_block, seed
+        )
+        for y0 in range(0, height, block)
+        for x0 in range(0, width, block)
+    ]
+    parts = dask.compute(*tasks, scheduler="threads")
+    found = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
+    if found.shape[1] == 0:
+        raise LabelsError("the store's labels hold no labelled pixel (all 0): nothing to train on")
+    return Candidates(found[0], found[1], found[2])
+
+
+def split_cells(cand: Candidates, cell: int, fraction: float, seed: int) -> np.ndarray:
+    """Assign whole ``cell`` x ``cell`` squares to validation; True = validation candidate.
+
+    Every class is kept in both parts where it occurs in at least two cells.
+    """
+    cy, cx = cand.y // cell, cand.x // cell
+    cells, inverse = np.unique(np.stack([cy, cx], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    rng = np.random.default_rng(seed)
+    is_valid = rng.random(len(cells)) < fraction
+    if fraction > 0:
+        for value in np.unique(cand.value):
+            holding = np.unique(inverse[cand.value == value])
+            if holding.size < 2:
+                continue
+            if not is_valid[holding].any():
+                is_valid[rng.choice(holding)] = True
+            if is_valid[holding].all():
+                is_valid[rng.choice(holding)] = False
+    return is_valid[inverse]  # type: ignore[no-any-return]
+
+
+class ChipSampler:
+    """Draw (image, label) chips centred near labelled candidates.
+
+    Args:
+        image: (band, y, x) array (a zarr array: read lazily through a block cache).
+        labels: (y, x) label array.
+        block: Block edge of the store (cache granularity).
+        chip: Chip edge in pixels.
+        lut: Maps label values (0-255) to class indices; 255 = ignore.
+        cell: Validation cell edge.
+        valid_cells: Set of (cy, cx) cells that are validation.
+        part: ``train`` or ``valid``: labels of the other part are ignored.
+    """
+
+    def __init__(
+        self,
+        image: _Sliceable,
+        labels: _Sliceable,
+        block: int,
+        chip: int,
+        lut: np.ndarray,
+        cell: int,
+        valid_cells: set[tuple[int, int]],
+        part: str,
+    ) -> None:
+        self.image = BlockReader(image, block)
+        self.labels = BlockReader(labels, block)
+        self.height, self.width = labels.shape[-2:]
+        self.chip = chip
+        self.lut = lut
+        self.cell = cell
+        self.valid_cells = valid_cells
+        self.part = part
+
+    def _part_mask(self, y0: int, x0: int) -> np.ndarray:
+        c = self.cell
+        ys = (np.arange(y0, y0 + self.chip) // c)[:, None]
+        xs = (np.arange(x0, x0 + self.chip) // c)[None, :]
+        mask = np.zeros((self.chip, self.chip), dtype=bool)
+        for cy in np.unique(ys):
+            for cx in np.unique(xs):
+                if ((int(cy), int(cx)) in self.valid_cells) == (self.part == "valid"):
+                    mask |= (ys == cy) & (xs == cx)
+        return mask
+
+    def window_for(self, y: int, x: int, rng: np.random.Generator | None) -> tuple[int, int]:
+        """Top-left of a chip containing (y, x), jittered when ``rng`` is given, clamped inside."""
+        c = self.chip
+        if rng is None:
+            oy = ox = c // 2
+        else:
+            oy, ox = (int(v) for v in rng.integers(c // 8, c - c // 8, size=2))
+        y0 = int(np.clip(y - oy, 0, max(0, self.height - c)))
+        x0 = int(np.clip(x - ox, 0, max(0, self.width - c)))
+        return y0, x0
+
+    def read(self, y0: int, x0: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image chip (band, c, c) and class-index chip (c, c), 255 where ignored.
+
+        Rasters smaller than a chip are padded (image with 0, labels ignored).
+        """
+        c = self.chip
+        h, w = min(c, self.height - y0), min(c, self.width - x0)
+        image = self.image.read(y0, x0, h, w)
+        labels = self.lut[self.labels.read(y0, x0, h, w)]
+        if (h, w) != (c, c):
+            image = np.pad(image, ((0, 0), (0, c - h), (0, c - w)))
+            labels = np.pad(labels, ((0, c - h), (0, c - w)), constant_values=255)
+        labels = np.where(self._part_mask(y0, x0), labels, 255).astype(np.uint8)
+        return image, labels
