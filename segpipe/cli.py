@@ -1,0 +1,268 @@
+"""The ``segpipe`` command: one sub-command per stage, plus the demo.
+
+Heavy libraries (torch, prefect) are imported inside commands so ``--help`` is
+fast. Every segpipe error ends the command with a one-line message on stderr and
+exit code 2; nothing half-written is left behind (each stage publishes atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from segpipe.errors import SegpipeError
+
+app = typer.Typer(
+    help="Classify every pixel of very large raster mosaics with deep segmentation networks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+ARCH_HELP = "Network: unet, pspnet, deeplabv3 or deeplabv3plus."
+
+
+def _progress():  # type: ignore[no-untyped-def]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    size: Annotated[int, typer.Option(help="Scene edge in pixels.")] = 2048,
+    bands: Annotated[int, typer.Option(help="Number of bands.")] = 4,
+    tiles: Annotated[int, typer.Option(help="Tiles per side of the mosaic.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a synthetic region: image tiles + VRT, dense truth, sparse labels (raster and vector)."""
+    from segpipe.synth import synthesize
+
+    with _progress() as bar:
+        task = bar.add_task("synth", total=None, info="")
+        region = synthesize(
+            out,
+            size=size,
+            bands=bands,
+            tiles=tiles,
+            seed=seed,
+            progress=lambda d, t: bar.update(task, completed=d, total=t),
+        )
+    console.print(
+        f"wrote {region.image} ({len(region.tiles)} tiles), {region.truth}, {region.labels}, "
+        f"{region.labels_vector} ({region.labelled_fraction:.1%} labelled), {region.classes}"
+    )
+
+
+@app.command()
+def ingest(
+    images: Annotated[list[Path], typer.Argument(help="GeoTIFFs, a VRT or a folder of GeoTIFFs.")],
+    out: Annotated[Path, typer.Option(help="Region store (Zarr) to create.")],
+    labels: Annotated[Path | None, typer.Option(help="Label raster or polygons (any CRS).")] = None,
+    label_field: Annotated[str | None, typer.Option(help="Class field of label polygons.")] = None,
+    classes: Annotated[Path | None, typer.Option(help="classes.json with names and colours.")] = None,
+    block_size: Annotated[int, typer.Option(help="Block (shard) edge in pixels.")] = 1024,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+) -> None:
+    """Build a region store from image tiles and optional labels."""
+    from segpipe.ingest import ingest as run
+
+    info = run(
+        images,
+        out,
+        labels=labels,
+        label_field=label_field,
+        classes=classes,
+        block_size=block_size,
+        overwrite=overwrite,
+        progress=lambda msg: console.print(f"  {msg}"),
+    )
+    console.print(
+        f"wrote {out}: {info.height} x {info.width} px, {len(info.band_names)} bands, "
+        f"{len(info.classes)} classes"
+    )
+
+
+@app.command()
+def train(
+    store: Annotated[Path, typer.Argument(help="Region store with labels.")],
+    out: Annotated[Path, typer.Option(help="Model package directory to write.")],
+    arch: Annotated[str, typer.Option(help=ARCH_HELP)] = "unet",
+    backbone: Annotated[str, typer.Option(help="Encoder, e.g. resnet18, resnet34, vgg16_bn.")] = "resnet18",
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    samples_per_epoch: Annotated[int, typer.Option(help="Chips per epoch.")] = 512,
+    chip_size: Annotated[int, typer.Option(help="Chip edge in pixels (multiple of 32).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Chips per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train a segmentation network on the store's labels (class 0 ignored)."""
+    from segpipe.models import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        from segpipe.errors import ArchitectureError
+
+        raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    cfg = _train_config(
+        arch=arch,
+        encoder=backbone,
+        epochs=epochs,
+        samples_per_epoch=samples_per_epoch,
+        chip_size=chip_size,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+    )
+    from segpipe.train import train as run
+
+    with _progress() as bar:
+        task = bar.add_task("train", total=epochs, info="")
+
+        def report(p):  # type: ignore[no-untyped-def]
+            done = p.epoch - 1 + p.step / p.steps
+            info = f"epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}"
+            if p.record and "valid_miou" in p.record:
+                console.print(
+                    f"  epoch {p.epoch}: train loss {p.record['train_loss']:.3f}, "
+                    f"valid loss {p.record['valid_loss']:.3f}, valid mIoU {p.record['valid_miou']:.3f}"
+                )
+            bar.update(task, completed=done, info=info)
+
+        spec = run(store, out, cfg, progress=report)
+    console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
+
+
+def _train_config(**kwargs: object):  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from segpipe.errors import InputError
+    from segpipe.train import TrainConfig
+
+    try:
+        return TrainConfig(**kwargs)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from exc
+
+
+@app.command()
+def predict(
+    store: Annotated[Path, typer.Argument(help="Region store.")],
+    model: Annotated[Path, typer.Option(help="Model package directory.")],
+    tile_size: Annotated[int | None, typer.Option(help="Window edge (multiple of 32).")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Window overlap in pixels.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:port).")] = None,
+    force: Annotated[bool, typer.Option(help="Recompute finished blocks.")] = False,
+) -> None:
+    """Classify every pixel of the store, block by block on a Dask cluster, blending overlapping windows."""
+    from segpipe.cluster import describe_cluster, get_client
+    from segpipe.predict import predict as run
+
+    with get_client(scheduler) as client:
+        console.print(f"  cluster: {describe_cluster(client)}")
+        with _progress() as bar:
+            task = bar.add_task("predict", total=None, info="blocks")
+            summary = run(
+                store,
+                model,
+                tile_size=tile_size,
+                overlap=overlap,
+                batch_size=batch_size,
+                client=client,
+                force=force,
+                progress=lambda d, t: bar.update(task, completed=d, total=t),
+            )
+    console.print(
+        f"predicted {summary.blocks_done} blocks ({summary.blocks_skipped} already done) "
+        f"in {summary.seconds:.1f} s"
+    )
+
+
+@app.command()
+def export(
+    store: Annotated[Path, typer.Argument(help="Region store.")],
+    out: Annotated[Path, typer.Option(help="Cloud-Optimized GeoTIFF to write.")],
+    layer: Annotated[str, typer.Option(help="classes or confidence.")] = "classes",
+) -> None:
+    """Export a store layer as a validated Cloud-Optimized GeoTIFF."""
+    from segpipe.cog import write_cog
+
+    path = write_cog(store, out, layer=layer)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def evaluate(
+    prediction: Annotated[Path, typer.Argument(help="Region store or class GeoTIFF.")],
+    reference: Annotated[Path, typer.Option(help="Reference label raster or polygons.")],
+    out: Annotated[Path, typer.Option(help="Report folder.")],
+    reference_field: Annotated[str | None, typer.Option(help="Class field of reference polygons.")] = None,
+    layer: Annotated[str, typer.Option(help="Store layer to evaluate.")] = "classes",
+) -> None:
+    """Compare a prediction with a reference: confusion matrix, accuracy, per-class scores, mIoU."""
+    from segpipe.evaluate import evaluate as run
+
+    result = run(prediction, reference, out, reference_field=reference_field, layer=layer)
+    console.print(
+        f"overall accuracy {result['overall_accuracy']:.3f}, mIoU {result['miou']:.3f}; "
+        f"wrote {out / 'metrics.json'}"
+    )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-out"),
+    size: Annotated[int, typer.Option(help="Scene edge in pixels.")] = 2048,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the whole pipeline on a synthetic region through the process_region Prefect flow."""
+    from segpipe.demo import run_demo
+
+    summary = run_demo(out, size=size, epochs=epochs, seed=seed, console=console)
+    typer.echo(json.dumps({"miou": summary["miou"], "summary": str(out / "summary.json")}))
+
+
+def main() -> None:
+    """Entry point: run the app, turning segpipe errors into one-line messages and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except SegpipeError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()
