@@ -235,7 +235,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the whole pipeline on a synthetic region through the process_region Prefect flow."""
-    from segpipe.demo import run_demo
+    from flows.demo import run_demo
 
     summary = run_demo(out, size=size, epochs=epochs, seed=seed, console=console)
     typer.echo(json.dumps({"miou": summary["miou"], "summary": str(out / "summary.json")}))

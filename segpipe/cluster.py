@@ -39,7 +39,7 @@ def _local_cuda_cluster() -> Any | None:
     try:
         from dask_cuda import LocalCUDACluster
 
-        return LocalCUDACluster(dashboard_address=":0")
+        return LocalCUDACluster(dashboard_address=":0", silence_logs=logging.WARNING)
     except Exception as exc:  # NVML errors without a driver, missing CUDA libraries
         log.warning("no GPU cluster (%s); falling back to a CPU cluster", exc)
         return None
@@ -80,6 +80,8 @@ def get_client(
             threads_per_worker=threads,
             processes=processes,
             dashboard_address=":0",
+            # Worker start/stop chatter drowns the stage progress users read.
+            silence_logs=logging.WARNING,
         )
     try:
         with Client(cluster) as client:

@@ -19,7 +19,7 @@ from segpipe.synth.scene import SceneSpec, class_block, hash_uniform
 __all__ = ["LABEL_CELL", "label_polygons", "rasterize_polygons"]
 
 LABEL_CELL = 64
-_R_MIN, _R_MAX = 5.0, 9.0
+_R_MIN, _R_MAX = 5.0, 10.0
 
 
 def label_polygons(

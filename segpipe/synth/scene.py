@@ -136,11 +136,11 @@ def class_block(spec: SceneSpec, y0: int, x0: int, h: int, w: int) -> np.ndarray
 def _spectra(bands: int) -> np.ndarray:
     """Mean digital numbers of each class (rows) in each band (columns)."""
     t = np.linspace(0.0, 1.0, bands) if bands > 1 else np.array([0.5])
-    red_edge = 1.0 / (1.0 + np.exp(-(t - 0.62) * 18.0))
+    red_edge = 1.0 / (1.0 + np.exp(-(t - 0.84) * 18.0))  # vegetation: dark in red, bright in NIR
     water = 700 - 350 * t
     vegetation = 900 + 250 * t + 1500 * red_edge
     man_made = 1500 + 350 * t + 250 * red_edge
-    soil = 1700 + 700 * t
+    soil = 2000 + 900 * t
     # Pairs share spectra on purpose: only their texture tells them apart.
     return np.stack([water, vegetation, vegetation, man_made, man_made, soil])
 

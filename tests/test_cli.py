@@ -1,0 +1,110 @@
+"""The command line: help for every command, one-line errors with exit code 2, no half-written output."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+COMMANDS = ["synth", "ingest", "train", "predict", "export", "evaluate", "demo"]
+
+
+def segpipe(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "segpipe.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def write_tile(path, crs="EPSG:32617", origin=(500000.0, 4000000.0), bands=3, dtype="uint16"):
+    data = np.arange(bands * 64 * 64, dtype=dtype).reshape(bands, 64, 64) % 1000 + 1
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=bands,
+        dtype=dtype,
+        crs=crs,
+        transform=from_origin(*origin, 10, 10),
+        nodata=0,
+    ) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = segpipe(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_missing_input_is_one_line_and_exit_2(tmp_path):
+    result = segpipe("ingest", tmp_path / "nope.tif", "--out", tmp_path / "s.zarr")
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope.tif" in lines[0]
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_mismatched_tiles_name_the_file(tmp_path):
+    a = write_tile(tmp_path / "a.tif")
+    b = write_tile(tmp_path / "b.tif", crs="EPSG:32618", origin=(500640.0, 4000000.0))
+    result = segpipe("ingest", a, b, "--out", tmp_path / "s.zarr")
+    assert result.returncode == 2
+    assert "b.tif" in result.stderr and "error:" in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
+    assert not list(tmp_path.glob(".s.zarr*"))
+
+
+def test_labels_outside_the_image_leave_nothing(tmp_path):
+    image = write_tile(tmp_path / "a.tif")
+    labels = tmp_path / "labels.tif"
+    with rasterio.open(
+        labels,
+        "w",
+        driver="GTiff",
+        width=16,
+        height=16,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32617",
+        transform=from_origin(900000.0, 1000000.0, 10, 10),
+    ) as dst:
+        dst.write(np.ones((1, 16, 16), dtype="uint8"))
+    result = segpipe("ingest", image, "--out", tmp_path / "s.zarr", "--labels", labels)
+    assert result.returncode == 2
+    assert "overlap" in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_unknown_architecture(tmp_path):
+    result = segpipe("train", tmp_path / "s.zarr", "--out", tmp_path / "m", "--arch", "segformer")
+    assert result.returncode == 2
+    assert "segformer" in result.stderr and "unet" in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_option_values_are_named(tmp_path):
+    write_tile(tmp_path / "a.tif")
+    result = segpipe("train", tmp_path / "s.zarr", "--out", tmp_path / "m", "--chip-size", "100")
+    assert result.returncode == 2
+    assert "--chip-size" in result.stderr
+
+
+def test_missing_store_for_predict_and_export(tmp_path):
+    for args in (
+        ("predict", tmp_path / "none.zarr", "--model", tmp_path / "m"),
+        ("export", tmp_path / "none.zarr", "--out", tmp_path / "o.tif"),
+    ):
+        result = segpipe(*args)
+        assert result.returncode == 2, result.stderr
+        assert "none.zarr" in result.stderr
+    assert not (tmp_path / "o.tif").exists()
