@@ -27,6 +27,9 @@ def _ephemeral_prefect(out: Path) -> None:
     if "PREFECT_API_URL" not in os.environ:
         os.environ.setdefault("PREFECT_HOME", str((out / ".prefect").resolve()))
         os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+        # The telemetry service races the flow for the fresh SQLite file ("database is
+        # locked") and has nothing to report from a throwaway engine.
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def run_demo(

@@ -110,7 +110,7 @@ def predict_stage(
     log = get_run_logger()
     started = time.perf_counter()
     with get_client(scheduler) as client:
-        log.info("dask cluster: %s", describe_cluster(client))
+        log.info("dask cluster: %s; dashboard %s", describe_cluster(client), client.dashboard_link)
         last = [0]
 
         def report(done: int, total: int) -> None:

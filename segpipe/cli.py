@@ -108,7 +108,7 @@ def train(
     samples_per_epoch: Annotated[int, typer.Option(help="Chips per epoch.")] = 512,
     chip_size: Annotated[int, typer.Option(help="Chip edge in pixels (multiple of 32).")] = 128,
     batch_size: Annotated[int, typer.Option(help="Chips per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
@@ -177,7 +177,7 @@ def predict(
     from segpipe.predict import predict as run
 
     with get_client(scheduler) as client:
-        console.print(f"  cluster: {describe_cluster(client)}")
+        console.print(f"  cluster: {describe_cluster(client)}; dashboard {client.dashboard_link}")
         with _progress() as bar:
             task = bar.add_task("predict", total=None, info="blocks")
             summary = run(

@@ -72,6 +72,11 @@ def get_client(
             log.info("connected to %s (dashboard %s)", address, client.dashboard_link)
             yield client
         return
+    # A local cluster's scheduler and nannies live in this process and log every worker
+    # start and stop at INFO, drowning the stage progress users read.
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     cluster: Any = _local_cuda_cluster() if gpu_present() else None
     if cluster is None:
         threads = max(1, threads_per_worker)
@@ -80,7 +85,6 @@ def get_client(
             threads_per_worker=threads,
             processes=processes,
             dashboard_address=":0",
-            # Worker start/stop chatter drowns the stage progress users read.
             silence_logs=logging.WARNING,
         )
     try:
@@ -89,6 +93,7 @@ def get_client(
             yield client
     finally:
         cluster.close()
+        quiet.setLevel(level)
 
 
 def describe_cluster(client: distributed.Client) -> str:

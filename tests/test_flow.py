@@ -16,6 +16,7 @@ def prefect_home(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
     mp.delenv("PREFECT_API_URL", raising=False)
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness():
         yield
     mp.undo()

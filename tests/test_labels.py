@@ -25,7 +25,7 @@ H, W = 60, 80
 GRID = Grid(
     rasterio.crs.CRS.from_string(CRS).to_wkt(), (RES, 0.0, X0, 0.0, -RES, Y0), H, W
 )
-NC = Path("/work/shared/data/nc-landsat7")
+NC = Path(__file__).parent / "data" / "nc-landsat7"
 
 # Squares in the image CRS, as (class, name, left col, top row, right col, bottom row).
 SQUARES = [(1, "water", 5, 5, 25, 20), (4, "forest", 30, 10, 70, 50), (7, "urban", 2, 40, 20, 58)]
@@ -172,7 +172,6 @@ def test_check_overlap(tmp_path: Path) -> None:
         check_overlap(open_labels(tmp_path / "far.gpkg"), GRID)
 
 
-@pytest.mark.skipif(not NC.is_dir(), reason="nc-landsat7 data not present")
 def test_nc_training_polygons_match_reference() -> None:
     with rasterio.open(NC / "image.tif") as ds:
         grid = Grid(ds.crs.to_wkt(), tuple(ds.transform)[:6], ds.height, ds.width)  # type: ignore[arg-type]

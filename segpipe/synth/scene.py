@@ -150,18 +150,22 @@ def _texture(spec: SceneSpec, k: int, ys: np.ndarray, xs: np.ndarray) -> np.ndar
     yy = ys[:, None]
     xx = xs[None, :]
     h, w = ys.size, xs.size
-    if k == 2:  # forest: canopy blobs ~3 px across
-        return np.where(_value_noise(ys, xs, 3.0, spec.seed, 400) > 0.5, 1.0, -1.0)
+    if k == 2:  # forest: canopy blobs ~4 px across
+        return np.where(_value_noise(ys, xs, 4.0, spec.seed, 400) > 0.5, 1.0, -1.0)
     if k == 3:  # grassland: independent per-pixel speckle
         iy = np.broadcast_to(yy.astype(np.int64), (h, w))
         ix = np.broadcast_to(xx.astype(np.int64), (h, w))
         return np.where(hash_uniform(iy, ix, spec.seed, 401) > 0.5, 1.0, -1.0)
-    if k == 4:  # cropland: rows 8 px apart, oriented per field
-        angle = np.pi * _value_noise(ys, xs, spec.region_scale * 2.0, spec.seed, 402)
-        phase = (xx * np.cos(angle) + yy * np.sin(angle)) / 8.0
+    if k == 4:  # cropland: rows 8 px apart, one direction per 128 px parcel
+        cy = np.broadcast_to(yy // 128, (h, w)).astype(np.int64)
+        cx = np.broadcast_to(xx // 128, (h, w)).astype(np.int64)
+        angle = np.pi * hash_uniform(cy, cx, spec.seed, 402)
+        # Local coordinates keep the rows straight: a direction that varies over global
+        # coordinates would bend them into moire far from the origin.
+        phase = ((xx - cx * 128) * np.cos(angle) + (yy - cy * 128) * np.sin(angle)) / 8.0
         return np.where((phase - np.floor(phase)) < 0.5, 1.0, -1.0)
-    if k == 5:  # built-up: a checkerboard of 6 px blocks
-        return np.where(((yy // 6) + (xx // 6)) % 2 == 0, 1.0, -1.0) * np.ones((h, w))
+    if k == 5:  # built-up: a checkerboard of 8 px blocks (coarser than the crop rows)
+        return np.where(((yy // 8) + (xx // 8)) % 2 == 0, 1.0, -1.0) * np.ones((h, w))
     return np.zeros((h, w))
 
 

@@ -36,7 +36,7 @@ class TrainConfig(BaseModel):
     samples_per_epoch: int = Field(default=512, ge=1)
     chip_size: int = Field(default=128, ge=32, multiple_of=32)
     batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=3e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     valid_fraction: float = Field(default=0.15, ge=0, lt=1)
     valid_cell: int = Field(default=256, ge=32)

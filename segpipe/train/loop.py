@@ -24,7 +24,7 @@ from segpipe.types import ClassInfo, default_colour
 __all__ = ["TrainProgress", "train"]
 
 IGNORE = 255
-_MAX_VALID_CHIPS = 96
+_MAX_VALID_CHIPS = 192
 
 
 @dataclass(frozen=True)
