@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check segpipe flows tests benchmarks
+	$(BIN)/mypy segpipe flows
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

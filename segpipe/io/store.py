@@ -129,9 +129,8 @@ def read_region_info(store: str | Path) -> RegionInfo:
     assert isinstance(image, zarr.Array)
     sref = group["spatial_ref"].attrs if "spatial_ref" in group else {}
     gt = [float(v) for v in str(sref.get("GeoTransform", "0 1 0 0 0 -1")).split()]
-    names = image.attrs.get("long_name") or [f"band{i + 1}" for i in range(image.shape[0])]
-    if isinstance(names, str):
-        names = [names]
+    raw_names = image.attrs.get("long_name") or [f"band{i + 1}" for i in range(image.shape[0])]
+    names: list[Any] = [raw_names] if isinstance(raw_names, str) else list(raw_names)  # type: ignore[arg-type]
     nodata = image.attrs.get("_FillValue")
     return RegionInfo(
         path=str(store),
@@ -150,7 +149,7 @@ def read_region_info(store: str | Path) -> RegionInfo:
 def set_region_classes(store: str | Path, classes: Sequence[ClassInfo]) -> None:
     """Record the region's classes in the store metadata."""
     group = _group(store, mode="r+")
-    meta = dict(group.attrs["segpipe"])
+    meta = dict(group.attrs["segpipe"])  # type: ignore[arg-type]
     meta["classes"] = classes_to_json(classes)
     group.attrs["segpipe"] = meta
 

@@ -8,10 +8,12 @@ releases the GIL in its heavy loops) and written by the calling thread.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import rasterio
@@ -25,6 +27,9 @@ from segpipe.synth.scene import IMAGE_NODATA, SCENE_CLASSES, SceneSpec, class_bl
 from segpipe.types import write_classes_file
 
 __all__ = ["SynthRegion", "synthesize"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 CRS = "EPSG:32617"  # UTM 17N: a real projected CRS, metres
 PIXEL_SIZE = 10.0
@@ -53,6 +58,21 @@ class SynthRegion:
     labels_vector: Path
     classes: Path
     labelled_fraction: float
+
+
+def _bounded_map(pool: Executor, fn: Callable[[T], R], items: list[T], ahead: int) -> Iterator[R]:
+    """``pool.map`` that keeps at most ``ahead`` results in flight.
+
+    ``Executor.map`` submits everything at once, so results pile up in memory whenever
+    writing is slower than computing; a bound keeps a huge scene's memory flat.
+    """
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _windows(y0: int, x0: int, h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
@@ -127,7 +147,7 @@ def synthesize(
         for ty in range(0, size, edge)
         for tx in range(0, size, edge)
     ]
-    jobs = [(box, win) for box in tile_boxes for win in _windows(*box)]
+    total = sum(1 for box in tile_boxes for _ in _windows(*box))
     names = _band_names(bands)
 
     def compute(win: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
@@ -137,6 +157,7 @@ def synthesize(
         labels = rasterize_polygons(polys, wy, wx, h, w)
         return image_block(spec, wy, wx, h, w, classes=dense), dense, labels, polys
 
+    workers = max(1, min(4, os.cpu_count() or 1))
     tile_paths: list[Path] = []
     all_polys: list = []
     labelled = 0
@@ -144,7 +165,7 @@ def synthesize(
     with (
         rasterio.open(root / "truth.tif", "w", **{**dense_prof, "transform": transform}) as truth,
         rasterio.open(root / "labels_sparse.tif", "w", **{**dense_prof, "transform": transform}) as sparse,
-        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool,
+        ThreadPoolExecutor(max_workers=workers) as pool,
     ):
         for dst in (truth, sparse):
             dst.write_colormap(1, {c.value: (*c.rgb, 255) for c in SCENE_CLASSES})
@@ -154,10 +175,11 @@ def synthesize(
             tile_paths.append(path)
             tile_t = transform * Affine.translation(tx, ty)
             prof = {**_profile(tw, th, bands, "uint16", IMAGE_NODATA), "transform": tile_t}
-            wins = [win for box, win in jobs if box == (ty, tx, th, tw)]
+            wins = list(_windows(ty, tx, th, tw))
+            results = _bounded_map(pool, compute, wins, 2 * workers)
             with rasterio.open(path, "w", **prof) as tile:
                 tile.descriptions = tuple(names)
-                for win, (image, dense, labels, polys) in zip(wins, pool.map(compute, wins), strict=True):
+                for win, (image, dense, labels, polys) in zip(wins, results, strict=True):
                     wy, wx, h, w = win
                     tile.write(image, window=Window(wx - tx, wy - ty, w, h))
                     truth.write(dense, 1, window=Window(wx, wy, w, h))
@@ -166,7 +188,7 @@ def synthesize(
                     all_polys.extend(polys)
                     done += 1
                     if progress:
-                        progress(done, len(jobs))
+                        progress(done, total)
     vrt = root / "image.vrt"
     vrt.write_text(mosaic_vrt_xml(tile_paths, relative_to=root))
     vector = root / "labels_sparse.gpkg"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import dask
 import numpy as np
@@ -24,7 +24,7 @@ __all__ = ["BlockReader", "Candidates", "ChipSampler", "find_candidates", "split
 class _Sliceable(Protocol):
     shape: tuple[int, ...]
 
-    def __getitem__(self, key: object) -> np.ndarray: ...
+    def __getitem__(self, key: Any) -> Any: ...
 
 
 class BlockReader:
