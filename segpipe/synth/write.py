@@ -163,6 +163,9 @@ def synthesize(
     labelled = 0
     dense_prof = _profile(size, size, 1, "uint8", 0)
     with (
+        # GDAL's block cache (5 % of RAM by default) would hold dirty blocks of every
+        # output; a small cache keeps memory flat however big the scene.
+        rasterio.Env(GDAL_CACHEMAX=64),
         rasterio.open(root / "truth.tif", "w", **{**dense_prof, "transform": transform}) as truth,
         rasterio.open(root / "labels_sparse.tif", "w", **{**dense_prof, "transform": transform}) as sparse,
         ThreadPoolExecutor(max_workers=workers) as pool,
