@@ -18,6 +18,7 @@ class RegionRun(BaseModel):
     """One region to process.
 
     Attributes:
+        name: Name of the region in logs and batch results.
         images: GeoTIFFs, a VRT or a folder of GeoTIFFs.
         store: Region store (Zarr) to write.
         labels: Label raster or polygons for training (0 = unlabelled).
@@ -38,6 +39,7 @@ class RegionRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    name: str | None = None
     images: list[str] = Field(min_length=1)
     store: str
     labels: str | None = None

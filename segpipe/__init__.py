@@ -7,6 +7,7 @@ Importing segpipe never imports torch's CUDA runtime nor Prefect.
 from segpipe.errors import (
     ArchitectureError,
     BandMismatchError,
+    BatchError,
     InputError,
     LabelsError,
     MissingInputError,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchitectureError",
     "BandMismatchError",
+    "BatchError",
     "ClassInfo",
     "InputError",
     "LabelsError",

@@ -241,6 +241,56 @@ def demo(
     typer.echo(json.dumps({"miou": summary["miou"], "summary": str(out / "summary.json")}))
 
 
+def _local_prefect() -> None:
+    """Use Prefect's ephemeral engine, quietly, unless a Prefect API is configured."""
+    import os
+
+    if "PREFECT_API_URL" not in os.environ:
+        os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@app.command("run")
+def run_region(
+    region: Annotated[Path, typer.Argument(help="Region description (YAML: a process_region RegionRun).")],
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address for prediction.")] = None,
+) -> None:
+    """Process one region end to end with the process_region flow."""
+    _local_prefect()
+    from flows.manifest import read_region
+    from flows.process_region import process_region
+
+    run = read_region(region)
+    if scheduler:
+        run = run.model_copy(update={"scheduler": scheduler})
+    result = process_region(run)
+    typer.echo(json.dumps({"region": run.name or str(region), "miou": result["miou"]}))
+
+
+@app.command()
+def batch(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (YAML: regions and concurrency).")],
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address for every region.")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Regions at a time (overrides the manifest).")
+    ] = None,
+) -> None:
+    """Process every region of a manifest with the process_regions flow."""
+    _local_prefect()
+    from flows.manifest import read_manifest
+    from flows.process_regions import process_regions
+
+    plan = read_manifest(manifest)
+    if scheduler:
+        plan = plan.model_copy(
+            update={"regions": [r.model_copy(update={"scheduler": scheduler}) for r in plan.regions]}
+        )
+    if concurrency:
+        plan = plan.model_copy(update={"concurrency": concurrency})
+    result = process_regions(plan)
+    typer.echo(json.dumps({name: r["miou"] for name, r in result["regions"].items()}))
+
+
 def main() -> None:
     """Entry point: run the app, turning segpipe errors into one-line messages and exit code 2."""
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArchitectureError",
+    "BatchError",
     "BandMismatchError",
     "InputError",
     "LabelsError",
@@ -61,3 +62,7 @@ class StoreError(InputError):
 
 class TransientError(SegpipeError):
     """A failure that may succeed when retried (storage hiccup, lost worker)."""
+
+
+class BatchError(SegpipeError):
+    """One or more regions of a batch failed; the others ran to the end."""

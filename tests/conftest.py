@@ -1,4 +1,4 @@
-"""Shared test configuration: GPU tests skip where CUDA is absent."""
+"""Shared test configuration: GPU tests skip where CUDA is absent; a throwaway Prefect engine."""
 
 from __future__ import annotations
 
@@ -18,3 +18,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory):
+    """A throwaway local Prefect engine, stopped before pytest closes its output streams."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
+    mp.delenv("PREFECT_API_URL", raising=False)
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness():
+        yield
+    mp.undo()

@@ -8,20 +8,6 @@ import rasterio
 from rio_cogeo.cogeo import cog_validate
 
 
-@pytest.fixture(scope="module")
-def prefect_home(tmp_path_factory):
-    """A throwaway local Prefect engine, stopped before pytest closes its output streams."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
-    mp.delenv("PREFECT_API_URL", raising=False)
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness():
-        yield
-    mp.undo()
-
-
 def test_process_region_runs_every_stage(tmp_path, prefect_home):
     from flows.process_region import RegionRun, process_region
     from segpipe.synth import synthesize

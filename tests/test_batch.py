@@ -1,0 +1,146 @@
+"""Batches of regions from a manifest, and regions run against a separately started Dask cluster."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segpipe.errors import BatchError, InputError, MissingInputError
+
+TRAIN = {"epochs": 1, "samples_per_epoch": 16, "chip_size": 64, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def regions(tmp_path_factory):
+    from segpipe.synth import synthesize
+
+    root = tmp_path_factory.mktemp("regions")
+    for seed in (1, 2):
+        synthesize(root / f"r{seed}", size=256, tiles=2, seed=seed)
+    return root
+
+
+def region_entry(name, folder):
+    return {
+        "name": name,
+        "images": [f"{folder}/image.vrt"],
+        "labels": f"{folder}/labels_sparse.tif",
+        "classes": f"{folder}/classes.json",
+        "store": f"out/{name}.zarr",
+        "block_size": 256,
+        "model": f"out/{name}-model",
+        "train": TRAIN,
+        "exports": ["classes"],
+        "export_dir": f"out/{name}-cog",
+    }
+
+
+def test_manifest_paths_are_relative_to_the_file(regions):
+    from flows.manifest import read_manifest
+
+    path = regions / "batch.yaml"
+    path.write_text(yaml.safe_dump({"concurrency": 3, "regions": [region_entry("a", "r1")]}))
+    manifest = read_manifest(path)
+    assert manifest.concurrency == 3
+    run = manifest.regions[0]
+    assert run.images == [str(regions / "r1" / "image.vrt")]
+    assert run.store == str(regions / "out" / "a.zarr")
+    assert run.train.epochs == 1
+
+
+def test_manifest_errors_name_the_setting(tmp_path):
+    from flows.manifest import read_manifest
+
+    with pytest.raises(MissingInputError):
+        read_manifest(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"regions": [{**region_entry("a", "r1"), "epochs": 3}]}))
+    with pytest.raises(InputError, match="epochs"):
+        read_manifest(bad)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump({"regions": [region_entry("a", "r1"), region_entry("a", "r2")]}))
+    with pytest.raises(InputError, match="same store"):
+        read_manifest(twice)
+
+
+def test_batch_runs_every_region_and_fails_naming_the_broken_one(regions, prefect_home):
+    from flows.manifest import read_manifest
+    from flows.process_regions import process_regions
+
+    broken = {**region_entry("broken", "missing"), "images": ["missing/image.vrt"]}
+    path = regions / "batch2.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"concurrency": 2, "regions": [region_entry("one", "r1"), broken, region_entry("two", "r2")]}
+        )
+    )
+    with pytest.raises(BatchError, match="broken") as info:
+        process_regions(read_manifest(path))
+    assert "1 of 3" in str(info.value)
+    for name in ("one", "two"):
+        assert (regions / "out" / f"{name}-cog" / "classes.tif").is_file()
+        assert (regions / "out" / f"{name}-model" / "model.json").is_file()
+    assert not (regions / "out" / "broken.zarr").exists()
+
+
+def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, prefect_home):
+    """The deploy guide's commands: `dask scheduler` and `dask worker` as separate processes."""
+    from flows.manifest import read_region
+    from flows.process_region import process_region
+
+    dask = str(Path(sys.executable).parent / "dask")
+    sched_file = tmp_path / "scheduler.json"
+    procs = [
+        subprocess.Popen(
+            [
+                dask,
+                "scheduler",
+                "--scheduler-file",
+                str(sched_file),
+                "--port",
+                "0",
+                "--dashboard-address",
+                ":0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        procs.append(
+            subprocess.Popen(
+                [dask, "worker", "--scheduler-file", str(sched_file), "--nworkers", "2", "--nthreads", "1"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        address = json.loads(sched_file.read_text())["address"]
+        from distributed import Client
+
+        with Client(address) as client:
+            client.wait_for_workers(2, timeout=60)
+        entry = {
+            **region_entry("remote", str(regions / "r1")),
+            "store": str(tmp_path / "remote.zarr"),
+            "model": str(tmp_path / "model"),
+            "export_dir": str(tmp_path / "cog"),
+            "scheduler": address,
+        }
+        path = tmp_path / "region.yaml"
+        path.write_text(yaml.safe_dump(entry))
+        result = process_region(read_region(path))
+        predict = next(s for s in result["stages"] if s["stage"] == "predict")
+        assert predict["blocks"] == 1
+        assert (tmp_path / "cog" / "classes.tif").is_file()
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
