@@ -46,11 +46,15 @@ def ingest_stage(
     classes: str | None,
     block_size: int,
 ) -> dict[str, Any]:
-    """Build the region store."""
+    """Build the region store, unless it was already built from the same inputs."""
+    from segpipe.fingerprint import ingest_fingerprint, store_inputs
     from segpipe.ingest import ingest
 
     log = get_run_logger()
     started = time.perf_counter()
+    if store_inputs(store) == ingest_fingerprint(images, labels, label_field, classes, block_size):
+        log.info("ingest: %s is up to date with its inputs; skipped", store)
+        return _record("ingest", started, 0, output=store, skipped=True)
     info = ingest(
         images,
         store,
@@ -66,12 +70,23 @@ def ingest_stage(
 
 @task(name="train", retries=1, retry_condition_fn=_retry_transient)
 def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
-    """Train a model package from the store's labels."""
+    """Train a model package from the store's labels, unless one exists for the same store and settings."""
+    from segpipe.errors import ModelPackageError
+    from segpipe.fingerprint import store_inputs
     from segpipe.io.store import read_region_info
+    from segpipe.models import read_spec
     from segpipe.train import train
 
     log = get_run_logger()
     started = time.perf_counter()
+    try:
+        done = read_spec(model).training
+    except ModelPackageError:
+        done = {}
+    current = store_inputs(store)
+    if current and done.get("store_inputs") == current and done.get("config") == config.model_dump():
+        log.info("train: %s was trained on this store with these settings; skipped", model)
+        return _record("train", started, 0, output=model, skipped=True)
 
     def report(p: TrainProgress) -> None:
         if p.record is not None:
@@ -119,6 +134,12 @@ def predict_stage(
                 log.info("predict: %d/%d blocks", done, total)
 
         summary = predict(store, model, tile_size=tile_size, overlap=overlap, client=client, progress=report)
+    if summary.blocks_skipped:
+        log.info(
+            "predict: %d of %d blocks were already finished; skipped",
+            summary.blocks_skipped,
+            summary.blocks_total,
+        )
     return _record(
         "predict",
         started,

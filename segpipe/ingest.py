@@ -21,6 +21,7 @@ import xarray as xr
 import zarr
 
 from segpipe.errors import InputError, LabelsError, StoreError
+from segpipe.fingerprint import ingest_fingerprint
 from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
 from segpipe.io.mosaic import open_mosaic
 from segpipe.io.store import (
@@ -202,6 +203,14 @@ def ingest(
             "schema": STORE_SCHEMA,
             "block_size": block_size,
             "classes": [],
+            # Lets a rerun of a batch recognise a store built from the same inputs.
+            "inputs": ingest_fingerprint(
+                [str(i) for i in ([images] if isinstance(images, str | Path) else images)],
+                labels,
+                label_field,
+                classes if isinstance(classes, str | Path) else None,
+                block_size,
+            ),
         }
         found = given or []
         if src is not None:

@@ -56,6 +56,17 @@ def test_process_region_runs_every_stage(tmp_path, prefect_home):
     assert metrics["miou"] == pytest.approx(result["miou"])
     assert (tmp_path / "report" / "confusion_matrix.png").stat().st_size > 0
 
+    # A rerun with the same inputs and settings skips every finished stage and block.
+    weights = (tmp_path / "model" / "weights.safetensors").stat().st_mtime_ns
+    again = {s["stage"]: s for s in process_region(run)["stages"]}
+    assert again["ingest"].get("skipped") and again["train"].get("skipped")
+    assert again["predict"]["blocks_skipped"] == again["predict"]["blocks"]
+    assert (tmp_path / "model" / "weights.safetensors").stat().st_mtime_ns == weights
+    # Changed labels are new inputs: the store is rebuilt and the model retrained.
+    region.labels_vector.touch()
+    third = {s["stage"]: s for s in process_region(run)["stages"]}
+    assert not third["ingest"].get("skipped") and not third["train"].get("skipped")
+
 
 def test_a_failing_stage_fails_the_flow(tmp_path, prefect_home):
     from flows.process_region import RegionRun, process_region

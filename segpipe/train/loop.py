@@ -14,6 +14,7 @@ import numpy as np
 
 from segpipe import metrics
 from segpipe.errors import LabelsError, StoreError
+from segpipe.fingerprint import store_inputs
 from segpipe.io.store import open_layer, open_region, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, save_model
 from segpipe.train.config import TrainConfig
@@ -228,6 +229,7 @@ def train(
             "epoch": epoch,
             "train_loss": running,
             "seconds": time.perf_counter() - started,
+            "store_inputs": store_inputs(store),
         }
         if valid_windows:
             v_loss, cm = _evaluate(net, valid_s, valid_windows, spec, device, cfg.batch_size)
@@ -257,6 +259,7 @@ def train(
             "train_pixels_sampled": int(train_c.y.size),
             "valid_pixels_sampled": int(valid_c.y.size),
             "seconds": time.perf_counter() - started,
+            "store_inputs": store_inputs(store),
             "device": device.type,
         },
     )
