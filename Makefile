@@ -20,12 +20,12 @@ demo: $(STAMP)
 	$(BIN)/segpipe demo --out demo-out
 
 test: $(STAMP)
-	$(BIN)/ruff check segpipe flows tests benchmarks
+	$(BIN)/ruff check segpipe flows tests benchmarks deploy
 	$(BIN)/mypy segpipe flows
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check segpipe flows tests benchmarks
+	$(BIN)/ruff check segpipe flows tests benchmarks deploy
 	$(BIN)/mypy segpipe flows
 
 clean:
