@@ -1,7 +1,7 @@
 """``process_region``: ingest -> train -> predict -> export -> evaluate for one region."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds its parameter model from the
+# evaluated annotations, and string annotations fail to resolve in served deployments.
 from pathlib import Path
 from typing import Any, Literal
 

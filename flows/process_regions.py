@@ -5,8 +5,8 @@ regions proceed independently: one region's failure does not stop the others, an
 batch fails at the end, naming every failed region.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds its parameter model from the
+# evaluated annotations, and string annotations fail to resolve in served deployments.
 import threading
 from typing import Any
 

@@ -4,8 +4,8 @@ Each flow is a thin wrapper around the stage's task in :mod:`flows.tasks`, which
 itself one call into segpipe; ``process_region`` chains the same tasks.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds its parameter model from the
+# evaluated annotations, and string annotations fail to resolve in served deployments.
 from typing import Any
 
 from prefect import flow
