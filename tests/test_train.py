@@ -122,3 +122,52 @@ def test_training_learns_the_labels(store, tmp_path):
                 valid_fraction=0.99, valid_cell=1024, **{k: v for k, v in TINY.items() if k != "valid_cell"}
             ),
         )
+
+
+def test_losses_ignore_unlabelled_pixels_and_focal_reduces_to_ce():
+    import torch
+
+    from segpipe.train.losses import balanced_class_weights, make_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[:, :4] = 255
+    ce = make_loss("ce")(logits, target)
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+    assert torch.allclose(ce, expected)
+    assert torch.allclose(make_loss("focal", focal_gamma=0.0)(logits, target), expected)
+    assert make_loss("focal", focal_gamma=2.0)(logits, target) < ce  # easy pixels count less
+    weights = balanced_class_weights(np.array([100, 400, 25]))
+    assert np.allclose(weights, [1.0, 0.25, 4.0])
+    weighted = make_loss("focal", class_weights=weights, focal_gamma=0.0)(logits, target)
+    assert torch.allclose(weighted, make_loss("ce", class_weights=weights)(logits, target))
+    changed = logits.clone()
+    changed[:, :, :4] = 100.0  # unlabelled pixels may hold anything
+    assert torch.allclose(
+        make_loss("ce", dice_weight=0.5)(changed, target), make_loss("ce", dice_weight=0.5)(logits, target)
+    )
+    perfect = torch.nn.functional.one_hot(torch.where(target == 255, 0, target), 3).permute(0, 3, 1, 2) * 50.0
+    assert make_loss("ce", dice_weight=1.0)(perfect.float(), target) < 1e-3
+
+
+def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch):
+    import segpipe.train.loop as loop
+
+    losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])  # best at epoch 2, then worse
+
+    def fake_evaluate(net, sampler, windows, spec, device, batch_size):
+        k = len(spec.classes)
+        return next(losses), np.eye(k, k + 1, dtype=np.int64)
+
+    monkeypatch.setattr(loop, "_evaluate", fake_evaluate)
+    spec = train(
+        store,
+        tmp_path / "m",
+        TrainConfig(**{**TINY, "epochs": 6}, patience=2, monitor="valid_loss", class_balancing=True),
+    )
+    history = spec.training["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert history[-1]["early_stop"] and "early_stop" not in history[2]
+    weights = spec.training["class_weights"]
+    assert len(weights) == len(spec.classes) and min(weights) > 0

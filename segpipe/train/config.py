@@ -26,6 +26,12 @@ class TrainConfig(BaseModel):
         seed: Seed of sampling, augmentation and initialisation.
         device: ``auto`` (GPU when present), ``cpu`` or ``cuda``.
         threads: Torch CPU threads (0 = all cores).
+        loss: ``ce`` (cross-entropy) or ``focal``; class 0 is always ignored.
+        focal_gamma: Focusing exponent of the focal loss.
+        dice_weight: Fraction of soft-Dice loss mixed in (0-1).
+        class_balancing: Weight classes by median frequency of their labelled pixels.
+        patience: Stop after this many epochs without improvement (None = never).
+        monitor: What "improvement" and the kept checkpoint refer to.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -43,3 +49,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default=0, ge=0)
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = Field(default=2.0, ge=0)
+    dice_weight: float = Field(default=0.0, ge=0, le=1)
+    class_balancing: bool = False
+    patience: int | None = Field(default=None, ge=1)
+    monitor: Literal["valid_miou", "valid_loss"] = "valid_miou"

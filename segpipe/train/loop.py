@@ -18,6 +18,7 @@ from segpipe.fingerprint import store_inputs
 from segpipe.io.store import open_layer, open_region, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, save_model
 from segpipe.train.config import TrainConfig
+from segpipe.train.losses import balanced_class_weights, make_loss
 from segpipe.train.sampling import ChipSampler, find_candidates, split_cells
 from segpipe.train.stats import band_statistics
 from segpipe.types import ClassInfo, default_colour
@@ -203,8 +204,15 @@ def train(
         opt, max_lr=cfg.lr, total_steps=steps * cfg.epochs, pct_start=0.2
     )
     use_amp = device.type == "cuda"
+    weights = None
+    if cfg.class_balancing and cand.counts is not None:
+        weights = balanced_class_weights(cand.counts[present])
+    loss_fn = make_loss(cfg.loss, IGNORE, weights, cfg.focal_gamma, cfg.dice_weight)
+    # Checkpoints are compared on a "higher is better" score.
+    sign = 1.0 if cfg.monitor == "valid_miou" else -1.0
     history: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Any], np.ndarray] | None = None
+    stale = 0
     started = time.perf_counter()
     net.train()
     for epoch in range(1, cfg.epochs + 1):
@@ -217,7 +225,7 @@ def train(
             yt = torch.from_numpy(y.astype(np.int64)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = net(xt)
-            loss = torch.nn.functional.cross_entropy(logits.float(), yt, ignore_index=IGNORE)
+            loss = loss_fn(logits, yt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -229,7 +237,6 @@ def train(
             "epoch": epoch,
             "train_loss": running,
             "seconds": time.perf_counter() - started,
-            "store_inputs": store_inputs(store),
         }
         if valid_windows:
             v_loss, cm = _evaluate(net, valid_s, valid_windows, spec, device, cfg.batch_size)
@@ -237,11 +244,17 @@ def train(
             record.update(
                 valid_loss=v_loss, valid_miou=score["miou"], valid_accuracy=score["overall_accuracy"]
             )
-            if best is None or score["miou"] > best[0]:
-                best = (score["miou"], copy.deepcopy(net.state_dict()), cm)
+            value = sign * record[cfg.monitor]
+            if best is None or value > best[0]:
+                best, stale = (value, copy.deepcopy(net.state_dict()), cm), 0
+            else:
+                stale += 1
         history.append(record)
         if progress:
             progress(TrainProgress(epoch, cfg.epochs, steps, steps, running, record))
+        if cfg.patience is not None and stale >= cfg.patience:
+            record["early_stop"] = True
+            break
 
     if best is not None:
         net.load_state_dict(best[1])
@@ -255,6 +268,7 @@ def train(
         metrics=final_metrics,
         training={
             "config": cfg.model_dump(),
+            "class_weights": None if weights is None else [float(w) for w in weights],
             "history": metrics.json_ready(history),
             "train_pixels_sampled": int(train_c.y.size),
             "valid_pixels_sampled": int(valid_c.y.size),

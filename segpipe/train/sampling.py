@@ -76,26 +76,30 @@ class Candidates:
         y: Rows.
         x: Columns.
         value: Label value at (y, x).
+        counts: Labelled pixels of each value 0-255 in the whole labels (all pixels,
+            not only the sampled positions), when known.
     """
 
     y: np.ndarray
     x: np.ndarray
     value: np.ndarray
+    counts: np.ndarray | None = None
 
     def subset(self, keep: np.ndarray) -> Candidates:
         """The candidates where ``keep`` is True."""
-        return Candidates(self.y[keep], self.x[keep], self.value[keep])
+        return Candidates(self.y[keep], self.x[keep], self.value[keep], self.counts)
 
 
 def _block_candidates(
     labels: _Sliceable, y0: int, x0: int, h: int, w: int, limit: int, seed: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     block = np.asarray(labels[y0 : y0 + h, x0 : x0 + w])
+    counts = np.bincount(block.ravel(), minlength=256)
     ys, xs = np.nonzero(block)
     if ys.size > limit:
         pick = np.random.default_rng([seed, y0, x0]).choice(ys.size, limit, replace=False)
         ys, xs = ys[pick], xs[pick]
-    return np.stack([ys + y0, xs + x0, block[ys, xs]]).astype(np.int64)
+    return np.stack([ys + y0, xs + x0, block[ys, xs]]).astype(np.int64), counts
 
 
 def find_candidates(labels: _Sliceable, block: int, max_per_block: int = 4096, seed: int = 0) -> Candidates:
@@ -113,10 +117,11 @@ def find_candidates(labels: _Sliceable, block: int, max_per_block: int = 4096, s
         for x0 in range(0, width, block)
     ]
     parts = dask.compute(*tasks, scheduler="threads")
-    found = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
+    found = np.concatenate([p for p, _ in parts], axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
+    counts = np.sum([c for _, c in parts], axis=0) if parts else np.zeros(256, dtype=np.int64)
     if found.shape[1] == 0:
         raise LabelsError("the store's labels hold no labelled pixel (all 0): nothing to train on")
-    return Candidates(found[0], found[1], found[2])
+    return Candidates(found[0], found[1], found[2], counts)
 
 
 def split_cells(cand: Candidates, cell: int, fraction: float, seed: int) -> np.ndarray:
