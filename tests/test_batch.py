@@ -111,9 +111,15 @@ def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, pre
         )
     ]
     try:
+        address = None
         deadline = time.time() + 60
-        while not sched_file.exists() and time.time() < deadline:
-            time.sleep(0.2)
+        while address is None:  # the scheduler writes the file in several steps
+            try:
+                address = json.loads(sched_file.read_text())["address"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
         procs.append(
             subprocess.Popen(
                 [dask, "worker", "--scheduler-file", str(sched_file), "--nworkers", "2", "--nthreads", "1"],
@@ -121,7 +127,6 @@ def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, pre
                 stderr=subprocess.DEVNULL,
             )
         )
-        address = json.loads(sched_file.read_text())["address"]
         from distributed import Client
 
         with Client(address) as client:
