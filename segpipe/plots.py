@@ -142,12 +142,28 @@ def _stretch(rgb: np.ndarray) -> np.ndarray:
     return np.nan_to_num(out)
 
 
+_AGREE = (0.72, 0.72, 0.72, 1.0)
+_DISAGREE = (1.0, 0.0, 1.0, 1.0)  # magenta: no class palette colour (default_colour) is close
+
+
+def _disagreement(prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """RGBA: grey where the classes agree, magenta where not, transparent where not evaluated."""
+    pred, ref = np.asarray(prediction), np.asarray(reference)
+    evaluated = (ref >= 1) & (ref <= 254) & (pred != 255)
+    img = np.zeros((*pred.shape, 4))
+    img[evaluated & (pred == ref)] = _AGREE
+    img[evaluated & (pred != ref)] = _DISAGREE
+    return img
+
+
 def plot_preview(
     rgb: np.ndarray | None,
     prediction: np.ndarray,
     reference: np.ndarray | None,
     classes: Sequence[ClassInfo],
     path: str | Path,
+    disagreement: bool = False,
+    title: str = "",
 ) -> Path:
     """Draw image, prediction and reference side by side in class colours, with a legend.
 
@@ -157,6 +173,9 @@ def plot_preview(
         reference: Optional (H, W) reference raster, same convention.
         classes: Classes giving colours and legend names.
         path: PNG file to write.
+        disagreement: Add a panel where prediction and reference agree (grey) or not
+            (magenta), on pixels where the reference is labelled and the prediction has data.
+        title: Figure title.
 
     Returns:
         The written path.
@@ -173,14 +192,23 @@ def plot_preview(
     panels.append(("prediction", coloured(prediction)))
     if reference is not None:
         panels.append(("reference", coloured(reference)))
+        if disagreement:
+            panels.append(("disagreement", _disagreement(prediction, reference)))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 4.6), squeeze=False)
     try:
-        for ax, (title, img) in zip(axes[0], panels, strict=True):
+        for ax, (name, img) in zip(axes[0], panels, strict=True):
             ax.imshow(img, interpolation="nearest")
-            ax.set_title(title)
+            ax.set_title(name)
             ax.set_xticks([])
             ax.set_yticks([])
         handles = [Patch(facecolor=c.colour, edgecolor="black", label=f"{c.value} {c.name}") for c in classes]
+        if disagreement and reference is not None:
+            handles += [
+                Patch(facecolor=_AGREE[:3], edgecolor="black", label="agree"),
+                Patch(facecolor=_DISAGREE[:3], edgecolor="black", label="disagree"),
+            ]
+        if title:
+            fig.suptitle(title)
         if handles:
             fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
             fig.tight_layout(rect=(0.0, 0.0, 0.82, 1.0))

@@ -137,7 +137,8 @@ def test_classes_cog_is_valid_and_keeps_everything(region: tuple[Path, np.ndarra
     # coarser overviews hold class ids or nodata only, never an average such as 2 from {1, 3}
     with rasterio.open(out, overview_level=len(factors) - 1) as ovr:
         assert set(np.unique(ovr.read(1)).tolist()) <= {1, 3, 7, 255}
-    assert [p.name for p in out.parent.iterdir()] == ["classes.tif"]  # no temporaries left
+    # no temporaries left; the STAC Item beside the COG
+    assert sorted(p.name for p in out.parent.iterdir()) == ["classes.stac.json", "classes.tif"]
 
 
 def test_confidence_cog_uses_average_overviews(region: tuple[Path, np.ndarray], tmp_path: Path) -> None:
@@ -165,7 +166,7 @@ def test_missing_layer_and_bad_arguments(tmp_path: Path) -> None:
         write_cog(tmp_path / "nope.zarr", tmp_path / "x.tif")
     fill_layer(store, "classes", np.ones((64, 64), np.uint8))
     with pytest.raises(InputError, match="cannot export"):
-        write_cog(store, tmp_path / "x.tif", layer="image")
+        write_cog(store, tmp_path / "x.tif", layer="labels")
     (tmp_path / "x.tif").write_bytes(b"old")
     with pytest.raises(InputError, match="overwrite"):
         write_cog(store, tmp_path / "x.tif", overwrite=False)
@@ -230,3 +231,117 @@ def test_exception_mid_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.
         write_cog(store, out)
     assert out.read_bytes() == old
     assert [p.name for p in out.parent.iterdir()] == ["classes.tif"]
+
+
+def test_probabilities_layer_exports_one_band_per_class(tmp_path: Path) -> None:
+    store = tmp_path / "p.zarr"
+    make_store(store, 700, 600)
+    rng = np.random.default_rng(2)
+    probs = rng.integers(0, 101, size=(3, 700, 600), dtype=np.uint8)
+    probs[:, :50, :60] = 255
+    array = create_layer(store, "probabilities", "uint8", 255, leading=(("class", 3),))
+    for y0 in range(0, 700, 512):
+        for x0 in range(0, 600, 512):
+            write_block(array, y0, x0, probs[:, y0 : y0 + 512, x0 : x0 + 512], 512)
+    out = write_cog(store, tmp_path / "probabilities.tif", layer="probabilities", compress="zstd")
+    assert cog_validate(out, quiet=True)[0]
+    with rasterio.open(out) as src:
+        assert (src.count, src.dtypes, src.nodata) == (3, ("uint8",) * 3, 255)
+        assert src.descriptions == ("forest", "water", "urban")
+        assert [src.tags(b)["CLASS_VALUE"] for b in (1, 2, 3)] == ["1", "3", "7"]
+        assert src.compression.name.upper() == "ZSTD"
+        np.testing.assert_array_equal(src.read(), probs)
+        assert src.overviews(1) == [2]
+        half = src.read(out_shape=(3, 350, 300))
+    # AVERAGE overviews: each overview pixel is the rounded mean of its valid 2 x 2 cell
+    cells = probs[1].reshape(350, 2, 300, 2).astype(float)
+    valid = half[1] != 255
+    mean = cells.mean(axis=(1, 3))
+    assert np.abs(half[1][valid] - mean[valid]).max() <= 1.0
+    item = json.loads((tmp_path / "probabilities.stac.json").read_text())
+    assert [b["name"] for b in item["assets"]["data"]["bands"]] == ["forest", "water", "urban"]
+    assert "classification:classes" not in item["assets"]["data"]
+
+
+def test_image_layer_keeps_dtype_nodata_and_band_names(tmp_path: Path) -> None:
+    store = tmp_path / "img.zarr"
+    h, w = 600, 520
+    image = np.random.default_rng(4).integers(1, 4000, size=(2, h, w), dtype=np.uint16)
+    image[:, :40, :40] = 0
+    ys = TRANSFORM.f + TRANSFORM.e * (np.arange(h) + 0.5)
+    xs = TRANSFORM.c + TRANSFORM.a * (np.arange(w) + 0.5)
+    da = xr.DataArray(
+        image,
+        dims=("band", "y", "x"),
+        coords={"band": [1, 2], "y": ys, "x": xs},
+        name="image",
+        attrs={"long_name": ["red", "nir"]},
+    )
+    da = da.rio.write_crs("EPSG:32617").rio.write_transform(TRANSFORM)
+    enc = {"image": {"chunks": (2, 256, 256), "shards": (2, 512, 512), "_FillValue": 0}}
+    da.to_dataset().to_zarr(store, mode="w", zarr_format=3, consolidated=False, encoding=enc)
+    zarr.open_group(str(store), mode="r+").attrs["segpipe"] = {"schema": 1, "block_size": 512, "classes": []}
+    out = write_cog(store, tmp_path / "image.tif", layer="image")
+    assert cog_validate(out, quiet=True)[0]
+    with rasterio.open(out) as src:
+        assert (src.count, src.dtypes[0], src.nodata) == (2, "uint16", 0)
+        assert src.descriptions == ("red", "nir")
+        assert src.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == "2"
+        np.testing.assert_array_equal(src.read(), image)
+        assert src.crs == CRS.from_epsg(32617)
+    item = json.loads((tmp_path / "image.stac.json").read_text())
+    assert item["assets"]["data"]["bands"][0] == {
+        "name": "red",
+        "description": "red",
+        "data_type": "uint16",
+        "nodata": 0,
+    }
+    assert item["assets"]["data"]["roles"] == ["data", "visual"]
+
+
+_KILL_SCRIPT = """
+import sys, time
+import segpipe.cog as cog
+stage = sys.argv[3]
+if stage == "stream":
+    real = cog.write_geotiff_layer
+    cog.write_geotiff_layer = lambda *a, **k: real(*a, **{**k, "on_window": lambda y, x: time.sleep(0.5)})
+else:
+    cog._check_survived = lambda *a, **k: time.sleep(60)  # the converted COG sits in its temporary
+cog.write_cog(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("stage", ["stream", "convert"])
+def test_export_killed_midway_leaves_no_file_and_keeps_the_old_one(
+    region: tuple[Path, np.ndarray], tmp_path: Path, stage: str
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store, expected = region
+    for dest in (tmp_path / "new" / "classes.tif", tmp_path / "old" / "classes.tif"):
+        dest.parent.mkdir()
+        old = _old_file(dest) if dest.parent.name == "old" else None
+        proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store), str(dest), stage])
+        suffix = ".stream.tif" if stage == "stream" else ".cog.tif"
+        deadline = time.monotonic() + 60
+        while not any(p.name.endswith(suffix) for p in dest.parent.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, "export ended before it was killed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if old is None:
+            assert not dest.exists()
+        else:
+            assert dest.read_bytes() == old
+        assert not (dest.parent / "classes.stac.json").exists()
+        leftovers = [p for p in dest.parent.iterdir() if p.name.startswith(".classes.tif.")]
+        assert leftovers  # a SIGKILL runs no cleanup: only hidden temporaries remain...
+        write_cog(store, dest)  # ...and the next export to the same destination removes them
+        assert sorted(p.name for p in dest.parent.iterdir()) == ["classes.stac.json", "classes.tif"]
+        with rasterio.open(dest) as src:
+            np.testing.assert_array_equal(src.read(1), expected)

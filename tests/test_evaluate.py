@@ -19,7 +19,7 @@ from rasterio.warp import transform as transform_points
 from rasterio.warp import transform_bounds
 
 from segpipe.cog import write_cog
-from segpipe.errors import LabelsError, MissingInputError
+from segpipe.errors import InputError, LabelsError, MissingInputError
 from segpipe.evaluate import EVAL_WINDOW, evaluate
 from segpipe.io.labels import labels_window, open_labels
 from segpipe.io.store import create_layer, read_region_info, write_block
@@ -271,7 +271,7 @@ def test_preview_shows_the_image_of_an_rgb_store(tmp_path: Path) -> None:
     fill_classes(store, pred)
     evaluate(store, labels, tmp_path / "out")
     two_panels = matplotlib.image.imread(tmp_path / "out" / "preview.png")
-    assert three_panels.shape[1] > two_panels.shape[1] * 1.3
+    assert three_panels.shape[1] > two_panels.shape[1] * 1.15  # image, prediction, reference, disagreement
 
 
 def test_loss_curve_plot(tmp_path: Path) -> None:
@@ -292,3 +292,139 @@ def test_distributed_cluster_gives_the_same_metrics(scene: dict, tmp_path: Path)
     with cluster, Client(cluster):
         remote = evaluate(scene["store"], scene["gpkg"], tmp_path / "remote", preview=False, window=512)
     assert remote == local
+
+
+def read_points(path: Path) -> np.ndarray:
+    return np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+
+
+@pytest.mark.parametrize("sampling", ["stratified", "equalized", "random"])
+def test_points_confusion_equals_numpy_on_the_same_points(scene: dict, tmp_path: Path, sampling: str) -> None:
+    out = tmp_path / sampling
+    metrics = evaluate(
+        scene["store"], scene["ref_tif"], out, points=3000, sampling=sampling, seed=7, window=512
+    )
+    ref = reference_on_grid(scene["ref_tif"], window=512)
+    pred = scene["pred"]
+    pts = read_points(out / "points.csv")
+    rows, cols = pts[:, 0].astype(int), pts[:, 1].astype(int)
+    assert len(pts) == 3000 == metrics["assessment"]["points"]
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == 3000  # without replacement
+    np.testing.assert_array_equal(pts[:, 4], ref[rows, cols])  # the values at the coordinates
+    np.testing.assert_array_equal(pts[:, 5], pred[rows, cols])
+    assert ((ref[rows, cols] != 0) & (pred[rows, cols] != 255)).all()  # only evaluable pixels
+    xs, ys = (TRANSFORM * Affine.translation(0.5, 0.5)) * (cols + 0.0, rows + 0.0)
+    np.testing.assert_allclose(pts[:, 2], xs) and np.testing.assert_allclose(pts[:, 3], ys)
+    values = [1, 3, 5, 7]
+    cm, other = direct_metrics(pred[rows, cols], ref[rows, cols], values)
+    assert metrics["confusion_matrix"] == cm.tolist() and metrics["other_predictions"] == other
+    assert metrics["pixels"] == 3000
+    assert metrics["overall_accuracy"] == np.count_nonzero(pred[rows, cols] == ref[rows, cols]) / 3000
+    per = {s["value"]: s["points"] for s in metrics["assessment"]["per_stratum"]}
+    evaluable = (ref != 0) & (pred != 255)
+    strata = {v: int(np.count_nonzero(evaluable & (pred == v))) for v in (1, 2, 3, 7)}
+    drawn = {v: int(np.count_nonzero(pred[rows, cols] == v)) for v in (1, 2, 3, 7)}
+    if sampling == "random":
+        assert per == {None: 3000}
+    else:
+        assert per == drawn
+    if sampling == "stratified":
+        total = sum(strata.values())
+        assert all(abs(drawn[v] - 3000 * strata[v] / total) < 1 for v in strata)
+    if sampling == "equalized":
+        assert drawn == {1: 750, 2: 750, 3: 750, 7: 750}
+        # the area-weighted estimate re-weights strata by their share of the evaluable pixels
+        acc = {v: np.mean(ref[rows, cols][pred[rows, cols] == v] == v) for v in strata}
+        weighted = sum(strata[v] / sum(strata.values()) * acc[v] for v in strata)
+        assert metrics["assessment"]["overall_accuracy_area_weighted"] == pytest.approx(weighted, rel=1e-12)
+    # deterministic given the seed, different with another seed
+    again = evaluate(
+        scene["store"],
+        scene["ref_tif"],
+        tmp_path / "again",
+        points=3000,
+        sampling=sampling,
+        seed=7,
+        window=512,
+        preview=False,
+    )
+    assert again == {**metrics, "prediction": again["prediction"]}
+    np.testing.assert_array_equal(read_points(tmp_path / "again" / "points.csv"), pts)
+    evaluate(
+        scene["store"],
+        scene["ref_tif"],
+        tmp_path / "other",
+        points=3000,
+        sampling=sampling,
+        seed=8,
+        window=512,
+        preview=False,
+    )
+    assert not np.array_equal(read_points(tmp_path / "other" / "points.csv"), pts)
+    report = (out / "report.md").read_text()
+    assert f"**3,000 points** (3,000 requested), **{sampling}** random sampling, seed 7" in report
+
+
+def test_points_on_a_distributed_cluster_are_the_same(scene: dict, tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    local = evaluate(scene["store"], scene["gpkg"], tmp_path / "l", points=500, seed=3, preview=False)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, Client(cluster):
+        remote = evaluate(scene["store"], scene["gpkg"], tmp_path / "r", points=500, seed=3, preview=False)
+    assert remote == local
+    assert (tmp_path / "l" / "points.csv").read_text() == (tmp_path / "r" / "points.csv").read_text()
+
+
+def test_bad_points_arguments(scene: dict, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="sampling"):
+        evaluate(scene["store"], scene["ref_tif"], tmp_path, points=10, sampling="systematic")
+    with pytest.raises(InputError, match="points"):
+        evaluate(scene["store"], scene["ref_tif"], tmp_path, points=0)
+    many = evaluate(scene["store"], scene["ref_tif"], tmp_path / "all", points=10_000_000, preview=False)
+    assert many["assessment"]["points"] == many["pixel_counts"]["evaluated"]  # capped: every evaluable pixel
+    assert (
+        many["confusion_matrix"]
+        == evaluate(scene["store"], scene["ref_tif"], tmp_path / "d")["confusion_matrix"]
+    )
+
+
+def test_preview_is_the_whole_region_decimated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.image
+
+    import segpipe.evaluate as ev
+    import segpipe.plots
+
+    store = tmp_path / "wide.zarr"
+    make_store(store, 300, 2100, block=256, bands=("Red", "Green", "Blue"))
+    pred = blocky(np.random.default_rng(1), (300, 2100), [1, 3], 40)
+    pred[:, :100] = 255
+    fill_classes(store, pred)
+    labels = tmp_path / "labels.tif"
+    ref = pred.copy()
+    ref[:, 1500:] = np.where(pred[:, 1500:] == 1, 3, 1)  # the east disagrees everywhere
+    ref[ref == 255] = 0
+    write_tif(labels, ref, UTM, TRANSFORM)
+    seen = {}
+    real = segpipe.plots.plot_preview
+
+    def spy(rgb, prediction, reference, classes, path, **kw):  # type: ignore[no-untyped-def]
+        seen.update(rgb=rgb, prediction=prediction, reference=reference, **kw)
+        return real(rgb, prediction, reference, classes, path, **kw)
+
+    monkeypatch.setattr(ev, "plot_preview", spy)
+    monkeypatch.setattr(ev, "preview_step", lambda h, w: 3)  # small region: force decimation
+    evaluate(store, labels, tmp_path / "out", window=512)
+    np.testing.assert_array_equal(seen["prediction"], pred[::3, ::3])  # whole region, decimated
+    np.testing.assert_array_equal(seen["reference"], ref[::3, ::3])
+    assert seen["rgb"].shape == (100, 700, 3) and seen["disagreement"] is True
+    png = matplotlib.image.imread(tmp_path / "out" / "preview.png")[..., :3]
+    magenta = np.all(np.abs(png - np.array([1.0, 0.0, 1.0])) < 0.03, axis=-1).sum()
+    assert magenta > 3000  # the disagreement panel shows the east in magenta
+    ref_same = np.where(pred == 255, 0, pred).astype(np.uint8)
+    write_tif(labels, ref_same, UTM, TRANSFORM)
+    evaluate(store, labels, tmp_path / "same", window=512)
+    png = matplotlib.image.imread(tmp_path / "same" / "preview.png")[..., :3]
+    assert np.all(np.abs(png - np.array([1.0, 0.0, 1.0])) < 0.03, axis=-1).sum() < 500  # legend swatch only
+    report = (tmp_path / "same" / "report.md").read_text()
+    assert "![confusion matrix](confusion_matrix.png)" in report and "![preview](preview.png)" in report
