@@ -111,6 +111,11 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    loss: Annotated[str, typer.Option(help="ce (cross-entropy) or focal.")] = "ce",
+    dice: Annotated[float, typer.Option(help="Fraction of soft-Dice loss mixed in (0-1).")] = 0.0,
+    class_balancing: Annotated[bool, typer.Option(help="Weight classes by label frequency.")] = False,
+    patience: Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")] = None,
+    monitor: Annotated[str, typer.Option(help="valid_miou or valid_loss.")] = "valid_miou",
 ) -> None:
     """Train a segmentation network on the store's labels (class 0 ignored)."""
     from segpipe.models import ARCHITECTURES
@@ -129,6 +134,11 @@ def train(
         lr=lr,
         seed=seed,
         device=device,
+        loss=loss,
+        dice_weight=dice,
+        class_balancing=class_balancing,
+        patience=patience,
+        monitor=monitor,
     )
     from segpipe.train import train as run
 
@@ -159,7 +169,9 @@ def _train_config(**kwargs: object):  # type: ignore[no-untyped-def]
         return TrainConfig(**kwargs)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from exc
+        field = str(first["loc"][0])
+        option = {"encoder": "backbone", "dice_weight": "dice"}.get(field, field).replace("_", "-")
+        raise InputError(f"--{option}: {first['msg']}") from exc
 
 
 @app.command()
@@ -171,6 +183,14 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:port).")] = None,
     force: Annotated[bool, typer.Option(help="Recompute finished blocks.")] = False,
+    blend: Annotated[
+        str, typer.Option(help="Blending of overlapping windows: cosine, gaussian, mean or crop.")
+    ] = "cosine",
+    tta: Annotated[bool, typer.Option(help="Average 8 flips/rotations per window (8x compute).")] = False,
+    probabilities: Annotated[
+        bool, typer.Option(help="Also write the per-class probabilities layer (class, y, x), uint8 %.")
+    ] = False,
+    task_size: Annotated[int, typer.Option(help="Largest task edge in pixels (whole blocks).")] = 2048,
 ) -> None:
     """Classify every pixel of the store, block by block on a Dask cluster, blending overlapping windows."""
     from segpipe.cluster import describe_cluster, get_client
@@ -189,10 +209,14 @@ def predict(
                 client=client,
                 force=force,
                 progress=lambda d, t: bar.update(task, completed=d, total=t),
+                blend=blend,
+                tta=tta,
+                probabilities=probabilities,
+                max_task_pixels=task_size * task_size,
             )
     console.print(
         f"predicted {summary.blocks_done} blocks ({summary.blocks_skipped} already done) "
-        f"in {summary.seconds:.1f} s"
+        f"in {summary.tasks} tasks, {summary.seconds:.1f} s"
     )
 
 
@@ -200,12 +224,14 @@ def predict(
 def export(
     store: Annotated[Path, typer.Argument(help="Region store.")],
     out: Annotated[Path, typer.Option(help="Cloud-Optimized GeoTIFF to write.")],
-    layer: Annotated[str, typer.Option(help="classes or confidence.")] = "classes",
+    layer: Annotated[str, typer.Option(help="classes, confidence, probabilities or image.")] = "classes",
+    compress: Annotated[str, typer.Option(help="DEFLATE or ZSTD (faster, smaller).")] = "DEFLATE",
+    stac: Annotated[bool, typer.Option(help="Write a STAC Item <name>.stac.json beside the COG.")] = True,
 ) -> None:
-    """Export a store layer as a validated Cloud-Optimized GeoTIFF."""
+    """Export a store layer as a validated Cloud-Optimized GeoTIFF (plus a STAC Item)."""
     from segpipe.cog import write_cog
 
-    path = write_cog(store, out, layer=layer)
+    path = write_cog(store, out, layer=layer, compress=compress, stac=stac)
     console.print(f"wrote {path}")
 
 
@@ -216,14 +242,26 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report folder.")],
     reference_field: Annotated[str | None, typer.Option(help="Class field of reference polygons.")] = None,
     layer: Annotated[str, typer.Option(help="Store layer to evaluate.")] = "classes",
+    points: Annotated[int | None, typer.Option(help="Evaluate on N random points, not every pixel.")] = None,
+    sampling: Annotated[str, typer.Option(help="Points: stratified, equalized or random.")] = "stratified",
+    seed: Annotated[int, typer.Option(help="Seed of the point draw.")] = 0,
 ) -> None:
-    """Compare a prediction with a reference: confusion matrix, accuracy, per-class scores, mIoU."""
+    """Compare a prediction with a reference: confusion matrix, accuracy, per-class scores, mIoU, report."""
     from segpipe.evaluate import evaluate as run
 
-    result = run(prediction, reference, out, reference_field=reference_field, layer=layer)
+    result = run(
+        prediction,
+        reference,
+        out,
+        reference_field=reference_field,
+        layer=layer,
+        points=points,
+        sampling=sampling,
+        seed=seed,
+    )
     console.print(
         f"overall accuracy {result['overall_accuracy']:.3f}, mIoU {result['miou']:.3f}; "
-        f"wrote {out / 'metrics.json'}"
+        f"wrote {out / 'metrics.json'} and {out / 'report.md'}"
     )
 
 

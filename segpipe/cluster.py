@@ -35,11 +35,20 @@ def gpu_present() -> bool:
     return shutil.which("nvidia-smi") is not None and importlib.util.find_spec("dask_cuda") is not None
 
 
+def _cores() -> int:
+    try:  # the affinity mask: what taskset or a cgroup leaves this process
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
 def _local_cuda_cluster() -> Any | None:
     try:
         from dask_cuda import LocalCUDACluster
 
-        return LocalCUDACluster(dashboard_address=":0", silence_logs=logging.WARNING)
+        # Workers advertise a GPU resource: prediction tasks ask for it, so in a cluster
+        # that mixes CPU and GPU workers they land on GPU workers only.
+        return LocalCUDACluster(dashboard_address=":0", silence_logs=logging.WARNING, resources={"GPU": 1})
     except Exception as exc:  # NVML errors without a driver, missing CUDA libraries
         log.warning("no GPU cluster (%s); falling back to a CPU cluster", exc)
         return None
@@ -57,8 +66,9 @@ def get_client(
     Args:
         scheduler: Scheduler address (e.g. ``tcp://host:8786``); default: the
             ``SEGPIPE_SCHEDULER`` environment variable, else a local cluster.
-        n_workers: Local CPU workers; default: CPU count / threads per worker.
-        threads_per_worker: Task threads per local CPU worker (torch uses as many).
+        n_workers: Local CPU workers; default: usable cores / threads per worker.
+        threads_per_worker: Task threads per local CPU worker. Prediction sets each
+            task's torch threads itself (a host's cores shared among the tasks it runs).
         processes: Local workers as separate processes (the GIL-free choice).
 
     Yields:
@@ -81,7 +91,7 @@ def get_client(
     if cluster is None:
         threads = max(1, threads_per_worker)
         cluster = LocalCluster(
-            n_workers=n_workers or max(1, (os.cpu_count() or 1) // threads),
+            n_workers=n_workers or max(1, _cores() // threads),
             threads_per_worker=threads,
             processes=processes,
             dashboard_address=":0",

@@ -1,19 +1,19 @@
-"""Predict: classify every pixel of a region store, block by block, on a Dask cluster.
+"""Predict: classify every pixel of a region store on a Dask cluster, seamlessly and resumably.
 
-Each output block is one task (:func:`run_block`) that reads its pixels plus the halo
-its windows need straight from Zarr, runs the network on windows of the global grid
-(:mod:`segpipe.tiling`), blends softmax probabilities with raised-cosine weights and
-writes whole shards of ``classes`` and ``confidence``. A per-block marker in the
-``progress_predict`` layer lets a rerun skip finished blocks. Tasks carry only a small
-frozen :class:`BlockJob`; each worker process loads the model once, by path.
+The driver (:func:`predict`) pre-creates the output layers as Zarr templates, groups
+store blocks into tasks large enough that few windows are computed twice at task
+borders (:func:`segpipe.tiling.plan_superblocks`), and maps
+:func:`segpipe.inference.run_block` over the tasks that still have unfinished blocks.
+Windows lie on the raster's global grid and are blended (:mod:`segpipe.blend`), so the
+result does not depend on the blocking, the plan or the cluster. A per-block marker in
+the ``progress_predict`` layer lets a rerun skip finished blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import os
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from segpipe.errors import InputError, ModelPackageError, StoreError
-from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info, write_block
-from segpipe.models import check_bands, load_model, model_hash, normalise, output_stride, read_spec
-from segpipe.tiling import Forward, blend_windows, halo_bounds
+from segpipe.blend import blend_windows
+from segpipe.errors import InputError, StoreError
+from segpipe.inference import PROGRESS_LAYER, BlockJob, run_block, usable_cores, valid_mask, worker_host
+from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info
+from segpipe.models import check_bands, model_hash, output_stride, read_spec
+from segpipe.tiling import BLEND_MODES, Forward, plan_superblocks, window_starts
 from segpipe.types import classes_to_json
 
 if TYPE_CHECKING:
     import distributed
-    import torch
-    from torch import nn
 
     from segpipe.models import ModelSpec
 
@@ -40,6 +40,7 @@ __all__ = [
     "PROGRESS_LAYER",
     "BlockJob",
     "PredictSummary",
+    "choose_batch_size",
     "predict",
     "predict_block",
     "run_block",
@@ -48,7 +49,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROGRESS_LAYER = "progress_predict"
+# Every task's output buffers are uint8 over its box; the float accumulator is rolling.
+MAX_TASK_PIXELS = 2048 * 2048
 
 
 def predict_block(
@@ -62,8 +64,9 @@ def predict_block(
     out_box: tuple[int, int, int, int],
     batch_size: int = 8,
     pad_batches: bool = True,
+    blend: str = "cosine",
 ) -> np.ndarray:
-    """Blend window predictions over one output block (see :func:`segpipe.tiling.blend_windows`).
+    """Blend window predictions over one output block held in memory.
 
     Windows lie on the raster's global grid, so the result for a pixel does not depend
     on the block that computes it. Windows past a small raster's edge are padded by
@@ -82,6 +85,7 @@ def predict_block(
         batch_size: Windows per forward call.
         pad_batches: Pad the last batch with zero windows to ``batch_size`` so every call
             has one shape; makes outputs bitwise independent of the blocking.
+        blend: ``cosine``, ``gaussian``, ``mean`` or ``crop``.
 
     Returns:
         (C, h, w) float32 blended probabilities; (0, h, w) if no valid pixel is in reach.
@@ -91,38 +95,9 @@ def predict_block(
             not cover the halo.
     """
     probs, _ = blend_windows(
-        image, valid, forward, tile, overlap, origin, raster, out_box, batch_size, pad_batches
+        image, valid, forward, tile, overlap, origin, raster, out_box, batch_size, pad_batches, blend
     )
     return probs
-
-
-@dataclass(frozen=True)
-class BlockJob:
-    """One output block to predict: small, hashable, cheap to ship in a task graph.
-
-    Attributes:
-        store: Region store location.
-        model_dir: Model package directory (readable by every worker).
-        model_hash: Expected package hash (the worker's model cache key).
-        y0: Block start row.
-        x0: Block start column.
-        h: Block rows.
-        w: Block columns.
-        tile: Window size.
-        overlap: Window overlap.
-        batch_size: Windows per forward call.
-    """
-
-    store: str
-    model_dir: str
-    model_hash: str
-    y0: int
-    x0: int
-    h: int
-    w: int
-    tile: int
-    overlap: int
-    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -139,6 +114,10 @@ class PredictSummary:
             overlap-and-halo compute overhead).
         tile_size: Window size used.
         overlap: Window overlap used.
+        slots: Window slots of all forward calls (windows plus batch padding).
+        tasks: Dask tasks run.
+        batch_size: Windows per forward call used.
+        task_blocks: Blocks per task along (y, x) chosen by the plan.
     """
 
     blocks_total: int
@@ -149,112 +128,25 @@ class PredictSummary:
     windows: int
     tile_size: int = 0
     overlap: int = 0
+    slots: int = 0
+    tasks: int = 0
+    batch_size: int = 0
+    task_blocks: tuple[int, int] = (1, 1)
 
 
-def _torch_threads() -> int:
-    try:
-        from distributed import get_worker
+def choose_batch_size(n_windows: int, most: int) -> int:
+    """Windows per forward call: at most ``most``, padding the raster's windows least.
 
-        return max(1, int(get_worker().state.nthreads))
-    except (ImportError, ValueError):  # not inside a dask worker
-        return max(1, os.cpu_count() or 1)
-
-
-@functools.lru_cache(maxsize=2)
-def _model_for(model_dir: str, expected_hash: str) -> tuple[nn.Module, ModelSpec, torch.device]:
-    """Load a package once per process; the hash in the key makes a changed package reload."""
-    import torch
-
-    found = model_hash(model_dir)
-    if found != expected_hash:
-        raise ModelPackageError(
-            f"model package {model_dir} changed during prediction (hash {found}, expected "
-            f"{expected_hash}): rerun predict"
-        )
-    net, spec = load_model(model_dir)
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        net = net.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-    else:
-        device = torch.device("cpu")
-        # Workers run with OMP_NUM_THREADS=1; match torch to the worker's task threads.
-        torch.set_num_threads(_torch_threads())
-    return net, spec, device
-
-
-def _torch_forward(net: nn.Module, device: torch.device) -> Forward:
-    import torch
-
-    def forward(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-        with torch.inference_mode():
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-                half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-                with torch.autocast("cuda", dtype=half):
-                    logits = net(x)
-            else:
-                logits = net(x)
-            probs = torch.softmax(logits.float(), dim=1)
-        return probs.cpu().numpy()
-
-    return forward
-
-
-def valid_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
-    """(y, x) mask of pixels where no band is nodata (or NaN)."""
-    valid = np.ones(raw.shape[1:], dtype=bool)
-    if np.issubdtype(raw.dtype, np.floating):
-        valid &= np.isfinite(raw).all(axis=0)
-    if nodata is not None and not np.isnan(nodata):
-        # Compare as a Python float: a nodata value outside the dtype's range simply
-        # matches nothing (casting it to the dtype would wrap around).
-        valid &= ~(raw == float(nodata)).any(axis=0)
-    return valid
-
-
-def run_block(job: BlockJob) -> dict[str, float]:
-    """Predict one block and write its ``classes``, ``confidence`` and progress marker.
-
-    Runs on a dask worker. Reads the block plus its halo from the store's ``image``.
-
-    Returns:
-        Stats: ``pixels`` (block pixels), ``valid`` (valid pixels), ``windows``
-        (windows computed), ``seconds`` (task time).
+    Every call has one shape (bitwise reproducibility), so a short last batch is padded
+    with zero windows. Among ``ceil(most / 2)`` to ``most``, the size whose batches hold
+    the raster's ``n_windows`` with the fewest padded slots wins (larger on ties). It
+    depends only on the raster and the settings, never on the blocking.
     """
-    t0 = time.perf_counter()
-    info = read_region_info(job.store)
-    net, spec, device = _model_for(job.model_dir, job.model_hash)
-    box = halo_bounds(job.y0, job.x0, job.h, job.w, info.height, info.width, job.tile, job.tile - job.overlap)
-    raw = np.asarray(open_layer(job.store, "image")[:, box.y0 : box.y1, box.x0 : box.x1])
-    valid = valid_mask(raw, info.nodata)
-    image = normalise(raw, spec, valid)
-    # normalise zeroes nodata by multiplying, which leaves NaN nodata as NaN.
-    image[:, ~valid] = 0.0
-    probs, windows = blend_windows(
-        image, valid, _torch_forward(net, device), job.tile, job.overlap, (box.y0, box.x0),
-        (info.height, info.width), (job.y0, job.x0, job.h, job.w), job.batch_size, True,
-    )
-    vy, vx = job.y0 - box.y0, job.x0 - box.x0
-    block_valid = valid[vy : vy + job.h, vx : vx + job.w]
-    classes = np.full((job.h, job.w), NODATA_U8, dtype=np.uint8)
-    confidence = np.full((job.h, job.w), NODATA_U8, dtype=np.uint8)
-    if probs.shape[0]:
-        values = np.array([c.value for c in spec.classes], dtype=np.uint8)
-        classes[block_valid] = values[probs.argmax(axis=0)][block_valid]
-        pct = np.rint(probs.max(axis=0) * 100).clip(0, 100).astype(np.uint8)
-        confidence[block_valid] = pct[block_valid]
-    b = info.block_size
-    write_block(open_layer(job.store, "classes", mode="r+"), job.y0, job.x0, classes, b)
-    write_block(open_layer(job.store, "confidence", mode="r+"), job.y0, job.x0, confidence, b)
-    # The marker goes last: a block counts as done only once both layers are written.
-    open_layer(job.store, PROGRESS_LAYER, mode="r+")[job.y0 // b, job.x0 // b] = 1
-    return {
-        "pixels": job.h * job.w,
-        "valid": int(block_valid.sum()),
-        "windows": windows,
-        "seconds": time.perf_counter() - t0,
-    }
+    if most < 1:
+        raise InputError(f"batch size {most} must be at least 1")
+    if n_windows <= most:
+        return max(1, n_windows)
+    return min(range((most + 1) // 2, most + 1), key=lambda bs: (-(-n_windows // bs) * bs, -bs))
 
 
 def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
@@ -269,7 +161,12 @@ def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tu
 
 
 def _prepare_layers(
-    store: str, spec: ModelSpec, blocks: tuple[int, int], key: dict[str, Any], force: bool
+    store: str,
+    spec: ModelSpec,
+    blocks: tuple[int, int],
+    key: dict[str, Any],
+    force: bool,
+    probabilities: bool = False,
 ) -> np.ndarray:
     """Create (or keep, to resume) output and progress layers; return the done markers."""
     reset = force
@@ -279,7 +176,7 @@ def _prepare_layers(
             reset = True
     except StoreError:
         reset = True
-    for name in ("classes", "confidence"):
+    for name in ("classes", "confidence", *(("probabilities",) if probabilities else ())):
         try:
             open_layer(store, name)
         except StoreError:
@@ -292,11 +189,42 @@ def _prepare_layers(
         PROGRESS_LAYER, shape=blocks, dtype="uint8", chunks=(1, 1), fill_value=0,
         dimension_names=["block_y", "block_x"], attributes=key, overwrite=True,
     )
-    classes_attrs = {**key, "long_name": "class", "classes": classes_to_json(spec.classes)}
+    classes_json = classes_to_json(spec.classes)
+    classes_attrs = {**key, "long_name": "class", "classes": classes_json}
     create_layer(store, "classes", "uint8", NODATA_U8, attributes=classes_attrs, overwrite=True)
     conf_attrs = {**key, "long_name": "confidence", "units": "percent"}
     create_layer(store, "confidence", "uint8", NODATA_U8, attributes=conf_attrs, overwrite=True)
+    if probabilities:
+        prob_attrs = {**key, "long_name": "class probability", "units": "percent", "classes": classes_json}
+        create_layer(store, "probabilities", "uint8", NODATA_U8, leading=(("class", len(spec.classes)),),
+                     attributes=prob_attrs, overwrite=True)
     return np.zeros(blocks, dtype=bool)
+
+
+def _cluster_layout(
+    client: distributed.Client, n_tasks: int
+) -> tuple[int, bool, tuple[tuple[str, int], ...]]:
+    """Task slots, whether tasks need a ``GPU`` resource, and torch threads per host.
+
+    A CPU host's cores are shared among the prediction tasks that can run on it at
+    once: with fewer tasks than worker threads, each task gets more torch threads.
+    """
+    workers: dict[str, Any] = client.scheduler_info(n_workers=-1).get("workers", {})
+    gpus = sum(int((w.get("resources") or {}).get("GPU", 0)) for w in workers.values())
+    if gpus:
+        return gpus, True, ()
+    slots = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+    cores: dict[str, int] = client.run(usable_cores)
+    per_host: dict[str, tuple[int, int]] = {}
+    for addr, w in workers.items():
+        host = worker_host(addr)
+        n_cores, n_slots = per_host.get(host, (0, 0))
+        per_host[host] = (max(n_cores, int(cores.get(addr) or 1)), n_slots + int(w.get("nthreads", 1)))
+    threads = []
+    for host, (n_cores, n_slots) in sorted(per_host.items()):
+        concurrent = max(1, min(n_slots, math.ceil(n_tasks * n_slots / slots)))
+        threads.append((host, max(1, n_cores // concurrent)))
+    return slots, False, tuple(threads)
 
 
 def predict(
@@ -308,12 +236,17 @@ def predict(
     client: distributed.Client | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    blend: str = "cosine",
+    tta: bool = False,
+    probabilities: bool = False,
+    max_task_pixels: int = MAX_TASK_PIXELS,
 ) -> PredictSummary:
     """Classify every pixel of a region store with a model package.
 
     Writes ``classes`` (class values, 255 = nodata) and ``confidence`` (0-100 %, 255 =
-    nodata) into the store, one task per block. Finished blocks are marked, so a rerun
-    with the same model and settings resumes where the last one stopped.
+    nodata) into the store, and with ``probabilities`` a (class, y, x) layer of per-class
+    probabilities (0-100 %, 255 = nodata). Finished blocks are marked, so a rerun with
+    the same model and settings resumes where the last one stopped.
 
     Args:
         store: Region store (from ``segpipe ingest``).
@@ -321,17 +254,21 @@ def predict(
         tile_size: Window size; default: the model's chip size rounded up to a multiple
             of 32, at least 256.
         overlap: Overlap between windows; default: a quarter of the tile.
-        batch_size: Windows per forward call.
+        batch_size: Most windows per forward call (see :func:`choose_batch_size`).
         client: Dask client; default: a cluster from :func:`segpipe.cluster.get_client`.
         force: Recompute every block even if marked finished.
-        progress: Called as ``progress(done, total)`` after each block.
+        progress: Called as ``progress(done, total)`` in blocks after each task.
+        blend: ``cosine`` (default), ``gaussian``, ``mean`` or ``crop``.
+        tta: Average each window over its 8 flips and rotations (8x the compute).
+        probabilities: Also write the ``probabilities`` layer.
+        max_task_pixels: Largest area one task covers.
 
     Returns:
         A summary of the run.
 
     Raises:
         BandMismatchError: The image's bands differ from the model's (before any write).
-        InputError: Bad tile size, overlap or batch size.
+        InputError: Bad tile size, overlap, batch size or blend mode.
     """
     t0 = time.perf_counter()
     store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
@@ -339,41 +276,66 @@ def predict(
     spec = read_spec(model_dir)
     check_bands(spec, info.band_names)
     tile, ov = _settings(spec, tile_size, overlap)
-    if batch_size < 1:
-        raise InputError(f"batch size {batch_size} must be at least 1")
+    if blend not in BLEND_MODES:
+        raise InputError(f"blend mode {blend!r} is not one of {', '.join(BLEND_MODES)}")
+    stride = tile - ov
+    n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
+    bs = choose_batch_size(n_global, batch_size)
     mdir = str(Path(model_dir).resolve())
     mhash = model_hash(mdir)
-    key = {"model_hash": mhash, "tile": tile, "overlap": ov}
-    done = _prepare_layers(store_s, spec, info.blocks, key, force)
-    b = info.block_size
-    jobs = [
-        BlockJob(store_s, mdir, mhash, by * b, bx * b, min(b, info.height - by * b),
-                 min(b, info.width - bx * b), tile, ov, batch_size)
-        for by, bx in zip(*np.nonzero(~done), strict=True)
-    ]
+    key = {"model_hash": mhash, "tile": tile, "overlap": ov, "blend": blend, "tta": tta}
+    done = _prepare_layers(store_s, spec, info.blocks, key, force, probabilities)
     total, skipped = int(done.size), int(done.sum())
     if progress is not None:
         progress(skipped, total)
-    pixels = windows = 0
-    if jobs:
-        from distributed import as_completed
+    pixels = windows = slots_used = blocks_done = n_tasks = 0
+    plan = (1, 1)
+    with contextlib.ExitStack() as stack:
+        if skipped < total and client is None:
+            from segpipe.cluster import get_client
 
-        with contextlib.ExitStack() as stack:
-            if client is None:
-                from segpipe.cluster import get_client
+            client = stack.enter_context(get_client())
+        if skipped < total and client is not None:
+            from distributed import as_completed
 
-                client = stack.enter_context(get_client())
-            futures = client.map(run_block, jobs, pure=False)
-            for n, future in enumerate(as_completed(futures), start=1):
-                try:
+            b = info.block_size
+            slots, gpu, _ = _cluster_layout(client, 1)
+            plan = plan_superblocks(info.height, info.width, b, tile, stride, slots, max_task_pixels)
+            groups = []
+            for sy in range(0, info.blocks[0], plan[0]):
+                for sx in range(0, info.blocks[1], plan[1]):
+                    todo = [(by, bx) for by in range(sy, min(sy + plan[0], info.blocks[0]))
+                            for bx in range(sx, min(sx + plan[1], info.blocks[1])) if not done[by, bx]]
+                    if todo:
+                        groups.append(todo)
+            _, _, threads = _cluster_layout(client, len(groups))
+            jobs = []
+            for todo in groups:
+                ys, xs = [t[0] for t in todo], [t[1] for t in todo]
+                y0, x0 = min(ys) * b, min(xs) * b
+                y1, x1 = min((max(ys) + 1) * b, info.height), min((max(xs) + 1) * b, info.width)
+                jobs.append(BlockJob(store_s, mdir, mhash, y0, x0, y1 - y0, x1 - x0, tile, ov, bs, blend, tta,
+                                     probabilities, tuple(todo), threads))
+            n_tasks = len(jobs)
+            # In a mixed cluster, the GPU resource keeps prediction on the GPU workers.
+            resources = {"GPU": 1} if gpu else None
+            futures = client.map(run_block, jobs, pure=False, resources=resources)
+            try:
+                for future in as_completed(futures):
                     stats = future.result()
-                except Exception:
-                    client.cancel(futures)
-                    raise
-                pixels += int(stats["pixels"])
-                windows += int(stats["windows"])
-                if progress is not None:
-                    progress(skipped + n, total)
+                    pixels += int(stats["pixels"])
+                    windows += int(stats["windows"])
+                    slots_used += int(stats["slots"])
+                    blocks_done += int(stats["blocks"])
+                    if progress is not None:
+                        progress(skipped + blocks_done, total)
+            except BaseException:
+                # A failed task or an interrupted driver: queued tasks are dropped; blocks
+                # already marked stay done for the next run.
+                client.cancel(futures)
+                raise
     seconds = time.perf_counter() - t0
-    log.info("predicted %d blocks (%d skipped) in %.1f s", len(jobs), skipped, seconds)
-    return PredictSummary(total, len(jobs), skipped, pixels, seconds, windows, tile, ov)
+    log.info("predicted %d blocks in %d tasks (%d skipped) in %.1f s", blocks_done, n_tasks, skipped, seconds)
+    return PredictSummary(
+        total, blocks_done, skipped, pixels, seconds, windows, tile, ov, slots_used, n_tasks, bs, plan
+    )

@@ -5,29 +5,34 @@ with step ``stride = tile - overlap``; the last window of each axis is shifted b
 so it ends at the raster's edge. Because the grid depends only on the raster size,
 tile and stride, every output block (of any size) sees the same windows, and the
 blended result does not depend on how the raster is cut into blocks.
-:func:`blend_windows` runs any network callable over those windows and blends them.
+:mod:`segpipe.blend` runs a network over those windows and blends them;
+:func:`plan_superblocks` groups store blocks into tasks that duplicate few windows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
-from segpipe.errors import InputError
-
 __all__ = [
+    "BLEND_MODES",
+    "BlendMode",
     "Bounds",
     "Forward",
+    "axis_windows",
     "blend_weights",
-    "blend_windows",
     "block_windows",
     "halo_bounds",
     "pad_to_multiple",
+    "plan_superblocks",
     "window_starts",
     "window_weights",
 ]
+
+BlendMode = Literal["cosine", "gaussian", "mean", "crop"]
+BLEND_MODES: tuple[str, ...] = ("cosine", "gaussian", "mean", "crop")
 
 
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -72,29 +77,61 @@ def window_starts(length: int, tile: int, stride: int) -> np.ndarray:
     return np.append(starts, np.int64(last))
 
 
-def blend_weights(tile: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
-    """1-D blending profile of a window: raised-cosine ramps over the overlaps.
+def blend_weights(
+    tile: int, overlap: int, at_start: bool, at_end: bool, mode: str = "cosine"
+) -> np.ndarray:
+    """1-D blending profile of a window.
 
-    The ramp ``0.5 - 0.5 * cos(pi * (i + 0.5) / overlap)`` rises from ~0 to ~1 over
-    the first ``overlap`` pixels (and mirrors at the end). Samples sit at pixel
-    centres, so the weight is strictly positive everywhere, and the falling ramp of
-    one window plus the rising ramp of the next (``stride = tile - overlap``) sum to
-    exactly 1. A side that touches the raster border stays flat at 1, because no
+    ``cosine`` (default): the ramp ``0.5 - 0.5 * cos(pi * (i + 0.5) / overlap)`` rises
+    from ~0 to ~1 over the first ``overlap`` pixels (and mirrors at the end). Samples
+    sit at pixel centres, so the weight is strictly positive everywhere, and the
+    falling ramp of one window plus the rising ramp of the next (``stride = tile -
+    overlap``) sum to exactly 1. ``gaussian``: MONAI's profile, ``exp(-d**2 / 2
+    sigma**2)`` with ``sigma = tile / 8`` around the window centre. ``mean``: flat 1
+    (Raster Vision's uniform average). ``crop``: 1 on the window's core, 0 on the
+    outer half-overlap on each side (overlap-and-discard, as ArcGIS does).
+
+    A side that touches the raster border stays flat at 1 in every mode, because no
     other window covers those pixels.
 
     Args:
         tile: Window size.
-        overlap: Ramp length in pixels (0 = flat window).
+        overlap: Overlap in pixels (0 = flat window).
         at_start: The window starts at the raster's first pixel.
         at_end: The window ends at (or past) the raster's last pixel.
+        mode: One of :data:`BLEND_MODES`.
 
     Returns:
         float32 array of length ``tile``.
+
+    Raises:
+        ValueError: An overlap outside ``[0, tile)`` or an unknown mode.
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
+    if mode not in BLEND_MODES:
+        raise ValueError(f"blend mode {mode!r} is not one of {', '.join(BLEND_MODES)}")
     w = np.ones(tile, dtype=np.float64)
-    if overlap == 0:
+    half = tile // 2
+    if mode == "gaussian":
+        sigma = tile / 8.0
+        w = np.exp(-0.5 * ((np.arange(tile) + 0.5 - tile / 2.0) / sigma) ** 2)
+        w = np.maximum(w, 1e-6)  # strictly positive: every pixel of a window counts a little
+        if at_start:
+            w[:half] = 1.0
+        if at_end:
+            w[half:] = 1.0
+        return w.astype(np.float32)
+    if overlap == 0 or mode == "mean":
+        return w.astype(np.float32)
+    if mode == "crop":
+        # Cores of consecutive windows (stride = tile - overlap) tile the axis exactly;
+        # the last window, shifted back, overlaps its neighbour's core a little more.
+        lead, trail = overlap // 2, overlap - overlap // 2
+        if not at_start:
+            w[:lead] = 0.0
+        if not at_end:
+            w[tile - trail :] = 0.0
         return w.astype(np.float32)
     ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
     # Multiplying (not assigning) keeps a sane profile when 2 * overlap > tile and the
@@ -107,7 +144,7 @@ def blend_weights(tile: int, overlap: int, at_start: bool, at_end: bool) -> np.n
 
 
 def window_weights(
-    wy: int, wx: int, height: int, width: int, tile: int, overlap: int
+    wy: int, wx: int, height: int, width: int, tile: int, overlap: int, mode: str = "cosine"
 ) -> np.ndarray:
     """2-D weights of the window starting at (wy, wx): outer product of its profiles.
 
@@ -118,16 +155,18 @@ def window_weights(
         width: Raster columns.
         tile: Window size.
         overlap: Ramp length.
+        mode: One of :data:`BLEND_MODES`.
 
     Returns:
         float32 array (tile, tile).
     """
-    wy_ = blend_weights(tile, overlap, wy == 0, wy + tile >= height)
-    wx_ = blend_weights(tile, overlap, wx == 0, wx + tile >= width)
+    wy_ = blend_weights(tile, overlap, wy == 0, wy + tile >= height, mode)
+    wx_ = blend_weights(tile, overlap, wx == 0, wx + tile >= width, mode)
     return np.outer(wy_, wx_)
 
 
-def _axis_windows(start: int, size: int, length: int, tile: int, stride: int) -> np.ndarray:
+def axis_windows(start: int, size: int, length: int, tile: int, stride: int) -> np.ndarray:
+    """Starts of the global grid's windows along one axis that overlap ``[start, start + size)``."""
     starts = window_starts(length, tile, stride)
     return starts[(starts < start + size) & (starts + tile > start)]
 
@@ -150,8 +189,8 @@ def block_windows(
     Returns:
         (wy, wx) global window starts, row-major sorted.
     """
-    ys = _axis_windows(y0, h, height, tile, stride)
-    xs = _axis_windows(x0, w, width, tile, stride)
+    ys = axis_windows(y0, h, height, tile, stride)
+    xs = axis_windows(x0, w, width, tile, stride)
     return [(int(wy), int(wx)) for wy in ys for wx in xs]
 
 
@@ -173,8 +212,8 @@ def halo_bounds(
     Returns:
         The read region in global pixels.
     """
-    ys = _axis_windows(y0, h, height, tile, stride)
-    xs = _axis_windows(x0, w, width, tile, stride)
+    ys = axis_windows(y0, h, height, tile, stride)
+    xs = axis_windows(x0, w, width, tile, stride)
     if ys.size == 0 or xs.size == 0:
         raise ValueError(f"block ({y0}, {x0}, {h}, {w}) lies outside the {height}x{width} raster")
     return Bounds(
@@ -214,101 +253,74 @@ def pad_to_multiple(
     return np.pad(arr, pad, mode=mode), (h, w)  # type: ignore[call-overload]
 
 
-def blend_windows(
-    image: np.ndarray,
-    valid: np.ndarray,
-    forward: Forward,
-    tile: int,
-    overlap: int,
-    origin: tuple[int, int],
-    raster: tuple[int, int],
-    out_box: tuple[int, int, int, int],
-    batch_size: int,
-    pad_batches: bool,
-) -> tuple[np.ndarray, int]:
-    """Run ``forward`` on the global-grid windows touching a block and blend them.
+def _task_costs(length: int, block: int, n: int, tile: int, stride: int) -> np.ndarray:
+    """Windows along one axis for each run of ``n`` blocks (the last run may be short)."""
+    return np.array(
+        [len(axis_windows(s, min(n * block, length - s), length, tile, stride))
+         for s in range(0, length, n * block)],
+        dtype=np.float64,
+    )
 
-    Each window's output is weighted by :func:`window_weights` and the sum normalised
-    by the summed weights. Windows past a small raster's edge are padded (reflect) and
-    cropped back before blending; windows without a valid pixel are skipped, and
-    invalid pixels get probability 0.
+
+def _makespan(costs: np.ndarray, slots: int, speedup: float) -> float:
+    """Estimated finish time of independent tasks on ``slots`` task slots.
+
+    Fewer tasks than slots leave slots free; their cores go to the tasks' torch
+    threads, which speeds a task up by ``threads ** speedup``.
+    """
+    n = costs.size
+    if n < slots:
+        return float(costs.max()) / (slots // n) ** speedup
+    if n > 64:  # dynamic scheduling of many tasks balances to within one task
+        return max(float(costs.sum()) / slots, float(costs.max()))
+    loads = np.zeros(slots)
+    for c in np.sort(costs)[::-1]:  # longest task first onto the least loaded slot
+        loads[loads.argmin()] += c
+    return float(loads.max())
+
+
+def plan_superblocks(
+    height: int,
+    width: int,
+    block: int,
+    tile: int,
+    stride: int,
+    slots: int,
+    max_pixels: int = 2048 * 2048,
+    speedup: float = 0.9,
+) -> tuple[int, int]:
+    """How many store blocks (along y and x) one prediction task should cover.
+
+    Windows that straddle a task's border are computed by both tasks: large tasks
+    waste fewer windows, but too few tasks leave task slots idle. Every candidate
+    shape up to ``max_pixels`` per task is scored by its estimated makespan in
+    windows, and the fastest wins (ties go to fewer, larger tasks).
 
     Args:
-        image: (band, y, x) float32 pixels covering the block's halo.
-        valid: (y, x) bool mask of ``image``, False on nodata.
-        forward: (N, band, tile, tile) windows -> (N, C, tile, tile) probabilities.
+        height: Raster rows.
+        width: Raster columns.
+        block: Store block (shard) edge.
         tile: Window size.
-        overlap: Window overlap (0 <= overlap < tile).
-        origin: Global (row, column) of ``image[:, 0, 0]``.
-        raster: Raster (height, width).
-        out_box: Output block (y0, x0, h, w) in global pixels.
-        batch_size: Windows per forward call.
-        pad_batches: Pad short batches with zero windows to one fixed shape.
+        stride: Window step.
+        slots: Task slots of the cluster (worker threads).
+        max_pixels: Largest task area; bounds a task's output buffers.
+        speedup: Exponent of the speedup of a task given ``t`` torch threads (``t **
+            speedup``), used when there are fewer tasks than slots.
 
     Returns:
-        (C, h, w) float32 probabilities ((0, h, w) when no valid pixel is in reach) and
-        the number of windows computed.
-
-    Raises:
-        InputError: Arrays or forward outputs of the wrong shape, or an image that does
-            not cover the halo.
+        (blocks along y, blocks along x) per task.
     """
-    if tile <= 0 or not 0 <= overlap < tile:
-        raise InputError(f"overlap {overlap} must be at least 0 and smaller than the tile ({tile})")
-    gy, gx = origin
-    height, width = raster
-    y0, x0, h, w = out_box
-    stride = tile - overlap
-    if image.ndim != 3 or valid.shape != image.shape[1:]:
-        raise InputError(f"image {image.shape} and valid mask {valid.shape} do not fit (band, y, x)")
-    need = halo_bounds(y0, x0, h, w, height, width, tile, stride)
-    if need.y0 < gy or need.x0 < gx or need.y1 > gy + image.shape[1] or need.x1 > gx + image.shape[2]:
-        raise InputError(f"the array at {origin} of shape {image.shape} does not cover the halo {need}")
-    # A batch shape that depends only on the raster (never on the block) makes every
-    # window's output bitwise identical whichever block computes it.
-    n_global = len(window_starts(height, tile, stride)) * len(window_starts(width, tile, stride))
-    bs = max(1, min(batch_size, n_global))
-    acc: np.ndarray | None = None
-    wsum = np.zeros((h, w), dtype=np.float32)
-    computed = 0
-
-    def flush(batch: list[tuple[int, int, np.ndarray]]) -> None:
-        nonlocal acc, computed
-        chips = [pad_to_multiple(chip, tile)[0] for _, _, chip in batch]
-        if pad_batches and len(chips) < bs:
-            chips += [np.zeros_like(chips[0])] * (bs - len(chips))
-        out = np.asarray(forward(np.stack(chips)), dtype=np.float32)
-        if out.ndim != 4 or out.shape[0] != len(chips) or out.shape[2:] != (tile, tile):
-            raise InputError(f"forward returned {out.shape} for {len(chips)} windows of {tile} px")
-        if acc is None:
-            acc = np.zeros((out.shape[1], h, w), dtype=np.float32)
-        for (wy, wx, chip), prob in zip(batch, out, strict=False):
-            ch, cw = chip.shape[1:]
-            wt = window_weights(wy, wx, height, width, tile, overlap)
-            iy0, iy1 = max(wy, y0), min(wy + ch, y0 + h)
-            ix0, ix1 = max(wx, x0), min(wx + cw, x0 + w)
-            src = (slice(iy0 - wy, iy1 - wy), slice(ix0 - wx, ix1 - wx))
-            dst = (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
-            acc[(slice(None), *dst)] += prob[(slice(None), *src)] * wt[src]
-            wsum[dst] += wt[src]
-        computed += len(batch)
-
-    pending: list[tuple[int, int, np.ndarray]] = []
-    for wy, wx in block_windows(y0, x0, h, w, height, width, tile, stride):
-        ly, lx = wy - gy, wx - gx
-        # Windows that hold no valid pixel only ever land on nodata: skip them (large
-        # nodata areas of mosaics cost nothing).
-        if not valid[ly : ly + tile, lx : lx + tile].any():
-            continue
-        pending.append((wy, wx, image[:, ly : ly + tile, lx : lx + tile]))
-        if len(pending) == bs:
-            flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
-    if acc is None:  # nothing valid in reach: the caller writes nodata everywhere
-        return np.zeros((0, h, w), dtype=np.float32), 0
-    vy, vx = y0 - gy, x0 - gx
-    covered = (wsum > 0) & valid[vy : vy + h, vx : vx + w]
-    probs = np.divide(acc, wsum, out=np.zeros_like(acc), where=covered[None])
-    return probs, computed
+    if min(height, width, block, tile, stride, slots) <= 0:
+        raise ValueError(f"bad plan inputs: {height}x{width}, block {block}, tile {tile}, slots {slots}")
+    nby, nbx = -(-height // block), -(-width // block)
+    limit = max(1, max_pixels // (block * block))
+    best: tuple[float, int, int] | None = None
+    for ny in range(1, min(nby, limit) + 1):
+        cy = _task_costs(height, block, ny, tile, stride)
+        for nx in range(1, min(nbx, limit // ny) + 1):
+            costs = np.outer(cy, _task_costs(width, block, nx, tile, stride)).ravel()
+            score = _makespan(costs, slots, speedup) * (1 + 1e-9 * costs.size)
+            if best is None or score < best[0]:
+                best = (score, ny, nx)
+    assert best is not None
+    return best[1], best[2]

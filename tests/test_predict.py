@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 
 from segpipe.cluster import SCHEDULER_ENV, describe_cluster, get_client
 from segpipe.errors import BandMismatchError, InputError
+from segpipe.inference import torch_forward as _torch_forward
 from segpipe.io.store import open_layer, open_region, read_region_info
 from segpipe.models import ModelSpec, build_network, load_model, model_hash, normalise, read_spec, save_model
 from segpipe.predict import (
     PROGRESS_LAYER,
     BlockJob,
     _prepare_layers,
-    _torch_forward,
     predict,
     predict_block,
     run_block,
@@ -241,7 +241,8 @@ def client() -> Iterator[Client]:
         yield c
 
 
-SETTINGS = {"tile_size": 64, "overlap": 16, "batch_size": 4}
+# One block per task (max_task_pixels), so block borders fall between tasks.
+SETTINGS = {"tile_size": 64, "overlap": 16, "batch_size": 4, "max_task_pixels": 64 * 64}
 
 
 def _read(store: Path, name: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from segpipe.tiling import (
     block_windows,
     halo_bounds,
     pad_to_multiple,
+    plan_superblocks,
     window_starts,
     window_weights,
 )
@@ -181,3 +182,49 @@ def test_pad_reflects_without_repeating_the_edge() -> None:
     assert edge[0, 5:].tolist() == [4.0, 4.0, 4.0]
     with pytest.raises(ValueError):
         pad_to_multiple(arr, 8, mode="wrap")
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "mean", "crop"])
+def test_other_modes_are_flat_at_raster_borders(mode: str) -> None:
+    both = blend_weights(32, 8, True, True, mode)
+    np.testing.assert_array_equal(both, np.ones(32, dtype=np.float32))
+    inner = blend_weights(32, 8, False, False, mode)
+    assert 0.9 < inner.max() <= 1 and inner.min() >= 0
+    np.testing.assert_allclose(inner, inner[::-1])
+    with pytest.raises(ValueError, match="blend mode"):
+        blend_weights(32, 8, False, False, "median")
+
+
+@given(st.integers(2, 48), st.integers(1, 6), st.data())
+def test_crop_cores_tile_the_axis(tile: int, k: int, data: st.DataObject) -> None:
+    overlap = data.draw(st.integers(0, tile - 1))
+    stride = tile - overlap
+    length = tile + k * stride + data.draw(st.integers(0, stride - 1))  # irregular last window too
+    owners = np.zeros(length)
+    for s in window_starts(length, tile, stride):
+        owners[s : s + tile] += blend_weights(tile, overlap, s == 0, s + tile >= length, "crop")
+    assert np.all(owners >= 1)  # every pixel belongs to some window's core
+    if (length - tile) % stride == 0:
+        np.testing.assert_array_equal(owners, 1.0)  # regular grid: exactly one owner
+
+
+def test_plan_superblocks_examples() -> None:
+    # One block only: one task (its torch threads take both cores).
+    assert plan_superblocks(1024, 1024, 1024, 256, 192, slots=2) == (1, 1)
+    # 4 x 4 blocks on 2 slots: four 2048-px tasks duplicate one window row per border.
+    assert plan_superblocks(4096, 4096, 1024, 256, 192, slots=2) == (2, 2)
+    # Many slots and torch threads that do not speed a task up: a task for every slot.
+    ny, nx = plan_superblocks(4096, 4096, 512, 256, 192, slots=16, speedup=0.0)
+    assert (8 // ny) * (8 // nx) >= 16
+    # Threads that scale perfectly: the largest tasks allowed, nothing duplicated.
+    assert plan_superblocks(4096, 4096, 512, 256, 192, slots=16, speedup=1.0) == (4, 4)
+    with pytest.raises(ValueError):
+        plan_superblocks(0, 10, 10, 32, 24, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 3000), st.sampled_from([128, 256, 512]), st.integers(1, 8))
+def test_plan_superblocks_respects_the_task_area(height: int, width: int, block: int, slots: int) -> None:
+    ny, nx = plan_superblocks(height, width, block, 64, 48, slots, max_pixels=1024 * 1024)
+    assert 1 <= ny <= -(-height // block) and 1 <= nx <= -(-width // block)
+    assert ny * nx * block * block <= max(1024 * 1024, block * block)

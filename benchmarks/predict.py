@@ -1,0 +1,299 @@
+"""Benchmark prediction: throughput, efficiency, compute overhead and memory at 1x, 4x, 16x area.
+
+Run: ``.venv/bin/python benchmarks/predict.py`` (about 5-10 minutes on 2 cores).
+
+For each region size (a synthetic scene from :mod:`segpipe.synth`, ingested with the
+default 1024-px blocks) it measures, side by side in one run:
+
+- ``forward_mpx_s``: the network alone on in-memory windows of the same size and batch:
+  the better of one process using every core and all dask workers at once;
+- ``end_to_end_mpx_s``: :func:`segpipe.predict.predict` store in, store out (warm
+  cluster and model), unique output pixels per second;
+- ``ideal_mpx_s`` = forward / overlap factor (window pixels of one whole-image sliding
+  window per output pixel), ``efficiency`` = end-to-end / ideal;
+- ``compute_overhead``: window slots computed (windows duplicated at task borders and
+  batch padding included) / windows of one whole-image sliding window;
+- ``naive_mpx_s``: a single-process rasterio window loop over the VRT without overlap;
+- ``peak_rss_mb``: peak resident memory of the driver and every worker during predict.
+
+It also writes seam previews of a 4 x 4 block region (``docs/img/seams_<blend>.png``)
+and a seam score per blend mode. Results go to ``benchmarks/results/predict.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from segpipe.cluster import describe_cluster, get_client
+from segpipe.inference import usable_cores
+from segpipe.ingest import ingest
+from segpipe.io.store import open_layer, read_region_info
+from segpipe.models import load_model, normalise, read_spec
+from segpipe.predict import predict
+from segpipe.synth import synthesize
+from segpipe.tiling import pad_to_multiple, window_starts
+from segpipe.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PeakRss:
+    """Samples the summed RSS of this process and all its descendants in a thread."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # a process that just ended
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def forward_rate(
+    model_dir: str, tile: int, batch: int, threads: int, seconds: float = 4.0
+) -> tuple[int, float]:
+    """Window pixels and seconds of back-to-back forward passes on random in-memory windows."""
+    import torch
+
+    from segpipe.inference import torch_forward
+
+    torch.set_num_threads(threads)
+    net, spec = load_model(model_dir)
+    forward = torch_forward(net, torch.device("cpu"))
+    x = np.random.default_rng(0).normal(size=(batch, len(spec.band_names), tile, tile)).astype(np.float32)
+    forward(x)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        forward(x)
+        n += 1
+    return n * batch * tile * tile, time.perf_counter() - t0
+
+
+def naive_loop(vrt: Path, model_dir: str, tile: int, batch: int, out: Path) -> float:
+    """What most scripts do: read windows with rasterio, no overlap, write classes; returns seconds."""
+    import rasterio
+    import torch
+    from rasterio.windows import Window
+
+    from segpipe.inference import torch_forward, valid_mask
+
+    torch.set_num_threads(usable_cores())
+    t0 = time.perf_counter()
+    net, spec = load_model(model_dir)
+    forward = torch_forward(net, torch.device("cpu"))
+    values = np.array([c.value for c in spec.classes], dtype=np.uint8)
+    with rasterio.open(vrt) as src:
+        profile = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1, "dtype": "uint8",
+                   "crs": src.crs, "transform": src.transform, "tiled": True, "compress": "deflate",
+                   "nodata": 255}
+        wins = [Window(x, y, min(tile, src.width - x), min(tile, src.height - y))
+                for y in range(0, src.height, tile) for x in range(0, src.width, tile)]
+        with rasterio.open(out, "w", **profile) as dst:
+            for i in range(0, len(wins), batch):
+                chunk = wins[i : i + batch]
+                chips, valids = [], []
+                for win in chunk:
+                    raw = src.read(window=win)
+                    valid = valid_mask(raw, src.nodata)
+                    chips.append(pad_to_multiple(normalise(raw, spec, valid), tile)[0])
+                    valids.append(valid)
+                probs = forward(np.stack(chips))
+                for win, valid, p in zip(chunk, valids, probs, strict=True):
+                    cls = values[p[:, : win.height, : win.width].argmax(axis=0)]
+                    cls[~valid] = 255
+                    dst.write(cls, 1, window=win)
+    return time.perf_counter() - t0
+
+
+def _forward_on_worker(model_dir: str, tile: int, batch: int, threads: int) -> tuple[int, float]:
+    return forward_rate(model_dir, tile, batch, threads)
+
+
+def seam_score(conf: np.ndarray, tile: int, overlap: int) -> float:
+    """Mean |step| of confidence across the columns where windows start or end, over the mean elsewhere."""
+    valid = conf != 255
+    step = np.abs(np.diff(conf.astype(np.float32), axis=1))
+    ok = valid[:, 1:] & valid[:, :-1]
+    per_col = np.array([step[ok[:, c], c].mean() if ok[:, c].any() else 0.0 for c in range(step.shape[1])])
+    starts = window_starts(conf.shape[1], tile, tile - overlap)
+    # Columns c where a window edge or a window's core edge lies between c and c + 1.
+    edges = {int(e) - 1 for s in starts for e in (s, s + tile, s + overlap // 2, s + tile - overlap // 2)}
+    edges = {e for e in edges if 0 <= e < step.shape[1]}
+    other = [c for c in range(step.shape[1]) if c not in edges]
+    return float(per_col[sorted(edges)].mean() / max(per_col[other].mean(), 1e-6))
+
+
+def previews(store: str, model: str, client: Any, out_dir: Path) -> dict[str, float]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    spec = read_spec(model)
+    info = read_region_info(store)
+    b = info.block_size
+    scores = {}
+    for blend in ("cosine", "gaussian", "mean", "crop"):
+        s = predict(store, model, client=client, force=True, blend=blend, max_task_pixels=b * b)
+        classes = np.asarray(open_layer(store, "classes")[: 4 * b, : 4 * b])
+        conf = np.asarray(open_layer(store, "confidence")[: 4 * b, : 4 * b])
+        scores[blend] = seam_score(conf, s.tile_size, s.overlap)
+        lut = np.zeros(256, dtype=np.int64)
+        for i, c in enumerate(spec.classes):
+            lut[c.value] = i
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5.6), constrained_layout=True)
+        axes[0].imshow(np.ma.masked_where(classes == 255, lut[classes]),
+                       cmap=ListedColormap([c.colour for c in spec.classes]), interpolation="nearest",
+                       vmin=0, vmax=len(spec.classes) - 1)
+        im = axes[1].imshow(np.ma.masked_equal(conf, 255), cmap="magma", vmin=30, vmax=100,
+                            interpolation="nearest")
+        fig.colorbar(im, ax=axes[1], shrink=0.8, label="confidence (%)")
+        for ax, title in zip(axes, ("classes", "confidence"), strict=True):
+            ax.set_title(f"{title}: --blend {blend}")
+            ax.set_xticks(np.arange(0, 4 * b + 1, b))
+            ax.set_yticks(np.arange(0, 4 * b + 1, b))
+            ax.tick_params(labelsize=7)
+        fig.suptitle(f"4 x 4 blocks of {b} px, one task per block; window {s.tile_size} px, overlap "
+                     f"{s.overlap} px; seam score {scores[blend]:.2f} (1 = no seam)", fontsize=10)
+        fig.savefig(out_dir / f"seams_{blend}.png", dpi=80)
+        plt.close(fig)
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base", type=int, default=1024, help="Edge of the 1x region in pixels.")
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16], help="Area factors.")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/segpipe-bench-predict"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predict.json")
+    parser.add_argument("--images", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--no-previews", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="Keep regions and model already in --work.")
+    args = parser.parse_args()
+    if not args.reuse:
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    stores: dict[int, tuple[Path, str]] = {}
+    for f in args.factors:
+        size = round(args.base * math.sqrt(f))
+        store = args.work / f"region{f}.zarr"
+        if not store.exists():
+            region = synthesize(args.work / f"synth{f}", size=size, tiles=2, seed=f)
+            ingest(region.image, store, labels=region.labels, classes=region.classes)
+        stores[f] = (args.work / f"synth{f}" / "image.vrt", str(store))
+    model = str(args.work / "model")
+    t0 = time.perf_counter()
+    # Trained in a child process, so the driver's memory is what prediction needs.
+    if not (Path(model) / "model.json").exists():
+        config = TrainConfig(epochs=2, samples_per_epoch=256)
+        trainer = multiprocessing.get_context("spawn").Process(
+            target=train, args=(stores[args.factors[0]][1], model, config))
+        trainer.start()
+        trainer.join()
+    train_s = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with get_client() as client:
+        cluster_s = time.perf_counter() - t0
+        cluster = describe_cluster(client)
+        n_workers = len(client.scheduler_info()["workers"])
+        # Warm-up: workers load the model and prime torch once, as in any long run.
+        predict(stores[args.factors[0]][1], model, client=client, force=True)
+        for f in args.factors:
+            vrt, store = stores[f]
+            info = read_region_info(store)
+            with PeakRss() as rss:
+                s = predict(store, model, client=client, force=True)
+            tile, ov = s.tile_size, s.overlap
+            cores = usable_cores()
+            px, sec = forward_rate(model, tile, s.batch_size, cores)
+            fwd_single = px / sec / 1e6
+            runs = client.run(_forward_on_worker, model, tile, s.batch_size, max(1, cores // n_workers))
+            fwd_workers = sum(p for p, _ in runs.values()) / max(t for _, t in runs.values()) / 1e6
+            forward = max(fwd_single, fwd_workers)
+            stride = tile - ov
+            n_global = len(window_starts(info.height, tile, stride)) * len(
+                window_starts(info.width, tile, stride))
+            pixels = info.height * info.width
+            overlap_factor = n_global * tile * tile / pixels
+            naive_s = naive_loop(vrt, model, tile, s.batch_size, args.work / f"naive{f}.tif")
+            end_to_end = pixels / s.seconds / 1e6
+            ideal = forward / overlap_factor
+            row = {
+                "factor": f, "size": info.height, "mpx": round(pixels / 1e6, 3), "tasks": s.tasks,
+                "task_blocks": list(s.task_blocks), "batch_size": s.batch_size, "tile": tile, "overlap": ov,
+                "seconds": round(s.seconds, 2),
+                "forward_mpx_s": round(forward, 4), "forward_one_process_mpx_s": round(fwd_single, 4),
+                "forward_workers_mpx_s": round(fwd_workers, 4),
+                "end_to_end_mpx_s": round(end_to_end, 4), "overlap_factor": round(overlap_factor, 4),
+                "ideal_mpx_s": round(ideal, 4), "efficiency": round(end_to_end / ideal, 3),
+                "compute_overhead": round(s.slots / n_global, 3), "windows": s.windows, "slots": s.slots,
+                "whole_image_windows": n_global, "naive_mpx_s": round(pixels / naive_s / 1e6, 4),
+                "peak_rss_mb": round(rss.peak / 2**20, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        seams: dict[str, float] = {}
+        if not args.no_previews:
+            vrt, _ = stores[args.factors[0]]
+            pstore = args.work / "preview.zarr"
+            ingest(vrt, pstore, block_size=256, overwrite=True)
+            args.images.mkdir(parents=True, exist_ok=True)
+            seams = previews(str(pstore), model, client, args.images)
+    base_rss = rows[0]["peak_rss_mb"]
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "cluster": cluster, "cluster_start_s": round(cluster_s, 2), "train_s": round(train_s, 1),
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "sizes": rows,
+        "peak_rss_ratio_largest_to_base": round(rows[-1]["peak_rss_mb"] / base_rss, 3),
+        "seam_score": {k: round(v, 3) for k, v in seams.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    cols = ["size", "tasks", "forward_mpx_s", "end_to_end_mpx_s", "ideal_mpx_s", "efficiency",
+            "compute_overhead", "naive_mpx_s", "peak_rss_mb"]
+    print(" | ".join(cols))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in cols))
+    print(f"seam score (1 = none): {result['seam_score']}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
