@@ -384,7 +384,7 @@ def evaluate(
             classes,
             out / "preview.png",
             disagreement=True,
-            title=f"whole region, every {step}th pixel" if step > 1 else "whole region",
+            title=f"whole region, 1 pixel in {step} along each axis" if step > 1 else "whole region",
         )
         figures.append("preview.png")
     write_report(out / "report.md", metrics, figures)
