@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import pytest
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,3 +39,28 @@ def prefect_home(tmp_path_factory):
     with prefect_test_harness():
         yield
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained U-Net package for the predict tests' 3-band stores (weights seeded)."""
+    import torch
+    from predict_support import CLASSES
+
+    from segpipe.models import ModelSpec, build_network, save_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec("unet", "resnet18", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64)
+    return save_model(tmp_path_factory.mktemp("model"), spec, build_network("unet", "resnet18", 3, 3))
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    """A real multi-process dask cluster: two single-threaded worker processes."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as c,
+    ):
+        yield c

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import torch
-import xarray as xr
 import zarr
-from affine import Affine
-from distributed import Client, LocalCluster
+from distributed import Client
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
 
 from segpipe.cluster import SCHEDULER_ENV, describe_cluster, get_client
 from segpipe.errors import BandMismatchError, InputError
 from segpipe.inference import torch_forward as _torch_forward
 from segpipe.io.store import open_layer, open_region, read_region_info
-from segpipe.models import ModelSpec, build_network, load_model, model_hash, normalise, read_spec, save_model
+from segpipe.models import load_model, model_hash, normalise, read_spec
 from segpipe.predict import (
     PROGRESS_LAYER,
     BlockJob,
@@ -32,7 +30,6 @@ from segpipe.predict import (
     valid_mask,
 )
 from segpipe.tiling import block_windows, halo_bounds, window_weights
-from segpipe.types import ClassInfo
 
 
 def _identity(batch: np.ndarray) -> np.ndarray:
@@ -197,52 +194,6 @@ def test_valid_mask_any_band_nodata_or_nan() -> None:
 
 # --- end to end on a real multi-process cluster ---------------------------------------
 
-CLASSES = (ClassInfo(3, "water", "#1f77b4"), ClassInfo(7, "forest", "#1f7a1f"),
-           ClassInfo(9, "urban", "#d62728"))
-HEIGHT, WIDTH = 200, 170
-
-
-def make_store(path: Path, block: int, bands: int = 3, nan_nodata: bool = False) -> Path:
-    """A tiny region store in segpipe's layout, nodata in a corner and a stripe."""
-    rng = np.random.default_rng(42)
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
-    img = np.stack([(np.sin(yy / (9 + b)) + np.cos(xx / (7 + 2 * b))) * 300 + 700 for b in range(bands)])
-    img = (img + rng.normal(0, 30, img.shape)).clip(1, 2000).astype(np.uint16)
-    img[:, :30, :25] = 0
-    img[1, 120:125, :] = 0  # one band only: still nodata
-    nodata: float = 0
-    if nan_nodata:
-        img = img.astype(np.float32)
-        img[img == 0] = nodata = np.nan
-    da = xr.DataArray(img, dims=("band", "y", "x"), coords={
-        "band": np.arange(1, bands + 1),
-        "y": 4000.0 - 10 * np.arange(HEIGHT) - 5, "x": 300000.0 + 10 * np.arange(WIDTH) + 5})
-    da = da.rio.write_crs("EPSG:32617").rio.write_transform(Affine(10, 0, 300000, 0, -10, 4000))
-    da.attrs["long_name"] = [f"b{i + 1}" for i in range(bands)]
-    ds = da.to_dataset(name="image")
-    enc = {"image": {**ds["image"].encoding, "chunks": (bands, block, block),
-                     "shards": (bands, block, block), "_FillValue": nodata}}
-    ds.to_zarr(path, zarr_format=3, encoding=enc, consolidated=False, mode="w")
-    zarr.open_group(path, mode="r+").attrs["segpipe"] = {"schema": 1, "block_size": block, "classes": []}
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    spec = ModelSpec("unet", "resnet18", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64)
-    return save_model(tmp_path_factory.mktemp("model"), spec, build_network("unet", "resnet18", 3, 3))
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
-        yield c
-
-
-# One block per task (max_task_pixels), so block borders fall between tasks.
-SETTINGS = {"tile_size": 64, "overlap": 16, "batch_size": 4, "max_task_pixels": 64 * 64}
 
 
 def _read(store: Path, name: str) -> np.ndarray:

@@ -7,32 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from distributed import Client, LocalCluster, get_task_stream
-from test_predict import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
+from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
 
 from segpipe.io.store import open_layer
-from segpipe.models import ModelSpec, build_network, save_model
 from segpipe.predict import PROGRESS_LAYER, predict
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    spec = ModelSpec("unet", "resnet18", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64)
-    return save_model(tmp_path_factory.mktemp("model"), spec, build_network("unet", "resnet18", 3, 3))
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
-        yield c
 
 
 def _read(store: Path, name: str) -> np.ndarray:
