@@ -7,7 +7,6 @@ per-pixel random forest trained on the same labels.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flows.engine import use_local_engine
 from flows.process_region import RegionRun, process_region
 from segpipe.synth import synthesize
 from segpipe.train import TrainConfig
 
 __all__ = ["run_demo"]
-
-
-def _ephemeral_prefect(out: Path) -> None:
-    """Keep Prefect's ephemeral engine inside the demo folder unless the user set Prefect up."""
-    if "PREFECT_API_URL" not in os.environ:
-        os.environ.setdefault("PREFECT_HOME", str((out / ".prefect").resolve()))
-        os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-        # The telemetry service races the flow for the fresh SQLite file ("database is
-        # locked") and has nothing to report from a throwaway engine.
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def run_demo(
@@ -50,7 +40,7 @@ def run_demo(
     con = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _ephemeral_prefect(out)
+    use_local_engine(out / ".prefect")
     started = time.perf_counter()
     con.print(f"[bold]segpipe demo[/bold]: {size} x {size} px synthetic region in {out}")
     with con.status("generating the synthetic region"):

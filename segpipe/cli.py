@@ -279,25 +279,17 @@ def demo(
     typer.echo(json.dumps({"miou": summary["miou"], "summary": str(out / "summary.json")}))
 
 
-def _local_prefect() -> None:
-    """Use Prefect's ephemeral engine, quietly, unless a Prefect API is configured."""
-    import os
-
-    if "PREFECT_API_URL" not in os.environ:
-        os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
 @app.command("run")
 def run_region(
     region: Annotated[Path, typer.Argument(help="Region description (YAML: a process_region RegionRun).")],
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address for prediction.")] = None,
 ) -> None:
     """Process one region end to end with the process_region flow."""
-    _local_prefect()
+    from flows.engine import use_local_engine
     from flows.manifest import read_region
     from flows.process_region import process_region
 
+    use_local_engine()
     run = read_region(region)
     if scheduler:
         run = run.model_copy(update={"scheduler": scheduler})
@@ -314,10 +306,11 @@ def batch(
     ] = None,
 ) -> None:
     """Process every region of a manifest with the process_regions flow."""
-    _local_prefect()
+    from flows.engine import use_local_engine
     from flows.manifest import read_manifest
     from flows.process_regions import process_regions
 
+    use_local_engine()
     plan = read_manifest(manifest)
     if scheduler:
         plan = plan.model_copy(
