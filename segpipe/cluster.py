@@ -72,13 +72,16 @@ def get_client(
         processes: Local workers as separate processes (the GIL-free choice).
 
     Yields:
-        A connected :class:`distributed.Client`.
+        A connected :class:`distributed.Client`. It is not made the process's default
+        scheduler: regions processed in parallel threads each open one, and a default
+        set by one and restored out of order by another left plain ``dask.compute``
+        calls pointing at a closed cluster. Pass the client explicitly.
     """
     from distributed import Client, LocalCluster
 
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     if address:
-        with Client(address) as client:
+        with Client(address, set_as_default=False) as client:
             log.info("connected to %s (dashboard %s)", address, client.dashboard_link)
             yield client
         return
@@ -98,7 +101,7 @@ def get_client(
             silence_logs=logging.WARNING,
         )
     try:
-        with Client(cluster) as client:
+        with Client(cluster, set_as_default=False) as client:
             log.info("started %s; dashboard %s", describe_cluster(client), client.dashboard_link)
             yield client
     finally:

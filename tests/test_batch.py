@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import pytest
 import yaml
 
@@ -81,6 +82,8 @@ def test_batch_runs_every_region_and_fails_naming_the_broken_one(regions, prefec
     with pytest.raises(BatchError, match="broken") as info:
         process_regions(read_manifest(path))
     assert "1 of 3" in str(info.value)
+    # Regions ran their clusters in parallel threads; none may leave dask pointing at it.
+    assert dask.config.get("scheduler", None) != "dask.distributed"
     for name in ("one", "two"):
         assert (regions / "out" / f"{name}-cog" / "classes.tif").is_file()
         assert (regions / "out" / f"{name}-model" / "model.json").is_file()
@@ -129,7 +132,7 @@ def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, pre
         )
         from distributed import Client
 
-        with Client(address) as client:
+        with Client(address, set_as_default=False) as client:
             client.wait_for_workers(2, timeout=60)
         entry = {
             **region_entry("remote", str(regions / "r1")),
