@@ -321,7 +321,7 @@ def predict(
             resources = {"GPU": 1} if gpu else None
             futures = client.map(run_block, jobs, pure=False, resources=resources)
             try:
-                for future in as_completed(futures):
+                for future in as_completed(futures, loop=client.loop):
                     stats = future.result()
                     pixels += int(stats["pixels"])
                     windows += int(stats["windows"])
