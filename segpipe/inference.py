@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from segpipe.allocator import tune_allocator
 from segpipe.blend import BlendStats, blend_rows, tta_forward
 from segpipe.errors import ModelPackageError
 from segpipe.io.store import NODATA_U8, open_layer, read_region_info, write_block
@@ -183,6 +184,7 @@ def run_block(job: BlockJob) -> dict[str, float]:
         forward calls, padding included), ``seconds`` (task time).
     """
     t0 = time.perf_counter()
+    tune_allocator()  # dask's nanny settings make every activation tensor page-fault
     info = read_region_info(job.store)
     net, spec, device = _model_for(job.model_dir, job.model_hash)
     streams = _cpu_streams(job) if device.type == "cpu" else 1
