@@ -17,6 +17,11 @@ COG layout); :func:`write_cog` still checks they survived and fails loudly if no
 Temporaries carry the writing process's id, so an export killed outright (SIGKILL,
 out-of-memory killer) leaves only hidden temporaries, never a destination file, and
 the next export to the same destination removes those of dead processes.
+
+An ``s3://`` destination is exported the same way into a local temporary folder
+(``TMPDIR``: it needs room for the COG), validated there, and only then uploaded, the
+COG before its STAC Item; S3 shows an object only once its upload completes, so a
+failed export leaves the destination as it was.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import glob
 import math
 import os
 import re
+import tempfile
 import uuid
 import warnings
 from collections.abc import Callable
@@ -50,9 +56,10 @@ from segpipe.export_layers import (
     classes_from_tags,
     describe_layer,
 )
+from segpipe.io.remote import as_url, check_bucket, is_remote, remote_exists, upload, url_name, url_parent
 from segpipe.io.store import NODATA_U8, RegionInfo, read_region_info
 from segpipe.overviews import ModePyramid, overview_shapes, write_overview_vrt
-from segpipe.stac import stac_item, write_stac_item
+from segpipe.stac import stac_item, stac_item_path, write_stac_item
 
 __all__ = [
     "COMPRESSIONS",
@@ -291,7 +298,7 @@ def write_cog(
     overwrite: bool = True,
     compress: str = "DEFLATE",
     stac: bool = True,
-) -> Path:
+) -> Path | str:
     """Export a store layer to a validated Cloud-Optimized GeoTIFF, plus a STAC Item.
 
     The COG has the store's CRS and transform, 512-px blocks, internal overviews
@@ -307,24 +314,27 @@ def write_cog(
     the temporaries are removed and an existing ``out`` is left untouched.
 
     Args:
-        store: Region store holding the layer.
-        out: Destination ``.tif``.
+        store: Region store holding the layer (a path or an ``s3://`` URL).
+        out: Destination ``.tif`` (a path or an ``s3://`` URL).
         layer: ``classes``, ``confidence``, ``probabilities`` or ``image``.
         overwrite: Replace an existing ``out``.
         compress: ``DEFLATE`` (readable everywhere) or ``ZSTD`` (faster, smaller).
         stac: Also write a STAC Item ``<name>.stac.json`` beside ``out``.
 
     Returns:
-        The destination path.
+        The destination: a path, or the URL for an ``s3://`` destination.
 
     Raises:
-        MissingInputError: The store does not exist.
+        MissingInputError: The store (or the destination bucket) does not exist.
+        TransientError: Object storage could not be reached.
         StoreError: The layer does not exist (run ``segpipe predict`` first).
         InputError: ``out`` exists and ``overwrite`` is false, or a bad layer/compression.
         SegpipeError: The COG failed validation.
     """
     if compress.upper() not in COMPRESSIONS:
         raise InputError(f"compression {compress!r} is not supported: use DEFLATE or ZSTD")
+    if is_remote(out):
+        return _write_remote_cog(store, as_url(out), layer, overwrite, compress, stac)
     dest = Path(out)
     if dest.exists() and not overwrite:
         raise InputError(f"{dest} exists: remove it or export with overwrite")
@@ -371,3 +381,20 @@ def write_cog(
         )
         write_stac_item(dest, item)
     return dest
+
+
+def _write_remote_cog(
+    store: str | Path, url: str, layer: str, overwrite: bool, compress: str, stac: bool
+) -> str:
+    """:func:`write_cog` to ``s3://``: export into a local temporary folder, then upload."""
+    check_bucket(url)
+    if not overwrite and remote_exists(url):
+        raise InputError(f"{url} exists: remove it or export with overwrite")
+    with tempfile.TemporaryDirectory(prefix="segpipe-export-") as tmp:
+        local = Path(write_cog(store, Path(tmp) / url_name(url), layer, True, compress, stac))
+        upload(local, url)
+        if stac:
+            # After the COG: an Item never points at a COG that is not there yet.
+            item = stac_item_path(local)
+            upload(item, f"{url_parent(url)}/{item.name}")
+    return url

@@ -9,6 +9,10 @@ One dask task per window counts (reference, prediction) value pairs into a 256 x
 joint histogram; the histograms are summed in a tree, so memory stays at a few
 windows whatever the region size, and the classes to evaluate are chosen after the
 single pass (the reference's values are only known once it has been read).
+
+Prediction and reference may be ``s3://`` URLs (a store prefix, or a raster or polygons
+read through ``/vsis3/``); an ``s3://`` report folder is written locally and uploaded
+when complete, ``metrics.json`` last.
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ from dask.delayed import Delayed, delayed
 from segpipe.cog import classes_from_tags
 from segpipe.errors import InputError, LabelsError, MissingInputError, StoreError
 from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
+from segpipe.io.remote import (
+    as_url,
+    check_bucket,
+    gdal_env,
+    gdal_path,
+    is_remote,
+    join,
+    remote_exists,
+    staged_dir,
+)
 from segpipe.io.store import NODATA_U8, open_layer, read_region_info
 from segpipe.metrics import confusion_from_histogram, joint_histogram, json_ready, scores
 from segpipe.plots import plot_confusion_matrix, plot_preview
@@ -82,10 +96,18 @@ def open_prediction(
         MissingInputError: The prediction or its layer does not exist.
         InputError: A GeoTIFF is multi-band or not of integers.
     """
-    p = Path(prediction)
-    if not p.exists():
-        raise MissingInputError(f"prediction {p} does not exist")
-    if p.is_dir():
+    p: Path | str
+    if is_remote(prediction):
+        p = as_url(prediction)
+        is_store = remote_exists(join(p, "zarr.json"))
+        if not is_store and not remote_exists(p):
+            raise MissingInputError(f"prediction {p} does not exist")
+    else:
+        p = Path(prediction)
+        if not p.exists():
+            raise MissingInputError(f"prediction {p} does not exist")
+        is_store = p.is_dir()
+    if is_store:
         info = read_region_info(p)
         try:
             array = open_layer(p, layer)
@@ -97,7 +119,7 @@ def open_prediction(
             raise StoreError(f"layer '{layer}' of {p} is not a (y, x) layer of the region grid")
         return PredictionSource(str(p), "store", layer), info.grid, list(info.classes), info.block_size
     try:
-        with rasterio.open(p) as src:
+        with gdal_env(p), rasterio.open(gdal_path(p)) as src:
             if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
                 raise InputError(
                     f"prediction {p} has {src.count} band(s) of {src.dtypes[0]}: "
@@ -114,7 +136,7 @@ def _read_prediction(pred: PredictionSource, y0: int, x0: int, h: int, w: int) -
     """Prediction pixels of one window, nodata as 255."""
     if pred.kind == "store":
         return np.asarray(open_layer(pred.path, pred.layer)[y0 : y0 + h, x0 : x0 + w])
-    with rasterio.open(pred.path) as src:
+    with gdal_env(pred.path), rasterio.open(gdal_path(pred.path)) as src:
         data: np.ndarray = src.read(1, window=rasterio.windows.Window(x0, y0, w, h))
     if pred.nodata is not None and pred.nodata != NODATA_U8:
         data = np.where(data == pred.nodata, NODATA_U8, data)
@@ -297,8 +319,8 @@ def evaluate(
     Args:
         prediction: Region store (its ``layer``) or class GeoTIFF on the grid to evaluate.
         reference: Label raster (any grid or CRS) or polygons (Shapefile, GeoPackage...).
-        out_dir: Folder for ``metrics.json``, ``report.md``, ``confusion_matrix.png``,
-            ``preview.png`` and, with ``points``, ``points.csv``.
+        out_dir: Folder (or ``s3://`` prefix) for ``metrics.json``, ``report.md``,
+            ``confusion_matrix.png``, ``preview.png`` and, with ``points``, ``points.csv``.
         reference_field: Integer class field of reference polygons (default: guessed).
         layer: Store layer holding the classes.
         window: Pixels per side of one task's window (aligned to the store's blocks).
@@ -320,6 +342,8 @@ def evaluate(
     """
     if points is not None:
         allocate(np.ones(ALL + 1, np.int64), points, sampling)  # validate before the long pass
+    if is_remote(out_dir):
+        check_bucket(as_url(out_dir))
     pred, grid, pred_classes, block = open_prediction(prediction, layer)
     labels = open_labels(reference, reference_field)
     check_overlap(labels, grid)
@@ -341,51 +365,54 @@ def evaluate(
             f"the prediction {prediction} has no data (all 255) where reference {reference} is labelled: "
             "run 'segpipe predict' over the labelled area"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    assessment: dict[str, Any] = {"mode": "pixels"}
-    if points is not None:
-        per_window_arr = np.asarray(per_window, np.int64)
-        drawn, targets = _sample_points(pred, labels, grid, windows, per_window_arr, points, sampling, seed)
-        cm = confusion_from_histogram(joint_histogram(drawn[:, 3], drawn[:, 2]), values)
-        assessment = _points_summary(
-            drawn, targets, per_window_arr.sum(axis=0), classes, (points, sampling, seed)
-        )
-        _write_points(out / "points.csv", drawn, grid)
-    result = scores(cm, values, [c.name for c in classes])
-    result["classes"] = [{"value": c.value, "name": c.name, "colour": c.colour} for c in classes]
-    metrics: dict[str, Any] = {
-        "prediction": str(prediction),
-        "reference": str(reference),
-        **result,
-        "assessment": assessment,
-        "pixel_counts": {
-            "grid": int(hist.sum()),
-            "reference_labelled": labelled,
-            "evaluated": int(confusion_from_histogram(hist, values).sum()),
-            "labelled_without_prediction": int(hist[values, NODATA_U8].sum()),
-            "other_predictions": int(confusion_from_histogram(hist, values)[:, -1].sum()),
-        },
-    }
-    metrics = json_ready(metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    title = f"{Path(str(prediction)).name} vs {Path(str(reference)).name}"
-    if points is not None:
-        title += f" ({len(drawn):,} {sampling} points)"
-    shown = cm if cm[:, -1].any() else cm[:, :-1]  # an all-zero "other" column is clutter
-    plot_confusion_matrix(shown, [c.name for c in classes], out / "confusion_matrix.png", title)
-    figures = ["confusion_matrix.png"]
-    if preview:
-        view_pred, view_ref, view_rgb = assemble_preview(pieces, grid.height, grid.width, step)
-        plot_preview(
-            view_rgb,
-            view_pred,
-            view_ref,
-            classes,
-            out / "preview.png",
-            disagreement=True,
-            title=f"whole region, 1 pixel in {step} along each axis" if step > 1 else "whole region",
-        )
-        figures.append("preview.png")
-    write_report(out / "report.md", metrics, figures)
+    # A local folder is written in place; an s3:// one is uploaded once complete,
+    # metrics.json last (its presence is what marks a finished report).
+    with staged_dir(out_dir, last=("metrics.json",)) as out:
+        assessment: dict[str, Any] = {"mode": "pixels"}
+        if points is not None:
+            per_window_arr = np.asarray(per_window, np.int64)
+            drawn, targets = _sample_points(
+                pred, labels, grid, windows, per_window_arr, points, sampling, seed
+            )
+            cm = confusion_from_histogram(joint_histogram(drawn[:, 3], drawn[:, 2]), values)
+            assessment = _points_summary(
+                drawn, targets, per_window_arr.sum(axis=0), classes, (points, sampling, seed)
+            )
+            _write_points(out / "points.csv", drawn, grid)
+        result = scores(cm, values, [c.name for c in classes])
+        result["classes"] = [{"value": c.value, "name": c.name, "colour": c.colour} for c in classes]
+        metrics: dict[str, Any] = {
+            "prediction": str(prediction),
+            "reference": str(reference),
+            **result,
+            "assessment": assessment,
+            "pixel_counts": {
+                "grid": int(hist.sum()),
+                "reference_labelled": labelled,
+                "evaluated": int(confusion_from_histogram(hist, values).sum()),
+                "labelled_without_prediction": int(hist[values, NODATA_U8].sum()),
+                "other_predictions": int(confusion_from_histogram(hist, values)[:, -1].sum()),
+            },
+        }
+        metrics = json_ready(metrics)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        title = f"{Path(str(prediction)).name} vs {Path(str(reference)).name}"
+        if points is not None:
+            title += f" ({len(drawn):,} {sampling} points)"
+        shown = cm if cm[:, -1].any() else cm[:, :-1]  # an all-zero "other" column is clutter
+        plot_confusion_matrix(shown, [c.name for c in classes], out / "confusion_matrix.png", title)
+        figures = ["confusion_matrix.png"]
+        if preview:
+            view_pred, view_ref, view_rgb = assemble_preview(pieces, grid.height, grid.width, step)
+            plot_preview(
+                view_rgb,
+                view_pred,
+                view_ref,
+                classes,
+                out / "preview.png",
+                disagreement=True,
+                title=f"whole region, 1 pixel in {step} along each axis" if step > 1 else "whole region",
+            )
+            figures.append("preview.png")
+        write_report(out / "report.md", metrics, figures)
     return metrics

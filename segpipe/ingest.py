@@ -5,6 +5,15 @@ The mosaic is streamed block by block into a Zarr v3 store (dask chunks == shard
 task. Nothing holds the whole region in memory, and nothing half-written is ever left
 at ``out``: the store is built in a hidden sibling directory and renamed into place
 only when complete.
+
+On object storage (``out`` an ``s3://`` URL) there is no rename. Dask tasks write the
+store straight to a hidden sibling prefix (no local disk, no single machine in the data
+path); once it is complete its objects are copied server-side to ``out``, the root
+``zarr.json`` last, and the sibling prefix is deleted. Readers open a region through its
+root ``zarr.json``, so they see either no store or the complete one, never a half store.
+Replacing a store (``overwrite``) first deletes the old root ``zarr.json``, then the old
+objects: for the length of the copy there is no store at ``out``, never a mix of two.
+A killed ingest can leave a hidden ``.NAME.tmp-*`` prefix behind, never a store at ``out``.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +34,19 @@ from segpipe.errors import InputError, LabelsError, StoreError
 from segpipe.fingerprint import ingest_fingerprint
 from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
 from segpipe.io.mosaic import open_mosaic
+from segpipe.io.remote import (
+    as_url,
+    check_bucket,
+    filesystem,
+    is_remote,
+    join,
+    remote_errors,
+    remote_exists,
+    remove_tree,
+    storage_options_for,
+    url_name,
+    url_parent,
+)
 from segpipe.io.store import (
     INNER_CHUNK,
     STORE_SCHEMA,
@@ -59,12 +82,20 @@ def _grid(image: xr.DataArray) -> Grid:
 def _resolve_classes(classes: Sequence[ClassInfo] | str | Path | None) -> list[ClassInfo] | None:
     if classes is None:
         return None
+    if isinstance(classes, str | Path) and is_remote(classes):
+        url = as_url(classes)
+        with remote_errors(url, "classes file"):
+            text = filesystem().cat_file(url)
+        with tempfile.TemporaryDirectory(prefix="segpipe-classes-") as tmp:
+            local = Path(tmp) / url_name(url)
+            local.write_bytes(text)
+            return read_classes_file(local)
     if isinstance(classes, str | Path):
         return read_classes_file(classes)
     return sorted(classes, key=lambda c: c.value) or None
 
 
-def _write_image(image: xr.DataArray, store: Path, block_size: int) -> None:
+def _write_image(image: xr.DataArray, store: str, block_size: int) -> None:
     """Stream the mosaic into ``store``'s ``image`` array, one dask task per shard."""
     var = image.copy()
     var.attrs["long_name"] = list(var.attrs["long_name"])  # JSON has no tuples
@@ -81,27 +112,45 @@ def _write_image(image: xr.DataArray, store: Path, block_size: int) -> None:
         "_FillValue": nodata,
     }
     ds = var.to_dataset(name="image")
-    ds.to_zarr(str(store), mode="w-", zarr_format=3, consolidated=False, encoding={"image": encoding})
+    ds.to_zarr(
+        store,
+        mode="w-",
+        zarr_format=3,
+        consolidated=False,
+        encoding={"image": encoding},
+        storage_options=storage_options_for(store),
+    )
 
 
-def _label_block(src: LabelSource, grid: Grid, store: str, y0: int, x0: int, size: int) -> np.ndarray:
+def _label_block(
+    src: LabelSource, grid: Grid, store: str, y0: int, x0: int, size: int
+) -> np.ndarray | LabelsError:
     """Rasterize one block of labels into the store; return its class histogram."""
     h, w = min(size, grid.height - y0), min(size, grid.width - x0)
-    data = labels_window(src, grid, y0, x0, h, w)
+    try:
+        data = labels_window(src, grid, y0, x0, h, w)
+    except LabelsError as exc:
+        # Returned, not raised: the driver raises it once every task has finished, so no
+        # task still running writes into the store after the failed ingest removed it.
+        return exc
     write_block(open_layer(store, "labels", mode="r+"), y0, x0, data, size)
     return np.bincount(data.ravel(), minlength=256)
 
 
-def _write_labels(src: LabelSource, grid: Grid, store: Path, block_size: int) -> np.ndarray:
+def _write_labels(src: LabelSource, grid: Grid, store: str, block_size: int) -> np.ndarray:
     """Fill the ``labels`` layer block by block; return the per-value pixel counts."""
     create_layer(store, "labels", "uint8", 0)
     block = dask.delayed(_label_block, pure=True)
     tasks = [
-        block(src, grid, str(store), y0, x0, block_size)
+        block(src, grid, store, y0, x0, block_size)
         for y0 in range(0, grid.height, block_size)
         for x0 in range(0, grid.width, block_size)
     ]
-    counts: np.ndarray = np.sum(dask.compute(*tasks), axis=0)
+    results = dask.compute(*tasks)
+    for result in results:
+        if isinstance(result, LabelsError):
+            raise result
+    counts: np.ndarray = np.sum(results, axis=0)
     return counts
 
 
@@ -139,6 +188,26 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool, tag: str) -> None:
         old.unlink(missing_ok=True)
 
 
+def _publish_remote(tmp: str, out: str, overwrite: bool) -> None:
+    """Copy the finished store at prefix ``tmp`` to ``out``, root ``zarr.json`` last (see module doc)."""
+    fs = filesystem()
+    root = join(out, "zarr.json")
+    with remote_errors(out, "region store"):
+        if fs.exists(root):
+            if not overwrite:
+                raise StoreError(f"{out} exists; pass --overwrite to replace it")
+            fs.rm_file(root)  # the old store stops being a store before any of it changes
+        if fs.exists(out):
+            fs.rm(out, recursive=True)
+        # Leftovers of an interrupted publish (objects without a root zarr.json) go too.
+        tmp_key, out_key = tmp[len("s3://") :], out[len("s3://") :]
+        body = [k for k in sorted(fs.find(tmp)) if k != f"{tmp_key}/zarr.json"]
+        if body:  # server-side copies, concurrent within s3fs
+            fs.copy(body, [out_key + k[len(tmp_key) :] for k in body])
+        fs.copy(f"{tmp_key}/zarr.json", f"{out_key}/zarr.json")
+    remove_tree(tmp)
+
+
 def ingest(
     images: Sequence[str | Path] | str | Path,
     out: str | Path,
@@ -155,7 +224,7 @@ def ingest(
 
     Args:
         images: GeoTIFF files, VRTs and/or folders of GeoTIFFs forming one mosaic.
-        out: Directory of the region store to create (local filesystem).
+        out: Directory of the region store to create, or an ``s3://`` URL.
         labels: Optional class raster or class polygons.
         label_field: For polygons, the integer field with class values.
         classes: Classes (a list, or a classes JSON file); by default taken from the
@@ -178,17 +247,26 @@ def ingest(
     inner = min(INNER_CHUNK, block_size)
     if block_size < 1 or block_size % inner:
         raise InputError(f"block size {block_size} is invalid: use at most {INNER_CHUNK} or a multiple of it")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise StoreError(f"{out} exists; pass --overwrite to replace it")
+    remote = is_remote(out)
+    out_s = as_url(out) if remote else str(Path(out))
+    if remote:
+        check_bucket(out_s)
+    exists = remote_exists(join(out_s, "zarr.json")) if remote else Path(out_s).exists()
+    if exists and not overwrite:
+        raise StoreError(f"{out_s} exists; pass --overwrite to replace it")
     given = _resolve_classes(classes)
     src = open_labels(labels, label_field) if labels is not None else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(4)
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    # Beside the store, so workers that can write the store can read the VRT too.
-    vrt = out.parent / f".{out.name}.tmp-{tag}.vrt"
+    if remote:
+        tmp = join(url_parent(out_s), f".{url_name(out_s)}.tmp-{tag}")
+        vrt = None
+    else:
+        local_out = Path(out_s)
+        local_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = str(local_out.parent / f".{local_out.name}.tmp-{tag}")
+        # Beside the store, so workers that can write the store can read the VRT too.
+        vrt = local_out.parent / f".{local_out.name}.tmp-{tag}.vrt"
     try:
         image = open_mosaic(images, chunk_size=block_size, vrt_path=vrt)
         grid = _grid(image)
@@ -199,7 +277,7 @@ def ingest(
             f"{image.data.npartitions} blocks of {block_size} px"
         )
         _write_image(image, tmp, block_size)
-        zarr.open_group(str(tmp), mode="r+").attrs["segpipe"] = {
+        zarr.open_group(tmp, mode="r+", storage_options=storage_options_for(tmp)).attrs["segpipe"] = {
             "schema": STORE_SCHEMA,
             "block_size": block_size,
             "classes": [],
@@ -218,11 +296,18 @@ def ingest(
             found = _region_classes(src, _write_labels(src, grid, tmp, block_size), given)
         if found:
             set_region_classes(tmp, found)
-        _move_into_place(tmp, out, overwrite, tag)
+        if remote:
+            _publish_remote(tmp, out_s, overwrite)
+        else:
+            _move_into_place(Path(tmp), Path(out_s), overwrite, tag)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if remote:
+            remove_tree(tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        vrt.unlink(missing_ok=True)
-    say(f"region store written to {out}")
-    return read_region_info(out)
+        if vrt is not None:
+            vrt.unlink(missing_ok=True)
+    say(f"region store written to {out_s}")
+    return read_region_info(out_s)

@@ -6,6 +6,10 @@ tasks carry; :func:`labels_window` gives the uint8 labels (0 = unlabelled) of on
 of the grid. Rasters on another grid or CRS are warped with nearest resampling (class
 ids never blend); polygons in any CRS are reprojected once per process and burnt in
 with their class field.
+
+Labels may be ``s3://`` URLs: rasters are read through GDAL's ``/vsis3/`` and polygons
+through pyogrio's, both configured by :mod:`segpipe.io.remote`; ``LabelSource.path``
+keeps the URL, so every worker configures its own GDAL from its environment.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
 from segpipe.errors import LabelsError, MissingInputError
+from segpipe.io.remote import as_url, gdal_env, gdal_path, is_remote, posix_suffix, remote_info, vector_path
 from segpipe.types import ClassInfo, Grid, default_colour
 
 __all__ = ["LabelSource", "check_overlap", "label_classes", "labels_window", "open_labels"]
@@ -47,7 +52,7 @@ class LabelSource:
     """A validated labels file, small enough to ship inside dask graphs.
 
     Attributes:
-        path: Absolute path of the labels file.
+        path: Absolute path of the labels file, or its ``s3://`` URL.
         kind: ``"raster"`` (class ids as pixel values) or ``"vector"`` (polygons).
         field: For polygons, the integer attribute holding the class value.
     """
@@ -57,21 +62,21 @@ class LabelSource:
     field: str | None = None
 
 
-def _is_vector(p: Path) -> bool:
-    suffix = p.suffix.lower()
+def _is_vector(p: str) -> bool:
+    suffix = posix_suffix(p)
     if suffix in _VECTOR_SUFFIXES:
         return True
     if suffix in _RASTER_SUFFIXES:
         return False
     try:
-        pyogrio.read_info(p)
+        pyogrio.read_info(vector_path(p))
         return True
     except Exception:  # not readable as vector: try it as a raster below
         return False
 
 
-def _pick_field(p: Path, field: str | None) -> str:
-    info = pyogrio.read_info(p)
+def _pick_field(p: str, field: str | None) -> str:
+    info = pyogrio.read_info(vector_path(p))
     fields = [str(f) for f in info["fields"]]
     dtypes = {str(f): str(d) for f, d in zip(info["fields"], info["dtypes"], strict=True)}
     if field is not None:
@@ -92,7 +97,7 @@ def _pick_field(p: Path, field: str | None) -> str:
     if kind.startswith(("int", "uint", "float")):
         # Checked here, from the attribute table alone, so a bad value stops ingest
         # before the image is written rather than in the middle of the labels.
-        values = pyogrio.read_dataframe(p, columns=[chosen], read_geometry=False)[chosen]
+        values = pyogrio.read_dataframe(vector_path(p), columns=[chosen], read_geometry=False)[chosen]
         if values.isna().any():
             raise LabelsError(f"labels {p}: {int(values.isna().sum())} features have no {chosen!r} value")
         numbers = values.to_numpy(dtype=np.float64)
@@ -120,14 +125,17 @@ def open_labels(path: str | Path, field: str | None = None) -> LabelSource:
             integer 0-254 or none at all; a raster has several bands, or ``field``
             was given for a raster.
     """
-    p = Path(path)
-    if not p.exists():
-        raise MissingInputError(f"labels {p} do not exist")
-    p = p.resolve()
+    if is_remote(path):
+        p = as_url(path)
+        remote_info(p, "labels")  # MissingInputError naming the URL, before GDAL's vaguer one
+    else:
+        if not Path(path).exists():
+            raise MissingInputError(f"labels {Path(path)} do not exist")
+        p = str(Path(path).resolve())
     if _is_vector(p):
-        return LabelSource(str(p), "vector", _pick_field(p, field))
+        return LabelSource(p, "vector", _pick_field(p, field))
     try:
-        with rasterio.open(p) as ds:
+        with gdal_env(p), rasterio.open(gdal_path(p)) as ds:
             count = ds.count
     except rasterio.errors.RasterioIOError as exc:
         raise LabelsError(f"labels {p} are neither a raster nor polygons GDAL can read") from exc
@@ -135,7 +143,7 @@ def open_labels(path: str | Path, field: str | None = None) -> LabelSource:
         raise LabelsError(f"labels raster {p} has {count} bands: give a single-band class raster")
     if field is not None:
         raise LabelsError(f"labels {p} are a raster: a label field applies only to polygons")
-    return LabelSource(str(p), "raster", None)
+    return LabelSource(p, "raster", None)
 
 
 def _crs(wkt_or_crs: str | CRS | None) -> CRS | None:
@@ -159,16 +167,16 @@ def _checked(values: np.ndarray, src: LabelSource) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _polygons(
-    path: str, field: str, crs_wkt: str, mtime_ns: int
+    path: str, field: str, crs_wkt: str, version: str
 ) -> tuple[np.ndarray, np.ndarray, shapely.STRtree]:
     """Polygons in the grid's CRS with their class values and a spatial index.
 
-    Cached per process (keyed with the file's mtime) so the file is read and
+    Cached per process (keyed with the file's version) so the file is read and
     reprojected once per worker, not once per block.
     """
-    del mtime_ns  # part of the cache key only
+    del version  # part of the cache key only
     src = LabelSource(path, "vector", field)
-    gdf = pyogrio.read_dataframe(path, columns=[field])
+    gdf = pyogrio.read_dataframe(vector_path(path), columns=[field])
     gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)]
     if gdf[field].isna().any():
         raise LabelsError(f"labels {path}: {int(gdf[field].isna().sum())} polygons have no {field!r} value")
@@ -190,9 +198,17 @@ def _window_transform(grid: Grid, y0: int, x0: int) -> Affine:
     return Affine(*grid.transform) @ Affine.translation(x0, y0)
 
 
+def _version(path: str) -> str:
+    """What changes when the file changes: mtime locally, the ETag on object storage."""
+    if is_remote(path):
+        info = remote_info(path, "labels")
+        return f"{info.get('ETag')}|{info.get('size')}"
+    return str(os.stat(path).st_mtime_ns)
+
+
 def _vector_window(src: LabelSource, grid: Grid, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     assert src.field is not None
-    geoms, values, tree = _polygons(src.path, src.field, grid.crs_wkt, os.stat(src.path).st_mtime_ns)
+    geoms, values, tree = _polygons(src.path, src.field, grid.crs_wkt, _version(src.path))
     t = _window_transform(grid, y0, x0)
     hits = np.sort(tree.query(shapely.box(*_bounds(t, h, w))))
     if hits.size == 0:
@@ -217,7 +233,7 @@ def _to_labels(data: np.ndarray, nodata: float | None, src: LabelSource) -> np.n
 
 def _raster_window(src: LabelSource, grid: Grid, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     target = _window_transform(grid, y0, x0)
-    with rasterio.open(src.path) as ds:
+    with gdal_env(src.path), rasterio.open(gdal_path(src.path)) as ds:
         nodata = ds.nodata
         grid_crs = _crs(grid.crs_wkt)
         same_crs = ds.crs is None or grid_crs is None or ds.crs == grid_crs
@@ -281,7 +297,7 @@ def labels_window(src: LabelSource, grid: Grid, y0: int, x0: int, h: int, w: int
 def _scan_raster(src: LabelSource) -> list[int]:
     """Distinct label values of a whole raster, read window by window."""
     counts = np.zeros(256, np.int64)
-    with rasterio.open(src.path) as ds:
+    with gdal_env(src.path), rasterio.open(gdal_path(src.path)) as ds:
         for r in range(0, ds.height, _SCAN_BLOCK):
             for c in range(0, ds.width, _SCAN_BLOCK):
                 win = Window(c, r, min(_SCAN_BLOCK, ds.width - c), min(_SCAN_BLOCK, ds.height - r))
@@ -304,11 +320,12 @@ def label_classes(src: LabelSource, values: Iterable[int] | None = None) -> list
     """
     if src.kind == "vector":
         assert src.field is not None
-        fields = {str(f).lower(): str(f) for f in pyogrio.read_info(src.path)["fields"]}
+        fields = {str(f).lower(): str(f) for f in pyogrio.read_info(vector_path(src.path))["fields"]}
         name_f = next((fields[n] for n in _NAME_FIELDS if n in fields and fields[n] != src.field), None)
         colour_f = next((fields[n] for n in _COLOUR_FIELDS if n in fields), None)
         cols = [c for c in (src.field, name_f, colour_f) if c is not None]
-        table = pyogrio.read_dataframe(src.path, columns=cols, read_geometry=False).dropna(subset=[src.field])
+        table = pyogrio.read_dataframe(vector_path(src.path), columns=cols, read_geometry=False)
+        table = table.dropna(subset=[src.field])
         found: dict[int, ClassInfo] = {}
         for _, row in table.iterrows():
             value = int(_checked(np.asarray([float(row[src.field])]), src)[0])
@@ -321,7 +338,7 @@ def label_classes(src: LabelSource, values: Iterable[int] | None = None) -> list
             found[value] = ClassInfo(value, name, colour)
         return [found[v] for v in sorted(found)]
     present = sorted(set(values) if values is not None else _scan_raster(src))
-    with rasterio.open(src.path) as ds:
+    with gdal_env(src.path), rasterio.open(gdal_path(src.path)) as ds:
         try:
             cmap: dict[int, tuple[int, ...]] = ds.colormap(1)
         except ValueError:  # no colour table
@@ -350,12 +367,12 @@ def check_overlap(src: LabelSource, grid: Grid) -> None:
             intersect the grid (or the labels hold no polygon).
     """
     if src.kind == "vector":
-        info = pyogrio.read_info(src.path, force_total_bounds=True)
+        info = pyogrio.read_info(vector_path(src.path), force_total_bounds=True)
         if not info["features"]:
             raise LabelsError(f"labels {src.path} hold no polygons")
         crs, bounds = _crs(info["crs"]), tuple(float(b) for b in info["total_bounds"])
     else:
-        with rasterio.open(src.path) as ds:
+        with gdal_env(src.path), rasterio.open(gdal_path(src.path)) as ds:
             crs, bounds = ds.crs, tuple(ds.bounds)
     grid_crs = _crs(grid.crs_wkt)
     if crs is not None and grid_crs is not None and crs != grid_crs:

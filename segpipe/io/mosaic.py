@@ -5,6 +5,11 @@ not expose ``gdalbuildvrt``), so the mosaic is never loaded into memory: dask ta
 read just their window through GDAL. Tiles must share CRS, pixel size, band count,
 dtype, nodata and pixel grid; anything else would mean silent resampling, so it is
 refused with :class:`~segpipe.errors.TileMismatchError`.
+
+Inputs may be ``s3://`` URLs (files, VRTs or prefixes standing for folders): GDAL reads
+them through ``/vsis3/`` configured by :mod:`segpipe.io.remote`. Their blocks are read by
+segpipe's own task function, which sets that configuration in whichever worker thread
+or process runs it (rioxarray's reader would run without it there).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
+import dask.array
 import numpy as np
 import rasterio
 import rioxarray
@@ -22,6 +29,7 @@ import xarray as xr
 from rasterio.crs import CRS
 
 from segpipe.errors import MissingInputError, TileMismatchError
+from segpipe.io.remote import as_url, filesystem, gdal_env, gdal_path, is_remote, posix_suffix, remote_errors
 
 __all__ = ["expand_inputs", "mosaic_vrt_xml", "open_mosaic"]
 
@@ -64,18 +72,38 @@ class _Tile:
         return (abs(self.transform[0]), abs(self.transform[4]))
 
 
-def expand_inputs(images: Sequence[str | Path] | str | Path) -> list[Path]:
+def _expand_remote(url: str) -> list[str]:
+    """A URL as raster files: the object itself, or the GeoTIFFs directly under a prefix."""
+    fs = filesystem()
+    with remote_errors(url, "image"):
+        if fs.isfile(url):
+            return [url]
+        keys = fs.ls(url, detail=False)
+        found = sorted("s3://" + k for k in keys if posix_suffix(k) in _TILE_SUFFIXES and fs.isfile(k))
+    if not found:
+        if fs.exists(url):
+            raise MissingInputError(f"folder {url} holds no GeoTIFF (*.tif, *.tiff)")
+        raise MissingInputError(f"image {url} does not exist")
+    return found
+
+
+def expand_inputs(images: Sequence[str | Path] | str | Path) -> list[Path | str]:
     """Turn files, VRTs and folders into the list of raster files they stand for.
 
-    A folder stands for every ``*.tif``/``*.tiff`` directly inside it, sorted by name.
+    A folder stands for every ``*.tif``/``*.tiff`` directly inside it, sorted by name;
+    so does an ``s3://`` prefix. Local files come back as paths, remote ones as URLs.
 
     Raises:
         MissingInputError: A path does not exist, a folder holds no GeoTIFF, or
             nothing was given.
+        TransientError: Object storage could not be reached.
     """
     items = [images] if isinstance(images, str | Path) else list(images)
-    files: list[Path] = []
+    files: list[Path | str] = []
     for item in items:
+        if is_remote(item):
+            files.extend(_expand_remote(as_url(item)))
+            continue
         p = Path(item)
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _TILE_SUFFIXES)
@@ -91,11 +119,11 @@ def expand_inputs(images: Sequence[str | Path] | str | Path) -> list[Path]:
     return files
 
 
-def _read_tile(path: Path) -> _Tile:
+def _read_tile(path: Path | str) -> _Tile:
     try:
-        with rasterio.open(path) as ds:
+        with gdal_env(path), rasterio.open(gdal_path(path)) as ds:
             return _Tile(
-                path=str(path.resolve()),
+                path=as_url(path) if is_remote(path) else str(Path(path).resolve()),
                 crs=ds.crs,
                 transform=tuple(ds.transform)[:6],
                 width=ds.width,
@@ -120,7 +148,7 @@ def _same_nodata(a: float | None, b: float | None) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def _check_tiles(files: Sequence[Path], tiles: Sequence[_Tile]) -> None:
+def _check_tiles(files: Sequence[Path | str], tiles: Sequence[_Tile]) -> None:
     """Refuse tiles that cannot be mosaicked without resampling or guessing."""
     ref, ref_name = tiles[0], files[0]
     for name, t in zip(files, tiles, strict=True):
@@ -186,7 +214,7 @@ def mosaic_vrt_xml(files: Sequence[str | Path], relative_to: str | Path | None =
         TileMismatchError: Tiles disagree in CRS, pixel size, band count, dtype,
             nodata or pixel grid, or are rotated.
     """
-    paths = [Path(f) for f in files]
+    paths: list[Path | str] = [as_url(f) if is_remote(f) else Path(f) for f in files]
     tiles = [_read_tile(p) for p in paths]
     _check_tiles(paths, tiles)
     ref = tiles[0]
@@ -213,8 +241,12 @@ def mosaic_vrt_xml(files: Sequence[str | Path], relative_to: str | Path | None =
         if ref.nodata is not None:
             out.append(f"    <NoDataValue>{_number(ref.nodata)}</NoDataValue>")
         for t in tiles:
-            name, relative = t.path, 0
-            if relative_to is not None and Path(t.path).resolve().is_relative_to(Path(relative_to).resolve()):
+            name, relative = gdal_path(t.path), 0
+            if (
+                relative_to is not None
+                and not is_remote(t.path)
+                and Path(t.path).resolve().is_relative_to(Path(relative_to).resolve())
+            ):
                 name, relative = str(Path(t.path).resolve().relative_to(Path(relative_to).resolve())), 1
             xoff = round((t.transform[2] - left) / rx)
             yoff = round((top - t.transform[5]) / ry)
@@ -234,6 +266,24 @@ def mosaic_vrt_xml(files: Sequence[str | Path], relative_to: str | Path | None =
         out.append("  </VRTRasterBand>")
     out.append("</VRTDataset>")
     return "\n".join(out) + "\n"
+
+
+def _read_block(
+    template: np.ndarray, source: str, block_info: dict[Any, Any] | None = None
+) -> np.ndarray:
+    """Read one (band, y, x) block of ``source`` through ``/vsis3/``, in any worker."""
+    assert block_info is not None
+    (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+    # Any remote name switches the S3 config on; source may be VRT XML, not a path.
+    with gdal_env("s3://"), rasterio.open(source) as ds:
+        data: np.ndarray = ds.read(window=((y0, y1), (x0, x1)))
+    return data.astype(template.dtype, copy=False)
+
+
+def _remote_blocks(source: str, like: dask.array.Array) -> dask.array.Array:
+    """A dask array of ``source`` with the chunks of ``like``, read by :func:`_read_block`."""
+    template = dask.array.empty(like.shape, dtype=like.dtype, chunks=like.chunks)
+    return template.map_blocks(_read_block, source, dtype=like.dtype, meta=np.empty((0, 0, 0), like.dtype))
 
 
 def open_mosaic(
@@ -260,26 +310,32 @@ def open_mosaic(
         TileMismatchError: Tiles cannot be mosaicked (see :func:`mosaic_vrt_xml`).
     """
     files = expand_inputs(images)
+    remote = any(is_remote(f) for f in files)
     source: str
     if len(files) == 1:
-        source = str(files[0])
+        source = gdal_path(files[0])
     else:
         xml = mosaic_vrt_xml(files)
-        if vrt_path is None:
-            source = xml  # GDAL opens VRT XML given in place of a file name
+        if vrt_path is None or remote:
+            # GDAL opens VRT XML given in place of a file name. With remote tiles the
+            # graph carries it: a local VRT file would not reach workers on other hosts.
+            source = xml
         else:
             Path(vrt_path).write_text(xml)
             source = str(vrt_path)
-    with rasterio.open(source) as ds:
-        names = tuple(d if d else f"band{i + 1}" for i, d in enumerate(ds.descriptions))
-    # lock=False gives every thread its own GDAL handle: parallel reads, no global lock.
-    da = rioxarray.open_rasterio(
-        source,
-        chunks={"band": -1, "y": chunk_size, "x": chunk_size},
-        lock=False,
-        mask_and_scale=False,
-    )
+    with gdal_env(*files):
+        with rasterio.open(source) as ds:
+            names = tuple(d if d else f"band{i + 1}" for i, d in enumerate(ds.descriptions))
+        # lock=False gives every thread its own GDAL handle: parallel reads, no global lock.
+        da = rioxarray.open_rasterio(
+            source,
+            chunks={"band": -1, "y": chunk_size, "x": chunk_size},
+            lock=False,
+            mask_and_scale=False,
+        )
     assert isinstance(da, xr.DataArray)
+    if remote:
+        da = da.copy(data=_remote_blocks(source, da.data))
     # rioxarray adds a neutral scale/offset to every file; stored they would make
     # default (masking) readers turn integer images into floats.
     if da.attrs.get("scale_factor") == 1.0:

@@ -11,6 +11,9 @@ Layout (see ARCHITECTURE.md):
 
 Every layer is sharded with one shard per ``block_size`` x ``block_size`` block, and
 dask chunks equal shards, so one task writes one shard and retries are safe.
+
+A store may be an ``s3://`` URL: zarr reaches it through fsspec (s3fs) with
+:func:`segpipe.io.remote.storage_options`, in the driver and in every worker alike.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import zarr
 from affine import Affine
 
 from segpipe.errors import MissingInputError, StoreError
+from segpipe.io.remote import as_url, is_remote, remote_errors, storage_options_for
 from segpipe.types import ClassInfo, Grid, classes_from_json, classes_to_json
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "open_region",
     "read_region_info",
     "set_region_classes",
+    "store_location",
     "write_block",
 ]
 
@@ -92,14 +97,22 @@ class RegionInfo:
         return (-(-self.height // self.block_size), -(-self.width // self.block_size))
 
 
+def store_location(store: str | Path) -> str:
+    """The store as zarr and xarray open it: a normalised ``s3://`` URL, or a local path."""
+    return as_url(store) if is_remote(store) else str(store)
+
+
 def _group(store: str | Path, mode: str = "r") -> zarr.Group:
-    path = str(store)
-    if "://" not in path and not Path(path).exists():
+    path = store_location(store)
+    if not is_remote(path) and "://" not in path and not Path(path).exists():
         raise MissingInputError(f"region store {path} does not exist: run 'segpipe ingest' first")
-    try:
-        return zarr.open_group(path, mode=mode)  # type: ignore[arg-type]
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise MissingInputError(f"{path} is not a region store: run 'segpipe ingest' first") from exc
+    # On object storage a missing bucket or prefix reads as "no group" too.
+    missing = (
+        f"region store {path} does not exist (no zarr.json there)" if is_remote(path)
+        else f"{path} is not a region store"
+    )
+    with remote_errors(path, "region store", f"{missing}: run 'segpipe ingest' first"):
+        return zarr.open_group(path, mode=mode, storage_options=storage_options_for(path))  # type: ignore[arg-type]
 
 
 def _decode_fill(value: Any) -> float | None:
@@ -133,7 +146,7 @@ def read_region_info(store: str | Path) -> RegionInfo:
     names: list[Any] = [raw_names] if isinstance(raw_names, str) else list(raw_names)  # type: ignore[arg-type]
     nodata = image.attrs.get("_FillValue")
     return RegionInfo(
-        path=str(store),
+        path=store_location(store),
         height=int(image.shape[1]),
         width=int(image.shape[2]),
         block_size=int(meta["block_size"]),
@@ -160,8 +173,10 @@ def open_region(store: str | Path) -> xr.Dataset:
     CRS and nodata are kept as rioxarray expects (``decode_coords="all"``, no masking).
     """
     info = read_region_info(store)
+    path = store_location(store)
     ds = xr.open_zarr(
-        str(store),
+        path,
+        storage_options=storage_options_for(path),
         consolidated=False,
         decode_coords="all",
         mask_and_scale=False,
