@@ -4,7 +4,7 @@ Each task is one call into the segpipe library; the library never imports Prefec
 """
 
 from flows.manifest import Manifest, read_manifest, read_region
-from flows.process_region import RegionRun, process_region
+from flows.process_region import RegionRun, process_region, run_region
 from flows.process_regions import process_regions
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "process_regions",
     "read_manifest",
     "read_region",
+    "run_region",
 ]

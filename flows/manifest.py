@@ -5,8 +5,8 @@ several plus a concurrency limit. Relative paths are taken relative to the file,
 folder of inputs and its manifest can be moved together.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Manifest is a parameter of the deployed
+# process_regions flow, whose parameter model Prefect builds from evaluated annotations.
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.process_region import RegionRun
+from flows.runners import TaskRunnerName
 from segpipe.errors import InputError, MissingInputError
 
 __all__ = ["Manifest", "read_manifest", "read_region"]
@@ -27,12 +28,17 @@ class Manifest(BaseModel):
     Attributes:
         regions: The regions, each a full region description.
         concurrency: Regions processed at the same time.
+        task_runner: Where every region's stages run, overriding the regions' own
+            ``task_runner``: ``local`` (threads of the flow's process) or ``dask`` (a
+            Dask cluster: the regions' ``scheduler``, else ``SEGPIPE_SCHEDULER``, else
+            one local cluster for the batch). None: each region's own setting.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     regions: list[RegionRun] = Field(min_length=1)
     concurrency: int = Field(default=2, ge=1)
+    task_runner: TaskRunnerName | None = None
 
 
 def _resolve(value: str, base: Path) -> str:

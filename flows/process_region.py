@@ -1,17 +1,35 @@
-"""``process_region``: ingest -> train -> predict -> export -> evaluate for one region."""
+"""``process_region``: ingest -> train -> predict -> export -> evaluate for one region.
+
+The stages after predict only read the store, so the exports, the evaluation and the
+baseline run in parallel. Where the stages run is the run's ``task_runner``: threads of
+the flow's process (``local``) or a Dask cluster (``dask``, see :mod:`flows.runners`).
+A rerun skips every stage already done for the same inputs and model, and logs so.
+"""
 
 # No `from __future__ import annotations`: Prefect builds its parameter model from the
 # evaluated annotations, and string annotations fail to resolve in served deployments.
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, wait
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.tasks import baseline_stage, evaluate_stage, export_stage, ingest_stage, predict_stage, train_stage
+from flows.runners import TaskRunnerName, task_runner
+from flows.tasks import (
+    BASELINE_LAYER,
+    baseline_stage,
+    evaluate_stage,
+    export_stage,
+    ingest_stage,
+    predict_stage,
+    train_stage,
+)
+from segpipe.io.remote import is_remote, join
 from segpipe.train import TrainConfig
 
-__all__ = ["RegionRun", "process_region"]
+__all__ = ["RegionRun", "process_region", "run_region"]
 
 
 class RegionRun(BaseModel):
@@ -29,7 +47,11 @@ class RegionRun(BaseModel):
         train: Training settings; None to use an existing model package.
         tile_size: Prediction window edge (default: from the model).
         overlap: Prediction window overlap (default: a quarter of the window).
-        scheduler: Dask scheduler address; None starts a local cluster.
+        scheduler: Dask scheduler address (``tcp://host:8786``) for prediction, and for
+            every stage with ``task_runner: dask``; None: the ``SEGPIPE_SCHEDULER``
+            environment variable, else a local cluster started for the run.
+        task_runner: Where the stages run: ``local`` (threads of the flow's process) or
+            ``dask`` (Prefect's DaskTaskRunner on the ``scheduler`` cluster).
         exports: Store layers to publish as Cloud-Optimized GeoTIFFs.
         export_dir: Folder of the exported GeoTIFFs.
         reference: Reference labels to evaluate against (None: no evaluation).
@@ -51,6 +73,7 @@ class RegionRun(BaseModel):
     tile_size: int | None = None
     overlap: int | None = None
     scheduler: str | None = None
+    task_runner: TaskRunnerName = "local"
     exports: list[Literal["classes", "confidence"]] = ["classes", "confidence"]
     export_dir: str
     reference: str | None = None
@@ -58,38 +81,101 @@ class RegionRun(BaseModel):
     baseline: bool = False
 
 
+def _on_dask_task_runner() -> bool:
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    ctx = FlowRunContext.get()
+    return ctx is not None and isinstance(ctx.task_runner, DaskTaskRunner)
+
+
+def _join(folder: str, name: str) -> str:
+    """``folder/name`` for a local folder or an ``s3://`` prefix (pathlib would squash the URL)."""
+    return join(folder, name) if is_remote(folder) else str(Path(folder) / name)
+
+
 @flow(name="process-region", log_prints=True)
 def process_region(run: RegionRun) -> dict[str, Any]:
     """Process one region end to end.
 
     Args:
-        run: What to read, where to write and how to train and predict.
+        run: What to read, where to write, how to train and predict, and where the
+            stages run.
 
     Returns:
-        ``{"stages": [stage records...], "miou": ..., "baseline_miou": ...}``.
+        ``{"stages": [stage records...], "miou": ..., "baseline_miou": ..., "seconds": ...}``;
+        a stage record holds ``seconds``, ``megapixels``, ``mpx_per_s`` and ``skipped``
+        (True when the stage was already done for the same inputs).
     """
+    if run.task_runner == "dask" and not _on_dask_task_runner():
+        # Called with another task runner (a deployment run, a plain call): the task
+        # runner is fixed when a flow starts, so run again as a subflow on Dask.
+        return run_region(run)
     log = get_run_logger()
+    name = run.name or Path(run.store).stem
+    t0 = time.perf_counter()
+    # Each stage is submitted so it runs where the task runner puts it (a Dask worker
+    # for `dask`), and its .result() raises a failed stage's error: a flow that only
+    # waited on futures would report success.
     stages: list[dict[str, Any]] = []
     stages.append(
-        ingest_stage(run.images, run.store, run.labels, run.label_field, run.classes, run.block_size)
+        ingest_stage.submit(
+            run.images, run.store, run.labels, run.label_field, run.classes, run.block_size
+        ).result()
     )
     if run.train is not None:
-        stages.append(train_stage(run.store, run.model, run.train))
-    stages.append(predict_stage(run.store, run.model, run.tile_size, run.overlap, run.scheduler))
-    Path(run.export_dir).mkdir(parents=True, exist_ok=True)
-    for layer in run.exports:
-        stages.append(export_stage(run.store, str(Path(run.export_dir) / f"{layer}.tif"), layer))
-    result: dict[str, Any] = {"stages": stages, "miou": None, "baseline_miou": None}
+        stages.append(train_stage.submit(run.store, run.model, run.train).result())
+    stages.append(
+        predict_stage.submit(run.store, run.model, run.tile_size, run.overlap, run.scheduler).result()
+    )
+    if not is_remote(run.export_dir):
+        Path(run.export_dir).mkdir(parents=True, exist_ok=True)
+    # From here on every stage only reads the predictions: all run at once.
+    tail: list[PrefectFuture[dict[str, Any]]] = [
+        export_stage.submit(run.store, _join(run.export_dir, f"{layer}.tif"), layer)
+        for layer in run.exports
+    ]
     if run.reference:
-        report = run.report_dir or str(Path(run.export_dir) / "report")
-        evaluation = evaluate_stage(run.store, run.reference, report, "classes")
-        stages.append(evaluation)
-        result["miou"] = evaluation["miou"]
+        report = run.report_dir or _join(run.export_dir, "report")
+        tail.append(evaluate_stage.submit(run.store, run.reference, report, "classes"))
         if run.baseline:
-            stages.append(baseline_stage(run.store))
-            base = evaluate_stage(run.store, run.reference, f"{report}_baseline", "classes_rf")
-            stages.append(base)
-            result["baseline_miou"] = base["miou"]
+            baseline = baseline_stage.submit(run.store)
+            tail.append(baseline)
+            tail.append(
+                evaluate_stage.submit(
+                    run.store,
+                    run.reference,
+                    f"{report}_baseline",
+                    BASELINE_LAYER,
+                    wait_for=[baseline],
+                    return_state=False,  # selects the typed overload that takes wait_for
+                )
+            )
+    wait(tail)  # every parallel stage ends before the first failure is raised
+    stages.extend(f.result() for f in tail)
+    result: dict[str, Any] = {"stages": stages, "miou": None, "baseline_miou": None}
     for s in stages:
-        log.info("%-26s %7.1f s", s["stage"], s["seconds"])
+        if s["stage"] == "evaluate classes":
+            result["miou"] = s["miou"]
+        elif s["stage"] == f"evaluate {BASELINE_LAYER}":
+            result["baseline_miou"] = s["miou"]
+    result["seconds"] = time.perf_counter() - t0
+    for s in stages:
+        if s.get("skipped"):
+            log.info("%-26s %7.1f s   skipped: already done for these inputs", s["stage"], s["seconds"])
+        else:
+            rate = s.get("mpx_per_s")
+            log.info("%-26s %7.1f s %9s Mpx/s", s["stage"], s["seconds"], f"{rate:.2f}" if rate else "-")
+    done = sum(1 for s in stages if s.get("skipped"))
+    log.info("region %s: %.1f s in all; %d of %d stages skipped", name, result["seconds"], done, len(stages))
     return result
+
+
+def run_region(run: RegionRun) -> dict[str, Any]:
+    """Run :func:`process_region` on the task runner ``run.task_runner`` names.
+
+    With ``dask`` and no scheduler (argument or ``SEGPIPE_SCHEDULER``), a local cluster
+    serves the run's stages and its prediction blocks, and is closed afterwards.
+    """
+    with task_runner(run.task_runner, run.scheduler) as (runner, _address):
+        return process_region.with_options(task_runner=runner)(run)

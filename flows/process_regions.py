@@ -3,10 +3,17 @@
 Each region runs the whole ``process_region`` flow (as a subflow) inside one task, so
 regions proceed independently: one region's failure does not stop the others, and the
 batch fails at the end, naming every failed region.
+
+With ``task_runner: dask`` (for the whole manifest or per region) the regions' stages
+run on a Dask cluster: the regions' ``scheduler``, else ``SEGPIPE_SCHEDULER``, else one
+local cluster started for the batch and shared by its regions. The region tasks
+themselves stay in the flow's process: they only wait on their stages.
 """
 
 # No `from __future__ import annotations`: Prefect builds its parameter model from the
 # evaluated annotations, and string annotations fail to resolve in served deployments.
+import contextlib
+import os
 import threading
 from typing import Any
 
@@ -14,7 +21,8 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.futures import wait
 
 from flows.manifest import Manifest
-from flows.process_region import RegionRun, process_region
+from flows.process_region import RegionRun, run_region
+from segpipe.cluster import SCHEDULER_ENV, get_client
 from segpipe.errors import BatchError
 
 __all__ = ["process_regions"]
@@ -23,11 +31,18 @@ __all__ = ["process_regions"]
 _LIMITS: dict[str, threading.BoundedSemaphore] = {}
 
 
+def _limit(key: str) -> threading.BoundedSemaphore:
+    return _LIMITS[key]
+
+
 @task(name="region")
 def region_task(run: RegionRun, limit_key: str) -> dict[str, Any]:
     """Process one region, waiting for a free slot of the batch's concurrency limit."""
-    with _LIMITS[limit_key]:
-        return process_region(run)
+    # The semaphores are reached through a module function, not named here: a region's
+    # stages on a DaskTaskRunner carry this task's context, and pickling this function
+    # by value would then try to pickle every semaphore it names.
+    with _limit(limit_key):
+        return run_region(run)
 
 
 @flow(name="process-regions", log_prints=True)
@@ -35,7 +50,7 @@ def process_regions(manifest: Manifest) -> dict[str, Any]:
     """Process every region of a manifest, ``manifest.concurrency`` at a time.
 
     Args:
-        manifest: Regions and the concurrency limit.
+        manifest: Regions, the concurrency limit and where the regions' stages run.
 
     Returns:
         ``{"regions": {name: result of process_region}}``.
@@ -48,17 +63,36 @@ def process_regions(manifest: Manifest) -> dict[str, Any]:
     _LIMITS[key] = threading.BoundedSemaphore(manifest.concurrency)
     try:
         names = [r.name or f"region-{i + 1}" for i, r in enumerate(manifest.regions)]
-        futures = [
-            region_task.with_options(name=f"region {n}").submit(r, key)
-            for n, r in zip(names, manifest.regions, strict=True)
+        regions = [
+            r.model_copy(update={"task_runner": manifest.task_runner}) if manifest.task_runner else r
+            for r in manifest.regions
         ]
-        wait(futures)
+        with contextlib.ExitStack() as stack:
+            if any(r.task_runner == "dask" and not r.scheduler for r in regions) and not os.environ.get(
+                SCHEDULER_ENV
+            ):
+                # One local cluster for the batch, not one per region: regions share its workers.
+                client = stack.enter_context(get_client())
+                address = str(client.scheduler.address)
+                log.info("dask cluster for the batch at %s; dashboard %s", address, client.dashboard_link)
+                regions = [
+                    r.model_copy(update={"scheduler": address})
+                    if r.task_runner == "dask" and not r.scheduler
+                    else r
+                    for r in regions
+                ]
+            futures = [
+                region_task.with_options(name=f"region {n}").submit(r, key)
+                for n, r in zip(names, regions, strict=True)
+            ]
+            wait(futures)
         results: dict[str, Any] = {}
         failed: list[str] = []
         for name, future in zip(names, futures, strict=True):
             if future.state.is_completed():
                 results[name] = future.result()
-                log.info("region %s: done (mIoU %s)", name, results[name].get("miou"))
+                r = results[name]
+                log.info("region %s: done in %.1f s (mIoU %s)", name, r.get("seconds", 0.0), r.get("miou"))
             else:
                 failed.append(name)
                 log.error("region %s failed: %s", name, future.state.message)

@@ -2,17 +2,34 @@
 
 Tasks are coarse (a whole stage) because Prefect costs ~0.1 s per task. Only
 segpipe's transient errors are retried; an input error fails at once.
+
+Every stage skips work already done for the same inputs, and says so in its log and
+with ``skipped: True`` in its record: ingest and train by fingerprints in the store and
+the model package, predict by its per-block markers (checked before any cluster
+starts), export and evaluate by a record beside their product (:mod:`flows.resume`),
+the baseline by a record on its layer.
+
+On a ``DaskTaskRunner`` the tasks run inside dask workers: each leaves the worker's
+thread pool while it runs, so the dask work it starts itself (prediction blocks, the
+windows of an evaluation) can run on the same cluster without a deadlock.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: modules in flows/ keep evaluated annotations
+# (Prefect builds parameter models from them in served deployments).
+import contextlib
+import os
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 
+from segpipe.cluster import in_dask_worker, release_worker_thread
 from segpipe.errors import TransientError
 from segpipe.train import TrainConfig, TrainProgress
+
+BASELINE_LAYER = "classes_rf"
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -27,14 +44,48 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _record(stage: str, started: float, pixels: int, **extra: Any) -> dict[str, Any]:
+    """A stage's record: wall time, pixels, throughput (Mpx/s) and where it ran.
+
+    ``mpx_per_s`` is None for a stage that processed nothing (skipped); ``worker`` and
+    ``cluster`` are the addresses of the dask worker and its scheduler on a
+    ``DaskTaskRunner``, else None.
+    """
     seconds = time.perf_counter() - started
+    worker = in_dask_worker()
     return {
         "stage": stage,
         "seconds": seconds,
         "megapixels": pixels / 1e6,
-        "mpx_per_s": pixels / 1e6 / seconds if seconds > 0 else None,
+        "mpx_per_s": pixels / 1e6 / seconds if pixels and seconds > 0 else None,
+        "worker": str(worker.address) if worker is not None else None,
+        "cluster": str(worker.scheduler.address) if worker is not None else None,
         **extra,
     }
+
+
+def _skipped(stage: str, started: float, **extra: Any) -> dict[str, Any]:
+    return _record(stage, started, 0, skipped=True, **extra)
+
+
+@contextlib.contextmanager
+def _torch_threads_in_worker(config: TrainConfig) -> Iterator[None]:
+    """Train with the host's cores inside a dask worker, which pins torch to one thread.
+
+    Dask workers start with ``OMP_NUM_THREADS=1``; ``threads=0`` means "all cores", so
+    the stage sets them here rather than in the config (whose dump fingerprints the
+    model, and must not depend on where training ran).
+    """
+    if in_dask_worker() is None or config.threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @task(name="ingest", retries=2, retry_condition_fn=_retry_transient)
@@ -54,17 +105,18 @@ def ingest_stage(
     started = time.perf_counter()
     if store_inputs(store) == ingest_fingerprint(images, labels, label_field, classes, block_size):
         log.info("ingest: %s is up to date with its inputs; skipped", store)
-        return _record("ingest", started, 0, output=store, skipped=True)
-    info = ingest(
-        images,
-        store,
-        labels=labels,
-        label_field=label_field,
-        classes=classes,
-        block_size=block_size,
-        overwrite=True,
-        progress=log.info,
-    )
+        return _skipped("ingest", started, output=store)
+    with release_worker_thread():
+        info = ingest(
+            images,
+            store,
+            labels=labels,
+            label_field=label_field,
+            classes=classes,
+            block_size=block_size,
+            overwrite=True,
+            progress=log.info,
+        )
     return _record("ingest", started, info.height * info.width, output=store)
 
 
@@ -86,7 +138,7 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
     current = store_inputs(store)
     if current and done.get("store_inputs") == current and done.get("config") == config.model_dump():
         log.info("train: %s was trained on this store with these settings; skipped", model)
-        return _record("train", started, 0, output=model, skipped=True)
+        return _skipped("train", started, output=model)
 
     def report(p: TrainProgress) -> None:
         if p.record is not None:
@@ -101,7 +153,8 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
                 r["seconds"],
             )
 
-    spec = train(store, model, config, progress=report)
+    with release_worker_thread(), _torch_threads_in_worker(config):
+        spec = train(store, model, config, progress=report)
     chips = config.epochs * config.samples_per_epoch
     info = read_region_info(store)
     return _record(
@@ -118,14 +171,20 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
 def predict_stage(
     store: str, model: str, tile_size: int | None, overlap: int | None, scheduler: str | None
 ) -> dict[str, Any]:
-    """Classify every pixel on a Dask cluster (local by default)."""
+    """Classify every pixel on a Dask cluster (local by default), unless every block is finished."""
     from segpipe.cluster import describe_cluster, get_client
-    from segpipe.predict import predict
+    from segpipe.predict import pending_blocks, predict
 
     log = get_run_logger()
     started = time.perf_counter()
+    output = f"{store} (classes, confidence)"
+    # Checked before any cluster is started or joined: a finished region costs nothing.
+    pending, total = pending_blocks(store, model, tile_size, overlap)
+    if pending == 0:
+        log.info("predict: all %d blocks are finished for this model and settings; skipped", total)
+        return _skipped("predict", started, output=output, blocks=total, blocks_skipped=total)
     with get_client(scheduler) as client:
-        log.info("dask cluster: %s; dashboard %s", describe_cluster(client), client.dashboard_link)
+        log.info("predict: dask cluster %s; dashboard %s", describe_cluster(client), client.dashboard_link)
         last = [0]
 
         def report(done: int, total: int) -> None:
@@ -144,7 +203,7 @@ def predict_stage(
         "predict",
         started,
         summary.pixels,
-        output=f"{store} (classes, confidence)",
+        output=output,
         blocks=summary.blocks_total,
         blocks_skipped=summary.blocks_skipped,
     )
@@ -152,23 +211,58 @@ def predict_stage(
 
 @task(name="export", retries=2, retry_condition_fn=_retry_transient)
 def export_stage(store: str, out: str, layer: str) -> dict[str, Any]:
-    """Export one store layer as a Cloud-Optimized GeoTIFF."""
+    """Export one store layer as a Cloud-Optimized GeoTIFF, unless ``out`` was made from the same layer."""
+    from flows.resume import forget, is_current, remember
     from segpipe.cog import write_cog
+    from segpipe.fingerprint import layer_fingerprint
     from segpipe.io.store import read_region_info
 
+    log = get_run_logger()
     started = time.perf_counter()
-    write_cog(store, out, layer=layer)
+    made_from = {"layer": layer, "predictions": layer_fingerprint(store, layer)}
+    if is_current(out, made_from):
+        log.info("export %s: %s was made from the same predictions; skipped", layer, out)
+        return _skipped(f"export {layer}", started, output=out)
+    forget(out)
+    with release_worker_thread():
+        write_cog(store, out, layer=layer)
+    remember(out, made_from, stage="export")
     info = read_region_info(store)
     return _record(f"export {layer}", started, info.height * info.width, output=out)
 
 
 @task(name="evaluate")
 def evaluate_stage(store: str, reference: str, out_dir: str, layer: str) -> dict[str, Any]:
-    """Evaluate a store layer against a reference."""
+    """Evaluate a store layer against a reference, unless the report was made from the same inputs."""
+    from flows.resume import forget, is_current, record_of, remember
     from segpipe.evaluate import evaluate
+    from segpipe.fingerprint import files_fingerprint, layer_fingerprint
+    from segpipe.io.remote import is_remote, join
 
+    log = get_run_logger()
     started = time.perf_counter()
-    result = evaluate(store, reference, out_dir, layer=layer)
+    metrics = join(out_dir, "metrics.json") if is_remote(out_dir) else str(Path(out_dir) / "metrics.json")
+    made_from = {
+        "layer": layer,
+        "predictions": layer_fingerprint(store, layer),
+        "reference": files_fingerprint([reference]),
+    }
+    record = record_of(metrics) or {}
+    if is_current(metrics, made_from) and isinstance(record.get("result"), dict):
+        result = record["result"]
+        log.info("evaluate %s: %s was made from the same predictions and reference; skipped", layer, metrics)
+        return _skipped(
+            f"evaluate {layer}",
+            started,
+            output=out_dir,
+            miou=result["miou"],
+            overall_accuracy=result["overall_accuracy"],
+        )
+    forget(metrics)
+    with release_worker_thread():
+        result = evaluate(store, reference, out_dir, layer=layer)
+    remember(metrics, made_from, stage="evaluate",
+             result={"miou": result["miou"], "overall_accuracy": result["overall_accuracy"]})
     return _record(
         f"evaluate {layer}",
         started,
@@ -181,11 +275,26 @@ def evaluate_stage(store: str, reference: str, out_dir: str, layer: str) -> dict
 
 @task(name="baseline")
 def baseline_stage(store: str) -> dict[str, Any]:
-    """Per-pixel random forest on the same labels, for comparison."""
+    """Per-pixel random forest on the same labels, for comparison, unless made from the same store."""
     from segpipe.baseline import random_forest_baseline
+    from segpipe.errors import StoreError
+    from segpipe.fingerprint import store_inputs
+    from segpipe.io.store import open_layer
 
+    log = get_run_logger()
     started = time.perf_counter()
-    result = random_forest_baseline(store)
-    return _record(
-        "baseline (random forest)", started, result["pixels"], output=f"{store} ({result['layer']})"
-    )
+    stage, output = "baseline (random forest)", f"{store} ({BASELINE_LAYER})"
+    # The forest is seeded, so the same store gives the same layer: the store's inputs
+    # fingerprint, recorded on the layer once it is complete, identifies it.
+    made_from = {"store_inputs": store_inputs(store)}
+    try:
+        done = open_layer(store, BASELINE_LAYER).attrs.get("segpipe_baseline")
+    except StoreError:
+        done = None
+    if made_from["store_inputs"] and done == made_from:
+        log.info("baseline: %s was made from this store; skipped", BASELINE_LAYER)
+        return _skipped(stage, started, output=output)
+    with release_worker_thread():
+        result = random_forest_baseline(store, layer=BASELINE_LAYER)
+    open_layer(store, BASELINE_LAYER, mode="r+").attrs.update({"segpipe_baseline": made_from})
+    return _record(stage, started, result["pixels"], output=output)

@@ -4,6 +4,10 @@ Order of preference: an explicit scheduler address, then ``SEGPIPE_SCHEDULER``, 
 one worker per GPU (``dask_cuda.LocalCUDACluster``) where a GPU is present, then a
 local CPU cluster of worker processes. A cluster this module started is closed on
 exit; a cluster it only connected to is left running.
+
+Code that already runs inside a task on a dask worker (a Prefect stage on a
+``DaskTaskRunner``) uses that worker's cluster: it leaves the worker's thread pool while
+it waits, so the work it submits can run even on single-threaded workers.
 """
 
 from __future__ import annotations
@@ -13,17 +17,95 @@ import importlib.util
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import distributed
 
-__all__ = ["SCHEDULER_ENV", "describe_cluster", "get_client", "gpu_present"]
+__all__ = [
+    "SCHEDULER_ENV",
+    "describe_cluster",
+    "get_client",
+    "gpu_present",
+    "in_dask_worker",
+    "quiet_distributed_logs",
+    "release_worker_thread",
+]
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_ENV = "SEGPIPE_SCHEDULER"
+
+# Local clusters of regions processed in parallel threads overlap in time and close in
+# any order: the logger is quietened by the first to start and restored by the last to stop.
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quiet_saved_level = logging.NOTSET
+
+
+@contextlib.contextmanager
+def quiet_distributed_logs() -> Iterator[None]:
+    """Set the ``distributed`` logger to WARNING for the duration, safely from many threads.
+
+    A local cluster's scheduler and nannies live in this process and log every worker
+    start and stop at INFO, drowning the stage progress users read. Nested and
+    overlapping uses are counted: the level in force before the first one is restored
+    when the last one ends, whatever the order they end in.
+    """
+    global _quiet_users, _quiet_saved_level
+    logger = logging.getLogger("distributed")
+    with _quiet_lock:
+        if _quiet_users == 0:
+            _quiet_saved_level = logger.level
+            logger.setLevel(logging.WARNING)
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                logger.setLevel(_quiet_saved_level)
+
+
+def in_dask_worker() -> distributed.Worker | None:
+    """The dask worker running the calling task, or None outside a dask task."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def release_worker_thread() -> Iterator[None]:
+    """Inside a dask task, leave the worker's thread pool for the duration; elsewhere a no-op.
+
+    A Prefect stage running on a ``DaskTaskRunner`` worker holds one of its threads.
+    Dask work the stage starts (``dask.compute`` runs on the worker's cluster there)
+    would wait for a free thread that may never come when every thread holds a
+    waiting stage; seceding frees the thread while the stage waits.
+    """
+    if in_dask_worker() is None:
+        yield
+        return
+    from distributed import worker_client
+
+    with worker_client():  # secedes; a nested use inside an already seceded task is a no-op
+        yield
+
+
+def _same_scheduler(address: str, worker: distributed.Worker) -> bool:
+    from distributed.comm import resolve_address
+
+    mine = worker.scheduler.address
+    try:  # "localhost" and "127.0.0.1" name the same scheduler
+        return bool(resolve_address(address) == resolve_address(mine))
+    except (OSError, ValueError):
+        return address == mine
 
 
 def gpu_present() -> bool:
@@ -75,38 +157,45 @@ def get_client(
         A connected :class:`distributed.Client`. It is not made the process's default
         scheduler: regions processed in parallel threads each open one, and a default
         set by one and restored out of order by another left plain ``dask.compute``
-        calls pointing at a closed cluster. Pass the client explicitly.
+        calls pointing at a closed cluster. Pass the client explicitly. Inside a task
+        on a dask worker, with no address or the worker's own scheduler's, it is the
+        worker's client and the task leaves the worker's thread pool while it runs (a
+        local cluster cannot start inside a worker process, and a task waiting on a
+        thread of its own cluster could wait forever).
     """
     from distributed import Client, LocalCluster
 
     address = scheduler or os.environ.get(SCHEDULER_ENV)
+    worker = in_dask_worker()
+    if worker is not None and (not address or _same_scheduler(address, worker)):
+        from distributed import worker_client
+
+        with worker_client() as client:
+            log.info("inside a dask worker: using its cluster at %s", worker.scheduler.address)
+            yield client
+        return
     if address:
         with Client(address, set_as_default=False) as client:
             log.info("connected to %s (dashboard %s)", address, client.dashboard_link)
             yield client
         return
-    # A local cluster's scheduler and nannies live in this process and log every worker
-    # start and stop at INFO, drowning the stage progress users read.
-    quiet = logging.getLogger("distributed")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
-    cluster: Any = _local_cuda_cluster() if gpu_present() else None
-    if cluster is None:
-        threads = max(1, threads_per_worker)
-        cluster = LocalCluster(
-            n_workers=n_workers or max(1, _cores() // threads),
-            threads_per_worker=threads,
-            processes=processes,
-            dashboard_address=":0",
-            silence_logs=logging.WARNING,
-        )
-    try:
-        with Client(cluster, set_as_default=False) as client:
-            log.info("started %s; dashboard %s", describe_cluster(client), client.dashboard_link)
-            yield client
-    finally:
-        cluster.close()
-        quiet.setLevel(level)
+    with quiet_distributed_logs():
+        cluster: Any = _local_cuda_cluster() if gpu_present() else None
+        if cluster is None:
+            threads = max(1, threads_per_worker)
+            cluster = LocalCluster(
+                n_workers=n_workers or max(1, _cores() // threads),
+                threads_per_worker=threads,
+                processes=processes,
+                dashboard_address=":0",
+                silence_logs=logging.WARNING,
+            )
+        try:
+            with Client(cluster, set_as_default=False) as client:
+                log.info("started %s; dashboard %s", describe_cluster(client), client.dashboard_link)
+                yield client
+        finally:
+            cluster.close()
 
 
 def describe_cluster(client: distributed.Client) -> str:

@@ -4,6 +4,9 @@ A fingerprint hashes what identifies an input cheaply (resolved path, size and
 modification time of every file, the files a VRT points to included) together with
 the settings that shape the output. Equal fingerprints mean "same inputs": a rerun
 of a failed batch skips finished stages instead of recomputing them.
+
+Objects on ``s3://`` are identified by URL, size, ETag and last-modified time from one
+metadata request each (nothing is downloaded but the text of a remote VRT).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from segpipe.io.remote import as_url, filesystem, is_remote, storage_options_for
 
 __all__ = ["files_fingerprint", "ingest_fingerprint", "store_inputs"]
 
@@ -30,19 +35,61 @@ def _expand(path: Path) -> list[Path]:
     return files
 
 
+def _remote_entries(url: str) -> list[str]:
+    """One line per object behind ``url`` (a prefix stands for every object under it)."""
+    fs = filesystem()
+    try:
+        info = fs.info(url)
+        if info.get("type") == "directory":
+            found: dict[str, dict[str, Any]] = fs.find(url, detail=True)
+            infos = [found[k] for k in sorted(found)]
+        else:
+            infos = [info]
+        lines = [
+            f"s3://{i['name']}|{i.get('size')}|{i.get('ETag')}|{i.get('LastModified')}" for i in infos
+        ]
+        if url.lower().endswith(".vrt") and info.get("type") != "directory":
+            base = url.rsplit("/", 1)[0]
+            text = fs.cat_file(url).decode("utf-8", errors="replace")
+            for relative, name in _VRT_SOURCE.findall(text):
+                source = f"{base}/{name}" if relative == "1" else _vsis3_to_url(name)
+                lines += _remote_entries(source) if is_remote(source) else _local_entries(Path(source))
+        return lines
+    except FileNotFoundError:
+        return [f"{url}|missing"]
+    except Exception:  # unreachable storage: a fingerprint never raises, and never matches
+        return [f"{url}|unreachable"]
+
+
+def _vsis3_to_url(name: str) -> str:
+    return "s3://" + name[len("/vsis3/") :] if name.startswith("/vsis3/") else name
+
+
+def _local_entries(path: Path) -> list[str]:
+    lines = []
+    for f in _expand(path):
+        source = _vsis3_to_url(str(f))
+        if source != str(f):  # a local VRT over remote tiles
+            lines += _remote_entries(source)
+            continue
+        try:
+            st = f.stat()
+            lines.append(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+        except OSError:
+            lines.append(f"{f}|missing")
+    return lines
+
+
 def files_fingerprint(paths: Iterable[str | Path]) -> str:
-    """Hash of the files behind ``paths`` (folders and VRT sources expanded).
+    """Hash of the files behind ``paths`` (folders, prefixes and VRT sources expanded).
 
     Missing files hash as missing, so a fingerprint never raises.
     """
     h = hashlib.sha256()
     for p in paths:
-        for f in _expand(Path(p)):
-            try:
-                st = f.stat()
-                h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{f}|missing\n".encode())
+        lines = _remote_entries(as_url(p)) if is_remote(p) else _local_entries(Path(p))
+        for line in lines:
+            h.update(f"{line}\n".encode())
     return h.hexdigest()[:20]
 
 
@@ -69,7 +116,33 @@ def store_inputs(store: str | Path) -> str | None:
     import zarr
 
     try:
-        meta: Any = zarr.open_group(str(store), mode="r").attrs.get("segpipe")
+        location = as_url(store) if is_remote(store) else str(store)
+        group = zarr.open_group(location, mode="r", storage_options=storage_options_for(location))
+        meta: Any = group.attrs.get("segpipe")
     except Exception:  # no store there, or not a zarr group: nothing recorded
         return None
     return meta.get("inputs") if isinstance(meta, dict) else None
+
+
+def layer_fingerprint(store: str | Path, layer: str) -> str | None:
+    """Fingerprint of one layer of a region store: what it was made from.
+
+    Hashes the store's recorded inputs (see :func:`store_inputs`) with the layer's
+    attributes, which say how the layer was made (predict records its model hash and
+    window settings there), so products of the layer (a COG, a report) can tell
+    whether they are up to date. None when the store records no inputs or the layer
+    does not exist.
+    """
+    import zarr
+
+    inputs = store_inputs(store)
+    if inputs is None:
+        return None
+    try:
+        location = as_url(store) if is_remote(store) else str(store)
+        group = zarr.open_group(location, mode="r", storage_options=storage_options_for(location))
+        attrs = dict(group[layer].attrs)
+    except Exception:  # no such layer: nothing to fingerprint
+        return None
+    text = json.dumps({"inputs": inputs, "layer": layer, "attrs": attrs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

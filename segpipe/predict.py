@@ -28,6 +28,7 @@ from segpipe.errors import InputError, StoreError
 from segpipe.inference import PROGRESS_LAYER, BlockJob, run_block, usable_cores, valid_mask, worker_host
 from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info
 from segpipe.models import check_bands, model_hash, output_stride, read_spec
+from segpipe.models.networks import CLASSICAL_ARCHITECTURES
 from segpipe.tiling import BLEND_MODES, Forward, plan_superblocks, window_starts
 from segpipe.types import classes_to_json
 
@@ -42,6 +43,7 @@ __all__ = [
     "PredictSummary",
     "choose_batch_size",
     "predict",
+    "pending_blocks",
     "predict_block",
     "run_block",
     "valid_mask",
@@ -154,7 +156,9 @@ def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tu
     tile = tile_size if tile_size is not None else max(256, -(-spec.chip_size // stride) * stride)
     if tile <= 0 or tile % stride:
         raise InputError(f"tile size {tile} must be a positive multiple of {stride} (the network's stride)")
-    ov = tile // 4 if overlap is None else overlap
+    # Per-pixel models see no neighbours: overlapping windows would only repeat work.
+    default_overlap = 0 if spec.arch in CLASSICAL_ARCHITECTURES else tile // 4
+    ov = default_overlap if overlap is None else overlap
     if not 0 <= ov < tile:
         raise InputError(f"overlap {ov} must be at least 0 and smaller than the tile size ({tile})")
     return tile, ov
@@ -253,7 +257,8 @@ def predict(
         model_dir: Model package directory, readable by every worker.
         tile_size: Window size; default: the model's chip size rounded up to a multiple
             of 32, at least 256.
-        overlap: Overlap between windows; default: a quarter of the tile.
+        overlap: Overlap between windows; default: a quarter of the tile (none for
+            per-pixel models such as random_forest).
         batch_size: Most windows per forward call (see :func:`choose_batch_size`).
         client: Dask client; default: a cluster from :func:`segpipe.cluster.get_client`.
         force: Recompute every block even if marked finished.
@@ -339,3 +344,51 @@ def predict(
     return PredictSummary(
         total, blocks_done, skipped, pixels, seconds, windows, tile, ov, slots_used, n_tasks, bs, plan
     )
+
+
+def pending_blocks(
+    store: str | Path,
+    model_dir: str | Path,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    blend: str = "cosine",
+    tta: bool = False,
+    probabilities: bool = False,
+) -> tuple[int, int]:
+    """Blocks a :func:`predict` run with these arguments would still compute, without a cluster.
+
+    Reads the progress markers with the same rule :func:`predict` uses to resume: they
+    count only if made with the same model and window settings and every output layer
+    exists; otherwise every block is pending.
+
+    Args:
+        store: Region store.
+        model_dir: Model package directory.
+        tile_size: Window size, as given to :func:`predict`.
+        overlap: Window overlap, as given to :func:`predict`.
+        blend: Blend mode, as given to :func:`predict`.
+        tta: Test-time augmentation, as given to :func:`predict`.
+        probabilities: Whether the ``probabilities`` layer is wanted too.
+
+    Returns:
+        ``(pending, total)`` blocks.
+
+    Raises:
+        InputError: Bad tile size or overlap.
+    """
+    store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
+    info = read_region_info(store_s)
+    spec = read_spec(model_dir)
+    tile, ov = _settings(spec, tile_size, overlap)
+    key = {"model_hash": model_hash(str(Path(model_dir).resolve())), "tile": tile, "overlap": ov,
+           "blend": blend, "tta": tta}
+    total = int(info.blocks[0] * info.blocks[1])
+    try:
+        progress = open_layer(store_s, PROGRESS_LAYER)
+        for name in ("classes", "confidence", *(("probabilities",) if probabilities else ())):
+            open_layer(store_s, name)
+    except StoreError:
+        return total, total
+    if progress.shape != info.blocks or any(progress.attrs.get(k) != v for k, v in key.items()):
+        return total, total
+    return total - int(np.asarray(progress[...]).astype(bool).sum()), total

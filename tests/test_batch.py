@@ -1,6 +1,7 @@
 """Batches of regions from a manifest, and regions run against a separately started Dask cluster."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -90,13 +91,11 @@ def test_batch_runs_every_region_and_fails_naming_the_broken_one(regions, prefec
     assert not (regions / "out" / "broken.zarr").exists()
 
 
-def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, prefect_home):
+@pytest.fixture(scope="module")
+def dask_scheduler(tmp_path_factory):
     """The deploy guide's commands: `dask scheduler` and `dask worker` as separate processes."""
-    from flows.manifest import read_region
-    from flows.process_region import process_region
-
     dask = str(Path(sys.executable).parent / "dask")
-    sched_file = tmp_path / "scheduler.json"
+    sched_file = tmp_path_factory.mktemp("dask") / "scheduler.json"
     procs = [
         subprocess.Popen(
             [
@@ -134,21 +133,66 @@ def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, pre
 
         with Client(address, set_as_default=False) as client:
             client.wait_for_workers(2, timeout=60)
-        entry = {
-            **region_entry("remote", str(regions / "r1")),
-            "store": str(tmp_path / "remote.zarr"),
-            "model": str(tmp_path / "model"),
-            "export_dir": str(tmp_path / "cog"),
-            "scheduler": address,
-        }
-        path = tmp_path / "region.yaml"
-        path.write_text(yaml.safe_dump(entry))
-        result = process_region(read_region(path))
-        predict = next(s for s in result["stages"] if s["stage"] == "predict")
-        assert predict["blocks"] == 1
-        assert (tmp_path / "cog" / "classes.tif").is_file()
+        yield address
     finally:
         for p in reversed(procs):
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, prefect_home, dask_scheduler):
+    from flows.manifest import read_region
+    from flows.process_region import process_region
+
+    entry = {
+        **region_entry("remote", str(regions / "r1")),
+        "store": str(tmp_path / "remote.zarr"),
+        "model": str(tmp_path / "model"),
+        "export_dir": str(tmp_path / "cog"),
+        "scheduler": dask_scheduler,
+    }
+    path = tmp_path / "region.yaml"
+    path.write_text(yaml.safe_dump(entry))
+    result = process_region(read_region(path))
+    predict = next(s for s in result["stages"] if s["stage"] == "predict")
+    assert predict["blocks"] == 1
+    assert (tmp_path / "cog" / "classes.tif").is_file()
+
+
+def test_cli_run_finds_the_scheduler_in_the_environment(regions, tmp_path, dask_scheduler):
+    """`segpipe run` with SEGPIPE_SCHEDULER set: stages on the cluster's workers, no local cluster."""
+    import os
+
+    entry = {
+        **region_entry("env", str(regions / "r2")),
+        "store": str(tmp_path / "env.zarr"),
+        "model": str(tmp_path / "model"),
+        "export_dir": str(tmp_path / "cog"),
+    }
+    path = tmp_path / "region.yaml"
+    path.write_text(yaml.safe_dump(entry))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        SEGPIPE_SCHEDULER=dask_scheduler,
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    cmd = [sys.executable, "-m", "segpipe.cli", "run", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["region"] == "env"
+    assert (tmp_path / "cog" / "classes.tif").is_file()
+    logs = done.stderr
+    assert f"connected to {dask_scheduler}" in logs  # the CLI shows which cluster predicts
+    assert not re.search(r"started \d+ workers", logs)  # and starts none of its own
+    assert "predict: 1/1 blocks" in logs  # block progress across the cluster
+    assert "Mpx/s" in logs  # per-stage throughput in the final summary
+
+    # The same region with its stages on the cluster's workers: all done already, so each
+    # stage only checks and skips, on a worker that reaches this run's Prefect engine.
+    cmd += ["--task-runner", "dask"]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"connected to {dask_scheduler}" in again.stderr
+    assert "4 of 4 stages skipped" in again.stderr

@@ -56,16 +56,34 @@ def test_process_region_runs_every_stage(tmp_path, prefect_home):
     assert metrics["miou"] == pytest.approx(result["miou"])
     assert (tmp_path / "report" / "confusion_matrix.png").stat().st_size > 0
 
-    # A rerun with the same inputs and settings skips every finished stage and block.
-    weights = (tmp_path / "model" / "weights.safetensors").stat().st_mtime_ns
+    # A rerun with the same inputs and settings skips every stage: nothing is rewritten.
+    products = [
+        tmp_path / "model" / "weights.safetensors",
+        cog,
+        tmp_path / "cog" / "confidence.tif",
+        tmp_path / "report" / "metrics.json",
+        tmp_path / "report_baseline" / "metrics.json",
+    ]
+    before = {p: p.stat().st_mtime_ns for p in products}
     again = {s["stage"]: s for s in process_region(run)["stages"]}
-    assert again["ingest"].get("skipped") and again["train"].get("skipped")
+    assert list(again) == stages
+    assert [k for k, s in again.items() if not s.get("skipped")] == []
     assert again["predict"]["blocks_skipped"] == again["predict"]["blocks"]
-    assert (tmp_path / "model" / "weights.safetensors").stat().st_mtime_ns == weights
+    assert {p: p.stat().st_mtime_ns for p in products} == before
+    assert again["evaluate classes"]["miou"] == pytest.approx(result["miou"])
+    # Another model (other training settings) makes new predictions: predict, the exports
+    # and the evaluation of its classes rerun; the store and the random forest stay.
+    retrained = run.model_copy(update={"train": run.train.model_copy(update={"seed": 1})})
+    third = {s["stage"]: s for s in process_region(retrained)["stages"]}
+    rerun = {k for k, s in third.items() if not s.get("skipped")}
+    assert rerun == {"train", "predict", "export classes", "export confidence", "evaluate classes"}
+    assert third["predict"]["blocks_skipped"] == 0
+    changed = {p for p in products if p.stat().st_mtime_ns != before[p]}
+    assert changed == set(products[:4])
     # Changed labels are new inputs: the store is rebuilt and the model retrained.
     region.labels_vector.touch()
-    third = {s["stage"]: s for s in process_region(run)["stages"]}
-    assert not third["ingest"].get("skipped") and not third["train"].get("skipped")
+    fourth = {s["stage"]: s for s in process_region(run)["stages"]}
+    assert not fourth["ingest"].get("skipped") and not fourth["train"].get("skipped")
 
 
 def test_a_failing_stage_fails_the_flow(tmp_path, prefect_home):

@@ -279,3 +279,41 @@ def test_cli_passes_urls_through(s3: str) -> None:
     result = CliRunner().invoke(app, ["export", url, "--out", f"{s3}/exports/absent.tif"])
     assert isinstance(result.exception, MissingInputError)
     assert url in str(result.exception)
+
+
+def test_process_region_on_s3_resumes(s3: str, region, prefect_home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The whole flow with inputs, store, COGs and report under s3://; a rerun skips every stage."""
+    from flows.process_region import RegionRun, process_region
+    from segpipe.train import TrainConfig
+
+    run = RegionRun(
+        images=[_url(s3, region, region.image)],
+        store=f"{s3}/flow/region.zarr",
+        labels=_url(s3, region, region.labels),
+        block_size=BLOCK,
+        model=str(tmp_path / "model"),
+        train=TrainConfig(epochs=1, samples_per_epoch=16, chip_size=64, batch_size=8, threads=1),
+        export_dir=f"{s3}/flow/cog",
+        reference=_url(s3, region, region.truth),
+        tile_size=64,
+        overlap=16,
+    )
+    first = process_region(run)
+    assert len(first["stages"]) == 6 and not any(s.get("skipped") for s in first["stages"])
+    fs = filesystem()
+    cog = f"{s3}/flow/cog/classes.tif"
+    with gdal_env(cog):
+        assert cog_validate(gdal_path(cog))[0]
+        with rasterio.open(gdal_path(cog)) as src:
+            classes = src.read(1)
+            assert src.width == SIZE and src.height == SIZE
+    with rasterio.open(region.truth) as truth:
+        assert np.array_equal(classes == 255, truth.read(1) == 0)
+    metrics = json.loads(fs.cat_file(f"{s3}/flow/cog/report/metrics.json"))
+    assert metrics["miou"] == first["miou"]
+    etag = fs.info(cog)["ETag"]
+
+    again = process_region(run)
+    assert [s["stage"] for s in again["stages"] if not s.get("skipped")] == []
+    assert again["miou"] == first["miou"]
+    assert fs.info(cog)["ETag"] == etag
