@@ -1,57 +1,43 @@
-"""The classical per-pixel baseline: a random forest on band values.
+"""The classical per-pixel baseline as a store layer: a random forest on band values.
 
 Users know this method; segpipe reports it beside the network so the gain from
-spatial context is measured, not claimed. It trains on the same store labels and
-writes its classes into the store as another layer, block by block.
+spatial context is measured, not claimed. The forest is trained by
+:func:`segpipe.train.forest.train_forest` (the same code as ``segpipe train --arch
+random_forest``: same split, normalisation and package), and its packaged module
+classifies every pixel into another layer, block by block, so the network's
+``classes`` stay untouched.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import dask
 import numpy as np
 
-from segpipe.errors import LabelsError
+from segpipe.inference import valid_mask
 from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info, write_block
+from segpipe.models import ModelSpec, load_model, normalise
+from segpipe.models.forest import ForestNet
 
 __all__ = ["random_forest_baseline"]
 
 
-def _block_samples(
-    store: str, y0: int, x0: int, h: int, w: int, limit: int, seed: int, nodata: float | None
-) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(open_layer(store, "labels")[y0 : y0 + h, x0 : x0 + w])
-    image = np.asarray(open_layer(store, "image")[:, y0 : y0 + h, x0 : x0 + w])
-    keep = labels > 0
-    if nodata is not None:
-        keep &= (image != nodata).all(axis=0)
-    ys, xs = np.nonzero(keep)
-    if ys.size > limit:
-        pick = np.random.default_rng([seed, y0, x0]).choice(ys.size, limit, replace=False)
-        ys, xs = ys[pick], xs[pick]
-    return image[:, ys, xs].T, labels[ys, xs]
-
-
 def _predict_block(
-    forest: Any,
-    store: str,
-    layer: str,
-    y0: int,
-    x0: int,
-    h: int,
-    w: int,
-    nodata: float | None,
-    values: np.ndarray,
-    block: int,
+    net: ForestNet, spec: ModelSpec, store: str, layer: str, y0: int, x0: int, h: int, w: int, block: int
 ) -> int:
-    image = np.asarray(open_layer(store, "image")[:, y0 : y0 + h, x0 : x0 + w])
-    valid = np.ones((h, w), bool) if nodata is None else (image != nodata).all(axis=0)
+    import torch
+
+    raw = np.asarray(open_layer(store, "image")[:, y0 : y0 + h, x0 : x0 + w])
+    valid = valid_mask(raw, spec.nodata)
     out = np.full((h, w), NODATA_U8, dtype=np.uint8)
     if valid.any():
-        pixels = image[:, valid].T.astype(np.float32)
-        out[valid] = values[forest.predict(pixels)]
+        pixels = normalise(raw, spec)[:, valid].T
+        with torch.inference_mode():
+            index = net.probabilities(torch.from_numpy(np.ascontiguousarray(pixels))).argmax(dim=1).numpy()
+        out[valid] = np.array([c.value for c in spec.classes], dtype=np.uint8)[index]
     write_block(open_layer(store, layer, mode="r+"), y0, x0, out, block)
     return int(valid.sum())
 
@@ -62,6 +48,7 @@ def random_forest_baseline(
     trees: int = 100,
     max_samples: int = 50_000,
     seed: int = 0,
+    model_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a per-pixel random forest on the store's labels and classify every pixel.
 
@@ -69,38 +56,46 @@ def random_forest_baseline(
         store: Region store with ``image`` and ``labels``.
         layer: Output layer name (uint8 class values, 255 = nodata).
         trees: Number of trees.
-        max_samples: Labelled pixels used for training at most (sampled evenly per block).
+        max_samples: Labelled training pixels used at most.
         seed: Random seed.
+        model_dir: Keep the forest's model package here (default: a temporary folder,
+            removed afterwards); ``segpipe predict`` accepts it like a network's.
 
     Returns:
-        ``{"layer", "trees", "train_pixels", "pixels"}``.
-    """
-    from sklearn.ensemble import RandomForestClassifier
+        ``{"layer", "trees", "train_pixels", "pixels", "valid_miou", "model"}``: ``pixels``
+        counts the classified pixels, ``valid_miou`` is the held-out mIoU of training
+        (None without validation pixels), ``model`` the package path or None.
 
+    Raises:
+        StoreError: The store has no labels.
+        LabelsError: No labelled pixel with data.
+    """
+    from segpipe.train import TrainConfig
+    from segpipe.train.forest import train_forest
+
+    cfg = TrainConfig(arch="random_forest", trees=trees, max_train_pixels=max_samples, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="segpipe-rf-") as tmp:
+        package = Path(model_dir) if model_dir is not None else Path(tmp) / "model"
+        trained = train_forest(store, package, cfg)
+        net, spec = load_model(package)
+    assert isinstance(net, ForestNet)  # a random_forest package always rebuilds a ForestNet
     info = read_region_info(store)
     b = info.block_size
-    windows = [
-        (y0, x0, min(b, info.height - y0), min(b, info.width - x0))
+    create_layer(store, layer, "uint8", NODATA_U8, overwrite=True)
+    # pure=False: no hashing of the forest's tensors to name tasks.
+    tasks = [
+        dask.delayed(_predict_block, pure=False)(
+            net, spec, str(store), layer, y0, x0, min(b, info.height - y0), min(b, info.width - x0), b
+        )
         for y0 in range(0, info.height, b)
         for x0 in range(0, info.width, b)
     ]
-    per_block = max(1, max_samples // len(windows))
-    parts = dask.compute(
-        *[dask.delayed(_block_samples)(str(store), *win, per_block, seed, info.nodata) for win in windows],
-        scheduler="threads",
-    )
-    features = np.concatenate([f for f, _ in parts])
-    target = np.concatenate([t for _, t in parts])
-    if target.size == 0:
-        raise LabelsError(f"region store {store} has no labelled pixel with data: nothing to train on")
-    values = np.unique(target).astype(np.uint8)
-    index = np.searchsorted(values, target)
-    forest = RandomForestClassifier(n_estimators=trees, n_jobs=-1, random_state=seed, min_samples_leaf=2)
-    forest.fit(features.astype(np.float32), index)
-    create_layer(store, layer, "uint8", NODATA_U8, overwrite=True)
-    tasks = [
-        dask.delayed(_predict_block)(forest, str(store), layer, *win, info.nodata, values, b)
-        for win in windows
-    ]
     pixels = sum(dask.compute(*tasks, scheduler="threads"))
-    return {"layer": layer, "trees": trees, "train_pixels": int(target.size), "pixels": int(pixels)}
+    return {
+        "layer": layer,
+        "trees": trees,
+        "train_pixels": int(trained.training["train_pixels_sampled"]),
+        "pixels": int(pixels),
+        "valid_miou": trained.metrics.get("miou"),
+        "model": None if model_dir is None else str(model_dir),
+    }

@@ -1,0 +1,164 @@
+"""The random-forest baseline in the network pipeline: same package, same predict, same metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client
+from predict_support import CLASSES, make_store
+from sklearn.ensemble import RandomForestClassifier
+from typer.testing import CliRunner
+
+from segpipe.cli import app
+from segpipe.errors import BandMismatchError
+from segpipe.evaluate import evaluate
+from segpipe.ingest import ingest
+from segpipe.io.store import open_layer
+from segpipe.models import ModelSpec, build_network, load_model, normalise, output_stride, save_model
+from segpipe.models.forest import ForestNet, from_sklearn
+from segpipe.predict import predict
+from segpipe.synth import synthesize
+from segpipe.train import TrainConfig, train
+
+FOREST = {"arch": "random_forest", "trees": 8, "valid_cell": 64, "threads": 1}
+
+
+def _grid_data(rng: np.random.Generator, n: int, bands: int) -> np.ndarray:
+    # Few distinct values: many test pixels sit exactly on a training value, right
+    # beside a split threshold, where float32 rounding of thresholds would show.
+    return (rng.integers(0, 40, (n, bands)) / 7.0).astype(np.float32)
+
+
+def test_forest_net_reproduces_predict_proba_and_predict() -> None:
+    rng = np.random.default_rng(0)
+    x = _grid_data(rng, 3000, 5)
+    y = (x[:, 0] + x[:, 1] * x[:, 2] > 8).astype(int) + 2 * (x[:, 3] > 4)
+    flip = rng.random(y.size) < 0.15
+    y[flip] = rng.integers(0, 4, int(flip.sum()))
+    forest = RandomForestClassifier(n_estimators=25, min_samples_leaf=3, random_state=0).fit(x, y)
+    net = from_sklearn(forest, 5)  # class 4 never seen: probability 0
+    test = np.concatenate([x[:500], _grid_data(rng, 2000, 5), rng.normal(3, 3, (500, 5)).astype(np.float32)])
+    with torch.inference_mode():
+        probs = net.probabilities(torch.from_numpy(test)).numpy()
+        image = torch.from_numpy(test.T.reshape(1, 5, 50, 60).copy())
+        softmax = torch.softmax(net(image), dim=1)[0].reshape(5, -1).T.numpy()
+    expected = forest.predict_proba(test)
+    np.testing.assert_allclose(probs[:, :4], expected, rtol=0, atol=1e-6)
+    assert np.all(probs[:, 4] == 0)
+    np.testing.assert_allclose(softmax[:, :4], expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(probs.argmax(axis=1), forest.predict(test))
+
+
+def test_forest_package_reloads_without_pickle(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 3)).astype(np.float32)
+    forest = RandomForestClassifier(n_estimators=4, random_state=0).fit(x, (x[:, 0] > 0).astype(int))
+    net = from_sklearn(forest, 3)
+    spec = ModelSpec("random_forest", "none", ("b1", "b2", "b3"), (0.0,) * 3, (1.0,) * 3, CLASSES, 64,
+                     options=net.options(), output_stride=output_stride("random_forest"))
+    save_model(tmp_path / "m", spec, net)
+    loaded, _ = load_model(tmp_path / "m")
+    assert isinstance(loaded, ForestNet) and output_stride("random_forest") == 1
+    batch = torch.from_numpy(rng.normal(size=(2, 3, 16, 16)).astype(np.float32))
+    with torch.inference_mode():
+        assert torch.equal(loaded(batch), net(batch))
+    empty = build_network("random_forest", "none", 3, 3, net.options())
+    assert {k: v.shape for k, v in empty.state_dict().items()} == {
+        k: v.shape for k, v in net.state_dict().items()
+    }
+
+
+def _forest_package(path: Path, rng: np.random.Generator) -> tuple[Path, RandomForestClassifier, ModelSpec]:
+    """A forest on the predict stores' 3 bands, labelled by a function of the pixel value.
+
+    Labels that depend on the value alone make every leaf pure, so the forest's
+    probabilities are exact fractions and its classes have no near-ties to break.
+    """
+    mean, std = (700.0, 650.0, 720.0), (300.0, 280.0, 310.0)
+    bands = ("b1", "b2", "b3")
+    spec = ModelSpec("random_forest", "none", bands, mean, std, CLASSES, 64, nodata=0, output_stride=1)
+    raw = rng.integers(1, 2000, (3, 4000, 1)).astype(np.uint16)
+    x = normalise(raw, spec)[:, :, 0].T
+    y = (x[:, 0] > 0.2).astype(int) + (x[:, 1] + x[:, 2] > 0.5)
+    forest = RandomForestClassifier(n_estimators=15, random_state=0).fit(x, y)
+    net = from_sklearn(forest, 3)
+    spec = dataclasses.replace(spec, options=net.options())
+    return save_model(path, spec, net), forest, spec
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(None, None), (48, 0)])
+def test_predict_with_a_forest_equals_sklearn(
+    tmp_path: Path, client: Client, tile: int | None, overlap: int | None
+) -> None:
+    model, forest, spec = _forest_package(tmp_path / "m", np.random.default_rng(2))
+    store = make_store(tmp_path / "s.zarr", block=64)
+    predict(store, model, client=client, tile_size=tile, overlap=overlap, max_task_pixels=64 * 64)
+    raw = np.asarray(open_layer(store, "image")[...])
+    classes = np.asarray(open_layer(store, "classes")[...])
+    confidence = np.asarray(open_layer(store, "confidence")[...])
+    valid = (raw != 0).all(axis=0)
+    pixels = normalise(raw, spec)[:, valid].T
+    values = np.array([c.value for c in CLASSES], dtype=np.uint8)
+    np.testing.assert_array_equal(classes[valid], values[forest.predict(pixels)])
+    assert np.all(classes[~valid] == 255)
+    expected = np.rint(forest.predict_proba(pixels).max(axis=1) * 100)
+    assert np.abs(confidence[valid].astype(int) - expected).max() <= 1
+
+
+def test_predict_refuses_other_bands(tmp_path: Path, client: Client) -> None:
+    model, _, _ = _forest_package(tmp_path / "m", np.random.default_rng(3))
+    store = make_store(tmp_path / "s4.zarr", block=64, bands=4)
+    with pytest.raises(BandMismatchError, match="4 bands"):
+        predict(store, model, client=client)
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("forest")
+    scene = synthesize(root / "region", size=256, bands=4, tiles=2, seed=1)
+    ingest([scene.image], root / "r.zarr", labels=scene.labels, classes=scene.classes, block_size=128)
+    return root / "r.zarr", scene.truth
+
+
+def test_train_predict_evaluate_a_forest(region: tuple[Path, Path], tmp_path: Path, client: Client) -> None:
+    store, truth = region
+    spec = train(store, tmp_path / "rf", TrainConfig(**FOREST))  # type: ignore[arg-type]
+    pkg = tmp_path / "rf"
+    assert {"model.json", "weights.safetensors", "loss_curve.png", "confusion_matrix.png"} <= {
+        p.name for p in pkg.iterdir()
+    }
+    data = json.loads((pkg / "model.json").read_text())
+    assert data["arch"] == "random_forest" and data["options"]["n_trees"] == 8
+    assert data["band_names"] == ["blue", "green", "red", "nir"]
+    assert 0.0 <= data["metrics"]["miou"] <= 1.0
+    record = data["training"]["history"][0]
+    assert {"train_loss", "valid_loss", "valid_miou", "valid_accuracy"} <= set(record)
+    assert data["training"]["valid_pixels_sampled"] > 0
+    net, loaded = load_model(pkg)
+    assert isinstance(net, ForestNet) and loaded.metrics == spec.metrics
+
+    again = train(store, tmp_path / "rf2", TrainConfig(**FOREST))  # type: ignore[arg-type]
+    assert again.metrics == spec.metrics
+    weights = (pkg / "weights.safetensors").read_bytes()
+    assert weights == (tmp_path / "rf2" / "weights.safetensors").read_bytes()
+
+    predict(store, pkg, client=client, overlap=0)
+    classes = np.asarray(open_layer(store, "classes")[...])
+    assert set(np.unique(classes)) <= {c.value for c in spec.classes} | {255}
+    result = evaluate(store, truth, tmp_path / "eval", preview=False)
+    assert 0.0 <= result["miou"] <= 1.0 and result["pixels"] > 0
+
+
+def test_cli_trains_a_forest(region: tuple[Path, Path], tmp_path: Path) -> None:
+    store, _ = region
+    result = CliRunner().invoke(
+        app, ["train", str(store), "--out", str(tmp_path / "cli"), "--arch", "random_forest", "--trees", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    _, spec = load_model(tmp_path / "cli")
+    assert spec.arch == "random_forest" and spec.options["n_trees"] == 3 and spec.output_stride == 1
