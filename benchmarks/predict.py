@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from segpipe.allocator import tune_allocator
 from segpipe.cluster import describe_cluster, get_client
 from segpipe.inference import usable_cores
 from segpipe.ingest import ingest
@@ -136,6 +137,9 @@ def naive_loop(vrt: Path, model_dir: str, tile: int, batch: int, out: Path) -> f
 
 
 def _forward_on_worker(model_dir: str, tile: int, batch: int, threads: int) -> tuple[int, float]:
+    # The same allocator settings prediction tasks use: the reference is the best the
+    # network can do in a worker, not one slowed by dask's malloc environment.
+    tune_allocator()
     return forward_rate(model_dir, tile, batch, threads)
 
 

@@ -25,7 +25,10 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-ARCH_HELP = "Network: unet, pspnet, deeplabv3 or deeplabv3plus."
+ARCH_HELP = (
+    "Network: unet, pspnet, deeplabv3 or deeplabv3plus; or random_forest, the classical per-pixel "
+    "baseline (scikit-learn random forest on the band values, see --trees)."
+)
 
 
 def _progress():  # type: ignore[no-untyped-def]
@@ -71,11 +74,12 @@ def synth(
 
 @app.command()
 def ingest(
-    images: Annotated[list[Path], typer.Argument(help="GeoTIFFs, a VRT or a folder of GeoTIFFs.")],
-    out: Annotated[Path, typer.Option(help="Region store (Zarr) to create.")],
-    labels: Annotated[Path | None, typer.Option(help="Label raster or polygons (any CRS).")] = None,
+    # str, not Path: Path would squash s3:// URLs to s3:/
+    images: Annotated[list[str], typer.Argument(help="GeoTIFFs, a VRT, a folder of GeoTIFFs, s3:// URLs.")],
+    out: Annotated[str, typer.Option(help="Region store (Zarr) to create: a folder or an s3:// URL.")],
+    labels: Annotated[str | None, typer.Option(help="Label raster or polygons (any CRS).")] = None,
     label_field: Annotated[str | None, typer.Option(help="Class field of label polygons.")] = None,
-    classes: Annotated[Path | None, typer.Option(help="classes.json with names and colours.")] = None,
+    classes: Annotated[str | None, typer.Option(help="classes.json with names and colours.")] = None,
     block_size: Annotated[int, typer.Option(help="Block (shard) edge in pixels.")] = 1024,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
 ) -> None:
@@ -116,14 +120,40 @@ def train(
     class_balancing: Annotated[bool, typer.Option(help="Weight classes by label frequency.")] = False,
     patience: Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")] = None,
     monitor: Annotated[str, typer.Option(help="valid_miou or valid_loss.")] = "valid_miou",
+    trees: Annotated[int, typer.Option(help="Trees of --arch random_forest.")] = 100,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule: onecycle or cosine.")] = "onecycle",
+    pretrained: Annotated[
+        Path | None, typer.Option(help="Local encoder weights (.safetensors/.pth), e.g. torchvision ResNet.")
+    ] = None,
+    clip_percentiles: Annotated[
+        tuple[float, float] | None,
+        typer.Option(help="Clip each band to these percentiles before standardising, e.g. 2 98."),
+    ] = None,
+    balanced_sampling: Annotated[bool, typer.Option(help="Centre chips on each class equally.")] = False,
+    color_jitter: Annotated[
+        float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")
+    ] = 0.0,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Checkpoint every N steps as well as every epoch (0 = epochs only).")
+    ] = 50,
+    pixel_head: Annotated[
+        int, typer.Option(help="Width of a per-pixel path added to the network (0 = none), for ~30 m data.")
+    ] = 0,
+    devices: Annotated[int, typer.Option(help="Data-parallel processes (one per GPU; gloo on CPU).")] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Train on a worker of this dask cluster (tcp://host:port).")
+    ] = None,
 ) -> None:
     """Train a segmentation network on the store's labels (class 0 ignored)."""
     from segpipe.models import ARCHITECTURES
+    from segpipe.models.networks import CLASSICAL_ARCHITECTURES
 
-    if arch not in ARCHITECTURES:
+    known = (*ARCHITECTURES, *CLASSICAL_ARCHITECTURES)
+    if arch not in known:
         from segpipe.errors import ArchitectureError
 
-        raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+        raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(known)}")
     cfg = _train_config(
         arch=arch,
         encoder=backbone,
@@ -139,11 +169,31 @@ def train(
         class_balancing=class_balancing,
         patience=patience,
         monitor=monitor,
+        trees=trees,
+        schedule=schedule,
+        pretrained=None if pretrained is None else str(pretrained),
+        clip_percentiles=clip_percentiles,
+        balanced_sampling=balanced_sampling,
+        color_jitter=color_jitter,
+        pixel_head=pixel_head,
+        checkpoint_every=checkpoint_every,
+        devices=devices,
     )
     from segpipe.train import train as run
 
+    if scheduler:
+        from segpipe.cluster import describe_cluster, get_client
+        from segpipe.train.remote import train_on_cluster
+
+        with get_client(scheduler) as client:
+            console.print(f"  training on a worker of {describe_cluster(client)}")
+            spec = train_on_cluster(client, store, out, cfg, resume=resume)
+        console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
+        return
+
     with _progress() as bar:
-        task = bar.add_task("train", total=epochs, info="")
+        # A forest is fitted in one pass: its progress reports count as one epoch.
+        task = bar.add_task("train", total=1 if arch in CLASSICAL_ARCHITECTURES else epochs, info="")
 
         def report(p):  # type: ignore[no-untyped-def]
             done = p.epoch - 1 + p.step / p.steps
@@ -155,7 +205,7 @@ def train(
                 )
             bar.update(task, completed=done, info=info)
 
-        spec = run(store, out, cfg, progress=report)
+        spec = run(store, out, cfg, progress=report, resume=resume)
     console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
 
 
@@ -174,9 +224,25 @@ def _train_config(**kwargs: object):  # type: ignore[no-untyped-def]
         raise InputError(f"--{option}: {first['msg']}") from exc
 
 
+@app.command("export-chips")
+def export_chips(
+    store: Annotated[Path, typer.Argument(help="Region store with labels.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the chips into.")],
+    chip_size: Annotated[int, typer.Option(help="Chip edge in pixels.")] = 256,
+    count: Annotated[int, typer.Option(help="Number of chips.")] = 100,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same chips).")] = 0,
+    balanced: Annotated[bool, typer.Option(help="Centre chips on each class equally often.")] = False,
+) -> None:
+    """Export image/label chip GeoTIFFs plus index.csv and dataset.json, drawn like training chips."""
+    from segpipe.train.chips import export_chips as run
+
+    result = run(store, out, chip_size=chip_size, count=count, seed=seed, balanced=balanced)
+    console.print(f"wrote {result.count} chip pairs to {result.out} (index {result.index})")
+
+
 @app.command()
 def predict(
-    store: Annotated[Path, typer.Argument(help="Region store.")],
+    store: Annotated[str, typer.Argument(help="Region store (a folder or an s3:// URL).")],
     model: Annotated[Path, typer.Option(help="Model package directory.")],
     tile_size: Annotated[int | None, typer.Option(help="Window edge (multiple of 32).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Window overlap in pixels.")] = None,
@@ -222,8 +288,8 @@ def predict(
 
 @app.command()
 def export(
-    store: Annotated[Path, typer.Argument(help="Region store.")],
-    out: Annotated[Path, typer.Option(help="Cloud-Optimized GeoTIFF to write.")],
+    store: Annotated[str, typer.Argument(help="Region store (a folder or an s3:// URL).")],
+    out: Annotated[str, typer.Option(help="Cloud-Optimized GeoTIFF to write (a path or an s3:// URL).")],
     layer: Annotated[str, typer.Option(help="classes, confidence, probabilities or image.")] = "classes",
     compress: Annotated[str, typer.Option(help="DEFLATE or ZSTD (faster, smaller).")] = "DEFLATE",
     stac: Annotated[bool, typer.Option(help="Write a STAC Item <name>.stac.json beside the COG.")] = True,
@@ -237,9 +303,9 @@ def export(
 
 @app.command()
 def evaluate(
-    prediction: Annotated[Path, typer.Argument(help="Region store or class GeoTIFF.")],
-    reference: Annotated[Path, typer.Option(help="Reference label raster or polygons.")],
-    out: Annotated[Path, typer.Option(help="Report folder.")],
+    prediction: Annotated[str, typer.Argument(help="Region store or class GeoTIFF (or an s3:// URL).")],
+    reference: Annotated[str, typer.Option(help="Reference label raster or polygons (or an s3:// URL).")],
+    out: Annotated[str, typer.Option(help="Report folder (or an s3:// prefix).")],
     reference_field: Annotated[str | None, typer.Option(help="Class field of reference polygons.")] = None,
     layer: Annotated[str, typer.Option(help="Store layer to evaluate.")] = "classes",
     points: Annotated[int | None, typer.Option(help="Evaluate on N random points, not every pixel.")] = None,
@@ -261,7 +327,7 @@ def evaluate(
     )
     console.print(
         f"overall accuracy {result['overall_accuracy']:.3f}, mIoU {result['miou']:.3f}; "
-        f"wrote {out / 'metrics.json'} and {out / 'report.md'}"
+        f"wrote metrics.json and report.md to {out}"
     )
 
 
@@ -279,37 +345,68 @@ def demo(
     typer.echo(json.dumps({"miou": summary["miou"], "summary": str(out / "summary.json")}))
 
 
+SCHEDULER_HELP = (
+    "Dask scheduler address (tcp://host:port); default: $SEGPIPE_SCHEDULER, else a local cluster."
+)
+TASK_RUNNER_HELP = (
+    "Where the stages run: local (threads of this process) or dask (Prefect's DaskTaskRunner "
+    "on the scheduler's cluster); default: the YAML file's task_runner, else local."
+)
+
+
+def _flow_console(task_runner: str | None) -> None:
+    """Check ``--task-runner`` and show where clusters start (their dashboards) on stderr."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    from segpipe.errors import InputError
+
+    if task_runner not in (None, "local", "dask"):
+        raise InputError(f"--task-runner {task_runner!r} must be local or dask")
+    cluster_log = logging.getLogger("segpipe.cluster")
+    cluster_log.setLevel(logging.INFO)
+    if not any(isinstance(h, RichHandler) for h in cluster_log.handlers):
+        cluster_log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+
+
 @app.command("run")
 def run_region(
     region: Annotated[Path, typer.Argument(help="Region description (YAML: a process_region RegionRun).")],
-    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address for prediction.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP)] = None,
+    task_runner: Annotated[str | None, typer.Option(help=TASK_RUNNER_HELP)] = None,
 ) -> None:
-    """Process one region end to end with the process_region flow."""
+    """Process one region end to end with the process_region flow; a rerun skips finished stages."""
     from flows.engine import use_local_engine
     from flows.manifest import read_region
-    from flows.process_region import process_region
+    from flows.process_region import run_region as run_flow
 
+    _flow_console(task_runner)
     use_local_engine()
     run = read_region(region)
     if scheduler:
         run = run.model_copy(update={"scheduler": scheduler})
-    result = process_region(run)
+    if task_runner:
+        run = run.model_copy(update={"task_runner": task_runner})
+    result = run_flow(run)
     typer.echo(json.dumps({"region": run.name or str(region), "miou": result["miou"]}))
 
 
 @app.command()
 def batch(
     manifest: Annotated[Path, typer.Argument(help="Manifest (YAML: regions and concurrency).")],
-    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address for every region.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help=SCHEDULER_HELP + " For every region.")] = None,
     concurrency: Annotated[
         int | None, typer.Option(help="Regions at a time (overrides the manifest).")
     ] = None,
+    task_runner: Annotated[str | None, typer.Option(help=TASK_RUNNER_HELP + " For every region.")] = None,
 ) -> None:
-    """Process every region of a manifest with the process_regions flow."""
+    """Process every region of a manifest with the process_regions flow; a rerun skips finished stages."""
     from flows.engine import use_local_engine
     from flows.manifest import read_manifest
     from flows.process_regions import process_regions
 
+    _flow_console(task_runner)
     use_local_engine()
     plan = read_manifest(manifest)
     if scheduler:
@@ -318,6 +415,8 @@ def batch(
         )
     if concurrency:
         plan = plan.model_copy(update={"concurrency": concurrency})
+    if task_runner:
+        plan = plan.model_copy(update={"task_runner": task_runner})
     result = process_regions(plan)
     typer.echo(json.dumps({name: r["miou"] for name, r in result["regions"].items()}))
 

@@ -17,6 +17,7 @@ __all__ = [
     "LabelsError",
     "MissingInputError",
     "ModelPackageError",
+    "PretrainedWeightsError",
     "SegpipeError",
     "StoreError",
     "TileMismatchError",
@@ -54,6 +55,10 @@ class BandMismatchError(InputError):
 
 class ModelPackageError(InputError):
     """A model package is missing, incomplete or of an unsupported schema."""
+
+
+class PretrainedWeightsError(InputError):
+    """A pretrained weights file is unreadable or holds nothing that fits the encoder."""
 
 
 class StoreError(InputError):

@@ -22,7 +22,14 @@ from matplotlib.ticker import MaxNLocator
 
 from segpipe.types import ClassInfo
 
-__all__ = ["class_colour_table", "plot_confusion_matrix", "plot_loss_curve", "plot_preview"]
+__all__ = [
+    "class_colour_table",
+    "display_bands",
+    "plot_confusion_matrix",
+    "plot_loss_curve",
+    "plot_preview",
+    "plot_samples",
+]
 
 
 def class_colour_table(classes: Sequence[ClassInfo]) -> np.ndarray:
@@ -215,6 +222,74 @@ def plot_preview(
         else:
             fig.tight_layout()
         fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def display_bands(band_names: Sequence[str]) -> list[int]:
+    """Band indices to show as an image: red, green, blue when named so, else the first three.
+
+    One or two bands give one index (shown grey).
+    """
+    lower = [b.lower() for b in band_names]
+    if all(name in lower for name in ("red", "green", "blue")):
+        return [lower.index("red"), lower.index("green"), lower.index("blue")]
+    return [0, 1, 2] if len(lower) >= 3 else [0]
+
+
+def plot_samples(
+    images: Sequence[np.ndarray],
+    references: Sequence[np.ndarray],
+    predictions: Sequence[np.ndarray],
+    band_names: Sequence[str],
+    classes: Sequence[ClassInfo],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """One row per chip: image (RGB, or grey for fewer than 3 bands), reference, prediction.
+
+    Args:
+        images: (band, H, W) raw chips (stretched for display, band by band).
+        references: (H, W) reference class values (0 = unlabelled, transparent).
+        predictions: (H, W) predicted class values.
+        band_names: Names of the image bands (to find red, green and blue).
+        classes: Classes giving colours and legend names.
+        path: PNG file to write.
+        title: Figure title.
+
+    Returns:
+        The written path.
+    """
+    if not (len(images) == len(references) == len(predictions)) or not images:
+        raise ValueError("plot_samples needs the same, non-zero number of images, references and predictions")
+    lut = class_colour_table(classes)
+    bands = display_bands(band_names)
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 3, figsize=(9.5, 3.0 * rows + 0.6), squeeze=False)
+    try:
+        for r, (image, ref, pred) in enumerate(zip(images, references, predictions, strict=True)):
+            shown = _stretch(np.moveaxis(np.asarray(image)[bands], 0, -1))
+            panels = [
+                ("image", shown if shown.shape[-1] == 3 else shown[..., 0]),
+                ("reference", lut[np.asarray(ref, dtype=np.intp)]),
+                ("prediction", lut[np.asarray(pred, dtype=np.intp)]),
+            ]
+            for ax, (name, img) in zip(axes[r], panels, strict=True):
+                ax.imshow(img, interpolation="nearest", cmap="gray" if img.ndim == 2 else None)
+                if r == 0:
+                    ax.set_title(name)
+                ax.set_xticks([])
+                ax.set_yticks([])
+        handles = [Patch(facecolor=c.colour, edgecolor="black", label=f"{c.value} {c.name}") for c in classes]
+        if title:
+            fig.suptitle(title)
+        if handles:
+            fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+            fig.tight_layout(rect=(0.0, 0.0, 0.8, 1.0))
+        else:
+            fig.tight_layout()
+        fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
     return Path(path)

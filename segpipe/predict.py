@@ -164,6 +164,29 @@ def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tu
     return tile, ov
 
 
+def _resume_key(
+    spec: ModelSpec, model_dir: str, tile_size: int | None, overlap: int | None, blend: str, tta: bool
+) -> dict[str, Any]:
+    """What progress markers and outputs are tagged with: a rerun resumes only on an equal key."""
+    tile, ov = _settings(spec, tile_size, overlap)
+    return {"model_hash": model_hash(model_dir), "tile": tile, "overlap": ov, "blend": blend, "tta": tta}
+
+
+def _finished_markers(
+    store: str, blocks: tuple[int, int], key: dict[str, Any], probabilities: bool
+) -> np.ndarray | None:
+    """The done markers of an earlier run with the same key, or None when nothing can be resumed."""
+    try:
+        progress = open_layer(store, PROGRESS_LAYER)
+        for name in ("classes", "confidence", *(("probabilities",) if probabilities else ())):
+            open_layer(store, name)
+    except StoreError:
+        return None
+    if progress.shape != blocks or any(progress.attrs.get(k) != v for k, v in key.items()):
+        return None
+    return np.asarray(progress[...]).astype(bool)
+
+
 def _prepare_layers(
     store: str,
     spec: ModelSpec,
@@ -173,20 +196,10 @@ def _prepare_layers(
     probabilities: bool = False,
 ) -> np.ndarray:
     """Create (or keep, to resume) output and progress layers; return the done markers."""
-    reset = force
-    try:
-        progress = open_layer(store, PROGRESS_LAYER)
-        if progress.shape != blocks or any(progress.attrs.get(k) != v for k, v in key.items()):
-            reset = True
-    except StoreError:
-        reset = True
-    for name in ("classes", "confidence", *(("probabilities",) if probabilities else ())):
-        try:
-            open_layer(store, name)
-        except StoreError:
-            reset = True
-    if not reset:
-        return np.asarray(progress[...]).astype(bool)
+    if not force:
+        markers = _finished_markers(store, blocks, key, probabilities)
+        if markers is not None:
+            return markers
     # Progress is cleared before outputs are replaced, so a crash in between never
     # leaves "done" markers over empty outputs.
     zarr.open_group(store, mode="r+").create_array(
@@ -287,8 +300,8 @@ def predict(
     n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
     bs = choose_batch_size(n_global, batch_size)
     mdir = str(Path(model_dir).resolve())
-    mhash = model_hash(mdir)
-    key = {"model_hash": mhash, "tile": tile, "overlap": ov, "blend": blend, "tta": tta}
+    key = _resume_key(spec, mdir, tile, ov, blend, tta)
+    mhash = key["model_hash"]
     done = _prepare_layers(store_s, spec, info.blocks, key, force, probabilities)
     total, skipped = int(done.size), int(done.sum())
     if progress is not None:
@@ -378,17 +391,7 @@ def pending_blocks(
     """
     store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
     info = read_region_info(store_s)
-    spec = read_spec(model_dir)
-    tile, ov = _settings(spec, tile_size, overlap)
-    key = {"model_hash": model_hash(str(Path(model_dir).resolve())), "tile": tile, "overlap": ov,
-           "blend": blend, "tta": tta}
+    key = _resume_key(read_spec(model_dir), str(Path(model_dir).resolve()), tile_size, overlap, blend, tta)
     total = int(info.blocks[0] * info.blocks[1])
-    try:
-        progress = open_layer(store_s, PROGRESS_LAYER)
-        for name in ("classes", "confidence", *(("probabilities",) if probabilities else ())):
-            open_layer(store_s, name)
-    except StoreError:
-        return total, total
-    if progress.shape != info.blocks or any(progress.attrs.get(k) != v for k, v in key.items()):
-        return total, total
-    return total - int(np.asarray(progress[...]).astype(bool).sum()), total
+    markers = _finished_markers(store_s, info.blocks, key, probabilities)
+    return (total if markers is None else total - int(markers.sum())), total

@@ -14,9 +14,14 @@ from torch import nn
 
 from segpipe.errors import ArchitectureError
 
-__all__ = ["ARCHITECTURES", "ENCODERS", "build_network", "output_stride"]
+__all__ = [
+    "ARCHITECTURES", "CLASSICAL_ARCHITECTURES", "ENCODERS", "PixelHead", "build_network", "output_stride"
+]
 
 ARCHITECTURES = ("unet", "pspnet", "deeplabv3", "deeplabv3plus")
+# Per-pixel classical models packaged like networks (segpipe.models.forest); kept apart
+# from ARCHITECTURES because they have no encoder and are not trained by gradient descent.
+CLASSICAL_ARCHITECTURES = ("random_forest",)
 ENCODERS = (
     "resnet18", "resnet34", "resnet50", "resnet101",
     "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
@@ -28,8 +33,44 @@ ENCODERS = (
 _UNET_DECODER = (128, 64, 32, 16, 16)
 
 
+class PixelHead(nn.Module):
+    """A segmentation network whose logits get those of a per-pixel MLP on the bands added.
+
+    At medium resolution (Landsat's 30 m) ponds, rivers and roads are one to three pixels
+    wide: the encoder's stride-2 stem and pooling blur them before any skip connection
+    keeps them. The 1 x 1 path sees each pixel's spectrum at full resolution, so such
+    features survive while the network supplies the spatial context.
+    """
+
+    def __init__(self, network: nn.Module, in_channels: int, num_classes: int, hidden: int) -> None:
+        super().__init__()
+        self.network = network
+        self.pixel = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, num_classes, 1),
+        )
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The wrapped network's encoder (where pretrained weights go)."""
+        encoder = self.network.encoder
+        assert isinstance(encoder, nn.Module)
+        return encoder
+
+    def forward(self, x: Any) -> Any:
+        """Logits (N, classes, H, W): the network's plus the per-pixel path's."""
+        return self.network(x) + self.pixel(x)
+
+
 def output_stride(arch: str) -> int:
-    """Input sizes must be multiples of this for the network to run (32 for all four)."""
+    """Input sizes must be multiples of this for the network to run (32 for all four, 1 per-pixel)."""
+    if arch in CLASSICAL_ARCHITECTURES:
+        return 1
     if arch not in ARCHITECTURES:
         raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     return 32
@@ -45,11 +86,13 @@ def build_network(
     """Build an untrained network.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of :data:`ARCHITECTURES` or :data:`CLASSICAL_ARCHITECTURES`.
         encoder: One of :data:`ENCODERS`.
         in_channels: Number of image bands.
         num_classes: Number of output classes (logit channels).
-        options: Extra smp keyword arguments (e.g. ``decoder_channels``).
+        options: Extra smp keyword arguments (e.g. ``decoder_channels``), and
+            ``pixel_head``: hidden width of a :class:`PixelHead` around the network
+            (0 or absent: none).
 
     Returns:
         The network, producing logits of shape (N, num_classes, H, W).
@@ -57,6 +100,10 @@ def build_network(
     Raises:
         ArchitectureError: Unknown architecture or encoder.
     """
+    if arch in CLASSICAL_ARCHITECTURES:
+        from segpipe.models.forest import forest_from_options
+
+        return forest_from_options(in_channels, num_classes, options)  # its tree shapes; encoder unused
     import segmentation_models_pytorch as smp
 
     if arch not in ARCHITECTURES:
@@ -71,7 +118,9 @@ def build_network(
     }
     if arch == "unet":
         kwargs["decoder_channels"] = _UNET_DECODER
-    kwargs.update(options or {})
+    extra = dict(options or {})
+    pixel_head = int(extra.pop("pixel_head", 0) or 0)
+    kwargs.update(extra)
     if "decoder_channels" in kwargs and isinstance(kwargs["decoder_channels"], list):
         kwargs["decoder_channels"] = tuple(kwargs["decoder_channels"])
     cls = {
@@ -80,4 +129,5 @@ def build_network(
         "deeplabv3": smp.DeepLabV3,
         "deeplabv3plus": smp.DeepLabV3Plus,
     }[arch]
-    return cls(**kwargs)  # type: ignore[no-any-return]
+    network: nn.Module = cls(**kwargs)
+    return PixelHead(network, in_channels, num_classes, pixel_head) if pixel_head else network

@@ -1,7 +1,12 @@
 """The model package: a directory with ``model.json`` and ``weights.safetensors``.
 
 A package is everything prediction needs: architecture, encoder, band names,
-normalisation statistics, classes and chip size. Weights are safetensors (no pickle).
+normalisation statistics (with optional percentile clipping), classes and chip size.
+Weights are safetensors (no pickle).
+
+Schema history: 1 = first release; 2 adds ``clip_low``/``clip_high``, ``output_stride``
+and ``versions`` (the software that wrote the package). Schema 1 packages still load:
+their new fields take the values schema 1 implied (no clipping, stride 32).
 """
 
 from __future__ import annotations
@@ -9,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import tempfile
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +37,24 @@ __all__ = [
     "normalise",
     "read_spec",
     "save_model",
+    "software_versions",
 ]
 
-MODEL_SCHEMA = 1
+MODEL_SCHEMA = 2
+_READABLE_SCHEMAS = (1, 2)
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the software that trains and runs models, recorded in every package."""
+    versions = {"python": platform.python_version()}
+    for dist in ("segpipe", "torch", "segmentation-models-pytorch", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "unknown"
+    return versions
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,10 @@ class ModelSpec:
         options: Extra network constructor options.
         metrics: Validation metrics at the end of training.
         training: Training settings and history.
+        clip_low: Per-band lower clip applied before standardising, or None (no clipping).
+        clip_high: Per-band upper clip, or None; set together with ``clip_low``.
+        output_stride: Input edges must be multiples of this for the network.
+        versions: Software versions that made the model (see :func:`software_versions`).
     """
 
     arch: str
@@ -66,6 +90,20 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    clip_low: tuple[float, ...] | None = None
+    clip_high: tuple[float, ...] | None = None
+    output_stride: int = 32
+    versions: dict[str, str] = field(default_factory=software_versions)
+
+    def __post_init__(self) -> None:
+        if (self.clip_low is None) != (self.clip_high is None):
+            raise ModelPackageError("clip_low and clip_high must be given together")
+        for name in ("clip_low", "clip_high"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.band_names):
+                raise ModelPackageError(
+                    f"{name} has {len(values)} values but the model has {len(self.band_names)} bands"
+                )
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form written to ``model.json``."""
@@ -83,10 +121,18 @@ class ModelSpec:
         """
         if data.get("kind") != "segpipe-model":
             raise ModelPackageError("model.json is not a segpipe model description")
-        if data.get("schema") != MODEL_SCHEMA:
+        schema = data.get("schema")
+        if schema not in _READABLE_SCHEMAS:
             raise ModelPackageError(
-                f"model.json schema {data.get('schema')} is not supported (expected {MODEL_SCHEMA})"
+                f"model.json schema {schema} is not supported: this segpipe reads schemas "
+                f"{', '.join(map(str, _READABLE_SCHEMAS))}; "
+                + (
+                    "upgrade segpipe to load this package"
+                    if isinstance(schema, int) and schema > MODEL_SCHEMA
+                    else "retrain the model"
+                )
             )
+        clip_low, clip_high = data.get("clip_low"), data.get("clip_high")
         try:
             return cls(
                 arch=str(data["arch"]),
@@ -100,9 +146,15 @@ class ModelSpec:
                 options=dict(data.get("options", {})),
                 metrics=dict(data.get("metrics", {})),
                 training=dict(data.get("training", {})),
+                clip_low=None if clip_low is None else tuple(float(v) for v in clip_low),
+                clip_high=None if clip_high is None else tuple(float(v) for v in clip_high),
+                output_stride=int(data.get("output_stride", 32)),
+                versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
             )
         except KeyError as exc:
             raise ModelPackageError(f"model.json lacks the field {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ModelPackageError(f"model.json has a malformed field: {exc}") from exc
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:
@@ -199,8 +251,10 @@ def check_bands(spec: ModelSpec, band_names: tuple[str, ...] | list[str]) -> Non
 
 
 def normalise(image: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = None) -> np.ndarray:
-    """Standardise a (band, y, x) array with the package's statistics.
+    """Clip (when the package says so), then standardise a (band, y, x) array.
 
+    Clipping to the training percentiles first keeps rare extreme values (clouds,
+    sensor spikes) from dominating the scale, identically in training and prediction.
     Invalid pixels (``valid`` False) become 0, the mean of every band, so that they
     pull neighbours as little as possible.
 
@@ -209,7 +263,12 @@ def normalise(image: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = Non
     """
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    out = (image.astype(np.float32) - mean) / np.maximum(std, 1e-6)
+    pixels = image.astype(np.float32)
+    if spec.clip_low is not None and spec.clip_high is not None:
+        low = np.asarray(spec.clip_low, dtype=np.float32)[:, None, None]
+        high = np.asarray(spec.clip_high, dtype=np.float32)[:, None, None]
+        pixels = np.clip(pixels, low, high)
+    out = (pixels - mean) / np.maximum(std, 1e-6)
     if valid is not None:
         out *= valid[None].astype(np.float32)
     return out

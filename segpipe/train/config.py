@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["TrainConfig"]
 
@@ -13,13 +13,18 @@ class TrainConfig(BaseModel):
     """How to train a segmentation model from a region store.
 
     Attributes:
-        arch: Network architecture: unet, pspnet, deeplabv3 or deeplabv3plus.
+        arch: Network architecture: unet, pspnet, deeplabv3 or deeplabv3plus; or
+            ``random_forest``, the classical per-pixel baseline (scikit-learn random forest
+            on the band values), packaged and predicted like a network. It uses ``trees``,
+            ``min_samples_leaf``, ``max_depth``, ``max_train_pixels``, ``valid_fraction``,
+            ``valid_cell``, ``seed``, ``threads`` and ``clip_percentiles``; other settings
+            do not apply to it.
         encoder: Encoder (backbone), e.g. resnet18, resnet34, vgg16_bn, mobilenet_v2.
         epochs: Passes over ``samples_per_epoch`` chips.
         samples_per_epoch: Chips drawn per epoch.
         chip_size: Chip edge in pixels (a multiple of 32).
         batch_size: Chips per optimisation step.
-        lr: Peak learning rate of the one-cycle schedule (AdamW).
+        lr: Peak learning rate of the schedule (AdamW).
         weight_decay: AdamW weight decay.
         valid_fraction: Share of labelled cells held out for validation (spatially disjoint).
         valid_cell: Edge in pixels of the cells assigned wholesale to train or validation.
@@ -32,11 +37,35 @@ class TrainConfig(BaseModel):
         class_balancing: Weight classes by median frequency of their labelled pixels.
         patience: Stop after this many epochs without improvement (None = never).
         monitor: What "improvement" and the kept checkpoint refer to.
+        schedule: Learning-rate schedule: ``onecycle`` (warm-up then cosine decay) or
+            ``cosine`` (cosine decay from ``lr`` without warm-up, e.g. for fine-tuning).
+        pretrained: Local encoder weights file (.safetensors, .pth, .pt) to start from,
+            e.g. a torchvision ResNet state dict; never downloaded.
+        clip_percentiles: Per-band (low, high) percentiles that clip pixel values before
+            standardising, e.g. (2, 98); stored in the package, applied in prediction.
+        balanced_sampling: Centre chips on each class equally often.
+        color_jitter: Strength of random brightness/contrast changes of valid pixels
+            (in normalised units; 0 = off).
+        checkpoint_every: Also checkpoint every N steps within an epoch (0 = at epoch
+            ends only), so that a killed run loses little when resumed.
+        pixel_head: Hidden width of a per-pixel path on the band values whose logits are
+            added to the network's at full resolution (0 = none); helps medium-resolution
+            imagery, where features one to three pixels wide blur in the encoder.
+        devices: Processes training data-parallel on this machine (one per GPU; on the
+            CPU they share its cores, useful for testing).
+        trees: Random forest only: number of trees.
+        min_samples_leaf: Random forest only: fewest training pixels in a leaf. The default
+            5 (scikit-learn's is 1) halves the trees' nodes, hence the package size, on
+            noisy labels at no measured loss of accuracy; larger = smoother probabilities.
+        max_depth: Random forest only: deepest split level (None = grow until leaves are
+            pure); prediction time grows with depth.
+        max_train_pixels: Random forest only: labelled training pixels sampled at most
+            (validation pixels are capped alike).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus"] = "unet"
+    arch: Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus", "random_forest"] = "unet"
     encoder: str = "resnet18"
     epochs: int = Field(default=10, ge=1)
     samples_per_epoch: int = Field(default=512, ge=1)
@@ -55,3 +84,29 @@ class TrainConfig(BaseModel):
     class_balancing: bool = False
     patience: int | None = Field(default=None, ge=1)
     monitor: Literal["valid_miou", "valid_loss"] = "valid_miou"
+    schedule: Literal["onecycle", "cosine"] = "onecycle"
+    pretrained: str | None = None
+    clip_percentiles: tuple[float, float] | None = None
+    balanced_sampling: bool = False
+    color_jitter: float = Field(default=0.0, ge=0, le=1)
+    checkpoint_every: int = Field(default=50, ge=0)
+    pixel_head: int = Field(default=0, ge=0)
+    devices: int = Field(default=1, ge=1)
+    trees: int = Field(default=100, ge=1)
+    min_samples_leaf: int = Field(default=5, ge=1)
+    max_depth: int | None = Field(default=None, ge=1)
+    max_train_pixels: int = Field(default=200_000, ge=1)
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _ordered_percentiles(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("must be two percentiles with 0 <= low < high <= 100, e.g. 2 98")
+        return value
+
+    def resume_key(self) -> str:
+        """The settings a resumed run must share with the checkpoint, as JSON.
+
+        Threads and checkpoint frequency change no result, so they may differ.
+        """
+        return self.model_dump_json(exclude={"threads", "checkpoint_every"})

@@ -1,8 +1,13 @@
-"""Train a segmentation network from a region store and write a model package."""
+"""Train a segmentation network from a region store and write a model package.
+
+:func:`train` prepares what every rank shares (candidates, the spatial split,
+normalisation statistics, the initial weights) once, then runs the loop: in this
+process for one device, or in one spawned process per device for data-parallel
+training (:mod:`segpipe.train.distributed`). The loop is the same in both cases.
+"""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -13,20 +18,24 @@ from typing import Any
 import numpy as np
 
 from segpipe import metrics
-from segpipe.errors import LabelsError, StoreError
+from segpipe.errors import InputError, LabelsError, StoreError
 from segpipe.fingerprint import store_inputs
 from segpipe.io.store import open_layer, open_region, read_region_info
-from segpipe.models import ModelSpec, build_network, normalise, save_model
+from segpipe.models import ModelSpec, build_network, normalise, output_stride, read_spec, save_model
+from segpipe.train import checkpoint as ckpt
+from segpipe.train import distributed as ddp
 from segpipe.train.config import TrainConfig
 from segpipe.train.losses import balanced_class_weights, make_loss
-from segpipe.train.sampling import ChipSampler, find_candidates, split_cells
-from segpipe.train.stats import band_statistics
+from segpipe.train.pretrained import PretrainedReport, load_pretrained_encoder
+from segpipe.train.sampling import Candidates, CentreSampler, ChipSampler, find_candidates, split_cells
+from segpipe.train.stats import band_percentiles, band_statistics
 from segpipe.types import ClassInfo, default_colour
 
-__all__ = ["TrainProgress", "train"]
+__all__ = ["TrainProgress", "initial_network", "train"]
 
 IGNORE = 255
 _MAX_VALID_CHIPS = 192
+_SAMPLE_CHIPS = 4
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,24 @@ class TrainProgress:
     record: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What every rank shares, computed once before the loop (picklable for spawning)."""
+
+    store: str
+    cfg: TrainConfig
+    spec: ModelSpec
+    lut: np.ndarray
+    block_size: int
+    valid_cells: frozenset[tuple[int, int]]
+    train: Candidates
+    valid_windows: tuple[tuple[int, int], ...]
+    class_weights: np.ndarray | None
+    initial: dict[str, Any]
+    pretrained: dict[str, Any] | None
+    valid_pixels: int
+
+
 def _classes_for(present: np.ndarray, known: tuple[ClassInfo, ...]) -> tuple[ClassInfo, ...]:
     by_value = {c.value: c for c in known}
     return tuple(
@@ -64,16 +91,37 @@ def _dihedral(image: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray
     return np.rot90(image, k % 4, axes=(-2, -1)), np.rot90(labels, k % 4, axes=(-2, -1))
 
 
-def _device(choice: str) -> Any:
+def _jitter(
+    image: np.ndarray, valid: np.ndarray | None, strength: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Random contrast and brightness of a normalised chip; invalid pixels stay 0.
+
+    In normalised units a brightness shift of ``strength`` is that many standard
+    deviations, the same for every band, so the change is a plausible illumination
+    change rather than a colour shift.
+    """
+    contrast = 1.0 + float(rng.uniform(-strength, strength))
+    brightness = float(rng.uniform(-strength, strength))
+    out = image * np.float32(contrast) + np.float32(brightness)
+    if valid is not None:
+        out *= valid[None].astype(np.float32)
+    return out
+
+
+def _device(choice: str, rank: int = 0) -> Any:
     import torch
 
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        return torch.device("cuda", rank)
     return torch.device("cpu")
 
 
 def _batch(
-    sampler: ChipSampler, windows: list[tuple[int, int]], spec: ModelSpec, rng: np.random.Generator | None
+    sampler: ChipSampler,
+    windows: list[tuple[int, int]],
+    spec: ModelSpec,
+    rng: np.random.Generator | None,
+    jitter: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for y0, x0 in windows:
@@ -81,6 +129,8 @@ def _batch(
         valid = None if spec.nodata is None else (raw != spec.nodata).all(axis=0)
         img = normalise(raw, spec, valid)
         if rng is not None:
+            if jitter > 0:
+                img = _jitter(img, valid, jitter, rng)
             img, lab = _dihedral(img, lab, int(rng.integers(8)))
         images.append(np.ascontiguousarray(img))
         labels.append(np.ascontiguousarray(lab))
@@ -121,51 +171,60 @@ def _evaluate(
     return (loss_sum / count if count else float("nan")), cm
 
 
-def train(
-    store: str | Path,
-    out: str | Path,
-    config: TrainConfig | None = None,
-    progress: Callable[[TrainProgress], None] | None = None,
-) -> ModelSpec:
-    """Train a network on the store's labels and write a model package to ``out``.
+def network_options(cfg: TrainConfig) -> dict[str, Any]:
+    """Constructor options recorded in the package, so prediction rebuilds the same network."""
+    return {"pixel_head": cfg.pixel_head} if cfg.pixel_head else {}
 
-    Chips are drawn where labels exist; class 0 is ignored by the loss. Validation
-    uses spatially held-out cells; the checkpoint with the best validation mIoU is
-    kept.
+
+def initial_network(
+    cfg: TrainConfig, in_channels: int, num_classes: int
+) -> tuple[Any, PretrainedReport | None]:
+    """The untrained network of a run: seeded initialisation, then pretrained encoder weights.
 
     Args:
-        store: Region store with ``image`` and ``labels`` layers.
-        out: Model package directory to write.
-        config: Training settings (defaults when None).
-        progress: Called after every step with a :class:`TrainProgress`.
+        cfg: Training settings (``arch``, ``encoder``, ``seed``, ``pretrained``).
+        in_channels: Image bands.
+        num_classes: Output classes.
 
     Returns:
-        The written model's description.
+        The network and, with ``cfg.pretrained``, what the weights file contributed.
 
     Raises:
-        StoreError: The store has no labels.
-        LabelsError: No labelled pixel.
+        ArchitectureError: Unknown architecture or encoder.
+        MissingInputError: The pretrained file does not exist.
+        PretrainedWeightsError: The pretrained file fits nothing in the encoder.
     """
     import torch
 
-    from segpipe.plots import plot_confusion_matrix, plot_loss_curve
-
-    cfg = config or TrainConfig()
-    info = read_region_info(store)
-    labels_arr = open_layer(store, "labels") if _has_layer(store, "labels") else None
-    if labels_arr is None:
-        raise StoreError(f"region store {store} has no labels: ingest it with --labels")
-    image_arr = open_layer(store, "image")
-    rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    net = build_network(cfg.arch, cfg.encoder, in_channels, num_classes, network_options(cfg))
+    report = None
+    if cfg.pretrained:
+        encoder = net.encoder
+        if not isinstance(encoder, torch.nn.Module):
+            raise InputError(f"--pretrained: the {cfg.arch} network has no encoder to load weights into")
+        report = load_pretrained_encoder(encoder, cfg.pretrained)
+    return net, report
 
+
+def _prepare(store: str | Path, cfg: TrainConfig) -> _Plan:
+    """Candidates, split, statistics and initial weights: everything ranks share."""
+    info = read_region_info(store)
+    if not _has_layer(store, "labels"):
+        raise StoreError(f"region store {store} has no labels: ingest it with --labels")
+    labels_arr = open_layer(store, "labels")
     cand = find_candidates(labels_arr, info.block_size, seed=cfg.seed)
     present = np.unique(cand.value)
     classes = _classes_for(present, info.classes)
     lut = np.full(256, IGNORE, dtype=np.uint8)
     lut[present] = np.arange(len(present), dtype=np.uint8)
 
-    mean, std = band_statistics(open_region(store)["image"].data, info.nodata)
+    image = open_region(store)["image"].data
+    clip: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    if cfg.clip_percentiles is not None:
+        low, high = band_percentiles(image, info.nodata, cfg.clip_percentiles)
+        clip = (low, high)
+    mean, std = band_statistics(image, info.nodata, clip)
     spec = ModelSpec(
         arch=cfg.arch,
         encoder=cfg.encoder,
@@ -175,118 +234,336 @@ def train(
         classes=classes,
         chip_size=cfg.chip_size,
         nodata=info.nodata,
+        clip_low=None if clip is None else clip[0],
+        clip_high=None if clip is None else clip[1],
+        output_stride=output_stride(cfg.arch),
+        options=network_options(cfg),
     )
     in_valid = split_cells(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
-    valid_cells = {
+    valid_cells = frozenset(
         (int(y) // cfg.valid_cell, int(x) // cfg.valid_cell)
         for y, x in zip(cand.y[in_valid], cand.x[in_valid], strict=True)
-    }
+    )
     train_c, valid_c = cand.subset(~in_valid), cand.subset(in_valid)
     if train_c.y.size == 0:
         raise LabelsError("every labelled pixel fell into validation cells: lower --valid-fraction")
-
-    def sampler(part: str) -> ChipSampler:
-        return ChipSampler(
-            image_arr, labels_arr, info.block_size, cfg.chip_size, lut, cfg.valid_cell, valid_cells, part
-        )
-
-    train_s, valid_s = sampler("train"), sampler("valid")
+    valid_s = _sampler(store, info.block_size, cfg, lut, valid_cells, "valid")
     pick = np.linspace(0, valid_c.y.size - 1, min(_MAX_VALID_CHIPS, valid_c.y.size)).astype(int)
-    valid_windows = [valid_s.window_for(int(valid_c.y[i]), int(valid_c.x[i]), None) for i in pick]
-
-    device = _device(cfg.device)
-    if device.type == "cpu" and cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    net = build_network(cfg.arch, cfg.encoder, len(info.band_names), len(classes)).to(device)
-    steps = max(1, cfg.samples_per_epoch // cfg.batch_size)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=steps * cfg.epochs, pct_start=0.2
-    )
-    use_amp = device.type == "cuda"
+    valid_windows = tuple(valid_s.window_for(int(valid_c.y[i]), int(valid_c.x[i]), None) for i in pick)
     weights = None
     if cfg.class_balancing and cand.counts is not None:
         weights = balanced_class_weights(cand.counts[present])
-    loss_fn = make_loss(cfg.loss, IGNORE, weights, cfg.focal_gamma, cfg.dice_weight)
-    # Checkpoints are compared on a "higher is better" score.
-    sign = 1.0 if cfg.monitor == "valid_miou" else -1.0
-    history: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, Any], np.ndarray] | None = None
-    stale = 0
-    started = time.perf_counter()
-    net.train()
-    for epoch in range(1, cfg.epochs + 1):
-        running = 0.0
-        for step in range(1, steps + 1):
-            idx = rng.integers(0, train_c.y.size, cfg.batch_size)
-            windows = [train_s.window_for(int(train_c.y[i]), int(train_c.x[i]), rng) for i in idx]
-            x, y = _batch(train_s, windows, spec, rng)
+    net, report = initial_network(cfg, len(info.band_names), len(classes))
+    return _Plan(
+        store=str(store),
+        cfg=cfg,
+        spec=spec,
+        lut=lut,
+        block_size=info.block_size,
+        valid_cells=valid_cells,
+        train=train_c,
+        valid_windows=valid_windows,
+        class_weights=weights,
+        initial={k: v.detach().clone() for k, v in net.state_dict().items()},
+        pretrained=None if report is None else report.summary(),
+        valid_pixels=int(valid_c.y.size),
+    )
+
+
+def _sampler(
+    store: str | Path,
+    block: int,
+    cfg: TrainConfig,
+    lut: np.ndarray,
+    valid_cells: frozenset[tuple[int, int]],
+    part: str,
+) -> ChipSampler:
+    return ChipSampler(
+        open_layer(store, "image"),
+        open_layer(store, "labels"),
+        block,
+        cfg.chip_size,
+        lut,
+        cfg.valid_cell,
+        set(valid_cells),
+        part,
+    )
+
+
+def _schedule(opt: Any, cfg: TrainConfig, total: int) -> Any:
+    import torch
+
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * 1e-3)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+
+
+def train(
+    store: str | Path,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+    resume: bool = False,
+) -> ModelSpec:
+    """Train a network on the store's labels and write a model package to ``out``.
+
+    Chips are drawn where labels exist; class 0 is ignored by the loss. Validation
+    uses spatially held-out cells; the weights with the best monitored score are
+    kept. The run checkpoints into ``out/checkpoint/`` after every epoch and every
+    ``checkpoint_every`` steps; the checkpoint is removed once the package is written.
+
+    Args:
+        store: Region store with ``image`` and ``labels`` layers.
+        out: Model package directory to write.
+        config: Training settings (defaults when None).
+        progress: Called after every step with a :class:`TrainProgress`.
+        resume: Continue from the checkpoint in ``out`` (same settings required);
+            without one, start afresh. False: any old checkpoint is discarded.
+
+    Returns:
+        The written model's description.
+
+    Raises:
+        StoreError: The store has no labels.
+        LabelsError: No labelled pixel.
+        InputError: More CUDA devices asked for than present, or a checkpoint that
+            does not fit the settings.
+    """
+    cfg = config or TrainConfig()
+    if cfg.arch == "random_forest":
+        from segpipe.train.forest import train_forest
+
+        return train_forest(store, out, cfg, progress)
+    plan = _prepare(store, cfg)
+    device = _device(cfg.device)
+    if cfg.devices == 1:
+        spec = _run(0, 1, plan, str(out), resume, progress)
+        assert spec is not None  # rank 0 always writes the package
+        return spec
+    if device.type == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < cfg.devices:
+            raise InputError(
+                f"--devices {cfg.devices} but only {torch.cuda.device_count()} CUDA devices are visible"
+            )
+    ddp.run_ranks(_run, cfg.devices, (plan, str(out), resume), progress, cuda=device.type == "cuda")
+    return read_spec(out)
+
+
+def _run(
+    rank: int,
+    world: int,
+    plan: _Plan,
+    out: str,
+    resume: bool,
+    report: Callable[[TrainProgress], None] | None,
+) -> ModelSpec | None:
+    """The training loop of one rank; rank 0 validates, checkpoints and writes the package."""
+    import os
+
+    import torch
+
+    cfg, spec = plan.cfg, plan.spec
+    device = _device(cfg.device, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif cfg.threads or world > 1:  # ranks on one CPU share its cores instead of oversubscribing
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    torch.manual_seed(cfg.seed + rank)
+    rng = np.random.default_rng([cfg.seed, rank])
+    net = build_network(cfg.arch, cfg.encoder, len(spec.band_names), len(spec.classes), spec.options)
+    net.load_state_dict(plan.initial)
+    net.to(device)
+    model: Any = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    steps = max(1, cfg.samples_per_epoch // cfg.batch_size)
+    per_rank = max(1, -(-cfg.batch_size // world))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg, steps * cfg.epochs)
+    use_amp = device.type == "cuda"
+    loss_fn = make_loss(cfg.loss, IGNORE, plan.class_weights, cfg.focal_gamma, cfg.dice_weight)
+    train_s = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, "train")
+    valid_s = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, "valid")
+    centres = CentreSampler(plan.train, cfg.balanced_sampling)
+    sign = 1.0 if cfg.monitor == "valid_miou" else -1.0  # compared as "higher is better"
+    key = cfg.resume_key()
+
+    if rank == 0 and not resume:
+        ckpt.remove_checkpoint(out)
+    state = ckpt.load_checkpoint(out, key) if resume else None
+    if state is None:
+        state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
+        resumed_from = None
+    else:
+        net.load_state_dict(state.network)
+        opt.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
+        if len(state.rng) == world:
+            ckpt.restore_rng(rng, state.rng[rank])
+        resumed_from = {"epoch": state.epoch, "step": state.step}
+    history = state.history
+    offset = history[-1]["seconds"] if history else 0.0
+    started = time.perf_counter() - offset
+
+    def save(epoch: int, step: int, running: float) -> None:
+        rngs = ddp.gather_objects(ckpt.rng_state(rng))
+        if rank == 0:
+            ckpt.save_checkpoint(
+                out,
+                dataclasses.replace(
+                    state,
+                    epoch=epoch,
+                    step=step,
+                    running=running,
+                    network=net.state_dict(),
+                    optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict(),
+                    rng=rngs,
+                    config=key,
+                ),
+            )
+
+    model.train()
+    stopped = bool(history and history[-1].get("early_stop"))
+    for epoch in range(state.epoch, cfg.epochs + 1):
+        if stopped:
+            break
+        resuming = epoch == state.epoch
+        running = state.running if resuming else 0.0
+        for step in range((state.step if resuming else 0) + 1, steps + 1):
+            idx = centres.draw(rng, per_rank)
+            windows = [train_s.window_for(int(plan.train.y[i]), int(plan.train.x[i]), rng) for i in idx]
+            x, y = _batch(train_s, windows, spec, rng, cfg.color_jitter)
             xt = torch.from_numpy(x).to(device)
             yt = torch.from_numpy(y.astype(np.int64)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(xt)
+                logits = model(xt)
             loss = loss_fn(logits, yt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            running += (loss.item() - running) / step
-            if progress and step < steps:
-                progress(TrainProgress(epoch, cfg.epochs, step, steps, running))
+            running += (ddp.average(loss.item(), device) - running) / step
+            if report and step < steps:
+                report(TrainProgress(epoch, cfg.epochs, step, steps, running))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                save(epoch, step, running)
         record: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": running,
             "seconds": time.perf_counter() - started,
         }
-        if valid_windows:
-            v_loss, cm = _evaluate(net, valid_s, valid_windows, spec, device, cfg.batch_size)
-            score = metrics.scores(cm, [c.value for c in classes], [c.name for c in classes])
+        if rank == 0 and plan.valid_windows:
+            v_loss, cm = _evaluate(net, valid_s, list(plan.valid_windows), spec, device, cfg.batch_size)
+            score = metrics.scores(cm, [c.value for c in spec.classes], [c.name for c in spec.classes])
             record.update(
                 valid_loss=v_loss, valid_miou=score["miou"], valid_accuracy=score["overall_accuracy"]
             )
             value = sign * record[cfg.monitor]
-            if best is None or value > best[0]:
-                best, stale = (value, copy.deepcopy(net.state_dict()), cm), 0
+            if state.best_score is None or value > state.best_score:
+                state.best_score, state.best_cm, state.stale = value, cm, 0
+                state.best_weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             else:
-                stale += 1
+                state.stale += 1
         history.append(record)
-        if progress:
-            progress(TrainProgress(epoch, cfg.epochs, steps, steps, running, record))
-        if cfg.patience is not None and stale >= cfg.patience:
+        if report:
+            report(TrainProgress(epoch, cfg.epochs, steps, steps, running, record))
+        if cfg.patience is not None and state.stale >= cfg.patience:
             record["early_stop"] = True
-            break
+        stopped = bool(ddp.broadcast_object(record.get("early_stop", False)))
+        save(epoch + 1, 0, 0.0)
 
-    if best is not None:
-        net.load_state_dict(best[1])
+    if rank != 0:
+        return None
+    return _finish(net, plan, history, state, out, started, device.type, resumed_from)
+
+
+def _finish(
+    net: Any,
+    plan: _Plan,
+    history: list[dict[str, Any]],
+    state: ckpt.TrainState,
+    out: str,
+    started: float,
+    device: str,
+    resumed_from: dict[str, int] | None,
+) -> ModelSpec:
+    """Best weights, metrics and plots into the package; then the checkpoint goes."""
+    from segpipe.plots import plot_confusion_matrix, plot_loss_curve
+
+    spec, classes = plan.spec, plan.spec.classes
+    if state.best_weights is not None:
+        net.load_state_dict(state.best_weights)
     final_metrics: dict[str, Any] = {}
-    if best is not None:
+    if state.best_cm is not None:
         final_metrics = metrics.json_ready(
-            metrics.scores(best[2], [c.value for c in classes], [c.name for c in classes])
+            metrics.scores(state.best_cm, [c.value for c in classes], [c.name for c in classes])
         )
+    weights = plan.class_weights
     spec = dataclasses.replace(
         spec,
         metrics=final_metrics,
         training={
-            "config": cfg.model_dump(),
+            "config": plan.cfg.model_dump(),
             "class_weights": None if weights is None else [float(w) for w in weights],
             "history": metrics.json_ready(history),
-            "train_pixels_sampled": int(train_c.y.size),
-            "valid_pixels_sampled": int(valid_c.y.size),
+            "train_pixels_sampled": int(plan.train.y.size),
+            "valid_pixels_sampled": plan.valid_pixels,
             "seconds": time.perf_counter() - started,
-            "store_inputs": store_inputs(store),
-            "device": device.type,
+            "store_inputs": store_inputs(plan.store),
+            "device": device,
+            "pretrained": plan.pretrained,
+            "resumed_from": resumed_from,
         },
     )
-    out_dir = save_model(out, spec, net.cpu())
+    net = net.cpu().eval()
+    out_dir = save_model(out, spec, net)
     plot_loss_curve(history, out_dir / "loss_curve.png")
-    if best is not None:
+    if state.best_cm is not None:
         plot_confusion_matrix(
-            best[2][:, : len(classes)],
+            state.best_cm[:, : len(classes)],
             [c.name for c in classes],
             out_dir / "confusion_matrix.png",
             title="validation (held-out cells)",
         )
+    _plot_samples(net, plan, out_dir / "samples.png")
+    ckpt.remove_checkpoint(out)
     return spec
+
+
+def _plot_samples(net: Any, plan: _Plan, path: Path) -> None:
+    """A few chips with reference and prediction: validation chips when there are any."""
+    import torch
+
+    from segpipe.plots import plot_samples
+
+    cfg, spec = plan.cfg, plan.spec
+    part = "valid" if plan.valid_windows else "train"
+    sampler = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, part)
+    if plan.valid_windows:
+        pick = np.linspace(0, len(plan.valid_windows) - 1, min(_SAMPLE_CHIPS, len(plan.valid_windows)))
+        windows = [plan.valid_windows[int(i)] for i in pick]
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        windows = [
+            sampler.window_for(int(plan.train.y[i]), int(plan.train.x[i]), None)
+            for i in CentreSampler(plan.train).draw(rng, _SAMPLE_CHIPS)
+        ]
+    values = np.array([*(c.value for c in spec.classes), 0], dtype=np.uint8)
+    images, refs, preds = [], [], []
+    with torch.inference_mode():
+        for y0, x0 in windows:
+            raw, lab = sampler.read(y0, x0)
+            x, _ = _batch(sampler, [(y0, x0)], spec, None)
+            pred = net(torch.from_numpy(x)).argmax(1)[0].numpy()
+            images.append(raw)
+            refs.append(values[np.minimum(lab, len(spec.classes))])
+            preds.append(values[pred])
+    plot_samples(images, refs, preds, spec.band_names, spec.classes, path, title=f"{part} chips")
 
 
 def _has_layer(store: str | Path, name: str) -> bool:

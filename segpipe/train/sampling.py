@@ -5,6 +5,9 @@ The region is never loaded whole: labelled positions are gathered block by block
 cache of store blocks. Validation is spatially disjoint from training: the
 region is cut into square cells, each cell wholly train or wholly validation,
 and labels of the other part are masked out of every chip.
+
+Chip centres are drawn by :class:`CentreSampler`, uniformly over labelled positions or
+class-balanced; training and ``export-chips`` share it, so both draw the same chips.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from segpipe.errors import LabelsError
 
-__all__ = ["BlockReader", "Candidates", "ChipSampler", "find_candidates", "split_cells"]
+__all__ = ["BlockReader", "Candidates", "CentreSampler", "ChipSampler", "find_candidates", "split_cells"]
 
 
 class _Sliceable(Protocol):
@@ -127,23 +130,78 @@ def find_candidates(labels: _Sliceable, block: int, max_per_block: int = 4096, s
 def split_cells(cand: Candidates, cell: int, fraction: float, seed: int) -> np.ndarray:
     """Assign whole ``cell`` x ``cell`` squares to validation; True = validation candidate.
 
-    Every class is kept in both parts where it occurs in at least two cells.
+    Cells are drawn at random with probability ``fraction``, then repaired so that
+    every class occurring in at least two cells has cells in both parts. A repair
+    moves the cell of the class whose move strands the fewest other classes, and
+    repairs repeat until nothing changes: fixing one class must not silently break
+    another that was fixed before.
     """
     cy, cx = cand.y // cell, cand.x // cell
     cells, inverse = np.unique(np.stack([cy, cx], axis=1), axis=0, return_inverse=True)
     inverse = inverse.ravel()
     rng = np.random.default_rng(seed)
     is_valid = rng.random(len(cells)) < fraction
-    if fraction > 0:
-        for value in np.unique(cand.value):
-            holding = np.unique(inverse[cand.value == value])
-            if holding.size < 2:
+    if fraction <= 0 or len(cells) < 2:
+        return is_valid[inverse]  # type: ignore[no-any-return]
+    pairs = np.unique(np.stack([inverse, cand.value.astype(np.int64)]), axis=1)
+    holding = {int(v): pairs[0, pairs[1] == v] for v in np.unique(pairs[1])}
+    classes_of: dict[int, list[int]] = {}
+    for c, v in pairs.T:
+        classes_of.setdefault(int(c), []).append(int(v))
+
+    def stranded(c: int, value: int) -> int:
+        """Classes other than ``value`` that moving cell ``c`` would take out of its part."""
+        part = is_valid[c]
+        return sum(
+            1
+            for u in classes_of[int(c)]
+            if u != value and holding[u].size >= 2 and int((is_valid[holding[u]] == part).sum()) == 1
+        )
+
+    for _ in range(4 * len(holding)):
+        changed = False
+        for value, held in holding.items():
+            if held.size < 2:
                 continue
-            if not is_valid[holding].any():
-                is_valid[rng.choice(holding)] = True
-            if is_valid[holding].all():
-                is_valid[rng.choice(holding)] = False
+            n_valid = int(is_valid[held].sum())
+            if 0 < n_valid < held.size:
+                continue
+            cost = np.array([stranded(int(c), value) for c in held])
+            best = held[cost == cost.min()]
+            is_valid[int(rng.choice(best))] = n_valid == 0
+            changed = True
+        if not changed:
+            break
     return is_valid[inverse]  # type: ignore[no-any-return]
+
+
+class CentreSampler:
+    """Draw chip centres from labelled candidates.
+
+    Args:
+        cand: Candidate positions.
+        balanced: Draw the centre's class uniformly among the classes present, then a
+            position of that class: rare classes are seen as often as common ones.
+            Otherwise every candidate is equally likely (classes in proportion).
+    """
+
+    def __init__(self, cand: Candidates, balanced: bool = False) -> None:
+        if cand.y.size == 0:
+            raise LabelsError("no labelled position to centre chips on")
+        self.cand = cand
+        self.balanced = balanced
+        self._order = np.argsort(cand.value, kind="stable")
+        values, self._counts = np.unique(cand.value, return_counts=True)
+        self.values = values
+        self._starts = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Indices into the candidates of ``n`` chip centres."""
+        if not self.balanced:
+            return rng.integers(0, self.cand.y.size, n)
+        k = rng.integers(0, self.values.size, n)
+        offset = rng.integers(0, self._counts[k])
+        return self._order[self._starts[k] + offset]  # type: ignore[no-any-return]
 
 
 class ChipSampler:

@@ -1,4 +1,9 @@
-"""Per-band normalisation statistics over the whole mosaic, computed with dask."""
+"""Per-band normalisation statistics over the whole mosaic, computed with dask.
+
+Statistics cover valid pixels only (no band equal to nodata): the scene border must
+not drag them towards the fill value. Every pass runs block by block, so any region
+size fits in memory.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,44 @@ import dask
 import dask.array as da
 import numpy as np
 
-__all__ = ["band_statistics"]
+__all__ = ["band_percentiles", "band_statistics"]
+
+# Histogram resolution of the percentile pass: integer data up to 16 bits gets one bin
+# per value (exact percentiles); wider or float data gets this many equal bins between
+# the band's valid minimum and maximum (percentiles within one bin width).
+_BINS = 65536
 
 
-def band_statistics(image: da.Array, nodata: float | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _valid_mask(image: da.Array, nodata: float | None) -> da.Array:
+    if nodata is None:
+        return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
+    return (image != nodata).all(axis=0)
+
+
+def band_statistics(
+    image: da.Array,
+    nodata: float | None,
+    clip: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and standard deviation of each band over valid pixels.
 
-    A pixel is valid when no band equals ``nodata``: the scene border must not drag
-    the statistics towards the fill value. Sums run in float64 block by block, so
-    any region size fits.
+    Sums run in float64 block by block.
 
     Args:
         image: (band, y, x) dask array.
         nodata: Image nodata value, or None.
+        clip: Per-band (low, high) bounds applied before the moments, so that the
+            statistics describe the values the network will see after clipping.
 
     Returns:
         (mean, std) tuples, one value per band.
     """
     data = image.astype(np.float64)
-    if nodata is None:
-        valid = da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
-    else:
-        valid = (image != nodata).all(axis=0)
-    w = valid.astype(np.float64)
+    if clip is not None:
+        low = np.asarray(clip[0], dtype=np.float64)[:, None, None]
+        high = np.asarray(clip[1], dtype=np.float64)[:, None, None]
+        data = da.clip(data, low, high)
+    w = _valid_mask(image, nodata).astype(np.float64)
     count, total, squares = dask.compute(
         w.sum(), (data * w).sum(axis=(1, 2)), (data * data * w).sum(axis=(1, 2))
     )
@@ -37,3 +57,65 @@ def band_statistics(image: da.Array, nodata: float | None) -> tuple[tuple[float,
     var = np.maximum(np.asarray(squares) / n - mean * mean, 0.0)
     std = np.sqrt(var)
     return tuple(float(v) for v in mean), tuple(float(max(v, 1e-6)) for v in std)
+
+
+def _order_statistic(counts: np.ndarray, centres: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Value of the (0-based) ``rank``-th smallest sample described by a histogram."""
+    cumulative = np.cumsum(counts)
+    index = np.searchsorted(cumulative, rank, side="right")
+    return centres[np.minimum(index, centres.size - 1)]  # type: ignore[no-any-return]
+
+
+def _percentiles_from_histogram(counts: np.ndarray, centres: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The linear (numpy default) percentile, read off a histogram of the samples."""
+    n = int(counts.sum())
+    rank = q / 100.0 * (n - 1)
+    below = np.floor(rank)
+    lo = _order_statistic(counts, centres, below)
+    hi = _order_statistic(counts, centres, np.minimum(below + 1, n - 1))
+    return lo + (rank - below) * (hi - lo)  # type: ignore[no-any-return]
+
+
+def band_percentiles(
+    image: da.Array, nodata: float | None, percentiles: tuple[float, ...]
+) -> tuple[tuple[float, ...], ...]:
+    """Percentiles of each band over valid pixels, from per-band histograms.
+
+    Exact (numpy's linear definition) for integer data spanning at most 65536 values
+    (uint8, uint16, int16); approximate to 1/65536 of the band's range otherwise.
+
+    Args:
+        image: (band, y, x) dask array.
+        nodata: Image nodata value, or None.
+        percentiles: Percentiles in 0-100.
+
+    Returns:
+        One tuple per percentile, holding one value per band (all NaN without valid pixels).
+    """
+    q = np.asarray(percentiles, dtype=np.float64)
+    valid = _valid_mask(image, nodata)
+    bands = image.shape[0]
+    masked = da.where(valid[None], image.astype(np.float64), np.nan)
+    lows, highs = dask.compute(da.nanmin(masked, axis=(1, 2)), da.nanmax(masked, axis=(1, 2)))
+    lows, highs = np.asarray(lows), np.asarray(highs)
+    if not np.isfinite(lows).all():
+        return tuple(tuple(float("nan") for _ in range(bands)) for _ in q)
+    exact = np.issubdtype(image.dtype, np.integer) and bool(((highs - lows) < _BINS).all())
+    weights = valid.astype(np.int64)
+    hists, centres = [], []
+    for b in range(bands):
+        if exact:
+            nbins = int(highs[b] - lows[b]) + 1
+            edges = (lows[b] - 0.5, highs[b] + 0.5)
+        else:
+            nbins = _BINS
+            edges = (lows[b], highs[b] if highs[b] > lows[b] else lows[b] + 1.0)
+        counts, bin_edges = da.histogram(image[b], bins=nbins, range=edges, weights=weights)
+        hists.append(counts)
+        centres.append((bin_edges[:-1] + bin_edges[1:]) / 2.0)
+    (computed,) = dask.compute(hists)
+    per_band = [
+        _percentiles_from_histogram(np.asarray(c), np.asarray(m), q)
+        for c, m in zip(computed, centres, strict=True)
+    ]
+    return tuple(tuple(float(v[i]) for v in per_band) for i in range(q.size))

@@ -1,0 +1,161 @@
+"""Export training chips as GeoTIFFs, for training in other tools.
+
+Like ArcGIS's "Export Training Data For Deep Learning": ``image_XXXX.tif`` (all
+bands, the store's dtype and nodata) and ``label_XXXX.tif`` (uint8 class values,
+0 = unlabelled) with the store's CRS and each chip's own transform, plus
+``index.csv`` (one row per chip) and ``dataset.json`` (bands, classes, settings).
+Chips are drawn by the same :class:`CentreSampler` and :class:`ChipSampler` as
+training, so exported chips are the chips segpipe itself would train on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from affine import Affine
+
+from segpipe.errors import InputError, StoreError
+from segpipe.io.store import open_layer, read_region_info
+from segpipe.train.sampling import CentreSampler, ChipSampler, find_candidates
+from segpipe.types import classes_to_json
+
+__all__ = ["ChipExport", "export_chips"]
+
+
+@dataclass(frozen=True)
+class ChipExport:
+    """What :func:`export_chips` wrote.
+
+    Attributes:
+        out: Output folder.
+        count: Chips written.
+        index: The ``index.csv`` path.
+    """
+
+    out: Path
+    count: int
+    index: Path
+
+
+def _write_tiff(
+    path: Path, data: np.ndarray, transform: Affine, crs: object, nodata: float | None, names: tuple[str, ...]
+) -> None:
+    import rasterio
+
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=data.shape[1],
+        width=data.shape[2],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+    ) as dst:
+        dst.write(data)
+        dst.descriptions = names
+
+
+def export_chips(
+    store: str | Path,
+    out: str | Path,
+    chip_size: int = 256,
+    count: int = 100,
+    seed: int = 0,
+    balanced: bool = False,
+) -> ChipExport:
+    """Write ``count`` image/label chip pairs centred on labelled pixels.
+
+    Args:
+        store: Region store with ``image`` and ``labels``.
+        out: Folder to write (created; existing chips with the same names are replaced).
+        chip_size: Chip edge in pixels (at most the region's smaller edge).
+        count: Number of chips.
+        seed: Seed of the draw (same seed, same chips).
+        balanced: Centre chips on each class equally often.
+
+    Returns:
+        What was written.
+
+    Raises:
+        StoreError: The store has no labels.
+        LabelsError: No labelled pixel.
+        InputError: Bad chip size or count.
+    """
+    from rasterio.crs import CRS
+
+    info = read_region_info(store)
+    if count < 1:
+        raise InputError(f"--count must be at least 1, not {count}")
+    if not 1 <= chip_size <= min(info.height, info.width):
+        raise InputError(
+            f"--chip-size {chip_size} does not fit the {info.height} x {info.width} px region: "
+            f"use at most {min(info.height, info.width)}"
+        )
+    try:
+        labels = open_layer(store, "labels")
+    except StoreError as exc:
+        raise StoreError(f"region store {store} has no labels: ingest it with --labels") from exc
+    cand = find_candidates(labels, info.block_size, seed=seed)
+    # Label values pass through unchanged: exported chips keep the store's class values.
+    identity = np.arange(256, dtype=np.uint8)
+    sampler = ChipSampler(
+        open_layer(store, "image"), labels, info.block_size, chip_size, identity, chip_size, set(), "train"
+    )
+    rng = np.random.default_rng(seed)
+    picks = CentreSampler(cand, balanced).draw(rng, count)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt else None
+    width = max(4, len(str(count - 1)))
+    rows = []
+    for n, i in enumerate(picks):
+        y0, x0 = sampler.window_for(int(cand.y[i]), int(cand.x[i]), rng)
+        image, lab = sampler.read(y0, x0)
+        transform = info.affine * Affine.translation(x0, y0)
+        name = f"{n:0{width}d}"
+        _write_tiff(folder / f"image_{name}.tif", image, transform, crs, info.nodata, info.band_names)
+        _write_tiff(folder / f"label_{name}.tif", lab[None], transform, crs, 0, ("label",))
+        left, top = transform * (0, 0)
+        right, bottom = transform * (chip_size, chip_size)
+        rows.append(
+            {
+                "id": name,
+                "image": f"image_{name}.tif",
+                "label": f"label_{name}.tif",
+                "row": y0,
+                "col": x0,
+                "centre_class": int(cand.value[i]),
+                "xmin": min(left, right),
+                "ymin": min(top, bottom),
+                "xmax": max(left, right),
+                "ymax": max(top, bottom),
+            }
+        )
+    index = folder / "index.csv"
+    with index.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = {
+        "kind": "segpipe-chips",
+        "store": str(store),
+        "chip_size": chip_size,
+        "count": count,
+        "seed": seed,
+        "balanced": balanced,
+        "band_names": list(info.band_names),
+        "dtype": info.dtype,
+        "nodata": info.nodata,
+        "crs_wkt": info.crs_wkt,
+        "classes": classes_to_json(info.classes),
+        "label_nodata": 0,
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return ChipExport(folder, count, index)

@@ -1,0 +1,68 @@
+"""The model package's versioned schema."""
+
+import json
+
+import pytest
+
+from segpipe.errors import ModelPackageError
+from segpipe.models import ModelSpec, read_spec
+from segpipe.models.package import MODEL_SCHEMA
+from segpipe.types import ClassInfo
+
+CLASSES = (ClassInfo(1, "water", "#0000ff"), ClassInfo(2, "forest", "#00aa00"))
+
+
+def _spec(**kw):
+    return ModelSpec("unet", "resnet18", ("b1", "b2"), (1.0, 2.0), (1.0, 1.0), CLASSES, 64, **kw)
+
+
+def test_new_packages_record_schema_versions_and_stride(tmp_path):
+    data = _spec(clip_low=(0.0, 1.0), clip_high=(9.0, 9.0)).to_json()
+    assert data["schema"] == MODEL_SCHEMA == 2 and data["output_stride"] == 32
+    assert {"segpipe", "torch", "segmentation-models-pytorch", "numpy", "python"} <= set(data["versions"])
+    (tmp_path / "model.json").write_text(json.dumps(data))
+    assert read_spec(tmp_path).clip_high == (9.0, 9.0)
+
+
+def test_schema_1_packages_still_load_and_unknown_ones_are_refused(tmp_path):
+    data = _spec().to_json()
+    for key in ("clip_low", "clip_high", "output_stride", "versions"):
+        data.pop(key)
+    (tmp_path / "model.json").write_text(json.dumps({**data, "schema": 1}))
+    old = read_spec(tmp_path)
+    assert old.clip_low is None and old.output_stride == 32 and old.versions == {}
+    (tmp_path / "model.json").write_text(json.dumps({**data, "schema": 3}))
+    with pytest.raises(ModelPackageError, match="upgrade segpipe"):
+        read_spec(tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps({**data, "schema": "x"}))
+    with pytest.raises(ModelPackageError, match="not supported"):
+        read_spec(tmp_path)
+
+
+def test_clip_bounds_must_fit_the_bands():
+    with pytest.raises(ModelPackageError, match="together"):
+        _spec(clip_low=(0.0, 0.0))
+    with pytest.raises(ModelPackageError, match="2 bands"):
+        _spec(clip_low=(0.0,), clip_high=(1.0,))
+
+
+def test_pixel_head_option_rebuilds_from_the_package(tmp_path):
+    """A network with the per-pixel path saves and loads through spec.options alone."""
+    import torch
+
+    from segpipe.models import build_network, load_model, save_model
+    from segpipe.models.networks import PixelHead
+
+    torch.manual_seed(0)
+    net = build_network("unet", "resnet18", 2, 2, {"pixel_head": 8}).eval()
+    assert isinstance(net, PixelHead) and net.encoder is net.network.encoder
+    x = torch.randn(1, 2, 64, 64)
+    with torch.inference_mode():
+        expected = net(x)
+        # The per-pixel path really contributes to the logits.
+        assert not torch.equal(expected, net.network(x))
+    save_model(tmp_path, _spec(options={"pixel_head": 8}), net)
+    loaded, spec = load_model(tmp_path)
+    assert spec.options == {"pixel_head": 8} and isinstance(loaded, PixelHead)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), expected)

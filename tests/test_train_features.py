@@ -1,0 +1,225 @@
+"""Pretrained encoders, percentile clipping, balanced sampling, jitter, schedules, chip export."""
+
+import csv
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from train_support import TINY, tiny_store
+
+import segpipe.train.loop as loop
+from segpipe.errors import MissingInputError, PretrainedWeightsError
+from segpipe.io.store import open_layer, read_region_info
+from segpipe.models import normalise, read_spec
+from segpipe.train import TrainConfig, train
+from segpipe.train.pretrained import adapt_first_conv
+from segpipe.train.sampling import Candidates, CentreSampler, split_cells
+from segpipe.train.stats import band_percentiles
+
+
+@pytest.fixture(autouse=True)
+def few_valid_chips(monkeypatch):
+    monkeypatch.setattr(loop, "_MAX_VALID_CHIPS", 4)  # validation is beside the point here
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp("features"))
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory):
+    """A fake "pretrained" torchvision ResNet-18 (random init), saved the DataParallel way."""
+    import torchvision
+
+    torch.manual_seed(3)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet18.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in state.items()}, str(path))
+    return path, state
+
+
+def test_pretrained_weights_initialise_the_encoder(store, tmp_path, resnet_file):
+    path, state = resnet_file
+    cfg = TrainConfig(pretrained=str(path), **TINY)
+    net, report = loop.initial_network(cfg, 4, 3)
+    encoder = net.encoder.state_dict()
+    for key, value in state.items():
+        if key.startswith("fc.") or key == "conv1.weight":
+            continue
+        assert torch.equal(encoder[key], value), key
+    rgb = state["conv1.weight"]
+    conv = encoder["conv1.weight"]
+    assert conv.shape == (64, 4, 7, 7)
+    assert torch.allclose(conv[:, :3], rgb * 0.75) and torch.allclose(conv[:, 3], rgb[:, 0] * 0.75)
+    assert report is not None and report.adapted == ("conv1.weight",)
+    assert not report.missing and not report.unexpected and len(report.loaded) == len(encoder) - 1
+
+    spec = train(store, tmp_path / "m", cfg)
+    assert spec.training["pretrained"]["loaded"] == len(encoder) - 1
+    assert spec.training["pretrained"]["adapted"] == ["conv1.weight"]
+
+
+def test_pretrained_checkpoint_files_and_errors(tmp_path, resnet_file):
+    _, state = resnet_file
+    pth = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in state.items()}}, pth)
+    net, report = loop.initial_network(TrainConfig(pretrained=str(pth), **TINY), 3, 2)
+    assert report is not None and not report.adapted  # 3 bands: the first conv fits as it is
+    assert torch.equal(net.encoder.state_dict()["conv1.weight"], state["conv1.weight"])
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"head.weight": torch.zeros(2, 2), "other.bias": torch.zeros(3)}, str(wrong))
+    with pytest.raises(PretrainedWeightsError, match="backbone"):
+        loop.initial_network(TrainConfig(pretrained=str(wrong), **TINY), 4, 3)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainedWeightsError, match="cannot read"):
+        loop.initial_network(TrainConfig(pretrained=str(junk), **TINY), 4, 3)
+    with pytest.raises(MissingInputError):
+        loop.initial_network(TrainConfig(pretrained=str(tmp_path / "absent.pth"), **TINY), 4, 3)
+
+
+def test_first_conv_adaptation_keeps_the_response_to_grey_images():
+    weight = torch.randn(8, 3, 3, 3)
+    for bands in (1, 2, 3, 6, 9):
+        adapted = adapt_first_conv(weight, bands)
+        assert adapted.shape == (8, bands, 3, 3)
+        assert torch.allclose(adapted.sum(1), weight.sum(1), atol=1e-5)
+
+
+def test_percentiles_are_exact_for_integers_and_close_for_floats():
+    import dask.array as da
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 5000, (3, 90, 70)).astype(np.uint16)
+    image[:, :10] = 0  # nodata
+    valid = (image != 0).all(axis=0)
+    low, high = band_percentiles(da.from_array(image, chunks=(3, 32, 32)), 0, (2, 98))
+    for b in range(3):
+        assert (low[b], high[b]) == tuple(np.percentile(image[b][valid], [2, 98]))
+    floats = rng.normal(size=(2, 80, 80))
+    got = np.array(band_percentiles(da.from_array(floats, chunks=(2, 40, 40)), None, (5, 95)))
+    want = np.percentile(floats.reshape(2, -1), [5, 95], axis=1)
+    assert np.allclose(got, want, atol=(floats.max() - floats.min()) / 30000)
+
+
+def test_clipped_statistics_are_packaged_and_applied(store, tmp_path):
+    spec = train(store, tmp_path / "m", TrainConfig(clip_percentiles=(2, 98), **TINY))
+    image = np.asarray(open_layer(store, "image")[:]).astype(float)
+    valid = (image != 0).all(axis=0)
+    low = np.percentile(image[:, valid], 2, axis=1)
+    high = np.percentile(image[:, valid], 98, axis=1)
+    assert np.allclose(spec.clip_low, low) and np.allclose(spec.clip_high, high)
+    clipped = np.clip(image[:, valid], low[:, None], high[:, None])
+    assert np.allclose(spec.mean, clipped.mean(axis=1), rtol=1e-6)
+    assert np.allclose(spec.std, clipped.std(axis=1), rtol=1e-5)
+    loaded = read_spec(tmp_path / "m")
+    assert loaded.clip_low == spec.clip_low and loaded.clip_high == spec.clip_high
+    # Values beyond the clip normalise like the clip value itself, in prediction too.
+    extreme = np.array(loaded.clip_high)[:, None, None] * np.array([1.0, 10.0]).reshape(1, 1, 2)
+    out = normalise(extreme, loaded)
+    assert np.allclose(out[..., 0], out[..., 1])
+    assert (tmp_path / "m" / "samples.png").stat().st_size > 0
+
+
+def test_balanced_sampling_draws_every_class_equally():
+    values = np.array([1] * 980 + [2] * 15 + [3] * 5)
+    cand = Candidates(np.arange(1000), np.arange(1000), values)
+    rng = np.random.default_rng(0)
+    balanced = values[CentreSampler(cand, balanced=True).draw(rng, 30000)]
+    share = np.bincount(balanced, minlength=4)[1:] / balanced.size
+    assert np.allclose(share, 1 / 3, atol=0.02)
+    plain = values[CentreSampler(cand).draw(rng, 30000)]
+    assert np.mean(plain == 1) > 0.95
+
+
+def test_validation_split_keeps_every_class_in_both_parts():
+    # Random small layouts with conflicts: moving one cell for a class can strand another.
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        y, x, value = rng.integers(0, 256, 60), rng.integers(0, 256, 60), rng.integers(1, 12, 60)
+        cand = Candidates(y, x, value)
+        valid = split_cells(cand, 64, 0.2, seed)
+        cells = (y // 64) * 8 + x // 64
+        for c in np.unique(cells):
+            assert valid[cells == c].all() or not valid[cells == c].any()
+        for v in np.unique(value):
+            if np.unique(cells[value == v]).size >= 2:
+                assert valid[value == v].any() and not valid[value == v].all(), (seed, v)
+
+
+def test_color_jitter_changes_valid_pixels_only():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3, 8, 8)).astype(np.float32)
+    valid = np.ones((8, 8), dtype=bool)
+    valid[:2] = False
+    image[:, ~valid] = 0.0
+    out = loop._jitter(image, valid, 0.2, rng)
+    assert np.all(out[:, ~valid] == 0.0)
+    # One affine change for the whole chip: out = a * image + b on valid pixels.
+    a, b = np.polyfit(image[:, valid].ravel(), out[:, valid].ravel(), 1)
+    assert 0.8 <= a <= 1.2 and -0.2 <= b <= 0.2 and (a, b) != (1.0, 0.0)
+    assert np.allclose(out[:, valid], a * image[:, valid] + b, atol=1e-5)
+
+
+def test_schedules(store, tmp_path):
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    for name, first_is_peak in (("cosine", True), ("onecycle", False)):
+        opt = torch.optim.AdamW(params, lr=0.1)
+        sched = loop._schedule(opt, TrainConfig(schedule=name, lr=0.1), 20)
+        lrs = []
+        for _ in range(20):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert (lrs[0] == pytest.approx(0.1)) is first_is_peak
+        assert lrs[-1] < 0.01
+        if name == "cosine":
+            assert all(a >= b for a, b in itertools.pairwise(lrs))
+    cfg = TrainConfig(schedule="cosine", balanced_sampling=True, color_jitter=0.1, **TINY)
+    spec = train(store, tmp_path / "m", cfg)
+    assert spec.training["config"]["schedule"] == "cosine"
+    assert np.isfinite(spec.training["history"][0]["train_loss"])
+
+
+def test_export_chips_writes_georeferenced_pairs(store, tmp_path):
+    import rasterio
+    from typer.testing import CliRunner
+
+    from segpipe.cli import app
+
+    out = tmp_path / "chips"
+    result = CliRunner().invoke(
+        app, ["export-chips", str(store), str(out), "--chip-size", "32", "--count", "5", "--seed", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "index.csv").open()))
+    assert len(rows) == 5
+    info = read_region_info(store)
+    image = open_layer(store, "image")
+    labels = open_layer(store, "labels")
+    for row in rows:
+        y0, x0 = int(row["row"]), int(row["col"])
+        with rasterio.open(out / row["image"]) as src:
+            assert src.count == 4 and src.crs.to_wkt() == rasterio.crs.CRS.from_wkt(info.crs_wkt).to_wkt()
+            assert src.transform.almost_equals(info.affine * rasterio.Affine.translation(x0, y0))
+            assert np.array_equal(src.read(), image[:, y0 : y0 + 32, x0 : x0 + 32])
+        with rasterio.open(out / row["label"]) as src:
+            chip = src.read(1)
+            assert np.array_equal(chip, labels[y0 : y0 + 32, x0 : x0 + 32])
+        assert int(row["centre_class"]) in np.unique(chip)  # the centre lies inside its chip
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["band_names"] == list(info.band_names) and meta["chip_size"] == 32
+
+    from segpipe.train.chips import export_chips
+
+    again = export_chips(store, tmp_path / "again", chip_size=32, count=5, seed=4)
+    assert (tmp_path / "again" / "index.csv").read_text() == (out / "index.csv").read_text()
+    assert again.count == 5
+    balanced = export_chips(store, tmp_path / "bal", chip_size=32, count=40, seed=1, balanced=True)
+    centres = [int(r["centre_class"]) for r in csv.DictReader(balanced.index.open())]
+    assert len(set(centres)) == len(np.unique(labels[:][labels[:] > 0]))

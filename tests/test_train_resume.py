@@ -1,0 +1,160 @@
+"""Checkpoints and resume after a hard kill, data-parallel ranks, training on a dask cluster."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from train_support import TINY, tiny_store
+
+import segpipe.train.loop as loop
+from segpipe.errors import InputError
+from segpipe.models import load_model, read_spec
+from segpipe.train import TrainConfig, train
+from segpipe.train.checkpoint import checkpoint_path
+
+# Two epochs of three steps with a checkpoint after every step; no validation. One thread
+# everywhere: CPU kernels sum in an order that depends on the thread count.
+RESUMABLE = {
+    **TINY,
+    "epochs": 2,
+    "samples_per_epoch": 6,
+    "checkpoint_every": 1,
+    "valid_fraction": 0.0,
+    "threads": 1,
+}
+
+# Runs the training and SIGKILLs itself in the middle of epoch 2: no cleanup, no atexit.
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    from segpipe.train import TrainConfig, train
+
+    def report(p):
+        if p.epoch == 2 and p.step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train(sys.argv[1], sys.argv[2], TrainConfig.model_validate_json(sys.argv[3]), progress=report)
+    """
+)
+
+
+@pytest.fixture(autouse=True)
+def few_valid_chips(monkeypatch):
+    monkeypatch.setattr(loop, "_MAX_VALID_CHIPS", 4)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # a run with ``threads`` set changes the process's count
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp("resume"))
+
+
+def test_run_killed_mid_epoch_resumes_where_it_stopped(store, tmp_path):
+    cfg = TrainConfig(**RESUMABLE)
+    out = tmp_path / "m"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(store), str(out), cfg.model_dump_json()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert checkpoint_path(out).is_file() and not (out / "model.json").exists()
+
+    with pytest.raises(InputError, match="other training settings"):
+        train(store, out, TrainConfig(**{**RESUMABLE, "lr": 0.5}), resume=True)
+
+    seen = []
+    spec = train(store, out, cfg, progress=lambda p: seen.append((p.epoch, p.step)), resume=True)
+    assert spec.training["resumed_from"] == {"epoch": 2, "step": 1}
+    assert seen[0] == (2, 2)  # epoch 1 and the first step of epoch 2 were not redone
+    assert [r["epoch"] for r in spec.training["history"]] == [1, 2]
+    assert not checkpoint_path(out).parent.exists()
+    _net, loaded = load_model(out)
+    assert loaded == read_spec(out)
+
+    # The resumed run continued the same random streams: it ends where an unbroken run ends.
+    whole = train(store, tmp_path / "whole", cfg)
+    a = load_file(str(out / "weights.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "weights.safetensors"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert whole.training["history"][1]["train_loss"] == spec.training["history"][1]["train_loss"]
+
+
+def test_resume_without_checkpoint_starts_afresh_and_old_checkpoints_go(store, tmp_path):
+    out = tmp_path / "m"
+    checkpoint_path(out).parent.mkdir(parents=True)
+    checkpoint_path(out).write_bytes(b"stale")
+    spec = train(store, out, TrainConfig(**TINY))  # resume=False discards it
+    assert spec.training["resumed_from"] is None and not checkpoint_path(out).parent.exists()
+    spec = train(store, tmp_path / "n", TrainConfig(**TINY), resume=True)
+    assert spec.training["resumed_from"] is None
+
+
+def test_two_data_parallel_processes_write_a_package(store, tmp_path):
+    seen = []
+    cfg = TrainConfig(**{**TINY, "batch_size": 4, "devices": 2, "threads": 1})  # 2 chips per rank
+    spec = train(store, tmp_path / "m", cfg, progress=seen.append)
+    assert spec.training["config"]["devices"] == 2
+    assert [r["epoch"] for r in spec.training["history"]] == [1]
+    assert seen and seen[-1].record is not None  # rank 0's reports reach this process
+    net, _ = load_model(tmp_path / "m")
+    assert sum(p.numel() for p in net.parameters()) > 0
+    assert {"samples.png", "loss_curve.png"} <= {p.name for p in (tmp_path / "m").iterdir()}
+    assert not checkpoint_path(tmp_path / "m").parent.exists()
+
+
+def test_training_on_a_dask_cluster_worker(store, tmp_path):
+    from distributed import LocalCluster
+    from typer.testing import CliRunner
+
+    from segpipe.cli import app
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=":0"
+    ) as cluster:
+        args = ["train", str(store), "--out", str(tmp_path / "m"), "--scheduler", cluster.scheduler_address]
+        for key in ("epochs", "samples_per_epoch", "chip_size", "batch_size"):
+            args += [f"--{key.replace('_', '-')}", str(TINY[key])]
+        result = CliRunner().invoke(app, [*args, "--device", "cpu", "--schedule", "cosine"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert data["training"]["config"]["schedule"] == "cosine"
+    assert data["training"]["config"]["threads"] == 1  # the worker's thread count, set deliberately
+
+
+def test_package_alone_predicts_elsewhere(tmp_path):
+    from distributed import Client
+
+    from segpipe.io.store import open_layer
+    from segpipe.predict import predict
+
+    training_store = tiny_store(tmp_path / "train", seed=1)
+    train(training_store, tmp_path / "m", TrainConfig(clip_percentiles=(1, 99), **TINY))
+    moved = tmp_path / "elsewhere" / "pkg"
+    shutil.copytree(tmp_path / "m", moved)
+    shutil.rmtree(tmp_path / "m")
+    shutil.rmtree(tmp_path / "train")
+    other = tiny_store(tmp_path / "other", seed=5)
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+        predict(other, moved, client=client, tile_size=64, overlap=16)
+    classes = np.asarray(open_layer(other, "classes")[:])
+    known = {c.value for c in read_spec(moved).classes} | {255}
+    assert set(np.unique(classes)) <= known and (classes != 255).any()

@@ -1,0 +1,26 @@
+"""Tiny stores and settings shared by the training feature tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segpipe.ingest import ingest
+from segpipe.synth import synthesize
+
+# Chips of 32 px, two per step, a few steps: enough to exercise every path.
+TINY = {
+    "epochs": 1,
+    "samples_per_epoch": 4,
+    "chip_size": 32,
+    "batch_size": 2,
+    "valid_cell": 32,
+    "device": "cpu",
+}
+
+
+def tiny_store(root: Path, seed: int = 1, bands: int = 4) -> Path:
+    """A 128 x 128 px, 4-band labelled region store in 64 px blocks."""
+    region = synthesize(root / f"region{seed}", size=128, bands=bands, tiles=1, seed=seed)
+    out = root / f"r{seed}.zarr"
+    ingest([region.image], out, labels=region.labels, classes=region.classes, block_size=64)
+    return out
