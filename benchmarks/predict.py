@@ -136,6 +136,23 @@ def naive_loop(vrt: Path, model_dir: str, tile: int, batch: int, out: Path) -> f
     return time.perf_counter() - t0
 
 
+def workers_rate(client: Any, model_dir: str, tile: int, batch: int) -> float:
+    """Window Mpx/s of every worker running the network at once (its share of the cores each)."""
+    n_workers = len(client.scheduler_info()["workers"])
+    runs = client.run(_forward_on_worker, model_dir, tile, batch, max(1, usable_cores() // n_workers))
+    return float(sum(p for p, _ in runs.values()) / max(t for _, t in runs.values()) / 1e6)
+
+
+def _warm_worker(model_dir: str, tile: int, batch: int) -> None:
+    """Load the package into the worker's model cache, as prediction tasks do, and run it once."""
+    from segpipe.inference import _model_for, torch_forward
+    from segpipe.models import model_hash
+
+    tune_allocator()
+    net, spec, device = _model_for(str(Path(model_dir).resolve()), model_hash(model_dir))
+    torch_forward(net, device)(np.zeros((batch, len(spec.band_names), tile, tile), dtype=np.float32))
+
+
 def _forward_on_worker(model_dir: str, tile: int, batch: int, threads: int) -> tuple[int, float]:
     # The same allocator settings prediction tasks use: the reference is the best the
     # network can do in a worker, not one slowed by dask's malloc environment.
@@ -234,20 +251,26 @@ def main() -> None:
     with get_client() as client:
         cluster_s = time.perf_counter() - t0
         cluster = describe_cluster(client)
-        n_workers = len(client.scheduler_info()["workers"])
-        # Warm-up: workers load the model and prime torch once, as in any long run.
+        # Warm-up: every worker loads the model and primes torch once, as in any long run.
+        # (A warm-up predict alone warms only the workers its tasks land on: at 1x that
+        # left the measured run loading the model on the other worker.)
+        client.run(_warm_worker, model, 256, 5)
         predict(stores[args.factors[0]][1], model, client=client, force=True)
         for f in args.factors:
             vrt, store = stores[f]
             info = read_region_info(store)
+            cores = usable_cores()
+            # The host's speed drifts within minutes (a shared VM): end-to-end runs and
+            # forward measurements alternate, and each rate is the mean of its two.
             with PeakRss() as rss:
                 s = predict(store, model, client=client, force=True)
             tile, ov = s.tile_size, s.overlap
-            cores = usable_cores()
+            fwd_runs = [workers_rate(client, model, tile, s.batch_size)]
+            seconds = [s.seconds, predict(store, model, client=client, force=True).seconds]
+            fwd_runs.append(workers_rate(client, model, tile, s.batch_size))
             px, sec = forward_rate(model, tile, s.batch_size, cores)
             fwd_single = px / sec / 1e6
-            runs = client.run(_forward_on_worker, model, tile, s.batch_size, max(1, cores // n_workers))
-            fwd_workers = sum(p for p, _ in runs.values()) / max(t for _, t in runs.values()) / 1e6
+            fwd_workers = float(np.mean(fwd_runs))
             forward = max(fwd_single, fwd_workers)
             stride = tile - ov
             n_global = len(window_starts(info.height, tile, stride)) * len(
@@ -255,12 +278,13 @@ def main() -> None:
             pixels = info.height * info.width
             overlap_factor = n_global * tile * tile / pixels
             naive_s = naive_loop(vrt, model, tile, s.batch_size, args.work / f"naive{f}.tif")
-            end_to_end = pixels / s.seconds / 1e6
+            end_to_end = pixels / float(np.mean(seconds)) / 1e6
             ideal = forward / overlap_factor
             row = {
                 "factor": f, "size": info.height, "mpx": round(pixels / 1e6, 3), "tasks": s.tasks,
                 "task_blocks": list(s.task_blocks), "batch_size": s.batch_size, "tile": tile, "overlap": ov,
-                "seconds": round(s.seconds, 2),
+                "seconds": [round(v, 2) for v in seconds],
+                "forward_workers_runs_mpx_s": [round(v, 4) for v in fwd_runs],
                 "forward_mpx_s": round(forward, 4), "forward_one_process_mpx_s": round(fwd_single, 4),
                 "forward_workers_mpx_s": round(fwd_workers, 4),
                 "end_to_end_mpx_s": round(end_to_end, 4), "overlap_factor": round(overlap_factor, 4),
