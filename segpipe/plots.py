@@ -214,17 +214,24 @@ def plot_preview(
                 Patch(facecolor=_AGREE[:3], edgecolor="black", label="agree"),
                 Patch(facecolor=_DISAGREE[:3], edgecolor="black", label="disagree"),
             ]
-        if title:
-            fig.suptitle(title)
-        if handles:
-            fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-            fig.tight_layout(rect=(0.0, 0.0, 0.82, 1.0))
-        else:
-            fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        _finish(fig, path, handles, title, right=0.82, dpi=110)
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def _finish(
+    fig: Any, path: str | Path, handles: list[Any], title: str | None, right: float, dpi: int
+) -> None:
+    """Title, a class legend on the right (when there are classes) and the PNG."""
+    if title:
+        fig.suptitle(title)
+    if handles:
+        fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0.0, 0.0, right, 1.0))
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
 
 
 def display_bands(band_names: Sequence[str]) -> list[int]:
@@ -282,14 +289,7 @@ def plot_samples(
                 ax.set_xticks([])
                 ax.set_yticks([])
         handles = [Patch(facecolor=c.colour, edgecolor="black", label=f"{c.value} {c.name}") for c in classes]
-        if title:
-            fig.suptitle(title)
-        if handles:
-            fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-            fig.tight_layout(rect=(0.0, 0.0, 0.8, 1.0))
-        else:
-            fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        _finish(fig, path, handles, title, right=0.8, dpi=100)
     finally:
         plt.close(fig)
     return Path(path)

@@ -32,9 +32,8 @@ from segpipe.models import ModelSpec, normalise, output_stride, save_model
 from segpipe.models.forest import FOREST_ARCH, ForestNet, from_sklearn
 from segpipe.train.config import TrainConfig
 from segpipe.train.loop import TrainProgress
-from segpipe.train.sampling import Candidates, find_candidates, split_cells
-from segpipe.train.stats import band_percentiles, band_statistics
-from segpipe.types import ClassInfo, default_colour
+from segpipe.train.sampling import Candidates, find_candidates, label_classes, split_cells
+from segpipe.train.stats import normalisation_statistics
 
 __all__ = ["forest_features", "train_forest"]
 
@@ -42,13 +41,6 @@ __all__ = ["forest_features", "train_forest"]
 # only show how closely the trees fit, which a sample shows as well as all pixels.
 _TRAIN_SCORE_PIXELS = 20_000
 _STEPS = 3  # progress reports: pixels read, forest fitted, validated
-
-
-def _classes_for(present: np.ndarray, known: tuple[ClassInfo, ...]) -> tuple[ClassInfo, ...]:
-    by_value = {c.value: c for c in known}
-    return tuple(
-        by_value.get(int(v), ClassInfo(int(v), f"class {int(v)}", default_colour(int(v)))) for v in present
-    )
 
 
 def _block_pixels(image: Any, y0: int, x0: int, h: int, w: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -166,16 +158,10 @@ def train_forest(
     per_block = max(4096, -(-2 * cfg.max_train_pixels // n_blocks))
     cand = find_candidates(labels, info.block_size, max_per_block=per_block, seed=cfg.seed)
     present = np.unique(cand.value)
-    classes = _classes_for(present, info.classes)
-    lut = np.full(256, 255, dtype=np.uint8)
-    lut[present] = np.arange(len(present), dtype=np.uint8)
+    classes, lut = label_classes(present, info.classes)
 
     dask_image = open_region(store)["image"].data
-    clip: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-    if cfg.clip_percentiles is not None:
-        low, high = band_percentiles(dask_image, info.nodata, cfg.clip_percentiles)
-        clip = (low, high)
-    mean, std = band_statistics(dask_image, info.nodata, clip)
+    mean, std, clip = normalisation_statistics(dask_image, info.nodata, cfg.clip_percentiles)
     spec = ModelSpec(
         arch=FOREST_ARCH,
         encoder="none",

@@ -27,9 +27,15 @@ from segpipe.train import distributed as ddp
 from segpipe.train.config import TrainConfig
 from segpipe.train.losses import balanced_class_weights, make_loss
 from segpipe.train.pretrained import PretrainedReport, load_pretrained_encoder
-from segpipe.train.sampling import Candidates, CentreSampler, ChipSampler, find_candidates, split_cells
-from segpipe.train.stats import band_percentiles, band_statistics
-from segpipe.types import ClassInfo, default_colour
+from segpipe.train.sampling import (
+    Candidates,
+    CentreSampler,
+    ChipSampler,
+    find_candidates,
+    label_classes,
+    split_cells,
+)
+from segpipe.train.stats import normalisation_statistics
 
 __all__ = ["TrainProgress", "initial_network", "train"]
 
@@ -75,13 +81,6 @@ class _Plan:
     initial: dict[str, Any]
     pretrained: dict[str, Any] | None
     valid_pixels: int
-
-
-def _classes_for(present: np.ndarray, known: tuple[ClassInfo, ...]) -> tuple[ClassInfo, ...]:
-    by_value = {c.value: c for c in known}
-    return tuple(
-        by_value.get(int(v), ClassInfo(int(v), f"class {int(v)}", default_colour(int(v)))) for v in present
-    )
 
 
 def _dihedral(image: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,16 +214,10 @@ def _prepare(store: str | Path, cfg: TrainConfig) -> _Plan:
     labels_arr = open_layer(store, "labels")
     cand = find_candidates(labels_arr, info.block_size, seed=cfg.seed)
     present = np.unique(cand.value)
-    classes = _classes_for(present, info.classes)
-    lut = np.full(256, IGNORE, dtype=np.uint8)
-    lut[present] = np.arange(len(present), dtype=np.uint8)
+    classes, lut = label_classes(present, info.classes, IGNORE)
 
     image = open_region(store)["image"].data
-    clip: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-    if cfg.clip_percentiles is not None:
-        low, high = band_percentiles(image, info.nodata, cfg.clip_percentiles)
-        clip = (low, high)
-    mean, std = band_statistics(image, info.nodata, clip)
+    mean, std, clip = normalisation_statistics(image, info.nodata, cfg.clip_percentiles)
     spec = ModelSpec(
         arch=cfg.arch,
         encoder=cfg.encoder,

@@ -20,8 +20,17 @@ import dask
 import numpy as np
 
 from segpipe.errors import LabelsError
+from segpipe.types import ClassInfo, default_colour
 
-__all__ = ["BlockReader", "Candidates", "CentreSampler", "ChipSampler", "find_candidates", "split_cells"]
+__all__ = [
+    "BlockReader",
+    "Candidates",
+    "CentreSampler",
+    "ChipSampler",
+    "find_candidates",
+    "label_classes",
+    "split_cells",
+]
 
 
 class _Sliceable(Protocol):
@@ -274,3 +283,26 @@ class ChipSampler:
             labels = np.pad(labels, ((0, c - h), (0, c - w)), constant_values=255)
         labels = np.where(self._part_mask(y0, x0), labels, 255).astype(np.uint8)
         return image, labels
+
+
+def label_classes(
+    present: np.ndarray, known: tuple[ClassInfo, ...], ignore: int = 255
+) -> tuple[tuple[ClassInfo, ...], np.ndarray]:
+    """The classes a model learns (the label values present) and the label -> output-index table.
+
+    Args:
+        present: Sorted label values found in the labels (0 excluded).
+        known: Classes the region store describes (names, colours); values it does not
+            describe get a generic name and colour.
+        ignore: Table entry of every value not present (ignored by losses and metrics).
+
+    Returns:
+        The classes in output order and a 256-entry uint8 lookup table.
+    """
+    by_value = {c.value: c for c in known}
+    classes = tuple(
+        by_value.get(int(v), ClassInfo(int(v), f"class {int(v)}", default_colour(int(v)))) for v in present
+    )
+    lut = np.full(256, ignore, dtype=np.uint8)
+    lut[present] = np.arange(len(present), dtype=np.uint8)
+    return classes, lut

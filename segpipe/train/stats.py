@@ -11,7 +11,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-__all__ = ["band_percentiles", "band_statistics"]
+__all__ = ["band_percentiles", "band_statistics", "normalisation_statistics"]
 
 # Histogram resolution of the percentile pass: integer data up to 16 bits gets one bin
 # per value (exact percentiles); wider or float data gets this many equal bins between
@@ -119,3 +119,24 @@ def band_percentiles(
         for c, m in zip(computed, centres, strict=True)
     ]
     return tuple(tuple(float(v[i]) for v in per_band) for i in range(q.size))
+
+
+def normalisation_statistics(
+    image: da.Array, nodata: float | None, clip_percentiles: tuple[float, float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[tuple[float, ...], tuple[float, ...]] | None]:
+    """What a model package normalises with: per-band mean, std and optional clip bounds.
+
+    Args:
+        image: (band, y, x) dask array of the whole mosaic.
+        nodata: Image nodata value, or None.
+        clip_percentiles: (low, high) percentiles to clip each band to first, or None.
+
+    Returns:
+        ``(mean, std, clip)`` where ``clip`` is ``(low bounds, high bounds)`` or None.
+    """
+    clip = None
+    if clip_percentiles is not None:
+        low, high = band_percentiles(image, nodata, clip_percentiles)
+        clip = (low, high)
+    mean, std = band_statistics(image, nodata, clip)
+    return mean, std, clip
