@@ -254,7 +254,7 @@ def main() -> None:
         # Warm-up: every worker loads the model and primes torch once, as in any long run.
         # (A warm-up predict alone warms only the workers its tasks land on: at 1x that
         # left the measured run loading the model on the other worker.)
-        client.run(_warm_worker, model, 256, 5)
+        client.run(_warm_worker, model, 256, 2)
         predict(stores[args.factors[0]][1], model, client=client, force=True)
         for f in args.factors:
             vrt, store = stores[f]
@@ -262,12 +262,15 @@ def main() -> None:
             cores = usable_cores()
             # The host's speed drifts within minutes (a shared VM): end-to-end runs and
             # forward measurements alternate, and each rate is the mean of its two.
+            # Memory is sampled in a run of its own: the sampler's /proc walks every 50 ms
+            # take CPU from the 2 cores (the 1x run took 1.98 s sampled, 1.67 s not).
             with PeakRss() as rss:
                 s = predict(store, model, client=client, force=True)
             tile, ov = s.tile_size, s.overlap
-            fwd_runs = [workers_rate(client, model, tile, s.batch_size)]
-            seconds = [s.seconds, predict(store, model, client=client, force=True).seconds]
-            fwd_runs.append(workers_rate(client, model, tile, s.batch_size))
+            seconds, fwd_runs = [], []
+            for _ in range(2):
+                seconds.append(predict(store, model, client=client, force=True).seconds)
+                fwd_runs.append(workers_rate(client, model, tile, s.batch_size))
             px, sec = forward_rate(model, tile, s.batch_size, cores)
             fwd_single = px / sec / 1e6
             fwd_workers = float(np.mean(fwd_runs))

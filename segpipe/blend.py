@@ -200,7 +200,9 @@ def blend_rows(
         stats.slots += len(chips)
         stats.calls += 1
         pending.clear()
-        while len(inflight) > (streams - 1 if streams > 1 else 0):
+        # Each stream keeps a second batch queued, so that it starts its next call at once
+        # instead of waiting while this thread blends, reads the next window row and stacks.
+        while len(inflight) > (2 * streams - 1 if streams > 1 else 0):
             settle()
 
     def settle() -> None:

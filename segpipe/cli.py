@@ -246,7 +246,9 @@ def predict(
     model: Annotated[Path, typer.Option(help="Model package directory.")],
     tile_size: Annotated[int | None, typer.Option(help="Window edge (multiple of 32).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Window overlap in pixels.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Most windows per forward pass [default: 8 on GPUs, 2 on CPUs].")
+    ] = None,
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:port).")] = None,
     force: Annotated[bool, typer.Option(help="Recompute finished blocks.")] = False,
     blend: Annotated[

@@ -53,6 +53,13 @@ log = logging.getLogger(__name__)
 
 # Every task's output buffers are uint8 over its box; the float accumulator is rolling.
 MAX_TASK_PIXELS = 2048 * 2048
+# Default windows per forward call. GPUs want large batches. On one CPU core the time
+# per 256 px window is flat from 2 to 7 windows per call (about 5 % more at 1, 25 % more
+# at 8, measured on U-Net/ResNet-18), so CPU calls stay small: a task's calls then spread
+# evenly over its single-threaded streams, where 5 calls of 5 left one of 2 streams a
+# third call alone (see docs/benchmarks.md).
+GPU_BATCH = 8
+CPU_BATCH = 2
 
 
 def predict_block(
@@ -140,15 +147,17 @@ def choose_batch_size(n_windows: int, most: int) -> int:
     """Windows per forward call: at most ``most``, padding the raster's windows least.
 
     Every call has one shape (bitwise reproducibility), so a short last batch is padded
-    with zero windows. Among ``ceil(most / 2)`` to ``most``, the size whose batches hold
-    the raster's ``n_windows`` with the fewest padded slots wins (larger on ties). It
+    with zero windows. Among ``ceil(most / 2)`` to ``most`` (but not 1 unless ``most``
+    is 1: single-window calls cost more per window), the size whose batches hold the
+    raster's ``n_windows`` with the fewest padded slots wins (larger on ties). It
     depends only on the raster and the settings, never on the blocking.
     """
     if most < 1:
         raise InputError(f"batch size {most} must be at least 1")
     if n_windows <= most:
         return max(1, n_windows)
-    return min(range((most + 1) // 2, most + 1), key=lambda bs: (-(-n_windows // bs) * bs, -bs))
+    least = min(most, max(2, (most + 1) // 2))
+    return min(range(least, most + 1), key=lambda bs: (-(-n_windows // bs) * bs, -bs))
 
 
 def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
@@ -218,18 +227,39 @@ def _prepare_layers(
     return np.zeros(blocks, dtype=bool)
 
 
-def _cluster_layout(
-    client: distributed.Client, n_tasks: int
-) -> tuple[int, bool, tuple[tuple[str, int], ...]]:
-    """Task slots, whether tasks need a ``GPU`` resource, and torch threads per host.
+@dataclass(frozen=True)
+class _ClusterLayout:
+    """Task slots of a cluster, whether tasks need a ``GPU`` resource, and its CPU hosts.
 
-    A CPU host's cores are shared among the prediction tasks that can run on it at
-    once: with fewer tasks than worker threads, each task gets more torch threads.
+    Attributes:
+        slots: Tasks that can run at once (GPUs, or worker threads on CPU clusters).
+        gpu: Tasks must land on GPU workers.
+        hosts: (host, cores, worker threads) of each CPU host.
     """
+
+    slots: int
+    gpu: bool
+    hosts: tuple[tuple[str, int, int], ...] = ()
+
+    def threads(self, n_tasks: int) -> tuple[tuple[str, int], ...]:
+        """Torch threads per task on each host when ``n_tasks`` tasks share the cluster.
+
+        A CPU host's cores are shared among the prediction tasks that can run on it at
+        once: with fewer tasks than worker threads, each task gets more torch threads.
+        """
+        threads = []
+        for host, n_cores, n_slots in self.hosts:
+            concurrent = max(1, min(n_slots, math.ceil(n_tasks * n_slots / self.slots)))
+            threads.append((host, max(1, n_cores // concurrent)))
+        return tuple(threads)
+
+
+def _cluster_layout(client: distributed.Client) -> _ClusterLayout:
+    """Ask the scheduler (and, on CPU clusters, every worker's core count) once."""
     workers: dict[str, Any] = client.scheduler_info(n_workers=-1).get("workers", {})
     gpus = sum(int((w.get("resources") or {}).get("GPU", 0)) for w in workers.values())
     if gpus:
-        return gpus, True, ()
+        return _ClusterLayout(gpus, True)
     slots = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
     cores: dict[str, int] = client.run(usable_cores)
     per_host: dict[str, tuple[int, int]] = {}
@@ -237,11 +267,7 @@ def _cluster_layout(
         host = worker_host(addr)
         n_cores, n_slots = per_host.get(host, (0, 0))
         per_host[host] = (max(n_cores, int(cores.get(addr) or 1)), n_slots + int(w.get("nthreads", 1)))
-    threads = []
-    for host, (n_cores, n_slots) in sorted(per_host.items()):
-        concurrent = max(1, min(n_slots, math.ceil(n_tasks * n_slots / slots)))
-        threads.append((host, max(1, n_cores // concurrent)))
-    return slots, False, tuple(threads)
+    return _ClusterLayout(slots, False, tuple((h, c, n) for h, (c, n) in sorted(per_host.items())))
 
 
 def predict(
@@ -249,7 +275,7 @@ def predict(
     model_dir: str | Path,
     tile_size: int | None = None,
     overlap: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     client: distributed.Client | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -272,7 +298,8 @@ def predict(
             of 32, at least 256.
         overlap: Overlap between windows; default: a quarter of the tile (none for
             per-pixel models such as random_forest).
-        batch_size: Most windows per forward call (see :func:`choose_batch_size`).
+        batch_size: Most windows per forward call (see :func:`choose_batch_size`);
+            default 8 on GPU workers, 2 on CPU workers.
         client: Dask client; default: a cluster from :func:`segpipe.cluster.get_client`.
         force: Recompute every block even if marked finished.
         progress: Called as ``progress(done, total)`` in blocks after each task.
@@ -298,7 +325,9 @@ def predict(
         raise InputError(f"blend mode {blend!r} is not one of {', '.join(BLEND_MODES)}")
     stride = tile - ov
     n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
-    bs = choose_batch_size(n_global, batch_size)
+    if batch_size is not None:
+        choose_batch_size(n_global, batch_size)  # a bad value fails before any write
+    bs = 0
     mdir = str(Path(model_dir).resolve())
     key = _resume_key(spec, mdir, tile, ov, blend, tta)
     mhash = key["model_hash"]
@@ -317,8 +346,10 @@ def predict(
             from distributed import as_completed
 
             b = info.block_size
-            slots, gpu, _ = _cluster_layout(client, 1)
-            plan = plan_superblocks(info.height, info.width, b, tile, stride, slots, max_task_pixels)
+            layout = _cluster_layout(client)
+            most = batch_size if batch_size is not None else GPU_BATCH if layout.gpu else CPU_BATCH
+            bs = choose_batch_size(n_global, most)
+            plan = plan_superblocks(info.height, info.width, b, tile, stride, layout.slots, max_task_pixels)
             groups = []
             for sy in range(0, info.blocks[0], plan[0]):
                 for sx in range(0, info.blocks[1], plan[1]):
@@ -326,7 +357,7 @@ def predict(
                             for bx in range(sx, min(sx + plan[1], info.blocks[1])) if not done[by, bx]]
                     if todo:
                         groups.append(todo)
-            _, _, threads = _cluster_layout(client, len(groups))
+            threads = layout.threads(len(groups))
             jobs = []
             for todo in groups:
                 ys, xs = [t[0] for t in todo], [t[1] for t in todo]
@@ -336,7 +367,7 @@ def predict(
                                      probabilities, tuple(todo), threads))
             n_tasks = len(jobs)
             # In a mixed cluster, the GPU resource keeps prediction on the GPU workers.
-            resources = {"GPU": 1} if gpu else None
+            resources = {"GPU": 1} if layout.gpu else None
             futures = client.map(run_block, jobs, pure=False, resources=resources)
             try:
                 for future in as_completed(futures, loop=client.loop):

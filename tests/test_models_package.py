@@ -66,3 +66,23 @@ def test_pixel_head_option_rebuilds_from_the_package(tmp_path):
     assert spec.options == {"pixel_head": 8} and isinstance(loaded, PixelHead)
     with torch.inference_mode():
         assert torch.equal(loaded(x), expected)
+
+
+def test_model_hash_follows_rewritten_packages(tmp_path):
+    """The hash is cached per file identity, and a package saved again gets a new one."""
+    import torch
+
+    from segpipe.models import build_network, model_hash, save_model
+
+    torch.manual_seed(0)
+    net = build_network("unet", "resnet18", 2, 2)
+    save_model(tmp_path, _spec(), net)
+    first = model_hash(tmp_path)
+    assert model_hash(tmp_path) == first
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    save_model(tmp_path, _spec(), net)  # same sizes, new content
+    assert model_hash(tmp_path) != first
+    (tmp_path / "weights.safetensors").unlink()
+    with pytest.raises(ModelPackageError, match=r"weights\.safetensors is missing"):
+        model_hash(tmp_path)

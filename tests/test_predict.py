@@ -24,6 +24,7 @@ from segpipe.predict import (
     PROGRESS_LAYER,
     BlockJob,
     _prepare_layers,
+    choose_batch_size,
     predict,
     predict_block,
     run_block,
@@ -256,6 +257,21 @@ def test_resume_skips_finished_blocks_and_force_recomputes(
     # Other settings are another result: progress resets.
     other = predict(store, model_dir, client=client, tile_size=64, overlap=8, batch_size=4)
     assert other.blocks_done == 12
+
+
+def test_cpu_workers_default_to_small_fixed_batches(tmp_path: Path, model_dir: Path, client: Client) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64)
+    settings = {k: v for k, v in SETTINGS.items() if k != "batch_size"}
+    summary = predict(store, model_dir, client=client, **settings)
+    assert summary.batch_size == 2
+    # Every call has one shape: at most one padded slot per task.
+    assert summary.windows <= summary.slots < summary.windows + summary.tasks
+
+
+@pytest.mark.parametrize(("n", "most", "chosen"), [(25, 8, 5), (25, 2, 2), (121, 8, 4), (3, 8, 3), (25, 1, 1),
+                                                   (7, 3, 2)])
+def test_batch_size_pads_least_and_avoids_single_windows(n: int, most: int, chosen: int) -> None:
+    assert choose_batch_size(n, most) == chosen
 
 
 def test_wrong_bands_fail_before_any_write(tmp_path: Path, model_dir: Path, client: Client) -> None:
