@@ -241,6 +241,22 @@ def export_chips(
 
 
 @app.command()
+def ensemble(
+    members: Annotated[list[Path], typer.Argument(help="Two or more model packages to combine.")],
+    out: Annotated[Path, typer.Option(help="Directory of the ensemble package.")],
+    weight: Annotated[
+        list[float] | None,
+        typer.Option(help="Weight of each member's probabilities, in order [default: equal]."),
+    ] = None,
+) -> None:
+    """Combine trained packages (same bands, classes, normalisation) into one averaging them."""
+    from segpipe.models.ensemble import make_ensemble
+
+    path = make_ensemble(members, out, weight or None)
+    console.print(f"wrote ensemble of {len(members)} models to {path}")
+
+
+@app.command()
 def predict(
     store: Annotated[str, typer.Argument(help="Region store (a folder or an s3:// URL).")],
     model: Annotated[Path, typer.Option(help="Model package directory.")],

@@ -27,7 +27,7 @@ from segpipe.blend import blend_windows
 from segpipe.errors import InputError, StoreError
 from segpipe.inference import PROGRESS_LAYER, BlockJob, run_block, usable_cores, valid_mask, worker_host
 from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info
-from segpipe.models import check_bands, model_hash, output_stride, read_spec
+from segpipe.models import check_bands, model_hash, read_spec
 from segpipe.models.networks import CLASSICAL_ARCHITECTURES
 from segpipe.tiling import BLEND_MODES, Forward, plan_superblocks, window_starts
 from segpipe.types import classes_to_json
@@ -161,7 +161,7 @@ def choose_batch_size(n_windows: int, most: int) -> int:
 
 
 def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
-    stride = output_stride(spec.arch)
+    stride = spec.output_stride
     tile = tile_size if tile_size is not None else max(256, -(-spec.chip_size // stride) * stride)
     if tile <= 0 or tile % stride:
         raise InputError(f"tile size {tile} must be a positive multiple of {stride} (the network's stride)")

@@ -86,7 +86,8 @@ def build_network(
     """Build an untrained network.
 
     Args:
-        arch: One of :data:`ARCHITECTURES` or :data:`CLASSICAL_ARCHITECTURES`.
+        arch: One of :data:`ARCHITECTURES` or :data:`CLASSICAL_ARCHITECTURES`, or
+            ``ensemble`` (members in ``options``, see :mod:`segpipe.models.ensemble`).
         encoder: One of :data:`ENCODERS`.
         in_channels: Number of image bands.
         num_classes: Number of output classes (logit channels).
@@ -104,6 +105,10 @@ def build_network(
         from segpipe.models.forest import forest_from_options
 
         return forest_from_options(in_channels, num_classes, options)  # its tree shapes; encoder unused
+    if arch == "ensemble":
+        from segpipe.models.ensemble import build_ensemble
+
+        return build_ensemble(in_channels, num_classes, options)  # members described in the options
     import segmentation_models_pytorch as smp
 
     if arch not in ARCHITECTURES:
