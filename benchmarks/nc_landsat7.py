@@ -38,6 +38,8 @@ import zarr
 from segpipe.cluster import get_client
 from segpipe.evaluate import evaluate
 from segpipe.ingest import ingest
+from segpipe.models import read_spec
+from segpipe.models.ensemble import make_ensemble
 from segpipe.predict import predict
 from segpipe.train import TrainConfig, train
 
@@ -80,6 +82,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "deeplabv3plus": {"arch": "deeplabv3plus", **_NETWORK},
     "random_forest": {"arch": "random_forest", "trees": 200},
 }
+# One model of each family, combined by `segpipe ensemble` (mean of class probabilities);
+# its training cost is the sum of its members'.
+ENSEMBLE_MEMBERS = ("unet", "pspnet", "random_forest")
 
 
 def _masked_copy(src: Path, dst: Path, keep: str) -> int:
@@ -124,16 +129,36 @@ def prepare(work: Path) -> dict[str, Any]:
             "test_pixels": test_px}
 
 
-def run_one(arch: str, source: str, store: Path, reference: Path, work: Path, client: Any) -> dict[str, Any]:
-    """Train, predict and evaluate one architecture on one label source."""
-    config = TrainConfig(**{**_COMMON, **CONFIGS[arch]})
+def run_one(
+    arch: str, source: str, store: Path, reference: Path, work: Path, client: Any,
+    done: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train, predict and evaluate one architecture on one label source.
+
+    ``arch`` = ``ensemble`` combines the members' packages already trained in this run
+    (``done``: rows by architecture) and adds up their training time.
+    """
     model = work / f"model_{arch}_{source}"
     shutil.rmtree(model, ignore_errors=True)
-    t0 = time.perf_counter()
-    cpu0 = psutil.Process().cpu_times()
-    spec = train(store, model, config)
-    cpu1 = psutil.Process().cpu_times()
-    train_s = time.perf_counter() - t0
+    if arch == "ensemble":
+        rows = [(done or {})[m] for m in ENSEMBLE_MEMBERS]
+        t0 = time.perf_counter()
+        make_ensemble([work / f"model_{m}_{source}" for m in ENSEMBLE_MEMBERS], model)
+        spec = read_spec(model)
+        train_s = sum(r["train_s"] for r in rows) + time.perf_counter() - t0
+        train_cpu_s = sum(r["train_cpu_s"] for r in rows)
+        config_dump: dict[str, Any] = {"members": [r["config"] for r in rows]}
+        valid = float("nan")
+    else:
+        config = TrainConfig(**{**_COMMON, **CONFIGS[arch]})
+        t0 = time.perf_counter()
+        cpu0 = psutil.Process().cpu_times()
+        spec = train(store, model, config)
+        cpu1 = psutil.Process().cpu_times()
+        train_s = time.perf_counter() - t0
+        train_cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        config_dump = config.model_dump()
+        valid = float(spec.metrics.get("miou", float("nan")))
     t0 = time.perf_counter()
     predict(store, model, client=client, force=True)
     predict_s = time.perf_counter() - t0
@@ -143,15 +168,15 @@ def run_one(arch: str, source: str, store: Path, reference: Path, work: Path, cl
         "encoder": spec.encoder,
         "labels": source,
         "train_s": round(train_s, 1),
-        "train_cpu_s": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 1),
+        "train_cpu_s": round(train_cpu_s, 1),
         "predict_s": round(predict_s, 1),
-        "valid_miou": round(float(spec.metrics.get("miou", float("nan"))), 3),
+        "valid_miou": round(valid, 3),
         "test_miou": round(float(result["miou"]), 3),
         "test_overall_accuracy": round(float(result["overall_accuracy"]), 3),
         "test_iou": {c["name"]: round(float(c["iou"]), 3) for c in result.get("per_class", [])},
         "rf_reference_miou": README_RF[source],
         "target_miou": TARGET[source],
-        "config": config.model_dump(),
+        "config": config_dump,
     }
     print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
     return row
@@ -161,19 +186,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--archs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--archs", nargs="+", default=[*CONFIGS, "ensemble"], choices=[*CONFIGS, "ensemble"],
+                        help="Architectures; `ensemble` also trains its members (unet, pspnet, "
+                             "random_forest).")
+    parser.add_argument("--merge", action="store_true",
+                        help="Replace only these rows in an existing --out file, keeping the others.")
     parser.add_argument("--labels", nargs="+", default=["dense", "polygons"], choices=["dense", "polygons"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/segpipe-bench-nc"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nc_landsat7.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
     prepared = prepare(args.work)
+    archs = list(args.archs)
+    if "ensemble" in archs:  # members first, the ensemble last
+        archs = [a for a in archs if a != "ensemble"]
+        archs += [m for m in ENSEMBLE_MEMBERS if m not in archs] + ["ensemble"]
     rows = []
     with get_client() as client:
         for source in args.labels:
-            for arch in args.archs:
-                rows.append(run_one(arch, source, prepared["stores"][source], prepared["reference"],
-                                    args.work, client))
+            done: dict[str, dict[str, Any]] = {}
+            for arch in archs:
+                done[arch] = run_one(arch, source, prepared["stores"][source], prepared["reference"],
+                                     args.work, client, done)
+                rows.append(done[arch])
+    if args.merge and args.out.exists():
+        fresh = {(r["labels"], r["arch"]) for r in rows}
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if (r["labels"], r["arch"]) not in fresh]
+        order = [*CONFIGS, "ensemble"]
+        rows = sorted(kept + rows,
+                      key=lambda r: (["dense", "polygons"].index(r["labels"]), order.index(r["arch"])))
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU",

@@ -27,13 +27,13 @@ from segpipe import metrics
 from segpipe.errors import LabelsError, StoreError
 from segpipe.fingerprint import store_inputs
 from segpipe.inference import valid_mask
-from segpipe.io.store import open_layer, open_region, read_region_info
-from segpipe.models import ModelSpec, normalise, output_stride, save_model
+from segpipe.io.store import open_layer, read_region_info
+from segpipe.models import ModelSpec, normalise, save_model
 from segpipe.models.forest import FOREST_ARCH, ForestNet, from_sklearn
 from segpipe.train.config import TrainConfig
 from segpipe.train.loop import TrainProgress
 from segpipe.train.sampling import Candidates, find_candidates, label_classes, split_cells
-from segpipe.train.stats import normalisation_statistics
+from segpipe.train.stats import package_spec
 
 __all__ = ["forest_features", "train_forest"]
 
@@ -160,21 +160,7 @@ def train_forest(
     present = np.unique(cand.value)
     classes, lut = label_classes(present, info.classes)
 
-    dask_image = open_region(store)["image"].data
-    mean, std, clip = normalisation_statistics(dask_image, info.nodata, cfg.clip_percentiles)
-    spec = ModelSpec(
-        arch=FOREST_ARCH,
-        encoder="none",
-        band_names=info.band_names,
-        mean=mean,
-        std=std,
-        classes=classes,
-        chip_size=cfg.chip_size,
-        nodata=info.nodata,
-        clip_low=None if clip is None else clip[0],
-        clip_high=None if clip is None else clip[1],
-        output_stride=output_stride(FOREST_ARCH),
-    )
+    spec = package_spec(store, info, cfg, FOREST_ARCH, "none", classes)
 
     in_valid = split_cells(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
     train_c = _subsample(cand.subset(~in_valid), cfg.max_train_pixels, rng)

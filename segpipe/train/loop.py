@@ -20,8 +20,8 @@ import numpy as np
 from segpipe import metrics
 from segpipe.errors import InputError, LabelsError, StoreError
 from segpipe.fingerprint import store_inputs
-from segpipe.io.store import open_layer, open_region, read_region_info
-from segpipe.models import ModelSpec, build_network, normalise, output_stride, read_spec, save_model
+from segpipe.io.store import open_layer, read_region_info
+from segpipe.models import ModelSpec, build_network, normalise, read_spec, save_model
 from segpipe.train import checkpoint as ckpt
 from segpipe.train import distributed as ddp
 from segpipe.train.config import TrainConfig
@@ -35,7 +35,7 @@ from segpipe.train.sampling import (
     label_classes,
     split_cells,
 )
-from segpipe.train.stats import normalisation_statistics
+from segpipe.train.stats import package_spec
 
 __all__ = ["TrainProgress", "initial_network", "train"]
 
@@ -216,22 +216,7 @@ def _prepare(store: str | Path, cfg: TrainConfig) -> _Plan:
     present = np.unique(cand.value)
     classes, lut = label_classes(present, info.classes, IGNORE)
 
-    image = open_region(store)["image"].data
-    mean, std, clip = normalisation_statistics(image, info.nodata, cfg.clip_percentiles)
-    spec = ModelSpec(
-        arch=cfg.arch,
-        encoder=cfg.encoder,
-        band_names=info.band_names,
-        mean=mean,
-        std=std,
-        classes=classes,
-        chip_size=cfg.chip_size,
-        nodata=info.nodata,
-        clip_low=None if clip is None else clip[0],
-        clip_high=None if clip is None else clip[1],
-        output_stride=output_stride(cfg.arch),
-        options=network_options(cfg),
-    )
+    spec = package_spec(store, info, cfg, cfg.arch, cfg.encoder, classes, network_options(cfg))
     in_valid = split_cells(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
     valid_cells = frozenset(
         (int(y) // cfg.valid_cell, int(x) // cfg.valid_cell)

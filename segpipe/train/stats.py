@@ -7,11 +7,21 @@ size fits in memory.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import dask
 import dask.array as da
 import numpy as np
 
-__all__ = ["band_percentiles", "band_statistics", "normalisation_statistics"]
+if TYPE_CHECKING:
+    from segpipe.io.store import RegionInfo
+    from segpipe.models import ModelSpec
+    from segpipe.train.config import TrainConfig
+    from segpipe.types import ClassInfo
+
+__all__ = ["band_percentiles", "band_statistics", "normalisation_statistics", "package_spec"]
 
 # Histogram resolution of the percentile pass: integer data up to 16 bits gets one bin
 # per value (exact percentiles); wider or float data gets this many equal bins between
@@ -140,3 +150,38 @@ def normalisation_statistics(
         clip = (low, high)
     mean, std = band_statistics(image, nodata, clip)
     return mean, std, clip
+
+
+def package_spec(
+    store: str | Path,
+    info: RegionInfo,
+    cfg: TrainConfig,
+    arch: str,
+    encoder: str,
+    classes: tuple[ClassInfo, ...],
+    options: Mapping[str, Any] | None = None,
+) -> ModelSpec:
+    """Description of a model trained on ``store``: its bands, classes and normalisation.
+
+    The statistics cover the whole mosaic (valid pixels, clipped at
+    ``cfg.clip_percentiles`` when set), the same for every architecture.
+    """
+    from segpipe.io.store import open_region
+    from segpipe.models import ModelSpec, output_stride
+
+    image = open_region(store)["image"].data
+    mean, std, clip = normalisation_statistics(image, info.nodata, cfg.clip_percentiles)
+    return ModelSpec(
+        arch=arch,
+        encoder=encoder,
+        band_names=info.band_names,
+        mean=mean,
+        std=std,
+        classes=classes,
+        chip_size=cfg.chip_size,
+        nodata=info.nodata,
+        options=dict(options or {}),
+        clip_low=None if clip is None else clip[0],
+        clip_high=None if clip is None else clip[1],
+        output_stride=output_stride(arch),
+    )
