@@ -148,7 +148,7 @@ def run_one(
         train_s = sum(r["train_s"] for r in rows) + time.perf_counter() - t0
         train_cpu_s = sum(r["train_cpu_s"] for r in rows)
         config_dump: dict[str, Any] = {"members": [r["config"] for r in rows]}
-        valid = float("nan")
+        valid: float | None = None  # members were validated; the ensemble has no held-out cells of its own
     else:
         config = TrainConfig(**{**_COMMON, **CONFIGS[arch]})
         t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def run_one(
         "train_s": round(train_s, 1),
         "train_cpu_s": round(train_cpu_s, 1),
         "predict_s": round(predict_s, 1),
-        "valid_miou": round(valid, 3),
+        "valid_miou": None if valid is None else round(valid, 3),
         "test_miou": round(float(result["miou"]), 3),
         "test_overall_accuracy": round(float(result["overall_accuracy"]), 3),
         "test_iou": {c["name"]: round(float(c["iou"]), 3) for c in result.get("per_class", [])},
