@@ -259,7 +259,7 @@ def ensemble(
 @app.command()
 def predict(
     store: Annotated[str, typer.Argument(help="Region store (a folder or an s3:// URL).")],
-    model: Annotated[Path, typer.Option(help="Model package directory.")],
+    model: Annotated[str, typer.Option(help="Model package directory or s3:// URL.")],
     tile_size: Annotated[int | None, typer.Option(help="Window edge (multiple of 32).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Window overlap in pixels.")] = None,
     batch_size: Annotated[

@@ -26,6 +26,7 @@ import zarr
 from segpipe.blend import blend_windows
 from segpipe.errors import InputError, StoreError
 from segpipe.inference import PROGRESS_LAYER, BlockJob, run_block, usable_cores, valid_mask, worker_host
+from segpipe.io.remote import is_remote
 from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec
 from segpipe.models.networks import CLASSICAL_ARCHITECTURES
@@ -158,6 +159,11 @@ def choose_batch_size(n_windows: int, most: int) -> int:
         return max(1, n_windows)
     least = min(most, max(2, (most + 1) // 2))
     return min(range(least, most + 1), key=lambda bs: (-(-n_windows // bs) * bs, -bs))
+
+
+def _model_location(model_dir: str | Path) -> str:
+    """Where every worker finds the package: an absolute path, or the ``s3://`` URL as given."""
+    return str(model_dir).rstrip("/") if is_remote(model_dir) else str(Path(model_dir).resolve())
 
 
 def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
@@ -293,7 +299,8 @@ def predict(
 
     Args:
         store: Region store (from ``segpipe ingest``).
-        model_dir: Model package directory, readable by every worker.
+        model_dir: Model package directory readable by every worker, or its ``s3://``
+            URL (each machine fetches it once, see :mod:`segpipe.models.fetch`).
         tile_size: Window size; default: the model's chip size rounded up to a multiple
             of 32, at least 256.
         overlap: Overlap between windows; default: a quarter of the tile (none for
@@ -328,7 +335,7 @@ def predict(
     if batch_size is not None:
         choose_batch_size(n_global, batch_size)  # a bad value fails before any write
     bs = 0
-    mdir = str(Path(model_dir).resolve())
+    mdir = _model_location(model_dir)
     key = _resume_key(spec, mdir, tile, ov, blend, tta)
     mhash = key["model_hash"]
     done = _prepare_layers(store_s, spec, info.blocks, key, force, probabilities)
@@ -422,7 +429,7 @@ def pending_blocks(
     """
     store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
     info = read_region_info(store_s)
-    key = _resume_key(read_spec(model_dir), str(Path(model_dir).resolve()), tile_size, overlap, blend, tta)
+    key = _resume_key(read_spec(model_dir), _model_location(model_dir), tile_size, overlap, blend, tta)
     total = int(info.blocks[0] * info.blocks[1])
     markers = _finished_markers(store_s, info.blocks, key, probabilities)
     return (total if markers is None else total - int(markers.sum())), total

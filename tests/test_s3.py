@@ -211,6 +211,38 @@ def test_predict_export_evaluate_on_s3(s3: str, region, client, model_dir: Path,
     assert (tmp_path / "report" / "metrics.json").is_file()
 
 
+def test_model_package_on_s3(s3: str, client, model_dir: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Workers fetch the package from the bucket; the result is the local package's."""
+    import torch
+    from predict_support import SETTINGS, make_store
+
+    from segpipe.io.remote import upload
+    from segpipe.models import build_network, model_hash, read_spec, save_model
+    from segpipe.models.fetch import local_package
+
+    monkeypatch.setenv("SEGPIPE_CACHE", str(tmp_path / "cache"))
+    url = f"{s3}/models/unet"
+    for name in ("model.json", "weights.safetensors"):
+        upload(model_dir / name, f"{url}/{name}")
+    assert model_hash(url) == model_hash(model_dir) and read_spec(url) == read_spec(model_dir)
+    fetched = local_package(url)
+    assert fetched.parent == tmp_path / "cache" / "models" and local_package(url) == fetched  # fetched once
+
+    local, remote = make_store(tmp_path / "a.zarr", block=64), make_store(tmp_path / "b.zarr", block=64)
+    predict(local, model_dir, client=client, **SETTINGS)
+    summary = predict(remote, url + "/", client=client, **SETTINGS)
+    assert summary.blocks_done == 12
+    np.testing.assert_array_equal(open_region(remote)["classes"].values, open_region(local)["classes"].values)
+
+    # A package replaced on S3 is fetched again (new ETags), so its hash follows.
+    torch.manual_seed(5)
+    other = save_model(tmp_path / "other", read_spec(model_dir), build_network("unet", "resnet18", 3, 3))
+    upload(other / "weights.safetensors", f"{url}/weights.safetensors")
+    assert local_package(url) != fetched and model_hash(url) != model_hash(model_dir)
+    with pytest.raises(MissingInputError, match=r"models/none/model\.json"):
+        read_spec(f"{s3}/models/none")
+
+
 def test_missing_objects_name_the_url(s3: str, region) -> None:  # type: ignore[no-untyped-def]
     missing = f"{s3}/inputs/no-such-tile.tif"
     with pytest.raises(MissingInputError, match=re.escape(missing)):

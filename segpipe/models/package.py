@@ -25,6 +25,7 @@ import numpy as np
 from torch import nn
 
 from segpipe.errors import BandMismatchError, ModelPackageError
+from segpipe.models.fetch import local_package
 from segpipe.models.networks import build_network
 from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
@@ -160,10 +161,13 @@ class ModelSpec:
 def read_spec(model_dir: str | Path) -> ModelSpec:
     """Read a package's ``model.json``.
 
+    Args:
+        model_dir: Package directory, or its ``s3://`` URL (fetched once per machine).
+
     Raises:
         ModelPackageError: The package or its description is missing or invalid.
     """
-    path = Path(model_dir) / SPEC_FILE
+    path = local_package(model_dir) / SPEC_FILE
     if not path.is_file():
         raise ModelPackageError(f"{model_dir} is not a model package: {SPEC_FILE} is missing")
     try:
@@ -183,7 +187,7 @@ def model_hash(model_dir: str | Path) -> str:
     Computed once per process for the same files: packages are written by atomic
     renames, so a changed file has a new inode and modification time, hence a new key.
     """
-    paths = [Path(model_dir) / name for name in (SPEC_FILE, WEIGHTS_FILE)]
+    paths = [local_package(model_dir) / name for name in (SPEC_FILE, WEIGHTS_FILE)]
     ids = []
     for path in paths:
         try:
@@ -232,7 +236,7 @@ def save_model(model_dir: str | Path, spec: ModelSpec, network: nn.Module) -> Pa
 
 
 def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
-    """Load a package into an eval-mode network on the CPU.
+    """Load a package (a directory or an ``s3://`` URL) into an eval-mode network on the CPU.
 
     Raises:
         ModelPackageError: Missing files, bad schema or weights that do not fit.
@@ -240,7 +244,7 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
     from safetensors.torch import load_file
 
     spec = read_spec(model_dir)
-    weights = Path(model_dir) / WEIGHTS_FILE
+    weights = local_package(model_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelPackageError(f"{model_dir} is not a complete model package: {WEIGHTS_FILE} is missing")
     net = build_network(spec.arch, spec.encoder, len(spec.band_names), len(spec.classes), spec.options)
