@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 # Every task's output buffers are uint8 over its box; the float accumulator is rolling.
 MAX_TASK_PIXELS = 2048 * 2048
 # Default windows per forward call. GPUs want large batches. On one CPU core the time
-# per 256 px window is flat from 2 to 7 windows per call (about 5 % more at 1, 25 % more
+# per 256 px window is flat from 2 to 7 windows per call (about 5 % more at 1, 30 % more
 # at 8, measured on U-Net/ResNet-18), so CPU calls stay small: a task's calls then spread
 # evenly over its single-threaded streams, where 5 calls of 5 left one of 2 streams a
 # third call alone (see docs/benchmarks.md).

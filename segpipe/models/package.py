@@ -190,12 +190,9 @@ def model_hash(model_dir: str | Path) -> str:
     paths = [local_package(model_dir) / name for name in (SPEC_FILE, WEIGHTS_FILE)]
     ids = []
     for path in paths:
-        try:
-            st = path.stat()
-        except OSError:
-            st = None
-        if st is None or not path.is_file():
+        if not path.is_file():
             raise ModelPackageError(f"{model_dir} is not a complete model package: {path.name} is missing")
+        st = path.stat()
         ids.append((str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     key = tuple(ids)
     if key not in _HASHES:
