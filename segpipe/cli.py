@@ -246,7 +246,7 @@ def ensemble(
     out: Annotated[Path, typer.Option(help="Directory of the ensemble package.")],
     weight: Annotated[
         list[float] | None,
-        typer.Option(help="Weight of each member's probabilities, in order [default: equal]."),
+        typer.Option(help="Weight of each member's probabilities, in order (default: equal)."),
     ] = None,
 ) -> None:
     """Combine trained packages (same bands, classes, normalisation) into one averaging them."""
@@ -263,7 +263,7 @@ def predict(
     tile_size: Annotated[int | None, typer.Option(help="Window edge (multiple of 32).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Window overlap in pixels.")] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Most windows per forward pass [default: 8 on GPUs, 2 on CPUs].")
+        int | None, typer.Option(help="Most windows per forward pass (default: 8 on GPUs, 2 on CPUs).")
     ] = None,
     scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:port).")] = None,
     force: Annotated[bool, typer.Option(help="Recompute finished blocks.")] = False,
