@@ -349,3 +349,16 @@ def test_process_region_on_s3_resumes(s3: str, region, prefect_home, tmp_path: P
     assert [s["stage"] for s in again["stages"] if not s.get("skipped")] == []
     assert again["miou"] == first["miou"]
     assert fs.info(cog)["ETag"] == etag
+
+    # Predict-only with the package on S3: the same model gives the same map.
+    from segpipe.io.remote import upload
+
+    for name in ("model.json", "weights.safetensors"):
+        upload(tmp_path / "model" / name, f"{s3}/flow/model/{name}")
+    remote_model = run.model_copy(update={
+        "store": f"{s3}/flow/region2.zarr", "model": f"{s3}/flow/model", "train": None,
+        "export_dir": f"{s3}/flow/cog2"})
+    third = process_region(remote_model)
+    assert "train" in [s["stage"] for s in first["stages"]]
+    assert "train" not in [s["stage"] for s in third["stages"]]
+    assert third["miou"] == first["miou"]
