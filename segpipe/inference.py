@@ -23,6 +23,7 @@ from segpipe.blend import BlendStats, blend_rows, tta_forward
 from segpipe.errors import ModelPackageError
 from segpipe.io.store import NODATA_U8, open_layer, read_region_info, write_block
 from segpipe.models import load_model, model_hash, normalise
+from segpipe.models.fetch import local_package
 from segpipe.tiling import Bounds, Forward
 
 if TYPE_CHECKING:
@@ -116,13 +117,16 @@ def _model_for(model_dir: str, expected_hash: str) -> tuple[nn.Module, ModelSpec
     """Load a package once per process; the hash in the key makes a changed package reload."""
     import torch
 
-    found = model_hash(model_dir)
+    # Hash and weights come from one local copy: a package on S3 replaced in between
+    # must not load under the old hash.
+    local = local_package(model_dir)
+    found = model_hash(local)
     if found != expected_hash:
         raise ModelPackageError(
             f"model package {model_dir} changed during prediction (hash {found}, expected "
             f"{expected_hash}): rerun predict"
         )
-    net, spec = load_model(model_dir)
+    net, spec = load_model(local)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         net = net.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -22,9 +22,7 @@ from pathlib import Path
 
 from segpipe.io.remote import as_url, filesystem, is_remote, join, remote_errors, remote_info
 
-__all__ = ["PACKAGE_FILES", "cache_root", "local_package"]
-
-PACKAGE_FILES = ("model.json", "weights.safetensors")
+__all__ = ["cache_root", "local_package"]
 
 
 def cache_root() -> Path:
@@ -44,22 +42,25 @@ def local_package(model_dir: str | Path) -> Path:
     """
     if not is_remote(model_dir):
         return Path(model_dir)
+    from segpipe.models.package import SPEC_FILE, WEIGHTS_FILE  # the package imports this module
+
+    files = (SPEC_FILE, WEIGHTS_FILE)
     url = as_url(str(model_dir)).rstrip("/")
-    infos = [remote_info(join(url, name), "model package file") for name in PACKAGE_FILES]
+    infos = [remote_info(join(url, name), "model package file") for name in files]
     identity = json.dumps([url, *[[str(i.get("ETag", "")), int(i.get("size", 0))] for i in infos]])
     dest = cache_root() / hashlib.sha256(identity.encode()).hexdigest()[:20]
-    if all((dest / name).is_file() for name in PACKAGE_FILES):
+    if all((dest / name).is_file() for name in files):
         return dest
     tmp = Path(tempfile.mkdtemp(dir=cache_root(), prefix=".fetch-"))
     try:
         with remote_errors(url, "model package"):
-            for name in PACKAGE_FILES:
+            for name in files:
                 filesystem().get_file(join(url, name), str(tmp / name))
         try:
             tmp.rename(dest)
         except OSError:
             # Another process of this machine finished the same copy first: use it.
-            if not all((dest / name).is_file() for name in PACKAGE_FILES):
+            if not all((dest / name).is_file() for name in files):
                 raise
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -240,8 +240,9 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
     """
     from safetensors.torch import load_file
 
-    spec = read_spec(model_dir)
-    weights = local_package(model_dir) / WEIGHTS_FILE
+    local = local_package(model_dir)  # one copy for the description and the weights
+    spec = read_spec(local)
+    weights = local / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelPackageError(f"{model_dir} is not a complete model package: {WEIGHTS_FILE} is missing")
     net = build_network(spec.arch, spec.encoder, len(spec.band_names), len(spec.classes), spec.options)
