@@ -121,6 +121,11 @@ def train(
     patience: Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")] = None,
     monitor: Annotated[str, typer.Option(help="valid_miou or valid_loss.")] = "valid_miou",
     trees: Annotated[int, typer.Option(help="Trees of --arch random_forest.")] = 100,
+    forest_context: Annotated[
+        int,
+        typer.Option(help="--arch random_forest: also give the trees each band's mean and std over a K x K "
+                     "window (odd K; 1 = band values only)."),
+    ] = 1,
     schedule: Annotated[str, typer.Option(help="Learning-rate schedule: onecycle or cosine.")] = "onecycle",
     pretrained: Annotated[
         Path | None, typer.Option(help="Local encoder weights (.safetensors/.pth), e.g. torchvision ResNet.")
@@ -170,6 +175,7 @@ def train(
         patience=patience,
         monitor=monitor,
         trees=trees,
+        forest_context=forest_context,
         schedule=schedule,
         pretrained=None if pretrained is None else str(pretrained),
         clip_percentiles=clip_percentiles,

@@ -171,8 +171,13 @@ def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tu
     tile = tile_size if tile_size is not None else max(256, -(-spec.chip_size // stride) * stride)
     if tile <= 0 or tile % stride:
         raise InputError(f"tile size {tile} must be a positive multiple of {stride} (the network's stride)")
-    # Per-pixel models see no neighbours: overlapping windows would only repeat work.
-    default_overlap = 0 if spec.arch in CLASSICAL_ARCHITECTURES else tile // 4
+    if spec.arch in CLASSICAL_ARCHITECTURES:
+        # A forest sees at most its context window's half-width of neighbours, so a few
+        # pixels of overlap put each window's cut-off edge features under the blend's
+        # low weights; a per-pixel forest needs none (overlap would only repeat work).
+        default_overlap = 4 * (int(spec.options.get("context", 1)) // 2)
+    else:
+        default_overlap = tile // 4
     ov = default_overlap if overlap is None else overlap
     if not 0 <= ov < tile:
         raise InputError(f"overlap {ov} must be at least 0 and smaller than the tile size ({tile})")
@@ -303,8 +308,8 @@ def predict(
             URL (each machine fetches it once, see :mod:`segpipe.models.fetch`).
         tile_size: Window size; default: the model's chip size rounded up to a multiple
             of 32, at least 256.
-        overlap: Overlap between windows; default: a quarter of the tile (none for
-            per-pixel models such as random_forest).
+        overlap: Overlap between windows; default: a quarter of the tile; for a
+            random_forest none, or with a context window K, 4 * (K // 2) pixels.
         batch_size: Most windows per forward call (see :func:`choose_batch_size`);
             default 8 on GPU workers, 2 on CPU workers.
         client: Dask client; default: a cluster from :func:`segpipe.cluster.get_client`.

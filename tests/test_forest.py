@@ -15,15 +15,16 @@ from sklearn.ensemble import RandomForestClassifier
 from typer.testing import CliRunner
 
 from segpipe.cli import app
-from segpipe.errors import BandMismatchError
+from segpipe.errors import BandMismatchError, InputError
 from segpipe.evaluate import evaluate
 from segpipe.ingest import ingest
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec, build_network, load_model, normalise, output_stride, save_model
-from segpipe.models.forest import ForestNet, from_sklearn
-from segpipe.predict import predict
+from segpipe.models.forest import ForestNet, context_features, from_sklearn
+from segpipe.predict import _settings, predict
 from segpipe.synth import synthesize
 from segpipe.train import TrainConfig, train
+from segpipe.train.forest import forest_features
 
 FOREST = {"arch": "random_forest", "trees": 8, "valid_cell": 64, "threads": 1}
 
@@ -157,8 +158,87 @@ def test_train_predict_evaluate_a_forest(region: tuple[Path, Path], tmp_path: Pa
 def test_cli_trains_a_forest(region: tuple[Path, Path], tmp_path: Path) -> None:
     store, _ = region
     result = CliRunner().invoke(
-        app, ["train", str(store), "--out", str(tmp_path / "cli"), "--arch", "random_forest", "--trees", "3"]
+        app,
+        ["train", str(store), "--out", str(tmp_path / "cli"), "--arch", "random_forest", "--trees", "3",
+         "--forest-context", "5"],
     )
     assert result.exit_code == 0, result.output
     _, spec = load_model(tmp_path / "cli")
     assert spec.arch == "random_forest" and spec.options["n_trees"] == 3 and spec.output_stride == 1
+    assert spec.options["context"] == 5
+
+
+def _window_stats(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of every pixel's k x k window cut to the array: the definition, pixel by pixel."""
+    bands, h, w = x.shape
+    mean, std = np.zeros_like(x), np.zeros_like(x)
+    r = k // 2
+    for y in range(h):
+        for xx in range(w):
+            win = x[:, max(0, y - r) : y + r + 1, max(0, xx - r) : xx + r + 1].reshape(bands, -1)
+            mean[:, y, xx], std[:, y, xx] = win.mean(axis=1), win.std(axis=1)
+    return mean, std
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_context_features_are_window_mean_and_std(k: int) -> None:
+    x = np.random.default_rng(4).normal(size=(2, 7, 9)).astype(np.float32)
+    out = context_features(torch.from_numpy(x)[None], k)[0].numpy()
+    mean, std = _window_stats(x.astype(np.float64), k)
+    assert out.shape == (6, 7, 9)
+    np.testing.assert_array_equal(out[:2], x)
+    np.testing.assert_allclose(out[2:4], mean, atol=1e-5)
+    np.testing.assert_allclose(out[4:], std, atol=1e-4)
+    assert context_features(torch.from_numpy(x)[None], 1) is not None
+    with pytest.raises(InputError, match="odd"):
+        context_features(torch.from_numpy(x)[None], 4)
+    with pytest.raises(ValueError, match="odd"):
+        TrainConfig(arch="random_forest", forest_context=4)
+
+
+def test_context_forest_reproduces_sklearn_on_its_features() -> None:
+    rng = np.random.default_rng(5)
+    image = torch.from_numpy(_grid_data(rng, 3 * 40 * 50, 1).reshape(1, 3, 40, 50))
+    feats = context_features(image, 3)[0].reshape(9, -1).T.numpy()
+    y = (feats[:, 3] > feats[:, 4]).astype(int) + (feats[:, 7] > 1.5)
+    forest = RandomForestClassifier(n_estimators=10, min_samples_leaf=3, random_state=0).fit(feats, y)
+    net = from_sklearn(forest, 3, context=3)
+    assert net.options()["context"] == 3 and net.n_bands == 3
+    with torch.inference_mode():
+        probs = torch.softmax(net(image), dim=1)[0].reshape(3, -1).T.numpy()
+    np.testing.assert_allclose(probs, forest.predict_proba(feats), rtol=0, atol=1e-6)
+    rebuilt = build_network("random_forest", "none", 3, 3, net.options())
+    assert isinstance(rebuilt, ForestNet) and rebuilt.context == 3
+    with pytest.raises(InputError, match="not 3 per band"):
+        from_sklearn(RandomForestClassifier(n_estimators=2).fit(feats[:, :4], y), 3, context=3)
+
+
+def test_context_forest_trains_on_the_features_it_predicts_with(
+    region: tuple[Path, Path], tmp_path: Path, client: Client
+) -> None:
+    store, _ = region
+    spec = train(store, tmp_path / "ctx", TrainConfig(**FOREST, forest_context=3))  # type: ignore[arg-type]
+    data = json.loads((tmp_path / "ctx" / "model.json").read_text())
+    assert spec.options["context"] == 3 and data["training"]["forest"]["context"] == 3
+    assert "nir std 3x3" in data["training"]["forest"]["feature_importance"]
+
+    # Features read block by block with a halo equal those of the whole image.
+    raw = np.asarray(open_layer(store, "image")[...])
+    valid = (raw != 0).all(axis=0)
+    whole = context_features(torch.from_numpy(normalise(raw, spec, valid)[None]), 3)[0].numpy()
+    rng = np.random.default_rng(6)
+    ys, xs = rng.integers(0, raw.shape[1], 400), rng.integers(0, raw.shape[2], 400)
+    image = open_layer(store, "image")
+    feats, has_data = forest_features(image, 128, spec, 3, ys, xs)
+    np.testing.assert_array_equal(has_data, valid[ys, xs])
+    np.testing.assert_array_equal(feats, whole[:, ys[has_data], xs[has_data]].T)
+
+    # Prediction windows (default overlap for the context) give the whole-image answer.
+    assert _settings(spec, None, None)[1] == 4
+    predict(store, tmp_path / "ctx", client=client)
+    net, _ = load_model(tmp_path / "ctx")
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(normalise(raw, spec, valid)[None]))[0].argmax(0).numpy()
+    values = np.array([c.value for c in spec.classes], dtype=np.uint8)
+    classes = np.asarray(open_layer(store, "classes")[...])
+    assert (classes[valid] == values[expected[valid]]).mean() > 0.995

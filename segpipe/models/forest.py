@@ -8,17 +8,23 @@ as it blends a network's.
 
 Every tree is stored as arrays over its nodes, padded to a common node count:
 
-- ``feature`` (trees, nodes): band tested at the node (0 at leaves);
+- ``feature`` (trees, nodes): feature tested at the node (0 at leaves);
 - ``threshold`` (trees, nodes): go left when ``band value <= threshold``;
 - ``child`` (trees, nodes, 2): left and right child; a leaf points to itself, so a
   fixed number of descent steps (the deepest tree's depth) lands every pixel on a leaf;
 - ``value`` (trees, nodes, classes): class distribution of the training pixels at the
   node (used at leaves).
+
+The trees' features are the band values and, with a ``context`` window K > 1, each
+band's mean and standard deviation over the K x K pixels around the pixel
+(:func:`context_features`): the texture that separates, say, suburbs under trees from
+forest, which one pixel's spectrum cannot. Training computes them with the same
+function on the store block plus a halo, so the trees see the values prediction gives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -27,9 +33,19 @@ from torch import nn
 
 from segpipe.errors import ArchitectureError, InputError
 
-__all__ = ["FOREST_ARCH", "FOREST_OPTIONS", "ForestNet", "forest_from_options", "from_sklearn"]
+__all__ = [
+    "FOREST_ARCH",
+    "FOREST_OPTIONS",
+    "ForestNet",
+    "context_features",
+    "feature_names",
+    "features_per_band",
+    "forest_from_options",
+    "from_sklearn",
+]
 
 FOREST_ARCH: Final = "random_forest"
+# Required shapes; "context" is optional (packages written before it existed are per-pixel).
 FOREST_OPTIONS = ("n_trees", "max_nodes", "depth")
 
 # Log of a zero probability would be -inf, which softmax turns into NaN when a whole
@@ -40,15 +56,54 @@ _TINY = 1e-30
 _CHUNK = 1 << 16
 
 
+def features_per_band(context: int) -> int:
+    """Tree features per band: the value, plus its window mean and std when ``context`` > 1."""
+    return 3 if context > 1 else 1
+
+
+def feature_names(band_names: Sequence[str], context: int) -> list[str]:
+    """Names of the trees' features, in :func:`context_features` order."""
+    if context <= 1:
+        return list(band_names)
+    window = f"{context}x{context}"
+    return [*band_names, *(f"{b} {stat} {window}" for stat in ("mean", "std") for b in band_names)]
+
+
+def context_features(x: torch.Tensor, context: int) -> torch.Tensor:
+    """Per-pixel features of (N, bands, H, W) normalised input: (N, bands * k, H, W).
+
+    With ``context`` K > 1 the band values are followed by every band's mean, then its
+    standard deviation, over the K x K window centred on the pixel. At the input's
+    edges the window is cut to the pixels inside it (not padded), so a pixel on the
+    raster's edge gets the same features in training (store block plus halo, clipped
+    to the raster) as in prediction.
+
+    Raises:
+        InputError: ``context`` is not a positive odd number.
+    """
+    if context < 1 or context % 2 == 0:
+        raise InputError(f"the forest's context window must be a positive odd pixel count, got {context}")
+    if context == 1:
+        return x
+    x = x.float()
+    pool = {"kernel_size": context, "stride": 1, "padding": context // 2, "count_include_pad": False}
+    mean = nn.functional.avg_pool2d(x, **pool)  # type: ignore[arg-type]
+    square = nn.functional.avg_pool2d(x * x, **pool)  # type: ignore[arg-type]
+    # E[x^2] - E[x]^2 can come out a hair below 0 in float32 on flat windows.
+    std = (square - mean * mean).clamp_min(0).sqrt()
+    return torch.cat([x, mean, std], dim=1)
+
+
 class ForestNet(nn.Module):
     """A random forest classifying every pixel of (N, bands, H, W) input.
 
     Args:
-        n_features: Input bands.
+        n_bands: Input bands.
         n_classes: Output classes.
         n_trees: Number of trees.
         max_nodes: Node count of the largest tree (every tree is padded to it).
         depth: Depth of the deepest tree (descent steps).
+        context: Window edge K of the neighbourhood features (1 = band values only).
 
     The forward pass returns log-probabilities (N, n_classes, H, W): the log of the mean
     of the trees' leaf class distributions, so ``softmax`` of the output gives back the
@@ -60,14 +115,19 @@ class ForestNet(nn.Module):
     child: torch.Tensor
     value: torch.Tensor
 
-    def __init__(self, n_features: int, n_classes: int, n_trees: int, max_nodes: int, depth: int) -> None:
+    def __init__(
+        self, n_bands: int, n_classes: int, n_trees: int, max_nodes: int, depth: int, context: int = 1
+    ) -> None:
         super().__init__()
-        if min(n_features, n_classes, n_trees, max_nodes) < 1 or depth < 0:
+        if min(n_bands, n_classes, n_trees, max_nodes) < 1 or depth < 0 or context < 1 or context % 2 == 0:
             raise ArchitectureError(
-                f"a random forest needs at least one band, class, tree and node and a depth >= 0; got "
-                f"{n_features} bands, {n_classes} classes, {n_trees} trees, {max_nodes} nodes, depth {depth}"
+                f"a random forest needs at least one band, class, tree and node, a depth >= 0 and an odd "
+                f"context window; got {n_bands} bands, {n_classes} classes, {n_trees} trees, {max_nodes} "
+                f"nodes, depth {depth}, context {context}"
             )
-        self.n_features = n_features
+        self.n_bands = n_bands
+        self.context = context
+        self.n_features = n_bands * features_per_band(context)
         self.n_classes = n_classes
         self.depth = depth
         self.register_buffer("feature", torch.zeros(n_trees, max_nodes, dtype=torch.int32))
@@ -89,13 +149,18 @@ class ForestNet(nn.Module):
 
     def options(self) -> dict[str, int]:
         """The shapes :func:`forest_from_options` needs to rebuild this module (``ModelSpec.options``)."""
-        return {"n_trees": self.n_trees, "max_nodes": self.max_nodes, "depth": self.depth}
+        return {
+            "n_trees": self.n_trees,
+            "max_nodes": self.max_nodes,
+            "depth": self.depth,
+            "context": self.context,
+        }
 
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of (P, bands) pixel values: (P, classes) float32."""
+        """Class probabilities of (P, features) pixel features: (P, classes) float32."""
         if pixels.ndim != 2 or pixels.shape[1] != self.n_features:
             raise InputError(
-                f"the forest expects (pixels, {self.n_features}) band values, got shape {tuple(pixels.shape)}"
+                f"the forest expects (pixels, {self.n_features}) features, got shape {tuple(pixels.shape)}"
             )
         pixels = pixels.float()
         out = torch.empty(pixels.shape[0], self.n_classes, device=pixels.device)
@@ -103,6 +168,10 @@ class ForestNet(nn.Module):
         for start in range(0, pixels.shape[0], chunk):
             out[start : start + chunk] = self._chunk_probabilities(pixels[start : start + chunk])
         return out
+
+    def log_probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Log of :meth:`probabilities` (what :meth:`forward` returns per pixel)."""
+        return self.probabilities(pixels).clamp_min(_TINY).log()
 
     def _chunk_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         # One tree at a time over all pixels: a tree's tables stay in cache, and int32
@@ -129,18 +198,17 @@ class ForestNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (N, classes, H, W) of (N, bands, H, W) normalised band values."""
-        if x.ndim != 4 or x.shape[1] != self.n_features:
+        if x.ndim != 4 or x.shape[1] != self.n_bands:
             raise InputError(
-                f"the forest expects (N, {self.n_features}, H, W) input, got shape {tuple(x.shape)}"
+                f"the forest expects (N, {self.n_bands}, H, W) input, got shape {tuple(x.shape)}"
             )
         n, _, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(-1, self.n_features)
-        probs = self.probabilities(pixels)
-        logp = probs.clamp_min(_TINY).log()
+        pixels = context_features(x, self.context).permute(0, 2, 3, 1).reshape(-1, self.n_features)
+        logp = self.log_probabilities(pixels)
         return logp.reshape(n, h, w, self.n_classes).permute(0, 3, 1, 2).contiguous()
 
 
-def forest_from_options(n_features: int, n_classes: int, options: Mapping[str, Any] | None) -> ForestNet:
+def forest_from_options(n_bands: int, n_classes: int, options: Mapping[str, Any] | None) -> ForestNet:
     """An empty :class:`ForestNet` of the shapes in ``options`` (as saved in ``ModelSpec.options``).
 
     Raises:
@@ -153,7 +221,14 @@ def forest_from_options(n_features: int, n_classes: int, options: Mapping[str, A
             f"a {FOREST_ARCH} model needs {', '.join(missing)} in its options: retrain it with "
             f"segpipe train --arch {FOREST_ARCH}"
         )
-    return ForestNet(n_features, n_classes, int(opts["n_trees"]), int(opts["max_nodes"]), int(opts["depth"]))
+    return ForestNet(
+        n_bands,
+        n_classes,
+        int(opts["n_trees"]),
+        int(opts["max_nodes"]),
+        int(opts["depth"]),
+        int(opts.get("context", 1)),
+    )
 
 
 def _threshold_f32(threshold: np.ndarray) -> np.ndarray:
@@ -169,7 +244,7 @@ def _threshold_f32(threshold: np.ndarray) -> np.ndarray:
     return t32
 
 
-def from_sklearn(forest: Any, n_classes: int) -> ForestNet:
+def from_sklearn(forest: Any, n_classes: int, context: int = 1) -> ForestNet:
     """Convert a fitted scikit-learn ``RandomForestClassifier`` (or ``ExtraTreesClassifier``).
 
     Args:
@@ -177,6 +252,8 @@ def from_sklearn(forest: Any, n_classes: int) -> ForestNet:
             indices 0 .. n_classes - 1 (a class missing from the training pixels simply
             gets probability 0).
         n_classes: Output classes of the module.
+        context: Window the forest's features were computed with
+            (:func:`context_features`); its feature count must fit it.
 
     Returns:
         The forest as an eval-mode :class:`ForestNet`.
@@ -193,10 +270,15 @@ def from_sklearn(forest: Any, n_classes: int) -> ForestNet:
     columns = labels.astype(np.int64)
     if not np.array_equal(columns, labels) or columns.min() < 0 or columns.max() >= n_classes:
         raise InputError(f"forest classes {labels.tolist()} are not class indices 0..{n_classes - 1}")
+    n_features, per_band = int(forest.n_features_in_), features_per_band(context)
+    if n_features % per_band:
+        raise InputError(
+            f"the forest has {n_features} features: not {per_band} per band, as context {context} gives"
+        )
     trees = [est.tree_ for est in estimators]
     n_trees, max_nodes = len(trees), max(int(t.node_count) for t in trees)
     depth = max(int(t.max_depth) for t in trees)
-    net = ForestNet(int(forest.n_features_in_), n_classes, n_trees, max_nodes, depth)
+    net = ForestNet(n_features // per_band, n_classes, n_trees, max_nodes, depth, context)
     feature = np.zeros((n_trees, max_nodes), np.int32)
     threshold = np.zeros((n_trees, max_nodes), np.float32)
     children = np.tile(np.arange(max_nodes, dtype=np.int32)[None, :, None], (n_trees, 1, 2))

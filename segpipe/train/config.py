@@ -16,7 +16,8 @@ class TrainConfig(BaseModel):
         arch: Network architecture: unet, pspnet, deeplabv3 or deeplabv3plus; or
             ``random_forest``, the classical per-pixel baseline (scikit-learn random forest
             on the band values), packaged and predicted like a network. It uses ``trees``,
-            ``min_samples_leaf``, ``max_depth``, ``max_train_pixels``, ``valid_fraction``,
+            ``min_samples_leaf``, ``max_depth``, ``max_train_pixels``, ``forest_context``,
+            ``valid_fraction``,
             ``valid_cell``, ``seed``, ``threads`` and ``clip_percentiles``; other settings
             do not apply to it.
         encoder: Encoder (backbone), e.g. resnet18, resnet34, vgg16_bn, mobilenet_v2.
@@ -61,6 +62,9 @@ class TrainConfig(BaseModel):
             pure); prediction time grows with depth.
         max_train_pixels: Random forest only: labelled training pixels sampled at most
             (validation pixels are capped alike).
+        forest_context: Random forest only: odd window edge K; above 1 the trees also
+            get each band's mean and standard deviation over the K x K pixels around
+            the pixel (1 = the band values alone, the classical baseline).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -96,6 +100,14 @@ class TrainConfig(BaseModel):
     min_samples_leaf: int = Field(default=5, ge=1)
     max_depth: int | None = Field(default=None, ge=1)
     max_train_pixels: int = Field(default=200_000, ge=1)
+    forest_context: int = Field(default=1, ge=1, le=31)
+
+    @field_validator("forest_context")
+    @classmethod
+    def _odd_window(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be an odd window edge (1, 3, 5, ...) so the window has a centre pixel")
+        return value
 
     @field_validator("clip_percentiles")
     @classmethod

@@ -1,5 +1,9 @@
 """Train the classical baseline: a per-pixel random forest on the band values.
 
+With ``forest_context`` K > 1 the trees also see each band's mean and standard
+deviation over the K x K window around the pixel (still one decision per pixel, the
+texture features classical land-cover work adds).
+
 Users know this method, so segpipe trains it through the same command, on the same
 spatially disjoint train/validation split, with the same normalisation and the same
 validation metrics as its networks, and packages it the same way (a
@@ -29,7 +33,14 @@ from segpipe.fingerprint import store_inputs
 from segpipe.inference import valid_mask
 from segpipe.io.store import open_layer, read_region_info
 from segpipe.models import ModelSpec, normalise, save_model
-from segpipe.models.forest import FOREST_ARCH, ForestNet, from_sklearn
+from segpipe.models.forest import (
+    FOREST_ARCH,
+    ForestNet,
+    context_features,
+    feature_names,
+    features_per_band,
+    from_sklearn,
+)
 from segpipe.train.config import TrainConfig
 from segpipe.train.loop import TrainProgress
 from segpipe.train.sampling import Candidates, find_candidates, label_classes, split_cells
@@ -43,13 +54,38 @@ _TRAIN_SCORE_PIXELS = 20_000
 _STEPS = 3  # progress reports: pixels read, forest fitted, validated
 
 
-def _block_pixels(image: Any, y0: int, x0: int, h: int, w: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    block = np.asarray(image[:, y0 : y0 + h, x0 : x0 + w])
-    return block[:, ys - y0, xs - x0]  # type: ignore[no-any-return]
+def _block_features(
+    image: Any, spec: ModelSpec, context: int, box: tuple[int, int, int, int], ys: np.ndarray, xs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features (feature, n) and data mask (n,) at positions inside one store block.
+
+    The block is read with a halo of ``context // 2`` pixels (clipped to the raster)
+    and goes through :func:`segpipe.models.normalise` and
+    :func:`segpipe.models.forest.context_features`, as a prediction window does, so
+    the trees see bit for bit the values they will be asked about.
+    """
+    import torch
+
+    y0, x0, h, w = box
+    height, width = image.shape[-2:]
+    pad = context // 2
+    top, left = max(0, y0 - pad), max(0, x0 - pad)
+    raw = np.asarray(image[:, top : min(height, y0 + h + pad), left : min(width, x0 + w + pad)])
+    valid = valid_mask(raw, spec.nodata)
+    pixels = torch.from_numpy(normalise(raw, spec, valid)[None])
+    with torch.inference_mode():
+        features = context_features(pixels, context)[0].numpy()
+    return features[:, ys - top, xs - left], valid[ys - top, xs - left]
 
 
-def _read_pixels(image: Any, block: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """Raw band values (band, n) at the positions, one store block read per task."""
+def forest_features(
+    image: Any, block: int, spec: ModelSpec, context: int, ys: np.ndarray, xs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features (n, feature) of the positions that hold data, and which positions do.
+
+    One task per store block holding positions (in parallel with dask's threads), so
+    the region is never read whole.
+    """
     height, width = image.shape[-2:]
     n_bx = -(-width // block)
     key = (ys // block) * n_bx + xs // block
@@ -60,27 +96,15 @@ def _read_pixels(image: Any, block: int, ys: np.ndarray, xs: np.ndarray) -> np.n
     for idx in groups:
         by, bx = divmod(int(key[idx[0]]), n_bx)
         y0, x0 = by * block, bx * block
-        tasks.append(
-            dask.delayed(_block_pixels)(
-                image, y0, x0, min(block, height - y0), min(block, width - x0), ys[idx], xs[idx]
-            )
-        )
+        box = (y0, x0, min(block, height - y0), min(block, width - x0))
+        tasks.append(dask.delayed(_block_features)(image, spec, context, box, ys[idx], xs[idx]))
     parts = dask.compute(*tasks, scheduler="threads")
-    out = np.empty((image.shape[0], ys.size), dtype=image.dtype)
-    for idx, values in zip(groups, parts, strict=True):
-        out[:, idx] = values
-    return out
-
-
-def forest_features(raw: np.ndarray, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Features (n, band) of raw (band, n) pixel values, and which pixels hold data.
-
-    Goes through :func:`segpipe.models.normalise`, as prediction does, so the trees see
-    bit for bit the values they will be asked about.
-    """
-    valid = valid_mask(raw, spec.nodata)
-    features = normalise(raw[:, :, None], spec)[:, :, 0].T
-    return np.ascontiguousarray(features[valid]), valid
+    n_features = image.shape[0] * features_per_band(context)
+    out = np.empty((n_features, ys.size), dtype=np.float32)
+    valid = np.empty(ys.size, dtype=bool)
+    for idx, (values, ok) in zip(groups, parts, strict=True):
+        out[:, idx], valid[idx] = values, ok
+    return np.ascontiguousarray(out[:, valid].T), valid
 
 
 def _subsample(cand: Candidates, limit: int, rng: np.random.Generator) -> Candidates:
@@ -92,12 +116,13 @@ def _subsample(cand: Candidates, limit: int, rng: np.random.Generator) -> Candid
 
 
 def _pixels(
-    image: Any, block: int, cand: Candidates, spec: ModelSpec, lut: np.ndarray
+    image: Any, block: int, cand: Candidates, spec: ModelSpec, lut: np.ndarray, context: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features and class indices of the candidates that hold data."""
     if cand.y.size == 0:
-        return np.zeros((0, len(spec.band_names)), np.float32), np.zeros(0, np.int64)
-    features, valid = forest_features(_read_pixels(image, block, cand.y, cand.x), spec)
+        n_features = len(spec.band_names) * features_per_band(context)
+        return np.zeros((0, n_features), np.float32), np.zeros(0, np.int64)
+    features, valid = forest_features(image, block, spec, context, cand.y, cand.x)
     return features, lut[cand.value[valid]].astype(np.int64)
 
 
@@ -106,7 +131,7 @@ def _score(net: ForestNet, x: np.ndarray, target: np.ndarray) -> tuple[float, np
     import torch
 
     with torch.inference_mode():
-        logp = net(torch.from_numpy(x.T.copy())[None, :, :, None])[0, :, :, 0].T
+        logp = net.log_probabilities(torch.from_numpy(x))
         loss = torch.nn.functional.cross_entropy(logp, torch.from_numpy(target))
     return float(loss), logp.argmax(dim=1).numpy()
 
@@ -165,8 +190,8 @@ def train_forest(
     in_valid = split_cells(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
     train_c = _subsample(cand.subset(~in_valid), cfg.max_train_pixels, rng)
     valid_c = _subsample(cand.subset(in_valid), cfg.max_train_pixels, rng)
-    x_train, y_train = _pixels(image, info.block_size, train_c, spec, lut)
-    x_valid, y_valid = _pixels(image, info.block_size, valid_c, spec, lut)
+    x_train, y_train = _pixels(image, info.block_size, train_c, spec, lut, cfg.forest_context)
+    x_valid, y_valid = _pixels(image, info.block_size, valid_c, spec, lut, cfg.forest_context)
     if y_train.size == 0:
         raise LabelsError(
             "no labelled training pixel holds image data (all nodata or all in validation cells): "
@@ -186,7 +211,7 @@ def train_forest(
         random_state=cfg.seed,
     )
     forest.fit(x_train, y_train)
-    net = from_sklearn(forest, len(classes))
+    net = from_sklearn(forest, len(classes), cfg.forest_context)
     fit_seconds = time.perf_counter() - started
     pick = np.linspace(0, y_train.size - 1, min(_TRAIN_SCORE_PIXELS, y_train.size)).astype(int)
     train_loss, train_pred = _score(net, x_train[pick], y_train[pick])
@@ -230,8 +255,13 @@ def train_forest(
                 "trees": net.n_trees,
                 "max_nodes": net.max_nodes,
                 "depth": net.depth,
-                "band_importance": dict(
-                    zip(info.band_names, (float(v) for v in forest.feature_importances_), strict=True)
+                "context": cfg.forest_context,
+                "feature_importance": dict(
+                    zip(
+                        feature_names(info.band_names, cfg.forest_context),
+                        (float(v) for v in forest.feature_importances_),
+                        strict=True,
+                    )
                 ),
             },
         },
