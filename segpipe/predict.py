@@ -29,6 +29,7 @@ from segpipe.inference import PROGRESS_LAYER, BlockJob, run_block, usable_cores,
 from segpipe.io.remote import is_remote
 from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec
+from segpipe.models.forest import default_overlap as forest_overlap
 from segpipe.models.networks import CLASSICAL_ARCHITECTURES
 from segpipe.tiling import BLEND_MODES, Forward, plan_superblocks, window_starts
 from segpipe.types import classes_to_json
@@ -171,14 +172,9 @@ def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tu
     tile = tile_size if tile_size is not None else max(256, -(-spec.chip_size // stride) * stride)
     if tile <= 0 or tile % stride:
         raise InputError(f"tile size {tile} must be a positive multiple of {stride} (the network's stride)")
-    if spec.arch in CLASSICAL_ARCHITECTURES:
-        # A forest sees at most its context window's half-width of neighbours, so a few
-        # pixels of overlap put each window's cut-off edge features under the blend's
-        # low weights; a per-pixel forest needs none (overlap would only repeat work).
-        default_overlap = 4 * (int(spec.options.get("context", 1)) // 2)
-    else:
-        default_overlap = tile // 4
-    ov = default_overlap if overlap is None else overlap
+    # A forest's need follows its context window; networks overlap a quarter of the tile.
+    default = forest_overlap(spec.options) if spec.arch in CLASSICAL_ARCHITECTURES else tile // 4
+    ov = default if overlap is None else overlap
     if not 0 <= ov < tile:
         raise InputError(f"overlap {ov} must be at least 0 and smaller than the tile size ({tile})")
     return tile, ov

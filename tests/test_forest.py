@@ -189,7 +189,7 @@ def test_context_features_are_window_mean_and_std(k: int) -> None:
     np.testing.assert_array_equal(out[:2], x)
     np.testing.assert_allclose(out[2:4], mean, atol=1e-5)
     np.testing.assert_allclose(out[4:], std, atol=1e-4)
-    assert context_features(torch.from_numpy(x)[None], 1) is not None
+    assert torch.equal(context_features(torch.from_numpy(x)[None], 1)[0], torch.from_numpy(x))
     with pytest.raises(InputError, match="odd"):
         context_features(torch.from_numpy(x)[None], 4)
     with pytest.raises(ValueError, match="odd"):

@@ -38,6 +38,7 @@ __all__ = [
     "FOREST_OPTIONS",
     "ForestNet",
     "context_features",
+    "default_overlap",
     "feature_names",
     "features_per_band",
     "forest_from_options",
@@ -67,6 +68,16 @@ def feature_names(band_names: Sequence[str], context: int) -> list[str]:
         return list(band_names)
     window = f"{context}x{context}"
     return [*band_names, *(f"{b} {stat} {window}" for stat in ("mean", "std") for b in band_names)]
+
+
+def default_overlap(options: Mapping[str, Any]) -> int:
+    """Prediction window overlap a forest with these options needs by default.
+
+    A forest sees at most its context window's half-width of neighbours, so a few
+    pixels of overlap put each window's cut-off edge features under the blend's low
+    weights; a per-pixel forest needs none (overlap would only repeat work).
+    """
+    return 4 * (int(options.get("context", 1)) // 2)
 
 
 def context_features(x: torch.Tensor, context: int) -> torch.Tensor:
