@@ -117,14 +117,18 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     loss: Annotated[str, typer.Option(help="ce (cross-entropy) or focal.")] = "ce",
     dice: Annotated[float, typer.Option(help="Fraction of soft-Dice loss mixed in (0-1).")] = 0.0,
-    class_balancing: Annotated[bool, typer.Option(help="Weight classes by label frequency.")] = False,
+    class_balancing: Annotated[
+        bool, typer.Option(help="Weight classes by label frequency (a network's loss, a forest's pixels).")
+    ] = False,
     patience: Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")] = None,
     monitor: Annotated[str, typer.Option(help="valid_miou or valid_loss.")] = "valid_miou",
     trees: Annotated[int, typer.Option(help="Trees of --arch random_forest.")] = 100,
     forest_context: Annotated[
         int,
-        typer.Option(help="--arch random_forest: also give the trees each band's mean and std over a K x K "
-                     "window (odd K; 1 = band values only)."),
+        typer.Option(
+            help="--arch random_forest: also give the trees each band's mean and std over a K x K "
+            "window (odd K; 1 = band values only)."
+        ),
     ] = 1,
     schedule: Annotated[str, typer.Option(help="Learning-rate schedule: onecycle or cosine.")] = "onecycle",
     pretrained: Annotated[

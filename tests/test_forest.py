@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from distributed import Client
 from predict_support import CLASSES, make_store
@@ -60,8 +61,17 @@ def test_forest_package_reloads_without_pickle(tmp_path: Path) -> None:
     x = rng.normal(size=(500, 3)).astype(np.float32)
     forest = RandomForestClassifier(n_estimators=4, random_state=0).fit(x, (x[:, 0] > 0).astype(int))
     net = from_sklearn(forest, 3)
-    spec = ModelSpec("random_forest", "none", ("b1", "b2", "b3"), (0.0,) * 3, (1.0,) * 3, CLASSES, 64,
-                     options=net.options(), output_stride=output_stride("random_forest"))
+    spec = ModelSpec(
+        "random_forest",
+        "none",
+        ("b1", "b2", "b3"),
+        (0.0,) * 3,
+        (1.0,) * 3,
+        CLASSES,
+        64,
+        options=net.options(),
+        output_stride=output_stride("random_forest"),
+    )
     save_model(tmp_path / "m", spec, net)
     loaded, _ = load_model(tmp_path / "m")
     assert isinstance(loaded, ForestNet) and output_stride("random_forest") == 1
@@ -159,8 +169,18 @@ def test_cli_trains_a_forest(region: tuple[Path, Path], tmp_path: Path) -> None:
     store, _ = region
     result = CliRunner().invoke(
         app,
-        ["train", str(store), "--out", str(tmp_path / "cli"), "--arch", "random_forest", "--trees", "3",
-         "--forest-context", "5"],
+        [
+            "train",
+            str(store),
+            "--out",
+            str(tmp_path / "cli"),
+            "--arch",
+            "random_forest",
+            "--trees",
+            "3",
+            "--forest-context",
+            "5",
+        ],
     )
     assert result.exit_code == 0, result.output
     _, spec = load_model(tmp_path / "cli")
@@ -242,3 +262,40 @@ def test_context_forest_trains_on_the_features_it_predicts_with(
     values = np.array([c.value for c in spec.classes], dtype=np.uint8)
     classes = np.asarray(open_layer(store, "classes")[...])
     assert (classes[valid] == values[expected[valid]]).mean() > 0.995
+
+
+def _write(path: Path, data: np.ndarray) -> Path:
+    profile = {"driver": "GTiff", "height": data.shape[-2], "width": data.shape[-1], "count": data.shape[0]}
+    transform = rasterio.transform.from_origin(300000, 4000, 10, 10)
+    with rasterio.open(path, "w", **profile, dtype=data.dtype, crs="EPSG:32617", transform=transform) as dst:
+        dst.write(data)
+    return path
+
+
+def test_class_balancing_weights_the_forests_pixels(tmp_path: Path) -> None:
+    # Class 3 (1,024 px) shares its spectrum with half of class 2 (2,048 of 4,096 px).
+    # By pixel count class 2 wins that spectrum; median-frequency weights (class 1:
+    # 0.5, 2: 1, 3: 4) make class 3 weigh 4,096 against 2,048 there, so it must win.
+    labels = np.zeros((128, 128), np.uint8)
+    labels[:64], labels[64:96], labels[96:104] = 1, 2, 3
+    value = np.full((128, 128), 10, np.uint8)
+    value[64:80] = value[96:104] = 50
+    value[80:96] = 90
+    image = np.stack([value, value // 2 + 1])
+    _write(tmp_path / "image.tif", image)
+    _write(tmp_path / "labels.tif", labels[None])
+    ingest([tmp_path / "image.tif"], tmp_path / "r.zarr", labels=tmp_path / "labels.tif", block_size=128)
+    cfg = {**FOREST, "valid_fraction": 0.0}
+
+    shared = image[:, 70:71, :1]
+    answers = {}
+    for balanced in (False, True):
+        out = tmp_path / f"rf_{balanced}"
+        spec = train(tmp_path / "r.zarr", out, TrainConfig(**cfg, class_balancing=balanced))  # type: ignore[arg-type]
+        net, _ = load_model(out)
+        pixel = torch.from_numpy(normalise(shared, spec, np.ones((1, 1), bool))[None])
+        with torch.inference_mode():
+            answers[balanced] = spec.classes[int(net(pixel)[0, :, 0, 0].argmax())].value
+        recorded = json.loads((out / "model.json").read_text())["training"]["forest"]["class_weights"]
+        assert recorded == (pytest.approx([0.5, 1.0, 4.0]) if balanced else None)
+    assert answers == {False: 2, True: 3}

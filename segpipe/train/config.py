@@ -35,7 +35,8 @@ class TrainConfig(BaseModel):
         loss: ``ce`` (cross-entropy) or ``focal``; class 0 is always ignored.
         focal_gamma: Focusing exponent of the focal loss.
         dice_weight: Fraction of soft-Dice loss mixed in (0-1).
-        class_balancing: Weight classes by median frequency of their labelled pixels.
+        class_balancing: Weight classes by median frequency of their labelled pixels (in
+            the loss of a network; as sample weights of a random forest's pixels).
         patience: Stop after this many epochs without improvement (None = never).
         monitor: What "improvement" and the kept checkpoint refer to.
         schedule: Learning-rate schedule: ``onecycle`` (warm-up then cosine decay) or

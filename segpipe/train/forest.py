@@ -43,6 +43,7 @@ from segpipe.models.forest import (
 )
 from segpipe.train.config import TrainConfig
 from segpipe.train.loop import TrainProgress
+from segpipe.train.losses import balanced_class_weights
 from segpipe.train.sampling import Candidates, find_candidates, label_classes, split_cells
 from segpipe.train.stats import package_spec
 
@@ -210,7 +211,15 @@ def train_forest(
         n_jobs=cfg.threads or -1,
         random_state=cfg.seed,
     )
-    forest.fit(x_train, y_train)
+    # The same median-frequency weights a network's loss gets, as per-pixel sample
+    # weights: without them the trees' leaves vote by pixel count, and a class with a few
+    # hundred pixels (water, bare soil) rarely wins a leaf.
+    class_weights = (
+        balanced_class_weights(cand.counts[present])
+        if cfg.class_balancing and cand.counts is not None
+        else None
+    )
+    forest.fit(x_train, y_train, sample_weight=None if class_weights is None else class_weights[y_train])
     net = from_sklearn(forest, len(classes), cfg.forest_context)
     fit_seconds = time.perf_counter() - started
     pick = np.linspace(0, y_train.size - 1, min(_TRAIN_SCORE_PIXELS, y_train.size)).astype(int)
@@ -256,6 +265,7 @@ def train_forest(
                 "max_nodes": net.max_nodes,
                 "depth": net.depth,
                 "context": cfg.forest_context,
+                "class_weights": None if class_weights is None else class_weights.tolist(),
                 "feature_importance": dict(
                     zip(
                         feature_names(info.band_names, cfg.forest_context),
