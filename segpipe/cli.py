@@ -229,6 +229,8 @@ def _train_config(**kwargs: object):  # type: ignore[no-untyped-def]
         return TrainConfig(**kwargs)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
+        if not first["loc"]:  # a check across settings: its message names them
+            raise InputError(str(first["msg"]).removeprefix("Value error, ")) from exc
         field = str(first["loc"][0])
         option = {"encoder": "backbone", "dice_weight": "dice"}.get(field, field).replace("_", "-")
         raise InputError(f"--{option}: {first['msg']}") from exc

@@ -188,6 +188,25 @@ def test_cli_trains_a_forest(region: tuple[Path, Path], tmp_path: Path) -> None:
     assert spec.options["context"] == 5
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--arch", "random_forest", "--chip-size", "64", "--loss", "focal"], "chip_size=64, loss='focal'"),
+        (["--arch", "unet", "--forest-context", "5"], "forest_context=5"),
+    ],
+)
+def test_settings_of_the_other_family_are_refused(
+    region: tuple[Path, Path], tmp_path: Path, options: list[str], named: str
+) -> None:
+    # Silently ignoring them would let a user compare runs that never had them.
+    store, _ = region
+    result = CliRunner().invoke(app, ["train", str(store), "--out", str(tmp_path / "m"), *options])
+    # The installed entry point (segpipe.cli.main) prints InputError and exits with 2.
+    assert isinstance(result.exception, InputError)
+    assert named in str(result.exception) and "leave them at their defaults" in str(result.exception)
+    assert not (tmp_path / "m").exists()
+
+
 def _window_stats(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of every pixel's k x k window cut to the array: the definition, pixel by pixel."""
     bands, h, w = x.shape

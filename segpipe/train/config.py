@@ -4,9 +4,35 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["TrainConfig"]
+
+# Settings only one family reads. Setting one for the other family is refused rather than
+# ignored: a user who asks for, say, a focal loss on a forest would otherwise compare
+# results that never had it.
+_FOREST_ONLY = ("trees", "min_samples_leaf", "max_depth", "max_train_pixels", "forest_context")
+_NETWORK_ONLY = (
+    "encoder",
+    "epochs",
+    "samples_per_epoch",
+    "chip_size",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "loss",
+    "focal_gamma",
+    "dice_weight",
+    "patience",
+    "monitor",
+    "schedule",
+    "pretrained",
+    "balanced_sampling",
+    "color_jitter",
+    "checkpoint_every",
+    "pixel_head",
+    "devices",
+)
 
 
 class TrainConfig(BaseModel):
@@ -17,9 +43,9 @@ class TrainConfig(BaseModel):
             ``random_forest``, the classical per-pixel baseline (scikit-learn random forest
             on the band values), packaged and predicted like a network. It uses ``trees``,
             ``min_samples_leaf``, ``max_depth``, ``max_train_pixels``, ``forest_context``,
-            ``valid_fraction``,
-            ``valid_cell``, ``seed``, ``threads`` and ``clip_percentiles``; other settings
-            do not apply to it.
+            ``class_balancing``, ``valid_fraction``, ``valid_cell``, ``seed``, ``threads``
+            and ``clip_percentiles``. Setting a network-only setting for it, or a forest
+            setting for a network, away from its default is refused.
         encoder: Encoder (backbone), e.g. resnet18, resnet34, vgg16_bn, mobilenet_v2.
         epochs: Passes over ``samples_per_epoch`` chips.
         samples_per_epoch: Chips drawn per epoch.
@@ -116,6 +142,23 @@ class TrainConfig(BaseModel):
         if value is not None and not 0 <= value[0] < value[1] <= 100:
             raise ValueError("must be two percentiles with 0 <= low < high <= 100, e.g. 2 98")
         return value
+
+    @model_validator(mode="after")
+    def _settings_of_the_family(self) -> TrainConfig:
+        forest = self.arch == "random_forest"
+        unused = _NETWORK_ONLY if forest else _FOREST_ONLY
+        changed = [
+            f"{name}={getattr(self, name)!r}"
+            for name in unused
+            if getattr(self, name) != type(self).model_fields[name].default
+        ]
+        if changed:
+            family = "networks" if forest else "--arch random_forest"
+            raise ValueError(
+                f"--arch {self.arch} does not use {', '.join(changed)} (these apply to {family} only): "
+                "leave them at their defaults"
+            )
+        return self
 
     def resume_key(self) -> str:
         """The settings a resumed run must share with the checkpoint, as JSON.
