@@ -36,13 +36,16 @@ def _grid_data(rng: np.random.Generator, n: int, bands: int) -> np.ndarray:
     return (rng.integers(0, 40, (n, bands)) / 7.0).astype(np.float32)
 
 
-def test_forest_net_reproduces_predict_proba_and_predict() -> None:
+@pytest.mark.parametrize("class_weight", [None, "balanced_subsample"])
+def test_forest_net_reproduces_predict_proba_and_predict(class_weight: str | None) -> None:
     rng = np.random.default_rng(0)
     x = _grid_data(rng, 3000, 5)
     y = (x[:, 0] + x[:, 1] * x[:, 2] > 8).astype(int) + 2 * (x[:, 3] > 4)
     flip = rng.random(y.size) < 0.15
     y[flip] = rng.integers(0, 4, int(flip.sum()))
-    forest = RandomForestClassifier(n_estimators=25, min_samples_leaf=3, random_state=0).fit(x, y)
+    forest = RandomForestClassifier(
+        n_estimators=25, min_samples_leaf=3, class_weight=class_weight, random_state=0
+    ).fit(x, y)
     net = from_sklearn(forest, 5)  # class 4 never seen: probability 0
     test = np.concatenate([x[:500], _grid_data(rng, 2000, 5), rng.normal(3, 3, (500, 5)).astype(np.float32)])
     with torch.inference_mode():
@@ -293,8 +296,8 @@ def _write(path: Path, data: np.ndarray) -> Path:
 
 def test_class_balancing_weights_the_forests_pixels(tmp_path: Path) -> None:
     # Class 3 (1,024 px) shares its spectrum with half of class 2 (2,048 of 4,096 px).
-    # By pixel count class 2 wins that spectrum; median-frequency weights (class 1:
-    # 0.5, 2: 1, 3: 4) make class 3 weigh 4,096 against 2,048 there, so it must win.
+    # By pixel count class 2 wins that spectrum; weighted by the inverse of each class's
+    # count, class 3 weighs twice as much as class 2 there, so it must win.
     labels = np.zeros((128, 128), np.uint8)
     labels[:64], labels[64:96], labels[96:104] = 1, 2, 3
     value = np.full((128, 128), 10, np.uint8)
@@ -315,6 +318,6 @@ def test_class_balancing_weights_the_forests_pixels(tmp_path: Path) -> None:
         pixel = torch.from_numpy(normalise(shared, spec, np.ones((1, 1), bool))[None])
         with torch.inference_mode():
             answers[balanced] = spec.classes[int(net(pixel)[0, :, 0, 0].argmax())].value
-        recorded = json.loads((out / "model.json").read_text())["training"]["forest"]["class_weights"]
-        assert recorded == (pytest.approx([0.5, 1.0, 4.0]) if balanced else None)
+        recorded = json.loads((out / "model.json").read_text())["training"]["forest"]["class_weight"]
+        assert recorded == ("balanced_subsample" if balanced else None)
     assert answers == {False: 2, True: 3}
