@@ -118,7 +118,7 @@ def train(
     loss: Annotated[str, typer.Option(help="ce (cross-entropy) or focal.")] = "ce",
     dice: Annotated[float, typer.Option(help="Fraction of soft-Dice loss mixed in (0-1).")] = 0.0,
     class_balancing: Annotated[
-        bool, typer.Option(help="Weight classes by label frequency (a network's loss, a forest's pixels).")
+        bool, typer.Option(help="Weight classes by label frequency (a network's loss, a forest's trees).")
     ] = False,
     patience: Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")] = None,
     monitor: Annotated[str, typer.Option(help="valid_miou or valid_loss.")] = "valid_miou",

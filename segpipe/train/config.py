@@ -61,8 +61,9 @@ class TrainConfig(BaseModel):
         loss: ``ce`` (cross-entropy) or ``focal``; class 0 is always ignored.
         focal_gamma: Focusing exponent of the focal loss.
         dice_weight: Fraction of soft-Dice loss mixed in (0-1).
-        class_balancing: Weight classes by median frequency of their labelled pixels (in
-            the loss of a network; as sample weights of a random forest's pixels).
+        class_balancing: Weight classes by their labelled pixels: a network's loss by
+            median frequency (at most 10x), a random forest's trees by the inverse of each
+            class's count in their bootstrap sample.
         patience: Stop after this many epochs without improvement (None = never).
         monitor: What "improvement" and the kept checkpoint refer to.
         schedule: Learning-rate schedule: ``onecycle`` (warm-up then cosine decay) or
