@@ -4,7 +4,14 @@ Every error segpipe raises on purpose derives from :class:`SegpipeError`, so cal
 the CLI and Prefect retry policies match on types, never on message strings.
 Errors that say "the input is wrong, fix it" derive from :class:`InputError`;
 errors worth retrying (a flaky object store, a lost worker) derive from
-:class:`TransientError`.
+:class:`TransientError`; errors of the machine rather than the input (a full disk,
+a folder without write permission, an unreachable scheduler, a Prefect engine that
+will not start) derive from :class:`EnvironmentFault`.
+
+Every message is one line that names the file, tile, store or address at fault and
+says what to do. The ``segpipe`` command maps each family to an exit code
+(:func:`exit_code`): 2 for bad input and usage errors, 3 for faults of the
+environment, 4 for a store held by another run, 1 for anything unexpected (a bug).
 """
 
 from __future__ import annotations
@@ -13,15 +20,21 @@ __all__ = [
     "ArchitectureError",
     "BatchError",
     "BandMismatchError",
+    "ClusterError",
+    "EnvironmentFault",
+    "EngineError",
     "InputError",
     "LabelsError",
     "MissingInputError",
     "ModelPackageError",
     "PretrainedWeightsError",
     "SegpipeError",
+    "StoreBusyError",
     "StoreError",
+    "StorageError",
     "TileMismatchError",
     "TransientError",
+    "exit_code",
 ]
 
 
@@ -71,3 +84,40 @@ class TransientError(SegpipeError):
 
 class BatchError(SegpipeError):
     """One or more regions of a batch failed; the others ran to the end."""
+
+
+class EnvironmentFault(SegpipeError):
+    """The machine, not the input, is at fault: fix the environment and rerun."""
+
+
+class StorageError(EnvironmentFault, OSError):
+    """A destination cannot be written: full disk, no permission, read-only, a folder in the way."""
+
+
+class ClusterError(EnvironmentFault, TransientError):
+    """The Dask scheduler cannot be reached, or the cluster cannot start."""
+
+
+class EngineError(EnvironmentFault, TransientError):
+    """The local Prefect engine did not start (or answer) in time."""
+
+
+class StoreBusyError(StoreError):
+    """Another run holds the region store (for example a predict in progress)."""
+
+
+def exit_code(exc: BaseException) -> int:
+    """The ``segpipe`` command's exit code for an error.
+
+    Returns:
+        4 for a store held by another run, 2 for other bad input, 3 for faults of the
+        environment (and other segpipe errors, such as a failed batch), 1 for anything
+        that is not a segpipe error (a bug: rerun with ``--debug`` for the traceback).
+    """
+    if isinstance(exc, StoreBusyError):
+        return 4
+    if isinstance(exc, InputError):
+        return 2
+    if isinstance(exc, SegpipeError):
+        return 3
+    return 1
