@@ -14,6 +14,12 @@ root ``zarr.json``, so they see either no store or the complete one, never a hal
 Replacing a store (``overwrite``) first deletes the old root ``zarr.json``, then the old
 objects: for the length of the copy there is no store at ``out``, never a mix of two.
 A killed ingest can leave a hidden ``.NAME.tmp-*`` prefix behind, never a store at ``out``.
+
+A failed ingest (a damaged tile, a full disk) removes its hidden tree only once no task
+of it still runs: dask's schedulers raise at the first failed task while the others keep
+writing, and a tree removed under them would come back as leftovers.
+Imagery without a single valid pixel (all nodata or NaN) is refused: it would train
+into NaN statistics and weights.
 """
 
 from __future__ import annotations
@@ -22,10 +28,15 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import dask
+import dask.array as da
+import dask.threaded
 import numpy as np
 import xarray as xr
 import zarr
@@ -43,6 +54,7 @@ from segpipe.io.remote import (
     remote_errors,
     remote_exists,
     remove_tree,
+    storage_errors,
     storage_options_for,
     url_name,
     url_parent,
@@ -66,6 +78,67 @@ __all__ = ["ingest"]
 _ZARR_ENCODING_KEYS = {"grid_mapping", "dtype", "compressors", "filters", "serializer", "coordinates"}
 
 Progress = Callable[[str], None]
+
+# How long a failed ingest waits for a cluster's running tasks before cleaning up anyway.
+_SETTLE_TIMEOUT_S = 120.0
+_BUSY_STATES = ("executing", "long-running", "cancelled", "resumed")
+
+
+def _key_token(key: Any) -> str:
+    """The token of a dask key's name (``('store-map-<token>', 0, 1)`` -> ``<token>``)."""
+    name = str(key[0] if isinstance(key, tuple) else key)
+    return name.rsplit("-", 1)[-1]
+
+
+def _running_tokens(dask_worker: Any) -> list[str]:
+    """Name tokens of the tasks whose code still runs on this worker (through ``client.run``)."""
+    return [_key_token(ts.key) for ts in dask_worker.state.tasks.values() if ts.state in _BUSY_STATES]
+
+
+def _settle_cluster(client: Any, collections: Sequence[Any]) -> None:
+    """Return once no task of ``collections`` runs on the cluster (or after a timeout).
+
+    Matched by name token, not key: graph optimisation may rename fused tasks, which
+    keep the token of one of their layers.
+    """
+    tokens = {_key_token(k) for c in collections for k in c.__dask_graph__()}
+    deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            running = client.run(_running_tokens)
+        except Exception:  # a worker gone is a worker that no longer writes
+            return
+        if not any(t in tokens for ts in running.values() for t in ts):
+            return
+        time.sleep(0.1)
+
+
+def _compute(*collections: Any) -> tuple[Any, ...]:
+    """``dask.compute`` that, when it fails, returns only once none of its tasks still runs.
+
+    Dask's schedulers raise at the first failed task while the other running ones carry
+    on; cleaning up after them would leave what they write next. On the local threaded
+    scheduler the tasks run in a pool of our own that is drained on failure; on a
+    distributed cluster the futures are cancelled and the workers polled until idle.
+    """
+    scheduler = dask.base.get_scheduler(collections=list(collections))
+    client = getattr(scheduler, "__self__", None)
+    if client is not None and type(client).__name__ == "Client":
+        futures = client.compute(list(collections))
+        try:
+            return tuple(client.gather(futures))
+        except BaseException:
+            client.cancel(futures)
+            _settle_cluster(client, collections)
+            raise
+    if scheduler is not dask.threaded.get:
+        return dask.compute(*collections)  # synchronous (or user-chosen) scheduler
+    pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="segpipe-ingest")
+    try:
+        return dask.compute(*collections, scheduler="threads", pool=pool)
+    finally:
+        # wait=True: on failure, the tasks still running finish before the caller cleans up
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _grid(image: xr.DataArray) -> Grid:
@@ -95,8 +168,24 @@ def _resolve_classes(classes: Sequence[ClassInfo] | str | Path | None) -> list[C
     return sorted(classes, key=lambda c: c.value) or None
 
 
-def _write_image(image: xr.DataArray, store: str, block_size: int) -> None:
-    """Stream the mosaic into ``store``'s ``image`` array, one dask task per shard."""
+def _valid_pixels(image: xr.DataArray, nodata: float | None) -> da.Array:
+    """Pixels whose every band is valid (not nodata, finite), as the training statistics count them."""
+    data = image.data
+    valid = da.isfinite(data).all(axis=0) if np.issubdtype(data.dtype, np.floating) else None
+    if nodata is not None and not np.isnan(nodata):
+        ok = (data != nodata).all(axis=0)
+        valid = ok if valid is None else valid & ok
+    if valid is None:
+        return da.asarray(int(np.prod(data.shape[1:])))
+    return valid.sum()
+
+
+def _write_image(image: xr.DataArray, store: str, block_size: int, sources: str) -> None:
+    """Stream the mosaic into ``store``'s ``image`` array, one dask task per shard.
+
+    Raises:
+        InputError: The mosaic has no valid pixel (counted in the same pass as the write).
+    """
     var = image.copy()
     var.attrs["long_name"] = list(var.attrs["long_name"])  # JSON has no tuples
     nodata = var.attrs.pop("_FillValue", None)
@@ -112,14 +201,22 @@ def _write_image(image: xr.DataArray, store: str, block_size: int) -> None:
         "_FillValue": nodata,
     }
     ds = var.to_dataset(name="image")
-    ds.to_zarr(
+    write = ds.to_zarr(
         store,
         mode="w-",
         zarr_format=3,
         consolidated=False,
         encoding={"image": encoding},
         storage_options=storage_options_for(store),
+        compute=False,
     )
+    # One graph: the count reuses the blocks the write reads, so the image is read once.
+    _, valid = _compute(write, _valid_pixels(image, nodata))
+    if int(valid) == 0:
+        raise InputError(
+            f"image {sources} has no valid pixel (every pixel is nodata {nodata} or NaN in some band): "
+            "check the files and their nodata value"
+        )
 
 
 def _label_block(
@@ -146,7 +243,7 @@ def _write_labels(src: LabelSource, grid: Grid, store: str, block_size: int) -> 
         for y0 in range(0, grid.height, block_size)
         for x0 in range(0, grid.width, block_size)
     ]
-    results = dask.compute(*tasks)
+    results = _compute(*tasks)
     for result in results:
         if isinstance(result, LabelsError):
             raise result
@@ -238,7 +335,12 @@ def ingest(
 
     Raises:
         StoreError: ``out`` exists and ``overwrite`` is False.
-        MissingInputError: An image, the labels or the classes file does not exist.
+        MissingInputError: An image, the labels or the classes file does not exist, or
+            an image is not a raster (empty, text, a VRT whose sources are missing).
+        InputError: An image has no pixel, a tile cannot be read (named with the
+            window), or the mosaic has no valid pixel (all nodata or NaN).
+        StorageError: ``out`` cannot be written (full disk, read-only, no permission);
+            nothing is left behind.
         TileMismatchError: The tiles cannot form one mosaic.
         LabelsError: The labels do not overlap the image, hold no labelled pixel,
             hold a value outside 0-254 or one the given classes do not define.
@@ -254,9 +356,35 @@ def ingest(
     exists = remote_exists(join(out_s, "zarr.json")) if remote else Path(out_s).exists()
     if exists and not overwrite:
         raise StoreError(f"{out_s} exists; pass --overwrite to replace it")
+    if not remote and Path(out_s).exists() and not Path(out_s).is_dir():
+        raise InputError(f"{out_s} is a file, not a region store: choose another --out or remove it")
     given = _resolve_classes(classes)
     src = open_labels(labels, label_field) if labels is not None else None
+    fingerprint = ingest_fingerprint(
+        [str(i) for i in ([images] if isinstance(images, str | Path) else images)],
+        labels,
+        label_field,
+        classes if isinstance(classes, str | Path) else None,
+        block_size,
+    )
+    with storage_errors(out_s, "region store"):
+        _build(images, out_s, src, given, block_size, overwrite, fingerprint, say)
+    say(f"region store written to {out_s}")
+    return read_region_info(out_s)
 
+
+def _build(
+    images: Sequence[str | Path] | str | Path,
+    out_s: str,
+    src: LabelSource | None,
+    given: list[ClassInfo] | None,
+    block_size: int,
+    overwrite: bool,
+    fingerprint: Any,
+    say: Progress,
+) -> None:
+    """Write the store under a hidden sibling, then publish it at ``out_s`` (see module doc)."""
+    remote = is_remote(out_s)
     tag = secrets.token_hex(4)
     if remote:
         tmp = join(url_parent(out_s), f".{url_name(out_s)}.tmp-{tag}")
@@ -276,19 +404,14 @@ def ingest(
             f"writing image: {grid.width} x {grid.height} px, {image.sizes['band']} bands, "
             f"{image.data.npartitions} blocks of {block_size} px"
         )
-        _write_image(image, tmp, block_size)
+        names = [images] if isinstance(images, str | Path) else list(images)
+        _write_image(image, tmp, block_size, ", ".join(str(n) for n in names))
         zarr.open_group(tmp, mode="r+", storage_options=storage_options_for(tmp)).attrs["segpipe"] = {
             "schema": STORE_SCHEMA,
             "block_size": block_size,
             "classes": [],
             # Lets a rerun of a batch recognise a store built from the same inputs.
-            "inputs": ingest_fingerprint(
-                [str(i) for i in ([images] if isinstance(images, str | Path) else images)],
-                labels,
-                label_field,
-                classes if isinstance(classes, str | Path) else None,
-                block_size,
-            ),
+            "inputs": fingerprint,
         }
         found = given or []
         if src is not None:
@@ -309,5 +432,3 @@ def ingest(
     finally:
         if vrt is not None:
             vrt.unlink(missing_ok=True)
-    say(f"region store written to {out_s}")
-    return read_region_info(out_s)

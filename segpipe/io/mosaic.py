@@ -26,9 +26,11 @@ import numpy as np
 import rasterio
 import rioxarray
 import xarray as xr
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
+from rasterio.errors import RasterioError
 
-from segpipe.errors import MissingInputError, TileMismatchError
+from segpipe.errors import InputError, MissingInputError, TileMismatchError
 from segpipe.io.remote import as_url, filesystem, gdal_env, gdal_path, is_remote, posix_suffix, remote_errors
 
 __all__ = ["expand_inputs", "mosaic_vrt_xml", "open_mosaic"]
@@ -119,9 +121,34 @@ def expand_inputs(images: Sequence[str | Path] | str | Path) -> list[Path | str]
     return files
 
 
+def _missing_sources(ds: rasterio.DatasetReader) -> list[str]:
+    """Local source files a VRT names that do not exist (GDAL only notices when reading)."""
+    if ds.driver != "VRT":
+        return []
+    return [f for f in ds.files[1:] if "/vsi" not in f and "://" not in f and not Path(f).exists()]
+
+
 def _read_tile(path: Path | str) -> _Tile:
+    """Read a tile's header, refusing files that are not a usable raster.
+
+    Raises:
+        MissingInputError: ``path`` is not a raster GDAL can read (empty, text, cut
+            header), or a VRT whose source files are missing.
+        InputError: The raster has no pixel or no band (e.g. a VRT of width 0).
+    """
     try:
         with gdal_env(path), rasterio.open(gdal_path(path)) as ds:
+            if ds.width < 1 or ds.height < 1 or ds.count < 1:
+                raise InputError(
+                    f"image {path} has no pixels ({ds.width} x {ds.height} px, {ds.count} bands): "
+                    "rebuild it or leave it out"
+                )
+            missing = _missing_sources(ds)
+            if missing:
+                raise MissingInputError(
+                    f"VRT {path} refers to {len(missing)} missing source file(s), first {missing[0]}: "
+                    "restore them or rebuild the VRT"
+                )
             return _Tile(
                 path=as_url(path) if is_remote(path) else str(Path(path).resolve()),
                 crs=ds.crs,
@@ -134,8 +161,10 @@ def _read_tile(path: Path | str) -> _Tile:
                 descriptions=tuple(ds.descriptions),
                 block=ds.block_shapes[0],
             )
-    except rasterio.errors.RasterioIOError as exc:
-        raise MissingInputError(f"image {path} cannot be read as a raster: {exc}") from exc
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise MissingInputError(
+            f"image {path} cannot be read as a raster (empty, truncated or not a GeoTIFF/VRT): {exc}"
+        ) from exc
 
 
 def _crs_name(crs: CRS | None) -> str:
@@ -198,7 +227,9 @@ def _band_names(tile: _Tile) -> tuple[str, ...]:
     return tuple(d if d else f"band{i + 1}" for i, d in enumerate(tile.descriptions))
 
 
-def mosaic_vrt_xml(files: Sequence[str | Path], relative_to: str | Path | None = None) -> str:
+def mosaic_vrt_xml(
+    files: Sequence[str | Path], relative_to: str | Path | None = None, tiles: Sequence[_Tile] | None = None
+) -> str:
     """Write the GDAL VRT (as XML text) that mosaics ``files`` on their common grid.
 
     Later tiles win where tiles overlap, except on their nodata pixels, which are
@@ -208,6 +239,7 @@ def mosaic_vrt_xml(files: Sequence[str | Path], relative_to: str | Path | None =
         files: The tiles.
         relative_to: Folder the VRT will be saved in: tiles inside it are referenced
             relative to the VRT, so the folder can be moved as a whole.
+        tiles: The files' headers, if already read.
 
     Raises:
         MissingInputError: A file does not exist or is not a raster.
@@ -215,7 +247,7 @@ def mosaic_vrt_xml(files: Sequence[str | Path], relative_to: str | Path | None =
             nodata or pixel grid, or are rotated.
     """
     paths: list[Path | str] = [as_url(f) if is_remote(f) else Path(f) for f in files]
-    tiles = [_read_tile(p) for p in paths]
+    tiles = list(tiles) if tiles is not None else [_read_tile(p) for p in paths]
     _check_tiles(paths, tiles)
     ref = tiles[0]
     rx, ry = ref.res
@@ -268,22 +300,79 @@ def mosaic_vrt_xml(files: Sequence[str | Path], relative_to: str | Path | None =
     return "\n".join(out) + "\n"
 
 
+@dataclass(frozen=True)
+class _Part:
+    """Where one tile lies in the mosaic: named when a read of its pixels fails."""
+
+    path: str
+    y0: int
+    x0: int
+    height: int
+    width: int
+
+
+def _parts(tiles: Sequence[_Tile]) -> tuple[_Part, ...]:
+    left = min(t.transform[2] for t in tiles)
+    top = max(t.transform[5] for t in tiles)
+    rx, ry = tiles[0].res
+    return tuple(
+        _Part(
+            t.path, round((top - t.transform[5]) / ry), round((t.transform[2] - left) / rx), t.height, t.width
+        )
+        for t in tiles
+    )
+
+
+def _culprit(parts: Sequence[_Part], y0: int, y1: int, x0: int, x1: int) -> str | None:
+    """The tile whose own pixels in the window cannot be read (None if every one reads)."""
+    for p in parts:
+        ys, ye = max(y0, p.y0) - p.y0, min(y1, p.y0 + p.height) - p.y0
+        xs, xe = max(x0, p.x0) - p.x0, min(x1, p.x0 + p.width) - p.x0
+        if ye <= ys or xe <= xs:
+            continue
+        try:
+            with gdal_env(p.path), rasterio.open(gdal_path(p.path)) as ds:
+                ds.read(window=((ys, ye), (xs, xe)))
+        except (RasterioError, CPLE_BaseError):
+            return p.path
+    return None
+
+
 def _read_block(
-    template: np.ndarray, source: str, block_info: dict[Any, Any] | None = None
+    template: np.ndarray,
+    source: str,
+    parts: tuple[_Part, ...] = (),
+    block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
-    """Read one (band, y, x) block of ``source`` through ``/vsis3/``, in any worker."""
+    """Read one (band, y, x) block of ``source`` in any worker; a failed read names its tile.
+
+    Raises:
+        InputError: GDAL could not read the window (a truncated or damaged tile).
+    """
     assert block_info is not None
     (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
-    # Any remote name switches the S3 config on; source may be VRT XML, not a path.
-    with gdal_env("s3://"), rasterio.open(source) as ds:
-        data: np.ndarray = ds.read(window=((y0, y1), (x0, x1)))
+    try:
+        # Any remote name switches the S3 config on; source may be VRT XML, not a path.
+        with gdal_env("s3://"), rasterio.open(source) as ds:
+            data: np.ndarray = ds.read(window=((y0, y1), (x0, x1)))
+    except (RasterioError, CPLE_BaseError) as exc:
+        # GDAL's own message ("Read failed") names neither the tile nor the place.
+        culprit = _culprit(parts, y0, y1, x0, x1) if parts else None
+        name = culprit or (source if len(source) < 500 else "the mosaic's VRT")
+        detail = exc.__cause__ or exc  # rasterio's own text only says "see previous exception"
+        raise InputError(
+            f"image {name} cannot be read in window rows {y0}-{y1}, columns {x0}-{x1} of the mosaic "
+            f"(truncated or damaged file?): {detail}; replace the file and rerun"
+        ) from exc
     return data.astype(template.dtype, copy=False)
 
 
-def _remote_blocks(source: str, like: dask.array.Array) -> dask.array.Array:
+def _blocks(source: str, like: dask.array.Array, parts: tuple[_Part, ...]) -> dask.array.Array:
     """A dask array of ``source`` with the chunks of ``like``, read by :func:`_read_block`."""
     template = dask.array.empty(like.shape, dtype=like.dtype, chunks=like.chunks)
-    return template.map_blocks(_read_block, source, dtype=like.dtype, meta=np.empty((0, 0, 0), like.dtype))
+    return template.map_blocks(
+        _read_block, source, parts, dtype=like.dtype, meta=np.empty((0, 0, 0), like.dtype)
+    )
 
 
 def open_mosaic(
@@ -306,16 +395,22 @@ def open_mosaic(
         ``band1``..``bandN``), CRS through rioxarray and ``rio.nodata`` from the files.
 
     Raises:
-        MissingInputError: An input does not exist, or a folder holds no GeoTIFF.
+        MissingInputError: An input does not exist, is not a raster (empty, text, cut
+            header), is a VRT with missing sources, or a folder holds no GeoTIFF.
+        InputError: An input has no pixel or band. Reading the array raises it too,
+            naming the tile and window, when a tile's pixels cannot be read.
         TileMismatchError: Tiles cannot be mosaicked (see :func:`mosaic_vrt_xml`).
     """
     files = expand_inputs(images)
     remote = any(is_remote(f) for f in files)
     source: str
+    # Headers first, also for a single file: an empty or text file, or a VRT without
+    # pixels or sources, is refused by name here rather than as GDAL's error in a task.
+    tiles = [_read_tile(f) for f in files]
     if len(files) == 1:
         source = gdal_path(files[0])
     else:
-        xml = mosaic_vrt_xml(files)
+        xml = mosaic_vrt_xml(files, tiles=tiles)
         if vrt_path is None or remote:
             # GDAL opens VRT XML given in place of a file name. With remote tiles the
             # graph carries it: a local VRT file would not reach workers on other hosts.
@@ -334,8 +429,9 @@ def open_mosaic(
             mask_and_scale=False,
         )
     assert isinstance(da, xr.DataArray)
-    if remote:
-        da = da.copy(data=_remote_blocks(source, da.data))
+    # segpipe's own reader: it sets the S3 config in whichever worker runs it, and a
+    # failed read names the tile and window (rioxarray's reader does neither).
+    da = da.copy(data=_blocks(source, da.data, _parts(tiles)))
     # rioxarray adds a neutral scale/offset to every file; stored they would make
     # default (masking) readers turn integer images into floats.
     if da.attrs.get("scale_factor") == 1.0:

@@ -24,6 +24,7 @@ or interrupted upload never leaves a partial object at the destination key.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import shutil
@@ -33,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from segpipe.errors import InputError, MissingInputError, TransientError
+from segpipe.errors import InputError, MissingInputError, SegpipeError, StorageError, TransientError
 
 if TYPE_CHECKING:
     import s3fs
@@ -55,6 +56,8 @@ __all__ = [
     "remove_tree",
     "staged_dir",
     "storage_options",
+    "storage_errors",
+    "storage_fault",
     "storage_options_for",
     "upload",
     "url_name",
@@ -334,6 +337,77 @@ def staged_dir(dest: str | Path, last: Iterable[str] = ()) -> Iterator[Path]:
         _upload_dir(tmp, as_url(dest), last)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# errno -> what to do: faults of the destination, not of the input.
+_STORAGE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose another destination, then rerun",
+    errno.EDQUOT: "the disk quota is exceeded: free space or choose another destination, then rerun",
+    errno.EFBIG: "the file is too large for that filesystem: choose another destination",
+    errno.EROFS: "the filesystem is read-only: choose a writable destination",
+    errno.EACCES: "permission denied: choose a writable destination or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a writable destination or fix its permissions",
+    errno.EISDIR: "a folder is in the way: name a file, not a folder",
+    errno.ENOTDIR: "a file is in the way where a folder should be: choose another destination",
+}
+# GDAL reports the same faults as text inside its own errors (no errno).
+_GDAL_TEXTS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+    "Is a directory": errno.EISDIR,
+    "Not a directory": errno.ENOTDIR,
+}
+
+
+def storage_fault(exc: BaseException) -> int | None:
+    """The errno of a destination fault (full disk, no permission...) behind ``exc``, else None.
+
+    Looks at ``exc`` and its causes: an OSError's errno, or the text of a GDAL error.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, SegpipeError) and not isinstance(cur, StorageError):
+            return None  # already named by whoever raised it
+        code = getattr(cur, "errno", None)
+        if isinstance(cur, OSError) and code in _STORAGE_HINTS:
+            return int(code)
+        text = str(cur)
+        for needle, code in _GDAL_TEXTS.items():
+            if needle in text:
+                return code
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(dest: str | Path, what: str) -> Iterator[None]:
+    """Name ``dest`` in a :class:`~segpipe.errors.StorageError` when it cannot be written.
+
+    A full disk, a read-only or forbidden destination, or a folder in the way; other
+    errors pass unchanged.
+
+    Args:
+        dest: The destination being written (named in the message).
+        what: What it is ("region store", "COG"...).
+
+    Raises:
+        StorageError: The destination cannot be written.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        code = storage_fault(exc)
+        if code is None:
+            raise
+        # One argument: OSError's (errno, text) form would print as "[Errno 28] ...".
+        hint = f"{_STORAGE_HINTS[code]} ({os.strerror(code)})"
+        raise StorageError(f"cannot write {what} {dest}: {hint}") from exc
 
 
 def posix_suffix(path: str | Path) -> str:
