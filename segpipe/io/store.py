@@ -19,8 +19,9 @@ A store may be an ``s3://`` URL: zarr reaches it through fsspec (s3fs) with
 from __future__ import annotations
 
 import base64
+import contextlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import xarray as xr
 import zarr
 from affine import Affine
 
-from segpipe.errors import MissingInputError, StoreError
+from segpipe.errors import MissingInputError, SegpipeError, StoreError
 from segpipe.io.remote import as_url, is_remote, remote_errors, storage_options_for
 from segpipe.types import ClassInfo, Grid, classes_from_json, classes_to_json
 
@@ -102,17 +103,46 @@ def store_location(store: str | Path) -> str:
     return as_url(store) if is_remote(store) else str(store)
 
 
+@contextlib.contextmanager
+def _intact(store: str | Path, what: str = "") -> Iterator[None]:
+    """Turn what zarr and json raise on cut, garbage or incomplete metadata into a StoreError.
+
+    Args:
+        store: The store (named in the message).
+        what: The part being read, e.g. "layer 'image' of " (empty for the store itself).
+    """
+    try:
+        yield
+    except SegpipeError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, zarr.errors.BaseZarrError) as exc:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors: a cut or garbage zarr.json.
+        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise StoreError(
+            f"{what}region store {store_location(store)} is damaged or not a segpipe store "
+            f"({type(exc).__name__}: {detail}): rebuild it with 'segpipe ingest'"
+        ) from exc
+
+
 def _group(store: str | Path, mode: str = "r") -> zarr.Group:
     path = store_location(store)
-    if not is_remote(path) and "://" not in path and not Path(path).exists():
-        raise MissingInputError(f"region store {path} does not exist: run 'segpipe ingest' first")
+    if not is_remote(path) and "://" not in path:
+        local = Path(path)
+        if not local.exists():
+            raise MissingInputError(f"region store {path} does not exist: run 'segpipe ingest' first")
+        if not (local / "zarr.json").is_file():
+            raise StoreError(
+                f"{path} is not a region store (no zarr.json): damaged, or not made by 'segpipe ingest'; "
+                "rebuild it with 'segpipe ingest'"
+            )
     # On object storage a missing bucket or prefix reads as "no group" too.
     missing = (
         f"region store {path} does not exist (no zarr.json there)" if is_remote(path)
         else f"{path} is not a region store"
     )
-    with remote_errors(path, "region store", f"{missing}: run 'segpipe ingest' first"):
-        return zarr.open_group(path, mode=mode, storage_options=storage_options_for(path))  # type: ignore[arg-type]
+    with remote_errors(path, "region store", f"{missing}: run 'segpipe ingest' first"), _intact(path):
+        group = zarr.open_group(path, mode=mode, storage_options=storage_options_for(path))  # type: ignore[arg-type]
+    return group
 
 
 def _decode_fill(value: Any) -> float | None:
@@ -132,31 +162,43 @@ def read_region_info(store: str | Path) -> RegionInfo:
 
     Raises:
         MissingInputError: The store does not exist.
-        StoreError: The store has no ``image`` layer or no segpipe metadata.
+        StoreError: The store has no ``image`` layer or no segpipe metadata, or its
+            metadata is cut, garbage or incomplete (damaged).
     """
     group = _group(store)
-    meta = group.attrs.get("segpipe")
-    if not isinstance(meta, dict) or "image" not in group:
-        raise StoreError(f"{store} is not a segpipe region store (no image or metadata)")
-    image = group["image"]
-    assert isinstance(image, zarr.Array)
-    sref = group["spatial_ref"].attrs if "spatial_ref" in group else {}
-    gt = [float(v) for v in str(sref.get("GeoTransform", "0 1 0 0 0 -1")).split()]
-    raw_names = image.attrs.get("long_name") or [f"band{i + 1}" for i in range(image.shape[0])]
-    names: list[Any] = [raw_names] if isinstance(raw_names, str) else list(raw_names)  # type: ignore[arg-type]
-    nodata = image.attrs.get("_FillValue")
-    return RegionInfo(
-        path=store_location(store),
-        height=int(image.shape[1]),
-        width=int(image.shape[2]),
-        block_size=int(meta["block_size"]),
-        band_names=tuple(str(n) for n in names),
-        dtype=str(image.dtype),
-        nodata=_decode_fill(nodata),
-        crs_wkt=str(sref.get("crs_wkt", "")),
-        transform=(gt[1], gt[2], gt[0], gt[4], gt[5], gt[3]),
-        classes=tuple(classes_from_json(meta.get("classes", []))),
-    )
+    with _intact(store):
+        meta = group.attrs.get("segpipe")
+        if not isinstance(meta, dict) or "image" not in group:
+            raise StoreError(
+                f"{store} is not a segpipe region store (no image or metadata): damaged, or not made by "
+                "'segpipe ingest'; rebuild it with 'segpipe ingest'"
+            )
+        image = group["image"]
+        if not isinstance(image, zarr.Array) or len(image.shape) != 3 or min(image.shape) < 1:
+            raise StoreError(
+                f"region store {store} is damaged: its image is not a (band, y, x) array; "
+                "rebuild it with 'segpipe ingest'"
+            )
+        block_size = int(meta["block_size"])  # type: ignore[call-overload]
+        if block_size < 1:
+            raise ValueError(f"block_size {block_size}")
+        sref = group["spatial_ref"].attrs if "spatial_ref" in group else {}
+        gt = [float(v) for v in str(sref.get("GeoTransform", "0 1 0 0 0 -1")).split()]
+        raw_names = image.attrs.get("long_name") or [f"band{i + 1}" for i in range(image.shape[0])]
+        names: list[Any] = [raw_names] if isinstance(raw_names, str) else list(raw_names)  # type: ignore[arg-type]
+        nodata = image.attrs.get("_FillValue")
+        return RegionInfo(
+            path=store_location(store),
+            height=int(image.shape[1]),
+            width=int(image.shape[2]),
+            block_size=block_size,
+            band_names=tuple(str(n) for n in names),
+            dtype=str(image.dtype),
+            nodata=_decode_fill(nodata),
+            crs_wkt=str(sref.get("crs_wkt", "")),
+            transform=(gt[1], gt[2], gt[0], gt[4], gt[5], gt[3]),
+            classes=tuple(classes_from_json(meta.get("classes", []))),  # type: ignore[arg-type]
+        )
 
 
 def set_region_classes(store: str | Path, classes: Sequence[ClassInfo]) -> None:
@@ -241,13 +283,15 @@ def open_layer(store: str | Path, name: str, mode: str = "r") -> zarr.Array:
     """Open one layer of the store as a zarr array.
 
     Raises:
-        StoreError: The layer does not exist.
+        StoreError: The layer does not exist, or its metadata is damaged.
     """
     group = _group(store, mode="r+" if mode != "r" else "r")
-    if name not in group:
-        raise StoreError(f"region store {store} has no '{name}' layer")
-    arr = group[name]
-    assert isinstance(arr, zarr.Array)
+    with _intact(store, f"layer '{name}' of "):
+        if name not in group:
+            raise StoreError(f"region store {store} has no '{name}' layer")
+        arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise StoreError(f"'{name}' in region store {store} is not an array: re-run 'segpipe ingest'")
     return arr
 
 
