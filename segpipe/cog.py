@@ -27,6 +27,7 @@ failed export leaves the destination as it was.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import re
@@ -47,7 +48,7 @@ from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from segpipe.errors import InputError, SegpipeError
+from segpipe.errors import InputError, SegpipeError, StorageError
 from segpipe.export_layers import (
     EXPORT_LAYERS,
     ExportLayer,
@@ -56,10 +57,19 @@ from segpipe.export_layers import (
     classes_from_tags,
     describe_layer,
 )
-from segpipe.io.remote import as_url, check_bucket, is_remote, remote_exists, upload, url_name, url_parent
+from segpipe.io.remote import (
+    as_url,
+    check_bucket,
+    is_remote,
+    remote_exists,
+    storage_errors,
+    upload,
+    url_name,
+    url_parent,
+)
 from segpipe.io.store import NODATA_U8, RegionInfo, read_region_info
 from segpipe.overviews import ModePyramid, overview_shapes, write_overview_vrt
-from segpipe.stac import stac_item, stac_item_path, write_stac_item
+from segpipe.stac import stac_item, stac_item_path
 
 __all__ = [
     "COMPRESSIONS",
@@ -328,7 +338,10 @@ def write_cog(
         MissingInputError: The store (or the destination bucket) does not exist.
         TransientError: Object storage could not be reached.
         StoreError: The layer does not exist (run ``segpipe predict`` first).
-        InputError: ``out`` exists and ``overwrite`` is false, or a bad layer/compression.
+        InputError: ``out`` exists and ``overwrite`` is false, names a folder, or a bad
+            layer/compression.
+        StorageError: ``out`` cannot be written (full disk, read-only or forbidden
+            folder, a file in the way); nothing is left and an earlier ``out`` is kept.
         SegpipeError: The COG failed validation.
     """
     if compress.upper() not in COMPRESSIONS:
@@ -336,51 +349,87 @@ def write_cog(
     if is_remote(out):
         return _write_remote_cog(store, as_url(out), layer, overwrite, compress, stac)
     dest = Path(out)
-    if dest.exists() and not overwrite:
-        raise InputError(f"{dest} exists: remove it or export with overwrite")
+    _check_destination(dest, overwrite)
     info = read_region_info(store)
     spec, _ = describe_layer(store, layer, info)  # fail before any file is created
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(dest)
-    # Temporaries next to the destination: same filesystem, so the final os.replace is atomic.
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with storage_errors(dest, "COG"):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(dest)
+        # Temporaries next to the destination: same filesystem, so the final os.replace is atomic.
+        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            cog = _convert(store, dest, token, layer, info, spec, compress)
+            item_tmp = None
+            if stac:
+                # Written before the COG is published: a full disk fails here, with the
+                # earlier COG and Item still in place; renames below need no space.
+                item = stac_item(
+                    dest,
+                    info.grid,
+                    layer,
+                    _stac_bands(spec),
+                    spec.classes if layer == "classes" else (),
+                    item_id=f"{Path(str(store)).stem}-{dest.stem}",
+                )
+                item_tmp = dest.with_name(f".{dest.name}.{token}.stac.json")
+                item_tmp.write_text(json.dumps(item, indent=2) + "\n")
+            os.replace(cog, dest)
+            if item_tmp is not None:
+                os.replace(item_tmp, stac_item_path(dest))
+        finally:
+            for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.{token}.*"):
+                tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    """Refuse a destination that cannot become a file, before any work.
+
+    Raises:
+        InputError: ``dest`` is a folder, or exists and ``overwrite`` is false.
+        StorageError: A file is in the way where one of its folders should be.
+    """
+    if dest.is_dir():
+        raise InputError(f"--out {dest} is a folder: name the .tif to write, e.g. {dest / 'classes.tif'}")
+    if dest.exists() and not overwrite:
+        raise InputError(f"{dest} exists: remove it or export with overwrite")
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StorageError(f"cannot write COG {dest}: {parent} is a file, not a folder")
+            break
+
+
+def _convert(
+    store: str | Path, dest: Path, token: str, layer: str, info: RegionInfo, spec: ExportLayer, compress: str
+) -> Path:
+    """Stream the layer beside ``dest``, convert it to a COG, check and validate it.
+
+    Returns:
+        The hidden, validated COG (``dest`` is not touched).
+    """
     stream = dest.with_name(f".{dest.name}.{token}.stream.tif")
     cog = dest.with_name(f".{dest.name}.{token}.cog.tif")
-    try:
-        source = write_geotiff_layer(store, stream, layer, info=info, overviews=True)
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-            rasterio.shutil.copy(
-                source,
-                cog,
-                driver="COG",
-                COMPRESS=compress.upper(),
-                PREDICTOR="YES",  # 2 for integers, 3 for floats
-                BLOCKSIZE=WINDOW,
-                OVERVIEW_RESAMPLING=spec.resampling,
-                # levels built while streaming (classes) are copied, not recomputed
-                OVERVIEWS="FORCE_USE_EXISTING" if source != stream else "IGNORE_EXISTING",
-                BIGTIFF="IF_SAFER",
-                NUM_THREADS="ALL_CPUS",
-            )
-        _check_survived(cog, spec, info)
-        valid, errors, _warnings = cog_validate(cog, strict=False, quiet=True)
-        if not valid:
-            raise SegpipeError(f"exported {layer} of {store} is not a valid COG: {'; '.join(errors)}")
-        os.replace(cog, dest)
-    finally:
-        for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.{token}.*"):
-            tmp.unlink(missing_ok=True)
-    if stac:
-        item = stac_item(
-            dest,
-            info.grid,
-            layer,
-            _stac_bands(spec),
-            spec.classes if layer == "classes" else (),
-            item_id=f"{Path(str(store)).stem}-{dest.stem}",
+    source = write_geotiff_layer(store, stream, layer, info=info, overviews=True)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        rasterio.shutil.copy(
+            source,
+            cog,
+            driver="COG",
+            COMPRESS=compress.upper(),
+            PREDICTOR="YES",  # 2 for integers, 3 for floats
+            BLOCKSIZE=WINDOW,
+            OVERVIEW_RESAMPLING=spec.resampling,
+            # levels built while streaming (classes) are copied, not recomputed
+            OVERVIEWS="FORCE_USE_EXISTING" if source != stream else "IGNORE_EXISTING",
+            BIGTIFF="IF_SAFER",
+            NUM_THREADS="ALL_CPUS",
         )
-        write_stac_item(dest, item)
-    return dest
+    _check_survived(cog, spec, info)
+    valid, errors, _warnings = cog_validate(cog, strict=False, quiet=True)
+    if not valid:
+        raise SegpipeError(f"exported {layer} of {store} is not a valid COG: {'; '.join(errors)}")
+    return cog
 
 
 def _write_remote_cog(
