@@ -10,6 +10,7 @@ small frozen :class:`BlockJob`; each worker process loads the model once, by pat
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -20,14 +21,13 @@ import numpy as np
 
 from segpipe.allocator import tune_allocator
 from segpipe.blend import BlendStats, blend_rows, tta_forward
-from segpipe.errors import ModelPackageError
 from segpipe.io.store import NODATA_U8, open_layer, read_region_info, write_block
-from segpipe.models import load_model, model_hash, normalise
-from segpipe.models.fetch import local_package
+from segpipe.models import load_verified, normalise
 from segpipe.tiling import Bounds, Forward
 
 if TYPE_CHECKING:
     import torch
+    import zarr
     from torch import nn
 
     from segpipe.models import ModelSpec
@@ -60,6 +60,8 @@ class BlockJob:
             the box. Others (finished earlier) are neither recomputed nor rewritten.
         threads: (host, cores) pairs: CPU cores for this task on each host, used as
             concurrent single-threaded forward streams.
+        prefix: Where the run's layers are: ``""`` (the published ones) or
+            ``"_predict/"`` (a new run's staging layers).
     """
 
     store: str
@@ -77,6 +79,7 @@ class BlockJob:
     probabilities: bool = False
     blocks: tuple[tuple[int, int], ...] = ()
     threads: tuple[tuple[str, int], ...] = ()
+    prefix: str = ""
 
 
 def usable_cores() -> int:
@@ -117,19 +120,11 @@ def _model_for(model_dir: str, expected_hash: str) -> tuple[nn.Module, ModelSpec
     """Load a package once per process; the hash in the key makes a changed package reload."""
     import torch
 
-    # Hash and weights come from one local copy: a package on S3 replaced in between
-    # must not load under the old hash.
-    local = local_package(model_dir)
-    found = model_hash(local)
-    if found != expected_hash:
-        raise ModelPackageError(
-            f"model package {model_dir} changed during prediction (hash {found}, expected "
-            f"{expected_hash}): rerun predict"
-        )
-    net, spec = load_model(local)
+    net, spec, _ = load_verified(model_dir, expected_hash)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        net = net.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # A copy: the CPU network is shared with this process's package cache.
+        net = copy.deepcopy(net).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     # On CPU, dask workers start torch with OMP_NUM_THREADS=1; _cpu_streams gives each
     # task as many single-threaded forward streams as the driver planned cores for it.
     return net, spec, device
@@ -175,12 +170,22 @@ def _percent(p: np.ndarray) -> np.ndarray:
     return np.rint(p * 100).clip(0, 100).astype(np.uint8)
 
 
+def _unfinished(progress: zarr.Array, blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The blocks whose marker is not set, reading only the markers' bounding box."""
+    ys, xs = [by for by, _ in blocks], [bx for _, bx in blocks]
+    y0, x0 = min(ys), min(xs)
+    marks = np.asarray(progress[y0 : max(ys) + 1, x0 : max(xs) + 1])
+    return tuple((by, bx) for by, bx in blocks if not marks[by - y0, bx - x0])
+
+
 def run_block(job: BlockJob) -> dict[str, float]:
     """Predict one box of blocks; write its layers and a marker per finished block.
 
     Runs on a dask worker (or in-process). A block row is written, then marked, as soon
     as the rolling blend has finished its rows, so a crash loses at most the block row
-    in progress.
+    in progress. Blocks already marked when the task starts (by an earlier attempt of
+    this task, on a worker that died) are skipped, and only windows that reach the
+    other blocks are computed.
 
     Returns:
         Stats: ``pixels`` (pixels written), ``valid`` (valid pixels written), ``blocks``
@@ -190,15 +195,21 @@ def run_block(job: BlockJob) -> dict[str, float]:
     t0 = time.perf_counter()
     tune_allocator()  # dask's nanny settings make every activation tensor page-fault
     info = read_region_info(job.store)
+    b = info.block_size
+    progress = open_layer(job.store, job.prefix + PROGRESS_LAYER, mode="r+")
+    # Markers are re-read at task start: when dask reruns this task after its worker
+    # died, the blocks that worker finished are neither recomputed nor rewritten.
+    blocks = _unfinished(progress, job.blocks or tuple(
+        (by, bx) for by in range(job.y0 // b, -(-(job.y0 + job.h) // b))
+        for bx in range(job.x0 // b, -(-(job.x0 + job.w) // b))
+    ))
+    if not blocks:
+        return {"pixels": 0, "valid": 0, "blocks": 0, "windows": 0, "slots": 0,
+                "seconds": time.perf_counter() - t0}
     net, spec, device = _model_for(job.model_dir, job.model_hash)
     streams = _cpu_streams(job) if device.type == "cpu" else 1
     forward = torch_forward(net, device)
     forward = tta_forward(forward) if job.tta else forward
-    b = info.block_size
-    blocks = job.blocks or tuple(
-        (by, bx) for by in range(job.y0 // b, -(-(job.y0 + job.h) // b))
-        for bx in range(job.x0 // b, -(-(job.x0 + job.w) // b))
-    )
     boxes = {
         (by, bx): Bounds(by * b, bx * b, min((by + 1) * b, info.height), min((bx + 1) * b, info.width))
         for by, bx in blocks
@@ -212,10 +223,8 @@ def run_block(job: BlockJob) -> dict[str, float]:
         pixels[:, ~valid] = 0.0  # normalise zeroes nodata by multiplying, which keeps NaN
         return pixels, valid
 
-    layers = {name: open_layer(job.store, name, mode="r+") for name in ("classes", "confidence")}
-    if job.probabilities:
-        layers["probabilities"] = open_layer(job.store, "probabilities", mode="r+")
-    progress = open_layer(job.store, PROGRESS_LAYER, mode="r+")
+    names = ("classes", "confidence", *(("probabilities",) if job.probabilities else ()))
+    layers = {name: open_layer(job.store, job.prefix + name, mode="r+") for name in names}
     values = np.array([c.value for c in spec.classes], dtype=np.uint8)
     box = Bounds(job.y0, job.x0, job.y0 + job.h, job.x0 + job.w)
     out = {name: np.full((*layer.shape[:-2], job.h, job.w), NODATA_U8, dtype=np.uint8)

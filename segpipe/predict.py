@@ -7,6 +7,12 @@ borders (:func:`segpipe.tiling.plan_superblocks`), and maps
 Windows lie on the raster's global grid and are blended (:mod:`segpipe.blend`), so the
 result does not depend on the blocking, the plan or the cluster. A per-block marker in
 the ``progress_predict`` layer lets a rerun skip finished blocks.
+
+Before anything is written or a cluster started, every input is checked
+(:func:`check_predict_inputs`: the store, the whole model package with its weights
+loaded, bands, window settings). A new result is staged in the store's hidden
+``_predict`` group, under a lock that refuses a concurrent predict, and published over
+the earlier result only once complete (:mod:`segpipe.io.runs`).
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import numpy as np
 import zarr
 
 from segpipe.blend import blend_windows
-from segpipe.errors import InputError, StoreError
+from segpipe.errors import InputError, StoreBusyError, StoreError
 from segpipe.inference import PROGRESS_LAYER, BlockJob, run_block, usable_cores, valid_mask, worker_host
 from segpipe.io.remote import is_remote
-from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info
-from segpipe.models import check_bands, model_hash, read_spec
+from segpipe.io.runs import STAGING, RunLock, acquire_lock, finish_promotion, promote
+from segpipe.io.store import NODATA_U8, RegionInfo, create_layer, open_layer, read_region_info
+from segpipe.models import check_bands, model_hash, read_spec, validate_package
 from segpipe.models.forest import default_overlap as forest_overlap
 from segpipe.models.networks import CLASSICAL_ARCHITECTURES
 from segpipe.tiling import BLEND_MODES, Forward, plan_superblocks, window_starts
@@ -42,7 +49,9 @@ if TYPE_CHECKING:
 __all__ = [
     "PROGRESS_LAYER",
     "BlockJob",
+    "PredictInputs",
     "PredictSummary",
+    "check_predict_inputs",
     "choose_batch_size",
     "predict",
     "pending_blocks",
@@ -180,25 +189,24 @@ def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tu
     return tile, ov
 
 
-def _resume_key(
-    spec: ModelSpec, model_dir: str, tile_size: int | None, overlap: int | None, blend: str, tta: bool
-) -> dict[str, Any]:
+def _resume_key(mhash: str, tile: int, overlap: int, blend: str, tta: bool) -> dict[str, Any]:
     """What progress markers and outputs are tagged with: a rerun resumes only on an equal key."""
-    tile, ov = _settings(spec, tile_size, overlap)
-    return {"model_hash": model_hash(model_dir), "tile": tile, "overlap": ov, "blend": blend, "tta": tta}
+    return {"model_hash": mhash, "tile": tile, "overlap": overlap, "blend": blend, "tta": tta}
 
 
-def _finished_markers(
-    store: str, blocks: tuple[int, int], key: dict[str, Any], probabilities: bool
+def _markers(
+    store: str, blocks: tuple[int, int], key: dict[str, Any], probabilities: bool, prefix: str = ""
 ) -> np.ndarray | None:
-    """The done markers of an earlier run with the same key, or None when nothing can be resumed."""
+    """The done markers of layers under ``prefix`` made with ``key``, or None (absent or another run's)."""
     try:
-        progress = open_layer(store, PROGRESS_LAYER)
-        for name in ("classes", "confidence", *(("probabilities",) if probabilities else ())):
-            open_layer(store, name)
+        progress = open_layer(store, prefix + PROGRESS_LAYER)
+        layers = [open_layer(store, prefix + name)
+                  for name in ("classes", "confidence", *(("probabilities",) if probabilities else ()))]
     except StoreError:
         return None
-    if progress.shape != blocks or any(progress.attrs.get(k) != v for k, v in key.items()):
+    if progress.shape != blocks or any(
+        a.attrs.get(k) != v for a in (progress, *layers) for k, v in key.items()
+    ):
         return None
     return np.asarray(progress[...]).astype(bool)
 
@@ -210,28 +218,119 @@ def _prepare_layers(
     key: dict[str, Any],
     force: bool,
     probabilities: bool = False,
+    prefix: str = "",
 ) -> np.ndarray:
-    """Create (or keep, to resume) output and progress layers; return the done markers."""
+    """Create (or keep, to resume) output and progress layers under ``prefix``; return the done markers."""
     if not force:
-        markers = _finished_markers(store, blocks, key, probabilities)
+        markers = _markers(store, blocks, key, probabilities, prefix)
         if markers is not None:
             return markers
     # Progress is cleared before outputs are replaced, so a crash in between never
     # leaves "done" markers over empty outputs.
     zarr.open_group(store, mode="r+").create_array(
-        PROGRESS_LAYER, shape=blocks, dtype="uint8", chunks=(1, 1), fill_value=0,
+        prefix + PROGRESS_LAYER, shape=blocks, dtype="uint8", chunks=(1, 1), fill_value=0,
         dimension_names=["block_y", "block_x"], attributes=key, overwrite=True,
     )
     classes_json = classes_to_json(spec.classes)
     classes_attrs = {**key, "long_name": "class", "classes": classes_json}
-    create_layer(store, "classes", "uint8", NODATA_U8, attributes=classes_attrs, overwrite=True)
+    create_layer(store, prefix + "classes", "uint8", NODATA_U8, attributes=classes_attrs, overwrite=True)
     conf_attrs = {**key, "long_name": "confidence", "units": "percent"}
-    create_layer(store, "confidence", "uint8", NODATA_U8, attributes=conf_attrs, overwrite=True)
+    create_layer(store, prefix + "confidence", "uint8", NODATA_U8, attributes=conf_attrs, overwrite=True)
     if probabilities:
         prob_attrs = {**key, "long_name": "class probability", "units": "percent", "classes": classes_json}
-        create_layer(store, "probabilities", "uint8", NODATA_U8, leading=(("class", len(spec.classes)),),
-                     attributes=prob_attrs, overwrite=True)
+        create_layer(store, prefix + "probabilities", "uint8", NODATA_U8,
+                     leading=(("class", len(spec.classes)),), attributes=prob_attrs, overwrite=True)
     return np.zeros(blocks, dtype=bool)
+
+
+@dataclass(frozen=True)
+class PredictInputs:
+    """Everything :func:`predict` checked before touching the store or a cluster.
+
+    Attributes:
+        store: Store location as workers open it.
+        info: The region.
+        spec: The model package's description (its weights loaded once, to check them).
+        model_dir: The package as every worker finds it.
+        key: The run's identity: model hash and window settings.
+        tile: Window size.
+        overlap: Window overlap.
+        n_windows: Windows of the whole raster (for the batch size).
+        batch_size: Most windows per forward call asked for, or None (by the cluster).
+        probabilities: Whether the ``probabilities`` layer is wanted.
+    """
+
+    store: str
+    info: RegionInfo
+    spec: ModelSpec
+    model_dir: str
+    key: dict[str, Any]
+    tile: int
+    overlap: int
+    n_windows: int
+    batch_size: int | None
+    probabilities: bool
+
+
+def check_predict_inputs(
+    store: str | Path,
+    model_dir: str | Path,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
+    blend: str = "cosine",
+    tta: bool = False,
+    probabilities: bool = False,
+) -> PredictInputs:
+    """Check a predict run's inputs without writing anything or starting a cluster.
+
+    The store must be readable, the model package valid in full (its weights are
+    loaded into the network, once per process and package), its bands those of the
+    image, and the window settings usable.
+
+    Returns:
+        The checked inputs.
+
+    Raises:
+        MissingInputError: The store does not exist.
+        StoreError: The store is not a region store.
+        ModelPackageError: The package is incomplete or invalid (the message names the
+            file and the field).
+        BandMismatchError: The image's bands differ from the model's.
+        InputError: Bad tile size, overlap, batch size or blend mode.
+    """
+    store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
+    info = read_region_info(store_s)
+    mdir = _model_location(model_dir)
+    spec, mhash = validate_package(mdir)
+    check_bands(spec, info.band_names)
+    tile, ov = _settings(spec, tile_size, overlap)
+    if blend not in BLEND_MODES:
+        raise InputError(f"blend mode {blend!r} is not one of {', '.join(BLEND_MODES)}")
+    stride = tile - ov
+    n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
+    if batch_size is not None:
+        choose_batch_size(n_global, batch_size)  # a bad value fails before any write
+    key = _resume_key(mhash, tile, ov, blend, tta)
+    return PredictInputs(store_s, info, spec, mdir, key, tile, ov, n_global, batch_size, probabilities)
+
+
+def _target(inputs: PredictInputs, force: bool) -> tuple[str, np.ndarray]:
+    """Where this run writes (a layer name prefix) and the blocks already finished there.
+
+    Published layers made with the same key are the result itself: complete, nothing
+    is left to do; partial (a store written in place by an older segpipe, or edited),
+    they resume in place, as nothing complete can be lost there. Anything else is a
+    new result, staged beside the published one until it is complete.
+    """
+    if not force:
+        published = _markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities)
+        if published is not None:
+            return "", published
+    prefix = f"{STAGING}/"
+    done = _prepare_layers(inputs.store, inputs.spec, inputs.info.blocks, inputs.key, force,
+                           inputs.probabilities, prefix)
+    return prefix, done
 
 
 @dataclass(frozen=True)
@@ -290,6 +389,7 @@ def predict(
     tta: bool = False,
     probabilities: bool = False,
     max_task_pixels: int = MAX_TASK_PIXELS,
+    scheduler: str | None = None,
 ) -> PredictSummary:
     """Classify every pixel of a region store with a model package.
 
@@ -297,6 +397,12 @@ def predict(
     nodata) into the store, and with ``probabilities`` a (class, y, x) layer of per-class
     probabilities (0-100 %, 255 = nodata). Finished blocks are marked, so a rerun with
     the same model and settings resumes where the last one stopped.
+
+    Every input is checked first (:func:`check_predict_inputs`), then the store is
+    locked against other predict runs (:func:`segpipe.io.runs.acquire_lock`). A new
+    result is written into the hidden ``_predict`` group and published only when every
+    block is finished (:func:`segpipe.io.runs.promote`): an error or a kill leaves the
+    earlier complete result readable and unchanged.
 
     Args:
         store: Region store (from ``segpipe ingest``).
@@ -308,94 +414,142 @@ def predict(
             random_forest none, or with a context window K, 4 * (K // 2) pixels.
         batch_size: Most windows per forward call (see :func:`choose_batch_size`);
             default 8 on GPU workers, 2 on CPU workers.
-        client: Dask client; default: a cluster from :func:`segpipe.cluster.get_client`.
+        client: Dask client; default: a cluster from :func:`segpipe.cluster.get_client`
+            (started or joined only after every input is checked).
         force: Recompute every block even if marked finished.
         progress: Called as ``progress(done, total)`` in blocks after each task.
         blend: ``cosine`` (default), ``gaussian``, ``mean`` or ``crop``.
         tta: Average each window over its 8 flips and rotations (8x the compute).
         probabilities: Also write the ``probabilities`` layer.
         max_task_pixels: Largest area one task covers.
+        scheduler: Scheduler address to join when no ``client`` is given (default:
+            ``SEGPIPE_SCHEDULER``, else a local cluster).
 
     Returns:
         A summary of the run.
 
     Raises:
+        ModelPackageError: An invalid package (before any write or cluster).
         BandMismatchError: The image's bands differ from the model's (before any write).
         InputError: Bad tile size, overlap, batch size or blend mode.
+        StoreBusyError: Another predict run holds the store.
     """
     t0 = time.perf_counter()
-    store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
-    info = read_region_info(store_s)
-    spec = read_spec(model_dir)
-    check_bands(spec, info.band_names)
-    tile, ov = _settings(spec, tile_size, overlap)
-    if blend not in BLEND_MODES:
-        raise InputError(f"blend mode {blend!r} is not one of {', '.join(BLEND_MODES)}")
-    stride = tile - ov
-    n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
-    if batch_size is not None:
-        choose_batch_size(n_global, batch_size)  # a bad value fails before any write
-    bs = 0
-    mdir = _model_location(model_dir)
-    key = _resume_key(spec, mdir, tile, ov, blend, tta)
-    mhash = key["model_hash"]
-    done = _prepare_layers(store_s, spec, info.blocks, key, force, probabilities)
-    total, skipped = int(done.size), int(done.sum())
-    if progress is not None:
-        progress(skipped, total)
-    pixels = windows = slots_used = blocks_done = n_tasks = 0
-    plan = (1, 1)
-    with contextlib.ExitStack() as stack:
-        if skipped < total and client is None:
-            from segpipe.cluster import get_client
+    inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities)
+    with acquire_lock(inputs.store, inputs.key["model_hash"]) as lock:
+        finish_promotion(inputs.store)
+        prefix, done = _target(inputs, force)
+        total, skipped = int(done.size), int(done.sum())
+        if progress is not None:
+            progress(skipped, total)
+        run = _Run()
+        if skipped < total:
+            with contextlib.ExitStack() as stack:
+                if client is None:
+                    from segpipe.cluster import get_client
 
-            client = stack.enter_context(get_client())
-        if skipped < total and client is not None:
-            from distributed import as_completed
-
-            b = info.block_size
-            layout = _cluster_layout(client)
-            most = batch_size if batch_size is not None else GPU_BATCH if layout.gpu else CPU_BATCH
-            bs = choose_batch_size(n_global, most)
-            plan = plan_superblocks(info.height, info.width, b, tile, stride, layout.slots, max_task_pixels)
-            groups = []
-            for sy in range(0, info.blocks[0], plan[0]):
-                for sx in range(0, info.blocks[1], plan[1]):
-                    todo = [(by, bx) for by in range(sy, min(sy + plan[0], info.blocks[0]))
-                            for bx in range(sx, min(sx + plan[1], info.blocks[1])) if not done[by, bx]]
-                    if todo:
-                        groups.append(todo)
-            threads = layout.threads(len(groups))
-            jobs = []
-            for todo in groups:
-                ys, xs = [t[0] for t in todo], [t[1] for t in todo]
-                y0, x0 = min(ys) * b, min(xs) * b
-                y1, x1 = min((max(ys) + 1) * b, info.height), min((max(xs) + 1) * b, info.width)
-                jobs.append(BlockJob(store_s, mdir, mhash, y0, x0, y1 - y0, x1 - x0, tile, ov, bs, blend, tta,
-                                     probabilities, tuple(todo), threads))
-            n_tasks = len(jobs)
-            # In a mixed cluster, the GPU resource keeps prediction on the GPU workers.
-            resources = {"GPU": 1} if layout.gpu else None
-            futures = client.map(run_block, jobs, pure=False, resources=resources)
-            try:
-                for future in as_completed(futures, loop=client.loop):
-                    stats = future.result()
-                    pixels += int(stats["pixels"])
-                    windows += int(stats["windows"])
-                    slots_used += int(stats["slots"])
-                    blocks_done += int(stats["blocks"])
-                    if progress is not None:
-                        progress(skipped + blocks_done, total)
-            except BaseException:
-                # A failed task or an interrupted driver: queued tasks are dropped; blocks
-                # already marked stay done for the next run.
-                client.cancel(futures)
-                raise
+                    client = stack.enter_context(get_client(scheduler))
+                run = _run_tasks(client, inputs, prefix, done, max_task_pixels, progress)
+        if prefix:
+            _publish(inputs, prefix, lock)
     seconds = time.perf_counter() - t0
-    log.info("predicted %d blocks in %d tasks (%d skipped) in %.1f s", blocks_done, n_tasks, skipped, seconds)
-    return PredictSummary(
-        total, blocks_done, skipped, pixels, seconds, windows, tile, ov, slots_used, n_tasks, bs, plan
-    )
+    log.info("predicted %d blocks in %d tasks (%d skipped) in %.1f s",
+             run.blocks, run.tasks, skipped, seconds)
+    return PredictSummary(total, run.blocks, skipped, run.pixels, seconds, run.windows, inputs.tile,
+                          inputs.overlap, run.slots, run.tasks, run.batch_size, run.plan)
+
+
+@dataclass
+class _Run:
+    """Counters of the tasks one predict run ran."""
+
+    pixels: int = 0
+    windows: int = 0
+    slots: int = 0
+    blocks: int = 0
+    tasks: int = 0
+    batch_size: int = 0
+    plan: tuple[int, int] = (1, 1)
+
+
+def _jobs(inputs: PredictInputs, prefix: str, done: np.ndarray, layout: _ClusterLayout, bs: int,
+          plan: tuple[int, int]) -> list[BlockJob]:
+    """One job per group of ``plan`` blocks that still has unfinished blocks."""
+    info = inputs.info
+    b = info.block_size
+    groups = []
+    for sy in range(0, info.blocks[0], plan[0]):
+        for sx in range(0, info.blocks[1], plan[1]):
+            todo = [(by, bx) for by in range(sy, min(sy + plan[0], info.blocks[0]))
+                    for bx in range(sx, min(sx + plan[1], info.blocks[1])) if not done[by, bx]]
+            if todo:
+                groups.append(todo)
+    threads = layout.threads(len(groups))
+    jobs = []
+    for todo in groups:
+        ys, xs = [t[0] for t in todo], [t[1] for t in todo]
+        y0, x0 = min(ys) * b, min(xs) * b
+        y1, x1 = min((max(ys) + 1) * b, info.height), min((max(xs) + 1) * b, info.width)
+        key = inputs.key
+        jobs.append(BlockJob(inputs.store, inputs.model_dir, key["model_hash"], y0, x0, y1 - y0, x1 - x0,
+                             inputs.tile, inputs.overlap, bs, key["blend"], key["tta"], inputs.probabilities,
+                             tuple(todo), threads, prefix))
+    return jobs
+
+
+def _run_tasks(
+    client: distributed.Client,
+    inputs: PredictInputs,
+    prefix: str,
+    done: np.ndarray,
+    max_task_pixels: int,
+    progress: Callable[[int, int], None] | None,
+) -> _Run:
+    """Map :func:`run_block` over the unfinished blocks; raise the first task's error."""
+    from distributed import as_completed
+
+    info = inputs.info
+    layout = _cluster_layout(client)
+    most = inputs.batch_size if inputs.batch_size is not None else GPU_BATCH if layout.gpu else CPU_BATCH
+    run = _Run(batch_size=choose_batch_size(inputs.n_windows, most))
+    run.plan = plan_superblocks(info.height, info.width, info.block_size, inputs.tile,
+                                inputs.tile - inputs.overlap, layout.slots, max_task_pixels)
+    jobs = _jobs(inputs, prefix, done, layout, run.batch_size, run.plan)
+    run.tasks = len(jobs)
+    skipped, total = int(done.sum()), int(done.size)
+    # In a mixed cluster, the GPU resource keeps prediction on the GPU workers.
+    resources = {"GPU": 1} if layout.gpu else None
+    futures = client.map(run_block, jobs, pure=False, resources=resources)
+    try:
+        for future in as_completed(futures, loop=client.loop):
+            stats = future.result()
+            run.pixels += int(stats["pixels"])
+            run.windows += int(stats["windows"])
+            run.slots += int(stats["slots"])
+            run.blocks += int(stats["blocks"])
+            if progress is not None:
+                progress(skipped + run.blocks, total)
+    except BaseException:
+        # A failed task or an interrupted driver: queued tasks are dropped; blocks
+        # already marked stay done for the next run.
+        client.cancel(futures)
+        raise
+    return run
+
+
+def _publish(inputs: PredictInputs, prefix: str, lock: RunLock) -> None:
+    """Publish the staged result once every block is marked (re-read from the store, not counted)."""
+    markers = _markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities, prefix)
+    if markers is None or not markers.all():
+        missing = "no layers" if markers is None else f"{int((~markers).sum())} unfinished blocks"
+        raise StoreError(f"the new predictions of {inputs.store} have {missing}; the earlier result is kept: "
+                         "rerun predict to finish them")
+    if not lock.still_held():
+        raise StoreBusyError(
+            f"the lock of {inputs.store} was taken over by another run while this one ran (its heartbeat "
+            "stopped for too long); this run's result is not published: rerun predict when the other ends"
+        )
+    promote(inputs.store, inputs.key)
 
 
 def pending_blocks(
@@ -409,9 +563,11 @@ def pending_blocks(
 ) -> tuple[int, int]:
     """Blocks a :func:`predict` run with these arguments would still compute, without a cluster.
 
-    Reads the progress markers with the same rule :func:`predict` uses to resume: they
-    count only if made with the same model and window settings and every output layer
-    exists; otherwise every block is pending.
+    Reads the progress markers with the rule :func:`predict` uses: the published
+    layers when they were made with the same model and window settings, else the
+    staged ones of an unfinished run with them; otherwise every block is pending. A
+    staged result whose publication a crash cut short is published first (unless
+    another run holds the store), as :func:`predict` would.
 
     Args:
         store: Region store.
@@ -427,10 +583,19 @@ def pending_blocks(
 
     Raises:
         InputError: Bad tile size or overlap.
+        ModelPackageError: An invalid package.
     """
     store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
     info = read_region_info(store_s)
-    key = _resume_key(read_spec(model_dir), _model_location(model_dir), tile_size, overlap, blend, tta)
+    spec = read_spec(model_dir)
+    tile, ov = _settings(spec, tile_size, overlap)
+    key = _resume_key(model_hash(_model_location(model_dir)), tile, ov, blend, tta)
     total = int(info.blocks[0] * info.blocks[1])
-    markers = _finished_markers(store_s, info.blocks, key, probabilities)
+    staged = _markers(store_s, info.blocks, key, probabilities, f"{STAGING}/")
+    if staged is not None and staged.all():
+        with contextlib.suppress(StoreBusyError), acquire_lock(store_s, key["model_hash"]):
+            finish_promotion(store_s)
+    markers = _markers(store_s, info.blocks, key, probabilities)
+    if markers is None:
+        markers = _markers(store_s, info.blocks, key, probabilities, f"{STAGING}/")
     return (total if markers is None else total - int(markers.sum())), total

@@ -18,6 +18,7 @@ from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
 from segpipe.cluster import SCHEDULER_ENV, describe_cluster, get_client
 from segpipe.errors import BandMismatchError, InputError
 from segpipe.inference import torch_forward as _torch_forward
+from segpipe.io.runs import STAGING
 from segpipe.io.store import open_layer, open_region, read_region_info
 from segpipe.models import load_model, model_hash, normalise, read_spec
 from segpipe.predict import (
@@ -293,6 +294,7 @@ def test_run_block_in_process_matches_the_cluster(tmp_path: Path, model_dir: Pat
     predict(store, model_dir, client=client, **SETTINGS)
     expected = _read(store, "classes")[64:128, 64:128]
     open_layer(store, "classes", mode="r+")[64:128, 64:128] = 0
+    open_layer(store, PROGRESS_LAYER, mode="r+")[1, 1] = 0  # a finished block is not recomputed
     job = BlockJob(str(store), str(model_dir), model_hash(model_dir), 64, 64, 64, 64, 64, 16, 4)
     stats = run_block(job)
     assert stats["pixels"] == 64 * 64 and stats["windows"] == 6  # rows 48, 96 x columns 48, 96, 106
@@ -328,7 +330,8 @@ def test_a_failing_block_fails_the_run_and_a_rerun_resumes(
     shard.write_bytes(b"not a shard" * 10)
     with pytest.raises(Exception):  # noqa: B017  (the codec's own error, re-raised)
         predict(store, model_dir, client=client, **SETTINGS)
-    assert _read(store, PROGRESS_LAYER)[2, 2] == 0
+    # A new result is staged until complete: its markers are in the hidden group.
+    assert _read(store, f"{STAGING}/{PROGRESS_LAYER}")[2, 2] == 0
     shard.write_bytes(good)
     resumed = predict(store, model_dir, client=client, **SETTINGS)
     # Blocks that finished (even after the failure was raised) are not redone.

@@ -14,6 +14,7 @@ import pytest
 from distributed import Client, LocalCluster, get_task_stream
 from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
 
+from segpipe.io.runs import STAGING
 from segpipe.io.store import open_layer
 from segpipe.predict import PROGRESS_LAYER, predict
 
@@ -120,15 +121,20 @@ def test_an_interrupted_run_resumes_without_recomputing(
     with pytest.raises(DriverInterruptError):
         predict(store, model_dir, client=client, progress=interrupt, **SLOW)
     _wait_idle(client)
-    finished = _read(store, PROGRESS_LAYER).astype(bool)
+    # The unfinished new result is staged in the hidden group until it is complete.
+    finished = _read(store, f"{STAGING}/{PROGRESS_LAYER}").astype(bool)
     assert 2 <= finished.sum() < 6
-    shards = {(by, bx): store / "classes" / "c" / str(by) / str(bx)
-              for by, bx in zip(*np.nonzero(finished), strict=True)}
-    stamps = {k: p.stat().st_mtime_ns for k, p in shards.items()}
+    blocks = list(zip(*np.nonzero(finished), strict=True))
+
+    def shard(root: Path, k: tuple[int, int]) -> Path:
+        return root / "classes" / "c" / str(k[0]) / str(k[1])
+
+    stamps = {k: shard(store / STAGING, k).stat().st_mtime_ns for k in blocks}
     resumed = predict(store, model_dir, client=client, **SLOW)
-    # Exactly the unfinished blocks ran; finished ones were neither recomputed nor rewritten.
+    # Exactly the unfinished blocks ran; finished ones were neither recomputed nor rewritten
+    # (publishing renames the staged layer: its shard files keep their times).
     assert (resumed.blocks_done, resumed.blocks_skipped) == (6 - finished.sum(), finished.sum())
-    assert {k: p.stat().st_mtime_ns for k, p in shards.items()} == stamps
+    assert {k: shard(store, k).stat().st_mtime_ns for k in blocks} == stamps
     for name, arr in _outputs(clean).items():
         np.testing.assert_array_equal(_read(store, name), arr)
 

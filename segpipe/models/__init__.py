@@ -5,10 +5,12 @@ from segpipe.models.package import (
     ModelSpec,
     check_bands,
     load_model,
+    load_verified,
     model_hash,
     normalise,
     read_spec,
     save_model,
+    validate_package,
 )
 
 __all__ = [
@@ -18,9 +20,11 @@ __all__ = [
     "build_network",
     "check_bands",
     "load_model",
+    "load_verified",
     "model_hash",
     "normalise",
     "output_stride",
     "read_spec",
     "save_model",
+    "validate_package",
 ]

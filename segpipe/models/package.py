@@ -16,22 +16,30 @@ import json
 import os
 import platform
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
-from segpipe.errors import BandMismatchError, ModelPackageError
+from segpipe.errors import BandMismatchError, InputError, ModelPackageError
 from segpipe.models.fetch import local_package
-from segpipe.models.networks import build_network
+from segpipe.models.networks import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS, build_network
 from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
+    "KNOWN_ARCHITECTURES",
     "MODEL_SCHEMA",
     "ModelSpec",
+    "SpecFile",
     "check_bands",
     "load_model",
     "model_hash",
@@ -39,12 +47,18 @@ __all__ = [
     "read_spec",
     "save_model",
     "software_versions",
+    "validate_package",
 ]
 
 MODEL_SCHEMA = 2
 _READABLE_SCHEMAS = (1, 2)
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
+# Every ``arch`` a package may name; ``ensemble`` is segpipe.models.ensemble.ENSEMBLE_ARCH
+# (not imported: the ensemble module imports this one).
+KNOWN_ARCHITECTURES = (*ARCHITECTURES, *CLASSICAL_ARCHITECTURES, "ensemble")
+# Networks' inputs must be multiples of this (segpipe.models.networks.output_stride).
+_NETWORK_STRIDE = 32
 
 
 def software_versions() -> dict[str, str]:
@@ -56,6 +70,96 @@ def software_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "unknown"
     return versions
+
+
+class SpecFile(BaseModel):
+    """The fields of ``model.json`` (schemas 1 and 2), checked before anything is loaded.
+
+    Types are strict (``"64"`` is not a chip size); free-form content is allowed only
+    under ``options``, ``metrics``, ``training`` and ``versions``; any other unknown
+    key is refused, as it means a package from another program or a hand edit gone wrong.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    schema_: int = Field(alias="schema")
+    kind: str
+    arch: str
+    encoder: str
+    band_names: list[str] = Field(min_length=1)
+    mean: list[float]
+    std: list[float]
+    classes: list[dict[str, Any]] = Field(min_length=1)
+    chip_size: int = Field(gt=0)
+    nodata: float | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    clip_low: list[float] | None = None
+    clip_high: list[float] | None = None
+    output_stride: int = Field(default=_NETWORK_STRIDE, gt=0)
+    versions: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch not in KNOWN_ARCHITECTURES:
+            known = ", ".join(KNOWN_ARCHITECTURES)
+            raise ValueError(f"unknown architecture {arch!r}: this segpipe knows {known}")
+        return arch
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, encoder: str, info: ValidationInfo) -> str:
+        if info.data.get("arch") in ARCHITECTURES and encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}: this segpipe knows {', '.join(ENCODERS)}")
+        return encoder
+
+    @field_validator("mean", "std", "clip_low", "clip_high")
+    @classmethod
+    def _one_finite_value_per_band(
+        cls, values: list[float] | None, info: ValidationInfo
+    ) -> list[float] | None:
+        bands = info.data.get("band_names")
+        if values is None or bands is None:
+            return values
+        if len(values) != len(bands):
+            raise ValueError(f"{len(values)} values for the package's {len(bands)} bands {bands}")
+        if not all(np.isfinite(values)):
+            raise ValueError(f"a value is not finite ({values}); the training data had no valid pixel "
+                             "in some band: retrain on valid imagery")
+        if info.field_name == "std" and min(values) < 0:
+            raise ValueError(f"a negative standard deviation ({values})")
+        return values
+
+    @field_validator("output_stride")
+    @classmethod
+    def _stride_fits_the_network(cls, stride: int, info: ValidationInfo) -> int:
+        if info.data.get("arch") in ARCHITECTURES and stride % _NETWORK_STRIDE:
+            raise ValueError(f"{stride} is not a multiple of {_NETWORK_STRIDE}, the stride of "
+                             f"{info.data.get('arch')} networks")
+        return stride
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first problems of a failed :class:`SpecFile` validation, each naming its field."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "missing":
+            parts.append(f"the field '{loc}' is missing")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"the field '{loc}' is not part of the schema (free-form content belongs under "
+                         "options, metrics, training or versions)")
+        else:
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            parts.append(f"the field '{loc}': {msg}" if err["type"] == "value_error"
+                         else f"the field '{loc}' is invalid: {msg} (got {shown})")
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "") + \
+        " (fix model.json or re-export the package)"
 
 
 @dataclass(frozen=True)
@@ -114,18 +218,29 @@ class ModelSpec:
         return {"schema": MODEL_SCHEMA, "kind": "segpipe-model", **d}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
-        """Parse ``model.json`` contents, checking the schema.
+    def from_json(cls, data: Any, source: str = SPEC_FILE) -> ModelSpec:
+        """Parse ``model.json`` contents, checking every field (see :class:`SpecFile`).
+
+        Args:
+            data: The decoded JSON.
+            source: What to name in messages (the file, or the package and its file).
 
         Raises:
-            ModelPackageError: Wrong kind, unsupported schema or missing fields.
+            ModelPackageError: Not an object, wrong kind, unsupported schema, or a field
+                missing, of the wrong type or out of range (the message names the field).
         """
-        if data.get("kind") != "segpipe-model":
-            raise ModelPackageError("model.json is not a segpipe model description")
-        schema = data.get("schema")
-        if schema not in _READABLE_SCHEMAS:
+        if not isinstance(data, dict):
             raise ModelPackageError(
-                f"model.json schema {schema} is not supported: this segpipe reads schemas "
+                f"{source} holds a JSON {type(data).__name__}, not an object: it is not a segpipe model "
+                "description (re-export the package with 'segpipe train')"
+            )
+        if data.get("kind") != "segpipe-model":
+            raise ModelPackageError(f"{source} is not a segpipe model description (its 'kind' is "
+                                    f"{data.get('kind')!r}, not 'segpipe-model')")
+        schema = data.get("schema")
+        if schema not in _READABLE_SCHEMAS or isinstance(schema, bool):
+            raise ModelPackageError(
+                f"{source} schema {schema} is not supported: this segpipe reads schemas "
                 f"{', '.join(map(str, _READABLE_SCHEMAS))}; "
                 + (
                     "upgrade segpipe to load this package"
@@ -133,47 +248,50 @@ class ModelSpec:
                     else "retrain the model"
                 )
             )
-        clip_low, clip_high = data.get("clip_low"), data.get("clip_high")
+        try:
+            parsed = SpecFile.model_validate(data)
+        except ValidationError as exc:
+            raise ModelPackageError(f"{source}: {_describe(exc)}") from exc
         try:
             return cls(
-                arch=str(data["arch"]),
-                encoder=str(data["encoder"]),
-                band_names=tuple(data["band_names"]),
-                mean=tuple(float(v) for v in data["mean"]),
-                std=tuple(float(v) for v in data["std"]),
-                classes=tuple(classes_from_json(data["classes"])),
-                chip_size=int(data["chip_size"]),
-                nodata=data.get("nodata"),
-                options=dict(data.get("options", {})),
-                metrics=dict(data.get("metrics", {})),
-                training=dict(data.get("training", {})),
-                clip_low=None if clip_low is None else tuple(float(v) for v in clip_low),
-                clip_high=None if clip_high is None else tuple(float(v) for v in clip_high),
-                output_stride=int(data.get("output_stride", 32)),
-                versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
+                arch=parsed.arch,
+                encoder=parsed.encoder,
+                band_names=tuple(parsed.band_names),
+                mean=tuple(parsed.mean),
+                std=tuple(parsed.std),
+                classes=tuple(classes_from_json(parsed.classes)),
+                chip_size=parsed.chip_size,
+                nodata=parsed.nodata,
+                options=dict(parsed.options),
+                metrics=dict(parsed.metrics),
+                training=dict(parsed.training),
+                clip_low=None if parsed.clip_low is None else tuple(parsed.clip_low),
+                clip_high=None if parsed.clip_high is None else tuple(parsed.clip_high),
+                output_stride=parsed.output_stride,
+                versions=dict(parsed.versions),
             )
-        except KeyError as exc:
-            raise ModelPackageError(f"model.json lacks the field {exc}") from exc
-        except (TypeError, ValueError) as exc:
-            raise ModelPackageError(f"model.json has a malformed field: {exc}") from exc
+        except (InputError, TypeError, ValueError) as exc:
+            raise ModelPackageError(f"{source}: {exc}") from exc
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:
-    """Read a package's ``model.json``.
+    """Read and check a package's ``model.json`` (every field, see :class:`SpecFile`).
 
     Args:
         model_dir: Package directory, or its ``s3://`` URL (fetched once per machine).
 
     Raises:
-        ModelPackageError: The package or its description is missing or invalid.
+        ModelPackageError: The package or its description is missing or invalid; the
+            message names the package and the field.
     """
     path = local_package(model_dir) / SPEC_FILE
     if not path.is_file():
         raise ModelPackageError(f"{model_dir} is not a model package: {SPEC_FILE} is missing")
     try:
-        return ModelSpec.from_json(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise ModelPackageError(f"{path} is not valid JSON: {exc}") from exc
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelPackageError(f"{path} is not valid JSON ({exc}): re-export the package") from exc
+    return ModelSpec.from_json(data, source=f"model package {model_dir}: {SPEC_FILE}")
 
 
 # Package hashes by the files' identity: hashing 50 MB of weights takes ~40 ms, paid by
@@ -205,11 +323,25 @@ def model_hash(model_dir: str | Path) -> str:
     return _HASHES[key]
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, the only portable way, and setting it back)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes the file 0600: workers or containers running as another user
+        # could not read the package. Give it the mode open() would have.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -232,25 +364,117 @@ def save_model(model_dir: str | Path, spec: ModelSpec, network: nn.Module) -> Pa
     return out
 
 
+def _read_weights(weights: Path, model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; anything else (a pickle, a cut file) is a named error."""
+    from safetensors.torch import load_file
+
+    if not weights.is_file():
+        raise ModelPackageError(f"{model_dir} is not a complete model package: {WEIGHTS_FILE} is missing")
+    try:
+        return load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types (and OSError)
+        raise ModelPackageError(
+            f"{weights} is not a readable safetensors file ({type(exc).__name__}: {exc}); it may be cut "
+            "short or another format (segpipe never loads pickles): copy the package again or re-export it"
+        ) from exc
+
+
 def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
     """Load a package (a directory or an ``s3://`` URL) into an eval-mode network on the CPU.
 
     Raises:
-        ModelPackageError: Missing files, bad schema or weights that do not fit.
+        ModelPackageError: Missing files, a bad description, weights that are not
+            safetensors, do not fit the network or hold NaN; the message names the file.
     """
-    from safetensors.torch import load_file
-
     local = local_package(model_dir)  # one copy for the description and the weights
     spec = read_spec(local)
-    weights = local / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelPackageError(f"{model_dir} is not a complete model package: {WEIGHTS_FILE} is missing")
-    net = build_network(spec.arch, spec.encoder, len(spec.band_names), len(spec.classes), spec.options)
+    tensors = _read_weights(local / WEIGHTS_FILE, model_dir)
     try:
-        net.load_state_dict(load_file(str(weights)))
+        net = build_network(spec.arch, spec.encoder, len(spec.band_names), len(spec.classes), spec.options)
+    except (InputError, KeyError, TypeError, ValueError) as exc:
+        raise ModelPackageError(
+            f"model package {model_dir}: {SPEC_FILE} describes a network segpipe cannot build ({exc}): "
+            "re-export the package"
+        ) from exc
+    weights = local / WEIGHTS_FILE
+    try:
+        net.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise ModelPackageError(f"weights in {weights} do not fit {spec.arch}/{spec.encoder}: {exc}") from exc
+        first = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
+        raise ModelPackageError(
+            f"weights in {weights} do not fit {spec.arch}/{spec.encoder} with {len(spec.band_names)} "
+            f"bands and {len(spec.classes)} classes ({first}): model.json and weights.safetensors "
+            "come from different models; copy the whole package again"
+        ) from exc
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and bool(v.isnan().any())]
+    if bad:
+        raise ModelPackageError(
+            f"weights in {weights} hold NaN (in {', '.join(bad[:3])}): the training diverged; "
+            "retrain the model"
+        )
     return net.eval(), spec
+
+
+# Loaded packages by content hash, so the driver's validation and in-process tasks load a
+# package once; each dask worker process keeps its own (segpipe.inference).
+_LOADED: OrderedDict[str, tuple[nn.Module, ModelSpec]] = OrderedDict()
+_LOADED_LOCK = threading.Lock()
+_LOADED_MAX = 2
+
+
+def load_verified(
+    model_dir: str | Path, expected_hash: str | None = None
+) -> tuple[nn.Module, ModelSpec, str]:
+    """Load a package once per process, keyed by its content hash.
+
+    Hash and weights come from one local copy, so a package on S3 replaced in between
+    never loads under the old hash.
+
+    Args:
+        model_dir: Package directory or ``s3://`` URL.
+        expected_hash: Refuse the package unless its hash is this (it changed since
+            the driver checked it).
+
+    Returns:
+        The eval-mode CPU network (shared: do not train it), its spec and its hash.
+
+    Raises:
+        ModelPackageError: An invalid package, or one that changed.
+    """
+    local = local_package(model_dir)
+    found = model_hash(local)
+    if expected_hash is not None and found != expected_hash:
+        raise ModelPackageError(
+            f"model package {model_dir} changed during prediction (hash {found}, expected "
+            f"{expected_hash}): rerun predict"
+        )
+    with _LOADED_LOCK:
+        if found in _LOADED:
+            _LOADED.move_to_end(found)
+            net, spec = _LOADED[found]
+            return net, spec, found
+    net, spec = load_model(local)
+    with _LOADED_LOCK:
+        _LOADED[found] = (net, spec)
+        while len(_LOADED) > _LOADED_MAX:
+            _LOADED.popitem(last=False)
+    return net, spec, found
+
+
+def validate_package(model_dir: str | Path) -> tuple[ModelSpec, str]:
+    """Check a package completely: description, architecture, normalisation and weights.
+
+    The weights are loaded into the network (on the CPU, once per process and package
+    hash), so nothing a worker would stumble on is left to find after outputs change.
+
+    Returns:
+        The package's spec and content hash.
+
+    Raises:
+        ModelPackageError: What is wrong, naming the package, the file and the field.
+    """
+    _, spec, digest = load_verified(model_dir)
+    return spec, digest
 
 
 def check_bands(spec: ModelSpec, band_names: tuple[str, ...] | list[str]) -> None:
