@@ -6,8 +6,11 @@ per-pixel random forest trained on the same labels.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,64 @@ from rich.table import Table
 
 from flows.engine import use_local_engine
 from flows.process_region import RegionRun, process_region
+from flows.tasks import baseline_stage, evaluate_stage
 from segpipe.synth import synthesize
 from segpipe.train import TrainConfig
 
-__all__ = ["run_demo"]
+__all__ = ["announce_stages", "run_demo"]
+
+_LABELS = {"baseline": "random forest baseline", "evaluate": "evaluate"}
+
+
+def _label(task: Any) -> str:
+    """``evaluate classes``: the task's name and, for evaluate, the layer it scores."""
+    from prefect.context import TaskRunContext
+
+    label = _LABELS.get(task.name, task.name)
+    ctx = TaskRunContext.get()
+    layer = ctx.parameters.get("layer") if ctx is not None and ctx.parameters else None
+    return f"{label} {layer}" if layer else label
+
+
+class _DropHookLogs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_announce_" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def announce_stages(con: Console, *tasks: Any) -> Iterator[None]:
+    """Print a line when each of ``tasks`` starts and ends, for the duration.
+
+    The forest baseline (minutes) and the evaluations log nothing while they work: on
+    a terminal or in a log file the demo looked stuck. Prefect's state hooks of the
+    stage tasks print the lines; they are removed again at the end.
+    """
+    started: dict[Any, float] = {}
+
+    def _announce_start(task: Any, task_run: Any, state: Any) -> None:
+        started[task_run.id] = time.perf_counter()
+        con.print(f"  {_label(task)}: started", highlight=False)
+
+    def _announce_end(task: Any, task_run: Any, state: Any) -> None:
+        seconds = time.perf_counter() - started.pop(task_run.id, time.perf_counter())
+        verb = "finished" if state.is_completed() else "failed"
+        con.print(f"  {_label(task)}: {verb} in {seconds:.1f} s", highlight=False)
+
+    hooks = [(t.on_running_hooks, _announce_start) for t in tasks]
+    hooks += [(t.on_completion_hooks, _announce_end) for t in tasks]
+    hooks += [(t.on_failure_hooks, _announce_end) for t in tasks]
+    for hook_list, hook in hooks:
+        hook_list.append(hook)
+    # Prefect logs every hook call ("Running hook ..."): two lines of noise per line printed.
+    quiet = _DropHookLogs()
+    task_log = logging.getLogger("prefect.task_runs")
+    task_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        task_log.removeFilter(quiet)
+        for hook_list, hook in hooks:
+            hook_list.remove(hook)
 
 
 def run_demo(
@@ -63,7 +120,8 @@ def run_demo(
         report_dir=str(out / "report"),
         baseline=True,
     )
-    result = process_region(run)
+    with announce_stages(con, baseline_stage, evaluate_stage):
+        result = process_region(run)
     stages = [
         {
             "stage": "synth",

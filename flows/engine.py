@@ -1,16 +1,51 @@
-"""Which Prefect engine runs the flows when the user has not configured one."""
+"""Which Prefect engine runs the flows when the user has not configured one.
 
+Without a Prefect API, flows run on Prefect's ephemeral engine: a local API server in
+a subprocess, which Prefect gives 20 s to answer. On a busy machine that is not
+enough (the first start also creates its database), and the flow died with "Timed
+out while attempting to connect to ephemeral Prefect API server". segpipe starts the
+engine itself, before the first flow, with a longer timeout and one retry, and ends
+with a one-line :class:`~segpipe.errors.EngineError` if it still does not answer.
+"""
+
+import logging
 import os
 from pathlib import Path
 
-__all__ = ["use_local_engine"]
+from segpipe.errors import EngineError, InputError
+
+__all__ = ["START_TIMEOUT_ENV", "start_local_engine", "use_local_engine"]
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_ENV = "SEGPIPE_PREFECT_START_TIMEOUT"
+DEFAULT_START_TIMEOUT = 90
+START_ATTEMPTS = 2
 
 
-def use_local_engine(home: Path | None = None) -> None:
+def _start_timeout() -> int:
+    raw = os.environ.get(START_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_START_TIMEOUT
+    try:
+        seconds = int(float(raw))
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise InputError(f"{START_TIMEOUT_ENV}={raw!r} must be a whole number of seconds, 1 or more")
+    return seconds
+
+
+def use_local_engine(home: Path | None = None, start: bool = True) -> None:
     """Use Prefect's ephemeral engine, quietly, unless a Prefect API is configured.
 
     Args:
         home: Keep the engine's database in this folder (e.g. inside the demo's output).
+        start: Start the engine now (:func:`start_local_engine`), so a slow start is
+            retried and named rather than failing the first flow.
+
+    Raises:
+        EngineError: The engine did not answer in time, twice.
     """
     if "PREFECT_API_URL" in os.environ:
         return
@@ -20,3 +55,45 @@ def use_local_engine(home: Path | None = None) -> None:
     # The telemetry service races the flow for the fresh SQLite file ("database is
     # locked") and has nothing to report from a throwaway engine.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's own setting, for any start Prefect makes itself (a later restart).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(_start_timeout()))
+    if start:
+        start_local_engine()
+
+
+def start_local_engine(timeout: int | None = None, attempts: int = START_ATTEMPTS) -> None:
+    """Start Prefect's ephemeral API server now, retrying once, unless an API is configured.
+
+    Prefect reuses the running server for every later flow of this process.
+
+    Args:
+        timeout: Seconds to wait for each start; default ``SEGPIPE_PREFECT_START_TIMEOUT``,
+            else 90.
+        attempts: Starts to try before giving up.
+
+    Raises:
+        EngineError: No start answered within the timeout.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # a server, Prefect Cloud, or a test harness
+        return
+    seconds = timeout or _start_timeout()
+    cause: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        server = SubprocessASGIServer()  # a stopped server is forgotten: this is a fresh one
+        try:
+            server.start(timeout=seconds)
+            return
+        except Exception as exc:  # Prefect raises RuntimeError with the server's whole output
+            cause = exc
+            # Stopped, so a server that answers late neither holds the port nor lingers.
+            server.stop()
+            if attempt < attempts:
+                log.warning("the local Prefect engine did not start within %d s; trying again", seconds)
+    raise EngineError(
+        f"the local Prefect engine did not start within {seconds} s ({attempts} tries): the machine may "
+        f"be overloaded; set {START_TIMEOUT_ENV} to wait longer, or PREFECT_API_URL to use a running "
+        "Prefect server"
+    ) from cause

@@ -8,7 +8,7 @@ folder of inputs and its manifest can be moved together.
 # No `from __future__ import annotations`: Manifest is a parameter of the deployed
 # process_regions flow, whose parameter model Prefect builds from evaluated annotations.
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -59,21 +59,62 @@ def _resolve_region(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def _load(path: str | Path) -> tuple[dict[str, Any], Path]:
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p} is a folder: name a YAML file")
     if not p.is_file():
         raise MissingInputError(f"{p} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise InputError(f"{p} is not a text file: expected YAML") from None
     except yaml.YAMLError as exc:
-        raise InputError(f"{p} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(f"{p} is not valid YAML{where}: {' '.join(str(problem).split())}") from exc
+    if data is None:
+        raise InputError(f"{p} is empty: it must hold a mapping of settings")
     if not isinstance(data, dict):
-        raise InputError(f"{p} must hold a mapping of settings, not {type(data).__name__}")
+        raise InputError(f"{p} must hold a mapping of settings (name: value), not a {type(data).__name__}")
     return data, p.parent.resolve()
 
 
-def _explain(path: str | Path, exc: ValidationError) -> InputError:
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``list[RegionRun]``, ``TrainConfig | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The settings the model at ``loc``'s parent accepts, to list beside an unknown one."""
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an index into a list of the same model
+            continue
+        field = model.model_fields.get(part)
+        sub = _submodel(field.annotation) if field is not None else None
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _explain(path: str | Path, exc: ValidationError, model: type[BaseModel]) -> InputError:
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    return InputError(f"{path}: {where}: {first['msg']}")
+    loc = tuple(first["loc"])
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(_known_fields(model, loc))
+        return InputError(f"{path}: {where}: unknown setting" + (f" (known: {known})" if known else ""))
+    got = repr(first.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    if first["type"] == "missing":
+        return InputError(f"{path}: {where}: missing (required)")
+    return InputError(f"{path}: {where}: {first['msg']} (got {got})")
 
 
 def read_region(path: str | Path) -> RegionRun:
@@ -87,7 +128,7 @@ def read_region(path: str | Path) -> RegionRun:
     try:
         return RegionRun(**_resolve_region(data, base))
     except ValidationError as exc:
-        raise _explain(path, exc) from exc
+        raise _explain(path, exc, RegionRun) from exc
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -100,11 +141,20 @@ def read_manifest(path: str | Path) -> Manifest:
     data, base = _load(path)
     regions = data.get("regions")
     if not isinstance(regions, list):
-        raise InputError(f"{path}: 'regions' must be a list of region descriptions")
+        raise InputError(
+            f"{path}: regions: must be a list of region descriptions, not "
+            + ("missing" if regions is None else f"a {type(regions).__name__}")
+        )
+    for i, region in enumerate(regions):
+        if not isinstance(region, dict):
+            raise InputError(
+                f"{path}: regions[{i}]: must be a mapping of region settings (images, store, model, ...), "
+                f"not a {type(region).__name__} ({str(region)[:40]!r})"
+            )
     try:
         manifest = Manifest(**{**data, "regions": [_resolve_region(r, base) for r in regions]})
     except ValidationError as exc:
-        raise _explain(path, exc) from exc
+        raise _explain(path, exc, Manifest) from exc
     stores = [r.store for r in manifest.regions]
     if len(set(stores)) != len(stores):
         raise InputError(f"{path}: two regions write the same store; give each region its own 'store'")

@@ -19,13 +19,15 @@ from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.futures import wait
+from prefect.states import State
 
 from flows.manifest import Manifest
 from flows.process_region import RegionRun, run_region
+from segpipe.boundary import one_line
 from segpipe.cluster import SCHEDULER_ENV, get_client
 from segpipe.errors import BatchError
 
-__all__ = ["process_regions"]
+__all__ = ["failure_cause", "process_regions"]
 
 # One semaphore per batch run: the task runner's thread pool is shared, the limit is not.
 _LIMITS: dict[str, threading.BoundedSemaphore] = {}
@@ -33,6 +35,17 @@ _LIMITS: dict[str, threading.BoundedSemaphore] = {}
 
 def _limit(key: str) -> threading.BoundedSemaphore:
     return _LIMITS[key]
+
+
+def failure_cause(state: State) -> str:
+    """A failed region's cause in one line: the error's type and message (its file, tile or address)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the result could not be read back (crashed run, lost storage)
+        exc = None
+    if isinstance(exc, BaseException):
+        return one_line(exc)
+    return " ".join(str(state.message or state.name).split())
 
 
 @task(name="region")
@@ -56,7 +69,8 @@ def process_regions(manifest: Manifest) -> dict[str, Any]:
         ``{"regions": {name: result of process_region}}``.
 
     Raises:
-        BatchError: One or more regions failed (the others ran to the end).
+        BatchError: One or more regions failed (the others ran to the end); its message
+            names each failed region and its cause.
     """
     log = get_run_logger()
     key = str(runtime.flow_run.id)
@@ -94,10 +108,11 @@ def process_regions(manifest: Manifest) -> dict[str, Any]:
                 r = results[name]
                 log.info("region %s: done in %.1f s (mIoU %s)", name, r.get("seconds", 0.0), r.get("miou"))
             else:
-                failed.append(name)
-                log.error("region %s failed: %s", name, future.state.message)
+                cause = failure_cause(future.state)
+                failed.append(f"{name} ({cause})")
+                log.error("region %s failed: %s", name, cause)
         if failed:
-            raise BatchError(f"{len(failed)} of {len(names)} regions failed: {', '.join(failed)}")
+            raise BatchError(f"{len(failed)} of {len(names)} regions failed: {'; '.join(failed)}")
         return {"regions": results}
     finally:
         _LIMITS.pop(key, None)

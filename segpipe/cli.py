@@ -1,25 +1,38 @@
 """The ``segpipe`` command: one sub-command per stage, plus the demo.
 
 Heavy libraries (torch, prefect) are imported inside commands so ``--help`` is
-fast. Every segpipe error ends the command with a one-line message on stderr and
-exit code 2; nothing half-written is left behind (each stage publishes atomically).
+fast. :func:`main` is the error boundary: every error ends the command with one
+``error: ...`` line on stderr and an exit code (:mod:`segpipe.boundary`: 2 bad input
+or usage, 3 environment fault, 4 store busy, 1 internal error, 130 interrupted);
+``--debug`` or ``SEGPIPE_DEBUG=1`` also prints the traceback. Nothing half-written is
+left behind (each stage publishes atomically).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from segpipe.errors import SegpipeError
+from segpipe import __version__
+from segpipe.boundary import INTERRUPTED, classify
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 app = typer.Typer(
     help="Classify every pixel of very large raster mosaics with deep segmentation networks.",
-    no_args_is_help=True,
+    no_args_is_help=False,  # no command is a usage error (main() lists the commands)
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -31,9 +44,109 @@ ARCH_HELP = (
 )
 
 
-def _progress():  # type: ignore[no-untyped-def]
+DEBUG_ENV = "SEGPIPE_DEBUG"
+PROGRESS_INTERVAL_ENV = "SEGPIPE_PROGRESS_INTERVAL"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"segpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help=f"On an error, also print the traceback (or set {DEBUG_ENV}=1); accepted anywhere.",
+        ),
+    ] = False,
+) -> None:
+    # --debug is taken out of the arguments by main() so it works after a command too;
+    # it is declared here for the help.
+    del version, debug
+
+
+@dataclass
+class _LineTask:
+    description: str
+    total: float | None
+    info: str
+    completed: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    last_print: float = -math.inf
+    printed: tuple[float, float | None, str] | None = None
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.2f}"
+
+
+class _LineProgress:
+    """Progress as plain lines for a log file or a pipe, where a live bar shows nothing.
+
+    A task's first report prints at once, later ones at most once per ``interval``
+    seconds, and every task's final state when the block ends.
+    """
+
+    def __init__(self, out: Console, interval: float) -> None:
+        self._out = out
+        self._interval = interval
+        self._tasks: list[_LineTask] = []
+
+    def __enter__(self) -> _LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            if task.printed != (task.completed, task.total, task.info):
+                self._print(task)
+
+    def add_task(self, description: str, total: float | None = None, info: str = "") -> TaskID:
+        self._tasks.append(_LineTask(description, total, info))
+        return len(self._tasks) - 1  # type: ignore[return-value]  # TaskID is a NewType of int
+
+    def update(
+        self,
+        task_id: TaskID,
+        *,
+        completed: float | None = None,
+        total: float | None = None,
+        info: str | None = None,
+    ) -> None:
+        task = self._tasks[task_id]
+        if completed is not None:
+            task.completed = completed
+        if total is not None:
+            task.total = total
+        if info is not None:
+            task.info = info
+        if time.monotonic() - task.last_print >= self._interval:
+            self._print(task)
+
+    def _print(self, task: _LineTask) -> None:
+        done = _number(task.completed)
+        if task.total:
+            done += f"/{_number(task.total)} ({task.completed / task.total:.0%})"
+        line = " ".join(part for part in (f"{task.description}: {done}", task.info) if part)
+        elapsed = time.monotonic() - task.started
+        self._out.print(f"  {line}, {elapsed:.0f} s", markup=False, highlight=False, soft_wrap=True)
+        task.last_print = time.monotonic()
+        task.printed = (task.completed, task.total, task.info)
+
+
+def _progress() -> Progress | _LineProgress:
+    """A live bar on a terminal; elsewhere (a log file, a pipe) throttled progress lines."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not console.is_terminal:
+        return _LineProgress(console, float(os.environ.get(PROGRESS_INTERVAL_ENV, "10")))
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -97,7 +210,7 @@ def ingest(
         progress=lambda msg: console.print(f"  {msg}"),
     )
     console.print(
-        f"wrote {out}: {info.height} x {info.width} px, {len(info.band_names)} bands, "
+        f"wrote {out}: {info.width} x {info.height} px, {len(info.band_names)} bands, "
         f"{len(info.classes)} classes"
     )
 
@@ -121,6 +234,10 @@ def train(
         bool, typer.Option(help="Weight classes by label frequency (a network's loss, a forest's trees).")
     ] = False,
     patience: Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")] = None,
+    valid_fraction: Annotated[
+        float,
+        typer.Option(help="Share of labelled cells held out for validation, spatially disjoint (0 = none)."),
+    ] = 0.15,
     monitor: Annotated[str, typer.Option(help="valid_miou or valid_loss.")] = "valid_miou",
     trees: Annotated[int, typer.Option(help="Trees of --arch random_forest.")] = 100,
     forest_context: Annotated[
@@ -177,6 +294,7 @@ def train(
         dice_weight=dice,
         class_balancing=class_balancing,
         patience=patience,
+        valid_fraction=valid_fraction,
         monitor=monitor,
         trees=trees,
         forest_context=forest_context,
@@ -451,27 +569,77 @@ def batch(
     typer.echo(json.dumps({name: r["miou"] for name, r in result["regions"].items()}))
 
 
+def _take_debug_flag(args: list[str]) -> bool:
+    """Remove ``--debug`` from ``args`` (before any ``--``); True when asked for, or by the environment."""
+    end = args.index("--") if "--" in args else len(args)
+    asked = "--debug" in args[:end]
+    args[:end] = [a for a in args[:end] if a != "--debug"]
+    return asked or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _wide_help_when_piped(args: list[str]) -> None:
+    """Lay help out 120 columns wide when it goes to a pipe or a file.
+
+    Typer draws help as a table as wide as the terminal, 80 columns without one, and
+    cuts long option names there (``--samples-per-e…``). Set only for help, so no child
+    process inherits it.
+    """
+    asked = "--help" in args or "-h" in args
+    if asked and not sys.stdout.isatty() and not {"TERMINAL_WIDTH", "COLUMNS"} & os.environ.keys():
+        os.environ["TERMINAL_WIDTH"] = "120"
+
+
+def _error_line(message: str) -> None:
+    # A Text, not markup: messages hold brackets ("[Errno 28]") that rich would eat.
+    console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+
+
+def _usage_error(exc: typer.TyperException) -> NoReturn:
+    """The usage line and one ``error:`` line, exit 2 (typer's own click raised ``exc``)."""
+    # This typer bundles its own click, so click's exceptions never match: typer's
+    # TyperException is the base of its usage errors.
+    ctx = getattr(exc, "ctx", None)
+    message = exc.format_message()
+    if ctx is not None:
+        console.print(ctx.get_usage(), markup=False, highlight=False, soft_wrap=True)
+        if ctx.parent is None and hasattr(ctx.command, "list_commands"):  # no or an unknown command
+            message += f" Commands: {', '.join(ctx.command.list_commands(ctx))}."
+    where = ctx.command_path if ctx is not None else "segpipe"
+    _error_line(f"{message} (see '{where} --help')")
+    sys.exit(int(getattr(exc, "exit_code", 2)))
+
+
+def _fail(exc: BaseException, debug: bool) -> NoReturn:
+    """End the command on ``exc``: one ``error:`` line (after the traceback with --debug)."""
+    if isinstance(exc, typer.TyperException):  # click's usage errors and bad files
+        _usage_error(exc)
+    if isinstance(exc, typer.Abort):  # end of input at a prompt
+        _error_line("aborted")
+        sys.exit(1)
+    verdict = classify(exc)
+    if debug and verdict.code != INTERRUPTED:
+        traceback.print_exception(exc)
+    _error_line(verdict.message)
+    sys.exit(verdict.code)
+
+
 def main() -> None:
-    """Entry point: run the app, turning segpipe errors into one-line messages and exit code 2."""
+    """Entry point: run the app; every error ends it with one ``error:`` line and its exit code."""
+    args = sys.argv[1:]
+    debug = _take_debug_flag(args)
+    _wide_help_when_piped(args)
     try:
-        app(standalone_mode=False)
-    except SegpipeError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except FileNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        code = app(args=args, prog_name="segpipe", standalone_mode=False)
     except SystemExit:
         raise
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except BaseException as exc:  # the boundary: KeyboardInterrupt too
+        _fail(exc, debug)
+    # Without standalone mode an Exit comes back as its code: 0 after --help or
+    # --version, 130 after Ctrl-C (typer turns KeyboardInterrupt into Exit(130)).
+    if code == INTERRUPTED:
+        _error_line("interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

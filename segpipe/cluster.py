@@ -5,6 +5,13 @@ one worker per GPU (``dask_cuda.LocalCUDACluster``) where a GPU is present, then
 local CPU cluster of worker processes. A cluster this module started is closed on
 exit; a cluster it only connected to is left running.
 
+A local cluster's scheduler, workers and dashboard listen on 127.0.0.1 only: the
+scheduler runs whatever code it is sent, and the dashboard shows the cluster's state.
+``SEGPIPE_CLUSTER_HOST`` and ``SEGPIPE_DASHBOARD_ADDRESS`` (or the ``host`` and
+``dashboard_address`` arguments) open them to a chosen interface. Connecting to a
+scheduler gives up after ``SEGPIPE_CONNECT_TIMEOUT`` seconds (default 10) with a
+:class:`~segpipe.errors.ClusterError` naming the address.
+
 Code that already runs inside a task on a dask worker (a Prefect stage on a
 ``DaskTaskRunner``) uses that worker's cluster: it leaves the worker's thread pool while
 it waits, so the work it submits can run even on single-threaded workers.
@@ -25,6 +32,9 @@ if TYPE_CHECKING:
     import distributed
 
 __all__ = [
+    "CONNECT_TIMEOUT_ENV",
+    "DASHBOARD_ENV",
+    "HOST_ENV",
     "SCHEDULER_ENV",
     "describe_cluster",
     "get_client",
@@ -37,6 +47,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCHEDULER_ENV = "SEGPIPE_SCHEDULER"
+HOST_ENV = "SEGPIPE_CLUSTER_HOST"
+DASHBOARD_ENV = "SEGPIPE_DASHBOARD_ADDRESS"
+CONNECT_TIMEOUT_ENV = "SEGPIPE_CONNECT_TIMEOUT"
+WORKER_CLOSE_TIMEOUT_ENV = "SEGPIPE_WORKER_CLOSE_TIMEOUT"
 
 # Local clusters of regions processed in parallel threads overlap in time and close in
 # any order: the logger is quietened by the first to start and restored by the last to stop.
@@ -124,16 +138,87 @@ def _cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _local_cuda_cluster() -> Any | None:
+def _env_seconds(name: str, default: float) -> float:
+    from segpipe.errors import InputError
+
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise InputError(f"{name}={raw!r} must be a number of seconds") from None
+    if value <= 0:
+        raise InputError(f"{name}={raw!r} must be a number of seconds above 0")
+    return value
+
+
+def _patient_nanny() -> type:
+    """A nanny that gives its worker process time to exit before killing it.
+
+    A worker that has imported torch takes seconds to tear its interpreter down (1-4 s
+    on a loaded machine), past the 4 s that distributed's nanny waits on close: every
+    normal exit printed "Worker process still alive after 4.0 seconds, killing".
+    dask_cuda's LocalCUDACluster does the same with its own nanny.
+    """
+    from distributed import Nanny
+
+    default = _env_seconds(WORKER_CLOSE_TIMEOUT_ENV, 30.0)
+
+    class PatientNanny(Nanny):
+        async def close(self, timeout: float | None = default, reason: str = "nanny-close") -> Any:
+            return await super().close(timeout=max(timeout or 0.0, default), reason=reason)
+
+    return PatientNanny
+
+
+def _local_cuda_cluster(host: str, dashboard_address: str) -> Any | None:
     try:
         from dask_cuda import LocalCUDACluster
 
         # Workers advertise a GPU resource: prediction tasks ask for it, so in a cluster
         # that mixes CPU and GPU workers they land on GPU workers only.
-        return LocalCUDACluster(dashboard_address=":0", silence_logs=logging.WARNING, resources={"GPU": 1})
+        return LocalCUDACluster(
+            host=host,
+            dashboard_address=dashboard_address,
+            silence_logs=logging.WARNING,
+            resources={"GPU": 1},
+        )
     except Exception as exc:  # NVML errors without a driver, missing CUDA libraries
         log.warning("no GPU cluster (%s); falling back to a CPU cluster", exc)
         return None
+
+
+def _check_address(address: str) -> None:
+    """Refuse an address distributed cannot parse, before a half-built Client lingers on it."""
+    from distributed.comm.addressing import get_address_host_port, parse_address
+    from distributed.comm.registry import get_backend
+
+    from segpipe.errors import InputError
+
+    try:
+        scheme, _ = parse_address(address, strict=False)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            get_address_host_port(address, strict=False)
+    except ValueError as exc:  # an unknown scheme, no port, a port that is not a number
+        raise InputError(f"scheduler address {address!r} is not usable ({exc}): use tcp://host:port") from exc
+
+
+def _connect(address: str) -> distributed.Client:
+    """A client of the scheduler at ``address``, or a ClusterError after the connect timeout."""
+    from distributed import Client
+
+    from segpipe.errors import ClusterError
+
+    _check_address(address)
+    timeout = _env_seconds(CONNECT_TIMEOUT_ENV, 10.0)
+    try:
+        return Client(address, set_as_default=False, timeout=timeout)
+    except (OSError, TimeoutError) as exc:  # refused, unreachable, timed out, closed comm
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address} within {timeout:g} s: check the address "
+            f"and port, that the scheduler is running and that no firewall blocks it "
+            f"(or set {CONNECT_TIMEOUT_ENV} to wait longer)"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -142,6 +227,8 @@ def get_client(
     n_workers: int | None = None,
     threads_per_worker: int = 1,
     processes: bool = True,
+    host: str | None = None,
+    dashboard_address: str | None = None,
 ) -> Iterator[distributed.Client]:
     """Yield a dask client, starting a local cluster only when there is none to join.
 
@@ -152,6 +239,10 @@ def get_client(
         threads_per_worker: Task threads per local CPU worker. Prediction sets each
             task's torch threads itself (a host's cores shared among the tasks it runs).
         processes: Local workers as separate processes (the GIL-free choice).
+        host: Interface a local cluster's scheduler and workers listen on; default:
+            ``SEGPIPE_CLUSTER_HOST``, else 127.0.0.1 (this machine only).
+        dashboard_address: ``host:port`` of a local cluster's dashboard; default:
+            ``SEGPIPE_DASHBOARD_ADDRESS``, else a free port on ``host``.
 
     Yields:
         A connected :class:`distributed.Client`. It is not made the process's default
@@ -162,6 +253,11 @@ def get_client(
         worker's client and the task leaves the worker's thread pool while it runs (a
         local cluster cannot start inside a worker process, and a task waiting on a
         thread of its own cluster could wait forever).
+
+    Raises:
+        ClusterError: The scheduler at the address did not answer within
+            ``SEGPIPE_CONNECT_TIMEOUT`` seconds (default 10).
+        InputError: The address cannot be parsed, or a timeout setting is not a number.
     """
     from distributed import Client, LocalCluster
 
@@ -175,22 +271,28 @@ def get_client(
             yield client
         return
     if address:
-        with Client(address, set_as_default=False) as client:
+        with _connect(address) as client:
             log.info("connected to %s (dashboard %s)", address, client.dashboard_link)
             yield client
         return
+    host = host or os.environ.get(HOST_ENV) or "127.0.0.1"
+    dashboard_address = dashboard_address or os.environ.get(DASHBOARD_ENV) or f"{host}:0"
     with quiet_distributed_logs():
-        cluster: Any = _local_cuda_cluster() if gpu_present() else None
+        cluster: Any = _local_cuda_cluster(host, dashboard_address) if gpu_present() else None
         if cluster is None:
             threads = max(1, threads_per_worker)
             cluster = LocalCluster(
                 n_workers=n_workers or max(1, _cores() // threads),
                 threads_per_worker=threads,
                 processes=processes,
-                dashboard_address=":0",
+                host=host,
+                dashboard_address=dashboard_address,
                 silence_logs=logging.WARNING,
+                **({"worker_class": _patient_nanny()} if processes else {}),
             )
         try:
+            # The client closes first (the with block), then the cluster: a cluster
+            # closed under a connected client makes the client log reconnect attempts.
             with Client(cluster, set_as_default=False) as client:
                 log.info("started %s; dashboard %s", describe_cluster(client), client.dashboard_link)
                 yield client

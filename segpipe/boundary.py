@@ -1,0 +1,134 @@
+"""The error boundary: any exception turned into one line and an exit code.
+
+segpipe maps library errors into its own tree where they happen (naming the file, tile
+or address). This module is the fallback for whatever slips through from rasterio/GDAL,
+zarr, JSON, the operating system or distributed, kept small and in one place: the
+``segpipe`` command prints :func:`classify`'s line and exits with its code, and batch
+summaries name each failed region's cause with :func:`one_line`.
+
+Exit codes: 0 ok, 1 internal error (a bug), 2 bad input or usage, 3 a fault of the
+environment (disk, permissions, network, cluster, engine), 4 a store held by another
+run, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from dataclasses import dataclass
+
+from segpipe.errors import SegpipeError, exit_code
+
+__all__ = ["INTERRUPTED", "Verdict", "classify", "one_line"]
+
+INTERRUPTED = 130
+
+# What to do about each OS error a destination can raise; the file is named in front.
+_ERRNO_HINTS: dict[int, str] = {
+    errno.ENOSPC: "no space left on the device: free some space or choose another destination",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose another destination",
+    errno.EACCES: "permission denied: check the owner and mode of the file and its folder",
+    errno.EPERM: "operation not permitted: check the owner and mode of the file and its folder",
+    errno.EROFS: "read-only file system: choose a writable destination",
+    errno.EISDIR: "is a folder where a file is expected: name a file, or remove the folder",
+    errno.ENOTDIR: "a file is in the way where a folder is expected: remove it or choose another path",
+    errno.EEXIST: "already exists: remove it or choose another name",
+}
+
+_MAX_LINE = 400
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How an error ends the command.
+
+    Attributes:
+        message: One line for the user (without the ``error:`` prefix).
+        code: The process exit code.
+    """
+
+    message: str
+    code: int
+
+
+def _flat(text: object) -> str:
+    """One line: GDAL and zarr messages carry newlines and runs of spaces."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= _MAX_LINE else line[: _MAX_LINE - 1] + "…"
+
+
+def _is_instance(exc: BaseException, module: str, names: tuple[str, ...]) -> bool:
+    """Whether ``exc`` is one of ``module``'s classes, without importing the module.
+
+    A module that was never imported cannot have raised, and importing rasterio, zarr
+    or distributed only to classify an error would slow down every failing command.
+    """
+    mod = sys.modules.get(module)
+    classes = tuple(c for c in (getattr(mod, n, None) for n in names) if isinstance(c, type))
+    return bool(classes) and isinstance(exc, classes)
+
+
+def _os_error(exc: OSError) -> Verdict:
+    where = exc.filename if exc.filename is not None else None
+    hint = _ERRNO_HINTS.get(exc.errno) if exc.errno is not None else None
+    if hint is None:
+        hint = _flat(exc.strerror or exc) or type(exc).__name__
+    return Verdict(f"{where}: {hint}" if where else hint, 3)
+
+
+def _connection(exc: BaseException) -> bool:
+    if _is_instance(exc, "distributed.comm.core", ("CommClosedError",)):
+        return True
+    return isinstance(exc, ConnectionError | TimeoutError)
+
+
+def classify(exc: BaseException) -> Verdict:
+    """The one-line message and exit code for any error.
+
+    Args:
+        exc: The error that ended the command.
+
+    Returns:
+        segpipe's own errors keep their message and family code; unreadable rasters,
+        JSON and Zarr metadata are bad input (2); file-system and connection errors are
+        environment faults (3); anything else is an internal error (1) whose message
+        asks for ``--debug``.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return Verdict("interrupted", INTERRUPTED)
+    if isinstance(exc, SegpipeError):
+        return Verdict(_flat(exc), exit_code(exc))
+    # Before OSError: RasterioIOError is an OSError, but it means an unreadable raster.
+    if _is_instance(exc, "rasterio.errors", ("RasterioError",)):
+        return Verdict(f"cannot read the raster: {_flat(exc)} (is the file a complete GeoTIFF/VRT?)", 2)
+    if isinstance(exc, FileNotFoundError):
+        where = exc.filename if exc.filename is not None else _flat(exc)
+        return Verdict(f"{where}: no such file or folder", 2)
+    if _connection(exc):
+        return Verdict(
+            f"connection failed: {_flat(exc) or type(exc).__name__} "
+            "(check the scheduler address, that it is running, and the network)",
+            3,
+        )
+    if isinstance(exc, OSError):
+        return _os_error(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return Verdict(f"invalid JSON: {_flat(exc)} (a truncated or hand-edited .json file?)", 2)
+    if _is_instance(exc, "zarr.errors", ("BaseZarrError",)):
+        return Verdict(f"unusable Zarr store: {_flat(exc)} (rebuild it with segpipe ingest)", 2)
+    return Verdict(
+        f"internal error: {type(exc).__name__}: {_flat(exc)} (rerun with --debug for the traceback)", 1
+    )
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, for a batch summary naming each failure's cause.
+
+    The message is :func:`classify`'s, so a batch names a region's cause as the command
+    would.
+    """
+    verdict = classify(exc)
+    if verdict.code == 1:  # no --debug in a batch summary: the flow's log has the traceback
+        return f"{type(exc).__name__}: {_flat(exc)}"
+    return f"{type(exc).__name__}: {verdict.message}"
