@@ -6,7 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["TrainConfig"]
+from segpipe.errors import InputError
+
+__all__ = ["CHIP_MULTIPLE", "TrainConfig", "fit_chip_size"]
+
+# Every architecture's input edges must be multiples of its output stride (at most 32).
+CHIP_MULTIPLE = 32
 
 # Settings only one family reads. Setting one for the other family is refused rather than
 # ignored: a user who asks for, say, a focal loss on a forest would otherwise compare
@@ -161,9 +166,51 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    def fit_region(self, height: int, width: int) -> tuple[TrainConfig, str | None]:
+        """These settings with the chip clamped to a region of ``height`` x ``width`` px.
+
+        Returns:
+            The settings (unchanged when the chip fits or for the random forest, which
+            reads no chips) and the warning to log and record when the chip was clamped.
+
+        Raises:
+            InputError: The region is smaller than the smallest chip (32 px).
+        """
+        if self.arch == "random_forest":
+            return self, None
+        chip, note = fit_chip_size(self.chip_size, height, width)
+        return (self, None) if note is None else (self.model_copy(update={"chip_size": chip}), note)
+
     def resume_key(self) -> str:
         """The settings a resumed run must share with the checkpoint, as JSON.
 
         Threads and checkpoint frequency change no result, so they may differ.
         """
         return self.model_dump_json(exclude={"threads", "checkpoint_every"})
+
+
+def fit_chip_size(chip_size: int, height: int, width: int) -> tuple[int, str | None]:
+    """The chip edge to train with on a ``height`` x ``width`` px region.
+
+    A chip larger than the region would be padded to its full size on every draw (a
+    20,000 px chip on a 500 px region never finishes), so it is clamped to the largest
+    multiple of 32 that fits, and a warning says so.
+
+    Returns:
+        The chip edge and the warning (None when ``chip_size`` fits).
+
+    Raises:
+        InputError: The region's smaller edge is under 32 px: no network chip fits.
+    """
+    largest = min(height, width) // CHIP_MULTIPLE * CHIP_MULTIPLE
+    if largest < CHIP_MULTIPLE:
+        raise InputError(
+            f"the region is {width} x {height} px, smaller than the smallest training chip "
+            f"({CHIP_MULTIPLE} px): ingest a larger region or use --arch random_forest"
+        )
+    if chip_size <= largest:
+        return chip_size, None
+    return largest, (
+        f"--chip-size {chip_size} does not fit the {width} x {height} px region: "
+        f"training with {largest} px chips instead"
+    )

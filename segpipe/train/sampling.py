@@ -20,6 +20,7 @@ import dask
 import numpy as np
 
 from segpipe.errors import LabelsError
+from segpipe.train.config import CHIP_MULTIPLE
 from segpipe.types import ClassInfo, default_colour
 
 __all__ = [
@@ -225,6 +226,9 @@ class ChipSampler:
         cell: Validation cell edge.
         valid_cells: Set of (cy, cx) cells that are validation.
         part: ``train`` or ``valid``: labels of the other part are ignored.
+
+    A ``chip`` larger than the region is clamped to the largest multiple of 32 that
+    fits (``self.chip`` holds the edge used); regions under 32 px are padded.
     """
 
     def __init__(
@@ -241,7 +245,10 @@ class ChipSampler:
         self.image = BlockReader(image, block)
         self.labels = BlockReader(labels, block)
         self.height, self.width = labels.shape[-2:]
-        self.chip = chip
+        # Never pad without bound: a chip beyond the region shrinks to the largest multiple
+        # of 32 that fits (training records the clamp: TrainConfig.fit_region).
+        fits = min(self.height, self.width) // CHIP_MULTIPLE * CHIP_MULTIPLE
+        self.chip = fits if chip > min(self.height, self.width) and fits >= CHIP_MULTIPLE else chip
         self.lut = lut
         self.cell = cell
         self.valid_cells = valid_cells

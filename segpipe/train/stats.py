@@ -3,11 +3,17 @@
 Statistics cover valid pixels only (no band equal to nodata): the scene border must
 not drag them towards the fill value. Every pass runs block by block, so any region
 size fits in memory.
+
+Imagery that cannot train is refused before training, naming the band: a band with no
+valid value or a single value where labels are (it teaches nothing, and its standard
+deviation would divide by ~0), or statistics that are not finite (NaN or infinite
+pixels would make NaN weights).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +21,24 @@ import dask
 import dask.array as da
 import numpy as np
 
+from segpipe.errors import InputError
+
 if TYPE_CHECKING:
     from segpipe.io.store import RegionInfo
     from segpipe.models import ModelSpec
     from segpipe.train.config import TrainConfig
     from segpipe.types import ClassInfo
 
-__all__ = ["band_percentiles", "band_statistics", "normalisation_statistics", "package_spec"]
+__all__ = [
+    "band_percentiles",
+    "band_statistics",
+    "check_labelled_bands",
+    "check_statistics",
+    "normalisation_statistics",
+    "package_spec",
+]
+
+log = logging.getLogger(__name__)
 
 # Histogram resolution of the percentile pass: integer data up to 16 bits gets one bin
 # per value (exact percentiles); wider or float data gets this many equal bins between
@@ -30,9 +47,10 @@ _BINS = 65536
 
 
 def _valid_mask(image: da.Array, nodata: float | None) -> da.Array:
-    if nodata is None:
+    """Pixels whose every band is usable; NaN counts as invalid too (a NaN nodata never compares equal)."""
+    if nodata is None and not np.issubdtype(image.dtype, np.floating):
         return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
-    return (image != nodata).all(axis=0)
+    return _band_valid(image, nodata).all(axis=0)
 
 
 def band_statistics(
@@ -58,10 +76,10 @@ def band_statistics(
         low = np.asarray(clip[0], dtype=np.float64)[:, None, None]
         high = np.asarray(clip[1], dtype=np.float64)[:, None, None]
         data = da.clip(data, low, high)
-    w = _valid_mask(image, nodata).astype(np.float64)
-    count, total, squares = dask.compute(
-        w.sum(), (data * w).sum(axis=(1, 2)), (data * data * w).sum(axis=(1, 2))
-    )
+    valid = _valid_mask(image, nodata)
+    # where, not a product with the mask: NaN * 0 is NaN.
+    data = da.where(valid[None], data, 0.0)
+    count, total, squares = dask.compute(valid.sum(), data.sum(axis=(1, 2)), (data * data).sum(axis=(1, 2)))
     n = max(float(count), 1.0)
     mean = np.asarray(total) / n
     var = np.maximum(np.asarray(squares) / n - mean * mean, 0.0)
@@ -131,6 +149,65 @@ def band_percentiles(
     return tuple(tuple(float(v[i]) for v in per_band) for i in range(q.size))
 
 
+def _band_valid(image: da.Array, nodata: float | None) -> da.Array:
+    """Per band and pixel: the value is usable (finite, not nodata)."""
+    valid = da.isfinite(image) if np.issubdtype(image.dtype, np.floating) else da.ones_like(image, dtype=bool)
+    if nodata is not None and not np.isnan(nodata):
+        valid = valid & (image != nodata)
+    return valid
+
+
+def check_labelled_bands(
+    image: da.Array, labels: da.Array, nodata: float | None, band_names: Sequence[str], store: str | Path
+) -> None:
+    """Refuse a band that holds no valid value, or only one value, where labels are.
+
+    Args:
+        image: (band, y, x) dask array.
+        labels: (y, x) dask array of label values, 0 = unlabelled.
+        nodata: Image nodata value, or None.
+        band_names: One name per band (named in the message).
+        store: The region store (named in the message).
+
+    Raises:
+        InputError: A band is all nodata/NaN, or constant, inside the labelled area.
+    """
+    usable = _band_valid(image, nodata) & (labels != 0)[None]
+    data = image.astype(np.float64)
+    count, low, high = dask.compute(
+        usable.sum(axis=(1, 2)),
+        da.where(usable, data, np.inf).min(axis=(1, 2)),
+        da.where(usable, data, -np.inf).max(axis=(1, 2)),
+    )
+    for b, name in enumerate(band_names):
+        if int(count[b]) == 0:
+            raise InputError(
+                f"band {name!r} of {store} has no valid value inside the labelled area (all nodata or NaN): "
+                "fix the imagery or its nodata value, or leave the band out"
+            )
+        if float(low[b]) == float(high[b]):
+            raise InputError(
+                f"band {name!r} of {store} is constant ({float(low[b]):g}) inside the labelled area: "
+                "it cannot inform a model; fix the imagery or leave the band out"
+            )
+
+
+def check_statistics(
+    mean: Sequence[float], std: Sequence[float], band_names: Sequence[str], store: str | Path
+) -> None:
+    """Refuse normalisation statistics that are not finite (they would make NaN weights).
+
+    Raises:
+        InputError: A band's mean or standard deviation is NaN or infinite.
+    """
+    for name, m, sd in zip(band_names, mean, std, strict=True):
+        if not (np.isfinite(m) and np.isfinite(sd)):
+            raise InputError(
+                f"band {name!r} of {store} has non-finite statistics (mean {m}, std {sd}): its valid pixels "
+                "hold NaN or infinite values or none are valid; fix the imagery or its nodata value"
+            )
+
+
 def normalisation_statistics(
     image: da.Array, nodata: float | None, clip_percentiles: tuple[float, float] | None
 ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[tuple[float, ...], tuple[float, ...]] | None]:
@@ -164,13 +241,25 @@ def package_spec(
     """Description of a model trained on ``store``: its bands, classes and normalisation.
 
     The statistics cover the whole mosaic (valid pixels, clipped at
-    ``cfg.clip_percentiles`` when set), the same for every architecture.
+    ``cfg.clip_percentiles`` when set), the same for every architecture. The chip
+    size is clamped to the region (:meth:`TrainConfig.fit_region`, logged as a warning).
+
+    Raises:
+        InputError: A band is all nodata or constant inside the labelled area, the
+            statistics are not finite, or the region is too small for a chip.
     """
     from segpipe.io.store import open_region
     from segpipe.models import ModelSpec, output_stride
 
-    image = open_region(store)["image"].data
+    fitted, note = cfg.fit_region(info.height, info.width)
+    if note is not None:
+        log.warning("%s", note)
+    region = open_region(store)
+    image = region["image"].data
+    if "labels" in region:
+        check_labelled_bands(image, region["labels"].data, info.nodata, info.band_names, store)
     mean, std, clip = normalisation_statistics(image, info.nodata, cfg.clip_percentiles)
+    check_statistics(mean, std, info.band_names, store)
     return ModelSpec(
         arch=arch,
         encoder=encoder,
@@ -178,7 +267,7 @@ def package_spec(
         mean=mean,
         std=std,
         classes=classes,
-        chip_size=cfg.chip_size,
+        chip_size=fitted.chip_size,
         nodata=info.nodata,
         options=dict(options or {}),
         clip_low=None if clip is None else clip[0],
