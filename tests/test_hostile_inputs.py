@@ -129,7 +129,9 @@ class Case:
         culprit: Text the one ``error:`` line must contain (None: usage errors, any text).
         protected: Earlier results that must be byte-identical afterwards.
         absent: Paths that must not exist afterwards (nothing half-written).
-        script: Run through the installed console script instead of in-process.
+        script: Run through the installed console script instead of in-process (the entry
+            point itself, or commands that start Prefect, whose log handlers outlive a
+            captured stream).
     """
 
     args: list[str]
@@ -224,7 +226,7 @@ def _(w: World, tmp: Path) -> Case:
 def _(w: World, tmp: Path) -> Case:
     region = tmp / "region.yaml"
     region.write_text("name: r\n")
-    return Case(["run", str(region), "--task-runner", "celery"], culprit="celery")
+    return Case(["run", str(region), "--task-runner", "celery"], culprit="celery", script=True)
 
 
 # ---------------------------------------------------------------- ingest
@@ -346,8 +348,8 @@ def _(w: World, tmp: Path) -> Case:
 
 @case("ingest: a block size that is no shard size")
 def _(w: World, tmp: Path) -> Case:
-    return Case(["ingest", str(w.image), "--out", str(tmp / "s.zarr"), "--block-size", "100"],
-                culprit="100", absent=[tmp / "s.zarr"])
+    return Case(["ingest", str(w.image), "--out", str(tmp / "s.zarr"), "--block-size", "300"],
+                culprit="300", absent=[tmp / "s.zarr"])
 
 
 # ---------------------------------------------------------------- train
@@ -550,10 +552,11 @@ def _(w: World, tmp: Path) -> Case:
                 protected=[tmp / "maps"])
 
 
-@case("export: --out inside a folder that does not exist")
+@case("export: --out inside a file, not a folder")
 def _(w: World, tmp: Path) -> Case:
-    return Case(["export", str(w.predicted), "--out", str(tmp / "no" / "such" / "c.tif")], code=(2, 3),
-                culprit="such", absent=[tmp / "no"])
+    (tmp / "notes.txt").write_text("mine")
+    return Case(["export", str(w.predicted), "--out", str(tmp / "notes.txt" / "c.tif")], code=(2, 3),
+                culprit="notes.txt", protected=[tmp / "notes.txt"])
 
 
 @case("export: --out where nobody may write")
@@ -610,31 +613,31 @@ def _(w: World, tmp: Path) -> Case:
 
 @case("run: the region file does not exist")
 def _(w: World, tmp: Path) -> Case:
-    return Case(["run", str(tmp / "region.yaml")], culprit="region.yaml")
+    return Case(["run", str(tmp / "region.yaml")], culprit="region.yaml", script=True)
 
 
 @case("run: the region file is a list")
 def _(w: World, tmp: Path) -> Case:
     (tmp / "region.yaml").write_text("- images: a.tif\n- store: b.zarr\n")
-    return Case(["run", str(tmp / "region.yaml")], culprit="region.yaml")
+    return Case(["run", str(tmp / "region.yaml")], culprit="region.yaml", script=True)
 
 
 @case("run: the region file is not YAML")
 def _(w: World, tmp: Path) -> Case:
     (tmp / "region.yaml").write_text("images: [a.tif\nstore: {")
-    return Case(["run", str(tmp / "region.yaml")], culprit="region.yaml")
+    return Case(["run", str(tmp / "region.yaml")], culprit="region.yaml", script=True)
 
 
 @case("batch: regions that are strings")
 def _(w: World, tmp: Path) -> Case:
     (tmp / "manifest.yaml").write_text("regions:\n  - north\n  - south\n")
-    return Case(["batch", str(tmp / "manifest.yaml")], culprit="manifest.yaml")
+    return Case(["batch", str(tmp / "manifest.yaml")], culprit="manifest.yaml", script=True)
 
 
 @case("batch: an empty manifest")
 def _(w: World, tmp: Path) -> Case:
     (tmp / "manifest.yaml").write_text("")
-    return Case(["batch", str(tmp / "manifest.yaml")], culprit="manifest.yaml")
+    return Case(["batch", str(tmp / "manifest.yaml")], culprit="manifest.yaml", script=True)
 
 
 # ---------------------------------------------------------------- the cases, run
@@ -665,7 +668,7 @@ def test_hostile_input(
     world_before = snapshot(world.predicted)
     outcome = run_script(spec.args, quiet_cwd) if spec.script else run_inprocess(spec.args, capsys, monkeypatch)
     codes = spec.code if isinstance(spec.code, tuple) else (spec.code,)
-    assert outcome.code in codes, outcome.stderr
+    assert outcome.code in codes, outcome.stderr[-3000:]
     assert "Traceback" not in outcome.stderr, outcome.stderr
     assert len(outcome.errors) == 1, outcome.stderr
     if spec.culprit is not None:
