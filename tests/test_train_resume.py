@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from train_support import TINY, tiny_store
 
 import segpipe.train.loop as loop
-from segpipe.errors import InputError
+from segpipe.errors import InputError, MissingInputError
 from segpipe.models import load_model, read_spec
 from segpipe.train import TrainConfig, train
-from segpipe.train.checkpoint import checkpoint_path
+from segpipe.train.checkpoint import checkpoint_path, load_checkpoint
 
 # Two epochs of three steps with a checkpoint after every step; no validation. One thread
 # everywhere: CPU kernels sum in an order that depends on the thread count.
@@ -64,7 +64,34 @@ def store(tmp_path_factory):
     return tiny_store(tmp_path_factory.mktemp("resume"))
 
 
-def test_run_killed_mid_epoch_resumes_where_it_stopped(store, tmp_path):
+@pytest.fixture(scope="module")
+def unbroken(store, tmp_path_factory):
+    """The package of an undisturbed RESUMABLE run (checkpoint frequency changes no result)."""
+    out = tmp_path_factory.mktemp("unbroken") / "m"
+    return out, train(store, out, TrainConfig(**RESUMABLE))
+
+
+class KilledError(Exception):
+    """Stands for a kill: raised from the progress callback, it ends the run mid-loop."""
+
+
+def kill_at(epoch, step):
+    def report(p):
+        if (p.epoch, p.step) == (epoch, step):
+            raise KilledError
+
+    return report
+
+
+def assert_same_package(a_dir, b_dir):
+    a = load_file(str(a_dir / "weights.safetensors"))
+    b = load_file(str(b_dir / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    history = [json.loads((d / "model.json").read_text())["training"]["history"] for d in (a_dir, b_dir)]
+    assert [r["train_loss"] for r in history[0]] == [r["train_loss"] for r in history[1]]
+
+
+def test_run_killed_mid_epoch_resumes_where_it_stopped(store, unbroken, tmp_path):
     cfg = TrainConfig(**RESUMABLE)
     out = tmp_path / "m"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -78,8 +105,9 @@ def test_run_killed_mid_epoch_resumes_where_it_stopped(store, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert checkpoint_path(out).is_file() and not (out / "model.json").exists()
 
-    with pytest.raises(InputError, match="other training settings"):
+    with pytest.raises(InputError, match="other training settings") as refused:
         train(store, out, TrainConfig(**{**RESUMABLE, "lr": 0.5}), resume=True)
+    assert "lr: 0.001 there, 0.5 now" in str(refused.value)  # says what to change back
 
     seen = []
     spec = train(store, out, cfg, progress=lambda p: seen.append((p.epoch, p.step)), resume=True)
@@ -91,21 +119,64 @@ def test_run_killed_mid_epoch_resumes_where_it_stopped(store, tmp_path):
     assert loaded == read_spec(out)
 
     # The resumed run continued the same random streams: it ends where an unbroken run ends.
-    whole = train(store, tmp_path / "whole", cfg)
+    whole_dir, whole = unbroken
     a = load_file(str(out / "weights.safetensors"))
-    b = load_file(str(tmp_path / "whole" / "weights.safetensors"))
+    b = load_file(str(whole_dir / "weights.safetensors"))
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     assert whole.training["history"][1]["train_loss"] == spec.training["history"][1]["train_loss"]
 
 
-def test_resume_without_checkpoint_starts_afresh_and_old_checkpoints_go(store, tmp_path):
+def test_resume_without_checkpoint_is_refused_and_old_checkpoints_go(store, tmp_path):
     out = tmp_path / "m"
     checkpoint_path(out).parent.mkdir(parents=True)
     checkpoint_path(out).write_bytes(b"stale")
+    with pytest.raises(InputError, match=r"cannot read checkpoint .*delete it"):
+        train(store, out, TrainConfig(**TINY), resume=True)
     spec = train(store, out, TrainConfig(**TINY))  # resume=False discards it
     assert spec.training["resumed_from"] is None and not checkpoint_path(out).parent.exists()
-    spec = train(store, tmp_path / "n", TrainConfig(**TINY), resume=True)
-    assert spec.training["resumed_from"] is None
+    # --resume with nothing to resume is a mistake worth naming, not a silent fresh start
+    # (a user who believes hours of training are kept would otherwise wait for them again).
+    with pytest.raises(MissingInputError, match=r"no checkpoint in .*run without --resume"):
+        train(store, tmp_path / "n", TrainConfig(**TINY), resume=True)
+    assert not (tmp_path / "n").exists()
+    with pytest.raises(MissingInputError, match=r"is complete .*run without --resume"):
+        train(store, out, TrainConfig(**TINY), resume=True)
+
+
+def _with_checkpoint_seconds(settings, seconds, monkeypatch):
+    """Settings that checkpoint every ``seconds``: a TrainConfig field where it exists."""
+    if "checkpoint_seconds" in TrainConfig.model_fields:
+        return TrainConfig(**settings, checkpoint_seconds=seconds)
+    monkeypatch.setattr(loop, "_CHECKPOINT_SECONDS", seconds)
+    return TrainConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    ("every", "seconds", "killed", "saved"),
+    [
+        # 3 steps per epoch: every 4 steps means global step 4, the first of epoch 2; a count
+        # that restarts each epoch would never reach 4.
+        pytest.param(4, 0.0, (2, 2), (2, 1), id="global-steps"),
+        # No step interval at all: the clock alone checkpoints inside the first epoch.
+        pytest.param(0, 1e-6, (1, 2), (1, 1), id="elapsed-time"),
+    ],
+)
+def test_checkpoints_count_global_steps_and_time(
+    store, unbroken, tmp_path, monkeypatch, every, seconds, killed, saved
+):
+    settings = {**RESUMABLE, "checkpoint_every": every}
+    cfg = _with_checkpoint_seconds(settings, seconds, monkeypatch)
+    out = tmp_path / "pkg"
+    with pytest.raises(KilledError):
+        train(store, out, cfg, progress=kill_at(*killed))
+    # The first checkpoint made the package folder; the write left no temporary file.
+    assert [p.name for p in checkpoint_path(out).parent.iterdir()] == ["state.pt"]
+    state = load_checkpoint(out, cfg.resume_key())
+    assert state is not None and (state.epoch, state.step) == saved
+
+    spec = train(store, out, cfg, resume=True)
+    assert spec.training["resumed_from"] == {"epoch": saved[0], "step": saved[1]}
+    assert_same_package(out, unbroken[0])
 
 
 def test_two_data_parallel_processes_write_a_package(store, tmp_path):

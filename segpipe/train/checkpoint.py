@@ -1,11 +1,12 @@
 """Resumable training: the whole training state in one file, written atomically.
 
-A checkpoint lives in ``<package>/checkpoint/state.pt`` while a run is under way and
-is removed once the package is complete. It holds everything needed to continue
-exactly where the run stopped: weights, optimiser and schedule, the random
-generators of every rank, the history, the best state so far and the position
-(epoch, step). It is read with ``torch.load(weights_only=True)``: plain containers
-and tensors only, so a tampered checkpoint cannot run code.
+A checkpoint lives in ``<package>/checkpoint/state.pt`` while a run is under way (the
+first checkpoint creates the package folder) and is removed once the package is
+complete. It holds everything needed to continue exactly where the run stopped:
+weights, optimiser and schedule, the random generators of every rank, the history,
+the best state so far and the position (epoch, step). It is read with
+``torch.load(weights_only=True)``: plain containers and tensors only, so a tampered
+checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segpipe.errors import InputError
+from segpipe.errors import InputError, MissingInputError, StorageError
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -29,6 +30,7 @@ __all__ = [
     "checkpoint_path",
     "load_checkpoint",
     "remove_checkpoint",
+    "require_checkpoint",
     "restore_rng",
     "rng_state",
     "save_checkpoint",
@@ -91,9 +93,13 @@ def restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: str | Path, state: TrainState) -> Path:
-    """Write the checkpoint atomically: a killed write leaves the previous one intact."""
+    """Write the checkpoint atomically: a killed write leaves the previous one intact.
+
+    Raises:
+        StorageError: The package folder cannot be created or written (full disk,
+            no permission, a file in the way).
+    """
     path = checkpoint_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": _FORMAT,
         **{k: getattr(state, k) for k in TrainState.__dataclass_fields__},
@@ -102,17 +108,79 @@ def save_checkpoint(out: str | Path, state: TrainState) -> Path:
         "best_cm": None if state.best_cm is None else torch.from_numpy(state.best_cm),
         "history": json.dumps(state.history),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_FILE}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary file sits beside the checkpoint so that os.replace stays on one
+        # file system, where it is atomic.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_FILE}.")
+    except OSError as exc:
+        raise StorageError(f"cannot write checkpoint {path} ({exc.strerror or exc})") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot write checkpoint {path} ({exc.strerror or exc})") from exc
         raise
     return path
+
+
+def _read(path: Path, config: str, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's payload, checked for format and settings."""
+    try:
+        # mmap leaves the tensors on disk: enough to check the settings cheaply.
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # truncated or foreign file
+        raise InputError(f"cannot read checkpoint {path} ({exc}): delete it to start afresh") from exc
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        raise InputError(f"checkpoint {path} has an unknown format: delete it to start afresh")
+    if data.get("config") != config:
+        changed = _differences(data.get("config"), config)
+        raise InputError(
+            f"checkpoint {path} was written with other training settings ({changed}): "
+            "resume with the same settings, or run without --resume to start afresh"
+        )
+    return data
+
+
+def _differences(saved: Any, now: str) -> str:
+    """The settings that differ, as ``name: saved -> now`` (what the user must change back)."""
+    try:
+        old, new = json.loads(saved), json.loads(now)
+    except (TypeError, ValueError):
+        return "unreadable settings"
+    names = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in names) or "none"
+
+
+def require_checkpoint(out: str | Path, config: str) -> None:
+    """Check, before any work, that ``out`` holds a checkpoint a run with ``config`` can resume.
+
+    Args:
+        out: Package directory.
+        config: The resumed run's settings as JSON.
+
+    Raises:
+        MissingInputError: There is no checkpoint (none written yet, or the package is
+            already complete and its checkpoint removed).
+        InputError: The checkpoint is unreadable or was written with other settings.
+    """
+    path = checkpoint_path(out)
+    if not path.is_file():
+        if (Path(out) / "model.json").is_file():
+            raise MissingInputError(
+                f"--resume: the package in {out} is complete and has no checkpoint left: "
+                "run without --resume to train it again"
+            )
+        raise MissingInputError(
+            f"--resume: no checkpoint in {out} (a run writes {CHECKPOINT_DIR}/{_FILE} there after "
+            "its first checkpoint interval): run without --resume to start afresh"
+        )
+    _read(path, config, mmap=True)
 
 
 def load_checkpoint(out: str | Path, config: str) -> TrainState | None:
@@ -128,17 +196,7 @@ def load_checkpoint(out: str | Path, config: str) -> TrainState | None:
     path = checkpoint_path(out)
     if not path.is_file():
         return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file
-        raise InputError(f"cannot read checkpoint {path} ({exc}): delete it to start afresh") from exc
-    if data.get("format") != _FORMAT:
-        raise InputError(f"checkpoint {path} has an unknown format: delete it to start afresh")
-    if data["config"] != config:
-        raise InputError(
-            f"checkpoint {path} was written with other training settings: resume with the same "
-            "settings, or delete the checkpoint folder to start afresh"
-        )
+    data = _read(path, config)
     fields = {k: data[k] for k in TrainState.__dataclass_fields__}
     fields["history"] = json.loads(data["history"])
     fields["best_cm"] = None if data["best_cm"] is None else data["best_cm"].numpy()

@@ -42,6 +42,8 @@ __all__ = ["TrainProgress", "initial_network", "train"]
 IGNORE = 255
 _MAX_VALID_CHIPS = 192
 _SAMPLE_CHIPS = 4
+# Until TrainConfig carries ``checkpoint_seconds``: a checkpoint at least this often.
+_CHECKPOINT_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,36 @@ class _Plan:
     initial: dict[str, Any]
     pretrained: dict[str, Any] | None
     valid_pixels: int
+
+
+class _Pace:
+    """When the next checkpoint is due: every ``every`` global steps, and ``seconds`` after the last.
+
+    Steps are counted over the whole run, not per epoch, so a checkpoint interval longer
+    than an epoch still comes; the clock makes sure a slow run (big chips, a busy CPU)
+    leaves something to resume within minutes. Rank 0's clock decides for every rank,
+    since saving gathers every rank's random state.
+    """
+
+    def __init__(self, every: int, seconds: float) -> None:
+        self.every = every
+        self.seconds = seconds
+        self.last = time.monotonic()
+
+    def due(self, global_step: int) -> bool:
+        """Whether to checkpoint after ``global_step`` (1-based); the same answer on every rank."""
+        by_steps = self.every > 0 and global_step % self.every == 0
+        by_time = self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+        return bool(ddp.broadcast_object(by_steps or by_time)) if self.seconds > 0 else by_steps
+
+    def saved(self) -> None:
+        """Restart the clock (a checkpoint was just written)."""
+        self.last = time.monotonic()
+
+
+def checkpoint_seconds(cfg: TrainConfig) -> float:
+    """Seconds between time-based checkpoints of a run (0 = by steps and epochs only)."""
+    return float(getattr(cfg, "checkpoint_seconds", _CHECKPOINT_SECONDS))
 
 
 def _dihedral(image: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -295,8 +327,8 @@ def train(
         out: Model package directory to write.
         config: Training settings (defaults when None).
         progress: Called after every step with a :class:`TrainProgress`.
-        resume: Continue from the checkpoint in ``out`` (same settings required);
-            without one, start afresh. False: any old checkpoint is discarded.
+        resume: Continue from the checkpoint in ``out`` (same settings required),
+            bitwise as if the run had not stopped. False: any old checkpoint is discarded.
 
     Returns:
         The written model's description.
@@ -304,6 +336,7 @@ def train(
     Raises:
         StoreError: The store has no labels.
         LabelsError: No labelled pixel.
+        MissingInputError: ``resume`` but ``out`` holds no checkpoint.
         InputError: More CUDA devices asked for than present, or a checkpoint that
             does not fit the settings.
     """
@@ -312,6 +345,8 @@ def train(
         from segpipe.train.forest import train_forest
 
         return train_forest(store, out, cfg, progress)
+    if resume:  # before the costly preparation, so a wrong --resume fails at once
+        ckpt.require_checkpoint(out, cfg.resume_key())
     plan = _prepare(store, cfg)
     device = _device(cfg.device)
     if cfg.devices == 1:
@@ -387,7 +422,10 @@ def _run(
     offset = history[-1]["seconds"] if history else 0.0
     started = time.perf_counter() - offset
 
+    pace = _Pace(cfg.checkpoint_every, checkpoint_seconds(cfg))
+
     def save(epoch: int, step: int, running: float) -> None:
+        pace.saved()
         rngs = ddp.gather_objects(ckpt.rng_state(rng))
         if rank == 0:
             ckpt.save_checkpoint(
@@ -428,7 +466,7 @@ def _run(
             running += (ddp.average(loss.item(), device) - running) / step
             if report and step < steps:
                 report(TrainProgress(epoch, cfg.epochs, step, steps, running))
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+            if step < steps and pace.due((epoch - 1) * steps + step):  # epoch ends always save
                 save(epoch, step, running)
         record: dict[str, Any] = {
             "epoch": epoch,

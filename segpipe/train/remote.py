@@ -9,6 +9,7 @@ plain data: paths and the settings as a dict, never the pydantic model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ def cluster_has_gpus(client: distributed.Client) -> bool:
     return any(int((w.get("resources") or {}).get("GPU", 0)) for w in workers.values())
 
 
-def _train_task(store: str, out: str, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
+def _train_task(store: str, out: str, settings: dict[str, Any], resume: bool) -> str:
     from distributed import get_worker
 
     from segpipe.train.loop import train
@@ -36,7 +37,9 @@ def _train_task(store: str, out: str, settings: dict[str, Any], resume: bool) ->
     if cfg.threads == 0:
         # Dask workers run with OMP_NUM_THREADS=1; training should use the worker's share.
         cfg = cfg.model_copy(update={"threads": max(1, int(get_worker().state.nthreads))})
-    return train(store, out, cfg, resume=resume).to_json()
+    # JSON text, as model.json holds it: the description comes back exactly as a reader of
+    # the package would parse it (tuples, for one, become the lists the schema expects).
+    return json.dumps(train(store, out, cfg, resume=resume).to_json())
 
 
 def train_on_cluster(
@@ -69,4 +72,4 @@ def train_on_cluster(
         resources=resources,
         pure=False,
     )
-    return ModelSpec.from_json(future.result())
+    return ModelSpec.from_json(json.loads(future.result()), f"{out}/model.json")
