@@ -38,6 +38,13 @@ _ERRNO_HINTS: dict[int, str] = {
 
 _MAX_LINE = 400
 
+# Packages whose errors mean an unreadable input file: what it is, what to check.
+_READERS: dict[str, tuple[str, str]] = {
+    "rasterio": ("raster", "is the file a complete GeoTIFF/VRT with a CRS?"),
+    "pyogrio": ("vector file", "is it a complete GeoPackage/Shapefile/GeoJSON?"),
+    "fiona": ("vector file", "is it a complete GeoPackage/Shapefile/GeoJSON?"),
+}
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -100,8 +107,11 @@ def classify(exc: BaseException) -> Verdict:
     if isinstance(exc, SegpipeError):
         return Verdict(_flat(exc), exit_code(exc))
     # Before OSError: RasterioIOError is an OSError, but it means an unreadable raster.
-    if _is_instance(exc, "rasterio.errors", ("RasterioError",)):
-        return Verdict(f"cannot read the raster: {_flat(exc)} (is the file a complete GeoTIFF/VRT?)", 2)
+    # By the defining package: rasterio's errors do not share one base (CRSError is a
+    # ValueError, GDAL's CPLE_* errors live in rasterio._err).
+    reader = _READERS.get(type(exc).__module__.partition(".")[0])
+    if reader is not None:
+        return Verdict(f"cannot read the {reader[0]}: {_flat(exc)} ({reader[1]})", 2)
     if isinstance(exc, FileNotFoundError):
         where = exc.filename if exc.filename is not None else _flat(exc)
         return Verdict(f"{where}: no such file or folder", 2)
