@@ -173,12 +173,14 @@ def predict_stage(
 ) -> dict[str, Any]:
     """Classify every pixel on a Dask cluster (local by default), unless every block is finished."""
     from segpipe.cluster import describe_cluster, get_client
-    from segpipe.predict import pending_blocks, predict
+    from segpipe.predict import check_predict_inputs, pending_blocks, predict
 
     log = get_run_logger()
     started = time.perf_counter()
     output = f"{store} (classes, confidence)"
-    # Checked before any cluster is started or joined: a finished region costs nothing.
+    # Checked before any cluster is started or joined: a bad package or setting fails at
+    # once (its weights are loaded here, once), and a finished region costs nothing.
+    check_predict_inputs(store, model, tile_size, overlap)
     pending, total = pending_blocks(store, model, tile_size, overlap)
     if pending == 0:
         log.info("predict: all %d blocks are finished for this model and settings; skipped", total)

@@ -189,8 +189,9 @@ def run_block(job: BlockJob) -> dict[str, float]:
 
     Returns:
         Stats: ``pixels`` (pixels written), ``valid`` (valid pixels written), ``blocks``
-        (blocks written), ``windows`` (windows computed), ``slots`` (window slots of the
-        forward calls, padding included), ``seconds`` (task time).
+        (blocks written), ``skipped`` (blocks found already marked), ``windows`` (windows
+        computed), ``slots`` (window slots of the forward calls, padding included),
+        ``seconds`` (task time).
     """
     t0 = time.perf_counter()
     tune_allocator()  # dask's nanny settings make every activation tensor page-fault
@@ -199,13 +200,14 @@ def run_block(job: BlockJob) -> dict[str, float]:
     progress = open_layer(job.store, job.prefix + PROGRESS_LAYER, mode="r+")
     # Markers are re-read at task start: when dask reruns this task after its worker
     # died, the blocks that worker finished are neither recomputed nor rewritten.
-    blocks = _unfinished(progress, job.blocks or tuple(
+    planned = job.blocks or tuple(
         (by, bx) for by in range(job.y0 // b, -(-(job.y0 + job.h) // b))
         for bx in range(job.x0 // b, -(-(job.x0 + job.w) // b))
-    ))
+    )
+    blocks = _unfinished(progress, planned)
     if not blocks:
-        return {"pixels": 0, "valid": 0, "blocks": 0, "windows": 0, "slots": 0,
-                "seconds": time.perf_counter() - t0}
+        return {"pixels": 0, "valid": 0, "blocks": 0, "skipped": len(planned), "windows": 0,
+                "slots": 0, "seconds": time.perf_counter() - t0}
     net, spec, device = _model_for(job.model_dir, job.model_hash)
     streams = _cpu_streams(job) if device.type == "cpu" else 1
     forward = torch_forward(net, device)
@@ -254,6 +256,7 @@ def run_block(job: BlockJob) -> dict[str, float]:
         "pixels": written,
         "valid": valid_written,
         "blocks": len(boxes),
+        "skipped": len(planned) - len(boxes),
         "windows": stats.windows,
         "slots": stats.slots,
         "seconds": time.perf_counter() - t0,

@@ -33,7 +33,7 @@ from segpipe.blend import blend_windows
 from segpipe.errors import InputError, StoreBusyError, StoreError
 from segpipe.inference import PROGRESS_LAYER, BlockJob, run_block, usable_cores, valid_mask, worker_host
 from segpipe.io.remote import is_remote
-from segpipe.io.runs import STAGING, RunLock, acquire_lock, finish_promotion, promote
+from segpipe.io.runs import STAGING, RunLock, acquire_lock, finish_promotion, has_staged_progress, promote
 from segpipe.io.store import NODATA_U8, RegionInfo, create_layer, open_layer, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec, validate_package
 from segpipe.models.forest import default_overlap as forest_overlap
@@ -453,6 +453,7 @@ def predict(
         if prefix:
             _publish(inputs, prefix, lock)
     seconds = time.perf_counter() - t0
+    skipped += run.skipped
     log.info("predicted %d blocks in %d tasks (%d skipped) in %.1f s",
              run.blocks, run.tasks, skipped, seconds)
     return PredictSummary(total, run.blocks, skipped, run.pixels, seconds, run.windows, inputs.tile,
@@ -467,6 +468,7 @@ class _Run:
     windows: int = 0
     slots: int = 0
     blocks: int = 0
+    skipped: int = 0
     tasks: int = 0
     batch_size: int = 0
     plan: tuple[int, int] = (1, 1)
@@ -527,8 +529,11 @@ def _run_tasks(
             run.windows += int(stats["windows"])
             run.slots += int(stats["slots"])
             run.blocks += int(stats["blocks"])
+            # Blocks marked after the plan was made (by a task of an interrupted run that
+            # was still running, or an earlier attempt of this task) count as skipped.
+            run.skipped += int(stats.get("skipped", 0))
             if progress is not None:
-                progress(skipped + run.blocks, total)
+                progress(skipped + run.skipped + run.blocks, total)
     except BaseException:
         # A failed task or an interrupted driver: queued tasks are dropped; blocks
         # already marked stay done for the next run.
@@ -591,8 +596,7 @@ def pending_blocks(
     tile, ov = _settings(spec, tile_size, overlap)
     key = _resume_key(model_hash(_model_location(model_dir)), tile, ov, blend, tta)
     total = int(info.blocks[0] * info.blocks[1])
-    staged = _markers(store_s, info.blocks, key, probabilities, f"{STAGING}/")
-    if staged is not None and staged.all():
+    if has_staged_progress(store_s):  # perhaps a publication cut short: finish it, as predict would
         with contextlib.suppress(StoreBusyError), acquire_lock(store_s, key["model_hash"]):
             finish_promotion(store_s)
     markers = _markers(store_s, info.blocks, key, probabilities)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,12 +28,20 @@ def _outputs(store: Path) -> dict[str, np.ndarray]:
     return {name: _read(store, name) for name in ("classes", "confidence")}
 
 
+def _executing(dask_worker: Any) -> int:
+    return int(dask_worker.state.executing_count)
+
+
 def _wait_idle(client: Client) -> None:
-    """Let tasks that were cancelled but already running finish (cancel never stops them)."""
-    for _ in range(200):
-        if not any(client.processing().values()):
+    """Let tasks that were cancelled but already running finish (cancel never stops them).
+
+    The scheduler forgets a cancelled task at once; its worker keeps running it, so the
+    workers themselves are asked.
+    """
+    for _ in range(1200):
+        if not any(client.processing().values()) and not any(client.run(_executing).values()):
             return
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def test_planned_tasks_match_one_block_per_task(tmp_path: Path, model_dir: Path, client: Client) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "RunLock",
     "acquire_lock",
     "finish_promotion",
+    "has_staged_progress",
     "promote",
     "read_lock",
     "staged",
@@ -357,17 +358,27 @@ def promote(store: str | Path, key: dict[str, Any]) -> None:
             belongs to an older result and is retired.
     """
     s = store_location(store)
+
+    def made_by_run(attrs: dict[str, Any] | None) -> bool:
+        return attrs is not None and all(attrs.get(k) == v for k, v in key.items())
+
     for name in DATA_LAYERS:
-        if _exists(s, f"{staged(name)}/zarr.json"):
+        if made_by_run(_attrs(s, staged(name))):
             _swap_in(s, name)
-        elif _exists(s, f"{name}/zarr.json"):
-            attrs = _attrs(s, name) or {}
-            if any(attrs.get(k) != v for k, v in key.items()):
-                _set_aside(s, name)
+            continue
+        # A staged layer of another, abandoned run (an old ``probabilities``) is dropped.
+        _remove(s, staged(name))
+        if _exists(s, f"{name}/zarr.json") and not made_by_run(_attrs(s, name)):
+            _set_aside(s, name)
     if _exists(s, f"{staged(PROGRESS_LAYER)}/zarr.json"):
         _swap_in(s, PROGRESS_LAYER)
     _remove(s, _REPLACED)
     log.info("published the new predictions of %s", s)
+
+
+def has_staged_progress(store: str | Path) -> bool:
+    """Whether the store holds staged markers (an unfinished run, or an unfinished publication)."""
+    return _exists(store_location(store), f"{staged(PROGRESS_LAYER)}/zarr.json")
 
 
 def finish_promotion(store: str | Path) -> bool:
