@@ -383,6 +383,32 @@ def storage_fault(exc: BaseException) -> int | None:
     return None
 
 
+# Below this much free space a failed GDAL write is taken for a full disk: GDAL reports
+# ENOSPC only as a log line ("_tiffWriteProc: No space left on device"), while the
+# exception says "Write failed".
+_NEARLY_FULL = 16 * 2**20
+
+
+def _destination_fault(dest: str | Path) -> int | None:
+    """Probe a local destination's filesystem after a write failed without an errno."""
+    if is_remote(dest):
+        return None
+    folder = Path(dest)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+        return errno.ENOSPC
+    if not os.access(folder, os.W_OK):
+        return errno.EACCES
+    return None
+
+
 @contextlib.contextmanager
 def storage_errors(dest: str | Path, what: str) -> Iterator[None]:
     """Name ``dest`` in a :class:`~segpipe.errors.StorageError` when it cannot be written.
@@ -403,6 +429,8 @@ def storage_errors(dest: str | Path, what: str) -> Iterator[None]:
         raise
     except Exception as exc:
         code = storage_fault(exc)
+        if code is None and type(exc).__module__.startswith("rasterio"):
+            code = _destination_fault(dest)
         if code is None:
             raise
         # One argument: OSError's (errno, text) form would print as "[Errno 28] ...".
