@@ -1,5 +1,6 @@
 """The command line: help for every command, one-line errors with exit code 2, no half-written output."""
 
+import os
 import subprocess
 import sys
 
@@ -108,3 +109,49 @@ def test_missing_store_for_predict_and_export(tmp_path):
         assert result.returncode == 2, result.stderr
         assert "none.zarr" in result.stderr
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_ingest_prints_sizes_width_first(tmp_path):
+    tile = tmp_path / "wide.tif"
+    with rasterio.open(
+        tile,
+        "w",
+        driver="GTiff",
+        width=96,
+        height=32,
+        count=1,
+        dtype="uint16",
+        crs="EPSG:32617",
+        transform=from_origin(500000.0, 4000000.0, 10, 10),
+    ) as dst:
+        dst.write(np.arange(96 * 32, dtype="uint16").reshape(1, 32, 96) + 1)
+    result = segpipe("ingest", tile, "--out", tmp_path / "s.zarr", "--block-size", "32")
+    assert result.returncode == 0, result.stderr
+    assert "96 x 32 px" in result.stderr and "32 x 96" not in result.stderr
+
+
+def test_train_reports_progress_within_the_first_epoch_to_a_pipe(tmp_path):
+    from segpipe.ingest import ingest
+    from segpipe.synth import synthesize
+
+    region = synthesize(tmp_path / "region", size=256, bands=3, tiles=1, seed=3)
+    store = tmp_path / "r.zarr"
+    ingest([region.image], store, labels=region.labels, classes=region.classes, block_size=128)
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "segpipe.cli", "train", str(store), "--out", str(tmp_path / "m")),
+            *("--epochs", "1", "--samples-per-epoch", "8", "--chip-size", "32", "--batch-size", "2"),
+            *("--device", "cpu", "--valid-fraction", "0.3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "SEGPIPE_PROGRESS_INTERVAL": "0"},
+    )
+    assert result.returncode == 0, result.stderr
+    steps = [ln for ln in result.stderr.splitlines() if ln.strip().startswith("train: ")]
+    # Four steps of the only epoch, each a line, before the epoch's summary: a log
+    # file shows training move long before an epoch ends.
+    assert any(ln.strip().startswith("train: 0.25/1 (25%) epoch 1/1 loss") for ln in steps), result.stderr
+    assert len(steps) >= 4
+    assert (tmp_path / "m" / "model.json").is_file()
