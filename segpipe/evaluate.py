@@ -41,6 +41,7 @@ from segpipe.io.remote import (
     join,
     remote_exists,
     staged_dir,
+    storage_errors,
 )
 from segpipe.io.store import NODATA_U8, open_layer, read_region_info
 from segpipe.metrics import confusion_from_histogram, joint_histogram, json_ready, scores
@@ -338,12 +339,15 @@ def evaluate(
         MissingInputError: The prediction or the reference does not exist.
         LabelsError: The reference does not overlap the prediction, or holds no labelled
             pixel where the prediction has data.
-        InputError: Bad ``points`` or ``sampling``.
+        InputError: Bad ``points`` or ``sampling``, or ``out_dir`` is a file.
+        StorageError: The report cannot be written (full disk, read-only, no permission).
     """
     if points is not None:
         allocate(np.ones(ALL + 1, np.int64), points, sampling)  # validate before the long pass
     if is_remote(out_dir):
         check_bucket(as_url(out_dir))
+    elif Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError(f"--out {out_dir} is a file: name a folder for the report")
     pred, grid, pred_classes, block = open_prediction(prediction, layer)
     labels = open_labels(reference, reference_field)
     check_overlap(labels, grid)
@@ -367,7 +371,7 @@ def evaluate(
         )
     # A local folder is written in place; an s3:// one is uploaded once complete,
     # metrics.json last (its presence is what marks a finished report).
-    with staged_dir(out_dir, last=("metrics.json",)) as out:
+    with storage_errors(out_dir, "evaluation report"), staged_dir(out_dir, last=("metrics.json",)) as out:
         assessment: dict[str, Any] = {"mode": "pixels"}
         if points is not None:
             per_window_arr = np.asarray(per_window, np.int64)

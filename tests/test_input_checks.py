@@ -573,3 +573,34 @@ def test_stac_item_json_is_valid_after_export(classes_store: Path, tmp_path: Pat
     item = json.loads(stac_item_path(Path(str(dest))).read_text())
     assert item["assets"]["data"]["href"] == "./classes.tif"
     assert hidden(tmp_path / "exports") == []
+
+
+# ---- evaluate ------------------------------------------------------------------------------
+
+
+def test_evaluate_report_destination(
+    classes_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segpipe.evaluate import evaluate
+
+    reference = np.zeros((1, 96, 96), np.uint8)
+    reference[0, 10:50, 10:50] = 2
+    ref = write_tif(tmp_path / "reference.tif", reference)
+    blocker = tmp_path / "report"
+    blocker.write_text("a file")
+    with pytest.raises(InputError, match=r"--out .*report is a file"):
+        evaluate(classes_store, ref, blocker, preview=False)
+    assert blocker.read_text() == "a file"
+
+    real = Path.write_text
+
+    def write_text(self: Path, data: str, *args: object, **kw: object) -> int:
+        if self.name == "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "reports"
+    with pytest.raises(StorageError, match=rf"evaluation report {out}: the disk is full"):
+        evaluate(classes_store, ref, out, preview=False)
+    assert not (out / "metrics.json").exists()
