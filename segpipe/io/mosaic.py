@@ -342,6 +342,7 @@ def _read_block(
     template: np.ndarray,
     source: str,
     parts: tuple[_Part, ...] = (),
+    remote: bool = True,
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
     """Read one (band, y, x) block of ``source`` in any worker; a failed read names its tile.
@@ -352,8 +353,9 @@ def _read_block(
     assert block_info is not None
     (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
     try:
-        # Any remote name switches the S3 config on; source may be VRT XML, not a path.
-        with gdal_env("s3://"), rasterio.open(source) as ds:
+        # Any remote name switches the S3 config on (source may be VRT XML, not a path);
+        # local reads keep GDAL's defaults (sidecar files are found as rioxarray finds them).
+        with gdal_env("s3://" if remote else None), rasterio.open(source) as ds:
             data: np.ndarray = ds.read(window=((y0, y1), (x0, x1)))
     except (RasterioError, CPLE_BaseError) as exc:
         # GDAL's own message ("Read failed") names neither the tile nor the place.
@@ -367,11 +369,11 @@ def _read_block(
     return data.astype(template.dtype, copy=False)
 
 
-def _blocks(source: str, like: dask.array.Array, parts: tuple[_Part, ...]) -> dask.array.Array:
+def _blocks(source: str, like: dask.array.Array, parts: tuple[_Part, ...], remote: bool) -> dask.array.Array:
     """A dask array of ``source`` with the chunks of ``like``, read by :func:`_read_block`."""
     template = dask.array.empty(like.shape, dtype=like.dtype, chunks=like.chunks)
     return template.map_blocks(
-        _read_block, source, parts, dtype=like.dtype, meta=np.empty((0, 0, 0), like.dtype)
+        _read_block, source, parts, remote, dtype=like.dtype, meta=np.empty((0, 0, 0), like.dtype)
     )
 
 
@@ -431,7 +433,7 @@ def open_mosaic(
     assert isinstance(da, xr.DataArray)
     # segpipe's own reader: it sets the S3 config in whichever worker runs it, and a
     # failed read names the tile and window (rioxarray's reader does neither).
-    da = da.copy(data=_blocks(source, da.data, _parts(tiles)))
+    da = da.copy(data=_blocks(source, da.data, _parts(tiles), remote))
     # rioxarray adds a neutral scale/offset to every file; stored they would make
     # default (masking) readers turn integer images into floats.
     if da.attrs.get("scale_factor") == 1.0:
