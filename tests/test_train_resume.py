@@ -144,11 +144,8 @@ def test_resume_without_checkpoint_is_refused_and_old_checkpoints_go(store, tmp_
 
 
 def _with_checkpoint_seconds(settings, seconds, monkeypatch):
-    """Settings that checkpoint every ``seconds``: a TrainConfig field where it exists."""
-    if "checkpoint_seconds" in TrainConfig.model_fields:
-        return TrainConfig(**settings, checkpoint_seconds=seconds)
-    monkeypatch.setattr(loop, "_CHECKPOINT_SECONDS", seconds)
-    return TrainConfig(**settings)
+    """Settings that checkpoint every ``seconds``."""
+    return TrainConfig(**settings, checkpoint_seconds=seconds)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ _NETWORK_ONLY = (
     "balanced_sampling",
     "color_jitter",
     "checkpoint_every",
+    "checkpoint_seconds",
     "pixel_head",
     "devices",
 )
@@ -80,8 +81,10 @@ class TrainConfig(BaseModel):
         balanced_sampling: Centre chips on each class equally often.
         color_jitter: Strength of random brightness/contrast changes of valid pixels
             (in normalised units; 0 = off).
-        checkpoint_every: Also checkpoint every N steps within an epoch (0 = at epoch
-            ends only), so that a killed run loses little when resumed.
+        checkpoint_every: Also checkpoint every N steps, counted over the whole run
+            (0 = by time and at epoch ends only), so that a killed run loses little.
+        checkpoint_seconds: Also checkpoint when this many seconds have passed since the
+            last checkpoint (0 = off), so a slow run is resumable within minutes.
         pixel_head: Hidden width of a per-pixel path on the band values whose logits are
             added to the network's at full resolution (0 = none); helps medium-resolution
             imagery, where features one to three pixels wide blur in the encoder.
@@ -127,6 +130,7 @@ class TrainConfig(BaseModel):
     balanced_sampling: bool = False
     color_jitter: float = Field(default=0.0, ge=0, le=1)
     checkpoint_every: int = Field(default=50, ge=0)
+    checkpoint_seconds: float = Field(default=300.0, ge=0)
     pixel_head: int = Field(default=0, ge=0)
     devices: int = Field(default=1, ge=1)
     trees: int = Field(default=100, ge=1)
@@ -186,7 +190,7 @@ class TrainConfig(BaseModel):
 
         Threads and checkpoint frequency change no result, so they may differ.
         """
-        return self.model_dump_json(exclude={"threads", "checkpoint_every"})
+        return self.model_dump_json(exclude={"threads", "checkpoint_every", "checkpoint_seconds"})
 
 
 def fit_chip_size(chip_size: int, height: int, width: int) -> tuple[int, str | None]:

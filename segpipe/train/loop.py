@@ -42,8 +42,6 @@ __all__ = ["TrainProgress", "initial_network", "train"]
 IGNORE = 255
 _MAX_VALID_CHIPS = 192
 _SAMPLE_CHIPS = 4
-# Until TrainConfig carries ``checkpoint_seconds``: a checkpoint at least this often.
-_CHECKPOINT_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +81,7 @@ class _Plan:
     initial: dict[str, Any]
     pretrained: dict[str, Any] | None
     valid_pixels: int
+    warnings: tuple[str, ...] = ()
 
 
 class _Pace:
@@ -108,11 +107,6 @@ class _Pace:
     def saved(self) -> None:
         """Restart the clock (a checkpoint was just written)."""
         self.last = time.monotonic()
-
-
-def checkpoint_seconds(cfg: TrainConfig) -> float:
-    """Seconds between time-based checkpoints of a run (0 = by steps and epochs only)."""
-    return float(getattr(cfg, "checkpoint_seconds", _CHECKPOINT_SECONDS))
 
 
 def _dihedral(image: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,6 +235,7 @@ def initial_network(
 def _prepare(store: str | Path, cfg: TrainConfig) -> _Plan:
     """Candidates, split, statistics and initial weights: everything ranks share."""
     info = read_region_info(store)
+    cfg, chip_note = cfg.fit_region(info.height, info.width)
     if not _has_layer(store, "labels"):
         raise StoreError(f"region store {store} has no labels: ingest it with --labels")
     labels_arr = open_layer(store, "labels")
@@ -277,6 +272,7 @@ def _prepare(store: str | Path, cfg: TrainConfig) -> _Plan:
         initial={k: v.detach().clone() for k, v in net.state_dict().items()},
         pretrained=None if report is None else report.summary(),
         valid_pixels=int(valid_c.y.size),
+        warnings=(chip_note,) if chip_note else (),
     )
 
 
@@ -422,7 +418,7 @@ def _run(
     offset = history[-1]["seconds"] if history else 0.0
     started = time.perf_counter() - offset
 
-    pace = _Pace(cfg.checkpoint_every, checkpoint_seconds(cfg))
+    pace = _Pace(cfg.checkpoint_every, cfg.checkpoint_seconds)
 
     def save(epoch: int, step: int, running: float) -> None:
         pace.saved()
@@ -534,6 +530,7 @@ def _finish(
             "device": device,
             "pretrained": plan.pretrained,
             "resumed_from": resumed_from,
+            "warnings": list(plan.warnings),
         },
     )
     net = net.cpu().eval()
