@@ -260,13 +260,18 @@ def train(
         float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")
     ] = 0.0,
     checkpoint_every: Annotated[
-        int, typer.Option(help="Checkpoint every N steps as well as every epoch (0 = epochs only).")
+        int, typer.Option(help="Checkpoint every N steps of the whole run, and at every epoch end (0 = off).")
     ] = 50,
+    checkpoint_seconds: Annotated[
+        float, typer.Option(help="Also checkpoint when this many seconds passed since the last (0 = off).")
+    ] = 300.0,
     pixel_head: Annotated[
         int, typer.Option(help="Width of a per-pixel path added to the network (0 = none), for ~30 m data.")
     ] = 0,
     devices: Annotated[int, typer.Option(help="Data-parallel processes (one per GPU; gloo on CPU).")] = 1,
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the checkpoint in --out (an error when there is none).")
+    ] = False,
     scheduler: Annotated[
         str | None, typer.Option(help="Train on a worker of this dask cluster (tcp://host:port).")
     ] = None,
@@ -305,6 +310,7 @@ def train(
         color_jitter=color_jitter,
         pixel_head=pixel_head,
         checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds,
         devices=devices,
     )
     from segpipe.train import train as run
@@ -351,7 +357,8 @@ def _train_config(**kwargs: object):  # type: ignore[no-untyped-def]
             raise InputError(str(first["msg"]).removeprefix("Value error, ")) from exc
         field = str(first["loc"][0])
         option = {"encoder": "backbone", "dice_weight": "dice"}.get(field, field).replace("_", "-")
-        raise InputError(f"--{option}: {first['msg']}") from exc
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InputError(f"--{option} {kwargs.get(field)!r}: {message}") from exc
 
 
 @app.command("export-chips")
@@ -407,27 +414,27 @@ def predict(
     task_size: Annotated[int, typer.Option(help="Largest task edge in pixels (whole blocks).")] = 2048,
 ) -> None:
     """Classify every pixel of the store, block by block on a Dask cluster, blending overlapping windows."""
-    from segpipe.cluster import describe_cluster, get_client
     from segpipe.predict import predict as run
 
-    with get_client(scheduler) as client:
-        console.print(f"  cluster: {describe_cluster(client)}; dashboard {client.dashboard_link}")
-        with _progress() as bar:
-            task = bar.add_task("predict", total=None, info="blocks")
-            summary = run(
-                store,
-                model,
-                tile_size=tile_size,
-                overlap=overlap,
-                batch_size=batch_size,
-                client=client,
-                force=force,
-                progress=lambda d, t: bar.update(task, completed=d, total=t),
-                blend=blend,
-                tta=tta,
-                probabilities=probabilities,
-                max_task_pixels=task_size * task_size,
-            )
+    # The store, the whole package and the settings are checked before any cluster
+    # starts; the cluster's address and dashboard are then logged as it comes up.
+    _show_cluster_log()
+    with _progress() as bar:
+        task = bar.add_task("predict", total=None, info="blocks")
+        summary = run(
+            store,
+            model,
+            tile_size=tile_size,
+            overlap=overlap,
+            batch_size=batch_size,
+            scheduler=scheduler,
+            force=force,
+            progress=lambda d, t: bar.update(task, completed=d, total=t),
+            blend=blend,
+            tta=tta,
+            probabilities=probabilities,
+            max_task_pixels=task_size * task_size,
+        )
     console.print(
         f"predicted {summary.blocks_done} blocks ({summary.blocks_skipped} already done) "
         f"in {summary.tasks} tasks, {summary.seconds:.1f} s"
@@ -504,14 +511,19 @@ TASK_RUNNER_HELP = (
 
 def _flow_console(task_runner: str | None) -> None:
     """Check ``--task-runner`` and show where clusters start (their dashboards) on stderr."""
-    import logging
-
-    from rich.logging import RichHandler
-
     from segpipe.errors import InputError
 
     if task_runner not in (None, "local", "dask"):
         raise InputError(f"--task-runner {task_runner!r} must be local or dask")
+    _show_cluster_log()
+
+
+def _show_cluster_log() -> None:
+    """Show the cluster's log lines (where it starts, its dashboard) on stderr."""
+    import logging
+
+    from rich.logging import RichHandler
+
     cluster_log = logging.getLogger("segpipe.cluster")
     cluster_log.setLevel(logging.INFO)
     if not any(isinstance(h, RichHandler) for h in cluster_log.handlers):

@@ -285,10 +285,10 @@ def get_client(
                 n_workers=n_workers or max(1, _cores() // threads),
                 threads_per_worker=threads,
                 processes=processes,
-                host=host,
                 dashboard_address=dashboard_address,
                 silence_logs=logging.WARNING,
-                **({"worker_class": _patient_nanny()} if processes else {}),
+                # In-process clusters talk over inproc://, which takes no host.
+                **({"host": host, "worker_class": _patient_nanny()} if processes else {}),
             )
         try:
             # The client closes first (the with block), then the cluster: a cluster

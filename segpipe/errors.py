@@ -6,7 +6,7 @@ Errors that say "the input is wrong, fix it" derive from :class:`InputError`;
 errors worth retrying (a flaky object store, a lost worker) derive from
 :class:`TransientError`; errors of the machine rather than the input (a full disk,
 a folder without write permission, an unreachable scheduler, a Prefect engine that
-will not start) derive from :class:`EnvironmentFault`.
+will not start) derive from :class:`EnvironmentFaultError`.
 
 Every message is one line that names the file, tile, store or address at fault and
 says what to do. The ``segpipe`` command maps each family to an exit code
@@ -21,7 +21,7 @@ __all__ = [
     "BatchError",
     "BandMismatchError",
     "ClusterError",
-    "EnvironmentFault",
+    "EnvironmentFaultError",
     "EngineError",
     "InputError",
     "LabelsError",
@@ -86,19 +86,19 @@ class BatchError(SegpipeError):
     """One or more regions of a batch failed; the others ran to the end."""
 
 
-class EnvironmentFault(SegpipeError):
+class EnvironmentFaultError(SegpipeError):
     """The machine, not the input, is at fault: fix the environment and rerun."""
 
 
-class StorageError(EnvironmentFault, OSError):
+class StorageError(EnvironmentFaultError, OSError):
     """A destination cannot be written: full disk, no permission, read-only, a folder in the way."""
 
 
-class ClusterError(EnvironmentFault, TransientError):
+class ClusterError(EnvironmentFaultError, TransientError):
     """The Dask scheduler cannot be reached, or the cluster cannot start."""
 
 
-class EngineError(EnvironmentFault, TransientError):
+class EngineError(EnvironmentFaultError, TransientError):
     """The local Prefect engine did not start (or answer) in time."""
 
 

@@ -93,7 +93,9 @@ class Outcome:
         return [ln for ln in self.stderr.splitlines() if ln.lower().startswith("error:")]
 
 
-def run_inprocess(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Outcome:
+def run_inprocess(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Outcome:
     from segpipe.cli import main
 
     monkeypatch.setattr(sys, "argv", ["segpipe", *args])
@@ -427,8 +429,8 @@ def _(w: World, tmp: Path) -> Case:
     data = rng.integers(100, 2000, size=(3, 64, 64)).astype("uint16")
     data[1] = 500
     image = write_raster(tmp / "flat.tif", data, nodata=0)
-    labels = write_raster(tmp / "labels.tif", (1 + (np.arange(64 * 64) % 2)).reshape(1, 64, 64).astype("uint8"),
-                          nodata=None)
+    classes = (1 + (np.arange(64 * 64) % 2)).reshape(1, 64, 64).astype("uint8")
+    labels = write_raster(tmp / "labels.tif", classes, nodata=None)
     store = tmp / "flat.zarr"
     ingest(image, store, labels=labels, block_size=64)
     return Case(["train", str(store), "--out", str(tmp / "m"), "--arch", "random_forest"],
@@ -470,7 +472,7 @@ def _(w: World, tmp: Path) -> Case:
 @case("predict: normalisation for another number of bands")
 def _(w: World, tmp: Path) -> Case:
     def drop_band(spec: dict) -> None:
-        norm = spec["normalisation"] if "normalisation" in spec else spec
+        norm = spec.get("normalisation", spec)
         norm["mean"] = norm["mean"][:-1]
 
     return predict_case(w, tmp, edit_model_json(w, tmp, drop_band), "model")
@@ -666,7 +668,10 @@ def test_hostile_input(
     spec = CASES[name](world, quiet_cwd)
     before = {p: snapshot(p) for p in spec.protected}
     world_before = snapshot(world.predicted)
-    outcome = run_script(spec.args, quiet_cwd) if spec.script else run_inprocess(spec.args, capsys, monkeypatch)
+    if spec.script:
+        outcome = run_script(spec.args, quiet_cwd)
+    else:
+        outcome = run_inprocess(spec.args, capsys, monkeypatch)
     codes = spec.code if isinstance(spec.code, tuple) else (spec.code,)
     assert outcome.code in codes, outcome.stderr[-3000:]
     assert "Traceback" not in outcome.stderr, outcome.stderr
