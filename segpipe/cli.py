@@ -317,8 +317,10 @@ def train(
 
     if scheduler:
         from segpipe.cluster import describe_cluster, get_client
+        from segpipe.io.store import read_region_info
         from segpipe.train.remote import train_on_cluster
 
+        read_region_info(store)  # a missing or damaged store fails here, not after connecting
         with get_client(scheduler) as client:
             console.print(f"  training on a worker of {describe_cluster(client)}")
             spec = train_on_cluster(client, store, out, cfg, resume=resume)
