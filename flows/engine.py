@@ -77,9 +77,9 @@ def start_local_engine(timeout: int | None = None, attempts: int = START_ATTEMPT
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
+    seconds = timeout or _start_timeout()  # a bad setting is named even where unused
     if PREFECT_API_URL.value():  # a server, Prefect Cloud, or a test harness
         return
-    seconds = timeout or _start_timeout()
     cause: BaseException | None = None
     for attempt in range(1, attempts + 1):
         server = SubprocessASGIServer()  # a stopped server is forgotten: this is a fresh one
