@@ -544,8 +544,8 @@ def run_region(
     from flows.process_region import run_region as run_flow
 
     _flow_console(task_runner)
+    run = read_region(region)  # a bad file is named before the engine's slow start
     use_local_engine()
-    run = read_region(region)
     if scheduler:
         run = run.model_copy(update={"scheduler": scheduler})
     if task_runner:
@@ -569,8 +569,8 @@ def batch(
     from flows.process_regions import process_regions
 
     _flow_console(task_runner)
+    plan = read_manifest(manifest)  # a bad file is named before the engine's slow start
     use_local_engine()
-    plan = read_manifest(manifest)
     if scheduler:
         plan = plan.model_copy(
             update={"regions": [r.model_copy(update={"scheduler": scheduler}) for r in plan.regions]}
@@ -614,6 +614,9 @@ def _usage_error(exc: typer.TyperException) -> NoReturn:
     # TyperException is the base of its usage errors.
     ctx = getattr(exc, "ctx", None)
     message = exc.format_message()
+    given = _given_value(exc, sys.argv[1:])
+    if given is not None and repr(given) not in message:
+        message = f"{message.rstrip('.')} (given {given!r})"
     if ctx is not None:
         console.print(ctx.get_usage(), markup=False, highlight=False, soft_wrap=True)
         if ctx.parent is None and hasattr(ctx.command, "list_commands"):  # no or an unknown command
@@ -621,6 +624,22 @@ def _usage_error(exc: typer.TyperException) -> NoReturn:
     where = ctx.command_path if ctx is not None else "segpipe"
     _error_line(f"{message} (see '{where} --help')")
     sys.exit(int(getattr(exc, "exit_code", 2)))
+
+
+def _given_value(exc: typer.TyperException, args: list[str]) -> str | None:
+    """The text the user gave the option ``exc`` complains about, so the message can name it.
+
+    typer's parser says "Input should be a valid integer" without the value; the user
+    should see which of several values was wrong.
+    """
+    opts = getattr(getattr(exc, "param", None), "opts", None) or []
+    for i, arg in enumerate(args):
+        for opt in opts:
+            if arg == opt and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(f"{opt}="):
+                return arg.split("=", 1)[1]
+    return None
 
 
 def _fail(exc: BaseException, debug: bool) -> NoReturn:

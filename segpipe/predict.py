@@ -315,6 +315,14 @@ def check_predict_inputs(
     return PredictInputs(store_s, info, spec, mdir, key, tile, ov, n_global, batch_size, probabilities)
 
 
+def _complete(inputs: PredictInputs, force: bool) -> bool:
+    """Whether the published layers already hold this run's complete result."""
+    if force:
+        return False
+    published = _markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities)
+    return published is not None and bool(published.all())
+
+
 def _target(inputs: PredictInputs, force: bool) -> tuple[str, np.ndarray]:
     """Where this run writes (a layer name prefix) and the blocks already finished there.
 
@@ -436,20 +444,22 @@ def predict(
     """
     t0 = time.perf_counter()
     inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities)
-    with acquire_lock(inputs.store, inputs.key["model_hash"]) as lock:
+    with acquire_lock(inputs.store, inputs.key["model_hash"]) as lock, contextlib.ExitStack() as stack:
         finish_promotion(inputs.store)
+        # The cluster comes up before any layer is staged: a scheduler that cannot be
+        # reached leaves the store exactly as it was.
+        if client is None and not _complete(inputs, force):
+            from segpipe.cluster import get_client
+
+            client = stack.enter_context(get_client(scheduler))
         prefix, done = _target(inputs, force)
         total, skipped = int(done.size), int(done.sum())
         if progress is not None:
             progress(skipped, total)
         run = _Run()
         if skipped < total:
-            with contextlib.ExitStack() as stack:
-                if client is None:
-                    from segpipe.cluster import get_client
-
-                    client = stack.enter_context(get_client(scheduler))
-                run = _run_tasks(client, inputs, prefix, done, max_task_pixels, progress)
+            assert client is not None  # _complete said there is work: the cluster is up
+            run = _run_tasks(client, inputs, prefix, done, max_task_pixels, progress)
         if prefix:
             _publish(inputs, prefix, lock)
     seconds = time.perf_counter() - t0

@@ -434,7 +434,7 @@ def _(w: World, tmp: Path) -> Case:
     store = tmp / "flat.zarr"
     ingest(image, store, labels=labels, block_size=64)
     return Case(["train", str(store), "--out", str(tmp / "m"), "--arch", "random_forest"],
-                culprit="b2", absent=[tmp / "m"])
+                culprit="band2", absent=[tmp / "m"])
 
 
 # ---------------------------------------------------------------- predict over an earlier complete result
@@ -472,16 +472,15 @@ def _(w: World, tmp: Path) -> Case:
 @case("predict: normalisation for another number of bands")
 def _(w: World, tmp: Path) -> Case:
     def drop_band(spec: dict) -> None:
-        norm = spec.get("normalisation", spec)
-        norm["mean"] = norm["mean"][:-1]
+        spec["mean"] = spec["mean"][:-1]
 
-    return predict_case(w, tmp, edit_model_json(w, tmp, drop_band), "model")
+    return predict_case(w, tmp, edit_model_json(w, tmp, drop_band), "mean")
 
 
 @case("predict: the package was trained on other bands")
 def _(w: World, tmp: Path) -> Case:
     def rename(spec: dict) -> None:
-        spec["bands"] = ["coastal", "swir1", "swir2"]
+        spec["band_names"] = ["coastal", "swir1", "swir2"]
 
     return predict_case(w, tmp, edit_model_json(w, tmp, rename), "swir1")
 
@@ -508,9 +507,9 @@ def _(w: World, tmp: Path) -> Case:
     return predict_case(w, tmp, model, "weights.safetensors")
 
 
-@case("predict: a tile size that is no multiple of the stride")
+@case("predict: a tile size of 0")
 def _(w: World, tmp: Path) -> Case:
-    return predict_case(w, tmp, w.model, "50", "--tile-size", "50")
+    return predict_case(w, tmp, w.model, "0", "--tile-size", "0", "--force")
 
 
 @case("predict: an overlap as large as the tile")

@@ -352,20 +352,25 @@ def _read_block(
     """
     assert block_info is not None
     (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+    failure: str | None = None
     try:
         # Any remote name switches the S3 config on (source may be VRT XML, not a path);
         # local reads keep GDAL's defaults (sidecar files are found as rioxarray finds them).
         with gdal_env("s3://" if remote else None), rasterio.open(source) as ds:
             data: np.ndarray = ds.read(window=((y0, y1), (x0, x1)))
     except (RasterioError, CPLE_BaseError) as exc:
+        failure = str(exc.__cause__ or exc)  # rasterio's own text only says "see previous exception"
+    if failure is not None:
+        # Raised outside the handler, without GDAL's error as context: distributed sends a
+        # task's exception with its context, and GDAL's error classes do not unpickle, which
+        # would reach the driver as a bare Exception.
         # GDAL's own message ("Read failed") names neither the tile nor the place.
         culprit = _culprit(parts, y0, y1, x0, x1) if parts else None
         name = culprit or (source if len(source) < 500 else "the mosaic's VRT")
-        detail = exc.__cause__ or exc  # rasterio's own text only says "see previous exception"
         raise InputError(
             f"image {name} cannot be read in window rows {y0}-{y1}, columns {x0}-{x1} of the mosaic "
-            f"(truncated or damaged file?): {detail}; replace the file and rerun"
-        ) from exc
+            f"(truncated or damaged file?): {failure}; replace the file and rerun"
+        )
     return data.astype(template.dtype, copy=False)
 
 

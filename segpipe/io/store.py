@@ -141,7 +141,13 @@ def _group(store: str | Path, mode: str = "r") -> zarr.Group:
         else f"{path} is not a region store"
     )
     with remote_errors(path, "region store", f"{missing}: run 'segpipe ingest' first"), _intact(path):
-        group = zarr.open_group(path, mode=mode, storage_options=storage_options_for(path))  # type: ignore[arg-type]
+        try:
+            group = zarr.open_group(path, mode=mode, storage_options=storage_options_for(path))  # type: ignore[arg-type]
+        except zarr.errors.GroupNotFoundError as exc:
+            if not is_remote(path):
+                raise
+            # No root zarr.json under the prefix: absent (or never published), not damaged.
+            raise MissingInputError(f"{missing}: run 'segpipe ingest' first") from exc
     return group
 
 
