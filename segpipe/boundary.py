@@ -7,8 +7,8 @@ zarr, JSON, the operating system or distributed, kept small and in one place: th
 summaries name each failed region's cause with :func:`one_line`.
 
 Exit codes: 0 ok, 1 internal error (a bug), 2 bad input or usage, 3 a fault of the
-environment (disk, permissions, network, cluster, engine), 4 a store held by another
-run, 130 interrupted.
+environment (disk, permissions, memory, network, cluster, engine), 4 a store held by
+another run, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,12 +17,52 @@ import errno
 import json
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from segpipe.errors import SegpipeError, exit_code
 
-__all__ = ["INTERRUPTED", "Verdict", "classify", "one_line"]
+__all__ = ["INTERRUPTED", "TERMINATED", "Terminated", "Verdict", "classify", "catch_sigterm", "one_line"]
 
 INTERRUPTED = 130
+TERMINATED = 143  # 128 + SIGTERM, as shells report it
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's time limit, ``kill``, ``timeout``).
+
+    Raised in the main thread so that every ``finally`` and cleanup handler runs, as for
+    Ctrl-C: staged results, hidden trees and temporary files are dealt with before the
+    process ends. A BaseException, so ``except Exception`` blocks do not swallow it.
+    """
+
+
+def catch_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in this (main) thread.
+
+    A signal's exception can land in a ``__del__`` (or a weakref callback), where Python
+    drops it; the unraisable hook then has the signal sent again a moment later from a
+    helper thread (not from the hook itself, where it would be dropped too), so it is
+    raised once more in ordinary code.
+    """
+    import os
+    import signal
+    import threading
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    chained = sys.unraisablehook
+
+    def redeliver(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, Terminated):
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+            again.daemon = True
+            again.start()
+            return
+        chained(unraisable)
+
+    sys.unraisablehook = redeliver
+    signal.signal(signal.SIGTERM, terminate)
 
 # What to do about each OS error a destination can raise; the file is named in front.
 _ERRNO_HINTS: dict[int, str] = {
@@ -104,6 +144,18 @@ def classify(exc: BaseException) -> Verdict:
     """
     if isinstance(exc, KeyboardInterrupt):
         return Verdict("interrupted", INTERRUPTED)
+    if isinstance(exc, Terminated):
+        return Verdict(
+            "terminated by SIGTERM: partial work was cleaned up; rerun to continue (predict and train "
+            "resume where they stopped)",
+            TERMINATED,
+        )
+    if isinstance(exc, MemoryError):
+        return Verdict(
+            f"out of memory ({_flat(exc) or 'MemoryError'}): use a smaller --tile-size, --batch-size or "
+            "--block-size, or a machine with more memory",
+            3,
+        )
     if isinstance(exc, SegpipeError):
         return Verdict(_flat(exc), exit_code(exc))
     # Before OSError: RasterioIOError is an OSError, but it means an unreadable raster.

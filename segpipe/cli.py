@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.text import Text
 
 from segpipe import __version__
-from segpipe.boundary import INTERRUPTED, classify
+from segpipe.boundary import INTERRUPTED, catch_sigterm, classify
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -660,6 +660,7 @@ def main() -> None:
     """Entry point: run the app; every error ends it with one ``error:`` line and its exit code."""
     args = sys.argv[1:]
     debug = _take_debug_flag(args)
+    catch_sigterm()  # a scheduler's kill cleans up like Ctrl-C
     _wide_help_when_piped(args)
     try:
         code = app(args=args, prog_name="segpipe", standalone_mode=False)

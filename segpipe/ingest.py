@@ -13,7 +13,8 @@ path); once it is complete its objects are copied server-side to ``out``, the ro
 root ``zarr.json``, so they see either no store or the complete one, never a half store.
 Replacing a store (``overwrite``) first deletes the old root ``zarr.json``, then the old
 objects: for the length of the copy there is no store at ``out``, never a mix of two.
-A killed ingest can leave a hidden ``.NAME.tmp-*`` prefix behind, never a store at ``out``.
+A killed ingest can leave a hidden ``.NAME.tmp-*`` prefix behind, never a store at ``out``; the
+next local ingest to the same place removes trees whose process is gone.
 
 A failed ingest (a damaged tile, a full disk) removes its hidden tree only once no task
 of it still runs: dask's schedulers raise at the first failed task while the others keep
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +61,7 @@ from segpipe.io.remote import (
     url_name,
     url_parent,
 )
+from segpipe.io.runs import pid_alive
 from segpipe.io.store import (
     INNER_CHUNK,
     STORE_SCHEMA,
@@ -373,6 +376,23 @@ def ingest(
     return read_region_info(out_s)
 
 
+def _sweep_killed(out: Path) -> None:
+    """Remove hidden trees that killed ingests of ``out`` on this machine left behind.
+
+    A SIGKILL gives an ingest no chance to clean up; its tree is named
+    ``.NAME.tmp-HOST-PID-TAG``, so one whose process is gone on this host is garbage.
+    Trees of live processes, of other hosts, or of an older naming are left alone.
+    """
+    host = socket.gethostname()
+    for path in out.parent.glob(f".{out.name}.tmp-{host}-*"):
+        pid = path.name.removeprefix(f".{out.name}.tmp-{host}-").split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def _build(
     images: Sequence[str | Path] | str | Path,
     out_s: str,
@@ -385,13 +405,15 @@ def _build(
 ) -> None:
     """Write the store under a hidden sibling, then publish it at ``out_s`` (see module doc)."""
     remote = is_remote(out_s)
-    tag = secrets.token_hex(4)
+    # Host and pid in the name let a later ingest tell a killed run's leftovers from a live one.
+    tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     if remote:
         tmp = join(url_parent(out_s), f".{url_name(out_s)}.tmp-{tag}")
         vrt = None
     else:
         local_out = Path(out_s)
         local_out.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_killed(local_out)
         tmp = str(local_out.parent / f".{local_out.name}.tmp-{tag}")
         # Beside the store, so workers that can write the store can read the VRT too.
         vrt = local_out.parent / f".{local_out.name}.tmp-{tag}.vrt"

@@ -71,6 +71,8 @@ MAX_TASK_PIXELS = 2048 * 2048
 # third call alone (see docs/benchmarks.md).
 GPU_BATCH = 8
 CPU_BATCH = 2
+# Larger windows cost GBs of activations each (a 100,000 px tile asked for 112 GiB).
+MAX_TILE = 4096
 
 
 def predict_block(
@@ -181,6 +183,11 @@ def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tu
     tile = tile_size if tile_size is not None else max(256, -(-spec.chip_size // stride) * stride)
     if tile <= 0 or tile % stride:
         raise InputError(f"tile size {tile} must be a positive multiple of {stride} (the network's stride)")
+    if tile > MAX_TILE:
+        raise InputError(
+            f"tile size {tile} is larger than {MAX_TILE} px: a window that large needs gigabytes per "
+            "forward call and gains no context; use 256-1024"
+        )
     # A forest's need follows its context window; networks overlap a quarter of the tile.
     default = forest_overlap(spec.options) if spec.arch in CLASSICAL_ARCHITECTURES else tile // 4
     ov = default if overlap is None else overlap

@@ -174,6 +174,8 @@ CASES = [
         ["internal error: RuntimeError: oops second line", "--debug"],
     ),
     (lambda: KeyboardInterrupt(), 130, ["interrupted"]),
+    (lambda: __import__("segpipe.boundary").boundary.Terminated(), 143, ["SIGTERM", "cleaned up"]),
+    (lambda: MemoryError("Unable to allocate 112. GiB"), 3, ["out of memory", "112. GiB", "--tile-size"]),
 ]
 
 

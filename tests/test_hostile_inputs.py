@@ -684,3 +684,53 @@ def test_hostile_input(
         assert not path.exists(), f"{path} was left behind"
     leftovers = [p.name for p in quiet_cwd.rglob(".*") if ".tmp" in p.name or p.name.startswith(".segpipe-")]
     assert not leftovers, leftovers
+
+
+@case("predict: a tile far larger than any window needs")
+def _(w: World, tmp: Path) -> Case:
+    return predict_case(w, tmp, w.model, "100000", "--tile-size", "100000", "--force")
+
+
+def test_sigterm_during_ingest_cleans_up_and_says_so(world: World, tmp_path: Path) -> None:
+    """A scheduler's kill (SIGTERM) runs the cleanup: exit 143, one line, no hidden tree."""
+    import signal
+    import time
+
+    vrt = tmp_path / "vast.vrt"
+    tile = world.tiles[0]
+    vrt.write_text(
+        '<VRTDataset rasterXSize="100000" rasterYSize="100000"><SRS>EPSG:32617</SRS>'
+        "<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform>"
+        '<VRTRasterBand dataType="UInt16" band="1"><SimpleSource>'
+        f"<SourceFilename>{tile}</SourceFilename><SourceBand>1</SourceBand>"
+        "</SimpleSource></VRTRasterBand></VRTDataset>"
+    )
+    proc = subprocess.Popen([console_script(), "ingest", str(vrt), "--out", str(tmp_path / "vast.zarr")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".vast.zarr.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".vast.zarr.tmp-*")), "the ingest never started writing"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in err
+    assert not list(tmp_path.glob(".vast.zarr*")) and not (tmp_path / "vast.zarr").exists()
+
+
+def test_a_killed_ingests_tree_is_removed_by_the_next(world: World, tmp_path: Path) -> None:
+    """SIGKILL leaves a hidden tree; the next ingest to the same place removes it if its process is gone."""
+    import socket
+
+    from segpipe.ingest import ingest
+
+    host = socket.gethostname()
+    dead = tmp_path / f".s.zarr.tmp-{host}-{2**22 + 12345}-dead"  # above any pid_max default
+    alive = tmp_path / f".s.zarr.tmp-{host}-{os.getpid()}-live"
+    elsewhere = tmp_path / ".s.zarr.tmp-another-host-7-away"
+    for tree in (dead, alive, elsewhere):
+        (tree / "image").mkdir(parents=True)
+    ingest(world.image, tmp_path / "s.zarr", block_size=BLOCK)
+    assert not dead.exists() and alive.exists() and elsewhere.exists()

@@ -132,7 +132,8 @@ def read_lock(store: str | Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +149,7 @@ def _stale(record: dict[str, Any] | None, created: float | None) -> bool:
         return created is None or time.time() - created > STALE_SECONDS
     if time.time() - float(record.get("heartbeat", 0)) > STALE_SECONDS:
         return True
-    return record.get("host") == socket.gethostname() and not _pid_alive(int(record.get("pid", 0)))
+    return record.get("host") == socket.gethostname() and not pid_alive(int(record.get("pid", 0)))
 
 
 def _lock_created(store: str) -> float | None:
