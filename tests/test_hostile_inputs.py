@@ -707,13 +707,17 @@ def test_sigterm_during_ingest_cleans_up_and_says_so(world: World, tmp_path: Pat
     )
     proc = subprocess.Popen([console_script(), "ingest", str(vrt), "--out", str(tmp_path / "vast.zarr")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".vast.zarr.tmp-*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert list(tmp_path.glob(".vast.zarr.tmp-*")), "the ingest never started writing"
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".vast.zarr.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(tmp_path.glob(".vast.zarr.tmp-*")), "the ingest never started writing"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a failed test must not leave a vast ingest running
+        proc.wait()
     assert proc.returncode == 143, err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in err
