@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from segpipe.errors import SegpipeError, exit_code
+from segpipe.errors import STORAGE_HINTS, SegpipeError, exit_code
 
 __all__ = ["INTERRUPTED", "TERMINATED", "Terminated", "Verdict", "classify", "catch_sigterm", "one_line"]
 
@@ -65,14 +65,9 @@ def catch_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminate)
 
 # What to do about each OS error a destination can raise; the file is named in front.
+# The destination faults segpipe maps where they happen, plus a name already taken.
 _ERRNO_HINTS: dict[int, str] = {
-    errno.ENOSPC: "no space left on the device: free some space or choose another destination",
-    errno.EDQUOT: "disk quota exceeded: free some space or choose another destination",
-    errno.EACCES: "permission denied: check the owner and mode of the file and its folder",
-    errno.EPERM: "operation not permitted: check the owner and mode of the file and its folder",
-    errno.EROFS: "read-only file system: choose a writable destination",
-    errno.EISDIR: "is a folder where a file is expected: name a file, or remove the folder",
-    errno.ENOTDIR: "a file is in the way where a folder is expected: remove it or choose another path",
+    **STORAGE_HINTS,
     errno.EEXIST: "already exists: remove it or choose another name",
 }
 

@@ -16,7 +16,10 @@ environment, 4 for a store held by another run, 1 for anything unexpected (a bug
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
+    "STORAGE_HINTS",
     "ArchitectureError",
     "BatchError",
     "BandMismatchError",
@@ -84,6 +87,21 @@ class TransientError(SegpipeError):
 
 class BatchError(SegpipeError):
     """One or more regions of a batch failed; the others ran to the end."""
+
+
+# errno -> what to do, for faults of a destination (not of the input): one table for the
+# errors mapped where they happen (segpipe.io.remote.storage_errors) and for the CLI's
+# last-resort mapping (segpipe.boundary).
+STORAGE_HINTS: dict[int, str] = {
+    errno.ENOSPC: "the disk is full: free space or choose another destination, then rerun",
+    errno.EDQUOT: "the disk quota is exceeded: free space or choose another destination, then rerun",
+    errno.EFBIG: "the file is too large for that filesystem: choose another destination",
+    errno.EROFS: "the filesystem is read-only: choose a writable destination",
+    errno.EACCES: "permission denied: choose a writable destination or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a writable destination or fix its permissions",
+    errno.EISDIR: "a folder is in the way: name a file, not a folder",
+    errno.ENOTDIR: "a file is in the way where a folder should be: choose another destination",
+}
 
 
 class EnvironmentFaultError(SegpipeError):

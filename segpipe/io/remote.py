@@ -34,7 +34,14 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from segpipe.errors import InputError, MissingInputError, SegpipeError, StorageError, TransientError
+from segpipe.errors import (
+    STORAGE_HINTS,
+    InputError,
+    MissingInputError,
+    SegpipeError,
+    StorageError,
+    TransientError,
+)
 
 if TYPE_CHECKING:
     import s3fs
@@ -339,17 +346,6 @@ def staged_dir(dest: str | Path, last: Iterable[str] = ()) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# errno -> what to do: faults of the destination, not of the input.
-_STORAGE_HINTS = {
-    errno.ENOSPC: "the disk is full: free space or choose another destination, then rerun",
-    errno.EDQUOT: "the disk quota is exceeded: free space or choose another destination, then rerun",
-    errno.EFBIG: "the file is too large for that filesystem: choose another destination",
-    errno.EROFS: "the filesystem is read-only: choose a writable destination",
-    errno.EACCES: "permission denied: choose a writable destination or fix its permissions",
-    errno.EPERM: "operation not permitted: choose a writable destination or fix its permissions",
-    errno.EISDIR: "a folder is in the way: name a file, not a folder",
-    errno.ENOTDIR: "a file is in the way where a folder should be: choose another destination",
-}
 # GDAL reports the same faults as text inside its own errors (no errno).
 _GDAL_TEXTS = {
     "No space left on device": errno.ENOSPC,
@@ -373,7 +369,7 @@ def storage_fault(exc: BaseException) -> int | None:
         if isinstance(cur, SegpipeError) and not isinstance(cur, StorageError):
             return None  # already named by whoever raised it
         code = getattr(cur, "errno", None)
-        if isinstance(cur, OSError) and code in _STORAGE_HINTS:
+        if isinstance(cur, OSError) and code in STORAGE_HINTS:
             return int(code)
         text = str(cur)
         for needle, code in _GDAL_TEXTS.items():
@@ -434,7 +430,7 @@ def storage_errors(dest: str | Path, what: str) -> Iterator[None]:
         if code is None:
             raise
         # One argument: OSError's (errno, text) form would print as "[Errno 28] ...".
-        hint = f"{_STORAGE_HINTS[code]} ({os.strerror(code)})"
+        hint = f"{STORAGE_HINTS[code]} ({os.strerror(code)})"
         raise StorageError(f"cannot write {what} {dest}: {hint}") from exc
 
 
