@@ -322,26 +322,22 @@ def check_predict_inputs(
     return PredictInputs(store_s, info, spec, mdir, key, tile, ov, n_global, batch_size, probabilities)
 
 
-def _complete(inputs: PredictInputs, force: bool) -> bool:
-    """Whether the published layers already hold this run's complete result."""
-    if force:
-        return False
-    published = _markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities)
-    return published is not None and bool(published.all())
+def _published(inputs: PredictInputs, force: bool) -> np.ndarray | None:
+    """Markers of published layers made with this run's key (None: none, or ``force``)."""
+    return None if force else _markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities)
 
 
-def _target(inputs: PredictInputs, force: bool) -> tuple[str, np.ndarray]:
+def _target(inputs: PredictInputs, force: bool, published: np.ndarray | None) -> tuple[str, np.ndarray]:
     """Where this run writes (a layer name prefix) and the blocks already finished there.
 
-    Published layers made with the same key are the result itself: complete, nothing
-    is left to do; partial (a store written in place by an older segpipe, or edited),
-    they resume in place, as nothing complete can be lost there. Anything else is a
-    new result, staged beside the published one until it is complete.
+    Published layers made with the same key (``published``, from :func:`_published`)
+    are the result itself: complete, nothing is left to do; partial (a store written in
+    place by an older segpipe, or edited), they resume in place, as nothing complete can
+    be lost there. Anything else is a new result, staged beside the published one until
+    it is complete.
     """
-    if not force:
-        published = _markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities)
-        if published is not None:
-            return "", published
+    if published is not None:
+        return "", published
     prefix = f"{STAGING}/"
     done = _prepare_layers(inputs.store, inputs.spec, inputs.info.blocks, inputs.key, force,
                            inputs.probabilities, prefix)
@@ -453,19 +449,20 @@ def predict(
     inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities)
     with acquire_lock(inputs.store, inputs.key["model_hash"]) as lock, contextlib.ExitStack() as stack:
         finish_promotion(inputs.store)
+        published = _published(inputs, force)
         # The cluster comes up before any layer is staged: a scheduler that cannot be
         # reached leaves the store exactly as it was.
-        if client is None and not _complete(inputs, force):
+        if client is None and not (published is not None and published.all()):
             from segpipe.cluster import get_client
 
             client = stack.enter_context(get_client(scheduler))
-        prefix, done = _target(inputs, force)
+        prefix, done = _target(inputs, force, published)
         total, skipped = int(done.size), int(done.sum())
         if progress is not None:
             progress(skipped, total)
         run = _Run()
         if skipped < total:
-            assert client is not None  # _complete said there is work: the cluster is up
+            assert client is not None  # work is left, so the cluster was started above
             run = _run_tasks(client, inputs, prefix, done, max_task_pixels, progress)
         if prefix:
             _publish(inputs, prefix, lock)
