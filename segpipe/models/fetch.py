@@ -88,13 +88,18 @@ def cache_root() -> Path:
     return _private_dir(user / "models")
 
 
+def hash_file(h: hashlib._Hash, path: Path) -> None:
+    """Feed ``path``'s bytes to ``h`` in 1 MiB pieces (weights files are tens of MB)."""
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
 def _digests(folder: Path, names: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for name in names:
         h = hashlib.sha256()
-        with (folder / name).open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        hash_file(h, folder / name)
         out[name] = h.hexdigest()
     return out
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from torch import nn
 
 from segpipe.errors import BandMismatchError, InputError, ModelPackageError
-from segpipe.models.fetch import local_package
+from segpipe.models.fetch import hash_file, local_package
 from segpipe.models.networks import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS, build_network
 from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
@@ -316,9 +316,7 @@ def model_hash(model_dir: str | Path) -> str:
     if key not in _HASHES:
         h = hashlib.sha256()
         for path in paths:
-            with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            hash_file(h, path)
         _HASHES[key] = h.hexdigest()[:16]
     return _HASHES[key]
 
