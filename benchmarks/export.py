@@ -6,12 +6,12 @@ For each size (default 16,384^2 and 32,768^2) the script:
    generated block by block from :func:`segpipe.synth.scene.class_block` (computed at
    1/4 resolution and upsampled, with 1 % speckle, so it has realistic patches and
    edges yet takes seconds, not the ~17 min of full-resolution noise), never whole;
-2. exports it with :func:`segpipe.cog.write_cog` in a child process (wall time, peak RSS
+2. exports it with :func:`segpipe.stages.export.cog.write_cog` in a child process (wall time, peak RSS
    of that child from ``os.wait4``);
 3. streams the same layer to a tiled GeoTIFF (what segpipe's export converts), then runs
    ``gdal_translate -of COG`` (Debian's gdal-bin) on it with the same creation options and
    GDAL cache: ``ratio_vs_gdal`` = segpipe's whole export / gdal_translate's conversion;
-4. evaluates the store against that GeoTIFF as the reference (``segpipe.evaluate``, dask's
+4. evaluates the store against that GeoTIFF as the reference (``segpipe.stages.evaluate.assess``, dask's
    threaded scheduler), in a child process: throughput in Mpx/s, dense and ``--points``.
 
 Prints a table and writes ``benchmarks/results/export.json``. Needs ``gdal_translate``
@@ -41,8 +41,8 @@ import xarray as xr
 import zarr
 from affine import Affine
 
-from segpipe.cog import GDAL_CACHE_MB, WINDOW
 from segpipe.io.store import create_layer, open_layer, write_block
+from segpipe.stages.export.cog import GDAL_CACHE_MB, WINDOW
 from segpipe.synth.scene import SCENE_CLASSES, SceneSpec, class_block
 from segpipe.types import classes_to_json
 
@@ -98,7 +98,7 @@ def fill_classes(store: Path, size: int, workers: int) -> None:
 # GDAL's COG conversion, checks and validation). Stage timers wrap module attributes only.
 EXPORT_CHILD = """
 import json, time
-import segpipe.cog as cog
+import segpipe.stages.export.cog as cog
 stages = {{}}
 def timed(name, fn):
     def run(*a, **k):
@@ -167,7 +167,7 @@ def bench_size(size: int, work: Path, compress: str, workers: int) -> dict[str, 
     gdal_out = work / f"gdal{size}.tif"
     export_code = EXPORT_CHILD.format(store=str(store), out=str(ours), compress=compress)
     stream_code = (
-        "from segpipe.cog import write_geotiff_layer; "
+        "from segpipe.stages.export.cog import write_geotiff_layer; "
         f"write_geotiff_layer({str(store)!r}, {str(stream)!r}, 'classes')"
     )
     process_s, ours_mb, out = run_child(py(export_code))
@@ -185,11 +185,11 @@ def bench_size(size: int, work: Path, compress: str, workers: int) -> dict[str, 
     )
     _, _, validation = run_child(py(check))
     eval_dense = (
-        f"from segpipe.evaluate import evaluate; evaluate({str(store)!r}, {str(stream)!r}, "
+        f"from segpipe.stages.evaluate.assess import evaluate; evaluate({str(store)!r}, {str(stream)!r}, "
         f"{str(work / 'eval')!r})"
     )
     eval_points = (
-        f"from segpipe.evaluate import evaluate; evaluate({str(store)!r}, {str(stream)!r}, "
+        f"from segpipe.stages.evaluate.assess import evaluate; evaluate({str(store)!r}, {str(stream)!r}, "
         f"{str(work / 'eval_points')!r}, points=10000, sampling='stratified', seed=0)"
     )
     eval_s, eval_mb, _ = run_child(py(eval_dense))

@@ -36,12 +36,12 @@ import rasterio
 import zarr
 
 from segpipe.cluster import get_client
-from segpipe.evaluate import evaluate
-from segpipe.ingest import ingest
 from segpipe.models import read_spec
-from segpipe.models.ensemble import make_ensemble
-from segpipe.predict import predict
-from segpipe.train import TrainConfig, train
+from segpipe.models.combine import make_ensemble
+from segpipe.stages.evaluate.assess import evaluate
+from segpipe.stages.ingest.driver import ingest
+from segpipe.stages.predict.driver import predict
+from segpipe.stages.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "nc-landsat7"

@@ -7,7 +7,7 @@ default 1024-px blocks) it measures, side by side in one run:
 
 - ``forward_mpx_s``: the network alone on in-memory windows of the same size and batch:
   the better of one process using every core and all dask workers at once;
-- ``end_to_end_mpx_s``: :func:`segpipe.predict.predict` store in, store out (warm
+- ``end_to_end_mpx_s``: :func:`segpipe.stages.predict.driver.predict` store in, store out (warm
   cluster and model), unique output pixels per second;
 - ``ideal_mpx_s`` = forward / overlap factor (window pixels of one whole-image sliding
   window per output pixel), ``efficiency`` = end-to-end / ideal;
@@ -38,16 +38,16 @@ from typing import Any
 import numpy as np
 import psutil
 
-from segpipe.allocator import tune_allocator
 from segpipe.cluster import describe_cluster, get_client
-from segpipe.inference import usable_cores
-from segpipe.ingest import ingest
+from segpipe.grid.tiling import pad_to_multiple, window_starts
 from segpipe.io.store import open_layer, read_region_info
 from segpipe.models import load_model, normalise, read_spec
-from segpipe.predict import predict
+from segpipe.stages.ingest.driver import ingest
+from segpipe.stages.predict.allocator import tune_allocator
+from segpipe.stages.predict.driver import predict
+from segpipe.stages.predict.worker import usable_cores
+from segpipe.stages.train import TrainConfig, train
 from segpipe.synth import synthesize
-from segpipe.tiling import pad_to_multiple, window_starts
-from segpipe.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def forward_rate(
     """Window pixels and seconds of back-to-back forward passes on random in-memory windows."""
     import torch
 
-    from segpipe.inference import torch_forward
+    from segpipe.stages.predict.worker import torch_forward
 
     torch.set_num_threads(threads)
     net, spec = load_model(model_dir)
@@ -106,7 +106,8 @@ def naive_loop(vrt: Path, model_dir: str, tile: int, batch: int, out: Path) -> f
     import torch
     from rasterio.windows import Window
 
-    from segpipe.inference import torch_forward, valid_mask
+    from segpipe.io.store import valid_mask
+    from segpipe.stages.predict.worker import torch_forward
 
     torch.set_num_threads(usable_cores())
     t0 = time.perf_counter()
@@ -145,8 +146,8 @@ def workers_rate(client: Any, model_dir: str, tile: int, batch: int) -> float:
 
 def _warm_worker(model_dir: str, tile: int, batch: int) -> None:
     """Load the package into the worker's model cache, as prediction tasks do, and run it once."""
-    from segpipe.inference import _model_for, torch_forward
     from segpipe.models import model_hash
+    from segpipe.stages.predict.worker import _model_for, torch_forward
 
     tune_allocator()
     net, spec, device = _model_for(str(Path(model_dir).resolve()), model_hash(model_dir))

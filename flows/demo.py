@@ -20,8 +20,8 @@ from rich.table import Table
 from flows.engine import use_local_engine
 from flows.process_region import RegionRun, process_region
 from flows.tasks import baseline_stage, evaluate_stage
+from segpipe.stages.train import TrainConfig
 from segpipe.synth import synthesize
-from segpipe.train import TrainConfig
 
 __all__ = ["announce_stages", "run_demo"]
 

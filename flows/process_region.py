@@ -27,7 +27,7 @@ from flows.tasks import (
     train_stage,
 )
 from segpipe.io.remote import is_remote, join
-from segpipe.train import TrainConfig
+from segpipe.stages.train import TrainConfig
 
 __all__ = ["RegionRun", "process_region", "run_region"]
 

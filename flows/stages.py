@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from flows.tasks import evaluate_stage, export_stage, ingest_stage, predict_stage, train_stage
-from segpipe.train import TrainConfig
+from segpipe.stages.train import TrainConfig
 
 __all__ = ["evaluate_flow", "export_flow", "ingest_flow", "predict_flow", "train_flow"]
 

@@ -27,7 +27,7 @@ from prefect import get_run_logger, task
 
 from segpipe.cluster import in_dask_worker, release_worker_thread
 from segpipe.errors import TransientError
-from segpipe.train import TrainConfig, TrainProgress
+from segpipe.stages.train import TrainConfig, TrainProgress
 
 BASELINE_LAYER = "classes_rf"
 
@@ -98,8 +98,8 @@ def ingest_stage(
     block_size: int,
 ) -> dict[str, Any]:
     """Build the region store, unless it was already built from the same inputs."""
-    from segpipe.fingerprint import ingest_fingerprint, store_inputs
-    from segpipe.ingest import ingest
+    from segpipe.io.fingerprint import ingest_fingerprint, store_inputs
+    from segpipe.stages.ingest.driver import ingest
 
     log = get_run_logger()
     started = time.perf_counter()
@@ -124,10 +124,10 @@ def ingest_stage(
 def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
     """Train a model package from the store's labels, unless one exists for the same store and settings."""
     from segpipe.errors import ModelPackageError
-    from segpipe.fingerprint import store_inputs
+    from segpipe.io.fingerprint import store_inputs
     from segpipe.io.store import read_region_info
     from segpipe.models import read_spec
-    from segpipe.train import train
+    from segpipe.stages.train import train
 
     log = get_run_logger()
     started = time.perf_counter()
@@ -173,7 +173,7 @@ def predict_stage(
 ) -> dict[str, Any]:
     """Classify every pixel on a Dask cluster (local by default), unless every block is finished."""
     from segpipe.cluster import describe_cluster, get_client
-    from segpipe.predict import check_predict_inputs, pending_blocks, predict
+    from segpipe.stages.predict.driver import check_predict_inputs, pending_blocks, predict
 
     log = get_run_logger()
     started = time.perf_counter()
@@ -215,9 +215,9 @@ def predict_stage(
 def export_stage(store: str, out: str, layer: str) -> dict[str, Any]:
     """Export one store layer as a Cloud-Optimized GeoTIFF, unless ``out`` was made from the same layer."""
     from flows.resume import forget, is_current, remember
-    from segpipe.cog import write_cog
-    from segpipe.fingerprint import layer_fingerprint
+    from segpipe.io.fingerprint import layer_fingerprint
     from segpipe.io.store import read_region_info
+    from segpipe.stages.export.cog import write_cog
 
     log = get_run_logger()
     started = time.perf_counter()
@@ -237,9 +237,9 @@ def export_stage(store: str, out: str, layer: str) -> dict[str, Any]:
 def evaluate_stage(store: str, reference: str, out_dir: str, layer: str) -> dict[str, Any]:
     """Evaluate a store layer against a reference, unless the report was made from the same inputs."""
     from flows.resume import forget, is_current, record_of, remember
-    from segpipe.evaluate import evaluate
-    from segpipe.fingerprint import files_fingerprint, layer_fingerprint
+    from segpipe.io.fingerprint import files_fingerprint, layer_fingerprint
     from segpipe.io.remote import is_remote, join
+    from segpipe.stages.evaluate.assess import evaluate
 
     log = get_run_logger()
     started = time.perf_counter()
@@ -278,10 +278,10 @@ def evaluate_stage(store: str, reference: str, out_dir: str, layer: str) -> dict
 @task(name="baseline")
 def baseline_stage(store: str) -> dict[str, Any]:
     """Per-pixel random forest on the same labels, for comparison, unless made from the same store."""
-    from segpipe.baseline import random_forest_baseline
     from segpipe.errors import StoreError
-    from segpipe.fingerprint import store_inputs
+    from segpipe.io.fingerprint import store_inputs
     from segpipe.io.store import open_layer
+    from segpipe.stages.predict.baseline import random_forest_baseline
 
     log = get_run_logger()
     started = time.perf_counter()

@@ -197,7 +197,7 @@ def ingest(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
 ) -> None:
     """Build a region store from image tiles and optional labels."""
-    from segpipe.ingest import ingest as run
+    from segpipe.stages.ingest.driver import ingest as run
 
     info = run(
         images,
@@ -313,12 +313,12 @@ def train(
         checkpoint_seconds=checkpoint_seconds,
         devices=devices,
     )
-    from segpipe.train import train as run
+    from segpipe.stages.train import train as run
 
     if scheduler:
         from segpipe.cluster import describe_cluster, get_client
         from segpipe.io.store import read_region_info
-        from segpipe.train.remote import train_on_cluster
+        from segpipe.stages.train.remote import train_on_cluster
 
         read_region_info(store)  # a missing or damaged store fails here, not after connecting
         with get_client(scheduler) as client:
@@ -349,7 +349,7 @@ def _train_config(**kwargs: object):  # type: ignore[no-untyped-def]
     from pydantic import ValidationError
 
     from segpipe.errors import InputError
-    from segpipe.train import TrainConfig
+    from segpipe.stages.train import TrainConfig
 
     try:
         return TrainConfig(**kwargs)  # type: ignore[arg-type]
@@ -373,7 +373,7 @@ def export_chips(
     balanced: Annotated[bool, typer.Option(help="Centre chips on each class equally often.")] = False,
 ) -> None:
     """Export image/label chip GeoTIFFs plus index.csv and dataset.json, drawn like training chips."""
-    from segpipe.train.chips import export_chips as run
+    from segpipe.stages.train.chips import export_chips as run
 
     result = run(store, out, chip_size=chip_size, count=count, seed=seed, balanced=balanced)
     console.print(f"wrote {result.count} chip pairs to {result.out} (index {result.index})")
@@ -389,7 +389,7 @@ def ensemble(
     ] = None,
 ) -> None:
     """Combine trained packages (same bands, classes, normalisation) into one averaging them."""
-    from segpipe.models.ensemble import make_ensemble
+    from segpipe.models.combine import make_ensemble
 
     path = make_ensemble(members, out, weight or None)
     console.print(f"wrote ensemble of {len(members)} models to {path}")
@@ -416,7 +416,7 @@ def predict(
     task_size: Annotated[int, typer.Option(help="Largest task edge in pixels (whole blocks).")] = 2048,
 ) -> None:
     """Classify every pixel of the store, block by block on a Dask cluster, blending overlapping windows."""
-    from segpipe.predict import predict as run
+    from segpipe.stages.predict.driver import predict as run
 
     # The store, the whole package and the settings are checked before any cluster
     # starts; the cluster's address and dashboard are then logged as it comes up.
@@ -452,7 +452,7 @@ def export(
     stac: Annotated[bool, typer.Option(help="Write a STAC Item <name>.stac.json beside the COG.")] = True,
 ) -> None:
     """Export a store layer as a validated Cloud-Optimized GeoTIFF (plus a STAC Item)."""
-    from segpipe.cog import write_cog
+    from segpipe.stages.export.cog import write_cog
 
     path = write_cog(store, out, layer=layer, compress=compress, stac=stac)
     console.print(f"wrote {path}")
@@ -470,7 +470,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the point draw.")] = 0,
 ) -> None:
     """Compare a prediction with a reference: confusion matrix, accuracy, per-class scores, mIoU, report."""
-    from segpipe.evaluate import evaluate as run
+    from segpipe.stages.evaluate.assess import evaluate as run
 
     result = run(
         prediction,

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segpipe.blend import BlendStats, blend_rows, blend_windows, tta_forward
-from segpipe.tiling import BLEND_MODES, Bounds, halo_bounds
+from segpipe.grid.tiling import BLEND_MODES, Bounds, halo_bounds
+from segpipe.stages.predict.blend import BlendStats, blend_rows, blend_windows, tta_forward
 
 
 def _identity(batch: np.ndarray) -> np.ndarray:

@@ -131,7 +131,7 @@ def test_ingest_prints_sizes_width_first(tmp_path):
 
 
 def test_train_reports_progress_within_the_first_epoch_to_a_pipe(tmp_path):
-    from segpipe.ingest import ingest
+    from segpipe.stages.ingest.driver import ingest
     from segpipe.synth import synthesize
 
     region = synthesize(tmp_path / "region", size=256, bands=3, tiles=1, seed=3)

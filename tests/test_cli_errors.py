@@ -180,12 +180,12 @@ CASES = [
 
 
 def call_main(monkeypatch, capsys, raised, *extra):
-    import segpipe.cog
+    import segpipe.stages.export.cog
 
     def fail(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(segpipe.cog, "write_cog", fail)
+    monkeypatch.setattr(segpipe.stages.export.cog, "write_cog", fail)
     monkeypatch.delenv("SEGPIPE_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["segpipe", *extra, "export", "s.zarr", "--out", OUT])
     with pytest.raises(SystemExit) as info:

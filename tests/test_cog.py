@@ -15,10 +15,10 @@ from affine import Affine
 from rasterio.crs import CRS
 from rio_cogeo import cog_validate
 
-import segpipe.cog as cog
-from segpipe.cog import classes_from_tags, write_cog
+import segpipe.stages.export.cog as cog
 from segpipe.errors import InputError, MissingInputError, SegpipeError, StoreError
 from segpipe.io.store import RegionInfo, create_layer, read_region_info, write_block
+from segpipe.stages.export.cog import classes_from_tags, write_cog
 from segpipe.types import ClassInfo, classes_to_json
 
 CLASSES = (
@@ -301,7 +301,7 @@ def test_image_layer_keeps_dtype_nodata_and_band_names(tmp_path: Path) -> None:
 
 _KILL_SCRIPT = """
 import sys, time
-import segpipe.cog as cog
+import segpipe.stages.export.cog as cog
 stage = sys.argv[3]
 if stage == "stream":
     real = cog.write_geotiff_layer

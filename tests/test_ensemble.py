@@ -17,8 +17,9 @@ from segpipe.cli import app
 from segpipe.errors import ModelPackageError
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec, build_network, load_model, read_spec, save_model
-from segpipe.models.ensemble import EnsembleNet, make_ensemble
-from segpipe.predict import predict
+from segpipe.models.combine import make_ensemble
+from segpipe.models.ensemble import EnsembleNet
+from segpipe.stages.predict.driver import predict
 from segpipe.types import ClassInfo
 
 SPEC = ModelSpec("pspnet", "resnet18", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64)

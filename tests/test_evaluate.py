@@ -18,13 +18,13 @@ from rasterio.features import rasterize
 from rasterio.warp import transform as transform_points
 from rasterio.warp import transform_bounds
 
-from segpipe.cog import write_cog
 from segpipe.errors import InputError, LabelsError, MissingInputError
-from segpipe.evaluate import EVAL_WINDOW, evaluate
 from segpipe.io.labels import labels_window, open_labels
 from segpipe.io.store import create_layer, read_region_info, write_block
-from segpipe.metrics import json_ready, scores
 from segpipe.plots import plot_loss_curve
+from segpipe.stages.evaluate.assess import EVAL_WINDOW, evaluate
+from segpipe.stages.evaluate.metrics import json_ready, scores
+from segpipe.stages.export.cog import write_cog
 from segpipe.types import ClassInfo, Grid, classes_to_json
 
 CLASSES = (
@@ -392,8 +392,8 @@ def test_bad_points_arguments(scene: dict, tmp_path: Path) -> None:
 def test_preview_is_the_whole_region_decimated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import matplotlib.image
 
-    import segpipe.evaluate as ev
     import segpipe.plots
+    import segpipe.stages.evaluate.assess as ev
 
     store = tmp_path / "wide.zarr"
     make_store(store, 300, 2100, block=256, bands=("Red", "Green", "Blue"))

@@ -56,8 +56,8 @@ def test_example_manifest_reads(examples):
 
 
 def test_example_region_ingests_a_tiny_synthetic_scene(examples):
-    from segpipe.ingest import ingest
     from segpipe.io.store import read_region_info
+    from segpipe.stages.ingest.driver import ingest
 
     synth(examples / "synthetic")
     run = read_region(examples / "region.yaml")

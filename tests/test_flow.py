@@ -10,8 +10,8 @@ from rio_cogeo.cogeo import cog_validate
 
 def test_process_region_runs_every_stage(tmp_path, prefect_home):
     from flows.process_region import RegionRun, process_region
+    from segpipe.stages.train import TrainConfig
     from segpipe.synth import synthesize
-    from segpipe.train import TrainConfig
 
     region = synthesize(tmp_path / "region", size=384, tiles=2, seed=2)
     run = RegionRun(

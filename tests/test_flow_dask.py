@@ -38,8 +38,8 @@ def read_band(path):
 
 def test_process_region_on_a_dask_task_runner_matches_the_default_runner(tmp_path, prefect_home):
     from flows.process_region import RegionRun, process_region, run_region
+    from segpipe.stages.train import TrainConfig
     from segpipe.synth import synthesize
-    from segpipe.train import TrainConfig
 
     region = synthesize(tmp_path / "region", size=256, tiles=2, seed=3)
 
@@ -84,8 +84,8 @@ def test_a_batch_on_dask_shares_one_local_cluster(tmp_path, prefect_home):
     from flows.manifest import Manifest
     from flows.process_region import RegionRun
     from flows.process_regions import process_regions
+    from segpipe.stages.train import TrainConfig
     from segpipe.synth import synthesize
-    from segpipe.train import TrainConfig
 
     runs = []
     for seed in (1, 2):

@@ -17,15 +17,15 @@ from typer.testing import CliRunner
 
 from segpipe.cli import app
 from segpipe.errors import BandMismatchError, InputError
-from segpipe.evaluate import evaluate
-from segpipe.ingest import ingest
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec, build_network, load_model, normalise, output_stride, save_model
 from segpipe.models.forest import ForestNet, context_features, from_sklearn
-from segpipe.predict import _settings, predict
+from segpipe.stages.evaluate.assess import evaluate
+from segpipe.stages.ingest.driver import ingest
+from segpipe.stages.predict.driver import _settings, predict
+from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train.forest import forest_features
 from segpipe.synth import synthesize
-from segpipe.train import TrainConfig, train
-from segpipe.train.forest import forest_features
 
 FOREST = {"arch": "random_forest", "trees": 8, "valid_cell": 64, "threads": 1}
 

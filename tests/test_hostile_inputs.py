@@ -56,11 +56,11 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, client: Client) -> World:
-    from segpipe.cog import write_cog
-    from segpipe.ingest import ingest
-    from segpipe.predict import predict
+    from segpipe.stages.export.cog import write_cog
+    from segpipe.stages.ingest.driver import ingest
+    from segpipe.stages.predict.driver import predict
+    from segpipe.stages.train import TrainConfig, train
     from segpipe.synth import synthesize
-    from segpipe.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("world")
     region = synthesize(root / "region", size=SIZE, bands=3, tiles=2, seed=1)
@@ -382,7 +382,7 @@ def _(w: World, tmp: Path) -> Case:
 
 @case("train: a store without labels")
 def _(w: World, tmp: Path) -> Case:
-    from segpipe.ingest import ingest
+    from segpipe.stages.ingest.driver import ingest
 
     store = tmp / "unlabelled.zarr"
     ingest(w.image, store, block_size=BLOCK)
@@ -423,7 +423,7 @@ def _(w: World, tmp: Path) -> Case:
 
 @case("train: a band constant inside the labelled area")
 def _(w: World, tmp: Path) -> Case:
-    from segpipe.ingest import ingest
+    from segpipe.stages.ingest.driver import ingest
 
     rng = np.random.default_rng(0)
     data = rng.integers(100, 2000, size=(3, 64, 64)).astype("uint16")
@@ -728,7 +728,7 @@ def test_a_killed_ingests_tree_is_removed_by_the_next(world: World, tmp_path: Pa
     """SIGKILL leaves a hidden tree; the next ingest to the same place removes it if its process is gone."""
     import socket
 
-    from segpipe.ingest import ingest
+    from segpipe.stages.ingest.driver import ingest
 
     host = socket.gethostname()
     dead = tmp_path / f".s.zarr.tmp-{host}-{2**22 + 12345}-dead"  # above any pid_max default

@@ -11,9 +11,9 @@ import zarr
 from rasterio.transform import from_origin
 
 from segpipe.errors import LabelsError, MissingInputError, StoreError, TileMismatchError
-from segpipe.ingest import ingest
 from segpipe.io.mosaic import mosaic_vrt_xml, open_mosaic
 from segpipe.io.store import open_region, read_region_info
+from segpipe.stages.ingest.driver import ingest
 from segpipe.types import ClassInfo, write_classes_file
 
 CRS = "EPSG:32617"

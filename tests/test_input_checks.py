@@ -26,15 +26,15 @@ import rasterio
 import zarr.storage._local as zarr_local
 from rasterio.transform import from_origin
 
-import segpipe.cog as cog
-from segpipe.cog import write_cog
+import segpipe.stages.export.cog as cog
 from segpipe.errors import InputError, LabelsError, MissingInputError, StorageError, StoreError
-from segpipe.ingest import ingest
 from segpipe.io.store import create_layer, open_layer, read_region_info, write_block
-from segpipe.stac import stac_item_path
-from segpipe.train.config import TrainConfig, fit_chip_size
-from segpipe.train.sampling import ChipSampler
-from segpipe.train.stats import check_statistics, package_spec
+from segpipe.stages.export.cog import write_cog
+from segpipe.stages.export.stac import stac_item_path
+from segpipe.stages.ingest.driver import ingest
+from segpipe.stages.train.config import TrainConfig, fit_chip_size
+from segpipe.stages.train.sampling import ChipSampler
+from segpipe.stages.train.stats import check_statistics, package_spec
 
 SEGPIPE = Path(sys.executable).with_name("segpipe")
 TRUNCATED = r"t1\.tif cannot be read in window rows \d+-\d+, columns \d+-\d+"
@@ -550,7 +550,7 @@ def test_chip_larger_than_the_region_is_clamped(tmp_path: Path, caplog: pytest.L
 
     (tmp_path / "b").mkdir()
     store = _labelled_store(tmp_path / "b", image(bands=2))
-    with caplog.at_level(logging.WARNING, logger="segpipe.train.stats"):
+    with caplog.at_level(logging.WARNING, logger="segpipe.stages.train.stats"):
         spec = _spec(store, TrainConfig(chip_size=4096))
     assert spec.chip_size == 64  # type: ignore[attr-defined]
     assert any("--chip-size 4096" in r.getMessage() for r in caplog.records)
@@ -581,7 +581,7 @@ def test_stac_item_json_is_valid_after_export(classes_store: Path, tmp_path: Pat
 def test_evaluate_report_destination(
     classes_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from segpipe.evaluate import evaluate
+    from segpipe.stages.evaluate.assess import evaluate
 
     reference = np.zeros((1, 96, 96), np.uint8)
     reference[0, 10:50, 10:50] = 2

@@ -13,9 +13,9 @@ from rasterio.transform import from_origin
 from shapely.geometry import box
 
 from segpipe.errors import LabelsError, MissingInputError
-from segpipe.ingest import ingest
 from segpipe.io.labels import check_overlap, label_classes, labels_window, open_labels
 from segpipe.io.store import open_region
+from segpipe.stages.ingest.driver import ingest
 from segpipe.types import ClassInfo, Grid, default_colour
 
 CRS = "EPSG:32617"

@@ -12,7 +12,7 @@ from sklearn.metrics import cohen_kappa_score, jaccard_score, precision_recall_f
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from segpipe.errors import InputError
-from segpipe.metrics import (
+from segpipe.stages.evaluate.metrics import (
     add,
     confusion_from_histogram,
     confusion_matrix,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from segpipe.cog import _open_level
-from segpipe.overviews import ModePyramid, mode2x2, overview_shapes
+from segpipe.stages.export.cog import _open_level
+from segpipe.stages.export.overviews import ModePyramid, mode2x2, overview_shapes
 
 
 def brute_mode(a: np.ndarray) -> np.ndarray:

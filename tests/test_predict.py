@@ -17,11 +17,11 @@ from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
 
 from segpipe.cluster import SCHEDULER_ENV, describe_cluster, get_client
 from segpipe.errors import BandMismatchError, InputError
-from segpipe.inference import torch_forward as _torch_forward
+from segpipe.grid.tiling import block_windows, halo_bounds, window_weights
 from segpipe.io.runs import STAGING
-from segpipe.io.store import open_layer, open_region, read_region_info
+from segpipe.io.store import open_layer, open_region, read_region_info, valid_mask
 from segpipe.models import load_model, model_hash, normalise, read_spec
-from segpipe.predict import (
+from segpipe.stages.predict.driver import (
     PROGRESS_LAYER,
     BlockJob,
     _prepare_layers,
@@ -29,9 +29,8 @@ from segpipe.predict import (
     predict,
     predict_block,
     run_block,
-    valid_mask,
 )
-from segpipe.tiling import block_windows, halo_bounds, window_weights
+from segpipe.stages.predict.worker import torch_forward as _torch_forward
 
 
 def _identity(batch: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
 
 from segpipe.io.runs import STAGING
 from segpipe.io.store import open_layer
-from segpipe.predict import PROGRESS_LAYER, predict
+from segpipe.stages.predict.driver import PROGRESS_LAYER, predict
 
 
 def _read(store: Path, name: str) -> np.ndarray:

@@ -24,12 +24,12 @@ from predict_support import CLASSES, SETTINGS, make_store
 
 import segpipe.io.runs as runs
 from segpipe.errors import ModelPackageError, StorageError, StoreBusyError
-from segpipe.inference import BlockJob, run_block
 from segpipe.io.runs import STAGING, acquire_lock, read_lock
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec, build_network, model_hash, read_spec, save_model, validate_package
 from segpipe.models import fetch as fetch_mod
-from segpipe.predict import PROGRESS_LAYER, _prepare_layers, pending_blocks, predict
+from segpipe.stages.predict.driver import PROGRESS_LAYER, _prepare_layers, pending_blocks, predict
+from segpipe.stages.predict.worker import BlockJob, run_block
 
 LAYERS = ("classes", "confidence", PROGRESS_LAYER)
 OTHER = {**SETTINGS, "overlap": 8}  # other window settings: another result, staged
@@ -156,7 +156,7 @@ def test_a_bad_package_fails_before_any_write_or_cluster(
 def test_forest_and_ensemble_packages_are_checked_in_full(
     tmp_path: Path, model_dir: Path, other_model: Path
 ) -> None:
-    from segpipe.models.ensemble import make_ensemble
+    from segpipe.models.combine import make_ensemble
     from segpipe.models.forest import forest_from_options
 
     spec = read_spec(model_dir)

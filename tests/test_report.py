@@ -6,8 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from segpipe.metrics import confusion_matrix, json_ready, scores
-from segpipe.report import assemble_preview, decimate, markdown_report, preview_step, write_report
+from segpipe.stages.evaluate.metrics import confusion_matrix, json_ready, scores
+from segpipe.stages.evaluate.report import (
+    assemble_preview,
+    decimate,
+    markdown_report,
+    preview_step,
+    write_report,
+)
 
 
 def _metrics(points: bool) -> dict:

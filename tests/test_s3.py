@@ -22,16 +22,16 @@ import rasterio
 import zarr
 from rio_cogeo.cogeo import cog_validate
 
-from segpipe.cog import write_cog
 from segpipe.errors import MissingInputError, StoreError, TransientError
-from segpipe.evaluate import evaluate
-from segpipe.fingerprint import files_fingerprint, store_inputs
-from segpipe.ingest import ingest
+from segpipe.io.fingerprint import files_fingerprint, store_inputs
 from segpipe.io.labels import open_labels
 from segpipe.io.mosaic import open_mosaic
 from segpipe.io.remote import filesystem, gdal_env, gdal_options, gdal_path, is_remote, storage_options
 from segpipe.io.store import open_region, read_region_info
-from segpipe.predict import predict
+from segpipe.stages.evaluate.assess import evaluate
+from segpipe.stages.export.cog import write_cog
+from segpipe.stages.ingest.driver import ingest
+from segpipe.stages.predict.driver import predict
 from segpipe.synth import synthesize
 
 BUCKET = "segpipe-test"
@@ -316,7 +316,7 @@ def test_cli_passes_urls_through(s3: str) -> None:
 def test_process_region_on_s3_resumes(s3: str, region, prefect_home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The whole flow with inputs, store, COGs and report under s3://; a rerun skips every stage."""
     from flows.process_region import RegionRun, process_region
-    from segpipe.train import TrainConfig
+    from segpipe.stages.train import TrainConfig
 
     run = RegionRun(
         images=[_url(s3, region, region.image)],

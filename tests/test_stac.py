@@ -12,8 +12,8 @@ from rasterio.crs import CRS
 from rasterio.warp import transform as transform_points
 from test_cog import CLASSES, TRANSFORM, fill_layer, make_store
 
-from segpipe.cog import write_cog
-from segpipe.stac import (
+from segpipe.stages.export.cog import write_cog
+from segpipe.stages.export.stac import (
     CLASSIFICATION_EXTENSION,
     COG_MEDIA_TYPE,
     PROJECTION_EXTENSION,

@@ -84,7 +84,7 @@ def test_bad_parameters_are_named(tmp_path):
 
 
 def test_ingest_keeps_what_synth_wrote(region, tmp_path):
-    from segpipe.ingest import ingest
+    from segpipe.stages.ingest.driver import ingest
 
     info = ingest(
         [region.image],

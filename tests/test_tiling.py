@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segpipe.tiling import (
+from segpipe.grid.tiling import (
     blend_weights,
     block_windows,
     halo_bounds,

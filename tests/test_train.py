@@ -5,11 +5,11 @@ import pytest
 from safetensors.torch import load_file
 
 from segpipe.errors import ArchitectureError, LabelsError, StoreError
-from segpipe.ingest import ingest
 from segpipe.models import load_model, read_spec
+from segpipe.stages.ingest.driver import ingest
+from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train.sampling import BlockReader, Candidates, split_cells
 from segpipe.synth import synthesize
-from segpipe.train import TrainConfig, train
-from segpipe.train.sampling import BlockReader, Candidates, split_cells
 
 TINY = {"epochs": 1, "samples_per_epoch": 8, "chip_size": 64, "batch_size": 4, "valid_cell": 64}
 
@@ -127,7 +127,7 @@ def test_training_learns_the_labels(store, tmp_path):
 def test_losses_ignore_unlabelled_pixels_and_focal_reduces_to_ce():
     import torch
 
-    from segpipe.train.losses import balanced_class_weights, make_loss
+    from segpipe.stages.train.losses import balanced_class_weights, make_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8)
@@ -152,7 +152,7 @@ def test_losses_ignore_unlabelled_pixels_and_focal_reduces_to_ce():
 
 
 def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch):
-    import segpipe.train.loop as loop
+    import segpipe.stages.train.loop as loop
 
     losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])  # best at epoch 2, then worse
 

@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import save_file
 from train_support import TINY, tiny_store
 
-import segpipe.train.loop as loop
+import segpipe.stages.train.loop as loop
 from segpipe.errors import MissingInputError, PretrainedWeightsError
 from segpipe.io.store import open_layer, read_region_info
 from segpipe.models import normalise, read_spec
-from segpipe.train import TrainConfig, train
-from segpipe.train.pretrained import adapt_first_conv
-from segpipe.train.sampling import Candidates, CentreSampler, split_cells
-from segpipe.train.stats import band_percentiles
+from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train.pretrained import adapt_first_conv
+from segpipe.stages.train.sampling import Candidates, CentreSampler, split_cells
+from segpipe.stages.train.stats import band_percentiles
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +215,7 @@ def test_export_chips_writes_georeferenced_pairs(store, tmp_path):
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["band_names"] == list(info.band_names) and meta["chip_size"] == 32
 
-    from segpipe.train.chips import export_chips
+    from segpipe.stages.train.chips import export_chips
 
     again = export_chips(store, tmp_path / "again", chip_size=32, count=5, seed=4)
     assert (tmp_path / "again" / "index.csv").read_text() == (out / "index.csv").read_text()

@@ -13,11 +13,11 @@ import pytest
 from safetensors.torch import load_file
 from train_support import TINY, tiny_store
 
-import segpipe.train.loop as loop
+import segpipe.stages.train.loop as loop
 from segpipe.errors import InputError, MissingInputError
 from segpipe.models import load_model, read_spec
-from segpipe.train import TrainConfig, train
-from segpipe.train.checkpoint import checkpoint_path, load_checkpoint
+from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train.checkpoint import checkpoint_path, load_checkpoint
 
 # Two epochs of three steps with a checkpoint after every step; no validation. One thread
 # everywhere: CPU kernels sum in an order that depends on the thread count.
@@ -34,7 +34,7 @@ RESUMABLE = {
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
-    from segpipe.train import TrainConfig, train
+    from segpipe.stages.train import TrainConfig, train
 
     def report(p):
         if p.epoch == 2 and p.step == 2:
@@ -212,7 +212,7 @@ def test_package_alone_predicts_elsewhere(tmp_path):
     from distributed import Client
 
     from segpipe.io.store import open_layer
-    from segpipe.predict import predict
+    from segpipe.stages.predict.driver import predict
 
     training_store = tiny_store(tmp_path / "train", seed=1)
     train(training_store, tmp_path / "m", TrainConfig(clip_percentiles=(1, 99), **TINY))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segpipe.ingest import ingest
+from segpipe.stages.ingest.driver import ingest
 from segpipe.synth import synthesize
 
 # Chips of 32 px, two per step, a few steps: enough to exercise every path.

@@ -325,3 +325,15 @@ def write_block(array: zarr.Array, y0: int, x0: int, data: np.ndarray, block_siz
         )
     index = (Ellipsis, slice(y0, y0 + h), slice(x0, x0 + w))
     array[index] = data
+
+
+def valid_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(y, x) mask of pixels where no band is nodata (or NaN)."""
+    valid = np.ones(raw.shape[1:], dtype=bool)
+    if np.issubdtype(raw.dtype, np.floating):
+        valid &= np.isfinite(raw).all(axis=0)
+    if nodata is not None and not np.isnan(nodata):
+        # Compare as a Python float: a nodata value outside the dtype's range simply
+        # matches nothing (casting it to the dtype would wrap around).
+        valid &= ~(raw == float(nodata)).any(axis=0)
+    return valid

@@ -15,8 +15,7 @@ region store and clipping settings); anything else is refused with the member na
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,9 +23,12 @@ from torch import nn
 
 from segpipe.errors import ModelPackageError
 
-__all__ = ["ENSEMBLE_ARCH", "EnsembleNet", "make_ensemble"]
+__all__ = ["ENSEMBLE_ARCH", "EnsembleNet", "MemberBuilder", "build_ensemble"]
 
 ENSEMBLE_ARCH = "ensemble"
+
+MemberBuilder = Callable[[str, str, int, int, Mapping[str, Any] | None], nn.Module]
+"""Builds a member network: (arch, encoder, bands, classes, options) -> module."""
 # Probabilities below this are clamped before the log; the softmax that every caller
 # applies to logits then gives back the members' mean probabilities.
 _TINY = 1e-12
@@ -63,10 +65,24 @@ class EnsembleNet(nn.Module):
         return total.clamp_min(_TINY).log()
 
 
-def build_ensemble(in_channels: int, num_classes: int, options: Mapping[str, Any] | None) -> EnsembleNet:
-    """An untrained ensemble from its package options (each member's arch, encoder, options)."""
-    from segpipe.models.networks import build_network
+def build_ensemble(
+    in_channels: int, num_classes: int, options: Mapping[str, Any] | None, build_network: MemberBuilder
+) -> EnsembleNet:
+    """An untrained ensemble from its package options (each member's arch, encoder, options).
 
+    Args:
+        in_channels: Bands.
+        num_classes: Classes.
+        options: The package options: ``members``, each with arch, encoder, options, weight.
+        build_network: Builds one member (:func:`segpipe.models.networks.build_network`,
+            passed in so this module does not import the one that imports it).
+
+    Returns:
+        The ensemble, members untrained.
+
+    Raises:
+        ModelPackageError: No members, or a member without an ``arch``.
+    """
     members = list((options or {}).get("members", []))
     if not members:
         raise ModelPackageError("ensemble options list no members")
@@ -79,78 +95,3 @@ def build_ensemble(in_channels: int, num_classes: int, options: Mapping[str, Any
             raise ModelPackageError(f"an ensemble member lacks the field {exc}") from exc
     return EnsembleNet(nets, [float(m.get("weight", 1.0)) for m in members])
 
-
-def _same(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return len(a) == len(b) and all(
-        math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b, strict=True)
-    )
-
-
-def make_ensemble(
-    members: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None
-) -> Path:
-    """Combine trained packages into one ensemble package.
-
-    Args:
-        members: Model package directories (at least two), trained on the same bands,
-            classes and normalisation.
-        out: Directory of the new package (created; an existing package there is
-            replaced atomically, file by file).
-        weights: Relative weight of each member's probabilities (default: equal).
-
-    Returns:
-        The package directory.
-
-    Raises:
-        ModelPackageError: Fewer than two members, an unreadable member, or members that
-            differ in bands, classes or normalisation (the message names the member and
-            what differs), or bad weights.
-    """
-    from segpipe.models.package import ModelSpec, load_model, model_hash, save_model
-
-    if len(members) < 2:
-        raise ModelPackageError(f"an ensemble needs at least two member packages, got {len(members)}")
-    loaded = [load_model(m) for m in members]
-    first = loaded[0][1]
-    for path, (_, spec) in zip(members[1:], loaded[1:], strict=True):
-        problems = []
-        if spec.band_names != first.band_names:
-            problems.append(f"bands {list(spec.band_names)} instead of {list(first.band_names)}")
-        if [(c.value, c.name) for c in spec.classes] != [(c.value, c.name) for c in first.classes]:
-            problems.append(
-                f"classes {[c.value for c in spec.classes]} instead of {[c.value for c in first.classes]}"
-            )
-        if not (_same(spec.mean, first.mean) and _same(spec.std, first.std)
-                and _same(spec.clip_low, first.clip_low) and _same(spec.clip_high, first.clip_high)):
-            problems.append("another normalisation (train every member on the same store with the same "
-                            "--clip-percentiles)")
-        if problems:
-            raise ModelPackageError(f"member {path} does not fit {members[0]}: " + "; ".join(problems))
-    net = EnsembleNet([n for n, _ in loaded], weights)
-    described = [
-        {"arch": s.arch, "encoder": s.encoder, "options": s.options, "weight": w}
-        for (_, s), w in zip(loaded, net.weights, strict=True)
-    ]
-    spec = ModelSpec(
-        arch=ENSEMBLE_ARCH,
-        encoder="+".join(f"{s.arch}/{s.encoder}" for _, s in loaded),
-        band_names=first.band_names,
-        mean=first.mean,
-        std=first.std,
-        classes=first.classes,
-        chip_size=max(s.chip_size for _, s in loaded),
-        nodata=first.nodata,
-        options={"members": described},
-        metrics={},
-        training={"members": [
-            {"package": str(Path(m).resolve()), "hash": model_hash(m), "arch": s.arch, "encoder": s.encoder,
-             "validation": s.metrics, "settings": s.training.get("config", {})}
-            for m, (_, s) in zip(members, loaded, strict=True)
-        ]},
-        clip_low=first.clip_low,
-        clip_high=first.clip_high,
-        output_stride=max(s.output_stride for _, s in loaded),
-    )
-    return save_model(out, spec, net)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from segpipe.errors import StorageError
 from segpipe.io.remote import as_url, filesystem, is_remote, join, remote_errors, remote_info
+from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE
 
 __all__ = ["CACHE_ENV", "cache_root", "check_private", "local_package"]
 
@@ -154,7 +155,6 @@ def local_package(model_dir: str | Path) -> Path:
     """
     if not is_remote(model_dir):
         return Path(model_dir)
-    from segpipe.models.package import SPEC_FILE, WEIGHTS_FILE  # the package imports this module
 
     files = (SPEC_FILE, WEIGHTS_FILE)
     url = as_url(str(model_dir)).rstrip("/")

@@ -108,7 +108,7 @@ def build_network(
     if arch == "ensemble":
         from segpipe.models.ensemble import build_ensemble
 
-        return build_ensemble(in_channels, num_classes, options)  # members described in the options
+        return build_ensemble(in_channels, num_classes, options, build_network)  # members: in the options
     import segmentation_models_pytorch as smp
 
     if arch not in ARCHITECTURES:

@@ -29,6 +29,7 @@ from torch import nn
 
 from segpipe.errors import BandMismatchError, InputError, ModelPackageError
 from segpipe.models.fetch import hash_file, local_package
+from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE
 from segpipe.models.networks import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS, build_network
 from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
@@ -52,8 +53,6 @@ __all__ = [
 
 MODEL_SCHEMA = 2
 _READABLE_SCHEMAS = (1, 2)
-SPEC_FILE = "model.json"
-WEIGHTS_FILE = "weights.safetensors"
 # Every ``arch`` a package may name; ``ensemble`` is segpipe.models.ensemble.ENSEMBLE_ARCH
 # (not imported: the ensemble module imports this one).
 KNOWN_ARCHITECTURES = (*ARCHITECTURES, *CLASSICAL_ARCHITECTURES, "ensemble")
@@ -414,7 +413,7 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
 
 
 # Loaded packages by content hash, so the driver's validation and in-process tasks load a
-# package once; each dask worker process keeps its own (segpipe.inference).
+# package once; each dask worker process keeps its own (segpipe.stages.predict.worker).
 _LOADED: OrderedDict[str, tuple[nn.Module, ModelSpec]] = OrderedDict()
 _LOADED_LOCK = threading.Lock()
 _LOADED_MAX = 2

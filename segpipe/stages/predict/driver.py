@@ -2,9 +2,9 @@
 
 The driver (:func:`predict`) pre-creates the output layers as Zarr templates, groups
 store blocks into tasks large enough that few windows are computed twice at task
-borders (:func:`segpipe.tiling.plan_superblocks`), and maps
-:func:`segpipe.inference.run_block` over the tasks that still have unfinished blocks.
-Windows lie on the raster's global grid and are blended (:mod:`segpipe.blend`), so the
+borders (:func:`segpipe.grid.tiling.plan_superblocks`), and maps
+:func:`segpipe.stages.predict.worker.run_block` over the tasks that still have unfinished blocks.
+Windows lie on the raster's global grid and are blended (:mod:`segpipe.stages.predict.blend`), so the
 result does not depend on the blocking, the plan or the cluster. A per-block marker in
 the ``progress_predict`` layer lets a rerun skip finished blocks.
 
@@ -29,16 +29,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from segpipe.blend import blend_windows
 from segpipe.errors import InputError, StoreBusyError, StoreError
-from segpipe.inference import PROGRESS_LAYER, BlockJob, run_block, usable_cores, valid_mask, worker_host
+from segpipe.grid.tiling import BLEND_MODES, Forward, plan_superblocks, window_starts
 from segpipe.io.remote import is_remote
 from segpipe.io.runs import STAGING, RunLock, acquire_lock, finish_promotion, has_staged_progress, promote
 from segpipe.io.store import NODATA_U8, RegionInfo, create_layer, open_layer, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec, validate_package
 from segpipe.models.forest import default_overlap as forest_overlap
 from segpipe.models.networks import CLASSICAL_ARCHITECTURES
-from segpipe.tiling import BLEND_MODES, Forward, plan_superblocks, window_starts
+from segpipe.stages.predict.blend import blend_windows
+from segpipe.stages.predict.worker import PROGRESS_LAYER, BlockJob, run_block, usable_cores, worker_host
 from segpipe.types import classes_to_json
 
 if TYPE_CHECKING:
@@ -57,7 +57,6 @@ __all__ = [
     "pending_blocks",
     "predict_block",
     "run_block",
-    "valid_mask",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ def predict_block(
 
     Args:
         image: Normalised (band, y, x) float32 pixels covering the block's halo
-            (see :func:`segpipe.tiling.halo_bounds`); nodata already set to 0.
+            (see :func:`segpipe.grid.tiling.halo_bounds`); nodata already set to 0.
         valid: (y, x) bool mask of ``image``: False on nodata.
         forward: Network call, (N, band, tile, tile) -> (N, C, tile, tile) probabilities.
         tile: Window size (a multiple of the network's output stride).

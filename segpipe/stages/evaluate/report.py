@@ -121,7 +121,7 @@ def markdown_report(metrics: dict[str, Any], figures: Sequence[str] = ()) -> str
     """The accuracy report as Markdown.
 
     Args:
-        metrics: What :func:`segpipe.evaluate.evaluate` writes to ``metrics.json``.
+        metrics: What :func:`segpipe.stages.evaluate.assess.evaluate` writes to ``metrics.json``.
         figures: PNG file names (relative to the report) to show at the end.
 
     Returns:

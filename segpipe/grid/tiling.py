@@ -5,7 +5,7 @@ with step ``stride = tile - overlap``; the last window of each axis is shifted b
 so it ends at the raster's edge. Because the grid depends only on the raster size,
 tile and stride, every output block (of any size) sees the same windows, and the
 blended result does not depend on how the raster is cut into blocks.
-:mod:`segpipe.blend` runs a network over those windows and blends them;
+:mod:`segpipe.stages.predict.blend` runs a network over those windows and blends them;
 :func:`plan_superblocks` groups store blocks into tasks that duplicate few windows.
 """
 

@@ -6,7 +6,7 @@ converted by GDAL's COG driver, checked, validated with ``rio_cogeo``, and only 
 renamed over the destination; a STAC Item is written beside it.
 ``rio.to_raster(driver="COG")`` would hold ~3x the raster in RAM (ARCHITECTURE.md).
 Overviews: for class rasters the MODE levels are built during the stream
-(:mod:`segpipe.overviews`; GDAL 3.10's own MODE pass was most of the export's time) and
+(:mod:`segpipe.stages.export.overviews`; GDAL 3.10's own MODE pass was most of the export's time) and
 copied by the COG driver; other layers get GDAL's AVERAGE overviews.
 
 Measured on GDAL 3.10 / rasterio 1.4: the COG driver keeps the colour table, band
@@ -49,14 +49,6 @@ from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
 from segpipe.errors import InputError, SegpipeError, StorageError
-from segpipe.export_layers import (
-    EXPORT_LAYERS,
-    ExportLayer,
-    class_colormap,
-    class_tags,
-    classes_from_tags,
-    describe_layer,
-)
 from segpipe.io.remote import (
     as_url,
     check_bucket,
@@ -68,8 +60,16 @@ from segpipe.io.remote import (
     url_parent,
 )
 from segpipe.io.store import NODATA_U8, RegionInfo, read_region_info
-from segpipe.overviews import ModePyramid, overview_shapes, write_overview_vrt
-from segpipe.stac import stac_item, stac_item_path
+from segpipe.stages.export.layers import (
+    EXPORT_LAYERS,
+    ExportLayer,
+    class_colormap,
+    class_tags,
+    classes_from_tags,
+    describe_layer,
+)
+from segpipe.stages.export.overviews import ModePyramid, overview_shapes, write_overview_vrt
+from segpipe.stages.export.stac import stac_item, stac_item_path
 
 __all__ = [
     "COMPRESSIONS",
@@ -124,7 +124,7 @@ def write_geotiff_layer(
         info: The store's info, if already read.
         on_window: Called with (row, col) before each window is written (progress hooks, tests).
         overviews: For MODE layers (classes), also build the overview levels in the same
-            pass (:mod:`segpipe.overviews`), each in a GeoTIFF beside ``path``.
+            pass (:mod:`segpipe.stages.export.overviews`), each in a GeoTIFF beside ``path``.
 
     Returns:
         ``path``, or with ``overviews`` on a class layer a VRT beside it that declares

@@ -1,7 +1,7 @@
 """What each exportable store layer becomes in a GeoTIFF: bands, dtype, nodata, classes.
 
 Also the class metadata every class GeoTIFF carries: a colour table (0 black, 255
-transparent) and band tags naming the classes, which :mod:`segpipe.evaluate` reads
+transparent) and band tags naming the classes, which :mod:`segpipe.stages.evaluate.assess` reads
 back from COGs written by other runs.
 """
 

@@ -2,7 +2,7 @@
 
 Users know this method; segpipe reports it beside the network so the gain from
 spatial context is measured, not claimed. The forest is trained by
-:func:`segpipe.train.forest.train_forest` (the same code as ``segpipe train --arch
+:func:`segpipe.stages.train.forest.train_forest` (the same code as ``segpipe train --arch
 random_forest``: same split, normalisation and package), and its packaged module
 classifies every pixel into another layer, block by block, so the network's
 ``classes`` stay untouched.
@@ -17,8 +17,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from segpipe.inference import valid_mask
-from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info, write_block
+from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info, valid_mask, write_block
 from segpipe.models import ModelSpec, load_model, normalise
 from segpipe.models.forest import ForestNet
 
@@ -70,8 +69,8 @@ def random_forest_baseline(
         StoreError: The store has no labels.
         LabelsError: No labelled pixel with data.
     """
-    from segpipe.train import TrainConfig
-    from segpipe.train.forest import train_forest
+    from segpipe.stages.train import TrainConfig
+    from segpipe.stages.train.forest import train_forest
 
     cfg = TrainConfig(arch="random_forest", trees=trees, max_train_pixels=max_samples, seed=seed)
     with tempfile.TemporaryDirectory(prefix="segpipe-rf-") as tmp:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.models import ModelSpec
-from segpipe.train.config import TrainConfig
+from segpipe.stages.train.config import TrainConfig
 
 if TYPE_CHECKING:
     import distributed
@@ -31,7 +31,7 @@ def cluster_has_gpus(client: distributed.Client) -> bool:
 def _train_task(store: str, out: str, settings: dict[str, Any], resume: bool) -> str:
     from distributed import get_worker
 
-    from segpipe.train.loop import train
+    from segpipe.stages.train.loop import train
 
     cfg = TrainConfig.model_validate(settings)
     if cfg.threads == 0:

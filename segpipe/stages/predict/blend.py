@@ -1,11 +1,11 @@
 """Overlap-and-blend: run a network over the global window grid and blend its outputs.
 
 :func:`blend_rows` walks one task's box row of windows by row of windows with a
-rolling accumulator: window outputs are weighted (:func:`segpipe.tiling.window_weights`),
+rolling accumulator: window outputs are weighted (:func:`segpipe.grid.tiling.window_weights`),
 summed, and rows that no later window can touch are normalised by the summed weights
 and handed back at once. Memory is a band of about one window's height, whatever the
 box's size. :func:`blend_windows` does the same over an array already in memory.
-Numpy only: the network is any :data:`segpipe.tiling.Forward` callable.
+Numpy only: the network is any :data:`segpipe.grid.tiling.Forward` callable.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segpipe.errors import InputError
-from segpipe.tiling import (
+from segpipe.grid.tiling import (
     BLEND_MODES,
     Bounds,
     Forward,
@@ -119,7 +119,7 @@ def blend_rows(
         box: Output box in global pixels.
         batch_size: Windows per forward call.
         pad_batches: Pad short batches with zero windows to one fixed shape.
-        mode: Blend mode (:data:`segpipe.tiling.BLEND_MODES`).
+        mode: Blend mode (:data:`segpipe.grid.tiling.BLEND_MODES`).
         targets: Parts of ``box`` that are needed (default: all of it); windows that
             reach none of them are skipped, and rows elsewhere may be incomplete.
         stats: Counters to fill in.

@@ -20,7 +20,7 @@ import dask
 import numpy as np
 
 from segpipe.errors import LabelsError
-from segpipe.train.config import CHIP_MULTIPLE
+from segpipe.stages.train.config import CHIP_MULTIPLE
 from segpipe.types import ClassInfo, default_colour
 
 __all__ = [

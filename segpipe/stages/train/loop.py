@@ -3,7 +3,7 @@
 :func:`train` prepares what every rank shares (candidates, the spatial split,
 normalisation statistics, the initial weights) once, then runs the loop: in this
 process for one device, or in one spawned process per device for data-parallel
-training (:mod:`segpipe.train.distributed`). The loop is the same in both cases.
+training (:mod:`segpipe.stages.train.distributed`). The loop is the same in both cases.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from segpipe import metrics
 from segpipe.errors import InputError, LabelsError, StoreError
-from segpipe.fingerprint import store_inputs
+from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import open_layer, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, read_spec, save_model
-from segpipe.train import checkpoint as ckpt
-from segpipe.train import distributed as ddp
-from segpipe.train.config import TrainConfig
-from segpipe.train.losses import balanced_class_weights, make_loss
-from segpipe.train.pretrained import PretrainedReport, load_pretrained_encoder
-from segpipe.train.sampling import (
+from segpipe.stages.evaluate import metrics
+from segpipe.stages.train import checkpoint as ckpt
+from segpipe.stages.train import distributed as ddp
+from segpipe.stages.train.config import TrainConfig
+from segpipe.stages.train.losses import balanced_class_weights, make_loss
+from segpipe.stages.train.pretrained import PretrainedReport, load_pretrained_encoder
+from segpipe.stages.train.progress import TrainProgress
+from segpipe.stages.train.sampling import (
     Candidates,
     CentreSampler,
     ChipSampler,
@@ -35,34 +36,15 @@ from segpipe.train.sampling import (
     label_classes,
     split_cells,
 )
-from segpipe.train.stats import package_spec
+from segpipe.stages.train.stats import package_spec
 
-__all__ = ["TrainProgress", "initial_network", "train"]
+__all__ = ["initial_network", "train"]
 
 IGNORE = 255
 _MAX_VALID_CHIPS = 192
 _SAMPLE_CHIPS = 4
 
 
-@dataclass(frozen=True)
-class TrainProgress:
-    """One progress report.
-
-    Attributes:
-        epoch: Current epoch (1-based).
-        epochs: Number of epochs.
-        step: Step within the epoch (1-based).
-        steps: Steps per epoch.
-        loss: Running training loss of the epoch.
-        record: The epoch's history record, on the last report of an epoch.
-    """
-
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    loss: float
-    record: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -338,7 +320,7 @@ def train(
     """
     cfg = config or TrainConfig()
     if cfg.arch == "random_forest":
-        from segpipe.train.forest import train_forest
+        from segpipe.stages.train.forest import train_forest
 
         return train_forest(store, out, cfg, progress)
     if resume:  # before the costly preparation, so a wrong --resume fails at once

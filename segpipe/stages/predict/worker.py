@@ -2,7 +2,7 @@
 
 :func:`run_block` reads its windows plus halo straight from the store's ``image``, a
 window row at a time, runs batched forward passes, blends them with a rolling
-accumulator (:func:`segpipe.blend.blend_rows`) and writes each row of finished blocks
+accumulator (:func:`segpipe.stages.predict.blend.blend_rows`) and writes each row of finished blocks
 (``classes``, ``confidence``, optionally ``probabilities``) as soon as it is complete,
 followed by that block's marker in the ``progress_predict`` layer. Tasks carry only a
 small frozen :class:`BlockJob`; each worker process loads the model once, by path.
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segpipe.allocator import tune_allocator
-from segpipe.blend import BlendStats, blend_rows, tta_forward
-from segpipe.io.store import NODATA_U8, open_layer, read_region_info, write_block
+from segpipe.grid.tiling import Bounds, Forward
+from segpipe.io.store import NODATA_U8, open_layer, read_region_info, valid_mask, write_block
 from segpipe.models import load_verified, normalise
-from segpipe.tiling import Bounds, Forward
+from segpipe.stages.predict.allocator import tune_allocator
+from segpipe.stages.predict.blend import BlendStats, blend_rows, tta_forward
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from segpipe.models import ModelSpec
 
-__all__ = ["PROGRESS_LAYER", "BlockJob", "run_block", "torch_forward", "usable_cores", "valid_mask",
+__all__ = ["PROGRESS_LAYER", "BlockJob", "run_block", "torch_forward", "usable_cores",
            "worker_host"]
 
 PROGRESS_LAYER = "progress_predict"
@@ -131,7 +131,7 @@ def _model_for(model_dir: str, expected_hash: str) -> tuple[nn.Module, ModelSpec
 
 
 def torch_forward(net: nn.Module, device: torch.device) -> Forward:
-    """A :data:`segpipe.tiling.Forward` of a network: softmax probabilities as numpy.
+    """A :data:`segpipe.grid.tiling.Forward` of a network: softmax probabilities as numpy.
 
     On CUDA, inputs go channels-last and run under bf16 (or fp16) autocast; softmax is
     taken in float32. Always under ``torch.inference_mode``.
@@ -154,16 +154,6 @@ def torch_forward(net: nn.Module, device: torch.device) -> Forward:
     return forward
 
 
-def valid_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
-    """(y, x) mask of pixels where no band is nodata (or NaN)."""
-    valid = np.ones(raw.shape[1:], dtype=bool)
-    if np.issubdtype(raw.dtype, np.floating):
-        valid &= np.isfinite(raw).all(axis=0)
-    if nodata is not None and not np.isnan(nodata):
-        # Compare as a Python float: a nodata value outside the dtype's range simply
-        # matches nothing (casting it to the dtype would wrap around).
-        valid &= ~(raw == float(nodata)).any(axis=0)
-    return valid
 
 
 def _percent(p: np.ndarray) -> np.ndarray:

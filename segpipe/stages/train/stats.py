@@ -26,7 +26,7 @@ from segpipe.errors import InputError
 if TYPE_CHECKING:
     from segpipe.io.store import RegionInfo
     from segpipe.models import ModelSpec
-    from segpipe.train.config import TrainConfig
+    from segpipe.stages.train.config import TrainConfig
     from segpipe.types import ClassInfo
 
 __all__ = [

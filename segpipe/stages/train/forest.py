@@ -27,11 +27,9 @@ from typing import Any
 import dask
 import numpy as np
 
-from segpipe import metrics
 from segpipe.errors import LabelsError, StoreError
-from segpipe.fingerprint import store_inputs
-from segpipe.inference import valid_mask
-from segpipe.io.store import open_layer, read_region_info
+from segpipe.io.fingerprint import store_inputs
+from segpipe.io.store import open_layer, read_region_info, valid_mask
 from segpipe.models import ModelSpec, normalise, save_model
 from segpipe.models.forest import (
     FOREST_ARCH,
@@ -41,10 +39,11 @@ from segpipe.models.forest import (
     features_per_band,
     from_sklearn,
 )
-from segpipe.train.config import TrainConfig
-from segpipe.train.loop import TrainProgress
-from segpipe.train.sampling import Candidates, find_candidates, label_classes, split_cells
-from segpipe.train.stats import package_spec
+from segpipe.stages.evaluate import metrics
+from segpipe.stages.train.config import TrainConfig
+from segpipe.stages.train.progress import TrainProgress
+from segpipe.stages.train.sampling import Candidates, find_candidates, label_classes, split_cells
+from segpipe.stages.train.stats import package_spec
 
 __all__ = ["forest_features", "train_forest"]
 

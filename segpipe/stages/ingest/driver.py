@@ -44,7 +44,7 @@ import xarray as xr
 import zarr
 
 from segpipe.errors import InputError, LabelsError, StoreError
-from segpipe.fingerprint import ingest_fingerprint
+from segpipe.io.fingerprint import ingest_fingerprint
 from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
 from segpipe.io.mosaic import open_mosaic
 from segpipe.io.remote import (

@@ -29,7 +29,6 @@ from affine import Affine
 from dask.base import compute
 from dask.delayed import Delayed, delayed
 
-from segpipe.cog import classes_from_tags
 from segpipe.errors import InputError, LabelsError, MissingInputError, StoreError
 from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
 from segpipe.io.remote import (
@@ -44,10 +43,9 @@ from segpipe.io.remote import (
     storage_errors,
 )
 from segpipe.io.store import NODATA_U8, open_layer, read_region_info
-from segpipe.metrics import confusion_from_histogram, joint_histogram, json_ready, scores
 from segpipe.plots import plot_confusion_matrix, plot_preview
-from segpipe.report import PreviewPiece, assemble_preview, decimate, preview_step, write_report
-from segpipe.sampling_points import (
+from segpipe.stages.evaluate.metrics import confusion_from_histogram, joint_histogram, json_ready, scores
+from segpipe.stages.evaluate.points import (
     ALL,
     allocate,
     area_weighted_accuracy,
@@ -55,6 +53,14 @@ from segpipe.sampling_points import (
     points_in_window,
     strata_counts,
 )
+from segpipe.stages.evaluate.report import (
+    PreviewPiece,
+    assemble_preview,
+    decimate,
+    preview_step,
+    write_report,
+)
+from segpipe.stages.export.cog import classes_from_tags
 from segpipe.types import ClassInfo, Grid, default_colour
 
 __all__ = ["EVAL_WINDOW", "PredictionSource", "evaluate", "open_prediction"]
@@ -313,9 +319,9 @@ def evaluate(
 
     Pixels count where the reference is labelled (not 0) and the prediction has data
     (not 255); a prediction outside the evaluated classes counts as an error ("other",
-    see :mod:`segpipe.metrics`). Runs on the active dask scheduler (a distributed
+    see :mod:`segpipe.stages.evaluate.metrics`). Runs on the active dask scheduler (a distributed
     client if one is set up), one task per window; with ``points``, a second pass
-    reads only the windows holding a drawn point (see :mod:`segpipe.sampling_points`).
+    reads only the windows holding a drawn point (see :mod:`segpipe.stages.evaluate.points`).
 
     Args:
         prediction: Region store (its ``layer``) or class GeoTIFF on the grid to evaluate.

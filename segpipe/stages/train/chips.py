@@ -20,7 +20,7 @@ from affine import Affine
 
 from segpipe.errors import InputError, StoreError
 from segpipe.io.store import open_layer, read_region_info
-from segpipe.train.sampling import CentreSampler, ChipSampler, find_candidates
+from segpipe.stages.train.sampling import CentreSampler, ChipSampler, find_candidates
 from segpipe.types import classes_to_json
 
 __all__ = ["ChipExport", "export_chips"]

@@ -1,0 +1,1 @@
+"""Pixel geometry shared by the stages: windows, task plans and blend weights (numpy only)."""
