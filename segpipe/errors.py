@@ -29,6 +29,7 @@ __all__ = [
     "InputError",
     "LabelsError",
     "MissingInputError",
+    "MissingLayerError",
     "ModelPackageError",
     "PretrainedWeightsError",
     "SegpipeError",
@@ -79,6 +80,10 @@ class PretrainedWeightsError(InputError):
 
 class StoreError(InputError):
     """A region store is missing a layer, or a write does not align with it."""
+
+
+class MissingLayerError(StoreError, MissingInputError):
+    """A region store lacks a layer a stage needs (the message says which step makes it)."""
 
 
 class TransientError(SegpipeError):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from engine_support import prefect_home  # noqa: F401  (a session fixture, shared by the flow tests)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -27,18 +28,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def prefect_home(tmp_path_factory):
-    """A throwaway local Prefect engine, stopped before pytest closes its output streams."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
-    mp.delenv("PREFECT_API_URL", raising=False)
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness():
-        yield
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segpipe.grid.tiling import BLEND_MODES, Bounds, halo_bounds
+from segpipe.grid.tiling import BLEND_MODES, Box, halo_bounds
 from segpipe.stages.predict.blend import BlendStats, blend_rows, blend_windows, tta_forward
 
 
@@ -90,14 +90,14 @@ def test_rows_come_back_before_the_box_is_read() -> None:
     height, width, tile, overlap = 300, 40, 32, 8
     image = np.random.default_rng(0).random((1, height, width)).astype(np.float32)
     valid = np.ones((height, width), dtype=bool)
-    reads: list[Bounds] = []
+    reads: list[Box] = []
 
-    def read(b: Bounds) -> tuple[np.ndarray, np.ndarray]:
+    def read(b: Box) -> tuple[np.ndarray, np.ndarray]:
         reads.append(b)
         return image[:, b.y0 : b.y1, b.x0 : b.x1], valid[b.y0 : b.y1, b.x0 : b.x1]
 
     bands = []
-    for band in blend_rows(read, _identity, tile, overlap, (height, width), Bounds(0, 0, height, width), 2):
+    for band in blend_rows(read, _identity, tile, overlap, (height, width), Box(0, 0, height, width), 2):
         bands.append((len(reads), band))
     # Rolling: the first rows are finished after 2 window rows of 13, and together the
     # bands cover the box once, top to bottom, reproducing the input.
@@ -113,14 +113,14 @@ def test_targets_limit_the_windows_run() -> None:
     image = np.random.default_rng(1).random((1, height, width)).astype(np.float32)
     valid = np.ones((height, width), dtype=bool)
 
-    def read(b: Bounds) -> tuple[np.ndarray, np.ndarray]:
+    def read(b: Box) -> tuple[np.ndarray, np.ndarray]:
         return image[:, b.y0 : b.y1, b.x0 : b.x1], valid[b.y0 : b.y1, b.x0 : b.x1]
 
     counts = {}
     for mode in ("cosine", "crop"):
         stats = BlendStats()
-        bands = list(blend_rows(read, _identity, 32, 16, (height, width), Bounds(0, 0, 96, 96), 1,
-                                mode=mode, targets=[Bounds(40, 40, 56, 56)], stats=stats))
+        bands = list(blend_rows(read, _identity, 32, 16, (height, width), Box(0, 0, 96, 96), 1,
+                                mode=mode, targets=[Box(40, 40, 56, 56)], stats=stats))
         counts[mode] = stats.windows
         rows = np.zeros_like(image)
         for b in bands:
@@ -155,11 +155,11 @@ def test_concurrent_streams_give_bitwise_identical_rows() -> None:
     image = np.random.default_rng(4).random((2, height, width)).astype(np.float32)
     valid = np.ones((height, width), dtype=bool)
 
-    def read(b: Bounds) -> tuple[np.ndarray, np.ndarray]:
+    def read(b: Box) -> tuple[np.ndarray, np.ndarray]:
         return image[:, b.y0 : b.y1, b.x0 : b.x1], valid[b.y0 : b.y1, b.x0 : b.x1]
 
     def run(streams: int) -> np.ndarray:
-        bands = blend_rows(read, _contextual, 32, 8, (height, width), Bounds(0, 0, height, width), 2,
+        bands = blend_rows(read, _contextual, 32, 8, (height, width), Box(0, 0, height, width), 2,
                            streams=streams)
         return np.concatenate([b.probs for b in bands if b.probs is not None], axis=1)
 

@@ -12,14 +12,16 @@ blended result does not depend on how the raster is cut into blocks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
+
+from segpipe.grid.box import Box
 
 __all__ = [
     "BLEND_MODES",
     "BlendMode",
-    "Bounds",
+    "Box",
     "Forward",
     "axis_windows",
     "blend_weights",
@@ -39,13 +41,6 @@ Forward = Callable[[np.ndarray], np.ndarray]
 """A network call: (N, band, t, t) float32 windows -> (N, C, t, t) float32 probabilities."""
 
 
-class Bounds(NamedTuple):
-    """A half-open pixel box ``[y0:y1, x0:x1]`` in global raster coordinates."""
-
-    y0: int
-    x0: int
-    y1: int
-    x1: int
 
 
 def window_starts(length: int, tile: int, stride: int) -> np.ndarray:
@@ -196,7 +191,7 @@ def block_windows(
 
 def halo_bounds(
     y0: int, x0: int, h: int, w: int, height: int, width: int, tile: int, stride: int
-) -> Bounds:
+) -> Box:
     """Region to read for a block: the union of its windows, clamped to the raster.
 
     Args:
@@ -216,7 +211,7 @@ def halo_bounds(
     xs = axis_windows(x0, w, width, tile, stride)
     if ys.size == 0 or xs.size == 0:
         raise ValueError(f"block ({y0}, {x0}, {h}, {w}) lies outside the {height}x{width} raster")
-    return Bounds(
+    return Box(
         int(ys[0]), int(xs[0]), min(int(ys[-1]) + tile, height), min(int(xs[-1]) + tile, width)
     )
 

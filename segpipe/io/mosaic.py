@@ -32,6 +32,7 @@ from rasterio.errors import RasterioError
 
 from segpipe.errors import InputError, MissingInputError, TileMismatchError
 from segpipe.io.remote import as_url, filesystem, gdal_env, gdal_path, is_remote, posix_suffix, remote_errors
+from segpipe.io.store import same_nodata
 
 __all__ = ["expand_inputs", "mosaic_vrt_xml", "open_mosaic"]
 
@@ -171,11 +172,6 @@ def _crs_name(crs: CRS | None) -> str:
     return "none" if crs is None else crs.to_string()
 
 
-def _same_nodata(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a == b or (math.isnan(a) and math.isnan(b))
-
 
 def _check_tiles(files: Sequence[Path | str], tiles: Sequence[_Tile]) -> None:
     """Refuse tiles that cannot be mosaicked without resampling or guessing."""
@@ -197,7 +193,7 @@ def _check_tiles(files: Sequence[Path | str], tiles: Sequence[_Tile]) -> None:
             ),
             ("band count", t.count == ref.count, str(t.count), str(ref.count)),
             ("dtype", t.dtype == ref.dtype, t.dtype, ref.dtype),
-            ("nodata", _same_nodata(t.nodata, ref.nodata), str(t.nodata), str(ref.nodata)),
+            ("nodata", same_nodata(t.nodata, ref.nodata), str(t.nodata), str(ref.nodata)),
         ]
         for what, ok, mine, theirs in checks:
             if not ok:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import xarray as xr
 import zarr
 from affine import Affine
 
-from segpipe.errors import MissingInputError, SegpipeError, StoreError
+from segpipe.errors import MissingInputError, MissingLayerError, SegpipeError, StoreError
 from segpipe.io.remote import as_url, is_remote, remote_errors, storage_options_for
 from segpipe.types import ClassInfo, Grid, classes_from_json, classes_to_json
 
@@ -41,11 +42,14 @@ __all__ = [
     "STORE_SCHEMA",
     "RegionInfo",
     "create_layer",
+    "has_layer",
     "open_layer",
     "open_region",
     "read_region_info",
+    "same_nodata",
     "set_region_classes",
     "store_location",
+    "valid_mask",
     "write_block",
 ]
 
@@ -285,20 +289,38 @@ def create_layer(
     return arr
 
 
-def open_layer(store: str | Path, name: str, mode: str = "r") -> zarr.Array:
+def open_layer(store: str | Path, name: str, mode: str = "r", missing: str = "") -> zarr.Array:
     """Open one layer of the store as a zarr array.
 
+    Args:
+        store: Region store.
+        name: Layer name (``image``, ``labels``, ``classes``, ``_predict/classes``...).
+        mode: ``r`` or ``r+``.
+        missing: What the user should do when the layer is absent, e.g. "run 'segpipe
+            predict' first" (appended to the error message).
+
     Raises:
-        StoreError: The layer does not exist, or its metadata is damaged.
+        MissingLayerError: The layer does not exist.
+        StoreError: Its metadata is damaged.
     """
     group = _group(store, mode="r+" if mode != "r" else "r")
     with _intact(store, f"layer '{name}' of "):
         if name not in group:
-            raise StoreError(f"region store {store} has no '{name}' layer")
+            fix = f": {missing}" if missing else ""
+            raise MissingLayerError(f"region store {store} has no '{name}' layer{fix}")
         arr = group[name]
     if not isinstance(arr, zarr.Array):
         raise StoreError(f"'{name}' in region store {store} is not an array: re-run 'segpipe ingest'")
     return arr
+
+
+def has_layer(store: str | Path, name: str) -> bool:
+    """Whether the store holds the layer ``name`` (a damaged store still raises StoreError)."""
+    try:
+        open_layer(store, name)
+    except MissingLayerError:
+        return False
+    return True
 
 
 def write_block(array: zarr.Array, y0: int, x0: int, data: np.ndarray, block_size: int) -> None:
@@ -337,3 +359,10 @@ def valid_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
         # matches nothing (casting it to the dtype would wrap around).
         valid &= ~(raw == float(nodata)).any(axis=0)
     return valid
+
+
+def same_nodata(a: float | None, b: float | None) -> bool:
+    """Whether two nodata values mean the same thing (both absent, equal, or both NaN)."""
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))

@@ -59,7 +59,7 @@ from segpipe.io.remote import (
     url_name,
     url_parent,
 )
-from segpipe.io.store import NODATA_U8, RegionInfo, read_region_info
+from segpipe.io.store import NODATA_U8, RegionInfo, read_region_info, same_nodata
 from segpipe.stages.export.layers import (
     EXPORT_LAYERS,
     ExportLayer,
@@ -245,17 +245,12 @@ def _open_level(path: Path, height: int, width: int, level: int) -> DatasetWrite
         )
 
 
-def _same_nodata(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a == b or (math.isnan(a) and math.isnan(b))
-
 
 def _check_survived(path: Path, spec: ExportLayer, info: RegionInfo) -> None:
     """Fail if the COG lost its georeferencing, nodata, descriptions, colour table or class tags."""
     with rasterio.open(path) as src:
         problems = []
-        if not _same_nodata(src.nodata, spec.nodata):
+        if not same_nodata(src.nodata, spec.nodata):
             problems.append(f"nodata is {src.nodata}")
         if src.transform != info.affine:
             problems.append("transform changed")

@@ -20,7 +20,7 @@ import numpy as np
 from segpipe.errors import InputError
 from segpipe.grid.tiling import (
     BLEND_MODES,
-    Bounds,
+    Box,
     Forward,
     axis_windows,
     blend_weights,
@@ -31,7 +31,7 @@ from segpipe.grid.tiling import (
 
 __all__ = ["BlendStats", "Reader", "RowBand", "blend_rows", "blend_windows", "tta_forward"]
 
-Reader = Callable[[Bounds], tuple[np.ndarray, np.ndarray]]
+Reader = Callable[[Box], tuple[np.ndarray, np.ndarray]]
 """Reads a global box: -> (band, y, x) float32 normalised pixels (nodata 0), (y, x) valid mask."""
 
 
@@ -95,11 +95,11 @@ def blend_rows(
     tile: int,
     overlap: int,
     raster: tuple[int, int],
-    box: Bounds,
+    box: Box,
     batch_size: int,
     pad_batches: bool = True,
     mode: str = "cosine",
-    targets: list[Bounds] | None = None,
+    targets: list[Box] | None = None,
     stats: BlendStats | None = None,
     streams: int = 1,
 ) -> Iterator[RowBand]:
@@ -249,7 +249,7 @@ def blend_rows(
             if keep:
                 c0, c1 = keep[0], min(keep[-1] + tile, width)
                 r1 = min(wy + tile, height)
-                image, valid = read(Bounds(wy, c0, r1, c1))
+                image, valid = read(Box(wy, c0, r1, c1))
                 # Valid pixels of the box, copied as the rows are read (rows no kept window
                 # reads lie outside every target).
                 vy0, vy1 = max(wy, box.y0), min(r1, box.y1)
@@ -323,12 +323,12 @@ def blend_windows(
     if need.y0 < gy or need.x0 < gx or need.y1 > gy + image.shape[1] or need.x1 > gx + image.shape[2]:
         raise InputError(f"the array at {origin} of shape {image.shape} does not cover the halo {need}")
 
-    def read(b: Bounds) -> tuple[np.ndarray, np.ndarray]:
+    def read(b: Box) -> tuple[np.ndarray, np.ndarray]:
         sl = (slice(b.y0 - gy, b.y1 - gy), slice(b.x0 - gx, b.x1 - gx))
         return image[(slice(None), *sl)], valid[sl]
 
     stats = BlendStats()
-    bands = list(blend_rows(read, forward, tile, overlap, raster, Bounds(y0, x0, y0 + h, x0 + w),
+    bands = list(blend_rows(read, forward, tile, overlap, raster, Box(y0, x0, y0 + h, x0 + w),
                             batch_size, pad_batches, mode, stats=stats))
     channels = next((b.probs.shape[0] for b in bands if b.probs is not None), 0)
     out = np.zeros((channels, h, w), dtype=np.float32)

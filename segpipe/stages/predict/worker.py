@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segpipe.grid.tiling import Bounds, Forward
+from segpipe.grid.tiling import Box, Forward
 from segpipe.io.store import NODATA_U8, open_layer, read_region_info, valid_mask, write_block
 from segpipe.models import load_verified, normalise
 from segpipe.stages.predict.allocator import tune_allocator
@@ -203,12 +203,12 @@ def run_block(job: BlockJob) -> dict[str, float]:
     forward = torch_forward(net, device)
     forward = tta_forward(forward) if job.tta else forward
     boxes = {
-        (by, bx): Bounds(by * b, bx * b, min((by + 1) * b, info.height), min((bx + 1) * b, info.width))
+        (by, bx): Box(by * b, bx * b, min((by + 1) * b, info.height), min((bx + 1) * b, info.width))
         for by, bx in blocks
     }
     image = open_layer(job.store, "image")
 
-    def read(box: Bounds) -> tuple[np.ndarray, np.ndarray]:
+    def read(box: Box) -> tuple[np.ndarray, np.ndarray]:
         raw = np.asarray(image[:, box.y0 : box.y1, box.x0 : box.x1])
         valid = valid_mask(raw, info.nodata)
         pixels = normalise(raw, spec, valid)
@@ -218,7 +218,7 @@ def run_block(job: BlockJob) -> dict[str, float]:
     names = ("classes", "confidence", *(("probabilities",) if job.probabilities else ()))
     layers = {name: open_layer(job.store, job.prefix + name, mode="r+") for name in names}
     values = np.array([c.value for c in spec.classes], dtype=np.uint8)
-    box = Bounds(job.y0, job.x0, job.y0 + job.h, job.x0 + job.w)
+    box = Box(job.y0, job.x0, job.y0 + job.h, job.x0 + job.w)
     out = {name: np.full((*layer.shape[:-2], job.h, job.w), NODATA_U8, dtype=np.uint8)
            for name, layer in layers.items()}
     stats = BlendStats()

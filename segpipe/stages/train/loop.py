@@ -19,7 +19,7 @@ import numpy as np
 
 from segpipe.errors import InputError, LabelsError, StoreError
 from segpipe.io.fingerprint import store_inputs
-from segpipe.io.store import open_layer, read_region_info
+from segpipe.io.store import has_layer, open_layer, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, read_spec, save_model
 from segpipe.stages.evaluate import metrics
 from segpipe.stages.train import checkpoint as ckpt
@@ -218,7 +218,7 @@ def _prepare(store: str | Path, cfg: TrainConfig) -> _Plan:
     """Candidates, split, statistics and initial weights: everything ranks share."""
     info = read_region_info(store)
     cfg, chip_note = cfg.fit_region(info.height, info.width)
-    if not _has_layer(store, "labels"):
+    if not has_layer(store, "labels"):
         raise StoreError(f"region store {store} has no labels: ingest it with --labels")
     labels_arr = open_layer(store, "labels")
     cand = find_candidates(labels_arr, info.block_size, seed=cfg.seed)
@@ -559,11 +559,3 @@ def _plot_samples(net: Any, plan: _Plan, path: Path) -> None:
             refs.append(values[np.minimum(lab, len(spec.classes))])
             preds.append(values[pred])
     plot_samples(images, refs, preds, spec.band_names, spec.classes, path, title=f"{part} chips")
-
-
-def _has_layer(store: str | Path, name: str) -> bool:
-    try:
-        open_layer(store, name)
-    except StoreError:
-        return False
-    return True
