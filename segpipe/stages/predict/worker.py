@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from segpipe.grid.tiling import Box, Forward
-from segpipe.io.store import NODATA_U8, open_layer, read_region_info, valid_mask, write_block
-from segpipe.models import load_verified, normalise
+from segpipe.io.store import NODATA_U8, open_layer, read_region_info, write_block
+from segpipe.models import load_verified
 from segpipe.stages.predict.allocator import tune_allocator
 from segpipe.stages.predict.blend import BlendStats, blend_rows, tta_forward
+from segpipe.stages.predict.pixels import encode_probabilities, prepare_pixels
 
 if TYPE_CHECKING:
     import torch
@@ -156,10 +157,6 @@ def torch_forward(net: nn.Module, device: torch.device) -> Forward:
 
 
 
-def _percent(p: np.ndarray) -> np.ndarray:
-    return np.rint(p * 100).clip(0, 100).astype(np.uint8)
-
-
 def _unfinished(progress: zarr.Array, blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
     """The blocks whose marker is not set, reading only the markers' bounding box."""
     ys, xs = [by for by, _ in blocks], [bx for _, bx in blocks]
@@ -209,11 +206,7 @@ def run_block(job: BlockJob) -> dict[str, float]:
     image = open_layer(job.store, "image")
 
     def read(box: Box) -> tuple[np.ndarray, np.ndarray]:
-        raw = np.asarray(image[:, box.y0 : box.y1, box.x0 : box.x1])
-        valid = valid_mask(raw, info.nodata)
-        pixels = normalise(raw, spec, valid)
-        pixels[:, ~valid] = 0.0  # normalise zeroes nodata by multiplying, which keeps NaN
-        return pixels, valid
+        return prepare_pixels(np.asarray(image[:, box.y0 : box.y1, box.x0 : box.x1]), info.nodata, spec)
 
     names = ("classes", "confidence", *(("probabilities",) if job.probabilities else ()))
     layers = {name: open_layer(job.store, job.prefix + name, mode="r+") for name in names}
@@ -228,11 +221,8 @@ def run_block(job: BlockJob) -> dict[str, float]:
                            job.batch_size, True, job.blend, list(boxes.values()), stats, streams):
         r0, r1 = band.y0 - job.y0, band.y0 - job.y0 + band.valid.shape[0]
         if band.probs is not None:
-            v = band.valid
-            out["classes"][r0:r1][v] = values[band.probs.argmax(axis=0)][v]
-            out["confidence"][r0:r1][v] = _percent(band.probs.max(axis=0))[v]
-            if job.probabilities:
-                out["probabilities"][:, r0:r1][:, v] = _percent(band.probs)[:, v]
+            for name, rows in encode_probabilities(band.probs, band.valid, values, job.probabilities).items():
+                out[name][..., r0:r1, :] = rows
         # Blocks whose rows are all finished: write them, then mark them done.
         while todo and todo[0][1].y1 <= band.y0 + band.valid.shape[0]:
             (by, bx), bb = todo.pop(0)
