@@ -18,7 +18,8 @@ from rio_cogeo import cog_validate
 import segpipe.stages.export.cog as cog
 from segpipe.errors import InputError, MissingInputError, SegpipeError, StoreError
 from segpipe.io.store import RegionInfo, create_layer, read_region_info, write_block
-from segpipe.stages.export.cog import classes_from_tags, write_cog
+from segpipe.stages.export.cog import write_cog
+from segpipe.stages.export.layers import classes_from_tags
 from segpipe.types import ClassInfo, classes_to_json
 
 CLASSES = (

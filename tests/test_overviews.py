@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from segpipe.stages.export.cog import _open_level
+from segpipe.stages.export.geotiff import open_overview_level
 from segpipe.stages.export.overviews import ModePyramid, mode2x2, overview_shapes
 
 
@@ -52,7 +52,7 @@ def test_pyramid_from_bands_equals_iterated_mode(tmp_path: Path) -> None:
     base = rng.choice(np.array([1, 2, 3, 4, 255], np.uint8), size=(1203, 1111), p=[0.4, 0.3, 0.1, 0.1, 0.1])
     shapes = overview_shapes(*base.shape, 128)
     paths = [tmp_path / f"l{i}.tif" for i in range(len(shapes))]
-    pyramid = ModePyramid(paths, shapes, 255, _open_level)
+    pyramid = ModePyramid(paths, shapes, 255, open_overview_level)
     for y0 in range(0, base.shape[0], 300):  # bands of 300 rows: even, then an odd last band
         pyramid.push(base[y0 : y0 + 300], last=y0 + 300 >= base.shape[0])
     pyramid.close()

@@ -60,7 +60,7 @@ from segpipe.stages.evaluate.report import (
     preview_step,
     write_report,
 )
-from segpipe.stages.export.cog import classes_from_tags
+from segpipe.stages.export.layers import classes_from_tags
 from segpipe.types import ClassInfo, Grid, default_colour
 
 __all__ = ["EVAL_WINDOW", "PredictionSource", "evaluate", "open_prediction"]

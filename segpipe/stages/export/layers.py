@@ -1,8 +1,9 @@
-"""What each exportable store layer becomes in a GeoTIFF: bands, dtype, nodata, classes.
+"""What each exportable store layer is as a GeoTIFF: bands, dtype, nodata, resampling, colours, tags, classes.
 
 Also the class metadata every class GeoTIFF carries: a colour table (0 black, 255
-transparent) and band tags naming the classes, which :mod:`segpipe.stages.evaluate.assess` reads
-back from COGs written by other runs.
+transparent) and band tags naming the classes, which :mod:`segpipe.stages.evaluate.prediction`
+reads back from COGs written by other runs. Nothing here touches a file but the store:
+:mod:`segpipe.stages.export.geotiff` writes what this module describes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -30,7 +32,14 @@ __all__ = [
 
 # layer -> overview resampling: class ids must never be averaged, everything else may
 EXPORT_LAYERS = {"classes": "MODE", "confidence": "AVERAGE", "probabilities": "AVERAGE", "image": "AVERAGE"}
-_HINTS = {"image": "run 'segpipe ingest'", "probabilities": "run 'segpipe predict' with probabilities"}
+# what to run when a layer is missing (the store's own message names the layer)
+_MISSING = {
+    "image": "run 'segpipe ingest' first",
+    "probabilities": "run 'segpipe predict' with probabilities first",
+}
+_MISSING_DEFAULT = "run 'segpipe predict' first"
+
+Colormap = dict[int, tuple[int, int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -55,14 +64,30 @@ class ExportLayer:
     classes: tuple[ClassInfo, ...]
     resampling: str
 
+    def dataset_tags(self, store: str | Path) -> dict[str, str]:
+        """Dataset tags naming the layer and the store it came from."""
+        return {"SEGPIPE_LAYER": self.name, "SEGPIPE_STORE": Path(str(store)).name}
 
-def class_colormap(classes: Sequence[ClassInfo]) -> dict[int, tuple[int, int, int, int]]:
+    def colormap(self) -> Colormap | None:
+        """The colour table of band 1 (class rasters only)."""
+        return class_colormap(self.classes) if self.name == "classes" else None
+
+    def band_tags(self) -> tuple[dict[str, str], ...]:
+        """Tags of each band: the class list of a class raster, the class of each probability band."""
+        if self.name == "classes":
+            return (class_tags(self.classes) if self.classes else {},)
+        if self.name == "probabilities":
+            return tuple({"CLASS_VALUE": str(c.value), "CLASS_NAME": c.name} for c in self.classes)
+        return tuple({} for _ in range(self.count))
+
+
+def class_colormap(classes: Sequence[ClassInfo]) -> Colormap:
     """Colour table for a class raster: class colours, 0 black, 255 (nodata) transparent.
 
     Values without a class get the default palette colour of their value, so a
     prediction of a class the store does not describe is still visible.
     """
-    table: dict[int, tuple[int, int, int, int]] = {0: (0, 0, 0, 255), NODATA_U8: (0, 0, 0, 0)}
+    table: Colormap = {0: (0, 0, 0, 255), NODATA_U8: (0, 0, 0, 0)}
     known = {c.value: c for c in classes}
     for value in range(1, 255):
         cls = known.get(value) or ClassInfo(value, "", default_colour(value))
@@ -78,7 +103,7 @@ def class_tags(classes: Sequence[ClassInfo]) -> dict[str, str]:
 
 
 def classes_from_tags(tags: dict[str, str]) -> list[ClassInfo]:
-    """Read classes back from band tags written by :func:`write_cog` (empty if none).
+    """Read classes back from band tags written by :func:`class_tags` (empty if none).
 
     The JSON ``classes`` tag wins (it keeps colours); ``CLASS_<value>`` tags are the
     fallback for files written by other tools.
@@ -95,67 +120,96 @@ def classes_from_tags(tags: dict[str, str]) -> list[ClassInfo]:
     return classes_from_json(items)
 
 
-def _layer_classes(array: zarr.Array, info: RegionInfo) -> tuple[ClassInfo, ...]:
-    """The model's classes recorded on the layer by predict, else the store's."""
-    raw = array.attrs.get("classes")
-    if isinstance(raw, list) and raw:
-        try:
-            return tuple(classes_from_json(raw))  # type: ignore[arg-type]
-        except (InputError, TypeError, ValueError):
-            pass
-    return info.classes
-
-
 def describe_layer(
     store: str | Path, layer: str, info: RegionInfo | None = None
-) -> tuple[ExportLayer, zarr.Array]:
+) -> tuple[ExportLayer, zarr.Array[Any]]:
     """Check a store layer can be exported and say how.
+
+    Returns:
+        How the layer is written, and the layer itself.
 
     Raises:
         InputError: ``layer`` is not an exportable layer.
-        StoreError: The layer is missing or not on the region grid.
+        MissingLayerError: The layer is missing (the message says what to run).
+        StoreError: The layer is not on the region grid or has the wrong dtype.
     """
     if layer not in EXPORT_LAYERS:
         raise InputError(f"cannot export layer {layer!r}: choose one of {sorted(EXPORT_LAYERS)}")
     info = info or read_region_info(store)
-    try:
-        array = open_layer(store, layer)
-    except StoreError as exc:
-        hint = _HINTS.get(layer, "run 'segpipe predict'")
-        raise StoreError(f"region store {store} has no '{layer}' layer: {hint} first") from exc
-    shape, dtype = tuple(array.shape), np.dtype(array.dtype)
-    resampling = EXPORT_LAYERS[layer]
-    grid = (info.height, info.width)
+    array = open_layer(store, layer, missing=_MISSING.get(layer, _MISSING_DEFAULT))
     if layer in ("classes", "confidence"):
-        if shape != grid or dtype != np.uint8:
-            raise StoreError(
-                f"layer '{layer}' of {store} is {dtype} {shape}, expected uint8 {grid}: "
-                "rerun 'segpipe predict'"
-            )
-        classes = _layer_classes(array, info) if layer == "classes" else ()
-        return ExportLayer(layer, 1, "uint8", NODATA_U8, (layer,), classes, resampling), array
-    if len(shape) != 3 or shape[1:] != grid or shape[0] < 1:
+        return _single_band_layer(store, layer, array, info), array
+    _check_banded(store, layer, array, info)
+    if layer == "probabilities":
+        return _probabilities_layer(store, array, info), array
+    return _image_layer(array, info), array
+
+
+def _single_band_layer(
+    store: str | Path, layer: str, array: zarr.Array[Any], info: RegionInfo
+) -> ExportLayer:
+    """``classes`` or ``confidence``: one uint8 band on the region grid, nodata 255.
+
+    Raises:
+        StoreError: The layer is not uint8 (y, x) on the region grid.
+    """
+    shape, dtype, grid = tuple(array.shape), np.dtype(array.dtype), (info.height, info.width)
+    if shape != grid or dtype != np.uint8:
+        raise StoreError(
+            f"layer '{layer}' of {store} is {dtype} {shape}, expected uint8 {grid}: rerun 'segpipe predict'"
+        )
+    classes = _layer_classes(array, info) if layer == "classes" else ()
+    return ExportLayer(layer, 1, "uint8", NODATA_U8, (layer,), classes, EXPORT_LAYERS[layer])
+
+
+def _check_banded(store: str | Path, layer: str, array: zarr.Array[Any], info: RegionInfo) -> None:
+    """Refuse a (band, y, x) layer that is not on the region grid or has no band.
+
+    Raises:
+        StoreError: The layer's shape does not fit.
+    """
+    shape = tuple(array.shape)
+    if len(shape) != 3 or shape[1:] != (info.height, info.width) or shape[0] < 1:
         raise StoreError(
             f"layer '{layer}' of {store} is {shape}, expected (band, {info.height}, {info.width})"
         )
-    if layer == "probabilities":
-        if dtype != np.uint8:
-            raise StoreError(
-                f"layer 'probabilities' of {store} is {dtype}, expected uint8: rerun 'segpipe predict'"
-            )
-        classes = _layer_classes(array, info)
-        if len(classes) != shape[0]:
-            classes = tuple(
-                ClassInfo(i + 1, f"class {i + 1}", default_colour(i + 1)) for i in range(shape[0])
-            )
-        names = tuple(c.name for c in classes)
-        return ExportLayer(layer, shape[0], "uint8", NODATA_U8, names, classes, resampling), array
-    names = (
-        info.band_names
-        if len(info.band_names) == shape[0]
-        else tuple(f"band{i + 1}" for i in range(shape[0]))
-    )
+
+
+def _probabilities_layer(store: str | Path, array: zarr.Array[Any], info: RegionInfo) -> ExportLayer:
+    """One uint8 band per class, described by the class name (``class <i>`` without known classes).
+
+    Raises:
+        StoreError: The layer is not uint8.
+    """
+    dtype, bands = np.dtype(array.dtype), int(array.shape[0])
+    if dtype != np.uint8:
+        raise StoreError(
+            f"layer 'probabilities' of {store} is {dtype}, expected uint8: rerun 'segpipe predict'"
+        )
+    classes = _layer_classes(array, info)
+    if len(classes) != bands:
+        classes = tuple(ClassInfo(i + 1, f"class {i + 1}", default_colour(i + 1)) for i in range(bands))
+    names = tuple(c.name for c in classes)
+    resampling = EXPORT_LAYERS["probabilities"]
+    return ExportLayer("probabilities", bands, "uint8", NODATA_U8, names, classes, resampling)
+
+
+def _image_layer(array: zarr.Array[Any], info: RegionInfo) -> ExportLayer:
+    """The mosaic with its own dtype, nodata (an integer for integer bands) and band names."""
+    dtype, bands = np.dtype(array.dtype), int(array.shape[0])
+    names = info.band_names if len(info.band_names) == bands else tuple(f"band{i + 1}" for i in range(bands))
     nodata = info.nodata
     if nodata is not None and np.issubdtype(dtype, np.integer):
         nodata = int(nodata)
-    return ExportLayer(layer, shape[0], dtype.name, nodata, names, (), resampling), array
+    return ExportLayer("image", bands, dtype.name, nodata, names, (), EXPORT_LAYERS["image"])
+
+
+def _layer_classes(array: zarr.Array[Any], info: RegionInfo) -> tuple[ClassInfo, ...]:
+    """The model's classes recorded on the layer by predict, else the store's."""
+    raw = array.attrs.get("classes")
+    if isinstance(raw, list) and raw:
+        try:
+            return tuple(classes_from_json(raw))
+        except (InputError, TypeError, ValueError):
+            pass
+    return info.classes

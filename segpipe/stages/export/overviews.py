@@ -10,12 +10,16 @@ the COG driver copies them (``OVERVIEWS=FORCE_USE_EXISTING``) instead of recompu
 Mode rule: the most frequent valid value of the cell; a tie goes to the smallest value;
 nodata only where the whole cell is nodata (GDAL's MODE also ignores nodata). Cells cut
 by the raster's edge use the pixels they have.
+
+:class:`BandFeed` joins the streamed windows into those row bands and computes the levels
+in a worker thread while GDAL compresses the next band.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -25,7 +29,9 @@ import rasterio
 from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 
-__all__ = ["ModePyramid", "mode2x2", "overview_shapes", "write_overview_vrt"]
+from segpipe.grid.box import Box
+
+__all__ = ["BandFeed", "ModePyramid", "level_paths", "mode2x2", "overview_shapes", "write_overview_vrt"]
 
 
 def overview_shapes(height: int, width: int, block: int) -> list[tuple[int, int]]:
@@ -36,6 +42,11 @@ def overview_shapes(height: int, width: int, block: int) -> list[tuple[int, int]
         h, w = math.ceil(h / 2), math.ceil(w / 2)
         shapes.append((h, w))
     return shapes
+
+
+def level_paths(base: Path, levels: int) -> list[Path]:
+    """Files of the overview levels of ``base``, beside it: ``<stem>.ovr1.tif``, ``<stem>.ovr2.tif``..."""
+    return [base.with_name(f"{base.stem}.ovr{i + 1}.tif") for i in range(levels)]
 
 
 def mode2x2(rows: np.ndarray, nodata: int) -> np.ndarray:
@@ -109,6 +120,47 @@ class ModePyramid:
         """Close every level's file."""
         for ds in self.datasets:
             ds.close()
+
+
+class BandFeed:
+    """Joins streamed windows into full-width row bands and pushes each into a :class:`ModePyramid`.
+
+    Windows arrive row-major, as :func:`segpipe.grid.box.iter_boxes` cuts them, all ``rows``
+    tall except the last row of windows. A band's levels are computed in a worker thread
+    (numpy releases the GIL) while the caller writes the next band; one band in flight
+    bounds the memory to two full-width bands.
+    """
+
+    def __init__(self, pyramid: ModePyramid, height: int, width: int, rows: int) -> None:
+        self.pyramid = pyramid
+        self.height = height
+        self.width = width
+        self._band = np.empty((min(rows, height), width), np.uint8)
+        self._pool = ThreadPoolExecutor(1)
+        self._pushed: Future[None] | None = None
+
+    def add(self, box: Box, block: np.ndarray) -> None:
+        """Place one window; the band goes to the pyramid once its last window is in."""
+        self._band[: box.h, box.x0 : box.x1] = block
+        if box.x1 == self.width:
+            self.finish()
+            self._pushed = self._pool.submit(self.pyramid.push, self._band[: box.h], box.y1 == self.height)
+            self._band = np.empty_like(self._band)
+
+    def finish(self) -> None:
+        """Wait for the band in flight, raising its error."""
+        if self._pushed is not None:
+            self._pushed.result()
+
+    def close(self) -> None:
+        """Wait for the band in flight (its error is the caller's to raise), then close the level files.
+
+        The levels must not be closed while a band is being written into them.
+        """
+        if self._pushed is not None:
+            self._pushed.exception()
+        self._pool.shutdown()
+        self.pyramid.close()
 
 
 def _mdi(tags: dict[str, str]) -> str:

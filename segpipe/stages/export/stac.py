@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -31,9 +32,11 @@ __all__ = [
     "COG_MEDIA_TYPE",
     "PROJECTION_EXTENSION",
     "STAC_VERSION",
+    "stac_bands",
     "stac_classes",
     "stac_item",
     "stac_item_path",
+    "stac_json",
     "write_stac_item",
 ]
 
@@ -104,6 +107,20 @@ def _proj_code(grid: Grid) -> tuple[str | None, str | None]:
     return (f"EPSG:{epsg}", None) if epsg else (None, crs.to_wkt(version="WKT2_2019"))
 
 
+def stac_bands(names: Sequence[str], dtype: str, nodata: float | None) -> list[dict[str, Any]]:
+    """One STAC 1.1 band object per band: ``name``, ``description``, ``data_type`` and ``nodata``.
+
+    A NaN nodata is written as the string ``"nan"`` (JSON has no NaN), as STAC prescribes.
+    """
+    bands = []
+    for name in names:
+        band: dict[str, Any] = {"name": name, "description": name, "data_type": dtype}
+        if nodata is not None:
+            band["nodata"] = "nan" if math.isnan(nodata) else nodata
+        bands.append(band)
+    return bands
+
+
 def stac_item(
     cog: str | Path,
     grid: Grid,
@@ -119,9 +136,9 @@ def stac_item(
         cog: The COG; the asset's ``href`` is its file name, relative to the Item.
         grid: The COG's grid (CRS, transform, shape).
         layer: Store layer exported (``classes``, ``confidence``, ``probabilities``, ``image``).
-        bands: One STAC 1.1 band object per band (``name``, ``description``, ``nodata``,
-            ``data_type``).
-        classes: Classes of a class raster, recorded as ``classification:classes``.
+        bands: One STAC 1.1 band object per band (:func:`stac_bands`).
+        classes: Classes of a class raster, recorded as ``classification:classes``
+            (ignored for other layers).
         item_id: Item id (default: the COG's file stem).
         created: Creation time (default: now, UTC).
 
@@ -130,18 +147,39 @@ def stac_item(
     """
     when = (created or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     geometry, bbox, native = _footprint(grid)
-    code, wkt2 = _proj_code(grid)
-    asset: dict[str, Any] = {
+    asset = _asset(cog, layer, bands)
+    extensions = [PROJECTION_EXTENSION]
+    if classes and layer == "classes":
+        asset["classification:classes"] = stac_classes(classes)
+        extensions.append(CLASSIFICATION_EXTENSION)
+    item: dict[str, Any] = {
+        "type": "Feature",
+        "stac_version": STAC_VERSION,
+        "stac_extensions": extensions,
+        "id": item_id or Path(cog).stem,
+        "geometry": geometry,
+    }
+    if bbox is not None:
+        item["bbox"] = bbox
+    properties = _properties(grid, layer, when, native)
+    item.update({"properties": properties, "links": [], "assets": {"data": asset}})
+    return item
+
+
+def _asset(cog: str | Path, layer: str, bands: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The Item's ``data`` asset: the COG beside the Item, its media type, roles and bands."""
+    return {
         "href": f"./{Path(cog).name}",
         "type": COG_MEDIA_TYPE,
         "title": f"segpipe {layer}",
         "roles": ["data"] if layer != "image" else ["data", "visual"],
         "bands": [dict(b) for b in bands],
     }
-    extensions = [PROJECTION_EXTENSION]
-    if classes and layer == "classes":
-        asset["classification:classes"] = stac_classes(classes)
-        extensions.append(CLASSIFICATION_EXTENSION)
+
+
+def _properties(grid: Grid, layer: str, when: str, native: list[float]) -> dict[str, Any]:
+    """The Item's properties: times, the native grid (projection extension) and the layer."""
+    code, wkt2 = _proj_code(grid)
     properties: dict[str, Any] = {
         "datetime": when,
         "created": when,
@@ -153,23 +191,12 @@ def stac_item(
     }
     if wkt2:
         properties["proj:wkt2"] = wkt2
-    item: dict[str, Any] = {
-        "type": "Feature",
-        "stac_version": STAC_VERSION,
-        "stac_extensions": extensions,
-        "id": item_id or Path(cog).stem,
-        "geometry": geometry,
-    }
-    if bbox is not None:
-        item["bbox"] = bbox
-    item.update(
-        {
-            "properties": properties,
-            "links": [],
-            "assets": {"data": asset},
-        }
-    )
-    return item
+    return properties
+
+
+def stac_json(item: dict[str, Any]) -> str:
+    """The text of an Item file: indented JSON ending with a newline."""
+    return json.dumps(item, indent=2) + "\n"
 
 
 def write_stac_item(cog: str | Path, item: dict[str, Any]) -> Path:
@@ -181,7 +208,7 @@ def write_stac_item(cog: str | Path, item: dict[str, Any]) -> Path:
     path = stac_item_path(cog)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(item, indent=2) + "\n")
+        tmp.write_text(stac_json(item))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
