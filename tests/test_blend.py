@@ -1,14 +1,25 @@
-"""Blend modes, the rolling accumulator and test-time augmentation, on numpy 'networks'."""
+"""Blend modes, the row accumulator, the batch queue and test-time augmentation, on numpy 'networks'."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segpipe.grid.tiling import BLEND_MODES, Box, halo_bounds
-from segpipe.stages.predict.blend import BlendStats, blend_rows, blend_windows, tta_forward
+from segpipe.errors import InputError
+from segpipe.grid.box import Box
+from segpipe.grid.tiling import BLEND_MODES, halo_bounds
+from segpipe.stages.predict.blend import (
+    BatchQueue,
+    BlendStats,
+    RowAccumulator,
+    blend_rows,
+    blend_windows,
+    tta_forward,
+)
 
 
 def _identity(batch: np.ndarray) -> np.ndarray:
@@ -22,15 +33,14 @@ def _blocked(image: np.ndarray, forward, tile: int, overlap: int, block: int,  #
     out = np.zeros((0, height, width), dtype=np.float32)
     for y0 in range(0, height, block):
         for x0 in range(0, width, block):
-            h, w = min(block, height - y0), min(block, width - x0)
-            box = halo_bounds(y0, x0, h, w, height, width, tile, tile - overlap)
-            sl = (slice(box.y0, box.y1), slice(box.x0, box.x1))
-            probs, _ = blend_windows(image[(slice(None), *sl)], valid[sl], forward, tile, overlap,
-                                     (box.y0, box.x0), (height, width), (y0, x0, h, w), batch_size,
+            block_box = Box.sized(y0, x0, min(block, height - y0), min(block, width - x0))
+            box = halo_bounds(block_box, (height, width), tile, tile - overlap)
+            probs, _ = blend_windows(image[(slice(None), *box.slices)], valid[box.slices], forward, tile,
+                                     overlap, (box.y0, box.x0), (height, width), block_box, batch_size,
                                      True, mode)
             if out.shape[0] == 0:
                 out = np.zeros((probs.shape[0], height, width), dtype=np.float32)
-            out[:, y0 : y0 + h, x0 : x0 + w] = probs
+            out[(slice(None), *block_box.slices)] = probs
     return out
 
 
@@ -166,3 +176,82 @@ def test_concurrent_streams_give_bitwise_identical_rows() -> None:
     one = run(1)
     assert one.shape == (2, height, width)
     np.testing.assert_array_equal(run(3), one)
+
+
+# --- the pieces of blend_rows ------------------------------------------------------------
+
+
+def test_row_accumulator_normalises_by_the_summed_weights_and_drops_finished_rows() -> None:
+    acc = RowAccumulator(Box(10, 20, 16, 24))  # 6 rows x 4 columns
+    acc.mark_valid(Box(8, 18, 18, 26), np.ones((10, 8), dtype=bool))
+    acc.mark_valid(Box(15, 23, 16, 24), np.zeros((1, 1), dtype=bool))  # one nodata pixel
+    ones = np.ones(8, dtype=np.float32)
+    # Two windows of 8 x 8 starting above and left of the box: only their overlap counts.
+    acc.add(8, 18, np.full((2, 8, 8), 1.0, np.float32), ones, ones)
+    acc.add(12, 18, np.full((2, 8, 8), 4.0, np.float32), ones * 3, ones)
+    assert acc.weights.shape == (6, 4)
+    np.testing.assert_array_equal(acc.weights[:, 0], [1, 1, 4, 4, 4, 4])  # the second from row 12
+    first = acc.finish(12)
+    assert first is not None and first.y0 == 10 and first.probs is not None
+    np.testing.assert_array_equal(first.probs, np.ones((2, 2, 4)))
+    assert acc.weights.shape == (4, 4) and np.all(acc.weights == 4)  # rows 12-15 are held: 1 + 3
+    rest = acc.finish(100)  # clamped to the box
+    assert rest is not None and rest.y0 == 12 and rest.probs is not None
+    np.testing.assert_allclose(rest.probs[:, :, :3], (1 + 3 * 4) / 4)
+    assert rest.probs[0, 3, 3] == 0 and not rest.valid[3, 3]  # nodata: probability 0
+    assert acc.finish(100) is None
+    with pytest.raises(ValueError, match="already handed back"):
+        acc.add(12, 18, np.ones((2, 8, 8), np.float32), ones, ones)
+
+
+def test_row_accumulator_hands_back_rows_no_window_reached() -> None:
+    acc = RowAccumulator(Box(0, 0, 4, 3))
+    acc.mark_valid(Box(0, 0, 4, 3), np.ones((4, 3), dtype=bool))
+    band = acc.finish(2)
+    assert band is not None and band.probs is None and band.valid.shape == (2, 3)
+    acc.add(2, 0, np.ones((1, 2, 3), np.float32), np.ones(2, np.float32), np.ones(3, np.float32))
+    band = acc.finish(4)
+    assert band is not None and band.probs is not None and np.all(band.probs == 1)
+
+
+def test_batch_queue_makes_fixed_shape_calls_and_hands_back_in_order() -> None:
+    shapes: list[tuple[int, ...]] = []
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        shapes.append(batch.shape)
+        return batch * 2
+
+    stats = BlendStats()
+    chips = [np.full((1, 8, 8), i, np.float32) for i in range(4)] + [np.full((1, 5, 3), 4, np.float32)]
+    with BatchQueue[int](forward, 8, 3, stats=stats) as queue:
+        assert queue.oldest() is None
+        out = queue.put(0, chips[0]) + queue.put(1, chips[1])
+        assert out == [] and queue.oldest() == 0
+        out = queue.put(2, chips[2])  # a full batch: run and handed back
+        assert [k for k, _ in out] == [0, 1, 2] and queue.oldest() is None
+        out += queue.put(3, chips[3]) + queue.put(4, chips[4]) + queue.drain()
+    assert [k for k, _ in out] == [0, 1, 2, 3, 4]
+    for (_, probs), chip in zip(out, chips, strict=True):
+        assert probs.shape == chip.shape  # padded to the tile for the call, cropped back
+        np.testing.assert_array_equal(probs, 2 * chip)
+    # The short last batch was padded with a zero window to the same shape.
+    assert shapes == [(3, 1, 8, 8), (3, 1, 8, 8)]
+    assert (stats.windows, stats.slots, stats.calls) == (5, 6, 2)
+
+
+def test_batch_queue_streams_keep_the_order_and_check_shapes() -> None:
+    def slow_first(batch: np.ndarray) -> np.ndarray:
+        if batch[0, 0, 0, 0] == 0:
+            time.sleep(0.05)  # the first call finishes last
+        return batch
+
+    with BatchQueue[int](slow_first, 4, 1, streams=3) as queue:
+        out = []
+        for i in range(7):
+            out += queue.put(i, np.full((1, 4, 4), i, np.float32))
+        out += queue.drain()
+    assert [k for k, _ in out] == list(range(7))
+    assert [int(p[0, 0, 0]) for _, p in out] == list(range(7))
+    cropped = BatchQueue[int](lambda b: b[:, :, :2], 4, 1)
+    with cropped as queue, pytest.raises(InputError, match="forward returned"):
+        queue.put(0, np.zeros((1, 4, 4), np.float32))

@@ -1,4 +1,4 @@
-"""Blending oracles for predict_block, and predict end to end on a real dask cluster."""
+"""Blending oracles for blend_windows, and predict end to end on a real dask cluster."""
 
 from __future__ import annotations
 
@@ -17,17 +17,18 @@ from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
 
 from segpipe.cluster import SCHEDULER_ENV, describe_cluster, get_client
 from segpipe.errors import BandMismatchError, InputError
-from segpipe.grid.tiling import block_windows, halo_bounds, window_weights
+from segpipe.grid.box import Box
+from segpipe.grid.tiling import blend_weights, halo_bounds, window_starts
 from segpipe.io.runs import STAGING
 from segpipe.io.store import open_layer, open_region, read_region_info, valid_mask
 from segpipe.models import load_model, model_hash, normalise, read_spec
+from segpipe.stages.predict.blend import blend_windows
 from segpipe.stages.predict.driver import (
     PROGRESS_LAYER,
     BlockJob,
     _prepare_layers,
     choose_batch_size,
     predict,
-    predict_block,
     run_block,
 )
 from segpipe.stages.predict.worker import torch_forward as _torch_forward
@@ -46,23 +47,21 @@ def _blocked(
     valid: np.ndarray | None = None,
     batch_size: int = 3,
 ) -> np.ndarray:
-    """Run predict_block over every block of a whole in-memory raster, as run_block does."""
+    """Run blend_windows over every block of a whole in-memory raster, as run_block does."""
     _, height, width = image.shape
     valid = np.ones((height, width), dtype=bool) if valid is None else valid
     out: np.ndarray | None = None
     for y0 in range(0, height, block):
         for x0 in range(0, width, block):
-            h, w = min(block, height - y0), min(block, width - x0)
-            box = halo_bounds(y0, x0, h, w, height, width, tile, tile - overlap)
-            probs = predict_block(
-                image[:, box.y0 : box.y1, box.x0 : box.x1],
-                valid[box.y0 : box.y1, box.x0 : box.x1],
-                forward, tile, overlap, (box.y0, box.x0), (height, width), (y0, x0, h, w),
-                batch_size=batch_size,
+            b = Box.sized(y0, x0, min(block, height - y0), min(block, width - x0))
+            box = halo_bounds(b, (height, width), tile, tile - overlap)
+            probs, _ = blend_windows(
+                image[(slice(None), *box.slices)], valid[box.slices],
+                forward, tile, overlap, (box.y0, box.x0), (height, width), b, batch_size, True,
             )
             if out is None:
                 out = np.zeros((probs.shape[0], height, width), dtype=np.float32)
-            out[:, y0 : y0 + h, x0 : x0 + w] = probs
+            out[(slice(None), *b.slices)] = probs
     assert out is not None
     return out
 
@@ -129,14 +128,18 @@ def test_window_offsets_blend_without_seams() -> None:
     height, width, tile, overlap = 120, 90, 32, 12
     stride = tile - overlap
     out = _blocked(_coordinates(height, width), _offset_per_window, tile, overlap, block=50)[0]
-    # Reference: the weighted mean of the window constants, straight from the weights.
+    # Reference: the weighted mean of the window constants, straight from the weights
+    # (each window's weights are the outer product of its row and column profiles).
     num = np.zeros((height, width))
     den = np.zeros((height, width))
-    for wy, wx in block_windows(0, 0, height, width, height, width, tile, stride):
-        wt = window_weights(wy, wx, height, width, tile, overlap)
-        c = _offset_per_window(_coordinates(height, width)[None, :, wy:, wx:][..., :tile, :tile])[0, 0, 0, 0]
-        num[wy : wy + tile, wx : wx + tile] += c * wt
-        den[wy : wy + tile, wx : wx + tile] += wt
+    for wy in window_starts(height, tile, stride):
+        for wx in window_starts(width, tile, stride):
+            wt = np.outer(blend_weights(tile, overlap, wy == 0, wy + tile >= height),
+                          blend_weights(tile, overlap, wx == 0, wx + tile >= width))
+            window = _coordinates(height, width)[None, :, wy : wy + tile, wx : wx + tile]
+            c = _offset_per_window(window)[0, 0, 0, 0]
+            num[wy : wy + tile, wx : wx + tile] += c * wt
+            den[wy : wy + tile, wx : wx + tile] += wt
     np.testing.assert_allclose(out, num / den, atol=1e-4)
     # No seam: neighbours differ by at most what a cosine ramp allows (range * pi / overlap
     # per pixel per axis), far below the jump of overlap-and-discard.
@@ -160,8 +163,8 @@ def test_nodata_windows_are_skipped_and_invalid_pixels_zeroed() -> None:
         calls.append(batch.shape[0])
         return batch
 
-    out = predict_block(image, valid, counting, tile, overlap, (0, 0), (height, width),
-                        (0, 0, height, width), batch_size=4)
+    out, _ = blend_windows(image, valid, counting, tile, overlap, (0, 0), (height, width),
+                           Box(0, 0, height, width), 4, True)
     np.testing.assert_allclose(out[:, valid], image[:, valid], atol=1e-5)
     assert np.all(out[:, ~valid] == 0)
     # Windows start at 0, 24, 48 on each axis; those at x = 0 see only nodata and are
@@ -172,17 +175,17 @@ def test_nodata_windows_are_skipped_and_invalid_pixels_zeroed() -> None:
 def test_all_nodata_block_returns_empty_probabilities() -> None:
     image = np.zeros((2, 40, 40), dtype=np.float32)
     valid = np.zeros((40, 40), dtype=bool)
-    out = predict_block(image, valid, _identity, 32, 8, (0, 0), (40, 40), (0, 0, 40, 40))
-    assert out.shape == (0, 40, 40)
+    out, windows = blend_windows(image, valid, _identity, 32, 8, (0, 0), (40, 40), Box(0, 0, 40, 40), 8, True)
+    assert out.shape == (0, 40, 40) and windows == 0
 
 
-def test_predict_block_rejects_a_short_halo_and_bad_overlap() -> None:
+def test_blend_windows_rejects_a_short_halo_and_bad_overlap() -> None:
     image = np.zeros((1, 40, 40), dtype=np.float32)
     valid = np.ones((40, 40), dtype=bool)
     with pytest.raises(InputError, match="halo"):
-        predict_block(image, valid, _identity, 32, 8, (40, 40), (200, 200), (40, 40, 40, 40))
+        blend_windows(image, valid, _identity, 32, 8, (40, 40), (200, 200), Box(40, 40, 80, 80), 8, True)
     with pytest.raises(InputError, match="overlap"):
-        predict_block(image, valid, _identity, 32, 32, (0, 0), (40, 40), (0, 0, 40, 40))
+        blend_windows(image, valid, _identity, 32, 32, (0, 0), (40, 40), Box(0, 0, 40, 40), 8, True)
 
 
 def test_valid_mask_any_band_nodata_or_nan() -> None:
@@ -364,7 +367,7 @@ def test_gpu_forward_agrees_with_cpu(tmp_path: Path, model_dir: Path) -> None:
     raw = _read(store, "image")
     valid = valid_mask(raw, 0)
     forward = _torch_forward(net, torch.device("cpu"))
-    probs = predict_block(normalise(raw, spec, valid), valid, forward, 64, 16,
-                          (0, 0), (HEIGHT, WIDTH), (0, 0, HEIGHT, WIDTH), batch_size=4)
+    probs, _ = blend_windows(normalise(raw, spec, valid), valid, forward, 64, 16,
+                             (0, 0), (HEIGHT, WIDTH), Box(0, 0, HEIGHT, WIDTH), 4, True)
     cpu = np.array([c.value for c in CLASSES], dtype=np.uint8)[probs.argmax(0)]
     assert (gpu[valid] == cpu[valid]).mean() > 0.98

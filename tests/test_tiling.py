@@ -1,4 +1,4 @@
-"""Window grid, blend weights and padding: invariants checked with hypothesis."""
+"""Window grid, blend weights, padding and task plans: invariants checked with hypothesis."""
 
 from __future__ import annotations
 
@@ -7,15 +7,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from segpipe.errors import InputError
+from segpipe.grid.box import Box
+from segpipe.grid.plan import plan_superblocks
 from segpipe.grid.tiling import (
+    BLEND_MODES,
+    axis_windows,
     blend_weights,
-    block_windows,
+    check_blend,
     halo_bounds,
     pad_to_multiple,
-    plan_superblocks,
     window_starts,
-    window_weights,
 )
+from segpipe.stages.predict.blend import BlendStats, RowAccumulator, blend_rows, window_rows
 
 
 @st.composite
@@ -96,10 +100,17 @@ def test_window_weights_partition_of_unity_in_2d() -> None:
     tile, overlap = 32, 8
     stride = tile - overlap
     height, width = tile + 3 * stride, tile + 2 * stride
-    total = np.zeros((height, width))
-    for wy, wx in block_windows(0, 0, height, width, height, width, tile, stride):
-        total[wy : wy + tile, wx : wx + tile] += window_weights(wy, wx, height, width, tile, overlap)
-    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    box = Box(0, 0, height, width)
+    grid = window_rows((height, width), box, tile, overlap, "cosine", [box])
+    acc = RowAccumulator(box)
+    ones = np.ones((1, tile, tile), dtype=np.float32)
+    for wy, row in grid.rows:
+        for wx in row:
+            acc.add(wy, wx, ones, grid.prof_y[wy], grid.prof_x[wx])
+    # The summed weights (of the 2-D window weights, the outer products of the profiles).
+    np.testing.assert_allclose(acc.weights, 1.0, atol=1e-6)
+    band = acc.finish(height)
+    assert band is not None and band.probs is not None and not band.probs.any()  # no pixel marked valid
 
 
 @st.composite
@@ -116,49 +127,89 @@ def rasters(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
     )
 
 
-def _blocks(height: int, width: int, block: int) -> list[tuple[int, int, int, int]]:
+def _blocks(height: int, width: int, block: int) -> list[Box]:
     return [
-        (y, x, min(block, height - y), min(block, width - x))
+        Box.sized(y, x, min(block, height - y), min(block, width - x))
         for y in range(0, height, block)
         for x in range(0, width, block)
     ]
+
+
+def _windows(block: Box, height: int, width: int, tile: int, stride: int) -> list[tuple[int, int]]:
+    """The windows of a block: those of its rows times those of its columns, row-major."""
+    ys = axis_windows(block.y0, block.h, height, tile, stride)
+    xs = axis_windows(block.x0, block.w, width, tile, stride)
+    return [(int(wy), int(wx)) for wy in ys for wx in xs]
 
 
 @settings(max_examples=60, deadline=None)
 @given(rasters())
 def test_block_windows_do_not_depend_on_the_partition(r: tuple[int, int, int, int, int]) -> None:
     height, width, tile, stride, block = r
-    everything = set(block_windows(0, 0, height, width, height, width, tile, stride))
+    everything = {(int(wy), int(wx)) for wy in window_starts(height, tile, stride)
+                  for wx in window_starts(width, tile, stride)}
+    assert set(_windows(Box(0, 0, height, width), height, width, tile, stride)) == everything
     union: set[tuple[int, int]] = set()
-    for y0, x0, h, w in _blocks(height, width, block):
-        wins = block_windows(y0, x0, h, w, height, width, tile, stride)
+    for b in _blocks(height, width, block):
+        wins = _windows(b, height, width, tile, stride)
         assert wins == sorted(wins)
         # Exactly the windows of the global grid that intersect the block.
         expected = {
             (wy, wx) for wy, wx in everything
-            if wy < y0 + h and wy + tile > y0 and wx < x0 + w and wx + tile > x0
+            if wy < b.y1 and wy + tile > b.y0 and wx < b.x1 and wx + tile > b.x0
         }
         assert set(wins) == expected
         union |= expected
     assert union == everything
 
 
+def _recorded_windows(height: int, width: int, tile: int, overlap: int, block: Box) -> list[tuple[int, int]]:
+    """The windows blend_rows runs for a block, in call order, read back from coordinate bands."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([yy, xx])
+    valid = np.ones((height, width), dtype=bool)
+    seen: list[tuple[int, int]] = []
+
+    def read(b: Box) -> tuple[np.ndarray, np.ndarray]:
+        return image[(slice(None), *b.slices)], valid[b.slices]
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        seen.extend((int(w[0, 0, 0]), int(w[1, 0, 0])) for w in batch)
+        return batch
+
+    stats = BlendStats()
+    for _ in blend_rows(read, record, tile, overlap, (height, width), block, 1, stats=stats):
+        pass
+    assert stats.windows == len(seen)
+    return seen
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap", "block"),
+                         [(97, 61, 32, 8, 40), (50, 45, 64, 16, 16), (130, 75, 32, 31, 33), (1, 50, 8, 3, 7)])
+def test_blend_rows_runs_exactly_the_block_windows(height: int, width: int, tile: int, overlap: int,
+                                                  block: int) -> None:
+    stride = tile - overlap
+    for b in _blocks(height, width, block):
+        # Cosine weights are positive everywhere: every window reaching the block runs, row-major.
+        assert _recorded_windows(height, width, tile, overlap, b) == _windows(b, height, width, tile, stride)
+
+
 @settings(max_examples=60, deadline=None)
 @given(rasters())
 def test_halo_holds_every_window_touching_the_block(r: tuple[int, int, int, int, int]) -> None:
     height, width, tile, stride, block = r
-    for y0, x0, h, w in _blocks(height, width, block):
-        box = halo_bounds(y0, x0, h, w, height, width, tile, stride)
-        assert 0 <= box.y0 <= y0 and 0 <= box.x0 <= x0
-        assert y0 + h <= box.y1 <= height and x0 + w <= box.x1 <= width
-        for wy, wx in block_windows(y0, x0, h, w, height, width, tile, stride):
+    for b in _blocks(height, width, block):
+        box = halo_bounds(b, (height, width), tile, stride)
+        assert 0 <= box.y0 <= b.y0 and 0 <= box.x0 <= b.x0
+        assert b.y1 <= box.y1 <= height and b.x1 <= box.x1 <= width
+        for wy, wx in _windows(b, height, width, tile, stride):
             assert box.y0 <= wy and min(wy + tile, height) <= box.y1
             assert box.x0 <= wx and min(wx + tile, width) <= box.x1
 
 
 def test_halo_bounds_outside_the_raster() -> None:
     with pytest.raises(ValueError):
-        halo_bounds(200, 0, 10, 10, 100, 100, 32, 24)
+        halo_bounds(Box.sized(200, 0, 10, 10), (100, 100), 32, 24)
 
 
 @given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([8, 32]), st.integers(0, 64))
@@ -193,6 +244,23 @@ def test_other_modes_are_flat_at_raster_borders(mode: str) -> None:
     np.testing.assert_allclose(inner, inner[::-1])
     with pytest.raises(ValueError, match="blend mode"):
         blend_weights(32, 8, False, False, "median")
+
+
+@pytest.mark.parametrize(("tile", "overlap", "mode", "message"), [
+    (32, 32, "cosine", r"overlap 32 must be at least 0 and smaller than the tile size \(32\)"),
+    (32, -1, "cosine", "overlap -1"),
+    (0, 0, "cosine", "overlap 0"),
+    (32, 8, "median", r"blend mode 'median' is not one of cosine, gaussian, mean, crop"),
+])
+def test_one_check_of_overlap_and_blend_mode(tile: int, overlap: int, mode: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        check_blend(tile, overlap, mode)
+    for mode_ok in BLEND_MODES:
+        check_blend(32, 31, mode_ok)
+    # The weights, the blend and the driver all use it: the same error everywhere.
+    if tile > 0:
+        with pytest.raises(InputError, match=message):
+            blend_weights(tile, overlap, False, False, mode)
 
 
 @given(st.integers(2, 48), st.integers(1, 6), st.data())

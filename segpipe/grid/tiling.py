@@ -6,7 +6,7 @@ so it ends at the raster's edge. Because the grid depends only on the raster siz
 tile and stride, every output block (of any size) sees the same windows, and the
 blended result does not depend on how the raster is cut into blocks.
 :mod:`segpipe.stages.predict.blend` runs a network over those windows and blends them;
-:func:`plan_superblocks` groups store blocks into tasks that duplicate few windows.
+:mod:`segpipe.grid.plan` groups store blocks into tasks that duplicate few windows.
 """
 
 from __future__ import annotations
@@ -16,21 +16,19 @@ from typing import Literal
 
 import numpy as np
 
+from segpipe.errors import InputError
 from segpipe.grid.box import Box
 
 __all__ = [
     "BLEND_MODES",
     "BlendMode",
-    "Box",
     "Forward",
     "axis_windows",
     "blend_weights",
-    "block_windows",
+    "check_blend",
     "halo_bounds",
     "pad_to_multiple",
-    "plan_superblocks",
     "window_starts",
-    "window_weights",
 ]
 
 BlendMode = Literal["cosine", "gaussian", "mean", "crop"]
@@ -41,6 +39,22 @@ Forward = Callable[[np.ndarray], np.ndarray]
 """A network call: (N, band, t, t) float32 windows -> (N, C, t, t) float32 probabilities."""
 
 
+def check_blend(tile: int, overlap: int, mode: str = "cosine") -> None:
+    """Refuse window settings no blend can use: the one check of overlap and blend mode.
+
+    Args:
+        tile: Window size.
+        overlap: Overlap of neighbouring windows.
+        mode: Blend mode.
+
+    Raises:
+        InputError: A tile that is not positive, an overlap outside ``[0, tile)``, or a
+            mode that is not one of :data:`BLEND_MODES`.
+    """
+    if tile <= 0 or not 0 <= overlap < tile:
+        raise InputError(f"overlap {overlap} must be at least 0 and smaller than the tile size ({tile})")
+    if mode not in BLEND_MODES:
+        raise InputError(f"blend mode {mode!r} is not one of {', '.join(BLEND_MODES)}")
 
 
 def window_starts(length: int, tile: int, stride: int) -> np.ndarray:
@@ -100,17 +114,14 @@ def blend_weights(
         float32 array of length ``tile``.
 
     Raises:
-        ValueError: An overlap outside ``[0, tile)`` or an unknown mode.
+        InputError: An overlap outside ``[0, tile)`` or an unknown mode (see :func:`check_blend`).
     """
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
-    if mode not in BLEND_MODES:
-        raise ValueError(f"blend mode {mode!r} is not one of {', '.join(BLEND_MODES)}")
+    check_blend(tile, overlap, mode)
     w = np.ones(tile, dtype=np.float64)
     half = tile // 2
     if mode == "gaussian":
         sigma = tile / 8.0
-        w = np.exp(-0.5 * ((np.arange(tile) + 0.5 - tile / 2.0) / sigma) ** 2)
+        w = np.exp(-0.5 * ((np.arange(tile, dtype=np.float64) + 0.5 - tile / 2.0) / sigma) ** 2)
         w = np.maximum(w, 1e-6)  # strictly positive: every pixel of a window counts a little
         if at_start:
             w[:half] = 1.0
@@ -138,82 +149,33 @@ def blend_weights(
     return w.astype(np.float32)
 
 
-def window_weights(
-    wy: int, wx: int, height: int, width: int, tile: int, overlap: int, mode: str = "cosine"
-) -> np.ndarray:
-    """2-D weights of the window starting at (wy, wx): outer product of its profiles.
-
-    Args:
-        wy: Window start row (global).
-        wx: Window start column (global).
-        height: Raster rows.
-        width: Raster columns.
-        tile: Window size.
-        overlap: Ramp length.
-        mode: One of :data:`BLEND_MODES`.
-
-    Returns:
-        float32 array (tile, tile).
-    """
-    wy_ = blend_weights(tile, overlap, wy == 0, wy + tile >= height, mode)
-    wx_ = blend_weights(tile, overlap, wx == 0, wx + tile >= width, mode)
-    return np.outer(wy_, wx_)
-
-
 def axis_windows(start: int, size: int, length: int, tile: int, stride: int) -> np.ndarray:
     """Starts of the global grid's windows along one axis that overlap ``[start, start + size)``."""
     starts = window_starts(length, tile, stride)
     return starts[(starts < start + size) & (starts + tile > start)]
 
 
-def block_windows(
-    y0: int, x0: int, h: int, w: int, height: int, width: int, tile: int, stride: int
-) -> list[tuple[int, int]]:
-    """Windows of the global grid that intersect the block ``[y0:y0+h, x0:x0+w]``.
-
-    Args:
-        y0: Block start row.
-        x0: Block start column.
-        h: Block rows.
-        w: Block columns.
-        height: Raster rows.
-        width: Raster columns.
-        tile: Window size.
-        stride: Window step.
-
-    Returns:
-        (wy, wx) global window starts, row-major sorted.
-    """
-    ys = axis_windows(y0, h, height, tile, stride)
-    xs = axis_windows(x0, w, width, tile, stride)
-    return [(int(wy), int(wx)) for wy in ys for wx in xs]
-
-
-def halo_bounds(
-    y0: int, x0: int, h: int, w: int, height: int, width: int, tile: int, stride: int
-) -> Box:
+def halo_bounds(block: Box, raster: tuple[int, int], tile: int, stride: int) -> Box:
     """Region to read for a block: the union of its windows, clamped to the raster.
 
     Args:
-        y0: Block start row.
-        x0: Block start column.
-        h: Block rows.
-        w: Block columns.
-        height: Raster rows.
-        width: Raster columns.
+        block: The block, in global pixels.
+        raster: Raster (height, width).
         tile: Window size.
         stride: Window step.
 
     Returns:
         The read region in global pixels.
+
+    Raises:
+        ValueError: The block lies outside the raster.
     """
-    ys = axis_windows(y0, h, height, tile, stride)
-    xs = axis_windows(x0, w, width, tile, stride)
+    height, width = raster
+    ys = axis_windows(block.y0, block.h, height, tile, stride)
+    xs = axis_windows(block.x0, block.w, width, tile, stride)
     if ys.size == 0 or xs.size == 0:
-        raise ValueError(f"block ({y0}, {x0}, {h}, {w}) lies outside the {height}x{width} raster")
-    return Box(
-        int(ys[0]), int(xs[0]), min(int(ys[-1]) + tile, height), min(int(xs[-1]) + tile, width)
-    )
+        raise ValueError(f"block {block} lies outside the {height}x{width} raster")
+    return Box(int(ys[0]), int(xs[0]), min(int(ys[-1]) + tile, height), min(int(xs[-1]) + tile, width))
 
 
 def pad_to_multiple(
@@ -246,76 +208,3 @@ def pad_to_multiple(
     # pixel of a 1-pixel axis, so tiny rasters pad without special cases.
     pad = [(0, 0)] * (arr.ndim - 2) + [(0, th - h), (0, tw - w)]
     return np.pad(arr, pad, mode=mode), (h, w)  # type: ignore[call-overload]
-
-
-def _task_costs(length: int, block: int, n: int, tile: int, stride: int) -> np.ndarray:
-    """Windows along one axis for each run of ``n`` blocks (the last run may be short)."""
-    return np.array(
-        [len(axis_windows(s, min(n * block, length - s), length, tile, stride))
-         for s in range(0, length, n * block)],
-        dtype=np.float64,
-    )
-
-
-def _makespan(costs: np.ndarray, slots: int, speedup: float) -> float:
-    """Estimated finish time of independent tasks on ``slots`` task slots.
-
-    Fewer tasks than slots leave slots free; their cores go to the tasks' torch
-    threads, which speeds a task up by ``threads ** speedup``.
-    """
-    n = costs.size
-    if n < slots:
-        return float(costs.max()) / (slots // n) ** speedup
-    if n > 64:  # dynamic scheduling of many tasks balances to within one task
-        return max(float(costs.sum()) / slots, float(costs.max()))
-    loads = np.zeros(slots)
-    for c in np.sort(costs)[::-1]:  # longest task first onto the least loaded slot
-        loads[loads.argmin()] += c
-    return float(loads.max())
-
-
-def plan_superblocks(
-    height: int,
-    width: int,
-    block: int,
-    tile: int,
-    stride: int,
-    slots: int,
-    max_pixels: int = 2048 * 2048,
-    speedup: float = 0.9,
-) -> tuple[int, int]:
-    """How many store blocks (along y and x) one prediction task should cover.
-
-    Windows that straddle a task's border are computed by both tasks: large tasks
-    waste fewer windows, but too few tasks leave task slots idle. Every candidate
-    shape up to ``max_pixels`` per task is scored by its estimated makespan in
-    windows, and the fastest wins (ties go to fewer, larger tasks).
-
-    Args:
-        height: Raster rows.
-        width: Raster columns.
-        block: Store block (shard) edge.
-        tile: Window size.
-        stride: Window step.
-        slots: Task slots of the cluster (worker threads).
-        max_pixels: Largest task area; bounds a task's output buffers.
-        speedup: Exponent of the speedup of a task given ``t`` torch threads (``t **
-            speedup``), used when there are fewer tasks than slots.
-
-    Returns:
-        (blocks along y, blocks along x) per task.
-    """
-    if min(height, width, block, tile, stride, slots) <= 0:
-        raise ValueError(f"bad plan inputs: {height}x{width}, block {block}, tile {tile}, slots {slots}")
-    nby, nbx = -(-height // block), -(-width // block)
-    limit = max(1, max_pixels // (block * block))
-    best: tuple[float, int, int] | None = None
-    for ny in range(1, min(nby, limit) + 1):
-        cy = _task_costs(height, block, ny, tile, stride)
-        for nx in range(1, min(nbx, limit // ny) + 1):
-            costs = np.outer(cy, _task_costs(width, block, nx, tile, stride)).ravel()
-            score = _makespan(costs, slots, speedup) * (1 + 1e-9 * costs.size)
-            if best is None or score < best[0]:
-                best = (score, ny, nx)
-    assert best is not None
-    return best[1], best[2]

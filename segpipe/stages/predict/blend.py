@@ -1,38 +1,54 @@
 """Overlap-and-blend: run a network over the global window grid and blend its outputs.
 
-:func:`blend_rows` walks one task's box row of windows by row of windows with a
-rolling accumulator: window outputs are weighted (:func:`segpipe.grid.tiling.window_weights`),
-summed, and rows that no later window can touch are normalised by the summed weights
-and handed back at once. Memory is a band of about one window's height, whatever the
-box's size. :func:`blend_windows` does the same over an array already in memory.
-Numpy only: the network is any :data:`segpipe.grid.tiling.Forward` callable.
+:func:`blend_rows` composes three pieces: the window rows over a box (which windows
+reach its targets, and their blend profiles: :func:`window_rows`), a :class:`BatchQueue`
+that turns windows into fixed-shape forward calls, and a :class:`RowAccumulator` that
+sums weighted window outputs and hands back the rows no later window can touch,
+normalised by the summed weights. Memory is a band of about one window's height,
+whatever the box's size. :func:`blend_windows` does the same over an array already in
+memory. Numpy only: the network is any :data:`segpipe.grid.tiling.Forward` callable.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from segpipe.errors import InputError
+from segpipe.grid.box import Box
 from segpipe.grid.tiling import (
-    BLEND_MODES,
-    Box,
     Forward,
     axis_windows,
     blend_weights,
+    check_blend,
     halo_bounds,
     pad_to_multiple,
     window_starts,
 )
 
-__all__ = ["BlendStats", "Reader", "RowBand", "blend_rows", "blend_windows", "tta_forward"]
+__all__ = [
+    "BatchQueue",
+    "BlendStats",
+    "Reader",
+    "RowAccumulator",
+    "RowBand",
+    "WindowRows",
+    "blend_rows",
+    "blend_windows",
+    "call_size",
+    "tta_forward",
+    "window_rows",
+]
 
 Reader = Callable[[Box], tuple[np.ndarray, np.ndarray]]
 """Reads a global box: -> (band, y, x) float32 normalised pixels (nodata 0), (y, x) valid mask."""
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -60,11 +76,6 @@ class RowBand:
     valid: np.ndarray
 
 
-def _support(profile: np.ndarray) -> tuple[int, int]:
-    nz = np.flatnonzero(profile)
-    return int(nz[0]), int(nz[-1]) + 1
-
-
 def tta_forward(forward: Forward) -> Forward:
     """Test-time augmentation: average ``forward`` over the 8 flips and rotations.
 
@@ -87,6 +98,323 @@ def tta_forward(forward: Forward) -> Forward:
         return total / np.float32(8)
 
     return run
+
+
+# --- which windows run -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowRows:
+    """The global grid's windows over a box, row by row, with their blend profiles.
+
+    Attributes:
+        rows: (window start row, start columns of the windows of that row to run), top
+            to bottom; a row may run no window.
+        prof_y: Vertical blend profile of every window row reaching the box, by start.
+        prof_x: Horizontal blend profile of every window column reaching the box, by start.
+    """
+
+    rows: tuple[tuple[int, tuple[int, ...]], ...]
+    prof_y: dict[int, np.ndarray]
+    prof_x: dict[int, np.ndarray]
+
+
+def _reaches(start: int, profile: np.ndarray, lo: int, hi: int) -> bool:
+    """Whether a window at ``start`` has a non-zero weight somewhere in ``[lo, hi)``."""
+    nz = np.flatnonzero(profile)
+    return start + int(nz[0]) < hi and start + int(nz[-1]) + 1 > lo
+
+
+def window_rows(
+    raster: tuple[int, int], box: Box, tile: int, overlap: int, mode: str, targets: Sequence[Box]
+) -> WindowRows:
+    """The windows to run over ``box``: those whose weights are non-zero somewhere in a target.
+
+    Args:
+        raster: Raster (height, width).
+        box: Output box in global pixels.
+        tile: Window size.
+        overlap: Window overlap.
+        mode: Blend mode (``crop`` zeroes window borders, so fewer windows reach a target).
+        targets: Parts of ``box`` that are needed.
+
+    Returns:
+        The window rows and profiles.
+    """
+    height, width = raster
+    stride = tile - overlap
+    ys = axis_windows(box.y0, box.h, height, tile, stride)
+    xs = axis_windows(box.x0, box.w, width, tile, stride)
+    prof_y = {int(s): blend_weights(tile, overlap, s == 0, s + tile >= height, mode) for s in ys}
+    prof_x = {int(s): blend_weights(tile, overlap, s == 0, s + tile >= width, mode) for s in xs}
+    rows = []
+    for wy, py in prof_y.items():
+        hit = [t for t in targets if _reaches(wy, py, t.y0, t.y1)]
+        keep = tuple(wx for wx, px in prof_x.items() if any(_reaches(wx, px, t.x0, t.x1) for t in hit))
+        rows.append((wy, keep))
+    return WindowRows(tuple(rows), prof_y, prof_x)
+
+
+def call_size(raster: tuple[int, int], tile: int, overlap: int, batch_size: int) -> int:
+    """Windows per forward call: ``batch_size``, but no more than the raster has.
+
+    It depends only on the raster, never on the box, so every box's calls have one shape.
+    """
+    stride = tile - overlap
+    n_global = len(window_starts(raster[0], tile, stride)) * len(window_starts(raster[1], tile, stride))
+    return max(1, min(batch_size, n_global))
+
+
+# --- the network calls ---------------------------------------------------------------------
+
+
+class BatchQueue(Generic[K]):
+    """Windows in, fixed-shape forward calls out, outputs handed back in window order.
+
+    Windows are padded to the tile (rasters smaller than a tile), batched, and with
+    ``pad_batches`` short batches are filled with zero windows, so every call has the
+    shape (``batch_size``, band, tile, tile) and outputs do not depend on which box a
+    window was run for. With ``streams`` > 1 calls run in threads, several at once:
+    several single-threaded streams use a host's cores better than one multi-threaded
+    call, whose threads wait on each other (badly so on a busy machine).
+
+    Use it as a context manager: leaving it stops the threads (also on an error or
+    when the consumer stops early).
+    """
+
+    def __init__(
+        self,
+        forward: Forward,
+        tile: int,
+        batch_size: int,
+        pad_batches: bool = True,
+        streams: int = 1,
+        stats: BlendStats | None = None,
+    ) -> None:
+        """Set up the queue.
+
+        Args:
+            forward: (N, band, tile, tile) windows -> (N, C, tile, tile) probabilities.
+            tile: Window size.
+            batch_size: Windows per forward call.
+            pad_batches: Pad short batches with zero windows to one fixed shape.
+            streams: Forward calls in flight at once, in threads.
+            stats: Counters to fill in.
+        """
+        self.forward = forward
+        self.tile = tile
+        self.batch_size = batch_size
+        self.pad_batches = pad_batches
+        self.stats = stats if stats is not None else BlendStats()
+        self._pending: list[tuple[K, np.ndarray]] = []
+        self._inflight: deque[tuple[list[tuple[K, tuple[int, int]]], Future[np.ndarray]]] = deque()
+        self._pool = ThreadPoolExecutor(streams) if streams > 1 else None
+        # Each stream keeps a second batch queued, so that it starts its next call at once
+        # instead of waiting while the caller blends, reads the next window row and stacks.
+        self._ahead = 2 * streams - 1 if streams > 1 else 0
+
+    def __enter__(self) -> BatchQueue[K]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the stream threads; calls not yet started are dropped."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def oldest(self) -> K | None:
+        """Key of the oldest window whose output has not been handed back (None: none)."""
+        if self._inflight:
+            return self._inflight[0][0][0][0]
+        return self._pending[0][0] if self._pending else None
+
+    def put(self, key: K, chip: np.ndarray) -> list[tuple[K, np.ndarray]]:
+        """Queue a (band, h, w) window (h, w at most the tile); return the outputs now settled.
+
+        Returns:
+            (key, (C, h, w) probabilities) of the windows whose calls finished, in the
+            order they were put.
+        """
+        self._pending.append((key, chip))
+        return self._flush() if len(self._pending) == self.batch_size else []
+
+    def drain(self) -> list[tuple[K, np.ndarray]]:
+        """Run what is queued and hand back every output still outstanding, in order."""
+        settled = self._flush() if self._pending else []
+        while self._inflight:
+            settled += self._settle()
+        return settled
+
+    def _call(self, chips: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(self.forward(np.stack(chips)), dtype=np.float32)
+
+    def _flush(self) -> list[tuple[K, np.ndarray]]:
+        """Send the pending windows to the network (in a stream when there are several)."""
+        chips = [pad_to_multiple(chip, self.tile)[0] for _, chip in self._pending]
+        if self.pad_batches and len(chips) < self.batch_size:
+            chips += [np.zeros_like(chips[0])] * (self.batch_size - len(chips))
+        future: Future[np.ndarray] = Future()
+        if self._pool is None:
+            future.set_result(self._call(chips))
+        else:
+            future = self._pool.submit(self._call, chips)
+        batch = [(key, (chip.shape[1], chip.shape[2])) for key, chip in self._pending]
+        self._inflight.append((batch, future))
+        self.stats.windows += len(batch)
+        self.stats.slots += len(chips)
+        self.stats.calls += 1
+        self._pending = []
+        settled: list[tuple[K, np.ndarray]] = []
+        while len(self._inflight) > self._ahead:
+            settled += self._settle()
+        return settled
+
+    def _settle(self) -> list[tuple[K, np.ndarray]]:
+        """The outputs of the oldest call in flight, cropped back to their windows."""
+        batch, future = self._inflight.popleft()
+        out = future.result()
+        n = self.batch_size if self.pad_batches and len(batch) < self.batch_size else len(batch)
+        if out.ndim != 4 or out.shape[0] != n or out.shape[2:] != (self.tile, self.tile):
+            raise InputError(f"forward returned {out.shape} for {n} windows of {self.tile} px")
+        return [(key, prob[:, :h, :w]) for (key, (h, w)), prob in zip(batch, out, strict=False)]
+
+
+# --- the blend -----------------------------------------------------------------------------
+
+
+class RowAccumulator:
+    """Weighted sums of window outputs over a box; finished rows come back normalised.
+
+    Windows are added anywhere at or below the first row not yet handed back; rows are
+    handed back top to bottom (:meth:`finish`), divided by their summed weights, and
+    dropped, so only the rows between the two are held.
+    """
+
+    def __init__(self, box: Box) -> None:
+        """Start with nothing added over ``box`` (global pixels) and no pixel valid."""
+        self.box = box
+        self._base = box.y0  # global row of _acc[:, 0] and _wsum[0]
+        self._acc: np.ndarray | None = None
+        self._wsum = np.zeros((0, box.w), dtype=np.float32)
+        self._valid = np.zeros((box.h, box.w), dtype=bool)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Summed weights of the rows held, from the first row not yet handed back."""
+        return self._wsum
+
+    def _grow(self, upto: int) -> None:
+        """Hold rows up to global row ``upto`` (exclusive)."""
+        need = upto - self._base
+        if need <= self._wsum.shape[0]:
+            return
+        wsum = np.zeros((need, self.box.w), dtype=np.float32)
+        wsum[: self._wsum.shape[0]] = self._wsum
+        self._wsum = wsum
+        if self._acc is not None:
+            acc = np.zeros((self._acc.shape[0], need, self.box.w), dtype=np.float32)
+            acc[:, : self._acc.shape[1]] = self._acc
+            self._acc = acc
+
+    def mark_valid(self, region: Box, valid: np.ndarray) -> None:
+        """Record which pixels of ``region`` (its (y, x) ``valid`` mask) have data, inside the box."""
+        box = self.box
+        part = Box(max(region.y0, box.y0), max(region.x0, box.x0),
+                   min(region.y1, box.y1), min(region.x1, box.x1))
+        if part.h > 0 and part.w > 0:
+            self._valid[part.within(box)] = valid[part.within(region)]
+
+    def add(self, y0: int, x0: int, probs: np.ndarray, prof_y: np.ndarray, prof_x: np.ndarray) -> None:
+        """Add a window's output, weighted by the outer product of its profiles.
+
+        Args:
+            y0: Global row of the window's first pixel.
+            x0: Global column of the window's first pixel.
+            probs: (C, h, w) output of the window (what lies outside the box is ignored).
+            prof_y: Vertical weights of the window (at least ``h`` long).
+            prof_x: Horizontal weights of the window (at least ``w`` long).
+
+        Raises:
+            ValueError: The window reaches rows already handed back.
+        """
+        box = self.box
+        iy0, iy1 = max(y0, box.y0), min(y0 + probs.shape[1], box.y1)
+        ix0, ix1 = max(x0, box.x0), min(x0 + probs.shape[2], box.x1)
+        if iy0 < self._base and iy1 > iy0:
+            raise ValueError(f"a window at row {y0} reaches rows before {self._base}, already handed back")
+        self._grow(iy1)
+        if self._acc is None:
+            self._acc = np.zeros((probs.shape[0], self._wsum.shape[0], box.w), dtype=np.float32)
+        wt = np.outer(prof_y[iy0 - y0 : iy1 - y0], prof_x[ix0 - x0 : ix1 - x0])
+        dst = (slice(iy0 - self._base, iy1 - self._base), slice(ix0 - box.x0, ix1 - box.x0))
+        self._acc[(slice(None), *dst)] += probs[:, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] * wt
+        self._wsum[dst] += wt
+
+    def finish(self, upto: int) -> RowBand | None:
+        """Hand back the rows before global row ``upto`` (within the box) and drop them.
+
+        Pixels that are not valid, or that no window reached, get probability 0.
+
+        Returns:
+            The rows, or None when there are none left before ``upto``.
+        """
+        box = self.box
+        upto = min(upto, box.y1)
+        if upto <= self._base:
+            return None
+        self._grow(upto)
+        n = upto - self._base
+        valid = self._valid[self._base - box.y0 : upto - box.y0]
+        if self._acc is None:
+            band = RowBand(self._base, None, valid)
+        else:
+            covered = (self._wsum[:n] > 0) & valid
+            out = np.zeros((self._acc.shape[0], n, box.w), np.float32)
+            probs = np.divide(self._acc[:, :n], self._wsum[:n], out=out, where=covered[None])
+            band = RowBand(self._base, probs, valid)
+            self._acc = self._acc[:, n:].copy()
+        self._wsum = self._wsum[n:].copy()
+        self._base = upto
+        return band
+
+
+_Outputs = list[tuple[tuple[int, int], np.ndarray]]
+"""Window outputs handed back by a :class:`BatchQueue` keyed by window start (row, column)."""
+
+
+def _queue_row(
+    read: Reader,
+    queue: BatchQueue[tuple[int, int]],
+    acc: RowAccumulator,
+    wy: int,
+    keep: tuple[int, ...],
+    tile: int,
+    raster: tuple[int, int],
+) -> _Outputs:
+    """Read one window row, record its valid pixels and queue its windows; return settled outputs."""
+    if not keep:
+        return []
+    c0 = keep[0]
+    region = Box(wy, c0, min(wy + tile, raster[0]), min(keep[-1] + tile, raster[1]))
+    image, valid = read(region)
+    # Valid pixels of the box, copied as the rows are read (rows no kept window reads lie
+    # outside every target).
+    acc.mark_valid(region, valid)
+    settled = []
+    for wx in keep:
+        # Windows that hold no valid pixel only ever land on nodata: skip them.
+        if not valid[:, wx - c0 : wx - c0 + tile].any():
+            continue
+        settled += queue.put((wy, wx), image[:, :, wx - c0 : wx - c0 + tile])
+    return settled
+
+
+def _add_all(acc: RowAccumulator, grid: WindowRows, outputs: _Outputs) -> None:
+    """Add settled window outputs to the accumulator, with their windows' profiles."""
+    for (wy, wx), probs in outputs:
+        acc.add(wy, wx, probs, grid.prof_y[wy], grid.prof_x[wx])
 
 
 def blend_rows(
@@ -123,10 +451,8 @@ def blend_rows(
         targets: Parts of ``box`` that are needed (default: all of it); windows that
             reach none of them are skipped, and rows elsewhere may be incomplete.
         stats: Counters to fill in.
-        streams: Forward calls in flight at once, in threads. Several single-threaded
-            streams use a host's cores better than one multi-threaded call, whose
-            threads wait on each other (badly so on a busy machine). Results are still
-            added in window order.
+        streams: Forward calls in flight at once, in threads (see :class:`BatchQueue`).
+            Results are still added in window order.
 
     Yields:
         :class:`RowBand` s covering ``box`` from top to bottom. Invalid pixels and
@@ -135,146 +461,23 @@ def blend_rows(
     Raises:
         InputError: Bad overlap or mode, or forward outputs of the wrong shape.
     """
-    if tile <= 0 or not 0 <= overlap < tile:
-        raise InputError(f"overlap {overlap} must be at least 0 and smaller than the tile ({tile})")
-    if mode not in BLEND_MODES:
-        raise InputError(f"blend mode {mode!r} is not one of {', '.join(BLEND_MODES)}")
-    height, width = raster
-    stride = tile - overlap
-    stats = stats if stats is not None else BlendStats()
-    targets = targets if targets is not None else [box]
-    h, w = box.y1 - box.y0, box.x1 - box.x0
-    ys = axis_windows(box.y0, h, height, tile, stride)
-    xs = axis_windows(box.x0, w, width, tile, stride)
-    prof_y = {int(s): blend_weights(tile, overlap, s == 0, s + tile >= height, mode) for s in ys}
-    prof_x = {int(s): blend_weights(tile, overlap, s == 0, s + tile >= width, mode) for s in xs}
-
-    def reaches(s: int, prof: np.ndarray, lo: int, hi: int) -> bool:
-        a, b = _support(prof)
-        return s + a < hi and s + b > lo
-
-    rows: list[tuple[int, list[int]]] = []
-    for wy in prof_y:
-        hit = [t for t in targets if reaches(wy, prof_y[wy], t.y0, t.y1)]
-        keep = [wx for wx in prof_x if any(reaches(wx, prof_x[wx], t.x0, t.x1) for t in hit)]
-        rows.append((wy, keep))
-    # The batch shape depends only on the raster, never on the box.
-    n_global = len(window_starts(height, tile, stride)) * len(window_starts(width, tile, stride))
-    bs = max(1, min(batch_size, n_global))
-    valid_box = np.zeros((h, w), dtype=bool)
-    acc: np.ndarray | None = None
-    wsum = np.zeros((0, w), dtype=np.float32)
-    base = box.y0  # global row of acc[:, 0] and wsum[0]
-    pending: list[tuple[int, int, np.ndarray]] = []
-
-    def grow(upto: int) -> None:
-        nonlocal wsum, acc
-        need = upto - base
-        if need > wsum.shape[0]:
-            new = np.zeros((need, w), dtype=np.float32)
-            new[: wsum.shape[0]] = wsum
-            wsum = new
-            if acc is not None:
-                grown = np.zeros((acc.shape[0], need, w), dtype=np.float32)
-                grown[:, : acc.shape[1]] = acc
-                acc = grown
-
-    inflight: deque[tuple[list[tuple[int, int, np.ndarray]], Future[np.ndarray]]] = deque()
-    pool = ThreadPoolExecutor(streams) if streams > 1 else None
-
-    def call(chips: list[np.ndarray]) -> np.ndarray:
-        return np.asarray(forward(np.stack(chips)), dtype=np.float32)
-
-    def flush() -> None:
-        """Send the pending windows to the network (in a stream when there are several)."""
-        chips = [pad_to_multiple(chip, tile)[0] for _, _, chip in pending]
-        if pad_batches and len(chips) < bs:
-            chips += [np.zeros_like(chips[0])] * (bs - len(chips))
-        future: Future[np.ndarray] = Future()
-        if pool is None:
-            future.set_result(call(chips))
-        else:
-            future = pool.submit(call, chips)
-        inflight.append((list(pending), future))
-        stats.windows += len(pending)
-        stats.slots += len(chips)
-        stats.calls += 1
-        pending.clear()
-        # Each stream keeps a second batch queued, so that it starts its next call at once
-        # instead of waiting while this thread blends, reads the next window row and stacks.
-        while len(inflight) > (2 * streams - 1 if streams > 1 else 0):
-            settle()
-
-    def settle() -> None:
-        """Add the oldest batch in flight to the accumulator (always in window order)."""
-        nonlocal acc
-        batch, future = inflight.popleft()
-        out = future.result()
-        n = bs if pad_batches and len(batch) < bs else len(batch)
-        if out.ndim != 4 or out.shape[0] != n or out.shape[2:] != (tile, tile):
-            raise InputError(f"forward returned {out.shape} for {n} windows of {tile} px")
-        if acc is None:
-            acc = np.zeros((out.shape[1], wsum.shape[0], w), dtype=np.float32)
-        for (wy, wx, chip), prob in zip(batch, out, strict=False):
-            ch, cw = chip.shape[1:]
-            iy0, iy1 = max(wy, box.y0), min(wy + ch, box.y1)
-            ix0, ix1 = max(wx, box.x0), min(wx + cw, box.x1)
-            wt = np.outer(prof_y[wy][iy0 - wy : iy1 - wy], prof_x[wx][ix0 - wx : ix1 - wx])
-            dst = (slice(iy0 - base, iy1 - base), slice(ix0 - box.x0, ix1 - box.x0))
-            acc[(slice(None), *dst)] += prob[:, iy0 - wy : iy1 - wy, ix0 - wx : ix1 - wx] * wt
-            wsum[dst] += wt
-
-    def finish(upto: int) -> Iterator[RowBand]:
-        """Hand back rows [base, upto) and drop them from the accumulator."""
-        nonlocal base, acc, wsum
-        upto = min(upto, box.y1)
-        if upto <= base:
-            return
-        grow(upto)
-        n = upto - base
-        valid = valid_box[base - box.y0 : upto - box.y0]
-        if acc is None:
-            yield RowBand(base, None, valid)
-        else:
-            covered = (wsum[:n] > 0) & valid
-            probs = np.divide(acc[:, :n], wsum[:n], out=np.zeros((acc.shape[0], n, w), np.float32),
-                              where=covered[None])
-            yield RowBand(base, probs, valid)
-            acc = acc[:, n:].copy()
-        wsum = wsum[n:].copy()
-        base = upto
-
-    try:
-        for i, (wy, keep) in enumerate(rows):
-            if keep:
-                c0, c1 = keep[0], min(keep[-1] + tile, width)
-                r1 = min(wy + tile, height)
-                image, valid = read(Box(wy, c0, r1, c1))
-                # Valid pixels of the box, copied as the rows are read (rows no kept window
-                # reads lie outside every target).
-                vy0, vy1 = max(wy, box.y0), min(r1, box.y1)
-                vx0, vx1 = max(c0, box.x0), min(c1, box.x1)
-                valid_box[vy0 - box.y0 : vy1 - box.y0, vx0 - box.x0 : vx1 - box.x0] = valid[
-                    vy0 - wy : vy1 - wy, vx0 - c0 : vx1 - c0]
-                grow(min(r1, box.y1))
-                for wx in keep:
-                    # Windows that hold no valid pixel only ever land on nodata: skip them.
-                    if not valid[:, wx - c0 : wx - c0 + tile].any():
-                        continue
-                    pending.append((wy, wx, image[:, :, wx - c0 : wx - c0 + tile]))
-                    if len(pending) == bs:
-                        flush()
-            nxt = rows[i + 1][0] if i + 1 < len(rows) else box.y1
-            done = min([nxt] + [p[0] for p in pending] + [b[0][0] for b, _ in inflight])
-            yield from finish(done)
-        if pending:
-            flush()
-        while inflight:
-            settle()
-    finally:  # also when the caller stops early or a forward call fails
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    yield from finish(box.y1)
+    check_blend(tile, overlap, mode)
+    grid = window_rows(raster, box, tile, overlap, mode, targets if targets is not None else [box])
+    acc = RowAccumulator(box)
+    bs = call_size(raster, tile, overlap, batch_size)
+    with BatchQueue[tuple[int, int]](forward, tile, bs, pad_batches, streams, stats) as queue:
+        for i, (wy, keep) in enumerate(grid.rows):
+            _add_all(acc, grid, _queue_row(read, queue, acc, wy, keep, tile, raster))
+            # Rows above the next window row, and above every window still queued, are final.
+            upto = grid.rows[i + 1][0] if i + 1 < len(grid.rows) else box.y1
+            oldest = queue.oldest()
+            band = acc.finish(upto if oldest is None else min(upto, oldest[0]))
+            if band is not None:
+                yield band
+        _add_all(acc, grid, queue.drain())
+    band = acc.finish(box.y1)
+    if band is not None:
+        yield band
 
 
 def blend_windows(
@@ -285,7 +488,7 @@ def blend_windows(
     overlap: int,
     origin: tuple[int, int],
     raster: tuple[int, int],
-    out_box: tuple[int, int, int, int],
+    out_box: Box,
     batch_size: int,
     pad_batches: bool,
     mode: str = "cosine",
@@ -293,14 +496,15 @@ def blend_windows(
     """Blend the windows touching a block, from an array in memory (see :func:`blend_rows`).
 
     Args:
-        image: (band, y, x) float32 pixels covering the block's halo.
+        image: (band, y, x) float32 pixels covering the block's halo
+            (:func:`segpipe.grid.tiling.halo_bounds`).
         valid: (y, x) bool mask of ``image``, False on nodata.
         forward: (N, band, tile, tile) windows -> (N, C, tile, tile) probabilities.
         tile: Window size.
         overlap: Window overlap (0 <= overlap < tile).
         origin: Global (row, column) of ``image[:, 0, 0]``.
         raster: Raster (height, width).
-        out_box: Output block (y0, x0, h, w) in global pixels.
+        out_box: Output block in global pixels.
         batch_size: Windows per forward call.
         pad_batches: Pad short batches with zero windows to one fixed shape.
         mode: Blend mode.
@@ -310,29 +514,27 @@ def blend_windows(
         the number of windows computed.
 
     Raises:
-        InputError: Arrays or forward outputs of the wrong shape, or an image that does
-            not cover the halo.
+        InputError: Arrays or forward outputs of the wrong shape, bad window settings,
+            or an image that does not cover the halo.
     """
-    if tile <= 0 or not 0 <= overlap < tile:
-        raise InputError(f"overlap {overlap} must be at least 0 and smaller than the tile ({tile})")
-    gy, gx = origin
-    y0, x0, h, w = out_box
+    check_blend(tile, overlap, mode)
     if image.ndim != 3 or valid.shape != image.shape[1:]:
         raise InputError(f"image {image.shape} and valid mask {valid.shape} do not fit (band, y, x)")
-    need = halo_bounds(y0, x0, h, w, raster[0], raster[1], tile, tile - overlap)
-    if need.y0 < gy or need.x0 < gx or need.y1 > gy + image.shape[1] or need.x1 > gx + image.shape[2]:
+    held = Box.sized(origin[0], origin[1], image.shape[1], image.shape[2])
+    need = halo_bounds(out_box, raster, tile, tile - overlap)
+    if need.y0 < held.y0 or need.x0 < held.x0 or need.y1 > held.y1 or need.x1 > held.x1:
         raise InputError(f"the array at {origin} of shape {image.shape} does not cover the halo {need}")
 
     def read(b: Box) -> tuple[np.ndarray, np.ndarray]:
-        sl = (slice(b.y0 - gy, b.y1 - gy), slice(b.x0 - gx, b.x1 - gx))
+        sl = b.within(held)
         return image[(slice(None), *sl)], valid[sl]
 
     stats = BlendStats()
-    bands = list(blend_rows(read, forward, tile, overlap, raster, Box(y0, x0, y0 + h, x0 + w),
-                            batch_size, pad_batches, mode, stats=stats))
+    bands = list(blend_rows(read, forward, tile, overlap, raster, out_box, batch_size, pad_batches, mode,
+                            stats=stats))
     channels = next((b.probs.shape[0] for b in bands if b.probs is not None), 0)
-    out = np.zeros((channels, h, w), dtype=np.float32)
+    out = np.zeros((channels, out_box.h, out_box.w), dtype=np.float32)
     for band in bands:
         if band.probs is not None and channels:
-            out[:, band.y0 - y0 : band.y0 - y0 + band.probs.shape[1]] = band.probs
+            out[:, band.y0 - out_box.y0 : band.y0 - out_box.y0 + band.probs.shape[1]] = band.probs
     return out, stats.windows

@@ -2,7 +2,7 @@
 
 The driver (:func:`predict`) pre-creates the output layers as Zarr templates, groups
 store blocks into tasks large enough that few windows are computed twice at task
-borders (:func:`segpipe.grid.tiling.plan_superblocks`), and maps
+borders (:func:`segpipe.grid.plan.plan_superblocks`), and maps
 :func:`segpipe.stages.predict.worker.run_block` over the tasks that still have unfinished blocks.
 Windows lie on the raster's global grid and are blended (:mod:`segpipe.stages.predict.blend`), so the
 result does not depend on the blocking, the plan or the cluster. A per-block marker in
@@ -30,14 +30,14 @@ import numpy as np
 import zarr
 
 from segpipe.errors import InputError, StoreBusyError, StoreError
-from segpipe.grid.tiling import BLEND_MODES, Forward, plan_superblocks, window_starts
+from segpipe.grid.plan import plan_superblocks
+from segpipe.grid.tiling import check_blend, window_starts
 from segpipe.io.remote import is_remote
 from segpipe.io.runs import STAGING, RunLock, acquire_lock, finish_promotion, has_staged_progress, promote
 from segpipe.io.store import NODATA_U8, RegionInfo, create_layer, open_layer, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec, validate_package
 from segpipe.models.forest import default_overlap as forest_overlap
 from segpipe.models.networks import CLASSICAL_ARCHITECTURES
-from segpipe.stages.predict.blend import blend_windows
 from segpipe.stages.predict.worker import PROGRESS_LAYER, BlockJob, run_block, usable_cores, worker_host
 from segpipe.types import classes_to_json
 
@@ -55,7 +55,6 @@ __all__ = [
     "choose_batch_size",
     "predict",
     "pending_blocks",
-    "predict_block",
     "run_block",
 ]
 
@@ -72,53 +71,6 @@ GPU_BATCH = 8
 CPU_BATCH = 2
 # Larger windows cost GBs of activations each (a 100,000 px tile asked for 112 GiB).
 MAX_TILE = 4096
-
-
-def predict_block(
-    image: np.ndarray,
-    valid: np.ndarray,
-    forward: Forward,
-    tile: int,
-    overlap: int,
-    origin: tuple[int, int],
-    raster: tuple[int, int],
-    out_box: tuple[int, int, int, int],
-    batch_size: int = 8,
-    pad_batches: bool = True,
-    blend: str = "cosine",
-) -> np.ndarray:
-    """Blend window predictions over one output block held in memory.
-
-    Windows lie on the raster's global grid, so the result for a pixel does not depend
-    on the block that computes it. Windows past a small raster's edge are padded by
-    reflection and cropped back before blending; invalid pixels get probability 0.
-
-    Args:
-        image: Normalised (band, y, x) float32 pixels covering the block's halo
-            (see :func:`segpipe.grid.tiling.halo_bounds`); nodata already set to 0.
-        valid: (y, x) bool mask of ``image``: False on nodata.
-        forward: Network call, (N, band, tile, tile) -> (N, C, tile, tile) probabilities.
-        tile: Window size (a multiple of the network's output stride).
-        overlap: Overlap of neighbouring windows (0 <= overlap < tile).
-        origin: Global (row, column) of ``image[:, 0, 0]``.
-        raster: Raster (height, width).
-        out_box: Output block (y0, x0, h, w) in global pixels.
-        batch_size: Windows per forward call.
-        pad_batches: Pad the last batch with zero windows to ``batch_size`` so every call
-            has one shape; makes outputs bitwise independent of the blocking.
-        blend: ``cosine``, ``gaussian``, ``mean`` or ``crop``.
-
-    Returns:
-        (C, h, w) float32 blended probabilities; (0, h, w) if no valid pixel is in reach.
-
-    Raises:
-        InputError: Arrays or forward outputs of the wrong shape, or an image that does
-            not cover the halo.
-    """
-    probs, _ = blend_windows(
-        image, valid, forward, tile, overlap, origin, raster, out_box, batch_size, pad_batches, blend
-    )
-    return probs
 
 
 @dataclass(frozen=True)
@@ -177,7 +129,15 @@ def _model_location(model_dir: str | Path) -> str:
     return str(model_dir).rstrip("/") if is_remote(model_dir) else str(Path(model_dir).resolve())
 
 
-def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
+def _settings(
+    spec: ModelSpec, tile_size: int | None, overlap: int | None, blend: str = "cosine"
+) -> tuple[int, int]:
+    """Window size and overlap for a package: the defaults filled in, every value checked.
+
+    Raises:
+        InputError: A tile that is not a positive multiple of the network's stride or is
+            over :data:`MAX_TILE`, an overlap outside ``[0, tile)``, or an unknown blend mode.
+    """
     stride = spec.output_stride
     tile = tile_size if tile_size is not None else max(256, -(-spec.chip_size // stride) * stride)
     if tile <= 0 or tile % stride:
@@ -190,8 +150,7 @@ def _settings(spec: ModelSpec, tile_size: int | None, overlap: int | None) -> tu
     # A forest's need follows its context window; networks overlap a quarter of the tile.
     default = forest_overlap(spec.options) if spec.arch in CLASSICAL_ARCHITECTURES else tile // 4
     ov = default if overlap is None else overlap
-    if not 0 <= ov < tile:
-        raise InputError(f"overlap {ov} must be at least 0 and smaller than the tile size ({tile})")
+    check_blend(tile, ov, blend)
     return tile, ov
 
 
@@ -310,9 +269,7 @@ def check_predict_inputs(
     mdir = _model_location(model_dir)
     spec, mhash = validate_package(mdir)
     check_bands(spec, info.band_names)
-    tile, ov = _settings(spec, tile_size, overlap)
-    if blend not in BLEND_MODES:
-        raise InputError(f"blend mode {blend!r} is not one of {', '.join(BLEND_MODES)}")
+    tile, ov = _settings(spec, tile_size, overlap, blend)
     stride = tile - ov
     n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
     if batch_size is not None:
