@@ -5,10 +5,15 @@ exported COG); the reference is a label raster (any grid or CRS, warped with nea
 resampling) or polygons (rasterized), brought onto the prediction's grid window by
 window through :mod:`segpipe.io.labels`.
 
-One dask task per window counts (reference, prediction) value pairs into a 256 x 256
-joint histogram; the histograms are summed in a tree, so memory stays at a few
-windows whatever the region size, and the classes to evaluate are chosen after the
-single pass (the reference's values are only known once it has been read).
+Pixels count where the reference is labelled (not 0) and the prediction has data (not
+255); a prediction outside the evaluated classes counts as an error ("other", see
+:mod:`segpipe.stages.evaluate.metrics`). On the active dask scheduler (a distributed
+client if one is set up), one task per window counts (reference, prediction) value
+pairs into a 256 x 256 joint histogram; the histograms are summed in a tree, so memory
+stays at a few windows whatever the region size, and the classes to evaluate are chosen
+after the single pass (the reference's values are only known once it has been read).
+With ``points``, a second pass reads only the windows holding a drawn point
+(:mod:`segpipe.stages.evaluate.points`).
 
 Prediction and reference may be ``s3://`` URLs (a store prefix, or a raster or polygons
 read through ``/vsis3/``); an ``s3://`` report folder is written locally and uploaded
@@ -19,30 +24,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import numpy as np
-import rasterio
 from affine import Affine
 from dask.base import compute
 from dask.delayed import Delayed, delayed
 
-from segpipe.errors import InputError, LabelsError, MissingInputError, StoreError
+from segpipe.errors import InputError, LabelsError
+from segpipe.grid.box import Box, iter_boxes
 from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
-from segpipe.io.remote import (
-    as_url,
-    check_bucket,
-    gdal_env,
-    gdal_path,
-    is_remote,
-    join,
-    remote_exists,
-    staged_dir,
-    storage_errors,
-)
-from segpipe.io.store import NODATA_U8, open_layer, read_region_info
+from segpipe.io.remote import as_url, check_bucket, is_remote, staged_dir, storage_errors
+from segpipe.io.store import NODATA_U8
 from segpipe.plots import plot_confusion_matrix, plot_preview
 from segpipe.stages.evaluate.metrics import confusion_from_histogram, joint_histogram, json_ready, scores
 from segpipe.stages.evaluate.points import (
@@ -53,6 +47,12 @@ from segpipe.stages.evaluate.points import (
     points_in_window,
     strata_counts,
 )
+from segpipe.stages.evaluate.prediction import (
+    PredictionSource,
+    open_prediction,
+    preview_rgb,
+    read_prediction,
+)
 from segpipe.stages.evaluate.report import (
     PreviewPiece,
     assemble_preview,
@@ -60,128 +60,120 @@ from segpipe.stages.evaluate.report import (
     preview_step,
     write_report,
 )
-from segpipe.stages.export.layers import classes_from_tags
 from segpipe.types import ClassInfo, Grid, default_colour
 
 __all__ = ["EVAL_WINDOW", "PredictionSource", "evaluate", "open_prediction"]
 
 EVAL_WINDOW = 1024  # pixels per side of one task's window
-_RGB_NAMES = ("red", "green", "blue")
+
+_PassResult = tuple[np.ndarray, list[np.ndarray], list[PreviewPiece | None]]
+"""A run of windows' summed joint histogram, and per window its stratum counts and preview piece."""
 
 
-@dataclass(frozen=True)
-class PredictionSource:
-    """A class prediction to evaluate, small enough to ship inside dask graphs.
+class PointRequest(NamedTuple):
+    """The point assessment asked for: how many points, the design and the seed."""
 
-    Attributes:
-        path: Region store or GeoTIFF.
-        kind: ``"store"`` or ``"raster"``.
-        layer: Store layer holding the classes (stores only).
-        nodata: The raster's nodata value, read as 255 (rasters only).
-    """
-
-    path: str
-    kind: Literal["store", "raster"]
-    layer: str = "classes"
-    nodata: float | None = None
+    n: int
+    sampling: str
+    seed: int
 
 
-def open_prediction(
-    prediction: str | Path, layer: str = "classes"
-) -> tuple[PredictionSource, Grid, list[ClassInfo], int]:
-    """Describe a prediction: where its pixels are, its grid, its classes and a window alignment.
+def evaluate(
+    prediction: str | Path,
+    reference: str | Path,
+    out_dir: str | Path,
+    reference_field: str | None = None,
+    layer: str = "classes",
+    window: int = EVAL_WINDOW,
+    preview: bool = True,
+    points: int | None = None,
+    sampling: str = "stratified",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compare a prediction with a reference and write metrics, a report and figures (module docstring).
 
     Args:
-        prediction: Region store (Zarr directory) or single-band class GeoTIFF.
-        layer: Store layer to evaluate.
+        prediction: Region store (its ``layer``) or class GeoTIFF on the grid to evaluate.
+        reference: Label raster (any grid or CRS) or polygons (Shapefile, GeoPackage...).
+        out_dir: Folder (or ``s3://`` prefix) for ``metrics.json``, ``report.md``,
+            ``confusion_matrix.png``, ``preview.png`` and, with ``points``, ``points.csv``.
+        reference_field: Integer class field of reference polygons (default: guessed).
+        layer: Store layer holding the classes.
+        window: Pixels per side of one task's window (aligned to the store's blocks).
+        preview: Also draw the whole region, decimated, to ``preview.png``.
+        points: Evaluate on this many random points instead of every pixel.
+        sampling: ``stratified``, ``equalized`` or ``random`` (see ``points``).
+        seed: Seed of the point draw; the same seed gives the same points.
 
     Returns:
-        The source, its grid, the classes its metadata names (band tags of a GeoTIFF,
-        the store's classes; possibly empty) and the block size windows should align to.
+        The metrics written to ``metrics.json`` (undefined ratios as None).
 
     Raises:
-        MissingInputError: The prediction or its layer does not exist.
-        InputError: A GeoTIFF is multi-band or not of integers.
+        MissingInputError: The prediction, its layer or the reference does not exist.
+        LabelsError: The reference does not overlap the prediction, or holds no labelled
+            pixel where the prediction has data.
+        InputError: Bad ``points`` or ``sampling``, or ``out_dir`` is a file.
+        StorageError: The report cannot be written (full disk, read-only, no permission).
     """
-    p: Path | str
-    if is_remote(prediction):
-        p = as_url(prediction)
-        is_store = remote_exists(join(p, "zarr.json"))
-        if not is_store and not remote_exists(p):
-            raise MissingInputError(f"prediction {p} does not exist")
-    else:
-        p = Path(prediction)
-        if not p.exists():
-            raise MissingInputError(f"prediction {p} does not exist")
-        is_store = p.is_dir()
-    if is_store:
-        info = read_region_info(p)
-        try:
-            array = open_layer(p, layer)
-        except StoreError as exc:
-            raise MissingInputError(
-                f"region store {p} has no '{layer}' layer to evaluate: run 'segpipe predict' first"
-            ) from exc
-        if tuple(array.shape) != (info.height, info.width):
-            raise StoreError(f"layer '{layer}' of {p} is not a (y, x) layer of the region grid")
-        return PredictionSource(str(p), "store", layer), info.grid, list(info.classes), info.block_size
-    try:
-        with gdal_env(p), rasterio.open(gdal_path(p)) as src:
-            if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
-                raise InputError(
-                    f"prediction {p} has {src.count} band(s) of {src.dtypes[0]}: "
-                    "give a single-band integer class raster"
-                )
-            grid = Grid(src.crs.to_wkt() if src.crs else "", tuple(src.transform)[:6], src.height, src.width)
-            classes = classes_from_tags(src.tags(1))
-            return PredictionSource(str(p), "raster", nodata=src.nodata), grid, classes, 1
-    except rasterio.errors.RasterioIOError as exc:
-        raise InputError(f"prediction {p} is neither a region store nor a raster GDAL can read") from exc
+    request = PointRequest(points, sampling, seed) if points is not None else None
+    _check_request(out_dir, request)
+    pred, grid, pred_classes, block = open_prediction(prediction, layer)
+    labels = open_labels(reference, reference_field)
+    check_overlap(labels, grid)
+    boxes = list(iter_boxes(grid.height, grid.width, max(block, window // block * block)))
+    step = preview_step(grid.height, grid.width) if preview else 0
+    hist, per_window, pieces = _full_pass(pred, labels, grid, boxes, step)
+    _check_labelled(hist, prediction, reference)
+    classes = _evaluated_classes(pred_classes, labels, hist)
+    _check_predicted(hist, classes, prediction, reference)
+    # A local folder is written in place; an s3:// one is uploaded once complete,
+    # metrics.json last (its presence is what marks a finished report).
+    with storage_errors(out_dir, "evaluation report"), staged_dir(out_dir, last=("metrics.json",)) as out:
+        if request is None:
+            cm, assessment = confusion_from_histogram(hist, [c.value for c in classes]), {"mode": "pixels"}
+        else:
+            window_counts = np.asarray(per_window, np.int64)
+            cm, assessment = _assess_points(out, pred, labels, grid, boxes, window_counts, classes, request)
+        metrics = _metrics(prediction, reference, hist, cm, classes, assessment)
+        view = (assemble_preview(pieces, grid.height, grid.width, step), step) if preview else None
+        _write_outputs(out, metrics, cm, classes, view)
+    return metrics
 
 
-def _read_prediction(pred: PredictionSource, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    """Prediction pixels of one window, nodata as 255."""
-    if pred.kind == "store":
-        return np.asarray(open_layer(pred.path, pred.layer)[y0 : y0 + h, x0 : x0 + w])
-    with gdal_env(pred.path), rasterio.open(gdal_path(pred.path)) as src:
-        data: np.ndarray = src.read(1, window=rasterio.windows.Window(x0, y0, w, h))
-    if pred.nodata is not None and pred.nodata != NODATA_U8:
-        data = np.where(data == pred.nodata, NODATA_U8, data)
-    return data
+def _check_request(out_dir: str | Path, request: PointRequest | None) -> None:
+    """Refuse a bad point request or a report folder that is a file, before the long pass.
+
+    Raises:
+        InputError: Bad ``points`` or ``sampling``, or ``out_dir`` is a file.
+        MissingInputError: The ``s3://`` bucket of ``out_dir`` does not exist.
+    """
+    if request is not None:
+        allocate(np.ones(ALL + 1, np.int64), request.n, request.sampling)
+    if is_remote(out_dir):
+        check_bucket(as_url(out_dir))
+    elif Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError(f"--out {out_dir} is a file: name a folder for the report")
 
 
-def _window_pass(
-    pred: PredictionSource, labels: LabelSource, grid: Grid, y0: int, x0: int, h: int, w: int, step: int
-) -> _PassResult:
+# ---- the window pass: one joint histogram per window, summed in a tree -----------------------
+
+
+def _read_window(
+    pred: PredictionSource, labels: LabelSource, grid: Grid, box: Box
+) -> tuple[np.ndarray, np.ndarray]:
+    """The prediction (255 = nodata) and the reference (0 = unlabelled) of one box."""
+    return read_prediction(pred, box), labels_window(labels, grid, box.y0, box.x0, box.h, box.w)
+
+
+def _window_pass(pred: PredictionSource, labels: LabelSource, grid: Grid, box: Box, step: int) -> _PassResult:
     """One window's joint histogram, [evaluable pixels per stratum] and [decimated preview piece]."""
-    p = _read_prediction(pred, y0, x0, h, w)
-    r = labels_window(labels, grid, y0, x0, h, w)
+    p, r = _read_window(pred, labels, grid, box)
     hist = joint_histogram(p, r)
     piece = None
     if step:
-        piece = (y0, x0, decimate(p, y0, x0, step), decimate(r, y0, x0, step), _rgb(pred, y0, x0, h, w, step))
+        y0, x0 = box.y0, box.x0
+        piece = (y0, x0, decimate(p, y0, x0, step), decimate(r, y0, x0, step), preview_rgb(pred, box, step))
     return hist, [strata_counts(hist)], [piece]
-
-
-def _window_points(
-    pred: PredictionSource,
-    labels: LabelSource,
-    grid: Grid,
-    y0: int,
-    x0: int,
-    h: int,
-    w: int,
-    picks: dict[int, np.ndarray],
-) -> np.ndarray:
-    """(n, 4) int64 rows of (row, col, reference, prediction) of the window's drawn points."""
-    p = _read_prediction(pred, y0, x0, h, w)
-    r = labels_window(labels, grid, y0, x0, h, w)
-    rc = points_in_window(p, r, picks)
-    rows, cols = rc[:, 0], rc[:, 1]
-    return np.stack([rows + y0, cols + x0, r[rows, cols], p[rows, cols]], axis=1).astype(np.int64)
-
-
-_PassResult = tuple[np.ndarray, list[np.ndarray], list[PreviewPiece | None]]
 
 
 def _merge(a: _PassResult, b: _PassResult) -> _PassResult:
@@ -202,12 +194,40 @@ def _tree_sum(parts: list[Delayed]) -> Delayed:
     return parts[0]
 
 
-def _windows(grid: Grid, size: int) -> list[tuple[int, int, int, int]]:
-    return [
-        (y0, x0, min(size, grid.height - y0), min(size, grid.width - x0))
-        for y0 in range(0, grid.height, size)
-        for x0 in range(0, grid.width, size)
-    ]
+def _full_pass(
+    pred: PredictionSource, labels: LabelSource, grid: Grid, boxes: list[Box], step: int
+) -> _PassResult:
+    """Every window's :func:`_window_pass` on the active dask scheduler, merged in window order."""
+    parts = [delayed(_window_pass)(pred, labels, grid, box, step) for box in boxes]
+    (result,) = compute(_tree_sum(parts))  # type: ignore[no-untyped-call]
+    return result  # type: ignore[no-any-return]
+
+
+def _check_labelled(hist: np.ndarray, prediction: str | Path, reference: str | Path) -> None:
+    """Refuse a reference without any labelled pixel on the grid.
+
+    Raises:
+        LabelsError: No reference pixel above 0.
+    """
+    if int(hist[1:, :].sum()) == 0:
+        raise LabelsError(
+            f"reference {reference} has no labelled pixel (class > 0) where it overlaps {prediction}"
+        )
+
+
+def _check_predicted(
+    hist: np.ndarray, classes: Sequence[ClassInfo], prediction: str | Path, reference: str | Path
+) -> None:
+    """Refuse a prediction without data where the reference is labelled.
+
+    Raises:
+        LabelsError: No pixel is both labelled and predicted.
+    """
+    if int(confusion_from_histogram(hist, [c.value for c in classes]).sum()) == 0:
+        raise LabelsError(
+            f"the prediction {prediction} has no data (all 255) where reference {reference} is labelled: "
+            "run 'segpipe predict' over the labelled area"
+        )
 
 
 def _evaluated_classes(
@@ -229,37 +249,60 @@ def _evaluated_classes(
     return [known[v] for v in sorted(known)]
 
 
-def _rgb(pred: PredictionSource, y0: int, x0: int, h: int, w: int, step: int) -> np.ndarray | None:
-    """Decimated (h', w', 3) image of a store whose bands are named red/green/blue, else None."""
-    if pred.kind != "store":
-        return None
-    info = read_region_info(pred.path)
-    names = [n.lower() for n in info.band_names]
-    if not all(n in names for n in _RGB_NAMES):
-        return None
-    image = open_layer(pred.path, "image")
-    rows = slice(y0 + (-y0) % step, y0 + h, step)
-    cols = slice(x0 + (-x0) % step, x0 + w, step)
-    bands = [np.asarray(image[names.index(n), rows, cols], np.float64) for n in _RGB_NAMES]
-    rgb = np.stack(bands, axis=-1)
-    return np.where(rgb == info.nodata, np.nan, rgb) if info.nodata is not None else rgb
+# ---- points: a second pass over the windows that hold a drawn point --------------------------
+
+
+def _assess_points(
+    out: Path,
+    pred: PredictionSource,
+    labels: LabelSource,
+    grid: Grid,
+    boxes: list[Box],
+    window_counts: np.ndarray,
+    classes: list[ClassInfo],
+    request: PointRequest,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Draw the points, write ``points.csv`` and return their confusion matrix and summary.
+
+    Args:
+        out: Report folder.
+        pred: The prediction.
+        labels: The reference.
+        grid: The prediction's grid.
+        boxes: The windows of the first pass, in order.
+        window_counts: (windows, 257) evaluable pixels per stratum of each window.
+        classes: The evaluated classes.
+        request: Points, design and seed.
+    """
+    drawn, targets = _sample_points(pred, labels, grid, boxes, window_counts, request)
+    cm = confusion_from_histogram(joint_histogram(drawn[:, 3], drawn[:, 2]), [c.value for c in classes])
+    _write_points(out / "points.csv", drawn, grid)
+    return cm, _points_summary(drawn, targets, window_counts.sum(axis=0), classes, request)
+
+
+def _window_points(
+    pred: PredictionSource, labels: LabelSource, grid: Grid, box: Box, picks: dict[int, np.ndarray]
+) -> np.ndarray:
+    """(n, 4) int64 rows of (row, col, reference, prediction) of the window's drawn points."""
+    p, r = _read_window(pred, labels, grid, box)
+    rc = points_in_window(p, r, picks)
+    rows, cols = rc[:, 0], rc[:, 1]
+    return np.stack([rows + box.y0, cols + box.x0, r[rows, cols], p[rows, cols]], axis=1).astype(np.int64)
 
 
 def _sample_points(
     pred: PredictionSource,
     labels: LabelSource,
     grid: Grid,
-    windows: list[tuple[int, int, int, int]],
-    per_window: np.ndarray,
-    n: int,
-    sampling: str,
-    seed: int,
+    boxes: list[Box],
+    window_counts: np.ndarray,
+    request: PointRequest,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw the points and read their values: ((n, 4) row/col/reference/prediction, per-stratum counts)."""
-    targets = allocate(per_window.sum(axis=0), n, sampling)
-    picks = draw_ranks(per_window, targets, seed)
-    tasks = [delayed(_window_points)(pred, labels, grid, *windows[i], picks[i]) for i in sorted(picks)]
-    found = compute(*tasks)
+    targets = allocate(window_counts.sum(axis=0), request.n, request.sampling)
+    picks = draw_ranks(window_counts, targets, request.seed)
+    tasks = [delayed(_window_points)(pred, labels, grid, boxes[i], picks[i]) for i in sorted(picks)]
+    found = compute(*tasks)  # type: ignore[no-untyped-call]
     points = np.concatenate(found) if found else np.zeros((0, 4), np.int64)
     return points, targets
 
@@ -277,11 +320,15 @@ def _write_points(path: Path, points: np.ndarray, grid: Grid) -> None:
 
 
 def _points_summary(
-    points: np.ndarray, targets: np.ndarray, totals: np.ndarray, classes: list[ClassInfo], request: tuple
+    points: np.ndarray,
+    targets: np.ndarray,
+    totals: np.ndarray,
+    classes: list[ClassInfo],
+    request: PointRequest,
 ) -> dict[str, Any]:
-    n, sampling, seed = request
+    """The ``assessment`` of ``metrics.json`` for points: the design, and pixels and points per stratum."""
     names = {c.value: c.name for c in classes}
-    strata = range(ALL, ALL + 1) if sampling == "random" else np.flatnonzero(totals[:255])
+    strata = range(ALL, ALL + 1) if request.sampling == "random" else np.flatnonzero(totals[:255])
     per_stratum = [
         {
             "value": int(s) if s != ALL else None,
@@ -293,136 +340,89 @@ def _points_summary(
     ]
     return {
         "mode": "points",
-        "sampling": sampling,
-        "requested": n,
+        "sampling": request.sampling,
+        "requested": request.n,
         "points": len(points),
-        "seed": seed,
+        "seed": request.seed,
         "per_stratum": per_stratum,
         "overall_accuracy_area_weighted": area_weighted_accuracy(points[:, 3], points[:, 2], totals),
         "points_file": "points.csv",
     }
 
 
-def evaluate(
+# ---- what is written --------------------------------------------------------------------------
+
+
+def _pixel_counts(hist: np.ndarray, values: list[int]) -> dict[str, int]:
+    """Pixels of the grid, labelled, evaluated, labelled without prediction, predicted "other"."""
+    full = confusion_from_histogram(hist, values)
+    return {
+        "grid": int(hist.sum()),
+        "reference_labelled": int(hist[1:, :].sum()),
+        "evaluated": int(full.sum()),
+        "labelled_without_prediction": int(hist[values, NODATA_U8].sum()),
+        "other_predictions": int(full[:, -1].sum()),
+    }
+
+
+def _metrics(
     prediction: str | Path,
     reference: str | Path,
-    out_dir: str | Path,
-    reference_field: str | None = None,
-    layer: str = "classes",
-    window: int = EVAL_WINDOW,
-    preview: bool = True,
-    points: int | None = None,
-    sampling: str = "stratified",
-    seed: int = 0,
+    hist: np.ndarray,
+    cm: np.ndarray,
+    classes: list[ClassInfo],
+    assessment: dict[str, Any],
 ) -> dict[str, Any]:
-    """Compare a prediction with a reference and write metrics, a report and figures.
+    """What ``metrics.json`` holds: the inputs, the scores of ``cm``, the assessment and pixel counts."""
+    values = [c.value for c in classes]
+    result = scores(cm, values, [c.name for c in classes])
+    result["classes"] = [{"value": c.value, "name": c.name, "colour": c.colour} for c in classes]
+    metrics = {
+        "prediction": str(prediction),
+        "reference": str(reference),
+        **result,
+        "assessment": assessment,
+        "pixel_counts": _pixel_counts(hist, values),
+    }
+    return json_ready(metrics)  # type: ignore[no-any-return]
 
-    Pixels count where the reference is labelled (not 0) and the prediction has data
-    (not 255); a prediction outside the evaluated classes counts as an error ("other",
-    see :mod:`segpipe.stages.evaluate.metrics`). Runs on the active dask scheduler (a distributed
-    client if one is set up), one task per window; with ``points``, a second pass
-    reads only the windows holding a drawn point (see :mod:`segpipe.stages.evaluate.points`).
+
+def _write_outputs(
+    out: Path,
+    metrics: dict[str, Any],
+    cm: np.ndarray,
+    classes: list[ClassInfo],
+    view: tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], int] | None,
+) -> None:
+    """Write ``metrics.json``, the confusion matrix and preview figures, and ``report.md``.
 
     Args:
-        prediction: Region store (its ``layer``) or class GeoTIFF on the grid to evaluate.
-        reference: Label raster (any grid or CRS) or polygons (Shapefile, GeoPackage...).
-        out_dir: Folder (or ``s3://`` prefix) for ``metrics.json``, ``report.md``,
-            ``confusion_matrix.png``, ``preview.png`` and, with ``points``, ``points.csv``.
-        reference_field: Integer class field of reference polygons (default: guessed).
-        layer: Store layer holding the classes.
-        window: Pixels per side of one task's window (aligned to the store's blocks).
-        preview: Also draw image / prediction / reference / disagreement of the whole
-            region, decimated, to ``preview.png``.
-        points: Evaluate on this many random points instead of every pixel.
-        sampling: ``stratified`` (by predicted class, proportional to area),
-            ``equalized`` (same count per predicted class) or ``random``.
-        seed: Seed of the point draw; the same seed gives the same points.
-
-    Returns:
-        The metrics written to ``metrics.json`` (undefined ratios as None).
-
-    Raises:
-        MissingInputError: The prediction or the reference does not exist.
-        LabelsError: The reference does not overlap the prediction, or holds no labelled
-            pixel where the prediction has data.
-        InputError: Bad ``points`` or ``sampling``, or ``out_dir`` is a file.
-        StorageError: The report cannot be written (full disk, read-only, no permission).
+        out: Report folder.
+        metrics: From :func:`_metrics`.
+        cm: The (K, K + 1) confusion matrix the metrics were computed from.
+        classes: The evaluated classes.
+        view: The whole region's decimated (prediction, reference, rgb) and the decimation
+            step, or None for no preview.
     """
-    if points is not None:
-        allocate(np.ones(ALL + 1, np.int64), points, sampling)  # validate before the long pass
-    if is_remote(out_dir):
-        check_bucket(as_url(out_dir))
-    elif Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise InputError(f"--out {out_dir} is a file: name a folder for the report")
-    pred, grid, pred_classes, block = open_prediction(prediction, layer)
-    labels = open_labels(reference, reference_field)
-    check_overlap(labels, grid)
-    size = max(block, window // block * block)
-    windows = _windows(grid, size)
-    step = preview_step(grid.height, grid.width) if preview else 0
-    parts = [delayed(_window_pass)(pred, labels, grid, *win, step) for win in windows]
-    ((hist, per_window, pieces),) = compute(_tree_sum(parts))
-    labelled = int(hist[1:, :].sum())
-    if labelled == 0:
-        raise LabelsError(
-            f"reference {reference} has no labelled pixel (class > 0) where it overlaps {prediction}"
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    names = [c.name for c in classes]
+    title = f"{Path(metrics['prediction']).name} vs {Path(metrics['reference']).name}"
+    assessment = metrics["assessment"]
+    if assessment["mode"] == "points":
+        title += f" ({assessment['points']:,} {assessment['sampling']} points)"
+    shown = cm if cm[:, -1].any() else cm[:, :-1]  # an all-zero "other" column is clutter
+    plot_confusion_matrix(shown, names, out / "confusion_matrix.png", title)
+    figures = ["confusion_matrix.png"]
+    if view is not None:
+        (view_pred, view_ref, view_rgb), step = view
+        plot_preview(
+            view_rgb,
+            view_pred,
+            view_ref,
+            classes,
+            out / "preview.png",
+            disagreement=True,
+            title=f"whole region, 1 pixel in {step} along each axis" if step > 1 else "whole region",
         )
-    classes = _evaluated_classes(pred_classes, labels, hist)
-    values = [c.value for c in classes]
-    cm = confusion_from_histogram(hist, values)
-    if int(cm.sum()) == 0:
-        raise LabelsError(
-            f"the prediction {prediction} has no data (all 255) where reference {reference} is labelled: "
-            "run 'segpipe predict' over the labelled area"
-        )
-    # A local folder is written in place; an s3:// one is uploaded once complete,
-    # metrics.json last (its presence is what marks a finished report).
-    with storage_errors(out_dir, "evaluation report"), staged_dir(out_dir, last=("metrics.json",)) as out:
-        assessment: dict[str, Any] = {"mode": "pixels"}
-        if points is not None:
-            per_window_arr = np.asarray(per_window, np.int64)
-            drawn, targets = _sample_points(
-                pred, labels, grid, windows, per_window_arr, points, sampling, seed
-            )
-            cm = confusion_from_histogram(joint_histogram(drawn[:, 3], drawn[:, 2]), values)
-            assessment = _points_summary(
-                drawn, targets, per_window_arr.sum(axis=0), classes, (points, sampling, seed)
-            )
-            _write_points(out / "points.csv", drawn, grid)
-        result = scores(cm, values, [c.name for c in classes])
-        result["classes"] = [{"value": c.value, "name": c.name, "colour": c.colour} for c in classes]
-        metrics: dict[str, Any] = {
-            "prediction": str(prediction),
-            "reference": str(reference),
-            **result,
-            "assessment": assessment,
-            "pixel_counts": {
-                "grid": int(hist.sum()),
-                "reference_labelled": labelled,
-                "evaluated": int(confusion_from_histogram(hist, values).sum()),
-                "labelled_without_prediction": int(hist[values, NODATA_U8].sum()),
-                "other_predictions": int(confusion_from_histogram(hist, values)[:, -1].sum()),
-            },
-        }
-        metrics = json_ready(metrics)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        title = f"{Path(str(prediction)).name} vs {Path(str(reference)).name}"
-        if points is not None:
-            title += f" ({len(drawn):,} {sampling} points)"
-        shown = cm if cm[:, -1].any() else cm[:, :-1]  # an all-zero "other" column is clutter
-        plot_confusion_matrix(shown, [c.name for c in classes], out / "confusion_matrix.png", title)
-        figures = ["confusion_matrix.png"]
-        if preview:
-            view_pred, view_ref, view_rgb = assemble_preview(pieces, grid.height, grid.width, step)
-            plot_preview(
-                view_rgb,
-                view_pred,
-                view_ref,
-                classes,
-                out / "preview.png",
-                disagreement=True,
-                title=f"whole region, 1 pixel in {step} along each axis" if step > 1 else "whole region",
-            )
-            figures.append("preview.png")
-        write_report(out / "report.md", metrics, figures)
-    return metrics
+        figures.append("preview.png")
+    write_report(out / "report.md", metrics, figures)
