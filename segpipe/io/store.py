@@ -220,21 +220,42 @@ def set_region_classes(store: str | Path, classes: Sequence[ClassInfo]) -> None:
 
 
 def open_region(store: str | Path) -> xr.Dataset:
-    """Open the store lazily with dask chunks equal to its shards.
+    """Open a region store lazily as an xarray Dataset, as a Pangeo user expects it.
 
-    CRS and nodata are kept as rioxarray expects (``decode_coords="all"``, no masking).
+    Every layer is a dask array with one chunk per shard (block), whole along ``band``
+    and ``class``; ``spatial_ref`` is a coordinate, so ``ds.image.rio.crs`` and
+    ``ds.image.rio.nodata`` work. Values are raw (no masking), as predict reads them:
+    nodata stays in the ``_FillValue`` attribute. ``labels``, ``classes``,
+    ``confidence`` and ``probabilities`` appear when the store holds them; predict's
+    bookkeeping (the ``progress_*`` markers and the hidden ``_predict`` group of a run
+    in progress) does not.
+
+    Args:
+        store: Region store: a folder or an ``s3://`` URL.
+
+    Returns:
+        The region's layers.
+
+    Raises:
+        MissingInputError: The store does not exist.
+        StoreError: The store is not a region store, or is damaged.
     """
     info = read_region_info(store)
     path = store_location(store)
-    ds = xr.open_zarr(
-        path,
-        storage_options=storage_options_for(path),
-        consolidated=False,
-        decode_coords="all",
-        mask_and_scale=False,
-        chunks={"y": info.block_size, "x": info.block_size, "band": -1},
-    )
-    return ds
+    # Leading dimensions stay whole: a task then holds every band (or class) of its block.
+    chunks = {"y": info.block_size, "x": info.block_size, "band": -1, "class": -1}
+    with _intact(store):
+        ds: xr.Dataset = xr.open_zarr(
+            path,
+            storage_options=storage_options_for(path),
+            consolidated=False,
+            decode_coords="all",
+            mask_and_scale=False,
+            chunks=chunks,
+        )
+    # Child groups (``_predict``) are never read as variables; markers are layers of the root.
+    hidden = [name for name in ds.variables if str(name).startswith("progress_")]
+    return ds.drop_vars(hidden)
 
 
 def create_layer(
