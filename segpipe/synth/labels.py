@@ -67,10 +67,11 @@ def rasterize_polygons(polys: list[tuple[Polygon, int]], y0: int, x0: int, h: in
     """Burn pixel-coordinate polygons into a (h, w) uint8 window at (y0, x0); 0 elsewhere."""
     if not polys:
         return np.zeros((h, w), dtype=np.uint8)
-    return rasterize(
+    burnt: np.ndarray = rasterize(
         polys,
         out_shape=(h, w),
         transform=Affine.translation(x0, y0),
         fill=0,
         dtype="uint8",
     )
+    return burnt

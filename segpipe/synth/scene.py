@@ -128,7 +128,7 @@ def class_block(spec: SceneSpec, y0: int, x0: int, h: int, w: int) -> np.ndarray
             + 0.2 * _value_noise(ys, xs, s / 9.0, spec.seed, 300 + k)
         )
         fields.append(f)
-    classes = (np.argmax(np.stack(fields), axis=0) + 1).astype(np.uint8)
+    classes: np.ndarray = (np.argmax(np.stack(fields), axis=0) + 1).astype(np.uint8)
     classes[nodata_block(spec, y0, x0, h, w)] = 0
     return classes
 

@@ -11,16 +11,20 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.io import DatasetWriter
 from rasterio.windows import Window
+from shapely.geometry import Polygon
 
 from segpipe.errors import InputError
+from segpipe.grid.box import Box, iter_boxes
 from segpipe.io.mosaic import mosaic_vrt_xml
 from segpipe.synth.labels import LABEL_CELL, label_polygons, rasterize_polygons
 from segpipe.synth.scene import IMAGE_NODATA, SCENE_CLASSES, SceneSpec, class_block, image_block
@@ -35,6 +39,10 @@ CRS = "EPSG:32617"  # UTM 17N: a real projected CRS, metres
 PIXEL_SIZE = 10.0
 ORIGIN = (500_000.0, 4_000_000.0)
 WINDOW = 1024  # a multiple of LABEL_CELL, so label polygons never straddle windows
+
+LabelPolygons = list[tuple[Polygon, int]]
+WindowData = tuple[np.ndarray, np.ndarray, np.ndarray, LabelPolygons]
+"""One window's image, dense truth, sparse labels and label polygons."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,25 @@ class SynthRegion:
     labelled_fraction: float
 
 
+@dataclass
+class _Tally:
+    """What the windows written so far add up to, and the progress callback told of each."""
+
+    total: int
+    progress: Callable[[int, int], None] | None
+    done: int = 0
+    labelled: int = 0
+    polygons: LabelPolygons = field(default_factory=list)
+
+    def add(self, labels: np.ndarray, polygons: LabelPolygons) -> None:
+        """Count one written window."""
+        self.labelled += int(np.count_nonzero(labels))
+        self.polygons.extend(polygons)
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
 def _bounded_map(pool: Executor, fn: Callable[[T], R], items: list[T], ahead: int) -> Iterator[R]:
     """``pool.map`` that keeps at most ``ahead`` results in flight.
 
@@ -73,12 +100,6 @@ def _bounded_map(pool: Executor, fn: Callable[[T], R], items: list[T], ahead: in
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-
-
-def _windows(y0: int, x0: int, h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
-    for wy in range(y0, y0 + h, WINDOW):
-        for wx in range(x0, x0 + w, WINDOW):
-            yield wy, wx, min(WINDOW, y0 + h - wy), min(WINDOW, x0 + w - wx)
 
 
 def _profile(width: int, height: int, count: int, dtype: str, nodata: int | None) -> dict[str, object]:
@@ -105,6 +126,43 @@ def _band_names(bands: int) -> list[str]:
     return [f"b{i + 1}" for i in range(bands)]
 
 
+def _check_parameters(size: int, bands: int, tiles: int) -> None:
+    """Refuse a scene too small, too many or no bands, or tiles under 32 px.
+
+    Raises:
+        InputError: A parameter is out of range (named as the CLI option).
+    """
+    if size < 64:
+        raise InputError(f"--size {size} is too small: use at least 64 px")
+    if not 1 <= bands <= 64:
+        raise InputError(f"--bands {bands} is out of range: use 1-64")
+    if not 1 <= tiles <= size // 32:
+        raise InputError(f"--tiles {tiles} is out of range for a {size} px scene: use 1-{size // 32}")
+
+
+def _tile_edge(size: int, tiles: int) -> int:
+    """Edge of the mosaic's tiles: ``tiles`` per side, rounded up to the label-cell lattice.
+
+    Tile edges on the lattice keep tile windows aligned with label cells.
+    """
+    edge = -(-size // tiles)
+    return -(-edge // LABEL_CELL) * LABEL_CELL
+
+
+def _tile_windows(tile: Box) -> list[Box]:
+    """The windows a tile is computed in (global coordinates, cut short at the tile's edge)."""
+    return list(iter_boxes(tile.h, tile.w, WINDOW, origin=(tile.y0, tile.x0)))
+
+
+def _window_data(spec: SceneSpec, box: Box) -> WindowData:
+    """Everything one window contributes: image, dense truth, sparse labels and their polygons."""
+    y0, x0, h, w = box.y0, box.x0, box.h, box.w
+    dense = class_block(spec, y0, x0, h, w)
+    polys = label_polygons(spec, y0, x0, h, w, truth=dense)
+    labels = rasterize_polygons(polys, y0, x0, h, w)
+    return image_block(spec, y0, x0, h, w, classes=dense), dense, labels, polys
+
+
 def synthesize(
     out: str | Path,
     size: int = 2048,
@@ -129,73 +187,16 @@ def synthesize(
     Raises:
         InputError: A parameter is out of range.
     """
-    if size < 64:
-        raise InputError(f"--size {size} is too small: use at least 64 px")
-    if not 1 <= bands <= 64:
-        raise InputError(f"--bands {bands} is out of range: use 1-64")
-    if not 1 <= tiles <= size // 32:
-        raise InputError(f"--tiles {tiles} is out of range for a {size} px scene: use 1-{size // 32}")
-    spec = SceneSpec(size=size, bands=bands, seed=seed)
+    _check_parameters(size, bands, tiles)
     root = Path(out)
     (root / "tiles").mkdir(parents=True, exist_ok=True)
     transform = Affine(PIXEL_SIZE, 0.0, ORIGIN[0], 0.0, -PIXEL_SIZE, ORIGIN[1])
-    # Tile edges on the label-cell lattice keep tile windows aligned with label cells.
-    edge = -(-size // tiles)
-    edge = -(-edge // LABEL_CELL) * LABEL_CELL
-    tile_boxes = [
-        (ty, tx, min(edge, size - ty), min(edge, size - tx))
-        for ty in range(0, size, edge)
-        for tx in range(0, size, edge)
-    ]
-    total = sum(1 for box in tile_boxes for _ in _windows(*box))
-    names = _band_names(bands)
-
-    def compute(win: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-        wy, wx, h, w = win
-        dense = class_block(spec, wy, wx, h, w)
-        polys = label_polygons(spec, wy, wx, h, w, truth=dense)
-        labels = rasterize_polygons(polys, wy, wx, h, w)
-        return image_block(spec, wy, wx, h, w, classes=dense), dense, labels, polys
-
-    workers = max(1, min(4, os.cpu_count() or 1))
-    tile_paths: list[Path] = []
-    all_polys: list = []
-    labelled = 0
-    dense_prof = _profile(size, size, 1, "uint8", 0)
-    with (
-        # GDAL's block cache (5 % of RAM by default) would hold dirty blocks of every
-        # output; a small cache keeps memory flat however big the scene.
-        rasterio.Env(GDAL_CACHEMAX=64),
-        rasterio.open(root / "truth.tif", "w", **{**dense_prof, "transform": transform}) as truth,
-        rasterio.open(root / "labels_sparse.tif", "w", **{**dense_prof, "transform": transform}) as sparse,
-        ThreadPoolExecutor(max_workers=workers) as pool,
-    ):
-        for dst in (truth, sparse):
-            dst.write_colormap(1, {c.value: (*c.rgb, 255) for c in SCENE_CLASSES})
-        done = 0
-        for ty, tx, th, tw in tile_boxes:
-            path = root / "tiles" / f"tile_{ty // edge:02d}_{tx // edge:02d}.tif"
-            tile_paths.append(path)
-            tile_t = transform * Affine.translation(tx, ty)
-            prof = {**_profile(tw, th, bands, "uint16", IMAGE_NODATA), "transform": tile_t}
-            wins = list(_windows(ty, tx, th, tw))
-            results = _bounded_map(pool, compute, wins, 2 * workers)
-            with rasterio.open(path, "w", **prof) as tile:
-                tile.descriptions = tuple(names)
-                for win, (image, dense, labels, polys) in zip(wins, results, strict=True):
-                    wy, wx, h, w = win
-                    tile.write(image, window=Window(wx - tx, wy - ty, w, h))
-                    truth.write(dense, 1, window=Window(wx, wy, w, h))
-                    sparse.write(labels, 1, window=Window(wx, wy, w, h))
-                    labelled += int(np.count_nonzero(labels))
-                    all_polys.extend(polys)
-                    done += 1
-                    if progress:
-                        progress(done, total)
+    spec = SceneSpec(size=size, bands=bands, seed=seed)
+    tile_paths, tally = _write_rasters(root, spec, transform, _tile_edge(size, tiles), progress)
     vrt = root / "image.vrt"
     vrt.write_text(mosaic_vrt_xml(tile_paths, relative_to=root))
     vector = root / "labels_sparse.gpkg"
-    _write_polygons(all_polys, transform, vector)
+    _write_polygons(tally.polygons, transform, vector)
     classes = root / "classes.json"
     write_classes_file(classes, SCENE_CLASSES)
     return SynthRegion(
@@ -205,11 +206,68 @@ def synthesize(
         labels=root / "labels_sparse.tif",
         labels_vector=vector,
         classes=classes,
-        labelled_fraction=labelled / float(size * size),
+        labelled_fraction=tally.labelled / float(size * size),
     )
 
 
-def _write_polygons(polys: list, transform: Affine, path: Path) -> None:
+def _write_rasters(
+    root: Path, spec: SceneSpec, transform: Affine, edge: int, progress: Callable[[int, int], None] | None
+) -> tuple[list[Path], _Tally]:
+    """Write the image tiles, ``truth.tif`` and ``labels_sparse.tif``, window by window.
+
+    Windows are computed in a thread pool (numpy releases the GIL in its heavy loops)
+    and written by the calling thread, at most two per worker in flight.
+
+    Returns:
+        The tiles' paths, and what the windows added up to.
+    """
+    tile_boxes = list(iter_boxes(spec.size, spec.size, edge))
+    tally = _Tally(sum(len(_tile_windows(tile)) for tile in tile_boxes), progress)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    dense = {**_profile(spec.size, spec.size, 1, "uint8", 0), "transform": transform}
+    paths = []
+    with (
+        # GDAL's block cache (5 % of RAM by default) would hold dirty blocks of every
+        # output; a small cache keeps memory flat however big the scene.
+        rasterio.Env(GDAL_CACHEMAX=64),
+        rasterio.open(root / "truth.tif", "w", **dense) as truth,
+        rasterio.open(root / "labels_sparse.tif", "w", **dense) as sparse,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        for dst in (truth, sparse):
+            dst.write_colormap(1, {c.value: (*c.rgb, 255) for c in SCENE_CLASSES})
+        for tile in tile_boxes:
+            paths.append(root / "tiles" / f"tile_{tile.y0 // edge:02d}_{tile.x0 // edge:02d}.tif")
+            windows = _tile_windows(tile)
+            results = _bounded_map(pool, partial(_window_data, spec), windows, 2 * workers)
+            profile = {
+                **_profile(tile.w, tile.h, spec.bands, "uint16", IMAGE_NODATA),
+                "transform": transform * Affine.translation(tile.x0, tile.y0),
+            }
+            with rasterio.open(paths[-1], "w", **profile) as dst:
+                dst.descriptions = tuple(_band_names(spec.bands))
+                _write_tile(dst, tile, zip(windows, results, strict=True), (truth, sparse), tally)
+    return paths, tally
+
+
+def _write_tile(
+    dst: DatasetWriter,
+    tile: Box,
+    windows: Iterator[tuple[Box, WindowData]],
+    dense: tuple[DatasetWriter, DatasetWriter],
+    tally: _Tally,
+) -> None:
+    """Write each window's image into its tile, and its truth and labels into the region-wide rasters."""
+    truth, sparse = dense
+    for box, (image, classes, labels, polys) in windows:
+        dst.write(image, window=Window.from_slices(*box.within(tile)))
+        truth.write(classes, 1, window=Window.from_slices(*box.slices))
+        sparse.write(labels, 1, window=Window.from_slices(*box.slices))
+        tally.add(labels, polys)
+
+
+def _write_polygons(polys: LabelPolygons, transform: Affine, path: Path) -> None:
+    """The label polygons, moved from pixel to map coordinates, as the GeoPackage layer ``labels``."""
     import geopandas as gpd
     from shapely import affinity
 
