@@ -41,6 +41,12 @@ def class_colour_table(classes: Sequence[ClassInfo]) -> np.ndarray:
     return lut
 
 
+def _coloured(lut: np.ndarray, classes_raster: np.ndarray) -> np.ndarray:
+    """RGBA image of a class raster through ``lut``; values outside 0-255 are transparent (as 0)."""
+    values = np.asarray(classes_raster)
+    return lut[np.where((values < 0) | (values > 255), 0, values).astype(np.intp)]
+
+
 def plot_confusion_matrix(cm: np.ndarray, names: Sequence[str], path: str | Path, title: str = "") -> Path:
     """Draw a row-normalised confusion matrix annotated with counts and row percentages.
 
@@ -156,6 +162,7 @@ _DISAGREE = (1.0, 0.0, 1.0, 1.0)  # magenta: no class palette colour (default_co
 def _disagreement(prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """RGBA: grey where the classes agree, magenta where not, transparent where not evaluated."""
     pred, ref = np.asarray(prediction), np.asarray(reference)
+    # the rule of segpipe.stages.evaluate.metrics.evaluable, which plots cannot import (a cycle)
     evaluated = (ref >= 1) & (ref <= 254) & (pred != 255)
     img = np.zeros((*pred.shape, 4))
     img[evaluated & (pred == ref)] = _AGREE
@@ -188,17 +195,12 @@ def plot_preview(
         The written path.
     """
     lut = class_colour_table(classes)
-
-    def coloured(classes_raster: np.ndarray) -> np.ndarray:
-        values = np.asarray(classes_raster)
-        return lut[np.where((values < 0) | (values > 255), 0, values).astype(np.intp)]
-
     panels: list[tuple[str, np.ndarray]] = []
     if rgb is not None:
         panels.append(("image", _stretch(rgb)))
-    panels.append(("prediction", coloured(prediction)))
+    panels.append(("prediction", _coloured(lut, prediction)))
     if reference is not None:
-        panels.append(("reference", coloured(reference)))
+        panels.append(("reference", _coloured(lut, reference)))
         if disagreement:
             panels.append(("disagreement", _disagreement(prediction, reference)))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 4.6), squeeze=False)
@@ -279,8 +281,8 @@ def plot_samples(
             shown = _stretch(np.moveaxis(np.asarray(image)[bands], 0, -1))
             panels = [
                 ("image", shown if shown.shape[-1] == 3 else shown[..., 0]),
-                ("reference", lut[np.asarray(ref, dtype=np.intp)]),
-                ("prediction", lut[np.asarray(pred, dtype=np.intp)]),
+                ("reference", _coloured(lut, ref)),
+                ("prediction", _coloured(lut, pred)),
             ]
             for ax, (name, img) in zip(axes[r], panels, strict=True):
                 ax.imshow(img, interpolation="nearest", cmap="gray" if img.ndim == 2 else None)

@@ -39,6 +39,7 @@ __all__ = [
     "add",
     "confusion_from_histogram",
     "confusion_matrix",
+    "evaluable",
     "joint_histogram",
     "json_ready",
     "scores",
@@ -70,6 +71,11 @@ def _as_bytes(a: np.ndarray, out_of_range: int) -> np.ndarray:
         raise InputError(f"class rasters must hold integers, got {arr.dtype}")
     flat = arr.astype(np.int64, copy=False).ravel()
     return np.where((flat < 0) | (flat > 255), out_of_range, flat)
+
+
+def evaluable(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Pixels that count whatever the classes: reference labelled (1-254), prediction not nodata (255)."""
+    return (ref >= 1) & (ref <= 254) & (pred != NODATA)  # type: ignore[no-any-return]
 
 
 def joint_histogram(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -191,32 +197,13 @@ def scores(cm: np.ndarray, values: Sequence[int], names: Sequence[str] | None = 
         raise InputError(f"{len(labels)} class names for {k} classes")
     m = [[int(x) for x in row] for row in cm]  # Python ints: exact, no overflow
     other = [row[k] if cm.shape[1] == k + 1 else 0 for row in m]
-    support = [sum(row) for row in m]
-    predicted = [sum(m[i][j] for i in range(k)) for j in range(k)]
-    tp = [m[i][i] for i in range(k)]
+    per_class = _per_class(m, vals, [str(n) for n in labels])
+    support = [c["support"] for c in per_class]
     total = sum(support)
-    correct = sum(tp)
-    chance = sum(support[i] * predicted[i] for i in range(k))
-    per_class = []
-    ious = []
-    for i in range(k):
-        union = support[i] + predicted[i] - tp[i]
-        iou = _ratio(tp[i], union)
-        if union:
-            ious.append(iou)
-        per_class.append(
-            {
-                "value": vals[i],
-                "name": str(labels[i]),
-                "support": support[i],
-                "predicted": predicted[i],
-                "true_positive": tp[i],
-                "precision": _ratio(tp[i], predicted[i]),
-                "recall": _ratio(tp[i], support[i]),
-                "f1": _ratio(2 * tp[i], support[i] + predicted[i]),
-                "iou": iou,
-            }
-        )
+    correct = sum(c["true_positive"] for c in per_class)
+    chance = sum(c["support"] * c["predicted"] for c in per_class)
+    # a class absent from both reference and prediction has no IoU and does not pull the mean down
+    ious = [c["iou"] for c in per_class if c["support"] + c["predicted"] - c["true_positive"]]
     return {
         "pixels": total,
         "correct": correct,
@@ -229,6 +216,30 @@ def scores(cm: np.ndarray, values: Sequence[int], names: Sequence[str] | None = 
         "confusion_matrix": [row[:k] for row in m],
         "other_predictions": other,
     }
+
+
+def _per_class(m: list[list[int]], values: list[int], names: list[str]) -> list[dict[str, Any]]:
+    """Per-class counts and ratios of an exact (K, K) or (K, K + 1) matrix (see :func:`scores`)."""
+    k = len(values)
+    per_class = []
+    for i in range(k):
+        support = sum(m[i])
+        predicted = sum(m[r][i] for r in range(k))
+        tp = m[i][i]
+        per_class.append(
+            {
+                "value": values[i],
+                "name": names[i],
+                "support": support,
+                "predicted": predicted,
+                "true_positive": tp,
+                "precision": _ratio(tp, predicted),
+                "recall": _ratio(tp, support),
+                "f1": _ratio(2 * tp, support + predicted),
+                "iou": _ratio(tp, support + predicted - tp),
+            }
+        )
+    return per_class
 
 
 def json_ready(obj: Any) -> Any:

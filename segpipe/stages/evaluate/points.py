@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from segpipe.errors import InputError
+from segpipe.stages.evaluate.metrics import evaluable
 
 __all__ = [
     "ALL",
@@ -145,11 +146,11 @@ def points_in_window(pred: np.ndarray, ref: np.ndarray, picks: dict[int, np.ndar
     Returns:
         int64 (n, 2) of (row, col), in stratum then raster order.
     """
-    evaluable = (ref >= 1) & (ref <= 254) & (pred != 255)
+    countable = evaluable(pred, ref)
     w = pred.shape[1]
     found = []
     for stratum, ranks in sorted(picks.items()):
-        mask = evaluable if stratum == ALL else evaluable & (pred == stratum)
+        mask = countable if stratum == ALL else countable & (pred == stratum)
         flat = np.flatnonzero(mask)
         if len(flat) <= int(ranks.max(initial=-1)):
             raise InputError("the prediction or reference changed between the two passes of point sampling")

@@ -151,18 +151,35 @@ def markdown_report(metrics: dict[str, Any], figures: Sequence[str] = ()) -> str
         "",
         *_assessment_lines(metrics),
         "",
-        "## Per class",
+        *_per_class_lines(metrics),
         "",
-        "Precision is the user's accuracy (how often a mapped class is right on the ground), recall the "
-        "producer's accuracy (how much of a class on the ground the map finds).",
+        *_confusion_lines(metrics, unit),
         "",
     ]
+    for fig in figures:
+        lines += [f"![{Path(fig).stem.replace('_', ' ')}]({fig})", ""]
+    return "\n".join(lines)
+
+
+def _per_class_lines(metrics: dict[str, Any]) -> list[str]:
+    """The "Per class" section: user's and producer's accuracies, F1 and IoU of each class."""
     rows = [
         [c["value"], c["name"], c["support"], c["predicted"], c["precision"], c["recall"], c["f1"], c["iou"]]
         for c in metrics["per_class"]
     ]
     header = ["value", "class", "reference", "predicted", "user's acc.", "producer's acc.", "F1", "IoU"]
-    lines += _table(header, rows, right_from=2)
+    return [
+        "## Per class",
+        "",
+        "Precision is the user's accuracy (how often a mapped class is right on the ground), recall the "
+        "producer's accuracy (how much of a class on the ground the map finds).",
+        "",
+        *_table(header, rows, right_from=2),
+    ]
+
+
+def _confusion_lines(metrics: dict[str, Any], unit: str) -> list[str]:
+    """The confusion matrix section, with its "other" column."""
     names = [c["name"] for c in metrics["per_class"]]
     cm_rows = [
         [name, *row, other]
@@ -170,19 +187,14 @@ def markdown_report(metrics: dict[str, Any], figures: Sequence[str] = ()) -> str
             names, metrics["confusion_matrix"], metrics["other_predictions"], strict=True
         )
     ]
-    lines += [
-        "",
+    return [
         f"## Confusion matrix ({unit})",
         "",
         'Rows: reference; columns: prediction. "other" counts predictions outside the evaluated classes '
         "(an error for the reference class, a false positive for none).",
         "",
         *_table(["reference \\ prediction", *names, "other"], cm_rows),
-        "",
     ]
-    for fig in figures:
-        lines += [f"![{Path(fig).stem.replace('_', ' ')}]({fig})", ""]
-    return "\n".join(lines)
 
 
 def write_report(path: str | Path, metrics: dict[str, Any], figures: Sequence[str] = ()) -> Path:
