@@ -10,6 +10,9 @@ import xarray as xr
 import zarr
 from affine import Affine
 
+from segpipe.grid.box import Box
+from segpipe.models import model_hash
+from segpipe.stages.predict.jobs import BlockJob, JobSettings
 from segpipe.types import ClassInfo
 
 CLASSES = (
@@ -59,3 +62,10 @@ def make_store(path: Path, block: int, bands: int = 3, nan_nodata: bool = False)
 
 # One block per task (max_task_pixels), so block borders fall between tasks.
 SETTINGS = {"tile_size": 64, "overlap": 16, "batch_size": 4, "max_task_pixels": 64 * 64}
+
+
+def block_job(store: Path, model_dir: Path, box: Box, blocks: tuple[tuple[int, int], ...] = ()) -> BlockJob:
+    """A task over ``box`` (its ``blocks``, default all) with the windows of SETTINGS."""
+    settings = JobSettings(store=str(store), model_dir=str(model_dir), model_hash=model_hash(model_dir),
+                           tile=64, overlap=16, batch_size=4)
+    return BlockJob(settings=settings, box=box, blocks=blocks)

@@ -13,7 +13,7 @@ import zarr
 from distributed import Client
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, make_store
+from predict_support import CLASSES, HEIGHT, SETTINGS, WIDTH, block_job, make_store
 
 from segpipe.cluster import SCHEDULER_ENV, describe_cluster, get_client
 from segpipe.errors import BandMismatchError, InputError
@@ -21,16 +21,11 @@ from segpipe.grid.box import Box
 from segpipe.grid.tiling import blend_weights, halo_bounds, window_starts
 from segpipe.io.runs import STAGING
 from segpipe.io.store import open_layer, open_region, read_region_info, valid_mask
-from segpipe.models import load_model, model_hash, normalise, read_spec
+from segpipe.models import load_model, normalise, read_spec
 from segpipe.stages.predict.blend import blend_windows
-from segpipe.stages.predict.driver import (
-    PROGRESS_LAYER,
-    BlockJob,
-    _prepare_layers,
-    choose_batch_size,
-    predict,
-    run_block,
-)
+from segpipe.stages.predict.driver import PROGRESS_LAYER, choose_batch_size, predict
+from segpipe.stages.predict.results import prepare_layers
+from segpipe.stages.predict.worker import run_block
 from segpipe.stages.predict.worker import torch_forward as _torch_forward
 
 
@@ -297,8 +292,7 @@ def test_run_block_in_process_matches_the_cluster(tmp_path: Path, model_dir: Pat
     expected = _read(store, "classes")[64:128, 64:128]
     open_layer(store, "classes", mode="r+")[64:128, 64:128] = 0
     open_layer(store, PROGRESS_LAYER, mode="r+")[1, 1] = 0  # a finished block is not recomputed
-    job = BlockJob(str(store), str(model_dir), model_hash(model_dir), 64, 64, 64, 64, 64, 16, 4)
-    stats = run_block(job)
+    stats = run_block(block_job(store, model_dir, Box(64, 64, 128, 128)))
     assert stats["pixels"] == 64 * 64 and stats["windows"] == 6  # rows 48, 96 x columns 48, 96, 106
     np.testing.assert_array_equal(_read(store, "classes")[64:128, 64:128], expected)
 
@@ -348,8 +342,8 @@ def test_nan_nodata_never_reaches_the_network(tmp_path: Path, model_dir: Path) -
     assert np.isnan(read_region_info(nans).nodata)  # type: ignore[arg-type]
     for store in (ints, nans):
         # The driver's template step, then the worker's task, both in this process.
-        _prepare_layers(str(store), read_spec(model_dir), (1, 1), {"model_hash": "x"}, force=True)
-        run_block(BlockJob(str(store), str(model_dir), model_hash(model_dir), 0, 0, HEIGHT, WIDTH, 64, 16, 4))
+        prepare_layers(str(store), read_spec(model_dir), (1, 1), {"model_hash": "x"}, force=True)
+        run_block(block_job(store, model_dir, Box(0, 0, HEIGHT, WIDTH)))
     np.testing.assert_array_equal(_read(ints, "classes"), _read(nans, "classes"))
     assert np.all(_read(nans, "classes")[:30, :25] == 255)
 
@@ -358,9 +352,8 @@ def test_nan_nodata_never_reaches_the_network(tmp_path: Path, model_dir: Path) -
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_forward_agrees_with_cpu(tmp_path: Path, model_dir: Path) -> None:
     store = make_store(tmp_path / "a.zarr", block=256)
-    _prepare_layers(str(store), read_spec(model_dir), (1, 1), {"model_hash": "x"}, force=True)
-    stats = run_block(BlockJob(str(store), str(model_dir), model_hash(model_dir), 0, 0, HEIGHT, WIDTH,
-                               64, 16, 4))
+    prepare_layers(str(store), read_spec(model_dir), (1, 1), {"model_hash": "x"}, force=True)
+    stats = run_block(block_job(store, model_dir, Box(0, 0, HEIGHT, WIDTH)))
     assert stats["windows"] == 16
     gpu = _read(store, "classes")
     net, spec = load_model(model_dir)

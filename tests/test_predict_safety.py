@@ -20,16 +20,18 @@ import numpy as np
 import pytest
 import torch
 from distributed import Client
-from predict_support import CLASSES, SETTINGS, make_store
+from predict_support import CLASSES, SETTINGS, block_job, make_store
 
 import segpipe.io.runs as runs
 from segpipe.errors import ModelPackageError, StorageError, StoreBusyError
+from segpipe.grid.box import Box
 from segpipe.io.runs import STAGING, acquire_lock, read_lock
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec, build_network, model_hash, read_spec, save_model, validate_package
 from segpipe.models import fetch as fetch_mod
-from segpipe.stages.predict.driver import PROGRESS_LAYER, _prepare_layers, pending_blocks, predict
-from segpipe.stages.predict.worker import BlockJob, run_block
+from segpipe.stages.predict.driver import PROGRESS_LAYER, pending_blocks, predict
+from segpipe.stages.predict.results import prepare_layers
+from segpipe.stages.predict.worker import run_block
 
 LAYERS = ("classes", "confidence", PROGRESS_LAYER)
 OTHER = {**SETTINGS, "overlap": 8}  # other window settings: another result, staged
@@ -319,9 +321,8 @@ def test_stale_locks_are_taken_over_and_live_ones_refuse(tmp_path: Path) -> None
 def test_a_rerun_task_skips_the_blocks_it_already_marked(tmp_path: Path, model_dir: Path) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
     key = {"model_hash": model_hash(model_dir)}
-    _prepare_layers(str(store), read_spec(model_dir), (4, 3), key, force=True)
-    job = BlockJob(str(store), str(model_dir), model_hash(model_dir), 0, 0, 128, 128, 64, 16, 4,
-                   blocks=((0, 0), (0, 1), (1, 0), (1, 1)))
+    prepare_layers(str(store), read_spec(model_dir), (4, 3), key, force=True)
+    job = block_job(store, model_dir, Box(0, 0, 128, 128), blocks=((0, 0), (0, 1), (1, 0), (1, 1)))
     full = run_block(job)
     expected = _read(store, "classes")[:128, :128].copy()
     # The worker died after finishing two blocks: their markers are set, the rest is garbage.

@@ -28,6 +28,7 @@ __all__ = [
     "check_blend",
     "halo_bounds",
     "pad_to_multiple",
+    "window_count",
     "window_starts",
 ]
 
@@ -84,6 +85,11 @@ def window_starts(length: int, tile: int, stride: int) -> np.ndarray:
     starts = np.arange(0, last, stride, dtype=np.int64)
     # arange stops before `last`, so appending it never duplicates a start.
     return np.append(starts, np.int64(last))
+
+
+def window_count(raster: tuple[int, int], tile: int, stride: int) -> int:
+    """Windows of the whole raster's grid (rows of windows times columns of windows)."""
+    return len(window_starts(raster[0], tile, stride)) * len(window_starts(raster[1], tile, stride))
 
 
 def blend_weights(

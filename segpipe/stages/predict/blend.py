@@ -28,7 +28,7 @@ from segpipe.grid.tiling import (
     check_blend,
     halo_bounds,
     pad_to_multiple,
-    window_starts,
+    window_count,
 )
 
 __all__ = [
@@ -160,9 +160,7 @@ def call_size(raster: tuple[int, int], tile: int, overlap: int, batch_size: int)
 
     It depends only on the raster, never on the box, so every box's calls have one shape.
     """
-    stride = tile - overlap
-    n_global = len(window_starts(raster[0], tile, stride)) * len(window_starts(raster[1], tile, stride))
-    return max(1, min(batch_size, n_global))
+    return max(1, min(batch_size, window_count(raster, tile, tile - overlap)))
 
 
 # --- the network calls ---------------------------------------------------------------------

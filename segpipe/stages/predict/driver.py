@@ -1,9 +1,11 @@
 """Predict: classify every pixel of a region store on a Dask cluster, seamlessly and resumably.
 
-The driver (:func:`predict`) pre-creates the output layers as Zarr templates, groups
-store blocks into tasks large enough that few windows are computed twice at task
-borders (:func:`segpipe.grid.plan.plan_superblocks`), and maps
-:func:`segpipe.stages.predict.worker.run_block` over the tasks that still have unfinished blocks.
+The driver (:func:`predict`) pre-creates the output layers as Zarr templates
+(:mod:`segpipe.stages.predict.results`), groups store blocks into tasks large enough
+that few windows are computed twice at task borders
+(:func:`segpipe.grid.plan.plan_superblocks`, :func:`segpipe.stages.predict.jobs.plan_jobs`),
+and runs :func:`segpipe.stages.predict.worker.run_block` over the tasks that still have
+unfinished blocks (:mod:`segpipe.stages.predict.execute`: on a cluster, or in process).
 Windows lie on the raster's global grid and are blended (:mod:`segpipe.stages.predict.blend`), so the
 result does not depend on the blocking, the plan or the cluster. A per-block marker in
 the ``progress_predict`` layer lets a rerun skip finished blocks.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,19 +28,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
 
-from segpipe.errors import InputError, StoreBusyError, StoreError
+from segpipe.errors import InputError, StoreBusyError
 from segpipe.grid.plan import plan_superblocks
-from segpipe.grid.tiling import check_blend, window_starts
+from segpipe.grid.tiling import check_blend, window_count
 from segpipe.io.remote import is_remote
-from segpipe.io.runs import STAGING, RunLock, acquire_lock, finish_promotion, has_staged_progress, promote
-from segpipe.io.store import NODATA_U8, RegionInfo, create_layer, open_layer, read_region_info
+from segpipe.io.runs import PROGRESS_LAYER, acquire_lock, finish_promotion, has_staged_progress
+from segpipe.io.store import RegionInfo, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec, validate_package
 from segpipe.models.forest import default_overlap as forest_overlap
 from segpipe.models.networks import CLASSICAL_ARCHITECTURES
-from segpipe.stages.predict.worker import PROGRESS_LAYER, BlockJob, run_block, usable_cores, worker_host
-from segpipe.types import classes_to_json
+from segpipe.stages.predict.execute import (
+    LOCAL_SCHEDULERS,
+    cluster_layout,
+    local_layout,
+    run_in_process,
+    run_on_cluster,
+)
+from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, plan_jobs
+from segpipe.stages.predict.outputs import DEFAULT_LAYERS, DEFAULT_OUTPUT, OutputLayers, output_layers
+from segpipe.stages.predict.results import prepare_layers, publish, read_markers
 
 if TYPE_CHECKING:
     import distributed
@@ -48,14 +56,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROGRESS_LAYER",
-    "BlockJob",
     "PredictInputs",
     "PredictSummary",
     "check_predict_inputs",
     "choose_batch_size",
-    "predict",
     "pending_blocks",
-    "run_block",
+    "predict",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +97,7 @@ class PredictSummary:
         tasks: Dask tasks run.
         batch_size: Windows per forward call used.
         task_blocks: Blocks per task along (y, x) chosen by the plan.
+        valid_pixels: Pixels with data written by this run (the others hold 255).
     """
 
     blocks_total: int
@@ -105,6 +112,7 @@ class PredictSummary:
     tasks: int = 0
     batch_size: int = 0
     task_blocks: tuple[int, int] = (1, 1)
+    valid_pixels: int = 0
 
 
 def choose_batch_size(n_windows: int, most: int) -> int:
@@ -159,53 +167,9 @@ def _resume_key(mhash: str, tile: int, overlap: int, blend: str, tta: bool) -> d
     return {"model_hash": mhash, "tile": tile, "overlap": overlap, "blend": blend, "tta": tta}
 
 
-def _markers(
-    store: str, blocks: tuple[int, int], key: dict[str, Any], probabilities: bool, prefix: str = ""
-) -> np.ndarray | None:
-    """The done markers of layers under ``prefix`` made with ``key``, or None (absent or another run's)."""
-    try:
-        progress = open_layer(store, prefix + PROGRESS_LAYER)
-        layers = [open_layer(store, prefix + name)
-                  for name in ("classes", "confidence", *(("probabilities",) if probabilities else ()))]
-    except StoreError:
-        return None
-    if progress.shape != blocks or any(
-        a.attrs.get(k) != v for a in (progress, *layers) for k, v in key.items()
-    ):
-        return None
-    return np.asarray(progress[...]).astype(bool)
-
-
-def _prepare_layers(
-    store: str,
-    spec: ModelSpec,
-    blocks: tuple[int, int],
-    key: dict[str, Any],
-    force: bool,
-    probabilities: bool = False,
-    prefix: str = "",
-) -> np.ndarray:
-    """Create (or keep, to resume) output and progress layers under ``prefix``; return the done markers."""
-    if not force:
-        markers = _markers(store, blocks, key, probabilities, prefix)
-        if markers is not None:
-            return markers
-    # Progress is cleared before outputs are replaced, so a crash in between never
-    # leaves "done" markers over empty outputs.
-    zarr.open_group(store, mode="r+").create_array(
-        prefix + PROGRESS_LAYER, shape=blocks, dtype="uint8", chunks=(1, 1), fill_value=0,
-        dimension_names=["block_y", "block_x"], attributes=key, overwrite=True,
-    )
-    classes_json = classes_to_json(spec.classes)
-    classes_attrs = {**key, "long_name": "class", "classes": classes_json}
-    create_layer(store, prefix + "classes", "uint8", NODATA_U8, attributes=classes_attrs, overwrite=True)
-    conf_attrs = {**key, "long_name": "confidence", "units": "percent"}
-    create_layer(store, prefix + "confidence", "uint8", NODATA_U8, attributes=conf_attrs, overwrite=True)
-    if probabilities:
-        prob_attrs = {**key, "long_name": "class probability", "units": "percent", "classes": classes_json}
-        create_layer(store, prefix + "probabilities", "uint8", NODATA_U8,
-                     leading=(("class", len(spec.classes)),), attributes=prob_attrs, overwrite=True)
-    return np.zeros(blocks, dtype=bool)
+def _store_location(store: str | Path) -> str:
+    """Where every worker finds the store: an absolute path, or the URL as given."""
+    return str(store) if "://" in str(store) else str(Path(store).resolve())
 
 
 @dataclass(frozen=True)
@@ -223,6 +187,7 @@ class PredictInputs:
         n_windows: Windows of the whole raster (for the batch size).
         batch_size: Most windows per forward call asked for, or None (by the cluster).
         probabilities: Whether the ``probabilities`` layer is wanted.
+        layers: The result's published layers (``classes``... or a named output's).
     """
 
     store: str
@@ -235,6 +200,7 @@ class PredictInputs:
     n_windows: int
     batch_size: int | None
     probabilities: bool
+    layers: OutputLayers = DEFAULT_LAYERS
 
 
 def check_predict_inputs(
@@ -246,12 +212,13 @@ def check_predict_inputs(
     blend: str = "cosine",
     tta: bool = False,
     probabilities: bool = False,
+    output: str = DEFAULT_OUTPUT,
 ) -> PredictInputs:
     """Check a predict run's inputs without writing anything or starting a cluster.
 
     The store must be readable, the model package valid in full (its weights are
     loaded into the network, once per process and package), its bands those of the
-    image, and the window settings usable.
+    image, and the window settings and output name usable.
 
     Returns:
         The checked inputs.
@@ -262,85 +229,123 @@ def check_predict_inputs(
         ModelPackageError: The package is incomplete or invalid (the message names the
             file and the field).
         BandMismatchError: The image's bands differ from the model's.
-        InputError: Bad tile size, overlap, batch size or blend mode.
+        InputError: Bad tile size, overlap, batch size, blend mode or output name.
     """
-    store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
+    layers = output_layers(output)
+    store_s = _store_location(store)
     info = read_region_info(store_s)
     mdir = _model_location(model_dir)
     spec, mhash = validate_package(mdir)
     check_bands(spec, info.band_names)
     tile, ov = _settings(spec, tile_size, overlap, blend)
-    stride = tile - ov
-    n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
+    n_global = window_count((info.height, info.width), tile, tile - ov)
     if batch_size is not None:
         choose_batch_size(n_global, batch_size)  # a bad value fails before any write
     key = _resume_key(mhash, tile, ov, blend, tta)
-    return PredictInputs(store_s, info, spec, mdir, key, tile, ov, n_global, batch_size, probabilities)
+    return PredictInputs(store_s, info, spec, mdir, key, tile, ov, n_global, batch_size, probabilities,
+                         layers)
 
 
 def _published(inputs: PredictInputs, force: bool) -> np.ndarray | None:
     """Markers of published layers made with this run's key (None: none, or ``force``)."""
-    return None if force else _markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities)
+    if force:
+        return None
+    return read_markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities, inputs.layers)
 
 
-def _target(inputs: PredictInputs, force: bool, published: np.ndarray | None) -> tuple[str, np.ndarray]:
-    """Where this run writes (a layer name prefix) and the blocks already finished there.
+def _target(
+    inputs: PredictInputs, force: bool, published: np.ndarray | None
+) -> tuple[OutputLayers, np.ndarray]:
+    """Where this run writes and the blocks already finished there.
 
     Published layers made with the same key (``published``, from :func:`_published`)
     are the result itself: complete, nothing is left to do; partial (a store written in
     place by an older segpipe, or edited), they resume in place, as nothing complete can
     be lost there. Anything else is a new result, staged beside the published one until
-    it is complete.
+    it is complete. A named output is written in place: :mod:`segpipe.io.runs` stages
+    and publishes the default layers only.
     """
     if published is not None:
-        return "", published
-    prefix = f"{STAGING}/"
-    done = _prepare_layers(inputs.store, inputs.spec, inputs.info.blocks, inputs.key, force,
-                           inputs.probabilities, prefix)
-    return prefix, done
+        return inputs.layers, published
+    layers = inputs.layers.staged() if inputs.layers.publishable else inputs.layers
+    done = prepare_layers(inputs.store, inputs.spec, inputs.info.blocks, inputs.key, force,
+                          inputs.probabilities, layers)
+    return layers, done
 
 
-@dataclass(frozen=True)
-class _ClusterLayout:
-    """Task slots of a cluster, whether tasks need a ``GPU`` resource, and its CPU hosts.
+@dataclass
+class _Run:
+    """Counters of the tasks one predict run ran."""
 
-    Attributes:
-        slots: Tasks that can run at once (GPUs, or worker threads on CPU clusters).
-        gpu: Tasks must land on GPU workers.
-        hosts: (host, cores, worker threads) of each CPU host.
+    pixels: int = 0
+    valid: int = 0
+    windows: int = 0
+    slots: int = 0
+    blocks: int = 0
+    skipped: int = 0
+    tasks: int = 0
+    batch_size: int = 0
+    plan: tuple[int, int] = (1, 1)
+
+    def add(self, stats: dict[str, float]) -> None:
+        """Count one task's stats (see :func:`segpipe.stages.predict.worker.run_block`)."""
+        self.pixels += int(stats["pixels"])
+        self.valid += int(stats.get("valid", 0))
+        self.windows += int(stats["windows"])
+        self.slots += int(stats["slots"])
+        self.blocks += int(stats["blocks"])
+        # Blocks marked after the plan was made (by a task of an interrupted run that
+        # was still running, or an earlier attempt of this task) count as skipped.
+        self.skipped += int(stats.get("skipped", 0))
+
+
+def _plan(
+    inputs: PredictInputs, layers: OutputLayers, done: np.ndarray, layout: ClusterLayout, max_task_pixels: int
+) -> tuple[_Run, list[BlockJob]]:
+    """The batch size, the task shape and the jobs of the unfinished blocks, for this cluster."""
+    info = inputs.info
+    most = inputs.batch_size if inputs.batch_size is not None else GPU_BATCH if layout.gpu else CPU_BATCH
+    run = _Run(batch_size=choose_batch_size(inputs.n_windows, most))
+    run.plan = plan_superblocks(info.height, info.width, info.block_size, inputs.tile,
+                                inputs.tile - inputs.overlap, layout.slots, max_task_pixels)
+    settings = JobSettings(
+        store=inputs.store, model_dir=inputs.model_dir, model_hash=inputs.key["model_hash"], tile=inputs.tile,
+        overlap=inputs.overlap, batch_size=run.batch_size, blend=inputs.key["blend"], tta=inputs.key["tta"],
+        probabilities=inputs.probabilities, layers=layers,
+    )
+    jobs = plan_jobs(~done, raster=(info.height, info.width), block_size=info.block_size,
+                     task_blocks=run.plan, layout=layout, settings=settings)
+    run.tasks = len(jobs)
+    return run, jobs
+
+
+def _run_tasks(
+    executor: distributed.Client | str,
+    inputs: PredictInputs,
+    layers: OutputLayers,
+    done: np.ndarray,
+    max_task_pixels: int,
+    progress: Callable[[int, int], None] | None,
+) -> _Run:
+    """Run the unfinished blocks' tasks on a cluster or in this process; raise the first task's error.
+
+    ``executor`` is a cluster's client, or the name of one of dask's local schedulers
+    (:data:`segpipe.stages.predict.execute.LOCAL_SCHEDULERS`).
     """
+    layout = local_layout(executor) if isinstance(executor, str) else cluster_layout(executor)
+    run, jobs = _plan(inputs, layers, done, layout, max_task_pixels)
+    skipped, total = int(done.sum()), int(done.size)
 
-    slots: int
-    gpu: bool
-    hosts: tuple[tuple[str, int, int], ...] = ()
+    def record(stats: dict[str, float]) -> None:
+        run.add(stats)
+        if progress is not None:
+            progress(skipped + run.skipped + run.blocks, total)
 
-    def threads(self, n_tasks: int) -> tuple[tuple[str, int], ...]:
-        """Torch threads per task on each host when ``n_tasks`` tasks share the cluster.
-
-        A CPU host's cores are shared among the prediction tasks that can run on it at
-        once: with fewer tasks than worker threads, each task gets more torch threads.
-        """
-        threads = []
-        for host, n_cores, n_slots in self.hosts:
-            concurrent = max(1, min(n_slots, math.ceil(n_tasks * n_slots / self.slots)))
-            threads.append((host, max(1, n_cores // concurrent)))
-        return tuple(threads)
-
-
-def _cluster_layout(client: distributed.Client) -> _ClusterLayout:
-    """Ask the scheduler (and, on CPU clusters, every worker's core count) once."""
-    workers: dict[str, Any] = client.scheduler_info(n_workers=-1).get("workers", {})
-    gpus = sum(int((w.get("resources") or {}).get("GPU", 0)) for w in workers.values())
-    if gpus:
-        return _ClusterLayout(gpus, True)
-    slots = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
-    cores: dict[str, int] = client.run(usable_cores)
-    per_host: dict[str, tuple[int, int]] = {}
-    for addr, w in workers.items():
-        host = worker_host(addr)
-        n_cores, n_slots = per_host.get(host, (0, 0))
-        per_host[host] = (max(n_cores, int(cores.get(addr) or 1)), n_slots + int(w.get("nthreads", 1)))
-    return _ClusterLayout(slots, False, tuple((h, c, n) for h, (c, n) in sorted(per_host.items())))
+    if isinstance(executor, str):
+        run_in_process(jobs, executor, record)
+    else:
+        run_on_cluster(executor, jobs, layout.gpu, record)
+    return run
 
 
 def predict(
@@ -357,6 +362,7 @@ def predict(
     probabilities: bool = False,
     max_task_pixels: int = MAX_TASK_PIXELS,
     scheduler: str | None = None,
+    output: str = DEFAULT_OUTPUT,
 ) -> PredictSummary:
     """Classify every pixel of a region store with a model package.
 
@@ -369,7 +375,8 @@ def predict(
     locked against other predict runs (:func:`segpipe.io.runs.acquire_lock`). A new
     result is written into the hidden ``_predict`` group and published only when every
     block is finished (:func:`segpipe.io.runs.promote`): an error or a kill leaves the
-    earlier complete result readable and unchanged.
+    earlier complete result readable and unchanged. A named ``output`` is written in
+    place, beside the default layers.
 
     Args:
         store: Region store (from ``segpipe ingest``).
@@ -390,7 +397,11 @@ def predict(
         probabilities: Also write the ``probabilities`` layer.
         max_task_pixels: Largest area one task covers.
         scheduler: Scheduler address to join when no ``client`` is given (default:
-            ``SEGPIPE_SCHEDULER``, else a local cluster).
+            ``SEGPIPE_SCHEDULER``, else a local cluster), or ``threads`` /
+            ``synchronous`` to run the tasks in this process with dask's local scheduler.
+        output: Name of the classes layer: ``classes``, or ``classes_<name>`` for a
+            result beside it whose other layers get the suffix ``_<name>`` too
+            (``confidence_<name>``, ``probabilities_<name>``, ``progress_predict_<name>``).
 
     Returns:
         A summary of the run.
@@ -398,133 +409,43 @@ def predict(
     Raises:
         ModelPackageError: An invalid package (before any write or cluster).
         BandMismatchError: The image's bands differ from the model's (before any write).
-        InputError: Bad tile size, overlap, batch size or blend mode.
+        InputError: Bad tile size, overlap, batch size, blend mode or output name.
         StoreBusyError: Another predict run holds the store.
     """
     t0 = time.perf_counter()
-    inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities)
+    inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities,
+                                  output)
     with acquire_lock(inputs.store, inputs.key["model_hash"]) as lock, contextlib.ExitStack() as stack:
         finish_promotion(inputs.store)
         published = _published(inputs, force)
         # The cluster comes up before any layer is staged: a scheduler that cannot be
         # reached leaves the store exactly as it was.
-        if client is None and not (published is not None and published.all()):
+        executor: distributed.Client | str | None = client
+        if client is None and scheduler in LOCAL_SCHEDULERS:
+            executor = scheduler
+        elif client is None and not (published is not None and published.all()):
             from segpipe.cluster import get_client
 
-            client = stack.enter_context(get_client(scheduler))
-        prefix, done = _target(inputs, force, published)
-        total, skipped = int(done.size), int(done.sum())
+            executor = stack.enter_context(get_client(scheduler))
+        layers, done = _target(inputs, force, published)
         if progress is not None:
-            progress(skipped, total)
+            progress(int(done.sum()), int(done.size))
         run = _Run()
-        if skipped < total:
-            assert client is not None  # work is left, so the cluster was started above
-            run = _run_tasks(client, inputs, prefix, done, max_task_pixels, progress)
-        if prefix:
-            _publish(inputs, prefix, lock)
-    seconds = time.perf_counter() - t0
-    skipped += run.skipped
+        if not done.all():
+            assert executor is not None  # work is left, so the cluster was started above
+            run = _run_tasks(executor, inputs, layers, done, max_task_pixels, progress)
+        if layers != inputs.layers:
+            publish(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities, lock)
+    return _summary(inputs, done, run, time.perf_counter() - t0)
+
+
+def _summary(inputs: PredictInputs, done: np.ndarray, run: _Run, seconds: float) -> PredictSummary:
+    """The run's summary, logged."""
+    skipped = int(done.sum()) + run.skipped
     log.info("predicted %d blocks in %d tasks (%d skipped) in %.1f s",
              run.blocks, run.tasks, skipped, seconds)
-    return PredictSummary(total, run.blocks, skipped, run.pixels, seconds, run.windows, inputs.tile,
-                          inputs.overlap, run.slots, run.tasks, run.batch_size, run.plan)
-
-
-@dataclass
-class _Run:
-    """Counters of the tasks one predict run ran."""
-
-    pixels: int = 0
-    windows: int = 0
-    slots: int = 0
-    blocks: int = 0
-    skipped: int = 0
-    tasks: int = 0
-    batch_size: int = 0
-    plan: tuple[int, int] = (1, 1)
-
-
-def _jobs(inputs: PredictInputs, prefix: str, done: np.ndarray, layout: _ClusterLayout, bs: int,
-          plan: tuple[int, int]) -> list[BlockJob]:
-    """One job per group of ``plan`` blocks that still has unfinished blocks."""
-    info = inputs.info
-    b = info.block_size
-    groups = []
-    for sy in range(0, info.blocks[0], plan[0]):
-        for sx in range(0, info.blocks[1], plan[1]):
-            todo = [(by, bx) for by in range(sy, min(sy + plan[0], info.blocks[0]))
-                    for bx in range(sx, min(sx + plan[1], info.blocks[1])) if not done[by, bx]]
-            if todo:
-                groups.append(todo)
-    threads = layout.threads(len(groups))
-    jobs = []
-    for todo in groups:
-        ys, xs = [t[0] for t in todo], [t[1] for t in todo]
-        y0, x0 = min(ys) * b, min(xs) * b
-        y1, x1 = min((max(ys) + 1) * b, info.height), min((max(xs) + 1) * b, info.width)
-        key = inputs.key
-        jobs.append(BlockJob(inputs.store, inputs.model_dir, key["model_hash"], y0, x0, y1 - y0, x1 - x0,
-                             inputs.tile, inputs.overlap, bs, key["blend"], key["tta"], inputs.probabilities,
-                             tuple(todo), threads, prefix))
-    return jobs
-
-
-def _run_tasks(
-    client: distributed.Client,
-    inputs: PredictInputs,
-    prefix: str,
-    done: np.ndarray,
-    max_task_pixels: int,
-    progress: Callable[[int, int], None] | None,
-) -> _Run:
-    """Map :func:`run_block` over the unfinished blocks; raise the first task's error."""
-    from distributed import as_completed
-
-    info = inputs.info
-    layout = _cluster_layout(client)
-    most = inputs.batch_size if inputs.batch_size is not None else GPU_BATCH if layout.gpu else CPU_BATCH
-    run = _Run(batch_size=choose_batch_size(inputs.n_windows, most))
-    run.plan = plan_superblocks(info.height, info.width, info.block_size, inputs.tile,
-                                inputs.tile - inputs.overlap, layout.slots, max_task_pixels)
-    jobs = _jobs(inputs, prefix, done, layout, run.batch_size, run.plan)
-    run.tasks = len(jobs)
-    skipped, total = int(done.sum()), int(done.size)
-    # In a mixed cluster, the GPU resource keeps prediction on the GPU workers.
-    resources = {"GPU": 1} if layout.gpu else None
-    futures = client.map(run_block, jobs, pure=False, resources=resources)
-    try:
-        for future in as_completed(futures, loop=client.loop):
-            stats = future.result()
-            run.pixels += int(stats["pixels"])
-            run.windows += int(stats["windows"])
-            run.slots += int(stats["slots"])
-            run.blocks += int(stats["blocks"])
-            # Blocks marked after the plan was made (by a task of an interrupted run that
-            # was still running, or an earlier attempt of this task) count as skipped.
-            run.skipped += int(stats.get("skipped", 0))
-            if progress is not None:
-                progress(skipped + run.skipped + run.blocks, total)
-    except BaseException:
-        # A failed task or an interrupted driver: queued tasks are dropped; blocks
-        # already marked stay done for the next run.
-        client.cancel(futures)
-        raise
-    return run
-
-
-def _publish(inputs: PredictInputs, prefix: str, lock: RunLock) -> None:
-    """Publish the staged result once every block is marked (re-read from the store, not counted)."""
-    markers = _markers(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities, prefix)
-    if markers is None or not markers.all():
-        missing = "no layers" if markers is None else f"{int((~markers).sum())} unfinished blocks"
-        raise StoreError(f"the new predictions of {inputs.store} have {missing}; the earlier result is kept: "
-                         "rerun predict to finish them")
-    if not lock.still_held():
-        raise StoreBusyError(
-            f"the lock of {inputs.store} was taken over by another run while this one ran (its heartbeat "
-            "stopped for too long); this run's result is not published: rerun predict when the other ends"
-        )
-    promote(inputs.store, inputs.key)
+    return PredictSummary(int(done.size), run.blocks, skipped, run.pixels, seconds, run.windows, inputs.tile,
+                          inputs.overlap, run.slots, run.tasks, run.batch_size, run.plan, run.valid)
 
 
 def pending_blocks(
@@ -535,6 +456,7 @@ def pending_blocks(
     blend: str = "cosine",
     tta: bool = False,
     probabilities: bool = False,
+    output: str = DEFAULT_OUTPUT,
 ) -> tuple[int, int]:
     """Blocks a :func:`predict` run with these arguments would still compute, without a cluster.
 
@@ -552,15 +474,17 @@ def pending_blocks(
         blend: Blend mode, as given to :func:`predict`.
         tta: Test-time augmentation, as given to :func:`predict`.
         probabilities: Whether the ``probabilities`` layer is wanted too.
+        output: The result's classes layer, as given to :func:`predict`.
 
     Returns:
         ``(pending, total)`` blocks.
 
     Raises:
-        InputError: Bad tile size or overlap.
+        InputError: Bad tile size, overlap or output name.
         ModelPackageError: An invalid package.
     """
-    store_s = str(store) if "://" in str(store) else str(Path(store).resolve())
+    layers = output_layers(output)
+    store_s = _store_location(store)
     info = read_region_info(store_s)
     spec = read_spec(model_dir)
     tile, ov = _settings(spec, tile_size, overlap)
@@ -569,7 +493,7 @@ def pending_blocks(
     if has_staged_progress(store_s):  # perhaps a publication cut short: finish it, as predict would
         with contextlib.suppress(StoreBusyError), acquire_lock(store_s, key["model_hash"]):
             finish_promotion(store_s)
-    markers = _markers(store_s, info.blocks, key, probabilities)
-    if markers is None:
-        markers = _markers(store_s, info.blocks, key, probabilities, f"{STAGING}/")
+    markers = read_markers(store_s, info.blocks, key, probabilities, layers)
+    if markers is None and layers.publishable:
+        markers = read_markers(store_s, info.blocks, key, probabilities, layers.staged())
     return (total if markers is None else total - int(markers.sum())), total

@@ -4,8 +4,8 @@
 window row at a time, runs batched forward passes, blends them with a rolling
 accumulator (:func:`segpipe.stages.predict.blend.blend_rows`) and writes each row of finished blocks
 (``classes``, ``confidence``, optionally ``probabilities``) as soon as it is complete,
-followed by that block's marker in the ``progress_predict`` layer. Tasks carry only a
-small frozen :class:`BlockJob`; each worker process loads the model once, by path.
+followed by that block's marker in the progress layer. Tasks carry only a small frozen
+:class:`segpipe.stages.predict.jobs.BlockJob`; each worker process loads the model once, by path.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ import copy
 import functools
 import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.grid.tiling import Box, Forward
-from segpipe.io.store import NODATA_U8, open_layer, read_region_info, write_block
+from segpipe.grid.box import Box
+from segpipe.grid.tiling import Forward
+from segpipe.io.store import NODATA_U8, RegionInfo, open_layer, read_region_info, write_block
 from segpipe.models import load_verified
 from segpipe.stages.predict.allocator import tune_allocator
-from segpipe.stages.predict.blend import BlendStats, blend_rows, tta_forward
+from segpipe.stages.predict.blend import BlendStats, RowBand, blend_rows, tta_forward
+from segpipe.stages.predict.jobs import BlockJob, Blocks, blocks_box
 from segpipe.stages.predict.pixels import encode_probabilities, prepare_pixels
 
 if TYPE_CHECKING:
@@ -33,54 +34,7 @@ if TYPE_CHECKING:
 
     from segpipe.models import ModelSpec
 
-__all__ = ["PROGRESS_LAYER", "BlockJob", "run_block", "torch_forward", "usable_cores",
-           "worker_host"]
-
-PROGRESS_LAYER = "progress_predict"
-
-
-@dataclass(frozen=True)
-class BlockJob:
-    """One box of store blocks to predict: small, hashable, cheap to ship in a task graph.
-
-    Attributes:
-        store: Region store location.
-        model_dir: Model package directory (readable by every worker).
-        model_hash: Expected package hash (the worker's model cache key).
-        y0: Box start row (on a block border).
-        x0: Box start column (on a block border).
-        h: Box rows (whole blocks, or up to the raster's edge).
-        w: Box columns.
-        tile: Window size.
-        overlap: Window overlap.
-        batch_size: Windows per forward call (every call has this shape).
-        blend: Blend mode (``cosine``, ``gaussian``, ``mean`` or ``crop``).
-        tta: Average the 8 flips and rotations of every window.
-        probabilities: Also write the per-class ``probabilities`` layer.
-        blocks: (row, column) indices of the blocks to compute; empty = every block of
-            the box. Others (finished earlier) are neither recomputed nor rewritten.
-        threads: (host, cores) pairs: CPU cores for this task on each host, used as
-            concurrent single-threaded forward streams.
-        prefix: Where the run's layers are: ``""`` (the published ones) or
-            ``"_predict/"`` (a new run's staging layers).
-    """
-
-    store: str
-    model_dir: str
-    model_hash: str
-    y0: int
-    x0: int
-    h: int
-    w: int
-    tile: int
-    overlap: int
-    batch_size: int
-    blend: str = "cosine"
-    tta: bool = False
-    probabilities: bool = False
-    blocks: tuple[tuple[int, int], ...] = ()
-    threads: tuple[tuple[str, int], ...] = ()
-    prefix: str = ""
+__all__ = ["run_block", "torch_forward", "usable_cores", "worker_host"]
 
 
 def usable_cores() -> int:
@@ -155,14 +109,89 @@ def torch_forward(net: nn.Module, device: torch.device) -> Forward:
     return forward
 
 
-
-
-def _unfinished(progress: zarr.Array, blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+def _unfinished(progress: zarr.Array[Any], blocks: Blocks) -> Blocks:
     """The blocks whose marker is not set, reading only the markers' bounding box."""
     ys, xs = [by for by, _ in blocks], [bx for _, bx in blocks]
     y0, x0 = min(ys), min(xs)
     marks = np.asarray(progress[y0 : max(ys) + 1, x0 : max(xs) + 1])
     return tuple((by, bx) for by, bx in blocks if not marks[by - y0, bx - x0])
+
+
+def _box_blocks(box: Box, block_size: int) -> Blocks:
+    """Every block of a box that lies on block borders."""
+    b = block_size
+    rows, cols = range(box.y0 // b, -(-box.y1 // b)), range(box.x0 // b, -(-box.x1 // b))
+    return tuple((by, bx) for by in rows for bx in cols)
+
+
+class _BlockWriter:
+    """A task's encoded rows; each block is written, then marked done, once its rows are all finished.
+
+    Attributes:
+        targets: The boxes of the blocks to write (the parts of the task's box needed).
+        pixels: Pixels written.
+        valid: Pixels with data written.
+    """
+
+    def __init__(
+        self, job: BlockJob, info: RegionInfo, spec: ModelSpec, blocks: Blocks, progress: zarr.Array[Any]
+    ) -> None:
+        s = job.settings
+        self.box = job.box
+        self.block_size = info.block_size
+        self.progress = progress
+        self.probabilities = s.probabilities
+        self.values = np.array([c.value for c in spec.classes], dtype=np.uint8)
+        self.layers = {name: open_layer(s.store, path, mode="r+")
+                       for name, path in s.layers.data(s.probabilities).items()}
+        self.out = {name: np.full((*layer.shape[:-2], job.box.h, job.box.w), NODATA_U8, dtype=np.uint8)
+                    for name, layer in self.layers.items()}
+        raster = (info.height, info.width)
+        boxes = [(block, blocks_box((block,), info.block_size, raster)) for block in blocks]
+        self.targets = [bb for _, bb in boxes]
+        self._todo = sorted(boxes, key=lambda kv: kv[1].y1)  # in the order their rows finish
+        self.pixels = self.valid = 0
+
+    def add(self, band: RowBand) -> None:
+        """Encode finished rows; write and mark the blocks they complete."""
+        r0 = band.y0 - self.box.y0
+        r1 = r0 + band.valid.shape[0]
+        if band.probs is not None:
+            encoded = encode_probabilities(band.probs, band.valid, self.values, self.probabilities)
+            for name, rows in encoded.items():
+                self.out[name][..., r0:r1, :] = rows
+        while self._todo and self._todo[0][1].y1 <= self.box.y0 + r1:
+            self._write(*self._todo.pop(0))
+
+    def _write(self, block: tuple[int, int], bb: Box) -> None:
+        sl = bb.within(self.box)
+        for name, layer in self.layers.items():
+            write_block(layer, bb.y0, bb.x0, self.out[name][(Ellipsis, *sl)], self.block_size)
+        self.progress[block] = 1  # after the data: a marker never stands over an unwritten block
+        self.pixels += bb.h * bb.w
+        self.valid += int((self.out["classes"][sl] != NODATA_U8).sum())
+
+
+def _predict_blocks(
+    job: BlockJob, info: RegionInfo, blocks: Blocks, progress: zarr.Array[Any]
+) -> dict[str, int]:
+    """Blend the windows reaching ``blocks`` and write them; return the pixel and window counts."""
+    s = job.settings
+    net, spec, device = _model_for(s.model_dir, s.model_hash)
+    streams = _cpu_streams(job) if device.type == "cpu" else 1
+    forward = torch_forward(net, device)
+    forward = tta_forward(forward) if s.tta else forward
+    image = open_layer(s.store, "image")
+
+    def read(box: Box) -> tuple[np.ndarray, np.ndarray]:
+        return prepare_pixels(np.asarray(image[(slice(None), *box.slices)]), info.nodata, spec)
+
+    writer = _BlockWriter(job, info, spec, blocks, progress)
+    stats = BlendStats()
+    for band in blend_rows(read, forward, s.tile, s.overlap, (info.height, info.width), job.box, s.batch_size,
+                           True, s.blend, writer.targets, stats, streams):
+        writer.add(band)
+    return {"pixels": writer.pixels, "valid": writer.valid, "windows": stats.windows, "slots": stats.slots}
 
 
 def run_block(job: BlockJob) -> dict[str, float]:
@@ -182,62 +211,15 @@ def run_block(job: BlockJob) -> dict[str, float]:
     """
     t0 = time.perf_counter()
     tune_allocator()  # dask's nanny settings make every activation tensor page-fault
-    info = read_region_info(job.store)
-    b = info.block_size
-    progress = open_layer(job.store, job.prefix + PROGRESS_LAYER, mode="r+")
+    s = job.settings
+    info = read_region_info(s.store)
+    progress = open_layer(s.store, s.layers.progress, mode="r+")
     # Markers are re-read at task start: when dask reruns this task after its worker
     # died, the blocks that worker finished are neither recomputed nor rewritten.
-    planned = job.blocks or tuple(
-        (by, bx) for by in range(job.y0 // b, -(-(job.y0 + job.h) // b))
-        for bx in range(job.x0 // b, -(-(job.x0 + job.w) // b))
-    )
+    planned = job.blocks or _box_blocks(job.box, info.block_size)
     blocks = _unfinished(progress, planned)
-    if not blocks:
-        return {"pixels": 0, "valid": 0, "blocks": 0, "skipped": len(planned), "windows": 0,
-                "slots": 0, "seconds": time.perf_counter() - t0}
-    net, spec, device = _model_for(job.model_dir, job.model_hash)
-    streams = _cpu_streams(job) if device.type == "cpu" else 1
-    forward = torch_forward(net, device)
-    forward = tta_forward(forward) if job.tta else forward
-    boxes = {
-        (by, bx): Box(by * b, bx * b, min((by + 1) * b, info.height), min((bx + 1) * b, info.width))
-        for by, bx in blocks
-    }
-    image = open_layer(job.store, "image")
-
-    def read(box: Box) -> tuple[np.ndarray, np.ndarray]:
-        return prepare_pixels(np.asarray(image[:, box.y0 : box.y1, box.x0 : box.x1]), info.nodata, spec)
-
-    names = ("classes", "confidence", *(("probabilities",) if job.probabilities else ()))
-    layers = {name: open_layer(job.store, job.prefix + name, mode="r+") for name in names}
-    values = np.array([c.value for c in spec.classes], dtype=np.uint8)
-    box = Box(job.y0, job.x0, job.y0 + job.h, job.x0 + job.w)
-    out = {name: np.full((*layer.shape[:-2], job.h, job.w), NODATA_U8, dtype=np.uint8)
-           for name, layer in layers.items()}
-    stats = BlendStats()
-    todo = sorted(boxes.items(), key=lambda kv: kv[1].y1)
-    written = valid_written = 0
-    for band in blend_rows(read, forward, job.tile, job.overlap, (info.height, info.width), box,
-                           job.batch_size, True, job.blend, list(boxes.values()), stats, streams):
-        r0, r1 = band.y0 - job.y0, band.y0 - job.y0 + band.valid.shape[0]
-        if band.probs is not None:
-            for name, rows in encode_probabilities(band.probs, band.valid, values, job.probabilities).items():
-                out[name][..., r0:r1, :] = rows
-        # Blocks whose rows are all finished: write them, then mark them done.
-        while todo and todo[0][1].y1 <= band.y0 + band.valid.shape[0]:
-            (by, bx), bb = todo.pop(0)
-            sl = (slice(bb.y0 - job.y0, bb.y1 - job.y0), slice(bb.x0 - job.x0, bb.x1 - job.x0))
-            for name, layer in layers.items():
-                write_block(layer, bb.y0, bb.x0, out[name][(Ellipsis, *sl)], b)
-            progress[by, bx] = 1
-            written += (bb.y1 - bb.y0) * (bb.x1 - bb.x0)
-            valid_written += int((out["classes"][sl] != NODATA_U8).sum())
-    return {
-        "pixels": written,
-        "valid": valid_written,
-        "blocks": len(boxes),
-        "skipped": len(planned) - len(boxes),
-        "windows": stats.windows,
-        "slots": stats.slots,
-        "seconds": time.perf_counter() - t0,
-    }
+    done = {"pixels": 0, "valid": 0, "windows": 0, "slots": 0}
+    if blocks:
+        done = _predict_blocks(job, info, blocks, progress)
+    return {**done, "blocks": len(blocks), "skipped": len(planned) - len(blocks),
+            "seconds": time.perf_counter() - t0}

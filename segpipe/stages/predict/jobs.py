@@ -1,0 +1,175 @@
+"""What one prediction task does, and how a run's unfinished blocks become tasks.
+
+Pure: no cluster and no store IO. The driver reads the done markers and asks the
+cluster its layout; :func:`plan_jobs` turns those into :class:`BlockJob` s, small
+frozen values that ship cheaply in a task graph and tokenize deterministically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from segpipe.grid.box import Box
+from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers
+
+__all__ = ["BlockJob", "Blocks", "ClusterLayout", "JobSettings", "blocks_box", "plan_jobs"]
+
+Blocks = tuple[tuple[int, int], ...]
+"""(row, column) indices of store blocks."""
+
+
+def _fields_token(obj: Any) -> tuple[Any, ...]:
+    """A dataclass's type name and field values: what dask hashes it by."""
+    return (type(obj).__qualname__, *(getattr(obj, f.name) for f in fields(obj)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSettings:
+    """What every task of one predict run shares.
+
+    Attributes:
+        store: Region store location.
+        model_dir: Model package directory (readable by every worker).
+        model_hash: Expected package hash (the worker's model cache key).
+        tile: Window size.
+        overlap: Window overlap.
+        batch_size: Windows per forward call (every call has this shape).
+        blend: Blend mode (``cosine``, ``gaussian``, ``mean`` or ``crop``).
+        tta: Average the 8 flips and rotations of every window.
+        probabilities: Also write the per-class probabilities layer.
+        layers: Where the run's layers are: the published names, or a new run's
+            staging layers (``_predict/...``).
+    """
+
+    store: str
+    model_dir: str
+    model_hash: str
+    tile: int
+    overlap: int
+    batch_size: int
+    blend: str = "cosine"
+    tta: bool = False
+    probabilities: bool = False
+    layers: OutputLayers = DEFAULT_LAYERS
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        """Its fields: equal settings give equal dask tokens, in any process."""
+        return _fields_token(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockJob:
+    """One box of store blocks to predict: small, hashable, cheap to ship in a task graph.
+
+    Attributes:
+        settings: The run's settings.
+        box: Box to predict, in global pixels (on block borders; whole blocks, or up to
+            the raster's edge).
+        blocks: (row, column) indices of the blocks to compute; empty = every block of
+            the box. Others (finished earlier) are neither recomputed nor rewritten.
+        threads: (host, cores) pairs: CPU cores for this task on each host, used as
+            concurrent single-threaded forward streams.
+    """
+
+    settings: JobSettings
+    box: Box
+    blocks: Blocks = ()
+    threads: tuple[tuple[str, int], ...] = ()
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        """Its fields: equal jobs give equal dask tokens, in any process."""
+        return _fields_token(self)
+
+
+@dataclass(frozen=True)
+class ClusterLayout:
+    """Task slots of a cluster, whether tasks need a ``GPU`` resource, and its CPU hosts.
+
+    Attributes:
+        slots: Tasks that can run at once (GPUs, or worker threads on CPU clusters).
+        gpu: Tasks must land on GPU workers.
+        hosts: (host, cores, worker threads) of each CPU host.
+    """
+
+    slots: int
+    gpu: bool
+    hosts: tuple[tuple[str, int, int], ...] = ()
+
+    def threads(self, n_tasks: int) -> tuple[tuple[str, int], ...]:
+        """Torch threads per task on each host when ``n_tasks`` tasks share the cluster.
+
+        A CPU host's cores are shared among the prediction tasks that can run on it at
+        once: with fewer tasks than worker threads, each task gets more torch threads.
+        """
+        threads = []
+        for host, n_cores, n_slots in self.hosts:
+            concurrent = max(1, min(n_slots, math.ceil(n_tasks * n_slots / self.slots)))
+            threads.append((host, max(1, n_cores // concurrent)))
+        return tuple(threads)
+
+
+def _groups(pending: np.ndarray, task_blocks: tuple[int, int]) -> list[Blocks]:
+    """The pending blocks of each ``task_blocks`` group of blocks that has any, row-major."""
+    nby, nbx = pending.shape
+    ty, tx = task_blocks
+    groups = []
+    for sy in range(0, nby, ty):
+        for sx in range(0, nbx, tx):
+            todo = tuple((by, bx) for by in range(sy, min(sy + ty, nby))
+                         for bx in range(sx, min(sx + tx, nbx)) if pending[by, bx])
+            if todo:
+                groups.append(todo)
+    return groups
+
+
+def blocks_box(blocks: Blocks, block_size: int, raster: tuple[int, int]) -> Box:
+    """The pixels of the smallest rectangle of blocks holding ``blocks``, cut at the raster's edge.
+
+    Args:
+        blocks: (row, column) block indices (at least one).
+        block_size: Store block edge.
+        raster: Raster (height, width).
+    """
+    ys, xs = [by for by, _ in blocks], [bx for _, bx in blocks]
+    return Box(min(ys) * block_size, min(xs) * block_size,
+               min((max(ys) + 1) * block_size, raster[0]), min((max(xs) + 1) * block_size, raster[1]))
+
+
+def plan_jobs(
+    pending: np.ndarray,
+    *,
+    raster: tuple[int, int],
+    block_size: int,
+    task_blocks: tuple[int, int],
+    layout: ClusterLayout,
+    settings: JobSettings,
+) -> list[BlockJob]:
+    """One job per group of ``task_blocks`` store blocks that still has pending blocks.
+
+    Args:
+        pending: (block rows, block columns) bool mask of the blocks left to compute.
+        raster: Raster (height, width).
+        block_size: Store block edge.
+        task_blocks: Blocks per task along (y, x) (:func:`segpipe.grid.plan.plan_superblocks`).
+        layout: The cluster's task slots and hosts (for each task's torch threads).
+        settings: What every task of the run shares.
+
+    Returns:
+        The jobs, row-major; each lists exactly its pending blocks.
+
+    Raises:
+        ValueError: A mask that does not fit the raster's blocks, or a task shape below 1.
+    """
+    shape = (-(-raster[0] // block_size), -(-raster[1] // block_size))
+    if pending.shape != shape or min(task_blocks) < 1:
+        raise ValueError(f"{pending.shape} pending markers for {shape} blocks, {task_blocks} blocks per task")
+    groups = _groups(np.asarray(pending, dtype=bool), task_blocks)
+    threads = layout.threads(len(groups))
+    return [
+        BlockJob(settings=settings, box=blocks_box(todo, block_size, raster), blocks=todo, threads=threads)
+        for todo in groups
+    ]
