@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,17 @@ from rasterio.crs import CRS
 from rio_cogeo import cog_validate
 
 import segpipe.stages.export.cog as cog
-from segpipe.errors import InputError, MissingInputError, SegpipeError, StoreError
+import segpipe.stages.export.geotiff as geotiff
+from segpipe.errors import InputError, MissingInputError, MissingLayerError, SegpipeError, StoreError
 from segpipe.io.store import RegionInfo, create_layer, read_region_info, write_block
 from segpipe.stages.export.cog import write_cog
-from segpipe.stages.export.layers import classes_from_tags
+from segpipe.stages.export.layers import (
+    ExportLayer,
+    class_colormap,
+    class_tags,
+    classes_from_tags,
+    describe_layer,
+)
 from segpipe.types import ClassInfo, classes_to_json
 
 CLASSES = (
@@ -346,3 +354,154 @@ def test_export_killed_midway_leaves_no_file_and_keeps_the_old_one(
         assert sorted(p.name for p in dest.parent.iterdir()) == ["classes.stac.json", "classes.tif"]
         with rasterio.open(dest) as src:
             np.testing.assert_array_equal(src.read(1), expected)
+
+
+# ---- the named pieces of an export ---------------------------------------------------------
+
+
+def test_each_layer_says_its_bands_colours_and_tags(tmp_path: Path) -> None:
+    store = tmp_path / "layers.zarr"
+    make_store(store, 64, 48, block=64)
+    fill_layer(store, "classes", np.ones((64, 48), np.uint8))
+    fill_layer(store, "confidence", np.ones((64, 48), np.uint8))
+    probs = create_layer(store, "probabilities", "uint8", 255, leading=(("class", 2),))
+    write_block(probs, 0, 0, np.zeros((2, 64, 48), np.uint8), 64)
+    classes, _ = describe_layer(store, "classes")
+    assert (classes.count, classes.dtype, classes.nodata, classes.resampling) == (1, "uint8", 255, "MODE")
+    assert classes.dataset_tags(store) == {"SEGPIPE_LAYER": "classes", "SEGPIPE_STORE": "layers.zarr"}
+    assert classes.colormap() == class_colormap(CLASSES)
+    assert classes.band_tags() == (class_tags(CLASSES),)
+    confidence, _ = describe_layer(store, "confidence")
+    assert confidence.colormap() is None and confidence.band_tags() == ({},)
+    assert confidence.resampling == "AVERAGE" and confidence.classes == ()
+    probabilities, _ = describe_layer(store, "probabilities")
+    # two bands, three store classes: the bands are named by number
+    assert probabilities.descriptions == ("class 1", "class 2")
+    assert probabilities.band_tags() == (
+        {"CLASS_VALUE": "1", "CLASS_NAME": "class 1"},
+        {"CLASS_VALUE": "2", "CLASS_NAME": "class 2"},
+    )
+    image, _ = describe_layer(store, "image")
+    assert (image.count, image.dtype, image.descriptions, image.band_tags()) == (1, "uint16", ("b1",), ({},))
+
+
+def test_missing_and_malformed_layers_say_what_to_run(tmp_path: Path) -> None:
+    store = tmp_path / "bare.zarr"
+    make_store(store, 64, 64, block=64)
+    with pytest.raises(MissingLayerError, match=r"no 'classes' layer: run 'segpipe predict' first") as caught:
+        describe_layer(store, "classes")
+    assert isinstance(caught.value, StoreError) and isinstance(caught.value, MissingInputError)
+    with pytest.raises(MissingLayerError, match=r"'segpipe predict' with probabilities first"):
+        describe_layer(store, "probabilities")
+    create_layer(store, "confidence", "uint16", 0)
+    with pytest.raises(StoreError, match=r"expected uint8 \(64, 64\): rerun 'segpipe predict'"):
+        describe_layer(store, "confidence")
+    create_layer(store, "probabilities", "float32", 0, leading=(("class", 2),))
+    with pytest.raises(StoreError, match=r"is float32, expected uint8"):
+        describe_layer(store, "probabilities")
+
+
+def test_stream_step_and_profile() -> None:
+    assert geotiff.WINDOW == 512
+    steps = [geotiff.stream_step(b) for b in (256, 512, 1000, 1024, 2048, 4096)]
+    assert steps == [512, 512, 512, 1024, 2048, 512]
+    info = RegionInfo("s", 100, 70, 64, ("a", "b"), "uint16", 0.0, "", tuple(TRANSFORM)[:6], ())  # type: ignore[arg-type]
+    spec = ExportLayer("image", 2, "uint16", 0, ("a", "b"), (), "AVERAGE")
+    profile = geotiff.geotiff_profile(info, spec)
+    assert (profile["height"], profile["width"], profile["count"], profile["dtype"]) == (100, 70, 2, "uint16")
+    assert profile["crs"] is None and profile["transform"] == TRANSFORM and profile["nodata"] == 0
+    assert profile["interleave"] == "pixel" and profile["blockxsize"] == profile["blockysize"] == 512
+    classes = ExportLayer("classes", 1, "uint8", 255, ("classes",), (), "MODE")
+    one_band = geotiff.geotiff_profile(info, classes)
+    assert "interleave" not in one_band
+
+
+def test_read_ahead_yields_every_box_once_in_order() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segpipe.grid.box import iter_boxes
+
+    data = np.arange(3 * 70 * 50).reshape(3, 70, 50)
+    boxes = list(iter_boxes(70, 50, 32))
+    with ThreadPoolExecutor(1) as pool:
+        seen = list(geotiff.read_ahead(pool, data, boxes))  # type: ignore[arg-type]
+    assert [box for box, _ in seen] == boxes
+    for box, block in seen:
+        np.testing.assert_array_equal(block, data[(Ellipsis, *box.slices)])
+    with ThreadPoolExecutor(1) as pool:
+        assert list(geotiff.read_ahead(pool, data, [])) == []  # type: ignore[arg-type]
+
+
+def test_write_geotiff_layer_streams_pixels_metadata_and_levels(
+    region: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    store, expected = region
+    windows: list[tuple[int, int]] = []
+    plain = geotiff.write_geotiff_layer(
+        store, tmp_path / "plain.tif", on_window=lambda y, x: windows.append((y, x))
+    )
+    assert plain == tmp_path / "plain.tif"
+    assert windows == [(y, x) for y in (0, 512, 1024) for x in (0, 512, 1024)]
+    with rasterio.open(plain) as src:
+        np.testing.assert_array_equal(src.read(1), expected)
+        assert src.descriptions == ("classes",) and src.tags()["SEGPIPE_LAYER"] == "classes"
+        assert classes_from_tags(src.tags(1)) == list(CLASSES)
+        assert src.colormap(1)[7][:3] == CLASSES[2].rgb
+    vrt = geotiff.write_geotiff_layer(store, tmp_path / "levels.tif", overviews=True)
+    assert vrt == tmp_path / "levels.vrt"
+    assert sorted(p.name for p in tmp_path.glob("levels.*")) == [
+        "levels.ovr1.tif",
+        "levels.ovr2.tif",
+        "levels.tif",
+        "levels.vrt",
+    ]
+    with rasterio.open(vrt) as src:
+        assert src.overviews(1) == [2, 4]
+        np.testing.assert_array_equal(src.read(1), expected)
+        assert src.colormap(1)[7][:3] == CLASSES[2].rgb and src.nodata == 255
+    # confidence has AVERAGE overviews: none are built while streaming
+    confidence = geotiff.write_geotiff_layer(store, tmp_path / "c.tif", "confidence", overviews=True)
+    assert confidence == tmp_path / "c.tif"
+
+
+def test_staging_removes_only_its_own_temporaries(tmp_path: Path) -> None:
+    dest = tmp_path / "classes.tif"
+    other = tmp_path / ".classes.tif.1-00000000.cog.tif"
+    other.write_bytes(b"someone else's")
+    with pytest.raises(OSError, match="boom"), cog._staging(dest) as token:
+        assert token.startswith(f"{os.getpid()}-")
+        assert cog._temporary(dest, token, "cog.tif") == tmp_path / f".classes.tif.{token}.cog.tif"
+        cog._temporary(dest, token, "cog.tif").write_bytes(b"x")
+        cog._temporary(dest, token, "stac.json").write_text("{}")
+        raise OSError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]
+
+
+def test_publish_renames_the_cog_then_its_item(tmp_path: Path) -> None:
+    dest = tmp_path / "classes.tif"
+    cog_tmp, item_tmp = tmp_path / ".a.cog.tif", tmp_path / ".a.stac.json"
+    cog_tmp.write_bytes(b"cog")
+    item_tmp.write_text("item")
+    cog._publish(dest, cog_tmp, item_tmp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.stac.json", "classes.tif"]
+    assert dest.read_bytes() == b"cog" and (tmp_path / "classes.stac.json").read_text() == "item"
+    cog_tmp.write_bytes(b"new")
+    cog._publish(dest, cog_tmp, None)
+    assert dest.read_bytes() == b"new" and (tmp_path / "classes.stac.json").read_text() == "item"
+
+
+def test_check_survived_names_what_the_conversion_lost(
+    region: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    store, _ = region
+    info = read_region_info(store)
+    spec, _ = describe_layer(store, "classes", info)
+    path = geotiff.write_geotiff_layer(store, tmp_path / "c.tif", info=info)
+    cog._check_survived(path, spec, info)  # intact
+    lost = ExportLayer("classes", 1, "uint8", 0, ("other",), (ClassInfo(9, "x", "#010203"),), "MODE")
+    lost_all = r"nodata is 255\.0; band descriptions lost; colour table lost; class tags lost"
+    with pytest.raises(SegpipeError, match=lost_all):
+        cog._check_survived(path, lost, info)
+    moved = RegionInfo(**{**info.__dict__, "transform": (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)})
+    with pytest.raises(SegpipeError, match="transform changed"):
+        cog._check_survived(path, spec, moved)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import rasterio
 
+from segpipe.grid.box import Box, iter_boxes
 from segpipe.stages.export.geotiff import open_overview_level
-from segpipe.stages.export.overviews import ModePyramid, mode2x2, overview_shapes
+from segpipe.stages.export.overviews import BandFeed, ModePyramid, level_paths, mode2x2, overview_shapes
 
 
 def brute_mode(a: np.ndarray) -> np.ndarray:
@@ -62,3 +63,51 @@ def test_pyramid_from_bands_equals_iterated_mode(tmp_path: Path) -> None:
         with rasterio.open(path) as src:
             assert src.shape == shape
             np.testing.assert_array_equal(src.read(1), expected)
+
+
+def test_level_paths_sit_beside_the_base(tmp_path: Path) -> None:
+    base = tmp_path / ".x.tif.1-abcdef12.stream.tif"
+    assert level_paths(base, 2) == [
+        tmp_path / ".x.tif.1-abcdef12.stream.ovr1.tif",
+        tmp_path / ".x.tif.1-abcdef12.stream.ovr2.tif",
+    ]
+    assert level_paths(base, 0) == []
+
+
+def test_band_feed_of_streamed_windows_equals_pushing_whole_bands(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    base = rng.choice(np.array([1, 2, 3, 255], np.uint8), size=(700, 530))
+    shapes = overview_shapes(*base.shape, 128)
+    fed = ModePyramid(level_paths(tmp_path / "fed.tif", len(shapes)), shapes, 255, open_overview_level)
+    feed = BandFeed(fed, *base.shape, rows=256)
+    for box in iter_boxes(*base.shape, 256):  # row-major windows, cut short at the edges
+        feed.add(box, base[box.slices])
+    feed.finish()
+    feed.close()
+    whole = ModePyramid(level_paths(tmp_path / "whole.tif", len(shapes)), shapes, 255, open_overview_level)
+    for y0 in range(0, 700, 256):
+        whole.push(base[y0 : y0 + 256], last=y0 + 256 >= 700)
+    whole.close()
+    for a, b in zip(fed.paths, whole.paths, strict=True):
+        with rasterio.open(a) as fa, rasterio.open(b) as fb:
+            np.testing.assert_array_equal(fa.read(1), fb.read(1))
+
+
+def test_band_feed_close_waits_for_the_band_in_flight(tmp_path: Path) -> None:
+    class Slow(ModePyramid):
+        def push(self, rows: np.ndarray, last: bool, level: int = 0) -> None:
+            import time
+
+            time.sleep(0.2)
+            raise OSError("disk full")
+
+        def close(self) -> None:
+            closed.append(True)
+
+    closed: list[bool] = []
+    feed = BandFeed(Slow([], [], 255, open_overview_level), 10, 10, rows=10)
+    feed.add(Box(0, 0, 10, 10), np.ones((10, 10), np.uint8))
+    feed.close()  # waits, keeps the band's error for finish, closes the levels
+    assert closed == [True]
+    with pytest.raises(OSError, match="disk full"):
+        feed.finish()

@@ -17,9 +17,12 @@ from segpipe.stages.export.stac import (
     CLASSIFICATION_EXTENSION,
     COG_MEDIA_TYPE,
     PROJECTION_EXTENSION,
+    stac_bands,
     stac_classes,
     stac_item,
     stac_item_path,
+    stac_json,
+    write_stac_item,
 )
 from segpipe.types import ClassInfo, Grid
 
@@ -84,3 +87,24 @@ def test_item_without_crs_and_with_a_custom_crs() -> None:
     item = stac_item("x.tif", grid, "classes", [], classes=CLASSES)
     assert item["properties"]["proj:code"] is None and "PROJCRS" in item["properties"]["proj:wkt2"]
     assert -97 < item["bbox"][0] < item["bbox"][2] < -95
+
+
+def test_band_objects_and_item_text() -> None:
+    assert stac_bands(("red", "nir"), "uint16", 0) == [
+        {"name": "red", "description": "red", "data_type": "uint16", "nodata": 0},
+        {"name": "nir", "description": "nir", "data_type": "uint16", "nodata": 0},
+    ]
+    assert stac_bands(("b1",), "float32", float("nan"))[0]["nodata"] == "nan"  # JSON has no NaN
+    assert "nodata" not in stac_bands(("b1",), "float32", None)[0]
+    grid = Grid("", (1.0, 0.0, 0.0, 0.0, -1.0, 10.0), 10, 10)
+    item = stac_item("x.tif", grid, "image", stac_bands(("b1",), "uint8", 255))
+    assert item["assets"]["data"]["roles"] == ["data", "visual"]
+    text = stac_json(item)
+    assert text.endswith("}\n") and json.loads(text) == item and text.startswith('{\n  "type"')
+
+
+def test_write_stac_item_is_beside_the_cog(tmp_path: Path) -> None:
+    item = {"type": "Feature", "id": "x"}
+    path = write_stac_item(tmp_path / "x.tif", item)
+    assert path == tmp_path / "x.stac.json" and json.loads(path.read_text()) == item
+    assert [p.name for p in tmp_path.iterdir()] == ["x.stac.json"]
