@@ -225,7 +225,7 @@ def test_exception_mid_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.
         if len(calls) == 3:
             raise OSError("disk full")
 
-    real = cog.write_geotiff_layer
+    real = geotiff.write_geotiff_layer
     monkeypatch.setattr(
         cog, "write_geotiff_layer", lambda *a, **k: real(*a, **{**k, "on_window": fail_third})
     )
@@ -313,7 +313,7 @@ import sys, time
 import segpipe.stages.export.cog as cog
 stage = sys.argv[3]
 if stage == "stream":
-    real = cog.write_geotiff_layer
+    real = geotiff.write_geotiff_layer
     cog.write_geotiff_layer = lambda *a, **k: real(*a, **{**k, "on_window": lambda y, x: time.sleep(0.5)})
 else:
     cog._check_survived = lambda *a, **k: time.sleep(60)  # the converted COG sits in its temporary

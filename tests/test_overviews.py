@@ -76,17 +76,18 @@ def test_level_paths_sit_beside_the_base(tmp_path: Path) -> None:
 
 def test_band_feed_of_streamed_windows_equals_pushing_whole_bands(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    base = rng.choice(np.array([1, 2, 3, 255], np.uint8), size=(700, 530))
-    shapes = overview_shapes(*base.shape, 128)
+    height, width = 700, 530
+    base = rng.choice(np.array([1, 2, 3, 255], np.uint8), size=(height, width))
+    shapes = overview_shapes(height, width, 128)
     fed = ModePyramid(level_paths(tmp_path / "fed.tif", len(shapes)), shapes, 255, open_overview_level)
-    feed = BandFeed(fed, *base.shape, rows=256)
-    for box in iter_boxes(*base.shape, 256):  # row-major windows, cut short at the edges
+    feed = BandFeed(fed, height, width, rows=256)
+    for box in iter_boxes(height, width, 256):  # row-major windows, cut short at the edges
         feed.add(box, base[box.slices])
     feed.finish()
     feed.close()
     whole = ModePyramid(level_paths(tmp_path / "whole.tif", len(shapes)), shapes, 255, open_overview_level)
-    for y0 in range(0, 700, 256):
-        whole.push(base[y0 : y0 + 256], last=y0 + 256 >= 700)
+    for y0 in range(0, height, 256):
+        whole.push(base[y0 : y0 + 256], last=y0 + 256 >= height)
     whole.close()
     for a, b in zip(fed.paths, whole.paths, strict=True):
         with rasterio.open(a) as fa, rasterio.open(b) as fb:
