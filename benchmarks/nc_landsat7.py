@@ -41,7 +41,7 @@ from segpipe.models.combine import make_ensemble
 from segpipe.stages.evaluate.assess import evaluate
 from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.predict.driver import predict
-from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train import train, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "nc-landsat7"
@@ -163,7 +163,7 @@ def run_one(
         config_dump: dict[str, Any] = {"members": [r["config"] for r in rows]}
         valid: float | None = None  # members were validated; the ensemble has no held-out cells of its own
     else:
-        config = TrainConfig(**{**_COMMON, **CONFIGS[arch]})
+        config = train_config(_COMMON, **CONFIGS[arch])
         t0 = time.perf_counter()
         cpu0 = psutil.Process().cpu_times()
         spec = train(store, model, config)

@@ -46,7 +46,7 @@ from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.predict.allocator import tune_allocator
 from segpipe.stages.predict.driver import predict
 from segpipe.stages.predict.worker import usable_cores
-from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train import NetworkConfig, train
 from segpipe.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def main() -> None:
     t0 = time.perf_counter()
     # Trained in a child process, so the driver's memory is what prediction needs.
     if not (Path(model) / "model.json").exists():
-        config = TrainConfig(epochs=2, samples_per_epoch=256)
+        config = NetworkConfig(epochs=2, samples_per_epoch=256)
         trainer = multiprocessing.get_context("spawn").Process(
             target=train, args=(stores[args.factors[0]][1], model, config))
         trainer.start()

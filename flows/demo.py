@@ -20,7 +20,7 @@ from rich.table import Table
 from flows.engine import use_local_engine
 from flows.process_region import RegionRun, process_region
 from flows.tasks import baseline_stage, evaluate_stage
-from segpipe.stages.train import TrainConfig
+from segpipe.stages.train import NetworkConfig
 from segpipe.synth import synthesize
 
 __all__ = ["announce_stages", "run_demo"]
@@ -114,7 +114,7 @@ def run_demo(
         classes=str(region.classes),
         model=str(out / "model"),
         # 96 px chips: enough context for the scene's textures at half the cost of 128 px.
-        train=TrainConfig(epochs=epochs, chip_size=96, seed=seed),
+        train=NetworkConfig(epochs=epochs, chip_size=96, seed=seed),
         export_dir=str(out / "cog"),
         reference=str(region.truth),
         report_dir=str(out / "report"),

@@ -10,12 +10,14 @@ folder of inputs and its manifest can be moved together.
 from pathlib import Path
 from typing import Any, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from flows.process_region import RegionRun
 from flows.runners import TaskRunnerName
-from segpipe.errors import InputError, MissingInputError
+from segpipe.errors import InputError
+from segpipe.stages.train.config import setting_error, shown
+from segpipe.stages.train.config_file import read_mapping
 
 __all__ = ["Manifest", "read_manifest", "read_region"]
 
@@ -58,29 +60,12 @@ def _resolve_region(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _load(path: str | Path) -> tuple[dict[str, Any], Path]:
-    p = Path(path)
-    if p.is_dir():
-        raise InputError(f"{p} is a folder: name a YAML file")
-    if not p.is_file():
-        raise MissingInputError(f"{p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except UnicodeDecodeError:
-        raise InputError(f"{p} is not a text file: expected YAML") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InputError(f"{p} is not valid YAML{where}: {' '.join(str(problem).split())}") from exc
-    if data is None:
-        raise InputError(f"{p} is empty: it must hold a mapping of settings")
-    if not isinstance(data, dict):
-        raise InputError(f"{p} must hold a mapping of settings (name: value), not a {type(data).__name__}")
-    return data, p.parent.resolve()
+    """The file's mapping of settings, and the folder its relative paths start from."""
+    return read_mapping(path), Path(path).parent.resolve()
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation (``list[RegionRun]``, ``TrainConfig | None``)."""
+    """The pydantic model inside an annotation (``list[RegionRun]``, ``str | None``: None)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
@@ -103,18 +88,36 @@ def _known_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[st
     return list(model.model_fields)
 
 
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A location as the file spells it: ``regions[0].train.epochs``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
 def _explain(path: str | Path, exc: ValidationError, model: type[BaseModel]) -> InputError:
     first = exc.errors()[0]
     loc = tuple(first["loc"])
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if "train" in loc:
+        return _explain_train(path, first, loc.index("train"))
+    where = _where(loc)
     if first["type"] == "extra_forbidden":
         known = ", ".join(_known_fields(model, loc))
         return InputError(f"{path}: {where}: unknown setting" + (f" (known: {known})" if known else ""))
-    got = repr(first.get("input"))
-    got = got if len(got) <= 60 else got[:57] + "..."
     if first["type"] == "missing":
         return InputError(f"{path}: {where}: missing (required)")
-    return InputError(f"{path}: {where}: {first['msg']} (got {got})")
+    return InputError(f"{path}: {where}: {first['msg']} (got {shown(first.get('input'))})")
+
+
+def _explain_train(path: str | Path, error: ErrorDetails, at: int) -> InputError:
+    """A region's training settings are refused as ``train_config`` refuses them, naming the setting.
+
+    Args:
+        path: The file.
+        error: The first validation error.
+        at: Where ``train`` is in the error's location.
+    """
+    loc = tuple(error["loc"])
+    refused = setting_error({**error, "loc": loc[at + 1 :]})
+    return InputError(refused.in_file(path, _where(loc[: at + 1] + ((refused.key,) if refused.key else ()))))
 
 
 def read_region(path: str | Path) -> RegionRun:

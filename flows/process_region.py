@@ -27,7 +27,7 @@ from flows.tasks import (
     train_stage,
 )
 from segpipe.io.remote import is_remote, join
-from segpipe.stages.train import TrainConfig
+from segpipe.stages.train import NetworkConfig, TrainConfigField
 
 __all__ = ["RegionRun", "process_region", "run_region"]
 
@@ -44,7 +44,8 @@ class RegionRun(BaseModel):
         classes: classes.json with class names and colours.
         block_size: Block (shard) edge of the store in pixels.
         model: Model package directory: written when ``train`` is set, else read.
-        train: Training settings; None to use an existing model package.
+        train: Training settings (their ``arch`` chooses the family: a network, unet by
+            default, or ``random_forest``); None to use an existing model package.
         tile_size: Prediction window edge (default: from the model).
         overlap: Prediction window overlap (default: a quarter of the window).
         scheduler: Dask scheduler address (``tcp://host:8786``) for prediction, and for
@@ -69,7 +70,7 @@ class RegionRun(BaseModel):
     classes: str | None = None
     block_size: int = 1024
     model: str
-    train: TrainConfig | None = Field(default_factory=TrainConfig)
+    train: TrainConfigField | None = Field(default_factory=NetworkConfig)
     tile_size: int | None = None
     overlap: int | None = None
     scheduler: str | None = None

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from flows.tasks import evaluate_stage, export_stage, ingest_stage, predict_stage, train_stage
-from segpipe.stages.train import TrainConfig
+from segpipe.stages.train import NetworkConfig, TrainConfigField
 
 __all__ = ["evaluate_flow", "export_flow", "ingest_flow", "predict_flow", "train_flow"]
 
@@ -39,15 +39,15 @@ def ingest_flow(
 
 
 @flow(name="train")
-def train_flow(store: str, model: str, config: TrainConfig | None = None) -> dict[str, Any]:
+def train_flow(store: str, model: str, config: TrainConfigField | None = None) -> dict[str, Any]:
     """Train a model package from a store's labels.
 
     Args:
         store: Region store with labels.
         model: Model package directory to write.
-        config: Training settings.
+        config: Training settings (a network's defaults when None).
     """
-    return train_stage(store, model, config or TrainConfig())
+    return train_stage(store, model, config or NetworkConfig())
 
 
 @flow(name="predict")

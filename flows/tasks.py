@@ -27,7 +27,7 @@ from prefect import get_run_logger, task
 
 from segpipe.cluster import in_dask_worker, release_worker_thread
 from segpipe.errors import TransientError
-from segpipe.stages.train import TrainConfig, TrainProgress
+from segpipe.stages.train import NetworkConfig, TrainConfig, TrainProgress
 
 BASELINE_LAYER = "classes_rf"
 
@@ -120,6 +120,13 @@ def ingest_stage(
     return _record("ingest", started, info.height * info.width, output=store)
 
 
+def _pixels_trained(config: TrainConfig, training: dict[str, Any]) -> int:
+    """Pixels a training went through: every chip's for a network, the sampled ones for a forest."""
+    if isinstance(config, NetworkConfig):
+        return config.epochs * config.samples_per_epoch * config.chip_size**2
+    return int(training["train_pixels_sampled"]) + int(training["valid_pixels_sampled"])
+
+
 @task(name="train", retries=1, retry_condition_fn=_retry_transient)
 def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
     """Train a model package from the store's labels, unless one exists for the same store and settings."""
@@ -155,12 +162,11 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
 
     with release_worker_thread(), _torch_threads_in_worker(config):
         spec = train(store, model, config, progress=report)
-    chips = config.epochs * config.samples_per_epoch
     info = read_region_info(store)
     return _record(
         "train",
         started,
-        chips * config.chip_size**2,
+        _pixels_trained(config, spec.training),
         output=model,
         valid_miou=spec.metrics.get("miou"),
         region_megapixels=info.height * info.width / 1e6,
@@ -263,8 +269,12 @@ def evaluate_stage(store: str, reference: str, out_dir: str, layer: str) -> dict
     forget(metrics)
     with release_worker_thread():
         result = evaluate(store, reference, out_dir, layer=layer)
-    remember(metrics, made_from, stage="evaluate",
-             result={"miou": result["miou"], "overall_accuracy": result["overall_accuracy"]})
+    remember(
+        metrics,
+        made_from,
+        stage="evaluate",
+        result={"miou": result["miou"], "overall_accuracy": result["overall_accuracy"]},
+    )
     return _record(
         f"evaluate {layer}",
         started,

@@ -16,9 +16,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -26,9 +27,13 @@ from rich.text import Text
 
 from segpipe import __version__
 from segpipe.boundary import INTERRUPTED, catch_sigterm, classify
+from segpipe.stages.train.config import ForestConfig, NetworkConfig, TrainConfig
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
+
+    from segpipe.models import ModelSpec
+    from segpipe.stages.train.progress import TrainProgress
 
 app = typer.Typer(
     help="Classify every pixel of very large raster mosaics with deep segmentation networks.",
@@ -215,152 +220,219 @@ def ingest(
     )
 
 
+# Every training setting's default, shown in the help (a setting not given is not passed
+# on, so the settings' own defaults apply); a network's arch, unet, is the default one.
+_DEFAULTS: dict[str, Any] = {
+    name: field.default
+    for model in (ForestConfig, NetworkConfig)
+    for name, field in model.model_fields.items()
+}
+
+
+# `segpipe train`'s options that are training settings, each named as its setting.
+_Encoder = Annotated[str, typer.Option(help="Encoder, e.g. resnet18, resnet34, vgg16_bn.")]
+_Epochs = Annotated[int, typer.Option(help="Epochs.")]
+_SamplesPerEpoch = Annotated[int, typer.Option(help="Chips per epoch.")]
+_ChipSize = Annotated[int, typer.Option(help="Chip edge in pixels (multiple of 32).")]
+_BatchSize = Annotated[int, typer.Option(help="Chips per step.")]
+_Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
+_WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
+_ValidFraction = Annotated[
+    float,
+    typer.Option(help="Share of labelled cells held out for validation, spatially disjoint (0 = none)."),
+]
+_ValidCell = Annotated[int, typer.Option(help="Edge in pixels of the cells assigned to train or validation.")]
+_Seed = Annotated[int, typer.Option(help="Random seed.")]
+_Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+_Threads = Annotated[int, typer.Option(help="Torch CPU threads (0 = all cores).")]
+_Loss = Annotated[str, typer.Option(help="ce (cross-entropy) or focal.")]
+_FocalGamma = Annotated[float, typer.Option(help="Focusing exponent of the focal loss.")]
+_DiceWeight = Annotated[float, typer.Option(help="Fraction of soft-Dice loss mixed in (0-1).")]
+_ClassBalancing = Annotated[
+    bool, typer.Option(help="Weight classes by label frequency (a network's loss, a forest's trees).")
+]
+_Patience = Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")]
+_Monitor = Annotated[str, typer.Option(help="valid_miou or valid_loss.")]
+_Schedule = Annotated[str, typer.Option(help="Learning-rate schedule: onecycle or cosine.")]
+_Pretrained = Annotated[
+    str | None, typer.Option(help="Local encoder weights (.safetensors/.pth), e.g. torchvision ResNet.")
+]
+_ClipPercentiles = Annotated[
+    tuple[float, float] | None,
+    typer.Option(help="Clip each band to these percentiles before standardising, e.g. 2 98."),
+]
+_BalancedSampling = Annotated[bool, typer.Option(help="Centre chips on each class equally.")]
+_ColorJitter = Annotated[
+    float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")
+]
+_CheckpointEvery = Annotated[
+    int, typer.Option(help="Checkpoint every N steps of the whole run, and at every epoch end (0 = off).")
+]
+_CheckpointSeconds = Annotated[
+    float, typer.Option(help="Also checkpoint when this many seconds passed since the last (0 = off).")
+]
+_PixelHead = Annotated[
+    int, typer.Option(help="Width of a per-pixel path added to the network (0 = none), for ~30 m data.")
+]
+_Devices = Annotated[int, typer.Option(help="Data-parallel processes (one per GPU; gloo on CPU).")]
+_Trees = Annotated[int, typer.Option(help="Trees of --arch random_forest.")]
+_MinSamplesLeaf = Annotated[int, typer.Option(help="--arch random_forest: fewest training pixels in a leaf.")]
+_MaxDepth = Annotated[
+    int | None,
+    typer.Option(help="--arch random_forest: deepest split level (default: until leaves are pure)."),
+]
+_MaxTrainPixels = Annotated[int, typer.Option(help="--arch random_forest: training pixels sampled at most.")]
+_ForestContext = Annotated[
+    int,
+    typer.Option(
+        help="--arch random_forest: also give the trees each band's mean and std over a K x K "
+        "window (odd K; 1 = band values only)."
+    ),
+]
+# The options' names before they were the settings' names: still accepted, not shown.
+_ALIASES = {"backbone": "encoder", "dice": "dice_weight"}
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Argument(help="Region store with labels.")],
     out: Annotated[Path, typer.Option(help="Model package directory to write.")],
-    arch: Annotated[str, typer.Option(help=ARCH_HELP)] = "unet",
-    backbone: Annotated[str, typer.Option(help="Encoder, e.g. resnet18, resnet34, vgg16_bn.")] = "resnet18",
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
-    samples_per_epoch: Annotated[int, typer.Option(help="Chips per epoch.")] = 512,
-    chip_size: Annotated[int, typer.Option(help="Chip edge in pixels (multiple of 32).")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Chips per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    loss: Annotated[str, typer.Option(help="ce (cross-entropy) or focal.")] = "ce",
-    dice: Annotated[float, typer.Option(help="Fraction of soft-Dice loss mixed in (0-1).")] = 0.0,
-    class_balancing: Annotated[
-        bool, typer.Option(help="Weight classes by label frequency (a network's loss, a forest's trees).")
-    ] = False,
-    patience: Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")] = None,
-    valid_fraction: Annotated[
-        float,
-        typer.Option(help="Share of labelled cells held out for validation, spatially disjoint (0 = none)."),
-    ] = 0.15,
-    monitor: Annotated[str, typer.Option(help="valid_miou or valid_loss.")] = "valid_miou",
-    trees: Annotated[int, typer.Option(help="Trees of --arch random_forest.")] = 100,
-    forest_context: Annotated[
-        int,
-        typer.Option(
-            help="--arch random_forest: also give the trees each band's mean and std over a K x K "
-            "window (odd K; 1 = band values only)."
-        ),
-    ] = 1,
-    schedule: Annotated[str, typer.Option(help="Learning-rate schedule: onecycle or cosine.")] = "onecycle",
-    pretrained: Annotated[
-        Path | None, typer.Option(help="Local encoder weights (.safetensors/.pth), e.g. torchvision ResNet.")
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML mapping of training settings (as named below, with _); options override it."),
     ] = None,
-    clip_percentiles: Annotated[
-        tuple[float, float] | None,
-        typer.Option(help="Clip each band to these percentiles before standardising, e.g. 2 98."),
-    ] = None,
-    balanced_sampling: Annotated[bool, typer.Option(help="Centre chips on each class equally.")] = False,
-    color_jitter: Annotated[
-        float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")
-    ] = 0.0,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Checkpoint every N steps of the whole run, and at every epoch end (0 = off).")
-    ] = 50,
-    checkpoint_seconds: Annotated[
-        float, typer.Option(help="Also checkpoint when this many seconds passed since the last (0 = off).")
-    ] = 300.0,
-    pixel_head: Annotated[
-        int, typer.Option(help="Width of a per-pixel path added to the network (0 = none), for ~30 m data.")
-    ] = 0,
-    devices: Annotated[int, typer.Option(help="Data-parallel processes (one per GPU; gloo on CPU).")] = 1,
+    arch: Annotated[str, typer.Option(help=ARCH_HELP)] = _DEFAULTS["arch"],
+    encoder: _Encoder = _DEFAULTS["encoder"],
+    epochs: _Epochs = _DEFAULTS["epochs"],
+    samples_per_epoch: _SamplesPerEpoch = _DEFAULTS["samples_per_epoch"],
+    chip_size: _ChipSize = _DEFAULTS["chip_size"],
+    batch_size: _BatchSize = _DEFAULTS["batch_size"],
+    lr: _Lr = _DEFAULTS["lr"],
+    weight_decay: _WeightDecay = _DEFAULTS["weight_decay"],
+    valid_fraction: _ValidFraction = _DEFAULTS["valid_fraction"],
+    valid_cell: _ValidCell = _DEFAULTS["valid_cell"],
+    seed: _Seed = _DEFAULTS["seed"],
+    device: _Device = _DEFAULTS["device"],
+    threads: _Threads = _DEFAULTS["threads"],
+    loss: _Loss = _DEFAULTS["loss"],
+    focal_gamma: _FocalGamma = _DEFAULTS["focal_gamma"],
+    dice_weight: _DiceWeight = _DEFAULTS["dice_weight"],
+    class_balancing: _ClassBalancing = _DEFAULTS["class_balancing"],
+    patience: _Patience = _DEFAULTS["patience"],
+    monitor: _Monitor = _DEFAULTS["monitor"],
+    schedule: _Schedule = _DEFAULTS["schedule"],
+    pretrained: _Pretrained = _DEFAULTS["pretrained"],
+    clip_percentiles: _ClipPercentiles = _DEFAULTS["clip_percentiles"],
+    balanced_sampling: _BalancedSampling = _DEFAULTS["balanced_sampling"],
+    color_jitter: _ColorJitter = _DEFAULTS["color_jitter"],
+    checkpoint_every: _CheckpointEvery = _DEFAULTS["checkpoint_every"],
+    checkpoint_seconds: _CheckpointSeconds = _DEFAULTS["checkpoint_seconds"],
+    pixel_head: _PixelHead = _DEFAULTS["pixel_head"],
+    devices: _Devices = _DEFAULTS["devices"],
+    trees: _Trees = _DEFAULTS["trees"],
+    min_samples_leaf: _MinSamplesLeaf = _DEFAULTS["min_samples_leaf"],
+    max_depth: _MaxDepth = _DEFAULTS["max_depth"],
+    max_train_pixels: _MaxTrainPixels = _DEFAULTS["max_train_pixels"],
+    forest_context: _ForestContext = _DEFAULTS["forest_context"],
     resume: Annotated[
         bool, typer.Option(help="Continue from the checkpoint in --out (an error when there is none).")
     ] = False,
     scheduler: Annotated[
         str | None, typer.Option(help="Train on a worker of this dask cluster (tcp://host:port).")
     ] = None,
+    backbone: Annotated[str | None, typer.Option(hidden=True)] = None,
+    dice: Annotated[float | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Train a segmentation network on the store's labels (class 0 ignored)."""
-    from segpipe.models import ARCHITECTURES
-    from segpipe.models.networks import CLASSICAL_ARCHITECTURES
+    """Train a segmentation network (or the random forest) on the store's labels (class 0 ignored).
 
-    known = (*ARCHITECTURES, *CLASSICAL_ARCHITECTURES)
-    if arch not in known:
-        from segpipe.errors import ArchitectureError
-
-        raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(known)}")
-    cfg = _train_config(
-        arch=arch,
-        encoder=backbone,
-        epochs=epochs,
-        samples_per_epoch=samples_per_epoch,
-        chip_size=chip_size,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
-        loss=loss,
-        dice_weight=dice,
-        class_balancing=class_balancing,
-        patience=patience,
-        valid_fraction=valid_fraction,
-        monitor=monitor,
-        trees=trees,
-        forest_context=forest_context,
-        schedule=schedule,
-        pretrained=None if pretrained is None else str(pretrained),
-        clip_percentiles=clip_percentiles,
-        balanced_sampling=balanced_sampling,
-        color_jitter=color_jitter,
-        pixel_head=pixel_head,
-        checkpoint_every=checkpoint_every,
-        checkpoint_seconds=checkpoint_seconds,
-        devices=devices,
-    )
-    from segpipe.stages.train import train as run
-
-    if scheduler:
-        from segpipe.cluster import describe_cluster, get_client
-        from segpipe.io.store import read_region_info
-        from segpipe.stages.train.remote import train_on_cluster
-
-        read_region_info(store)  # a missing or damaged store fails here, not after connecting
-        with get_client(scheduler) as client:
-            console.print(f"  training on a worker of {describe_cluster(client)}")
-            spec = train_on_cluster(client, store, out, cfg, resume=resume)
-        console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
-        return
-
-    with _progress() as bar:
-        # A forest is fitted in one pass: its progress reports count as one epoch.
-        task = bar.add_task("train", total=1 if arch in CLASSICAL_ARCHITECTURES else epochs, info="")
-
-        def report(p):  # type: ignore[no-untyped-def]
-            done = p.epoch - 1 + p.step / p.steps
-            info = f"epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}"
-            if p.record and "valid_miou" in p.record:
-                console.print(
-                    f"  epoch {p.epoch}: train loss {p.record['train_loss']:.3f}, "
-                    f"valid loss {p.record['valid_loss']:.3f}, valid mIoU {p.record['valid_miou']:.3f}"
-                )
-            bar.update(task, completed=done, info=info)
-
-        spec = run(store, out, cfg, progress=report, resume=resume)
+    Each training setting comes from its option when given, else from the --config
+    file, else its default.
+    """
+    # The settings arrive through ctx, by name; the parameters above declare the options.
+    cfg = _train_config(config, _given_settings(ctx))
+    spec = _run_training(store, out, cfg, resume, scheduler)
     console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
 
 
-def _train_config(**kwargs: object):  # type: ignore[no-untyped-def]
-    from pydantic import ValidationError
+def _given_settings(ctx: typer.Context) -> dict[str, Any]:
+    """The training settings given on the command line, by setting name (old spellings too).
 
+    Raises:
+        InputError: A setting is given under its old and its new name.
+    """
     from segpipe.errors import InputError
-    from segpipe.stages.train import TrainConfig
 
+    given: dict[str, Any] = {}
+    for name, value in ctx.params.items():
+        setting = _ALIASES.get(name, name)
+        source = ctx.get_parameter_source(name)
+        # ParameterSource is compared by name: it is the enum of the click bundled in typer.
+        if setting not in _DEFAULTS or source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        if setting in given:
+            old = next(alias for alias, new in _ALIASES.items() if new == setting)
+            raise InputError(f"--{old} is the old name of --{_option(setting)}: give one of them")
+        given[setting] = value
+    return given
+
+
+def _option(setting: str) -> str:
+    return setting.replace("_", "-")
+
+
+def _train_config(file: Path | None, given: dict[str, Any]) -> TrainConfig:
+    """The settings of the file (when given), overridden by those of the command line.
+
+    Raises:
+        InputError: The file is missing or no YAML mapping, or a setting is refused;
+            the message names the option or the file and its entry.
+    """
+    from segpipe.stages.train.config import SettingError, train_config
+    from segpipe.stages.train.config_file import read_mapping
+
+    settings = {**(read_mapping(file) if file is not None else {}), **given}
     try:
-        return TrainConfig(**kwargs)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        if not first["loc"]:  # a check across settings: its message names them
-            raise InputError(str(first["msg"]).removeprefix("Value error, ")) from exc
-        field = str(first["loc"][0])
-        option = {"encoder": "backbone", "dice_weight": "dice"}.get(field, field).replace("_", "-")
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise InputError(f"--{option} {kwargs.get(field)!r}: {message}") from exc
+        return train_config(settings)
+    except SettingError as exc:
+        if exc.key is None or (exc.names_itself and exc.key in given):
+            raise
+        if file is not None and exc.key not in given:
+            worded = exc.in_file(file, exc.key)
+        else:
+            worded = f"--{_option(exc.key)} {exc.value!r}: {exc.reason}"
+        raise type(exc)(exc.key, exc.value, worded, names_itself=True, unknown=exc.unknown) from exc
+
+
+def _run_training(store: Path, out: Path, cfg: TrainConfig, resume: bool, scheduler: str | None) -> ModelSpec:
+    """Train on a worker of ``scheduler``'s cluster, or here with progress shown."""
+    if scheduler:
+        from segpipe.stages.train.remote import train_on_scheduler
+
+        return train_on_scheduler(
+            scheduler, store, out, cfg, resume, announce=lambda line: console.print(f"  {line}")
+        )
+    from segpipe.stages.train import train as run
+
+    with _progress() as bar:
+        # A forest is fitted in one pass: its progress reports count as one epoch.
+        task = bar.add_task("train", total=cfg.epochs if isinstance(cfg, NetworkConfig) else 1, info="")
+        return run(store, out, cfg, progress=_train_report(bar, task), resume=resume)
+
+
+def _train_report(bar: Progress | _LineProgress, task: TaskID) -> Callable[[TrainProgress], None]:
+    """Show a training's progress on ``bar``, and each epoch's scores as a line."""
+
+    def report(p: TrainProgress) -> None:
+        if p.record and "valid_miou" in p.record:
+            console.print(
+                f"  epoch {p.epoch}: train loss {p.record['train_loss']:.3f}, "
+                f"valid loss {p.record['valid_loss']:.3f}, valid mIoU {p.record['valid_miou']:.3f}"
+            )
+        info = f"epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}"
+        bar.update(task, completed=p.epoch - 1 + p.step / p.steps, info=info)
+
+    return report
 
 
 @app.command("export-chips")

@@ -1,5 +1,6 @@
 """The command line: help for every command, one-line errors with exit code 2, no half-written output."""
 
+import json
 import os
 import subprocess
 import sys
@@ -155,3 +156,138 @@ def test_train_reports_progress_within_the_first_epoch_to_a_pipe(tmp_path):
     assert any(ln.strip().startswith("train: 0.25/1 (25%) epoch 1/1 loss") for ln in steps), result.stderr
     assert len(steps) >= 4
     assert (tmp_path / "m" / "model.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("epochs: 2\nepoch: 3\n", ["epoch: unknown setting", "samples_per_epoch"]),
+        ("epochs: ten\n", ["epochs:", "valid integer", "'ten'"]),
+        ("chip_size: 100\n", ["chip_size:", "multiple of 32", "100"]),
+        ("arch: random_forest\nloss: focal\n", ["loss:", "--arch random_forest does not use loss='focal'"]),
+        ("trees: 5\n", ["trees:", "--arch unet does not use trees=5"]),
+        ("arch: segformer\n", ["arch:", "unknown architecture", "'segformer'", "random_forest"]),
+        ("- epochs: 2\n", ["mapping", "list"]),
+        ("epochs: [1\n", ["not valid YAML", "line"]),
+    ],
+)
+def test_train_config_file_errors_name_the_file_and_the_key(tmp_path, text, needles):
+    config = tmp_path / "train.yaml"
+    config.write_text(text)
+    result = segpipe("train", tmp_path / "s.zarr", "--out", tmp_path / "m", "--config", config)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(config) in lines[0], result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_train_config_file_is_named(tmp_path):
+    result = segpipe("train", tmp_path / "s.zarr", "--out", tmp_path / "m", "--config", tmp_path / "no.yaml")
+    assert result.returncode == 2 and "no.yaml" in result.stderr
+
+
+@pytest.fixture
+def settings_seen(monkeypatch):
+    """Runs ``segpipe train`` in-process up to the settings; what the training would get."""
+    import segpipe.cli as cli
+
+    seen = {}
+
+    def fake_run(store, out, cfg, resume, scheduler):
+        seen.update(cfg=cfg, resume=resume, scheduler=scheduler)
+        return type("Spec", (), {"metrics": {"miou": 0.5}})()
+
+    monkeypatch.setattr(cli, "_run_training", fake_run)
+
+    def invoke(*args):
+        from typer.testing import CliRunner
+
+        result = CliRunner().invoke(cli.app, ["train", "s.zarr", "--out", "m", *map(str, args)])
+        return result, seen.get("cfg")
+
+    return invoke
+
+
+def test_options_override_the_config_file(tmp_path, settings_seen):
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 2\nchip_size: 64\nloss: focal\nclip_percentiles: [2, 98]\n")
+    result, cfg = settings_seen("--config", config, "--epochs", "5", "--seed", "0")
+    assert result.exit_code == 0, result.output
+    assert (cfg.epochs, cfg.chip_size, cfg.loss, cfg.seed) == (5, 64, "focal", 0)
+    assert cfg.clip_percentiles == (2.0, 98.0)
+    # An option left at its default does not hide the file's value.
+    config.write_text("arch: random_forest\ntrees: 7\n")
+    result, cfg = settings_seen("--config", config)
+    assert result.exit_code == 0, result.output
+    assert (cfg.arch, cfg.trees) == ("random_forest", 7)
+    # A flag given explicitly wins over the file, even when it says the default.
+    config.write_text("class_balancing: true\n")
+    result, cfg = settings_seen("--config", config, "--no-class-balancing")
+    assert result.exit_code == 0 and cfg.class_balancing is False
+
+
+def test_option_of_the_other_family_over_a_file_is_named_as_an_option(tmp_path, settings_seen):
+    from segpipe.errors import InputError
+
+    config = tmp_path / "train.yaml"
+    config.write_text("arch: random_forest\n")
+    result, _ = settings_seen("--config", config, "--epochs", "3")
+    assert isinstance(result.exception, InputError)
+    assert str(result.exception).startswith("--arch random_forest does not use epochs=3")
+    result, _ = settings_seen("--config", config, "--trees", "0")
+    assert str(result.exception).startswith("--trees 0: Input should be greater than or equal to 1")
+
+
+def test_old_option_names_still_work_but_the_help_shows_the_settings(settings_seen):
+    from segpipe.cli import _DEFAULTS
+
+    result, cfg = settings_seen("--backbone", "resnet34", "--dice", "0.3")
+    assert result.exit_code == 0, result.output
+    assert (cfg.encoder, cfg.dice_weight) == ("resnet34", 0.3)
+    result, _ = settings_seen("--backbone", "resnet34", "--encoder", "resnet18")
+    assert "--backbone is the old name of --encoder" in str(result.exception)
+    wide = {**os.environ, "COLUMNS": "200", "TERMINAL_WIDTH": "200"}  # no option name cut short
+    cli = [sys.executable, "-m", "segpipe.cli", "train", "--help"]
+    help_text = subprocess.run(cli, capture_output=True, text=True, timeout=300, env=wide).stdout
+    for name in _DEFAULTS:
+        assert f"--{name.replace('_', '-')} " in help_text, name
+    assert "--backbone" not in help_text and "--dice " not in help_text and "--config" in help_text
+
+
+def test_train_progress_report_prints_epochs_and_moves_the_bar(capsys):
+    from segpipe.cli import _train_report
+    from segpipe.stages.train import TrainProgress
+
+    updates = []
+
+    class Bar:
+        def update(self, task, **fields):
+            updates.append((task, fields))
+
+    report = _train_report(Bar(), 3)
+    report(TrainProgress(2, 4, 1, 4, 0.5))
+    report(TrainProgress(2, 4, 4, 4, 0.25, {"train_loss": 0.25, "valid_loss": 0.5, "valid_miou": 0.75}))
+    assert updates == [
+        (3, {"completed": 1.25, "info": "epoch 2/4 loss 0.500"}),
+        (3, {"completed": 2.0, "info": "epoch 2/4 loss 0.250"}),
+    ]
+    printed = capsys.readouterr().err
+    assert "epoch 2: train loss 0.250, valid loss 0.500, valid mIoU 0.750" in printed
+
+
+def test_train_with_a_config_file_end_to_end(tmp_path):
+    from segpipe.stages.ingest.driver import ingest
+    from segpipe.synth import synthesize
+
+    region = synthesize(tmp_path / "region", size=128, bands=3, tiles=1, seed=3)
+    store = tmp_path / "r.zarr"
+    ingest([region.image], store, labels=region.labels, classes=region.classes, block_size=64)
+    config = tmp_path / "train.yaml"
+    config.write_text("arch: random_forest\ntrees: 4\nvalid_cell: 32\nthreads: 1\nforest_context: 3\n")
+    result = segpipe("train", store, "--out", tmp_path / "m", "--config", config, "--trees", "6")
+    assert result.returncode == 0, result.stderr
+    model = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert model["arch"] == "random_forest" and model["options"]["n_trees"] == 6
+    assert model["training"]["config"]["forest_context"] == 3

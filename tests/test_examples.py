@@ -90,3 +90,38 @@ def test_example_region_runs_end_to_end(examples):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (examples / "out" / "example-cog" / "classes.tif").is_file()
     assert (examples / "out" / "example-report" / "metrics.json").is_file()
+
+
+def test_region_training_settings_validate_as_train_config(examples):
+    from segpipe.errors import InputError
+    from segpipe.stages.train import ForestConfig, NetworkConfig, train_config
+
+    common = {"images": ["a.tif"], "store": "s", "model": "m", "export_dir": "e"}
+    assert RegionRun(**common).train == NetworkConfig()
+    forest = RegionRun(**common, train={"arch": "random_forest", "trees": 3}).train
+    assert isinstance(forest, ForestConfig) and forest == train_config(arch="random_forest", trees=3)
+    assert RegionRun(**common, train=train_config(epochs=2)).train == NetworkConfig(epochs=2)
+    plan = read_manifest(examples / "manifest.yaml")
+    assert isinstance(plan.regions[1].train, ForestConfig) and plan.regions[1].train.trees == 50
+    path = examples / "bad.yaml"
+    for train, needle in (
+        ("{trees: 5}", "train.trees: --arch unet does not use trees=5"),
+        ("{arch: random_forest, chip_size: 64}", "train.chip_size: --arch random_forest does not use"),
+        ("{arch: segformer}", "train.arch: unknown architecture: choose one of unet"),
+        ("{epochs: 0}", "train.epochs: Input should be greater than or equal to 1 (got 0)"),
+        ("3", "train: must be a mapping of training settings"),
+    ):
+        path.write_text(yaml.safe_dump(common) + f"train: {train}\n")
+        with pytest.raises(InputError) as refused:
+            read_region(path)
+        assert str(refused.value).startswith(f"{path}: ") and needle in str(refused.value), str(refused.value)
+
+
+def test_example_train_settings_read_as_the_train_command_reads_them():
+    from segpipe.stages.train import NetworkConfig, train_config
+    from segpipe.stages.train.config_file import read_mapping
+
+    data = read_mapping(EXAMPLES / "train.yaml")
+    cfg = train_config(data)
+    assert isinstance(cfg, NetworkConfig) and (cfg.epochs, cfg.dice_weight) == (8, 0.3)
+    assert set(data) <= set(NetworkConfig.model_fields)

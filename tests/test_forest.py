@@ -23,7 +23,7 @@ from segpipe.models.forest import ForestNet, context_features, from_sklearn
 from segpipe.stages.evaluate.assess import evaluate
 from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.predict.driver import _settings, predict
-from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train import train, train_config
 from segpipe.stages.train.forest import forest_features
 from segpipe.synth import synthesize
 
@@ -141,7 +141,7 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_train_predict_evaluate_a_forest(region: tuple[Path, Path], tmp_path: Path, client: Client) -> None:
     store, truth = region
-    spec = train(store, tmp_path / "rf", TrainConfig(**FOREST))  # type: ignore[arg-type]
+    spec = train(store, tmp_path / "rf", train_config(**FOREST))
     pkg = tmp_path / "rf"
     assert {"model.json", "weights.safetensors", "loss_curve.png", "confusion_matrix.png"} <= {
         p.name for p in pkg.iterdir()
@@ -156,7 +156,7 @@ def test_train_predict_evaluate_a_forest(region: tuple[Path, Path], tmp_path: Pa
     net, loaded = load_model(pkg)
     assert isinstance(net, ForestNet) and loaded.metrics == spec.metrics
 
-    again = train(store, tmp_path / "rf2", TrainConfig(**FOREST))  # type: ignore[arg-type]
+    again = train(store, tmp_path / "rf2", train_config(**FOREST))
     assert again.metrics == spec.metrics
     weights = (pkg / "weights.safetensors").read_bytes()
     assert weights == (tmp_path / "rf2" / "weights.safetensors").read_bytes()
@@ -235,7 +235,7 @@ def test_context_features_are_window_mean_and_std(k: int) -> None:
     with pytest.raises(InputError, match="odd"):
         context_features(torch.from_numpy(x)[None], 4)
     with pytest.raises(ValueError, match="odd"):
-        TrainConfig(arch="random_forest", forest_context=4)
+        train_config(arch="random_forest", forest_context=4)
 
 
 def test_context_forest_reproduces_sklearn_on_its_features() -> None:
@@ -259,7 +259,7 @@ def test_context_forest_trains_on_the_features_it_predicts_with(
     region: tuple[Path, Path], tmp_path: Path, client: Client
 ) -> None:
     store, _ = region
-    spec = train(store, tmp_path / "ctx", TrainConfig(**FOREST, forest_context=3))  # type: ignore[arg-type]
+    spec = train(store, tmp_path / "ctx", train_config(**FOREST, forest_context=3))
     data = json.loads((tmp_path / "ctx" / "model.json").read_text())
     assert spec.options["context"] == 3 and data["training"]["forest"]["context"] == 3
     assert "nir std 3x3" in data["training"]["forest"]["feature_importance"]
@@ -313,7 +313,7 @@ def test_class_balancing_weights_the_forests_pixels(tmp_path: Path) -> None:
     answers = {}
     for balanced in (False, True):
         out = tmp_path / f"rf_{balanced}"
-        spec = train(tmp_path / "r.zarr", out, TrainConfig(**cfg, class_balancing=balanced))  # type: ignore[arg-type]
+        spec = train(tmp_path / "r.zarr", out, train_config(**cfg, class_balancing=balanced))
         net, _ = load_model(out)
         pixel = torch.from_numpy(normalise(shared, spec, np.ones((1, 1), bool))[None])
         with torch.inference_mode():
@@ -321,3 +321,34 @@ def test_class_balancing_weights_the_forests_pixels(tmp_path: Path) -> None:
         recorded = json.loads((out / "model.json").read_text())["training"]["forest"]["class_weight"]
         assert recorded == ("balanced_subsample" if balanced else None)
     assert answers == {False: 2, True: 3}
+
+
+def test_the_pieces_of_forest_training(region: tuple[Path, Path]) -> None:
+    import segpipe.stages.train.forest as forest_training
+    from segpipe.models.forest import feature_names
+    from segpipe.stages.train import ForestConfig
+
+    store, _ = region
+    cfg = ForestConfig(**{**FOREST, "forest_context": 3})  # type: ignore[arg-type]
+    data = forest_training._read_pixels(store, cfg)
+    assert data.x_train.shape == (data.y_train.size, 4 * 3) and data.x_valid.shape[0] == data.y_valid.size > 0
+    assert data.spec.arch == "random_forest" and data.spec.chip_size == 128  # the window hint
+    fitted = forest_training._fit(cfg, data.x_train, data.y_train)
+    assert fitted.n_estimators == 8 and fitted.class_weight is None
+    net = from_sklearn(fitted, len(data.spec.classes), cfg.forest_context)
+
+    record = forest_training._fit_record(net, data, 1.5)
+    assert record["epoch"] == 1 and record["seconds"] == 1.5 and 0 <= record["train_accuracy"] <= 1
+    cm = forest_training._validate(net, data, record)
+    k = len(data.spec.classes)
+    assert cm is not None and cm.shape == (k, k + 1) and cm.sum() == data.y_valid.size
+    assert {"valid_loss", "valid_miou", "valid_accuracy"} <= set(record)
+    empty = dataclasses.replace(data, x_valid=data.x_valid[:0], y_valid=data.y_valid[:0])
+    assert forest_training._validate(net, empty, {}) is None
+
+    info = forest_training._forest_record(net, fitted, cfg, data.band_names)
+    assert list(info["feature_importance"]) == feature_names(data.band_names, 3)
+    assert sum(info["feature_importance"].values()) == pytest.approx(1.0)
+    assert (info["trees"], info["context"], info["class_weight"]) == (8, 3, None)
+    balanced = cfg.model_copy(update={"class_balancing": True})
+    assert forest_training._class_weight(balanced) == "balanced_subsample"

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from segpipe.errors import ArchitectureError, LabelsError, StoreError
 from segpipe.models import load_model, read_spec
 from segpipe.stages.ingest.driver import ingest
-from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train import NetworkConfig, train, train_config
 from segpipe.stages.train.sampling import BlockReader, Candidates, split_cells
 from segpipe.synth import synthesize
 
@@ -47,7 +47,7 @@ def test_validation_cells_are_whole_and_keep_every_class():
 
 @pytest.mark.parametrize("arch", ["unet", "pspnet", "deeplabv3", "deeplabv3plus"])
 def test_every_architecture_trains_into_a_package(store, tmp_path, arch):
-    spec = train(store, tmp_path / arch, TrainConfig(arch=arch, **TINY))
+    spec = train(store, tmp_path / arch, train_config(arch=arch, **TINY))
     pkg = tmp_path / arch
     assert {"model.json", "weights.safetensors", "loss_curve.png"} <= {p.name for p in pkg.iterdir()}
     data = json.loads((pkg / "model.json").read_text())
@@ -65,7 +65,7 @@ def test_every_architecture_trains_into_a_package(store, tmp_path, arch):
 def test_statistics_ignore_nodata(store, tmp_path):
     import rasterio
 
-    spec = train(store, tmp_path / "m", TrainConfig(**TINY))
+    spec = train(store, tmp_path / "m", train_config(**TINY))
     from segpipe.io.store import open_layer
 
     image = np.asarray(open_layer(store, "image")[:]).astype(float)
@@ -77,8 +77,8 @@ def test_statistics_ignore_nodata(store, tmp_path):
 
 
 def test_training_is_deterministic_under_a_seed(store, tmp_path):
-    a = train(store, tmp_path / "a", TrainConfig(seed=7, **TINY))
-    b = train(store, tmp_path / "b", TrainConfig(seed=7, **TINY))
+    a = train(store, tmp_path / "a", train_config(seed=7, **TINY))
+    b = train(store, tmp_path / "b", train_config(seed=7, **TINY))
     wa = load_file(str(tmp_path / "a" / "weights.safetensors"))
     wb = load_file(str(tmp_path / "b" / "weights.safetensors"))
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
@@ -89,9 +89,11 @@ def test_unknown_architecture_is_refused(store, tmp_path):
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError):
-        TrainConfig(arch="segformer")
+        NetworkConfig(arch="segformer")  # type: ignore[arg-type]
+    with pytest.raises(ArchitectureError, match="segformer"):
+        train_config(arch="segformer")
     with pytest.raises(ArchitectureError, match="encoder"):
-        train(store, tmp_path / "x", TrainConfig(encoder="resnet9000", **TINY))
+        train(store, tmp_path / "x", train_config(encoder="resnet9000", **TINY))
     assert not (tmp_path / "x" / "model.json").exists()
 
 
@@ -102,7 +104,7 @@ def test_store_without_labels_is_refused(tmp_path, store):
     region = synthesize(tmp_path / "region", size=128, tiles=1)
     ingest([region.image], tmp_path / "nolabels.zarr", block_size=128)
     with pytest.raises(StoreError, match="--labels"):
-        train(tmp_path / "nolabels.zarr", tmp_path / "m", TrainConfig(**TINY))
+        train(tmp_path / "nolabels.zarr", tmp_path / "m", train_config(**TINY))
     assert info.height == 256
 
 
@@ -110,7 +112,7 @@ def test_training_learns_the_labels(store, tmp_path):
     spec = train(
         store,
         tmp_path / "m",
-        TrainConfig(epochs=3, samples_per_epoch=64, chip_size=64, batch_size=8, valid_fraction=0.0, lr=3e-3),
+        train_config(epochs=3, samples_per_epoch=64, chip_size=64, batch_size=8, valid_fraction=0.0, lr=3e-3),
     )
     losses = [r["train_loss"] for r in spec.training["history"]]
     assert losses[-1] < losses[0]
@@ -118,7 +120,7 @@ def test_training_learns_the_labels(store, tmp_path):
         train(
             store,
             tmp_path / "n",
-            TrainConfig(
+            train_config(
                 valid_fraction=0.99, valid_cell=1024, **{k: v for k, v in TINY.items() if k != "valid_cell"}
             ),
         )
@@ -164,10 +166,118 @@ def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch):
     spec = train(
         store,
         tmp_path / "m",
-        TrainConfig(**{**TINY, "epochs": 6}, patience=2, monitor="valid_loss", class_balancing=True),
+        train_config(**{**TINY, "epochs": 6}, patience=2, monitor="valid_loss", class_balancing=True),
     )
     history = spec.training["history"]
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert history[-1]["early_stop"] and "early_stop" not in history[2]
     weights = spec.training["class_weights"]
     assert len(weights) == len(spec.classes) and min(weights) > 0
+
+
+def test_train_config_chooses_the_family_by_arch():
+    from segpipe.stages.train import ForestConfig, TrainConfig
+
+    network = train_config()
+    assert isinstance(network, NetworkConfig) and isinstance(network, TrainConfig)
+    assert network.arch == "unet" and network.chip_size == 128
+    forest = train_config({"arch": "random_forest", "trees": 3}, seed=4)
+    assert isinstance(forest, ForestConfig) and isinstance(forest, TrainConfig)
+    assert (forest.trees, forest.seed) == (3, 4)
+    assert not hasattr(forest, "epochs") and not hasattr(network, "trees")
+    # Fields override the mapping; the family follows the arch they settle on.
+    assert isinstance(train_config({"arch": "random_forest"}, arch="pspnet"), NetworkConfig)
+    assert train_config({"epochs": 2}, epochs=5).epochs == 5
+    # The dump is of one family only: a forest records no network settings.
+    assert "chip_size" not in forest.model_dump() and forest.model_dump()["trees"] == 3
+    assert forest.fit_region(20, 20) == (forest, None)
+
+
+def test_settings_of_the_other_family_are_one_line_naming_setting_and_arch():
+    from segpipe.stages.train import ForestConfig, SettingError
+
+    with pytest.raises(SettingError) as refused:
+        train_config(trees=5)
+    message = str(refused.value)
+    assert "--arch unet" in message and "trees=5" in message and "\n" not in message
+    assert "leave them at their defaults" in message and refused.value.key == "trees"
+    with pytest.raises(SettingError, match=r"--arch random_forest does not use chip_size=64, loss='focal'"):
+        train_config(arch="random_forest", chip_size=64, loss="focal")
+    with pytest.raises(SettingError, match="--arch random_forest does not use device='cpu'"):
+        train_config(arch="random_forest", device="cpu")  # a forest always runs on the CPU
+    # At its default the other family's setting changes nothing, so it passes (dropped).
+    assert train_config(arch="random_forest", epochs=10, loss="ce") == ForestConfig()
+    assert train_config(trees=100, forest_context=1) == NetworkConfig()
+
+
+def test_refused_settings_name_the_setting_and_the_value():
+    from segpipe.stages.train import SettingError
+
+    cases = [
+        ({"chip_size": 100}, "chip_size", "chip_size=100: Input should be a multiple of 32"),
+        ({"epochs": "ten"}, "epochs", "epochs='ten': Input should be a valid integer"),
+        (
+            {"arch": "random_forest", "forest_context": 4},
+            "forest_context",
+            "forest_context=4: must be an odd window edge",
+        ),
+        ({"clip_percentiles": (5, 2)}, "clip_percentiles", "0 <= low < high <= 100"),
+        ({"epoch": 3}, "epoch", "epoch=3: unknown setting (known: arch, valid_fraction"),
+    ]
+    for settings, key, text in cases:
+        with pytest.raises(SettingError) as refused:
+            train_config(settings)
+        assert refused.value.key == key and text in str(refused.value), str(refused.value)
+        assert "\n" not in str(refused.value)
+    with pytest.raises(SettingError) as unknown:
+        train_config(arch="random_forest", epoch=3)
+    reason = unknown.value.reason
+    assert unknown.value.unknown and "trees" in reason and "chip_size" not in reason
+    known = "unet, pspnet, deeplabv3, deeplabv3plus, random_forest"
+    with pytest.raises(ArchitectureError, match=rf"'segformer': unknown architecture: choose one of {known}"):
+        train_config(arch="segformer")
+    assert unknown.value.in_file("t.yaml", "epoch").startswith("t.yaml: epoch: unknown setting")
+    with pytest.raises(SettingError) as wrong:
+        train_config(epochs="x" * 100)
+    assert wrong.value.in_file("t.yaml", "epochs").endswith("(got '" + "x" * 56 + "...)")
+
+
+def test_network_architectures_are_the_models():
+    from segpipe.models import ARCHITECTURES
+    from segpipe.models.networks import CLASSICAL_ARCHITECTURES
+    from segpipe.stages.train.config import FOREST_ARCH, NETWORK_ARCHITECTURES
+
+    assert NETWORK_ARCHITECTURES == ARCHITECTURES and CLASSICAL_ARCHITECTURES == (FOREST_ARCH,)
+
+
+def test_settings_load_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, segpipe.stages.train as t; t.train_config(epochs=2); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_resume_key_leaves_out_what_changes_no_result():
+    import json
+
+    key = json.loads(train_config(threads=3, checkpoint_every=5, checkpoint_seconds=9.0).resume_key())
+    assert key == json.loads(NetworkConfig().resume_key())
+    assert "threads" not in key and key["lr"] == 1e-3 and "trees" not in key
+
+
+def test_validation_scores_and_package_metrics_are_one_definition():
+    from segpipe.stages.train.outputs import class_scores, final_metrics, validation_scores
+    from segpipe.types import ClassInfo
+
+    classes = (ClassInfo(1, "water", "#0000ff"), ClassInfo(4, "forest", "#00ff00"))
+    cm = np.array([[3, 1, 0], [0, 4, 2]], dtype=np.int64)  # rows: reference; last column: no prediction
+    score = class_scores(cm, classes)
+    assert validation_scores(0.5, cm, classes) == {
+        "valid_loss": 0.5,
+        "valid_miou": score["miou"],
+        "valid_accuracy": score["overall_accuracy"],
+    }
+    assert final_metrics(None, classes) == {}
+    assert json.loads(json.dumps(final_metrics(cm, classes)))["miou"] == pytest.approx(score["miou"])

@@ -14,7 +14,7 @@ import segpipe.stages.train.loop as loop
 from segpipe.errors import MissingInputError, PretrainedWeightsError
 from segpipe.io.store import open_layer, read_region_info
 from segpipe.models import normalise, read_spec
-from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train import NetworkConfig, train, train_config
 from segpipe.stages.train.pretrained import adapt_first_conv
 from segpipe.stages.train.sampling import Candidates, CentreSampler, split_cells
 from segpipe.stages.train.stats import band_percentiles
@@ -44,7 +44,7 @@ def resnet_file(tmp_path_factory):
 
 def test_pretrained_weights_initialise_the_encoder(store, tmp_path, resnet_file):
     path, state = resnet_file
-    cfg = TrainConfig(pretrained=str(path), **TINY)
+    cfg = train_config(pretrained=str(path), **TINY)
     net, report = loop.initial_network(cfg, 4, 3)
     encoder = net.encoder.state_dict()
     for key, value in state.items():
@@ -67,20 +67,20 @@ def test_pretrained_checkpoint_files_and_errors(tmp_path, resnet_file):
     _, state = resnet_file
     pth = tmp_path / "ckpt.pth"
     torch.save({"state_dict": {f"encoder.{k}": v for k, v in state.items()}}, pth)
-    net, report = loop.initial_network(TrainConfig(pretrained=str(pth), **TINY), 3, 2)
+    net, report = loop.initial_network(NetworkConfig(pretrained=str(pth), **TINY), 3, 2)
     assert report is not None and not report.adapted  # 3 bands: the first conv fits as it is
     assert torch.equal(net.encoder.state_dict()["conv1.weight"], state["conv1.weight"])
 
     wrong = tmp_path / "wrong.safetensors"
     save_file({"head.weight": torch.zeros(2, 2), "other.bias": torch.zeros(3)}, str(wrong))
     with pytest.raises(PretrainedWeightsError, match="backbone"):
-        loop.initial_network(TrainConfig(pretrained=str(wrong), **TINY), 4, 3)
+        loop.initial_network(NetworkConfig(pretrained=str(wrong), **TINY), 4, 3)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(PretrainedWeightsError, match="cannot read"):
-        loop.initial_network(TrainConfig(pretrained=str(junk), **TINY), 4, 3)
+        loop.initial_network(NetworkConfig(pretrained=str(junk), **TINY), 4, 3)
     with pytest.raises(MissingInputError):
-        loop.initial_network(TrainConfig(pretrained=str(tmp_path / "absent.pth"), **TINY), 4, 3)
+        loop.initial_network(NetworkConfig(pretrained=str(tmp_path / "absent.pth"), **TINY), 4, 3)
 
 
 def test_first_conv_adaptation_keeps_the_response_to_grey_images():
@@ -108,7 +108,7 @@ def test_percentiles_are_exact_for_integers_and_close_for_floats():
 
 
 def test_clipped_statistics_are_packaged_and_applied(store, tmp_path):
-    spec = train(store, tmp_path / "m", TrainConfig(clip_percentiles=(2, 98), **TINY))
+    spec = train(store, tmp_path / "m", train_config(clip_percentiles=(2, 98), **TINY))
     image = np.asarray(open_layer(store, "image")[:]).astype(float)
     valid = (image != 0).all(axis=0)
     low = np.percentile(image[:, valid], 2, axis=1)
@@ -170,7 +170,7 @@ def test_schedules(store, tmp_path):
     params = [torch.nn.Parameter(torch.zeros(1))]
     for name, first_is_peak in (("cosine", True), ("onecycle", False)):
         opt = torch.optim.AdamW(params, lr=0.1)
-        sched = loop._schedule(opt, TrainConfig(schedule=name, lr=0.1), 20)
+        sched = loop._schedule(opt, NetworkConfig(schedule=name, lr=0.1), 20)
         lrs = []
         for _ in range(20):
             lrs.append(opt.param_groups[0]["lr"])
@@ -180,7 +180,7 @@ def test_schedules(store, tmp_path):
         assert lrs[-1] < 0.01
         if name == "cosine":
             assert all(a >= b for a, b in itertools.pairwise(lrs))
-    cfg = TrainConfig(schedule="cosine", balanced_sampling=True, color_jitter=0.1, **TINY)
+    cfg = train_config(schedule="cosine", balanced_sampling=True, color_jitter=0.1, **TINY)
     spec = train(store, tmp_path / "m", cfg)
     assert spec.training["config"]["schedule"] == "cosine"
     assert np.isfinite(spec.training["history"][0]["train_loss"])
@@ -223,3 +223,48 @@ def test_export_chips_writes_georeferenced_pairs(store, tmp_path):
     balanced = export_chips(store, tmp_path / "bal", chip_size=32, count=40, seed=1, balanced=True)
     centres = [int(r["centre_class"]) for r in csv.DictReader(balanced.index.open())]
     assert len(set(centres)) == len(np.unique(labels[:][labels[:] > 0]))
+
+
+def test_the_pieces_of_a_rank_loop(store, tmp_path):
+    from segpipe.stages.train.checkpoint import checkpoint_path
+
+    cfg = NetworkConfig(**{**TINY, "threads": 1, "valid_fraction": 0.3})
+    plan = loop._prepare(store, cfg)
+    assert plan.valid_windows and plan.cfg == cfg
+    out = tmp_path / "m"
+    checkpoint_path(out).parent.mkdir(parents=True)
+    checkpoint_path(out).write_bytes(b"old")
+    rank = loop._RankLoop(0, 1, plan, str(out))
+    assert (rank.steps, rank.per_rank) == (2, 2)
+    assert rank._start(resume=False) is None and not checkpoint_path(out).exists()  # afresh: old one gone
+    rank.pace = loop._Pace(cfg.checkpoint_every, cfg.checkpoint_seconds)
+
+    before = {k: v.clone() for k, v in rank.net.state_dict().items()}
+    loss = rank._step()
+    assert np.isfinite(loss) and any(not torch.equal(before[k], v) for k, v in rank.net.state_dict().items())
+    assert np.isfinite(rank._epoch(1, None))
+
+    record: dict = {"epoch": 1}
+    rank._validate(record)
+    assert {"valid_loss", "valid_miou", "valid_accuracy"} <= set(record)
+    assert rank.state.best_score == record["valid_miou"] and rank.state.stale == 0
+    kept = rank.state.best_weights
+    rank.state.best_score = 2.0  # no mIoU beats it: the next validation is stale
+    rank._validate({})
+    assert rank.state.stale == 1 and rank.state.best_weights is kept
+
+    rank._save(2, 0, 0.0)
+    assert checkpoint_path(out).is_file()
+    state = load_checkpoint_state(out, cfg)
+    assert (state.epoch, state.step, state.stale) == (2, 0, 1)
+
+    training = loop._training_record(plan, [record], 1.5, "cpu", {"epoch": 1, "step": 1})
+    assert training["config"] == cfg.model_dump() and training["seconds"] == 1.5
+    assert training["resumed_from"] == {"epoch": 1, "step": 1} and training["history"] == [record]
+    assert training["valid_pixels_sampled"] == plan.valid_pixels > 0
+
+
+def load_checkpoint_state(out, cfg):
+    from segpipe.stages.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(out, cfg.resume_key())

@@ -16,7 +16,7 @@ from train_support import TINY, tiny_store
 import segpipe.stages.train.loop as loop
 from segpipe.errors import InputError, MissingInputError
 from segpipe.models import load_model, read_spec
-from segpipe.stages.train import TrainConfig, train
+from segpipe.stages.train import train, train_config
 from segpipe.stages.train.checkpoint import checkpoint_path, load_checkpoint
 
 # Two epochs of three steps with a checkpoint after every step; no validation. One thread
@@ -33,14 +33,14 @@ RESUMABLE = {
 # Runs the training and SIGKILLs itself in the middle of epoch 2: no cleanup, no atexit.
 KILLED_RUN = textwrap.dedent(
     """
-    import os, signal, sys
-    from segpipe.stages.train import TrainConfig, train
+    import json, os, signal, sys
+    from segpipe.stages.train import train, train_config
 
     def report(p):
         if p.epoch == 2 and p.step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train(sys.argv[1], sys.argv[2], TrainConfig.model_validate_json(sys.argv[3]), progress=report)
+    train(sys.argv[1], sys.argv[2], train_config(json.loads(sys.argv[3])), progress=report)
     """
 )
 
@@ -68,7 +68,7 @@ def store(tmp_path_factory):
 def unbroken(store, tmp_path_factory):
     """The package of an undisturbed RESUMABLE run (checkpoint frequency changes no result)."""
     out = tmp_path_factory.mktemp("unbroken") / "m"
-    return out, train(store, out, TrainConfig(**RESUMABLE))
+    return out, train(store, out, train_config(**RESUMABLE))
 
 
 class KilledError(Exception):
@@ -92,7 +92,7 @@ def assert_same_package(a_dir, b_dir):
 
 
 def test_run_killed_mid_epoch_resumes_where_it_stopped(store, unbroken, tmp_path):
-    cfg = TrainConfig(**RESUMABLE)
+    cfg = train_config(**RESUMABLE)
     out = tmp_path / "m"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -106,7 +106,7 @@ def test_run_killed_mid_epoch_resumes_where_it_stopped(store, unbroken, tmp_path
     assert checkpoint_path(out).is_file() and not (out / "model.json").exists()
 
     with pytest.raises(InputError, match="other training settings") as refused:
-        train(store, out, TrainConfig(**{**RESUMABLE, "lr": 0.5}), resume=True)
+        train(store, out, train_config(**{**RESUMABLE, "lr": 0.5}), resume=True)
     assert "lr: 0.001 there, 0.5 now" in str(refused.value)  # says what to change back
 
     seen = []
@@ -131,21 +131,21 @@ def test_resume_without_checkpoint_is_refused_and_old_checkpoints_go(store, tmp_
     checkpoint_path(out).parent.mkdir(parents=True)
     checkpoint_path(out).write_bytes(b"stale")
     with pytest.raises(InputError, match=r"cannot read checkpoint .*delete it"):
-        train(store, out, TrainConfig(**TINY), resume=True)
-    spec = train(store, out, TrainConfig(**TINY))  # resume=False discards it
+        train(store, out, train_config(**TINY), resume=True)
+    spec = train(store, out, train_config(**TINY))  # resume=False discards it
     assert spec.training["resumed_from"] is None and not checkpoint_path(out).parent.exists()
     # --resume with nothing to resume is a mistake worth naming, not a silent fresh start
     # (a user who believes hours of training are kept would otherwise wait for them again).
     with pytest.raises(MissingInputError, match=r"no checkpoint in .*run without --resume"):
-        train(store, tmp_path / "n", TrainConfig(**TINY), resume=True)
+        train(store, tmp_path / "n", train_config(**TINY), resume=True)
     assert not (tmp_path / "n").exists()
     with pytest.raises(MissingInputError, match=r"is complete .*run without --resume"):
-        train(store, out, TrainConfig(**TINY), resume=True)
+        train(store, out, train_config(**TINY), resume=True)
 
 
 def _with_checkpoint_seconds(settings, seconds, monkeypatch):
     """Settings that checkpoint every ``seconds``."""
-    return TrainConfig(**settings, checkpoint_seconds=seconds)
+    return train_config(**settings, checkpoint_seconds=seconds)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +178,7 @@ def test_checkpoints_count_global_steps_and_time(
 
 def test_two_data_parallel_processes_write_a_package(store, tmp_path):
     seen = []
-    cfg = TrainConfig(**{**TINY, "batch_size": 4, "devices": 2, "threads": 1})  # 2 chips per rank
+    cfg = train_config(**{**TINY, "batch_size": 4, "devices": 2, "threads": 1})  # 2 chips per rank
     spec = train(store, tmp_path / "m", cfg, progress=seen.append)
     assert spec.training["config"]["devices"] == 2
     assert [r["epoch"] for r in spec.training["history"]] == [1]
@@ -215,7 +215,7 @@ def test_package_alone_predicts_elsewhere(tmp_path):
     from segpipe.stages.predict.driver import predict
 
     training_store = tiny_store(tmp_path / "train", seed=1)
-    train(training_store, tmp_path / "m", TrainConfig(clip_percentiles=(1, 99), **TINY))
+    train(training_store, tmp_path / "m", train_config(clip_percentiles=(1, 99), **TINY))
     moved = tmp_path / "elsewhere" / "pkg"
     shutil.copytree(tmp_path / "m", moved)
     shutil.rmtree(tmp_path / "m")

@@ -1,57 +1,170 @@
-"""Training settings: one pydantic model shared by the CLI, the library and the flows."""
+"""Training settings: one pydantic model per family, shared by the CLI, the library and the flows.
+
+A network (:class:`NetworkConfig`) and the random-forest baseline (:class:`ForestConfig`)
+share the settings of :class:`_Shared`; ``arch`` chooses the family. Build settings with
+:func:`train_config`, which picks the family from ``arch`` (``unet`` when absent) and
+refuses a bad setting with one line naming it (:class:`SettingError`). Pydantic models
+that hold settings (a region description, a flow's parameters) annotate them with
+:data:`TrainConfigField`, the same choice as a pydantic type.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
-from segpipe.errors import InputError
+from segpipe.errors import ArchitectureError, InputError
 
-__all__ = ["CHIP_MULTIPLE", "TrainConfig", "fit_chip_size"]
+__all__ = [
+    "CHIP_MULTIPLE",
+    "DEFAULT_CHIP_SIZE",
+    "FOREST_ARCH",
+    "NETWORK_ARCHITECTURES",
+    "ForestConfig",
+    "NetworkConfig",
+    "SettingError",
+    "TrainConfig",
+    "TrainConfigField",
+    "UnknownArchitectureError",
+    "fit_chip_size",
+    "setting_error",
+    "shown",
+    "train_config",
+]
 
 # Every architecture's input edges must be multiples of its output stride (at most 32).
 CHIP_MULTIPLE = 32
+# A network's chip edge by default; a forest's package records it as the prediction
+# window hint (a forest reads no chips).
+DEFAULT_CHIP_SIZE = 128
 
-# Settings only one family reads. Setting one for the other family is refused rather than
-# ignored: a user who asks for, say, a focal loss on a forest would otherwise compare
-# results that never had it.
-_FOREST_ONLY = ("trees", "min_samples_leaf", "max_depth", "max_train_pixels", "forest_context")
-_NETWORK_ONLY = (
-    "encoder",
-    "epochs",
-    "samples_per_epoch",
-    "chip_size",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "loss",
-    "focal_gamma",
-    "dice_weight",
-    "patience",
-    "monitor",
-    "schedule",
-    "pretrained",
-    "balanced_sampling",
-    "color_jitter",
-    "checkpoint_every",
-    "checkpoint_seconds",
-    "pixel_head",
-    "devices",
-)
+NetworkArch = Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus"]
+# The same names as segpipe.models.ARCHITECTURES (a test holds them equal); spelled out
+# here because a Literal needs them written, and importing the models would load torch.
+NETWORK_ARCHITECTURES: tuple[str, ...] = get_args(NetworkArch)
+FOREST_ARCH = "random_forest"
+_DEFAULT_ARCH = "unet"
 
 
-class TrainConfig(BaseModel):
-    """How to train a segmentation model from a region store.
+class SettingError(InputError):
+    """A training setting is refused.
+
+    The message is one line naming the setting as the library spells it
+    (``chip_size=100: ...``); a settings file (:meth:`in_file`) or ``segpipe train``
+    names it as the user wrote it, from the attributes.
 
     Attributes:
-        arch: Network architecture: unet, pspnet, deeplabv3 or deeplabv3plus; or
-            ``random_forest``, the classical per-pixel baseline (scikit-learn random forest
-            on the band values), packaged and predicted like a network. It uses ``trees``,
-            ``min_samples_leaf``, ``max_depth``, ``max_train_pixels``, ``forest_context``,
-            ``class_balancing``, ``valid_fraction``, ``valid_cell``, ``seed``, ``threads``
-            and ``clip_percentiles``. Setting a network-only setting for it, or a forest
-            setting for a network, away from its default is refused.
+        key: The setting at fault (the first of them when several of the other family are
+            set); None when the settings as a whole are (not a mapping).
+        value: What was given for ``key``.
+        reason: Why, in one line.
+        names_itself: ``reason`` already names the settings and the arch (settings of the
+            other family), so no prefix is needed.
+        unknown: ``key`` is no setting at all (``reason`` lists the known ones).
+    """
+
+    def __init__(
+        self, key: str | None, value: Any, reason: str, names_itself: bool = False, unknown: bool = False
+    ) -> None:
+        self.key, self.value, self.reason = key, value, reason
+        self.names_itself, self.unknown = names_itself, unknown
+        super().__init__(reason if names_itself or key is None else f"{key}={value!r}: {reason}")
+
+    def in_file(self, path: str | Path, where: str) -> str:
+        """The refusal as one line naming the file and the entry ``where`` (e.g. ``train.epochs``)."""
+        plain = self.names_itself or self.unknown
+        return f"{path}: {where}: {self.reason}" + ("" if plain else f" (got {shown(self.value)})")
+
+
+def shown(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class UnknownArchitectureError(SettingError, ArchitectureError):
+    """``arch`` names no architecture segpipe trains."""
+
+
+class _Shared(BaseModel):
+    """The settings both families read.
+
+    Attributes:
+        valid_fraction: Share of labelled cells held out for validation (spatially disjoint).
+        valid_cell: Edge in pixels of the cells assigned wholesale to train or validation.
+        seed: Seed of sampling, augmentation and initialisation.
+        threads: Torch CPU threads (0 = all cores); a forest's scikit-learn jobs too.
+        class_balancing: Weight classes by their labelled pixels: a network's loss by
+            median frequency (at most 10x), a random forest's trees by the inverse of each
+            class's count in their bootstrap sample.
+        clip_percentiles: Per-band (low, high) percentiles that clip pixel values before
+            standardising, e.g. (2, 98); stored in the package, applied in prediction.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    valid_fraction: float = Field(default=0.15, ge=0, lt=1)
+    valid_cell: int = Field(default=256, ge=32)
+    seed: int = 0
+    threads: int = Field(default=0, ge=0)
+    class_balancing: bool = False
+    clip_percentiles: tuple[float, float] | None = None
+
+    # The other family's model, to recognise its settings (set below, once both exist).
+    _other: ClassVar[type[_Shared]]
+    # How the message names the other family ("networks", "--arch random_forest").
+    _other_family: ClassVar[str]
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _ordered_percentiles(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("must be two percentiles with 0 <= low < high <= 100, e.g. 2 98")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_of_the_other_family(cls, data: Any) -> Any:
+        """Refuse the other family's settings away from their defaults; drop them at them.
+
+        Silently ignoring, say, a focal loss asked for a forest would let a user compare
+        results that never had it. One left at its default changes nothing, so it passes.
+        """
+        if not isinstance(data, Mapping):
+            return data
+        foreign = {k: v for k, v in data.items() if k in _own_fields(cls._other)}
+        changed = {k: v for k, v in foreign.items() if v != cls._other.model_fields[k].default}
+        if changed:
+            arch = data.get("arch", cls.model_fields["arch"].default)
+            named = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            raise PydanticCustomError(
+                "other_family",
+                "--arch {arch} does not use {named} (these apply to {family} only): "
+                "leave them at their defaults",
+                {"arch": arch, "named": named, "family": cls._other_family, "key": next(iter(changed))},
+            )
+        return {k: v for k, v in data.items() if k not in foreign}
+
+
+class NetworkConfig(_Shared):
+    """How to train a segmentation network from a region store.
+
+    Attributes:
+        arch: Network architecture: unet, pspnet, deeplabv3 or deeplabv3plus.
         encoder: Encoder (backbone), e.g. resnet18, resnet34, vgg16_bn, mobilenet_v2.
         epochs: Passes over ``samples_per_epoch`` chips.
         samples_per_epoch: Chips drawn per epoch.
@@ -59,25 +172,16 @@ class TrainConfig(BaseModel):
         batch_size: Chips per optimisation step.
         lr: Peak learning rate of the schedule (AdamW).
         weight_decay: AdamW weight decay.
-        valid_fraction: Share of labelled cells held out for validation (spatially disjoint).
-        valid_cell: Edge in pixels of the cells assigned wholesale to train or validation.
-        seed: Seed of sampling, augmentation and initialisation.
         device: ``auto`` (GPU when present), ``cpu`` or ``cuda``.
-        threads: Torch CPU threads (0 = all cores).
         loss: ``ce`` (cross-entropy) or ``focal``; class 0 is always ignored.
         focal_gamma: Focusing exponent of the focal loss.
         dice_weight: Fraction of soft-Dice loss mixed in (0-1).
-        class_balancing: Weight classes by their labelled pixels: a network's loss by
-            median frequency (at most 10x), a random forest's trees by the inverse of each
-            class's count in their bootstrap sample.
         patience: Stop after this many epochs without improvement (None = never).
         monitor: What "improvement" and the kept checkpoint refer to.
         schedule: Learning-rate schedule: ``onecycle`` (warm-up then cosine decay) or
             ``cosine`` (cosine decay from ``lr`` without warm-up, e.g. for fine-tuning).
         pretrained: Local encoder weights file (.safetensors, .pth, .pt) to start from,
             e.g. a torchvision ResNet state dict; never downloaded.
-        clip_percentiles: Per-band (low, high) percentiles that clip pixel values before
-            standardising, e.g. (2, 98); stored in the package, applied in prediction.
         balanced_sampling: Centre chips on each class equally often.
         color_jitter: Strength of random brightness/contrast changes of valid pixels
             (in normalised units; 0 = off).
@@ -90,98 +194,43 @@ class TrainConfig(BaseModel):
             imagery, where features one to three pixels wide blur in the encoder.
         devices: Processes training data-parallel on this machine (one per GPU; on the
             CPU they share its cores, useful for testing).
-        trees: Random forest only: number of trees.
-        min_samples_leaf: Random forest only: fewest training pixels in a leaf. The default
-            5 (scikit-learn's is 1) halves the trees' nodes, hence the package size, on
-            noisy labels at no measured loss of accuracy; larger = smoother probabilities.
-        max_depth: Random forest only: deepest split level (None = grow until leaves are
-            pure); prediction time grows with depth.
-        max_train_pixels: Random forest only: labelled training pixels sampled at most
-            (validation pixels are capped alike).
-        forest_context: Random forest only: odd window edge K; above 1 the trees also
-            get each band's mean and standard deviation over the K x K pixels around
-            the pixel (1 = the band values alone, the classical baseline).
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    arch: Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus", "random_forest"] = "unet"
+    arch: NetworkArch = "unet"
     encoder: str = "resnet18"
     epochs: int = Field(default=10, ge=1)
     samples_per_epoch: int = Field(default=512, ge=1)
-    chip_size: int = Field(default=128, ge=32, multiple_of=32)
+    chip_size: int = Field(default=DEFAULT_CHIP_SIZE, ge=CHIP_MULTIPLE, multiple_of=CHIP_MULTIPLE)
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
-    valid_fraction: float = Field(default=0.15, ge=0, lt=1)
-    valid_cell: int = Field(default=256, ge=32)
-    seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(default=0, ge=0)
     loss: Literal["ce", "focal"] = "ce"
     focal_gamma: float = Field(default=2.0, ge=0)
     dice_weight: float = Field(default=0.0, ge=0, le=1)
-    class_balancing: bool = False
     patience: int | None = Field(default=None, ge=1)
     monitor: Literal["valid_miou", "valid_loss"] = "valid_miou"
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     pretrained: str | None = None
-    clip_percentiles: tuple[float, float] | None = None
     balanced_sampling: bool = False
     color_jitter: float = Field(default=0.0, ge=0, le=1)
     checkpoint_every: int = Field(default=50, ge=0)
     checkpoint_seconds: float = Field(default=300.0, ge=0)
     pixel_head: int = Field(default=0, ge=0)
     devices: int = Field(default=1, ge=1)
-    trees: int = Field(default=100, ge=1)
-    min_samples_leaf: int = Field(default=5, ge=1)
-    max_depth: int | None = Field(default=None, ge=1)
-    max_train_pixels: int = Field(default=200_000, ge=1)
-    forest_context: int = Field(default=1, ge=1, le=31)
 
-    @field_validator("forest_context")
-    @classmethod
-    def _odd_window(cls, value: int) -> int:
-        if value % 2 == 0:
-            raise ValueError("must be an odd window edge (1, 3, 5, ...) so the window has a centre pixel")
-        return value
+    _other_family: ClassVar[str] = f"--arch {FOREST_ARCH}"
 
-    @field_validator("clip_percentiles")
-    @classmethod
-    def _ordered_percentiles(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not 0 <= value[0] < value[1] <= 100:
-            raise ValueError("must be two percentiles with 0 <= low < high <= 100, e.g. 2 98")
-        return value
-
-    @model_validator(mode="after")
-    def _settings_of_the_family(self) -> TrainConfig:
-        forest = self.arch == "random_forest"
-        unused = _NETWORK_ONLY if forest else _FOREST_ONLY
-        changed = [
-            f"{name}={getattr(self, name)!r}"
-            for name in unused
-            if getattr(self, name) != type(self).model_fields[name].default
-        ]
-        if changed:
-            family = "networks" if forest else "--arch random_forest"
-            raise ValueError(
-                f"--arch {self.arch} does not use {', '.join(changed)} (these apply to {family} only): "
-                "leave them at their defaults"
-            )
-        return self
-
-    def fit_region(self, height: int, width: int) -> tuple[TrainConfig, str | None]:
+    def fit_region(self, height: int, width: int) -> tuple[NetworkConfig, str | None]:
         """These settings with the chip clamped to a region of ``height`` x ``width`` px.
 
         Returns:
-            The settings (unchanged when the chip fits or for the random forest, which
-            reads no chips) and the warning to log and record when the chip was clamped.
+            The settings (unchanged when the chip fits) and the warning to log and record
+            when the chip was clamped.
 
         Raises:
             InputError: The region is smaller than the smallest chip (32 px).
         """
-        if self.arch == "random_forest":
-            return self, None
         chip, note = fit_chip_size(self.chip_size, height, width)
         return (self, None) if note is None else (self.model_copy(update={"chip_size": chip}), note)
 
@@ -191,6 +240,133 @@ class TrainConfig(BaseModel):
         Threads and checkpoint frequency change no result, so they may differ.
         """
         return self.model_dump_json(exclude={"threads", "checkpoint_every", "checkpoint_seconds"})
+
+
+class ForestConfig(_Shared):
+    """How to train the classical per-pixel baseline: a random forest on the band values.
+
+    It is packaged and predicted like a network (scikit-learn random forest, see
+    :mod:`segpipe.stages.train.forest`).
+
+    Attributes:
+        arch: Always ``random_forest``.
+        trees: Number of trees.
+        min_samples_leaf: Fewest training pixels in a leaf. The default 5 (scikit-learn's
+            is 1) halves the trees' nodes, hence the package size, on noisy labels at no
+            measured loss of accuracy; larger = smoother probabilities.
+        max_depth: Deepest split level (None = grow until leaves are pure); prediction
+            time grows with depth.
+        max_train_pixels: Labelled training pixels sampled at most (validation pixels are
+            capped alike).
+        forest_context: Odd window edge K; above 1 the trees also get each band's mean
+            and standard deviation over the K x K pixels around the pixel (1 = the band
+            values alone, the classical baseline).
+    """
+
+    arch: Literal["random_forest"] = "random_forest"
+    trees: int = Field(default=100, ge=1)
+    min_samples_leaf: int = Field(default=5, ge=1)
+    max_depth: int | None = Field(default=None, ge=1)
+    max_train_pixels: int = Field(default=200_000, ge=1)
+    forest_context: int = Field(default=1, ge=1, le=31)
+
+    _other_family: ClassVar[str] = "networks"
+
+    @field_validator("forest_context")
+    @classmethod
+    def _odd_window(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be an odd window edge (1, 3, 5, ...) so the window has a centre pixel")
+        return value
+
+    def fit_region(self, height: int, width: int) -> tuple[ForestConfig, str | None]:
+        """These settings, unchanged: a forest reads no chips, so any region fits.
+
+        Returns:
+            The settings and no warning.
+        """
+        del height, width
+        return self, None
+
+
+NetworkConfig._other = ForestConfig
+ForestConfig._other = NetworkConfig
+
+TrainConfig: TypeAlias = NetworkConfig | ForestConfig
+"""Training settings of either family, for annotations and ``isinstance``."""
+
+
+def _own_fields(model: type[_Shared]) -> set[str]:
+    """The settings only ``model``'s family reads (``arch`` aside)."""
+    return set(model.model_fields) - set(_Shared.model_fields) - {"arch"}
+
+
+def _family(data: Any) -> str:
+    """The union member settings belong to: their ``arch``, ``unet`` when absent.
+
+    An unknown arch, or settings that are no mapping, go to the network model, whose
+    own errors then say what is wrong (:func:`train_config` names the architectures).
+    """
+    arch = data.get("arch", _DEFAULT_ARCH) if isinstance(data, Mapping) else getattr(data, "arch", None)
+    return FOREST_ARCH if arch == FOREST_ARCH else "network"
+
+
+TrainConfigField = Annotated[
+    Annotated[NetworkConfig, Tag("network")] | Annotated[ForestConfig, Tag(FOREST_ARCH)],
+    Discriminator(_family),
+]
+"""Training settings as a pydantic field type: the family chosen by ``arch`` (default unet)."""
+
+_ADAPTER: TypeAdapter[TrainConfig] = TypeAdapter(TrainConfigField)
+
+
+def train_config(data: Mapping[str, Any] | None = None, /, **fields: Any) -> TrainConfig:
+    """Validated training settings, of the family that ``arch`` names (``unet`` when absent).
+
+    Args:
+        data: Settings as a mapping (e.g. read from a file).
+        **fields: More settings; they override ``data``.
+
+    Returns:
+        A :class:`NetworkConfig` or, for ``arch="random_forest"``, a :class:`ForestConfig`.
+
+    Raises:
+        UnknownArchitectureError: ``arch`` names no architecture (an ArchitectureError).
+        SettingError: A setting is unknown, of the wrong type or out of range, or belongs
+            to the other family and is away from its default.
+    """
+    settings = {**(data or {}), **fields}
+    try:
+        return _ADAPTER.validate_python(settings)
+    except ValidationError as exc:
+        raise setting_error(exc.errors()[0]) from exc
+
+
+def setting_error(error: ErrorDetails) -> SettingError:
+    """One problem pydantic found in training settings, as a :class:`SettingError`.
+
+    Args:
+        error: One of the errors of validating :data:`TrainConfigField`, its location
+            taken from the settings (the family's tag first).
+    """
+    loc = tuple(error["loc"])
+    family = ForestConfig if loc[:1] == (FOREST_ARCH,) else NetworkConfig
+    path = loc[1:] if loc[:1] in (("network",), (FOREST_ARCH,)) else loc
+    value = error.get("input")
+    if error["type"] == "other_family":  # the message names the settings and the arch
+        first = str((error.get("ctx") or {})["key"])
+        given = value.get(first) if isinstance(value, Mapping) else None
+        return SettingError(first, given, error["msg"], names_itself=True)
+    key = str(path[0]) if path else None
+    if key == "arch":  # an unknown one went to the network model, which knows only its own
+        known = ", ".join((*NETWORK_ARCHITECTURES, FOREST_ARCH))
+        return UnknownArchitectureError(key, value, f"unknown architecture: choose one of {known}")
+    if error["type"] == "model_type":  # not a mapping at all
+        return SettingError(key, value, "must be a mapping of training settings (name: value)")
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(["arch", *(name for name in family.model_fields if name != "arch")])
+        return SettingError(key, value, f"unknown setting (known: {known})", unknown=True)
+    return SettingError(key, value, error["msg"].removeprefix("Value error, "))
 
 
 def fit_chip_size(chip_size: int, height: int, width: int) -> tuple[int, str | None]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import numpy as np
 from segpipe.errors import LabelsError, StoreError
 from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import open_layer, read_region_info, valid_mask
-from segpipe.models import ModelSpec, normalise, save_model
+from segpipe.models import ModelSpec, normalise
 from segpipe.models.forest import (
     FOREST_ARCH,
     ForestNet,
@@ -40,7 +41,8 @@ from segpipe.models.forest import (
     from_sklearn,
 )
 from segpipe.stages.evaluate import metrics
-from segpipe.stages.train.config import TrainConfig
+from segpipe.stages.train.config import ForestConfig
+from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
 from segpipe.stages.train.progress import TrainProgress
 from segpipe.stages.train.sampling import Candidates, find_candidates, label_classes, split_cells
 from segpipe.stages.train.stats import package_spec
@@ -136,10 +138,22 @@ def _score(net: ForestNet, x: np.ndarray, target: np.ndarray) -> tuple[float, np
     return float(loss), logp.argmax(dim=1).numpy()
 
 
+@dataclass(frozen=True)
+class _Pixels:
+    """The training and validation pixels of a forest: features, class indices, classes."""
+
+    spec: ModelSpec
+    band_names: tuple[str, ...]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_valid: np.ndarray
+    y_valid: np.ndarray
+
+
 def train_forest(
     store: str | Path,
     out: str | Path,
-    config: TrainConfig | None = None,
+    config: ForestConfig | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
 ) -> ModelSpec:
     """Train a per-pixel random forest on the store's labels and write a model package.
@@ -150,8 +164,7 @@ def train_forest(
     Args:
         store: Region store with ``image`` and ``labels`` layers.
         out: Model package directory to write.
-        config: Training settings (``arch`` should be ``random_forest``; see
-            :class:`TrainConfig` for the settings that apply).
+        config: The forest's settings (defaults when None).
         progress: Called after reading pixels, after fitting and after validating.
 
     Returns:
@@ -162,12 +175,51 @@ def train_forest(
         LabelsError: No labelled pixel with data, or none left for training.
     """
     import torch
-    from sklearn.ensemble import RandomForestClassifier
 
-    from segpipe.plots import plot_confusion_matrix, plot_loss_curve
-
-    cfg = config or TrainConfig(arch=FOREST_ARCH)
+    cfg = config or ForestConfig()
     started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    def report(step: int, loss: float, record: dict[str, Any] | None = None) -> None:
+        if progress:
+            progress(TrainProgress(1, 1, step, _STEPS, loss, record))
+
+    data = _read_pixels(store, cfg)
+    report(1, float("nan"))
+    forest = _fit(cfg, data.x_train, data.y_train)
+    net = from_sklearn(forest, len(data.spec.classes), cfg.forest_context)
+    record = _fit_record(net, data, time.perf_counter() - started)
+    report(2, record["train_loss"])
+    cm = _validate(net, data, record)
+    report(3, record["train_loss"], record)
+    history = [record]
+    spec = dataclasses.replace(
+        data.spec,
+        options=net.options(),
+        metrics=final_metrics(cm, data.spec.classes),
+        training={
+            "config": cfg.model_dump(),
+            "history": metrics.json_ready(history),
+            "train_pixels_sampled": int(data.y_train.size),
+            "valid_pixels_sampled": int(data.y_valid.size),
+            "seconds": time.perf_counter() - started,
+            "store_inputs": store_inputs(store),
+            "device": "cpu",
+            "forest": _forest_record(net, forest, cfg, data.band_names),
+        },
+    )
+    write_package(out, spec, net, history, cm)
+    return spec
+
+
+def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:
+    """Candidates, classes, statistics, the held-out-cell split and the features of both parts.
+
+    Raises:
+        StoreError: The store has no labels.
+        LabelsError: No labelled training pixel holds image data.
+    """
     info = read_region_info(store)
     try:
         labels = open_layer(store, "labels")
@@ -175,18 +227,12 @@ def train_forest(
         raise StoreError(f"region store {store} has no labels: ingest it with --labels") from exc
     image = open_layer(store, "image")
     rng = np.random.default_rng(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
     # Enough candidates per block for the pixel budget, never fewer than networks draw.
     n_blocks = info.blocks[0] * info.blocks[1]
     per_block = max(4096, -(-2 * cfg.max_train_pixels // n_blocks))
     cand = find_candidates(labels, info.block_size, max_per_block=per_block, seed=cfg.seed)
-    present = np.unique(cand.value)
-    classes, lut = label_classes(present, info.classes)
-
+    classes, lut = label_classes(np.unique(cand.value), info.classes)
     spec = package_spec(store, info, cfg, FOREST_ARCH, "none", classes)
-
     in_valid = split_cells(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
     train_c = _subsample(cand.subset(~in_valid), cfg.max_train_pixels, rng)
     valid_c = _subsample(cand.subset(in_valid), cfg.max_train_pixels, rng)
@@ -197,91 +243,73 @@ def train_forest(
             "no labelled training pixel holds image data (all nodata or all in validation cells): "
             "check the labels' extent or lower --valid-fraction"
         )
+    return _Pixels(spec, info.band_names, x_train, y_train, x_valid, y_valid)
 
-    def report(step: int, loss: float, record: dict[str, Any] | None = None) -> None:
-        if progress:
-            progress(TrainProgress(1, 1, step, _STEPS, loss, record))
 
-    report(1, float("nan"))
-    # Class balancing weights each class's pixels in every tree's bootstrap sample by the
-    # inverse of its count there. Weights passed as sample_weight would be wrong here:
-    # scikit-learn also draws the bootstrap in proportion to them, so a class of 65
-    # pixels would be resampled a hundred times over and the trees would memorise those
-    # pixels (nc-landsat7, context 5: held-out mIoU 0.34 that way, 0.37 this way, 0.34
-    # unweighted).
-    class_weight = _BALANCED if cfg.class_balancing else None
+def _class_weight(cfg: ForestConfig) -> str | None:
+    """scikit-learn's ``class_weight`` for the settings.
+
+    Class balancing weights each class's pixels in every tree's bootstrap sample by the
+    inverse of its count there. Weights passed as sample_weight would be wrong here:
+    scikit-learn also draws the bootstrap in proportion to them, so a class of 65
+    pixels would be resampled a hundred times over and the trees would memorise those
+    pixels (nc-landsat7, context 5: held-out mIoU 0.34 that way, 0.37 this way, 0.34
+    unweighted).
+    """
+    return _BALANCED if cfg.class_balancing else None
+
+
+def _fit(cfg: ForestConfig, x: np.ndarray, y: np.ndarray) -> Any:
+    """The fitted scikit-learn forest."""
+    from sklearn.ensemble import RandomForestClassifier
+
     forest = RandomForestClassifier(
         n_estimators=cfg.trees,
         min_samples_leaf=cfg.min_samples_leaf,
         max_depth=cfg.max_depth,
-        class_weight=class_weight,
+        class_weight=_class_weight(cfg),
         n_jobs=cfg.threads or -1,
         random_state=cfg.seed,
     )
-    forest.fit(x_train, y_train)
-    net = from_sklearn(forest, len(classes), cfg.forest_context)
-    fit_seconds = time.perf_counter() - started
-    pick = np.linspace(0, y_train.size - 1, min(_TRAIN_SCORE_PIXELS, y_train.size)).astype(int)
-    train_loss, train_pred = _score(net, x_train[pick], y_train[pick])
-    report(2, train_loss)
+    return forest.fit(x, y)
 
-    values = np.array([c.value for c in classes], dtype=np.uint8)
-    record: dict[str, Any] = {
+
+def _fit_record(net: ForestNet, data: _Pixels, fit_seconds: float) -> dict[str, Any]:
+    """The single epoch's record: how closely the trees fit (a sample of) their training pixels."""
+    pick = np.linspace(0, data.y_train.size - 1, min(_TRAIN_SCORE_PIXELS, data.y_train.size)).astype(int)
+    train_loss, train_pred = _score(net, data.x_train[pick], data.y_train[pick])
+    return {
         "epoch": 1,
         "train_loss": train_loss,
-        "train_accuracy": float((train_pred == y_train[pick]).mean()),
+        "train_accuracy": float((train_pred == data.y_train[pick]).mean()),
         "seconds": fit_seconds,
     }
-    cm: np.ndarray | None = None
-    if y_valid.size:
-        valid_loss, valid_pred = _score(net, x_valid, y_valid)
-        cm = np.zeros((len(values), len(values) + 1), dtype=np.int64)
-        metrics.add(cm, values[valid_pred], values[y_valid], values.tolist())
-        score = metrics.scores(cm, values.tolist(), [c.name for c in classes])
-        record.update(
-            valid_loss=valid_loss, valid_miou=score["miou"], valid_accuracy=score["overall_accuracy"]
-        )
-    history = [record]
-    report(3, train_loss, record)
 
-    final_metrics: dict[str, Any] = {}
-    if cm is not None:
-        final_metrics = metrics.json_ready(metrics.scores(cm, values.tolist(), [c.name for c in classes]))
-    spec = dataclasses.replace(
-        spec,
-        options=net.options(),
-        metrics=final_metrics,
-        training={
-            "config": cfg.model_dump(),
-            "history": metrics.json_ready(history),
-            "train_pixels_sampled": int(y_train.size),
-            "valid_pixels_sampled": int(y_valid.size),
-            "seconds": time.perf_counter() - started,
-            "store_inputs": store_inputs(store),
-            "device": "cpu",
-            "forest": {
-                "trees": net.n_trees,
-                "max_nodes": net.max_nodes,
-                "depth": net.depth,
-                "context": cfg.forest_context,
-                "class_weight": class_weight,
-                "feature_importance": dict(
-                    zip(
-                        feature_names(info.band_names, cfg.forest_context),
-                        (float(v) for v in forest.feature_importances_),
-                        strict=True,
-                    )
-                ),
-            },
-        },
-    )
-    out_dir = save_model(out, spec, net)
-    plot_loss_curve(history, out_dir / "loss_curve.png")
-    if cm is not None:
-        plot_confusion_matrix(
-            cm[:, : len(classes)],
-            [c.name for c in classes],
-            out_dir / "confusion_matrix.png",
-            title="validation (held-out cells)",
-        )
-    return spec
+
+def _validate(net: ForestNet, data: _Pixels, record: dict[str, Any]) -> np.ndarray | None:
+    """Score the held-out pixels into ``record``; their confusion matrix (None without any)."""
+    if not data.y_valid.size:
+        return None
+    classes = data.spec.classes
+    values = np.array([c.value for c in classes], dtype=np.uint8)
+    valid_loss, valid_pred = _score(net, data.x_valid, data.y_valid)
+    cm = np.zeros((len(values), len(values) + 1), dtype=np.int64)
+    metrics.add(cm, values[valid_pred], values[data.y_valid], values.tolist())
+    record.update(validation_scores(valid_loss, cm, classes))
+    return cm
+
+
+def _forest_record(
+    net: ForestNet, forest: Any, cfg: ForestConfig, band_names: tuple[str, ...]
+) -> dict[str, Any]:
+    """The package's ``training.forest`` entry: the trees' shape and the features' importance."""
+    names = feature_names(band_names, cfg.forest_context)
+    importance = (float(v) for v in forest.feature_importances_)
+    return {
+        "trees": net.n_trees,
+        "max_nodes": net.max_nodes,
+        "depth": net.depth,
+        "context": cfg.forest_context,
+        "class_weight": _class_weight(cfg),
+        "feature_importance": dict(zip(names, importance, strict=True)),
+    }

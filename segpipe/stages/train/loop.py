@@ -20,12 +20,13 @@ import numpy as np
 from segpipe.errors import InputError, LabelsError, StoreError
 from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import has_layer, open_layer, read_region_info
-from segpipe.models import ModelSpec, build_network, normalise, read_spec, save_model
+from segpipe.models import ModelSpec, build_network, normalise, read_spec
 from segpipe.stages.evaluate import metrics
 from segpipe.stages.train import checkpoint as ckpt
 from segpipe.stages.train import distributed as ddp
-from segpipe.stages.train.config import TrainConfig
+from segpipe.stages.train.config import ForestConfig, NetworkConfig, TrainConfig
 from segpipe.stages.train.losses import balanced_class_weights, make_loss
+from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
 from segpipe.stages.train.pretrained import PretrainedReport, load_pretrained_encoder
 from segpipe.stages.train.progress import TrainProgress
 from segpipe.stages.train.sampling import (
@@ -45,14 +46,12 @@ _MAX_VALID_CHIPS = 192
 _SAMPLE_CHIPS = 4
 
 
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What every rank shares, computed once before the loop (picklable for spawning)."""
 
     store: str
-    cfg: TrainConfig
+    cfg: NetworkConfig
     spec: ModelSpec
     lut: np.ndarray
     block_size: int
@@ -178,13 +177,13 @@ def _evaluate(
     return (loss_sum / count if count else float("nan")), cm
 
 
-def network_options(cfg: TrainConfig) -> dict[str, Any]:
+def network_options(cfg: NetworkConfig) -> dict[str, Any]:
     """Constructor options recorded in the package, so prediction rebuilds the same network."""
     return {"pixel_head": cfg.pixel_head} if cfg.pixel_head else {}
 
 
 def initial_network(
-    cfg: TrainConfig, in_channels: int, num_classes: int
+    cfg: NetworkConfig, in_channels: int, num_classes: int
 ) -> tuple[Any, PretrainedReport | None]:
     """The untrained network of a run: seeded initialisation, then pretrained encoder weights.
 
@@ -214,7 +213,7 @@ def initial_network(
     return net, report
 
 
-def _prepare(store: str | Path, cfg: TrainConfig) -> _Plan:
+def _prepare(store: str | Path, cfg: NetworkConfig) -> _Plan:
     """Candidates, split, statistics and initial weights: everything ranks share."""
     info = read_region_info(store)
     cfg, chip_note = cfg.fit_region(info.height, info.width)
@@ -261,7 +260,7 @@ def _prepare(store: str | Path, cfg: TrainConfig) -> _Plan:
 def _sampler(
     store: str | Path,
     block: int,
-    cfg: TrainConfig,
+    cfg: NetworkConfig,
     lut: np.ndarray,
     valid_cells: frozenset[tuple[int, int]],
     part: str,
@@ -278,7 +277,7 @@ def _sampler(
     )
 
 
-def _schedule(opt: Any, cfg: TrainConfig, total: int) -> Any:
+def _schedule(opt: Any, cfg: NetworkConfig, total: int) -> Any:
     import torch
 
     if cfg.schedule == "cosine":
@@ -293,17 +292,19 @@ def train(
     progress: Callable[[TrainProgress], None] | None = None,
     resume: bool = False,
 ) -> ModelSpec:
-    """Train a network on the store's labels and write a model package to ``out``.
+    """Train a network (or the random forest) on the store's labels and write a model package to ``out``.
 
     Chips are drawn where labels exist; class 0 is ignored by the loss. Validation
     uses spatially held-out cells; the weights with the best monitored score are
     kept. The run checkpoints into ``out/checkpoint/`` after every epoch and every
     ``checkpoint_every`` steps; the checkpoint is removed once the package is written.
+    A :class:`ForestConfig` trains the random forest instead
+    (:func:`segpipe.stages.train.forest.train_forest`).
 
     Args:
         store: Region store with ``image`` and ``labels`` layers.
         out: Model package directory to write.
-        config: Training settings (defaults when None).
+        config: Training settings (a network's defaults when None).
         progress: Called after every step with a :class:`TrainProgress`.
         resume: Continue from the checkpoint in ``out`` (same settings required),
             bitwise as if the run had not stopped. False: any old checkpoint is discarded.
@@ -318,8 +319,8 @@ def train(
         InputError: More CUDA devices asked for than present, or a checkpoint that
             does not fit the settings.
     """
-    cfg = config or TrainConfig()
-    if cfg.arch == "random_forest":
+    cfg = config or NetworkConfig()
+    if isinstance(cfg, ForestConfig):
         from segpipe.stages.train.forest import train_forest
 
         return train_forest(store, out, cfg, progress)
@@ -350,136 +351,183 @@ def _run(
     resume: bool,
     report: Callable[[TrainProgress], None] | None,
 ) -> ModelSpec | None:
-    """The training loop of one rank; rank 0 validates, checkpoints and writes the package."""
+    """The training loop of one rank; rank 0 validates, checkpoints and writes the package.
+
+    A module-level function, so :func:`segpipe.stages.train.distributed.run_ranks` can
+    start it in spawned processes.
+    """
+    return _RankLoop(rank, world, plan, out).run(resume, report)
+
+
+def _use_threads(device: Any, threads: int, world: int) -> None:
+    """Put the rank on its GPU, or give it its share of the CPU threads."""
     import os
 
     import torch
 
-    cfg, spec = plan.cfg, plan.spec
-    device = _device(cfg.device, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif cfg.threads or world > 1:  # ranks on one CPU share its cores instead of oversubscribing
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    torch.manual_seed(cfg.seed + rank)
-    rng = np.random.default_rng([cfg.seed, rank])
-    net = build_network(cfg.arch, cfg.encoder, len(spec.band_names), len(spec.classes), spec.options)
-    net.load_state_dict(plan.initial)
-    net.to(device)
-    model: Any = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    elif threads or world > 1:  # ranks on one CPU share its cores instead of oversubscribing
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
 
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    steps = max(1, cfg.samples_per_epoch // cfg.batch_size)
-    per_rank = max(1, -(-cfg.batch_size // world))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, cfg, steps * cfg.epochs)
-    use_amp = device.type == "cuda"
-    loss_fn = make_loss(cfg.loss, IGNORE, plan.class_weights, cfg.focal_gamma, cfg.dice_weight)
-    train_s = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, "train")
-    valid_s = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, "valid")
-    centres = CentreSampler(plan.train, cfg.balanced_sampling)
-    sign = 1.0 if cfg.monitor == "valid_miou" else -1.0  # compared as "higher is better"
-    key = cfg.resume_key()
 
-    if rank == 0 and not resume:
-        ckpt.remove_checkpoint(out)
-    state = ckpt.load_checkpoint(out, key) if resume else None
-    if state is None:
-        state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
-        resumed_from = None
-    else:
-        net.load_state_dict(state.network)
-        opt.load_state_dict(state.optimizer)
-        sched.load_state_dict(state.scheduler)
-        if len(state.rng) == world:
-            ckpt.restore_rng(rng, state.rng[rank])
-        resumed_from = {"epoch": state.epoch, "step": state.step}
-    history = state.history
-    offset = history[-1]["seconds"] if history else 0.0
-    started = time.perf_counter() - offset
+def _parallel(net: Any, device: Any, world: int) -> Any:
+    """The module the steps call: ``net`` itself, or wrapped to average gradients across ranks."""
+    if world == 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
 
-    pace = _Pace(cfg.checkpoint_every, cfg.checkpoint_seconds)
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def save(epoch: int, step: int, running: float) -> None:
-        pace.saved()
-        rngs = ddp.gather_objects(ckpt.rng_state(rng))
-        if rank == 0:
-            ckpt.save_checkpoint(
-                out,
-                dataclasses.replace(
-                    state,
-                    epoch=epoch,
-                    step=step,
-                    running=running,
-                    network=net.state_dict(),
-                    optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict(),
-                    rng=rngs,
-                    config=key,
-                ),
-            )
 
-    model.train()
-    stopped = bool(history and history[-1].get("early_stop"))
-    for epoch in range(state.epoch, cfg.epochs + 1):
-        if stopped:
-            break
+class _RankLoop:
+    """One rank's training: its network, optimiser, samplers, random state and checkpoints.
+
+    The order of the random draws is part of the result: a resumed run is bitwise the
+    same as an unbroken one only while every draw happens in the same order.
+    """
+
+    def __init__(self, rank: int, world: int, plan: _Plan, out: str) -> None:
+        import torch
+
+        cfg, spec = plan.cfg, plan.spec
+        self.rank, self.world, self.plan, self.out, self.cfg = rank, world, plan, out, cfg
+        self.device = _device(cfg.device, rank)
+        _use_threads(self.device, cfg.threads, world)
+        torch.manual_seed(cfg.seed + rank)
+        self.rng = np.random.default_rng([cfg.seed, rank])
+        self.net = build_network(cfg.arch, cfg.encoder, len(spec.band_names), len(spec.classes), spec.options)
+        self.net.load_state_dict(plan.initial)
+        self.net.to(self.device)
+        self.model = _parallel(self.net, self.device, world)
+        self.steps = max(1, cfg.samples_per_epoch // cfg.batch_size)
+        self.per_rank = max(1, -(-cfg.batch_size // world))
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = _schedule(self.opt, cfg, self.steps * cfg.epochs)
+        self.loss_fn = make_loss(cfg.loss, IGNORE, plan.class_weights, cfg.focal_gamma, cfg.dice_weight)
+        self.train_s = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, "train")
+        self.valid_s = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, "valid")
+        self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
+        self.key = cfg.resume_key()
+        self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
+        self.pace: _Pace  # its clock starts with the loop, after a checkpoint is loaded
+
+    def run(self, resume: bool, report: Callable[[TrainProgress], None] | None) -> ModelSpec | None:
+        """Train every remaining epoch; rank 0 then writes the package and returns its description."""
+        cfg = self.cfg
+        resumed_from = self._start(resume)
+        history = self.state.history
+        started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+        self.pace = _Pace(cfg.checkpoint_every, cfg.checkpoint_seconds)
+        self.model.train()
+        stopped = bool(history and history[-1].get("early_stop"))
+        for epoch in range(self.state.epoch, cfg.epochs + 1):
+            if stopped:
+                break
+            running = self._epoch(epoch, report)
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": running,
+                "seconds": time.perf_counter() - started,
+            }
+            if self.rank == 0 and self.plan.valid_windows:
+                self._validate(record)
+            history.append(record)
+            if report:
+                report(TrainProgress(epoch, cfg.epochs, self.steps, self.steps, running, record))
+            if cfg.patience is not None and self.state.stale >= cfg.patience:
+                record["early_stop"] = True
+            stopped = bool(ddp.broadcast_object(record.get("early_stop", False)))
+            self._save(epoch + 1, 0, 0.0)
+        if self.rank != 0:
+            return None
+        return _finish(self.net, self.plan, self.state, self.out, started, self.device.type, resumed_from)
+
+    def _start(self, resume: bool) -> dict[str, int] | None:
+        """Discard an old checkpoint, or continue from it; where the run resumed (None: afresh)."""
+        if self.rank == 0 and not resume:
+            ckpt.remove_checkpoint(self.out)
+        state = ckpt.load_checkpoint(self.out, self.key) if resume else None
+        if state is None:
+            return None
+        self.net.load_state_dict(state.network)
+        self.opt.load_state_dict(state.optimizer)
+        self.sched.load_state_dict(state.scheduler)
+        if len(state.rng) == self.world:
+            ckpt.restore_rng(self.rng, state.rng[self.rank])
+        self.state = state
+        return {"epoch": state.epoch, "step": state.step}
+
+    def _epoch(self, epoch: int, report: Callable[[TrainProgress], None] | None) -> float:
+        """The steps of one epoch (those left of it when resuming); its running training loss."""
+        state, steps = self.state, self.steps
         resuming = epoch == state.epoch
         running = state.running if resuming else 0.0
         for step in range((state.step if resuming else 0) + 1, steps + 1):
-            idx = centres.draw(rng, per_rank)
-            windows = [train_s.window_for(int(plan.train.y[i]), int(plan.train.x[i]), rng) for i in idx]
-            x, y = _batch(train_s, windows, spec, rng, cfg.color_jitter)
-            xt = torch.from_numpy(x).to(device)
-            yt = torch.from_numpy(y.astype(np.int64)).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(xt)
-            loss = loss_fn(logits, yt)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += (ddp.average(loss.item(), device) - running) / step
+            running += (self._step() - running) / step
             if report and step < steps:
-                report(TrainProgress(epoch, cfg.epochs, step, steps, running))
-            if step < steps and pace.due((epoch - 1) * steps + step):  # epoch ends always save
-                save(epoch, step, running)
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": running,
-            "seconds": time.perf_counter() - started,
-        }
-        if rank == 0 and plan.valid_windows:
-            v_loss, cm = _evaluate(net, valid_s, list(plan.valid_windows), spec, device, cfg.batch_size)
-            score = metrics.scores(cm, [c.value for c in spec.classes], [c.name for c in spec.classes])
-            record.update(
-                valid_loss=v_loss, valid_miou=score["miou"], valid_accuracy=score["overall_accuracy"]
-            )
-            value = sign * record[cfg.monitor]
-            if state.best_score is None or value > state.best_score:
-                state.best_score, state.best_cm, state.stale = value, cm, 0
-                state.best_weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            else:
-                state.stale += 1
-        history.append(record)
-        if report:
-            report(TrainProgress(epoch, cfg.epochs, steps, steps, running, record))
-        if cfg.patience is not None and state.stale >= cfg.patience:
-            record["early_stop"] = True
-        stopped = bool(ddp.broadcast_object(record.get("early_stop", False)))
-        save(epoch + 1, 0, 0.0)
+                report(TrainProgress(epoch, self.cfg.epochs, step, steps, running))
+            if step < steps and self.pace.due((epoch - 1) * steps + step):  # epoch ends always save
+                self._save(epoch, step, running)
+        return running
 
-    if rank != 0:
-        return None
-    return _finish(net, plan, history, state, out, started, device.type, resumed_from)
+    def _step(self) -> float:
+        """One optimisation step on a fresh batch; its loss averaged over the ranks."""
+        import torch
+
+        plan, rng, device = self.plan, self.rng, self.device
+        idx = self.centres.draw(rng, self.per_rank)
+        windows = [self.train_s.window_for(int(plan.train.y[i]), int(plan.train.x[i]), rng) for i in idx]
+        x, y = _batch(self.train_s, windows, plan.spec, rng, self.cfg.color_jitter)
+        xt = torch.from_numpy(x).to(device)
+        yt = torch.from_numpy(y.astype(np.int64)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = self.model(xt)
+        loss = self.loss_fn(logits, yt)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return ddp.average(loss.item(), device)
+
+    def _validate(self, record: dict[str, Any]) -> None:
+        """Score the held-out chips into ``record``; keep the weights when the monitored score is the best."""
+        cfg, plan, state = self.cfg, self.plan, self.state
+        windows = list(plan.valid_windows)
+        v_loss, cm = _evaluate(self.net, self.valid_s, windows, plan.spec, self.device, cfg.batch_size)
+        record.update(validation_scores(v_loss, cm, plan.spec.classes))
+        sign = 1.0 if cfg.monitor == "valid_miou" else -1.0  # compared as "higher is better"
+        value = sign * record[cfg.monitor]
+        if state.best_score is None or value > state.best_score:
+            state.best_score, state.best_cm, state.stale = value, cm, 0
+            state.best_weights = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+        else:
+            state.stale += 1
+
+    def _save(self, epoch: int, step: int, running: float) -> None:
+        """Checkpoint the run at ``epoch``/``step`` (every rank's random state; rank 0 writes)."""
+        self.pace.saved()
+        rngs = ddp.gather_objects(ckpt.rng_state(self.rng))
+        if self.rank == 0:
+            ckpt.save_checkpoint(
+                self.out,
+                dataclasses.replace(
+                    self.state,
+                    epoch=epoch,
+                    step=step,
+                    running=running,
+                    network=self.net.state_dict(),
+                    optimizer=self.opt.state_dict(),
+                    scheduler=self.sched.state_dict(),
+                    rng=rngs,
+                    config=self.key,
+                ),
+            )
 
 
 def _finish(
     net: Any,
     plan: _Plan,
-    history: list[dict[str, Any]],
     state: ckpt.TrainState,
     out: str,
     started: float,
@@ -487,47 +535,42 @@ def _finish(
     resumed_from: dict[str, int] | None,
 ) -> ModelSpec:
     """Best weights, metrics and plots into the package; then the checkpoint goes."""
-    from segpipe.plots import plot_confusion_matrix, plot_loss_curve
-
-    spec, classes = plan.spec, plan.spec.classes
     if state.best_weights is not None:
         net.load_state_dict(state.best_weights)
-    final_metrics: dict[str, Any] = {}
-    if state.best_cm is not None:
-        final_metrics = metrics.json_ready(
-            metrics.scores(state.best_cm, [c.value for c in classes], [c.name for c in classes])
-        )
-    weights = plan.class_weights
     spec = dataclasses.replace(
-        spec,
-        metrics=final_metrics,
-        training={
-            "config": plan.cfg.model_dump(),
-            "class_weights": None if weights is None else [float(w) for w in weights],
-            "history": metrics.json_ready(history),
-            "train_pixels_sampled": int(plan.train.y.size),
-            "valid_pixels_sampled": plan.valid_pixels,
-            "seconds": time.perf_counter() - started,
-            "store_inputs": store_inputs(plan.store),
-            "device": device,
-            "pretrained": plan.pretrained,
-            "resumed_from": resumed_from,
-            "warnings": list(plan.warnings),
-        },
+        plan.spec,
+        metrics=final_metrics(state.best_cm, plan.spec.classes),
+        training=_training_record(plan, state.history, time.perf_counter() - started, device, resumed_from),
     )
     net = net.cpu().eval()
-    out_dir = save_model(out, spec, net)
-    plot_loss_curve(history, out_dir / "loss_curve.png")
-    if state.best_cm is not None:
-        plot_confusion_matrix(
-            state.best_cm[:, : len(classes)],
-            [c.name for c in classes],
-            out_dir / "confusion_matrix.png",
-            title="validation (held-out cells)",
-        )
+    out_dir = write_package(out, spec, net, state.history, state.best_cm)
     _plot_samples(net, plan, out_dir / "samples.png")
     ckpt.remove_checkpoint(out)
     return spec
+
+
+def _training_record(
+    plan: _Plan,
+    history: list[dict[str, Any]],
+    seconds: float,
+    device: str,
+    resumed_from: dict[str, int] | None,
+) -> dict[str, Any]:
+    """The package's ``training`` entry: settings, history, samples, provenance."""
+    weights = plan.class_weights
+    return {
+        "config": plan.cfg.model_dump(),
+        "class_weights": None if weights is None else [float(w) for w in weights],
+        "history": metrics.json_ready(history),
+        "train_pixels_sampled": int(plan.train.y.size),
+        "valid_pixels_sampled": plan.valid_pixels,
+        "seconds": seconds,
+        "store_inputs": store_inputs(plan.store),
+        "device": device,
+        "pretrained": plan.pretrained,
+        "resumed_from": resumed_from,
+        "warnings": list(plan.warnings),
+    }
 
 
 def _plot_samples(net: Any, plan: _Plan, path: Path) -> None:

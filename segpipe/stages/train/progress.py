@@ -7,6 +7,7 @@ from typing import Any
 
 __all__ = ["TrainProgress"]
 
+
 @dataclass(frozen=True)
 class TrainProgress:
     """One progress report.

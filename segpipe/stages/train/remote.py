@@ -10,16 +10,17 @@ plain data: paths and the settings as a dict, never the pydantic model.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.models import ModelSpec
-from segpipe.stages.train.config import TrainConfig
+from segpipe.stages.train.config import NetworkConfig, TrainConfig, train_config
 
 if TYPE_CHECKING:
     import distributed
 
-__all__ = ["cluster_has_gpus", "train_on_cluster"]
+__all__ = ["cluster_has_gpus", "train_on_cluster", "train_on_scheduler"]
 
 
 def cluster_has_gpus(client: distributed.Client) -> bool:
@@ -33,7 +34,7 @@ def _train_task(store: str, out: str, settings: dict[str, Any], resume: bool) ->
 
     from segpipe.stages.train.loop import train
 
-    cfg = TrainConfig.model_validate(settings)
+    cfg = train_config(settings)
     if cfg.threads == 0:
         # Dask workers run with OMP_NUM_THREADS=1; training should use the worker's share.
         cfg = cfg.model_copy(update={"threads": max(1, int(get_worker().state.nthreads))})
@@ -55,13 +56,13 @@ def train_on_cluster(
         client: Connected dask client.
         store: Region store, as the worker sees it.
         out: Package directory, as the worker sees it.
-        config: Training settings.
+        config: Training settings (a network's defaults when None).
         resume: Continue from the checkpoint in ``out``.
 
     Returns:
         The written model's description.
     """
-    cfg = config or TrainConfig()
+    cfg = config or NetworkConfig()
     resources = {"GPU": 1} if cluster_has_gpus(client) else None
     future = client.submit(
         _train_task,
@@ -73,3 +74,36 @@ def train_on_cluster(
         pure=False,
     )
     return ModelSpec.from_json(json.loads(future.result()), f"{out}/model.json")
+
+
+def train_on_scheduler(
+    scheduler: str,
+    store: str | Path,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    announce: Callable[[str], None] | None = None,
+) -> ModelSpec:
+    """Train on one worker of the dask cluster at ``scheduler``.
+
+    The store is read first: a missing or damaged store fails here, before connecting.
+
+    Args:
+        scheduler: The cluster's scheduler address (``tcp://host:port``).
+        store: Region store, as the worker sees it.
+        out: Package directory, as the worker sees it.
+        config: Training settings.
+        resume: Continue from the checkpoint in ``out``.
+        announce: Told which cluster trains, once connected (a line to show).
+
+    Returns:
+        The written model's description.
+    """
+    from segpipe.cluster import describe_cluster, get_client
+    from segpipe.io.store import read_region_info
+
+    read_region_info(store)
+    with get_client(scheduler) as client:
+        if announce is not None:
+            announce(f"training on a worker of {describe_cluster(client)}")
+        return train_on_cluster(client, store, out, config, resume=resume)

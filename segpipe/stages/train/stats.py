@@ -22,6 +22,7 @@ import dask.array as da
 import numpy as np
 
 from segpipe.errors import InputError
+from segpipe.stages.train.config import DEFAULT_CHIP_SIZE, NetworkConfig
 
 if TYPE_CHECKING:
     from segpipe.io.store import RegionInfo
@@ -241,8 +242,10 @@ def package_spec(
     """Description of a model trained on ``store``: its bands, classes and normalisation.
 
     The statistics cover the whole mosaic (valid pixels, clipped at
-    ``cfg.clip_percentiles`` when set), the same for every architecture. The chip
-    size is clamped to the region (:meth:`TrainConfig.fit_region`, logged as a warning).
+    ``cfg.clip_percentiles`` when set), the same for every architecture. A network's
+    chip size is clamped to the region (:meth:`NetworkConfig.fit_region`, logged as a
+    warning); a forest, which reads no chips, records the default chip edge, which
+    prediction takes as its window hint.
 
     Raises:
         InputError: A band is all nodata or constant inside the labelled area, the
@@ -260,6 +263,7 @@ def package_spec(
         check_labelled_bands(image, region["labels"].data, info.nodata, info.band_names, store)
     mean, std, clip = normalisation_statistics(image, info.nodata, cfg.clip_percentiles)
     check_statistics(mean, std, info.band_names, store)
+    chip_size = fitted.chip_size if isinstance(fitted, NetworkConfig) else DEFAULT_CHIP_SIZE
     return ModelSpec(
         arch=arch,
         encoder=encoder,
@@ -267,7 +271,7 @@ def package_spec(
         mean=mean,
         std=std,
         classes=classes,
-        chip_size=fitted.chip_size,
+        chip_size=chip_size,
         nodata=info.nodata,
         options=dict(options or {}),
         clip_low=None if clip is None else clip[0],
