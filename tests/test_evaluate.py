@@ -18,12 +18,17 @@ from rasterio.features import rasterize
 from rasterio.warp import transform as transform_points
 from rasterio.warp import transform_bounds
 
-from segpipe.errors import InputError, LabelsError, MissingInputError
+import segpipe.stages.evaluate.assess as ev
+from segpipe.errors import InputError, LabelsError, MissingInputError, MissingLayerError
+from segpipe.grid.box import Box, iter_boxes
 from segpipe.io.labels import labels_window, open_labels
 from segpipe.io.store import create_layer, read_region_info, write_block
 from segpipe.plots import plot_loss_curve
 from segpipe.stages.evaluate.assess import EVAL_WINDOW, evaluate
-from segpipe.stages.evaluate.metrics import json_ready, scores
+from segpipe.stages.evaluate.metrics import confusion_from_histogram, joint_histogram, json_ready, scores
+from segpipe.stages.evaluate.points import strata_counts
+from segpipe.stages.evaluate.prediction import PredictionSource, open_prediction, preview_rgb, read_prediction
+from segpipe.stages.evaluate.report import decimate
 from segpipe.stages.export.cog import write_cog
 from segpipe.types import ClassInfo, Grid, classes_to_json
 
@@ -428,3 +433,160 @@ def test_preview_is_the_whole_region_decimated(tmp_path: Path, monkeypatch: pyte
     assert np.all(np.abs(png - np.array([1.0, 0.0, 1.0])) < 0.03, axis=-1).sum() < 500  # legend swatch only
     report = (tmp_path / "same" / "report.md").read_text()
     assert "![confusion matrix](confusion_matrix.png)" in report and "![preview](preview.png)" in report
+
+
+# ---- the named pieces of an evaluation -----------------------------------------------------
+
+
+def test_open_prediction_of_a_store_a_raster_and_a_cog(scene: dict, tmp_path: Path) -> None:
+    source, grid_, classes, block = open_prediction(scene["store"])
+    assert source == PredictionSource(str(scene["store"]), "store", "classes")
+    assert (grid_.height, grid_.width, block, classes) == (H, W, 512, list(CLASSES))
+    plain = tmp_path / "plain.tif"
+    write_tif(plain, np.ones((H, W), np.int16), UTM, TRANSFORM, nodata=0)
+    source, grid_, classes, block = open_prediction(plain)
+    assert (source.kind, source.nodata, block, classes) == ("raster", 0.0, 1, [])
+    assert grid_.transform == tuple(TRANSFORM)[:6]
+    cog = write_cog(scene["store"], tmp_path / "classes.tif")
+    assert open_prediction(cog)[2] == list(CLASSES)  # names from the COG's band tags
+    empty = tmp_path / "empty.zarr"
+    make_store(empty, 64, 64, block=64)
+    with pytest.raises(MissingLayerError, match=r"no 'classes' layer: run 'segpipe predict' first"):
+        open_prediction(empty)
+    two = tmp_path / "two.tif"
+    profile = {"driver": "GTiff", "height": 4, "width": 4, "count": 2, "dtype": "uint8", "crs": UTM}
+    with rasterio.open(two, "w", **profile, transform=TRANSFORM) as dst:
+        dst.write(np.ones((2, 4, 4), np.uint8))
+    with pytest.raises(InputError, match=r"2 band\(s\) of uint8"):
+        open_prediction(two)
+    (tmp_path / "notes.txt").write_text("not a raster")
+    with pytest.raises(InputError, match="neither a region store nor a raster"):
+        open_prediction(tmp_path / "notes.txt")
+    with pytest.raises(MissingInputError, match="does not exist"):
+        open_prediction(tmp_path / "nothing.tif")
+
+
+def test_read_prediction_of_a_box(scene: dict, tmp_path: Path) -> None:
+    box = Box(1000, 1200, 1500, 1300)
+    store_source = open_prediction(scene["store"])[0]
+    np.testing.assert_array_equal(read_prediction(store_source, box), scene["pred"][box.slices])
+    pred = np.where(scene["pred"] == 255, 0, scene["pred"]).astype(np.int16)
+    path = tmp_path / "pred.tif"
+    write_tif(path, pred, UTM, TRANSFORM, nodata=0)
+    read = read_prediction(open_prediction(path)[0], Box(0, 0, 10, 100))
+    np.testing.assert_array_equal(read, np.where(pred[:10, :100] == 0, 255, pred[:10, :100]))  # nodata as 255
+
+
+def test_preview_rgb_is_decimated_on_the_global_lattice(tmp_path: Path) -> None:
+    store = tmp_path / "rgb.zarr"
+    make_store(store, 100, 90, block=64, bands=("Blue", "Green", "Red"))
+    fill_classes(store, np.ones((100, 90), np.uint8))
+    source = open_prediction(store)[0]
+    image = np.asarray(zarr.open_array(str(store / "image"))[:])
+    rgb = preview_rgb(source, Box(10, 20, 50, 90), 3)
+    assert rgb is not None and rgb.shape == (13, 23, 3)
+    expected = image[[2, 1, 0]][:, 12:50:3, 21:90:3].transpose(1, 2, 0).astype(float)
+    np.testing.assert_array_equal(rgb, np.where(expected == 0, np.nan, expected))
+    make_store(store, 100, 90, block=64)  # no colour names: no image
+    fill_classes(store, np.ones((100, 90), np.uint8))
+    assert preview_rgb(source, Box(0, 0, 10, 10), 1) is None
+
+
+def test_check_request_refuses_before_the_long_pass(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        ev._check_request(tmp_path / "file", None)
+    with pytest.raises(InputError, match="sampling"):
+        ev._check_request(tmp_path, ev.PointRequest(10, "systematic", 0))
+    with pytest.raises(InputError, match="points"):
+        ev._check_request(tmp_path, ev.PointRequest(0, "random", 0))
+    ev._check_request(tmp_path / "new", ev.PointRequest(10, "equalized", 0))
+
+
+def test_window_pass_and_full_pass(scene: dict) -> None:
+    pred_source, grid_ = open_prediction(scene["store"])[:2]
+    labels = open_labels(scene["ref_tif"])
+    boxes = list(iter_boxes(H, W, 1024))
+    ref = reference_on_grid(scene["ref_tif"])
+    hist, counts, pieces = ev._window_pass(pred_source, labels, grid_, boxes[1], 0)
+    expected = joint_histogram(scene["pred"][boxes[1].slices], ref[boxes[1].slices])
+    np.testing.assert_array_equal(hist, expected)
+    np.testing.assert_array_equal(counts[0], strata_counts(expected))
+    assert pieces == [None]  # no preview
+    hist, counts, pieces = ev._full_pass(pred_source, labels, grid_, boxes, 5)
+    np.testing.assert_array_equal(hist, joint_histogram(scene["pred"], ref))
+    assert len(counts) == len(pieces) == 4
+    assert [(p[0], p[1]) for p in pieces if p is not None] == [(b.y0, b.x0) for b in boxes]  # window order
+    last = pieces[3]
+    assert last is not None
+    np.testing.assert_array_equal(last[2], decimate(scene["pred"][boxes[3].slices], 1024, 1024, 5))
+
+
+def test_evaluability_checks() -> None:
+    hist = np.zeros((256, 256), np.int64)
+    with pytest.raises(LabelsError, match="no labelled pixel"):
+        ev._check_labelled(hist, "p", "r")
+    hist[3, 255] = 10  # labelled, but nothing predicted there
+    ev._check_labelled(hist, "p", "r")
+    classes = [ClassInfo(3, "water", "#1f77b4")]
+    with pytest.raises(LabelsError, match="no data"):
+        ev._check_predicted(hist, classes, "p", "r")
+    hist[3, 3] = 1
+    ev._check_predicted(hist, classes, "p", "r")
+
+
+def test_pixel_counts_and_metrics() -> None:
+    hist = np.zeros((256, 256), np.int64)
+    hist[0, 1] = 100  # unlabelled
+    hist[1, 1], hist[1, 2], hist[1, 9], hist[1, 255] = 5, 2, 1, 4
+    hist[2, 2] = 3
+    assert ev._pixel_counts(hist, [1, 2]) == {
+        "grid": 115,
+        "reference_labelled": 15,
+        "evaluated": 11,
+        "labelled_without_prediction": 4,
+        "other_predictions": 1,
+    }
+    classes = [ClassInfo(1, "forest", "#1f7a1f"), ClassInfo(2, "water", "#1f77b4")]
+    cm = confusion_from_histogram(hist, [1, 2])
+    metrics = ev._metrics("p.zarr", "r.tif", hist, cm, classes, {"mode": "pixels"})
+    assert list(metrics)[:2] == ["prediction", "reference"]
+    assert list(metrics)[-2:] == ["assessment", "pixel_counts"]
+    assert metrics["classes"][1] == {"value": 2, "name": "water", "colour": "#1f77b4"}
+    assert metrics["overall_accuracy"] == 8 / 11 and metrics["other_predictions"] == [1, 0]
+    assert metrics["per_class"][1]["precision"] == 0.6
+
+
+def test_points_file_and_summary(tmp_path: Path) -> None:
+    points = np.array([[0, 0, 1, 1], [2, 3, 3, 1]], np.int64)
+    ev._write_points(tmp_path / "points.csv", points, grid())
+    assert (tmp_path / "points.csv").read_text().splitlines() == [
+        "row,col,x,y,reference,prediction",
+        "0,0,500015.0,3999985.0,1,1",
+        "2,3,500105.0,3999925.0,3,1",
+    ]
+    totals = np.zeros(257, np.int64)
+    totals[1], totals[256] = 40, 40
+    targets = np.zeros(257, np.int64)
+    targets[1] = 2
+    classes = [ClassInfo(1, "forest", "#1f7a1f")]
+    summary = ev._points_summary(points, targets, totals, classes, ev.PointRequest(5, "stratified", 3))
+    assert summary["per_stratum"] == [{"value": 1, "name": "forest", "pixels": 40, "points": 2}]
+    assert (summary["requested"], summary["points"], summary["seed"]) == (5, 2, 3)
+    assert summary["overall_accuracy_area_weighted"] == 0.5
+    targets[256] = 2
+    summary = ev._points_summary(points, targets, totals, classes, ev.PointRequest(2, "random", 0))
+    everything = {"value": None, "name": "all evaluable pixels", "pixels": 40, "points": 2}
+    assert summary["per_stratum"] == [everything]
+
+
+def test_write_outputs_without_a_preview(tmp_path: Path) -> None:
+    hist = np.zeros((256, 256), np.int64)
+    hist[1, 1], hist[2, 1] = 5, 2
+    classes = [ClassInfo(1, "forest", "#1f7a1f"), ClassInfo(2, "water", "#1f77b4")]
+    cm = confusion_from_histogram(hist, [1, 2])
+    metrics = ev._metrics("p.zarr", "r.tif", hist, cm, classes, {"mode": "pixels"})
+    ev._write_outputs(tmp_path, metrics, cm, classes, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "metrics.json", "report.md"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert "![preview](preview.png)" not in (tmp_path / "report.md").read_text()
