@@ -175,3 +175,16 @@ def test_empty_matrix_gives_nan_and_json_null() -> None:
     back = json.loads(text)
     assert back["overall_accuracy"] is None and back["per_class"][0]["f1"] is None
     assert json_ready({"a": np.int64(3), "b": np.array([1.5, np.inf])}) == {"a": 3, "b": [1.5, None]}
+
+
+def test_evaluable_pixels_and_per_class_counts() -> None:
+    from segpipe.stages.evaluate.metrics import _per_class, evaluable
+
+    mask = evaluable(PRED, REF)
+    expected = (REF >= 1) & (REF <= 254) & (PRED != 255)
+    np.testing.assert_array_equal(mask, expected)
+    assert int(mask.sum()) == 10  # one unlabelled, one nodata of 12
+    rows = _per_class([[2, 1, 0, 1], [1, 2, 1, 0], [0, 0, 1, 1]], [1, 2, 5], ["a", "b", "c"])
+    assert [r["support"] for r in rows] == [4, 4, 2]  # "other" counts in the support
+    assert [r["predicted"] for r in rows] == [3, 3, 2]
+    assert rows[0]["iou"] == 2 / 5 and rows[2]["precision"] == 0.5 and rows[1]["f1"] == 4 / 7

@@ -74,3 +74,18 @@ def test_decimated_pieces_tile_the_whole_view() -> None:
     np.testing.assert_array_equal(ref, full[::step, ::step])
     assert rgb is None
     assert preview_step(32768, 1000) == 32 and preview_step(500, 20) == 1
+
+
+def test_report_sections_are_named_pieces() -> None:
+    from segpipe.stages.evaluate.report import _confusion_lines, _per_class_lines
+
+    metrics = _metrics(False)
+    per_class = _per_class_lines(metrics)
+    assert per_class[0] == "## Per class" and per_class[-3:][0].startswith("| 1 | tree |")
+    assert len(per_class) == 4 + 2 + 3  # title, blank, text, blank, header, alignment, one row per class
+    confusion = _confusion_lines(metrics, "points")
+    assert confusion[0] == "## Confusion matrix (points)"
+    assert confusion[4] == "| reference \\ prediction | tree | grass | water | other |"
+    assert confusion[-1] == "| water | 1 | 0 | 2 | 0 |"
+    text = markdown_report(metrics)
+    assert "\n".join(per_class) in text and "\n".join(_confusion_lines(metrics, "pixels")) in text

@@ -97,3 +97,37 @@ def test_ingest_keeps_what_synth_wrote(region, tmp_path):
     assert info == again
     assert again.band_names == ("blue", "green", "red", "nir")
     assert [c.name for c in again.classes] == [c.name for c in SCENE_CLASSES]
+
+
+def test_tiles_and_windows_are_boxes_on_the_label_lattice():
+    from segpipe.grid.box import Box
+    from segpipe.synth import write
+
+    assert write._tile_edge(640, 3) == 256  # 214 rounded up to the 64 px label cells
+    assert write._tile_edge(2048, 2) == 1024
+    windows = write._tile_windows(Box(1024, 0, 2500, 1500))
+    assert windows == [
+        Box(1024, 0, 2048, 1024),
+        Box(1024, 1024, 2048, 1500),
+        Box(2048, 0, 2500, 1024),
+        Box(2048, 1024, 2500, 1500),
+    ]
+    with pytest.raises(InputError, match="--bands"):
+        write._check_parameters(128, 65, 1)
+
+
+def test_window_data_and_tally():
+    from segpipe.grid.box import Box
+    from segpipe.synth import write
+
+    spec = SceneSpec(size=256, bands=2, seed=1)
+    image, dense, labels, polys = write._window_data(spec, Box(64, 128, 192, 256))
+    assert np.array_equal(image, image_block(spec, 64, 128, 128, 128))
+    assert np.array_equal(dense, class_block(spec, 64, 128, 128, 128))
+    assert labels.shape == (128, 128) and np.array_equal(labels[labels > 0], dense[labels > 0])
+    seen = []
+    tally = write._Tally(2, lambda done, total: seen.append((done, total)))
+    tally.add(labels, polys)
+    tally.add(np.zeros((2, 2), np.uint8), [])
+    assert seen == [(1, 2), (2, 2)]
+    assert tally.labelled == int(np.count_nonzero(labels)) and tally.polygons == polys
