@@ -313,7 +313,7 @@ import sys, time
 import segpipe.stages.export.cog as cog
 stage = sys.argv[3]
 if stage == "stream":
-    real = geotiff.write_geotiff_layer
+    real = cog.write_geotiff_layer
     cog.write_geotiff_layer = lambda *a, **k: real(*a, **{**k, "on_window": lambda y, x: time.sleep(0.5)})
 else:
     cog._check_survived = lambda *a, **k: time.sleep(60)  # the converted COG sits in its temporary
@@ -505,3 +505,18 @@ def test_check_survived_names_what_the_conversion_lost(
     moved = RegionInfo(**{**info.__dict__, "transform": (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)})
     with pytest.raises(SegpipeError, match="transform changed"):
         cog._check_survived(path, spec, moved)
+
+
+def test_band_colormap_is_empty_without_a_colour_table(tmp_path: Path) -> None:
+    from segpipe.stages.export.layers import band_colormap
+
+    plain = tmp_path / "plain.tif"
+    profile = {"driver": "GTiff", "height": 2, "width": 2, "count": 1, "dtype": "uint8", "crs": "EPSG:32617"}
+    with rasterio.open(plain, "w", **profile, transform=TRANSFORM) as dst:
+        dst.write(np.zeros((1, 2, 2), np.uint8))
+    with rasterio.open(plain) as src:
+        assert band_colormap(src) == {}
+    with rasterio.open(plain, "r+") as dst:
+        dst.write_colormap(1, class_colormap(CLASSES))
+    with rasterio.open(plain) as src:
+        assert band_colormap(src)[3] == (*CLASSES[1].rgb, 255)

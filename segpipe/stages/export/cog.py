@@ -54,7 +54,7 @@ from segpipe.io.remote import (
 )
 from segpipe.io.store import RegionInfo, read_region_info, same_nodata
 from segpipe.stages.export.geotiff import WINDOW, write_geotiff_layer
-from segpipe.stages.export.layers import ExportLayer, classes_from_tags, describe_layer
+from segpipe.stages.export.layers import ExportLayer, band_colormap, classes_from_tags, describe_layer
 from segpipe.stages.export.stac import stac_bands, stac_item, stac_item_path, stac_json
 
 __all__ = ["COMPRESSIONS", "GDAL_CACHE_MB", "write_cog"]
@@ -224,10 +224,7 @@ def _check_survived(path: Path, spec: ExportLayer, info: RegionInfo) -> None:
         if tuple(src.descriptions) != spec.descriptions:
             problems.append("band descriptions lost")
         if spec.name == "classes":
-            try:
-                cmap = src.colormap(1)
-            except ValueError:
-                cmap = {}
+            cmap = band_colormap(src)
             if any(cmap.get(c.value, (0, 0, 0, 0))[:3] != c.rgb for c in spec.classes):
                 problems.append("colour table lost")
             if spec.classes and classes_from_tags(src.tags(1)) != list(spec.classes):

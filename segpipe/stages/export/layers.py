@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from rasterio.io import DatasetReader
 
 from segpipe.errors import InputError, StoreError
 from segpipe.io.store import NODATA_U8, RegionInfo, open_layer, read_region_info
@@ -23,7 +24,9 @@ from segpipe.types import ClassInfo, classes_from_json, classes_to_json, default
 
 __all__ = [
     "EXPORT_LAYERS",
+    "Colormap",
     "ExportLayer",
+    "band_colormap",
     "class_colormap",
     "class_tags",
     "classes_from_tags",
@@ -93,6 +96,14 @@ def class_colormap(classes: Sequence[ClassInfo]) -> Colormap:
         cls = known.get(value) or ClassInfo(value, "", default_colour(value))
         table[value] = (*cls.rgb, 255)
     return table
+
+
+def band_colormap(src: DatasetReader, band: int = 1) -> Colormap:
+    """The colour table of a band of an open raster, empty when it has none."""
+    try:
+        return src.colormap(band)  # type: ignore[no-any-return]
+    except ValueError:  # rasterio's way of saying "no colour table"
+        return {}
 
 
 def class_tags(classes: Sequence[ClassInfo]) -> dict[str, str]:

@@ -21,7 +21,6 @@ import math
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -30,6 +29,7 @@ from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 
 from segpipe.grid.box import Box
+from segpipe.stages.export.layers import band_colormap
 
 __all__ = ["BandFeed", "ModePyramid", "level_paths", "mode2x2", "overview_shapes", "write_overview_vrt"]
 
@@ -177,10 +177,7 @@ def write_overview_vrt(vrt: Path, base: Path, overviews: list[Path]) -> Path:
     with rasterio.open(base) as src:
         crs, transform, nodata = src.crs, src.transform, src.nodata
         description = src.descriptions[0] or ""
-        try:
-            cmap: dict[int, Any] = src.colormap(1)
-        except ValueError:
-            cmap = {}
+        cmap = band_colormap(src)
         tags, band_tags = src.tags(), src.tags(1)
         width, height, dtype = src.width, src.height, src.dtypes[0]
     gdal_type = {"uint8": "Byte"}[dtype]
