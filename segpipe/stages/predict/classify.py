@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -261,6 +261,28 @@ def _outputs(
         lead={"class": [c.value for c in spec.classes]},
     )
     return xr.Dataset({"classes": classes, "confidence": confidence, "probabilities": per_class})
+
+
+@overload
+def classify(
+    data: xr.DataArray, model: str | Path, *, tile_size: int | None = None, overlap: int | None = None,
+    blend: str = "cosine", tta: bool = False, probabilities: Literal[False] = False,
+    batch_size: int | None = None,
+) -> xr.DataArray: ...
+
+
+@overload
+def classify(
+    data: xr.DataArray, model: str | Path, *, tile_size: int | None = None, overlap: int | None = None,
+    blend: str = "cosine", tta: bool = False, probabilities: Literal[True], batch_size: int | None = None,
+) -> xr.Dataset: ...
+
+
+@overload
+def classify(
+    data: xr.DataArray, model: str | Path, *, tile_size: int | None = None, overlap: int | None = None,
+    blend: str = "cosine", tta: bool = False, probabilities: bool = False, batch_size: int | None = None,
+) -> xr.DataArray | xr.Dataset: ...
 
 
 def classify(
