@@ -1,8 +1,26 @@
 """segpipe: classify every pixel of very large raster mosaics with deep learning.
 
-The public API is small; stages are also reachable as the ``segpipe`` command.
-Importing segpipe never imports torch's CUDA runtime nor Prefect.
+The public API is small; stages are also reachable as the ``segpipe`` command:
+
+- :func:`open_region`: a region store as a lazy xarray Dataset (CRS decoded);
+- :func:`ingest`, :func:`train`, :func:`predict`, :func:`export`, :func:`evaluate`: the
+  stages, with the command's options as keyword arguments, returning
+  :class:`IngestResult`, :class:`TrainResult`, :class:`PredictSummary`,
+  :class:`ExportResult` and :class:`EvaluateResult`;
+- :func:`classify`: a model package applied lazily to any (band, y, x) DataArray, with
+  the classes ``segpipe predict`` gives;
+- :class:`ClassInfo` and the errors (:class:`SegpipeError` and its family).
+
+Importing segpipe never imports torch's CUDA runtime nor Prefect: the functions and
+result types load on first use (PEP 562), so ``import segpipe`` and ``segpipe
+--version`` stay fast. The stages themselves live in ``segpipe.stages.<name>``, so
+``segpipe.predict`` is always the function.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from segpipe.errors import (
     ArchitectureError,
@@ -14,6 +32,7 @@ from segpipe.errors import (
     InputError,
     LabelsError,
     MissingInputError,
+    MissingLayerError,
     ModelPackageError,
     SegpipeError,
     StorageError,
@@ -24,25 +43,82 @@ from segpipe.errors import (
 )
 from segpipe.types import ClassInfo
 
+if TYPE_CHECKING:
+    from segpipe.api import (
+        ClassScore,
+        EvaluateResult,
+        ExportResult,
+        IngestResult,
+        TrainResult,
+        evaluate,
+        export,
+        ingest,
+        predict,
+        train,
+    )
+    from segpipe.io.store import open_region
+    from segpipe.stages.predict.classify import classify
+    from segpipe.stages.predict.driver import PredictSummary
+
 __version__ = "0.1.0"
+
+# Public name -> the module defining it, imported on first access.
+_LAZY: dict[str, str] = {
+    "open_region": "segpipe.io.store",
+    "classify": "segpipe.stages.predict.classify",
+    "PredictSummary": "segpipe.stages.predict.driver",
+    **{
+        name: "segpipe.api"
+        for name in ("ingest", "train", "predict", "export", "evaluate", "ClassScore", "EvaluateResult",
+                     "ExportResult", "IngestResult", "TrainResult")
+    },
+}
 
 __all__ = [
     "ArchitectureError",
     "BandMismatchError",
     "BatchError",
     "ClassInfo",
+    "ClassScore",
     "ClusterError",
     "EngineError",
     "EnvironmentFaultError",
+    "EvaluateResult",
+    "ExportResult",
+    "IngestResult",
     "InputError",
     "LabelsError",
     "MissingInputError",
+    "MissingLayerError",
     "ModelPackageError",
+    "PredictSummary",
     "SegpipeError",
     "StorageError",
     "StoreBusyError",
     "StoreError",
     "TileMismatchError",
+    "TrainResult",
     "TransientError",
     "__version__",
+    "classify",
+    "evaluate",
+    "export",
+    "ingest",
+    "open_region",
+    "predict",
+    "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public function or result type on first access (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'segpipe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later accesses skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
