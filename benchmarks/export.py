@@ -42,7 +42,8 @@ import zarr
 from affine import Affine
 
 from segpipe.io.store import create_layer, open_layer, write_block
-from segpipe.stages.export.cog import GDAL_CACHE_MB, WINDOW
+from segpipe.stages.export.cog import GDAL_CACHE_MB
+from segpipe.stages.export.geotiff import WINDOW
 from segpipe.synth.scene import SCENE_CLASSES, SceneSpec, class_block
 from segpipe.types import classes_to_json
 
@@ -154,6 +155,42 @@ def gdal_cog(src: Path, dst: Path, compress: str) -> list[str]:
     return [*cmd, str(src), str(dst)]
 
 
+def _validation(cog: Path) -> dict[str, Any]:
+    """The written COG checked in a fresh process: valid, overviews, colour map, class tags, size."""
+    check = (
+        "import json, rasterio; from rio_cogeo.cogeo import cog_validate; "
+        f"p = {str(cog)!r}; src = rasterio.open(p); v = cog_validate(p, strict=False, quiet=True); "
+        "print(json.dumps({'valid': v[0], 'overviews': src.overviews(1), 'colormap': len(src.colormap(1)), "
+        "'class_tags': sorted(k for k in src.tags(1) if k.startswith('CLASS_')), "
+        "'bigtiff': src.profile.get('BIGTIFF', 'no'), 'MB': round(src.name and __import__('os')"
+        ".path.getsize(p) / 2**20, 1)}))"
+    )
+    _, _, validation = run_child(py(check))
+    return dict(json.loads(validation.strip().splitlines()[-1]))
+
+
+def _evaluations(store: Path, prediction: Path, work: Path, mpx: float) -> dict[str, Any]:
+    """Evaluate the store against the prediction, every pixel and 10,000 points, each in a child."""
+    eval_dense = (
+        f"from segpipe.stages.evaluate.assess import evaluate; evaluate({str(store)!r}, {str(prediction)!r}, "
+        f"{str(work / 'eval')!r})"
+    )
+    eval_points = (
+        f"from segpipe.stages.evaluate.assess import evaluate; evaluate({str(store)!r}, {str(prediction)!r}, "
+        f"{str(work / 'eval_points')!r}, points=10000, sampling='stratified', seed=0)"
+    )
+    eval_s, eval_mb, _ = run_child(py(eval_dense))
+    points_s, points_mb, _ = run_child(py(eval_points))
+    return {
+        "evaluate_s": round(eval_s, 2),
+        "evaluate_mpx_per_s": round(mpx / eval_s, 1),
+        "evaluate_peak_rss_mb": round(eval_mb, 1),
+        "evaluate_points_10000_s": round(points_s, 2),
+        "evaluate_points_mpx_per_s": round(mpx / points_s, 1),
+        "evaluate_points_peak_rss_mb": round(points_mb, 1),
+    }
+
+
 def bench_size(size: int, work: Path, compress: str, workers: int) -> dict[str, Any]:
     store = work / f"region{size}.zarr"
     shutil.rmtree(store, ignore_errors=True)
@@ -167,7 +204,7 @@ def bench_size(size: int, work: Path, compress: str, workers: int) -> dict[str, 
     gdal_out = work / f"gdal{size}.tif"
     export_code = EXPORT_CHILD.format(store=str(store), out=str(ours), compress=compress)
     stream_code = (
-        "from segpipe.stages.export.cog import write_geotiff_layer; "
+        "from segpipe.stages.export.geotiff import write_geotiff_layer; "
         f"write_geotiff_layer({str(store)!r}, {str(stream)!r}, 'classes')"
     )
     process_s, ours_mb, out = run_child(py(export_code))
@@ -175,25 +212,7 @@ def bench_size(size: int, work: Path, compress: str, workers: int) -> dict[str, 
     ours_s = stages["call"]
     stream_s, stream_mb, _ = run_child(py(stream_code))
     gdal_s, gdal_mb, _ = run_child(gdal_cog(stream, gdal_out, compress))
-    check = (
-        "import json, rasterio; from rio_cogeo.cogeo import cog_validate; "
-        f"p = {str(ours)!r}; src = rasterio.open(p); v = cog_validate(p, strict=False, quiet=True); "
-        "print(json.dumps({'valid': v[0], 'overviews': src.overviews(1), 'colormap': len(src.colormap(1)), "
-        "'class_tags': sorted(k for k in src.tags(1) if k.startswith('CLASS_')), "
-        "'bigtiff': src.profile.get('BIGTIFF', 'no'), 'MB': round(src.name and __import__('os')"
-        ".path.getsize(p) / 2**20, 1)}))"
-    )
-    _, _, validation = run_child(py(check))
-    eval_dense = (
-        f"from segpipe.stages.evaluate.assess import evaluate; evaluate({str(store)!r}, {str(stream)!r}, "
-        f"{str(work / 'eval')!r})"
-    )
-    eval_points = (
-        f"from segpipe.stages.evaluate.assess import evaluate; evaluate({str(store)!r}, {str(stream)!r}, "
-        f"{str(work / 'eval_points')!r}, points=10000, sampling='stratified', seed=0)"
-    )
-    eval_s, eval_mb, _ = run_child(py(eval_dense))
-    points_s, points_mb, _ = run_child(py(eval_points))
+    validation = _validation(ours)
     record = {
         "size": size,
         "megapixels": round(mpx, 1),
@@ -210,13 +229,8 @@ def bench_size(size: int, work: Path, compress: str, workers: int) -> dict[str, 
         "ratio_vs_gdal": round(ours_s / gdal_s, 3),
         "cog_mb": round(ours.stat().st_size / 2**20, 1),
         "gdal_cog_mb": round(gdal_out.stat().st_size / 2**20, 1),
-        "validation": json.loads(validation.strip().splitlines()[-1]),
-        "evaluate_s": round(eval_s, 2),
-        "evaluate_mpx_per_s": round(mpx / eval_s, 1),
-        "evaluate_peak_rss_mb": round(eval_mb, 1),
-        "evaluate_points_10000_s": round(points_s, 2),
-        "evaluate_points_mpx_per_s": round(mpx / points_s, 1),
-        "evaluate_points_peak_rss_mb": round(points_mb, 1),
+        "validation": validation,
+        **_evaluations(store, stream, work, mpx),
     }
     for path in (ours, ours.with_name(f"{ours.stem}.stac.json"), stream, gdal_out):
         path.unlink(missing_ok=True)

@@ -213,7 +213,7 @@ def previews(store: str, model: str, client: Any, out_dir: Path) -> dict[str, fl
     return scores
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -224,29 +224,96 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--no-previews", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="Keep regions and model already in --work.")
-    args = parser.parse_args()
-    if not args.reuse:
-        shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()
+    return parser.parse_args()
+
+
+def _regions(base: int, factors: list[int], work: Path) -> dict[int, tuple[Path, str]]:
+    """Each factor's VRT and region store (made unless already in ``work``)."""
     stores: dict[int, tuple[Path, str]] = {}
-    for f in args.factors:
-        size = round(args.base * math.sqrt(f))
-        store = args.work / f"region{f}.zarr"
+    for f in factors:
+        size = round(base * math.sqrt(f))
+        store = work / f"region{f}.zarr"
         if not store.exists():
-            region = synthesize(args.work / f"synth{f}", size=size, tiles=2, seed=f)
+            region = synthesize(work / f"synth{f}", size=size, tiles=2, seed=f)
             ingest(region.image, store, labels=region.labels, classes=region.classes)
-        stores[f] = (args.work / f"synth{f}" / "image.vrt", str(store))
-    model = str(args.work / "model")
+        stores[f] = (work / f"synth{f}" / "image.vrt", str(store))
+    return stores
+
+
+def _train_model(store: str, model: str) -> float:
+    """Train the benchmark's model (unless there is one); the seconds it took."""
     t0 = time.perf_counter()
     # Trained in a child process, so the driver's memory is what prediction needs.
     if not (Path(model) / "model.json").exists():
         config = NetworkConfig(epochs=2, samples_per_epoch=256)
-        trainer = multiprocessing.get_context("spawn").Process(
-            target=train, args=(stores[args.factors[0]][1], model, config))
+        trainer = multiprocessing.get_context("spawn").Process(target=train, args=(store, model, config))
         trainer.start()
         trainer.join()
-    train_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def _measure(client: Any, factor: int, vrt: Path, store: str, model: str, work: Path) -> dict[str, Any]:
+    """One region size's row: end-to-end and forward rates, overheads, memory."""
+    info = read_region_info(store)
+    cores = usable_cores()
+    # The host's speed drifts within minutes (a shared VM): end-to-end runs and
+    # forward measurements alternate, and each rate is the mean of its two.
+    # Memory is sampled in a run of its own: the sampler's /proc walks every 50 ms
+    # take CPU from the 2 cores (the 1x run took 1.98 s sampled, 1.67 s not).
+    with PeakRss() as rss:
+        s = predict(store, model, client=client, force=True)
+    tile, ov = s.tile_size, s.overlap
+    seconds, fwd_runs = [], []
+    for _ in range(2):
+        seconds.append(predict(store, model, client=client, force=True).seconds)
+        fwd_runs.append(workers_rate(client, model, tile, s.batch_size))
+    px, sec = forward_rate(model, tile, s.batch_size, cores)
+    fwd_single = px / sec / 1e6
+    fwd_workers = float(np.mean(fwd_runs))
+    forward = max(fwd_single, fwd_workers)
+    stride = tile - ov
+    n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
+    pixels = info.height * info.width
+    overlap_factor = n_global * tile * tile / pixels
+    naive_s = naive_loop(vrt, model, tile, s.batch_size, work / f"naive{factor}.tif")
+    end_to_end = pixels / float(np.mean(seconds)) / 1e6
+    ideal = forward / overlap_factor
+    return {
+        "factor": factor, "size": info.height, "mpx": round(pixels / 1e6, 3), "tasks": s.tasks,
+        "task_blocks": list(s.task_blocks), "batch_size": s.batch_size, "tile": tile, "overlap": ov,
+        "seconds": [round(v, 2) for v in seconds],
+        "forward_workers_runs_mpx_s": [round(v, 4) for v in fwd_runs],
+        "forward_mpx_s": round(forward, 4), "forward_one_process_mpx_s": round(fwd_single, 4),
+        "forward_workers_mpx_s": round(fwd_workers, 4),
+        "end_to_end_mpx_s": round(end_to_end, 4), "overlap_factor": round(overlap_factor, 4),
+        "ideal_mpx_s": round(ideal, 4), "efficiency": round(end_to_end / ideal, 3),
+        "compute_overhead": round(s.slots / n_global, 3), "windows": s.windows, "slots": s.slots,
+        "whole_image_windows": n_global, "naive_mpx_s": round(pixels / naive_s / 1e6, 4),
+        "peak_rss_mb": round(rss.peak / 2**20, 1),
+    }
+
+
+def _report(result: dict[str, Any], out: Path) -> None:
+    """Write the results and print the main columns."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    cols = ["size", "tasks", "forward_mpx_s", "end_to_end_mpx_s", "ideal_mpx_s", "efficiency",
+            "compute_overhead", "naive_mpx_s", "peak_rss_mb"]
+    print(" | ".join(cols))
+    for row in result["sizes"]:
+        print(" | ".join(str(row[c]) for c in cols))
+    print(f"seam score (1 = none): {result['seam_score']}; wrote {out}")
+
+
+def main() -> None:
+    args = _arguments()
+    if not args.reuse:
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    stores = _regions(args.base, args.factors, args.work)
+    model = str(args.work / "model")
+    train_s = _train_model(stores[args.factors[0]][1], model)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with get_client() as client:
@@ -258,47 +325,8 @@ def main() -> None:
         client.run(_warm_worker, model, 256, 2)
         predict(stores[args.factors[0]][1], model, client=client, force=True)
         for f in args.factors:
-            vrt, store = stores[f]
-            info = read_region_info(store)
-            cores = usable_cores()
-            # The host's speed drifts within minutes (a shared VM): end-to-end runs and
-            # forward measurements alternate, and each rate is the mean of its two.
-            # Memory is sampled in a run of its own: the sampler's /proc walks every 50 ms
-            # take CPU from the 2 cores (the 1x run took 1.98 s sampled, 1.67 s not).
-            with PeakRss() as rss:
-                s = predict(store, model, client=client, force=True)
-            tile, ov = s.tile_size, s.overlap
-            seconds, fwd_runs = [], []
-            for _ in range(2):
-                seconds.append(predict(store, model, client=client, force=True).seconds)
-                fwd_runs.append(workers_rate(client, model, tile, s.batch_size))
-            px, sec = forward_rate(model, tile, s.batch_size, cores)
-            fwd_single = px / sec / 1e6
-            fwd_workers = float(np.mean(fwd_runs))
-            forward = max(fwd_single, fwd_workers)
-            stride = tile - ov
-            n_global = len(window_starts(info.height, tile, stride)) * len(
-                window_starts(info.width, tile, stride))
-            pixels = info.height * info.width
-            overlap_factor = n_global * tile * tile / pixels
-            naive_s = naive_loop(vrt, model, tile, s.batch_size, args.work / f"naive{f}.tif")
-            end_to_end = pixels / float(np.mean(seconds)) / 1e6
-            ideal = forward / overlap_factor
-            row = {
-                "factor": f, "size": info.height, "mpx": round(pixels / 1e6, 3), "tasks": s.tasks,
-                "task_blocks": list(s.task_blocks), "batch_size": s.batch_size, "tile": tile, "overlap": ov,
-                "seconds": [round(v, 2) for v in seconds],
-                "forward_workers_runs_mpx_s": [round(v, 4) for v in fwd_runs],
-                "forward_mpx_s": round(forward, 4), "forward_one_process_mpx_s": round(fwd_single, 4),
-                "forward_workers_mpx_s": round(fwd_workers, 4),
-                "end_to_end_mpx_s": round(end_to_end, 4), "overlap_factor": round(overlap_factor, 4),
-                "ideal_mpx_s": round(ideal, 4), "efficiency": round(end_to_end / ideal, 3),
-                "compute_overhead": round(s.slots / n_global, 3), "windows": s.windows, "slots": s.slots,
-                "whole_image_windows": n_global, "naive_mpx_s": round(pixels / naive_s / 1e6, 4),
-                "peak_rss_mb": round(rss.peak / 2**20, 1),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(_measure(client, f, *stores[f], model, args.work))
+            print(json.dumps(rows[-1]), flush=True)
         seams: dict[str, float] = {}
         if not args.no_previews:
             vrt, _ = stores[args.factors[0]]
@@ -306,7 +334,6 @@ def main() -> None:
             ingest(vrt, pstore, block_size=256, overwrite=True)
             args.images.mkdir(parents=True, exist_ok=True)
             seams = previews(str(pstore), model, client, args.images)
-    base_rss = rows[0]["peak_rss_mb"]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
@@ -314,17 +341,10 @@ def main() -> None:
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "sizes": rows,
-        "peak_rss_ratio_largest_to_base": round(rows[-1]["peak_rss_mb"] / base_rss, 3),
+        "peak_rss_ratio_largest_to_base": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
         "seam_score": {k: round(v, 3) for k, v in seams.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    cols = ["size", "tasks", "forward_mpx_s", "end_to_end_mpx_s", "ideal_mpx_s", "efficiency",
-            "compute_overhead", "naive_mpx_s", "peak_rss_mb"]
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row[c]) for c in cols))
-    print(f"seam score (1 = none): {result['seam_score']}; wrote {args.out}")
+    _report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from flows.engine import use_local_engine
 from flows.process_region import RegionRun, process_region
 from flows.tasks import baseline_stage, evaluate_stage
 from segpipe.stages.train import NetworkConfig
-from segpipe.synth import synthesize
+from segpipe.synth import SynthRegion, synthesize
 
 __all__ = ["announce_stages", "run_demo"]
 
@@ -102,12 +102,32 @@ def run_demo(
     con.print(f"[bold]segpipe demo[/bold]: {size} x {size} px synthetic region in {out}")
     with con.status("generating the synthetic region"):
         region = synthesize(out / "region", size=size, bands=4, tiles=2, seed=seed)
-    synth_s = time.perf_counter() - started
+    synth_s, megapixels = time.perf_counter() - started, size * size / 1e6
     con.print(
         f"  synthetic region: {len(region.tiles)} GeoTIFF tiles + VRT, "
         f"{region.labelled_fraction:.1%} of pixels labelled ({synth_s:.1f} s)"
     )
-    run = RegionRun(
+    run = _demo_region(out, region, epochs, seed)
+    with announce_stages(con, baseline_stage, evaluate_stage):
+        result = process_region(run)
+    synth = {
+        "stage": "synth",
+        "seconds": synth_s,
+        "megapixels": megapixels,
+        "mpx_per_s": megapixels / synth_s,
+        "output": str(region.image),
+    }
+    stages = [synth, *result["stages"]]
+    summary = _summary(out, size, run, result, stages, region.labelled_fraction)
+    summary["total_seconds"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(con, summary, out)
+    return summary
+
+
+def _demo_region(out: Path, region: SynthRegion, epochs: int, seed: int) -> RegionRun:
+    """The demo's region: the synthetic scene, trained from its sparse labels, scored on its truth."""
+    return RegionRun(
         images=[str(region.image)],
         store=str(out / "region.zarr"),
         labels=str(region.labels_vector),
@@ -120,27 +140,25 @@ def run_demo(
         report_dir=str(out / "report"),
         baseline=True,
     )
-    with announce_stages(con, baseline_stage, evaluate_stage):
-        result = process_region(run)
-    stages = [
-        {
-            "stage": "synth",
-            "seconds": synth_s,
-            "megapixels": size * size / 1e6,
-            "mpx_per_s": size * size / 1e6 / synth_s,
-            "output": str(region.image),
-        },
-        *result["stages"],
-    ]
-    summary = {
+
+
+def _summary(
+    out: Path,
+    size: int,
+    run: RegionRun,
+    result: dict[str, Any],
+    stages: list[dict[str, Any]],
+    labelled_fraction: float,
+) -> dict[str, Any]:
+    """The demo's summary: both mIoUs and the gain, the stages' records, the outputs."""
+    miou, baseline = result["miou"], result["baseline_miou"]
+    return {
         "size": size,
-        "miou": result["miou"],
-        "baseline_miou": result["baseline_miou"],
-        "miou_gain_over_baseline": (result["miou"] - result["baseline_miou"])
-        if result["miou"] is not None and result["baseline_miou"] is not None
-        else None,
-        "labelled_fraction": region.labelled_fraction,
-        "total_seconds": time.perf_counter() - started,
+        "miou": miou,
+        "baseline_miou": baseline,
+        "miou_gain_over_baseline": miou - baseline if miou is not None and baseline is not None else None,
+        "labelled_fraction": labelled_fraction,
+        "total_seconds": None,  # set by the caller once everything is done
         "stages": stages,
         "outputs": {
             "store": run.store,
@@ -150,11 +168,14 @@ def run_demo(
             "report": str(out / "report"),
         },
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _print_summary(con: Console, summary: dict[str, Any], out: Path) -> None:
+    """The stages as a table, then both mIoUs and where the summary is."""
     table = Table(title="segpipe demo summary")
     for col in ("stage", "seconds", "Mpx/s", "output"):
         table.add_column(col, justify="right" if col in ("seconds", "Mpx/s") else "left")
-    for s in stages:
+    for s in summary["stages"]:
         rate = s.get("mpx_per_s")
         table.add_row(
             s["stage"], f"{s['seconds']:.1f}", "" if rate is None else f"{rate:.2f}", str(s["output"])
@@ -166,4 +187,3 @@ def run_demo(
         f"(trained on the same sparse labels); total {summary['total_seconds']:.0f} s"
     )
     con.print(f"summary: {out / 'summary.json'}")
-    return summary

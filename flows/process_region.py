@@ -112,7 +112,6 @@ def process_region(run: RegionRun) -> dict[str, Any]:
         # Called with another task runner (a deployment run, a plain call): the task
         # runner is fixed when a flow starts, so run again as a subflow on Dask.
         return run_region(run)
-    log = get_run_logger()
     name = run.name or Path(run.store).stem
     t0 = time.perf_counter()
     # Each stage is submitted so it runs where the task runner puts it (a Dask worker
@@ -129,38 +128,55 @@ def process_region(run: RegionRun) -> dict[str, Any]:
     stages.append(
         predict_stage.submit(run.store, run.model, run.tile_size, run.overlap, run.scheduler).result()
     )
-    if not is_remote(run.export_dir):
-        Path(run.export_dir).mkdir(parents=True, exist_ok=True)
-    # From here on every stage only reads the predictions: all run at once.
-    tail: list[PrefectFuture[dict[str, Any]]] = [
-        export_stage.submit(run.store, _join(run.export_dir, f"{layer}.tif"), layer)
-        for layer in run.exports
-    ]
-    if run.reference:
-        report = run.report_dir or _join(run.export_dir, "report")
-        tail.append(evaluate_stage.submit(run.store, run.reference, report, "classes"))
-        if run.baseline:
-            baseline = baseline_stage.submit(run.store)
-            tail.append(baseline)
-            tail.append(
-                evaluate_stage.submit(
-                    run.store,
-                    run.reference,
-                    f"{report}_baseline",
-                    BASELINE_LAYER,
-                    wait_for=[baseline],
-                    return_state=False,  # selects the typed overload that takes wait_for
-                )
-            )
+    tail = _submit_readers(run)
     wait(tail)  # every parallel stage ends before the first failure is raised
     stages.extend(f.result() for f in tail)
-    result: dict[str, Any] = {"stages": stages, "miou": None, "baseline_miou": None}
+    result: dict[str, Any] = {"stages": stages, **_mious(stages), "seconds": time.perf_counter() - t0}
+    _log_stages(stages, name, result["seconds"])
+    return result
+
+
+def _submit_readers(run: RegionRun) -> list[PrefectFuture[dict[str, Any]]]:
+    """Submit the stages that only read the predictions, all at once: exports, evaluations, baseline."""
+    if not is_remote(run.export_dir):
+        Path(run.export_dir).mkdir(parents=True, exist_ok=True)
+    tail: list[PrefectFuture[dict[str, Any]]] = [
+        export_stage.submit(run.store, _join(run.export_dir, f"{layer}.tif"), layer) for layer in run.exports
+    ]
+    if not run.reference:
+        return tail
+    report = run.report_dir or _join(run.export_dir, "report")
+    tail.append(evaluate_stage.submit(run.store, run.reference, report, "classes"))
+    if run.baseline:
+        baseline = baseline_stage.submit(run.store)
+        tail.append(baseline)
+        tail.append(
+            evaluate_stage.submit(
+                run.store,
+                run.reference,
+                f"{report}_baseline",
+                BASELINE_LAYER,
+                wait_for=[baseline],
+                return_state=False,  # selects the typed overload that takes wait_for
+            )
+        )
+    return tail
+
+
+def _mious(stages: list[dict[str, Any]]) -> dict[str, float | None]:
+    """``miou`` and ``baseline_miou`` from the evaluations' records (None when not evaluated)."""
+    found: dict[str, float | None] = {"miou": None, "baseline_miou": None}
     for s in stages:
         if s["stage"] == "evaluate classes":
-            result["miou"] = s["miou"]
+            found["miou"] = s["miou"]
         elif s["stage"] == f"evaluate {BASELINE_LAYER}":
-            result["baseline_miou"] = s["miou"]
-    result["seconds"] = time.perf_counter() - t0
+            found["baseline_miou"] = s["miou"]
+    return found
+
+
+def _log_stages(stages: list[dict[str, Any]], name: str, seconds: float) -> None:
+    """One log line per stage (its time and throughput, or that it was skipped), then the total."""
+    log = get_run_logger()
     for s in stages:
         if s.get("skipped"):
             log.info("%-26s %7.1f s   skipped: already done for these inputs", s["stage"], s["seconds"])
@@ -168,8 +184,7 @@ def process_region(run: RegionRun) -> dict[str, Any]:
             rate = s.get("mpx_per_s")
             log.info("%-26s %7.1f s %9s Mpx/s", s["stage"], s["seconds"], f"{rate:.2f}" if rate else "-")
     done = sum(1 for s in stages if s.get("skipped"))
-    log.info("region %s: %.1f s in all; %d of %d stages skipped", name, result["seconds"], done, len(stages))
-    return result
+    log.info("region %s: %.1f s in all; %d of %d stages skipped", name, seconds, done, len(stages))
 
 
 def run_region(run: RegionRun) -> dict[str, Any]:

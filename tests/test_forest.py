@@ -350,5 +350,8 @@ def test_the_pieces_of_forest_training(region: tuple[Path, Path]) -> None:
     assert list(info["feature_importance"]) == feature_names(data.band_names, 3)
     assert sum(info["feature_importance"].values()) == pytest.approx(1.0)
     assert (info["trees"], info["context"], info["class_weight"]) == (8, 3, None)
+    training = forest_training._training_record(store, cfg, data, record, 2.0)
+    assert training["config"] == cfg.model_dump() and training["seconds"] == 2.0
+    assert training["train_pixels_sampled"] == data.y_train.size and training["device"] == "cpu"
     balanced = cfg.model_copy(update={"class_balancing": True})
     assert forest_training._class_weight(balanced) == "balanced_subsample"

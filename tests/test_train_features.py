@@ -228,7 +228,7 @@ def test_export_chips_writes_georeferenced_pairs(store, tmp_path):
 def test_the_pieces_of_a_rank_loop(store, tmp_path):
     from segpipe.stages.train.checkpoint import checkpoint_path
 
-    cfg = NetworkConfig(**{**TINY, "threads": 1, "valid_fraction": 0.3})
+    cfg = NetworkConfig(**{**TINY, "epochs": 2, "threads": 1, "valid_fraction": 0.3})  # 4 steps in all
     plan = loop._prepare(store, cfg)
     assert plan.valid_windows and plan.cfg == cfg
     out = tmp_path / "m"

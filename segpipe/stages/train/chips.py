@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import numpy as np
 from affine import Affine
 
 from segpipe.errors import InputError, StoreError
-from segpipe.io.store import open_layer, read_region_info
-from segpipe.stages.train.sampling import CentreSampler, ChipSampler, find_candidates
+from segpipe.io.store import RegionInfo, open_layer, read_region_info
+from segpipe.stages.train.sampling import Candidates, CentreSampler, ChipSampler, find_candidates
 from segpipe.types import classes_to_json
 
 __all__ = ["ChipExport", "export_chips"]
@@ -91,6 +92,27 @@ def export_chips(
     from rasterio.crs import CRS
 
     info = read_region_info(store)
+    _check_request(info, chip_size, count)
+    cand, sampler = _chip_source(store, info, chip_size, seed)
+    rng = np.random.default_rng(seed)
+    picks = CentreSampler(cand, balanced).draw(rng, count)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt else None
+    width = max(4, len(str(count - 1)))
+    rows = []
+    for n, i in enumerate(picks):
+        y0, x0 = sampler.window_for(int(cand.y[i]), int(cand.x[i]), rng)
+        chip = _Chip(f"{n:0{width}d}", y0, x0, int(cand.value[i]))
+        rows.append(_write_chip(folder, chip, sampler, info, crs))
+    index = _write_index(folder, rows)
+    settings = {"chip_size": chip_size, "count": count, "seed": seed, "balanced": balanced}
+    (folder / "dataset.json").write_text(json.dumps(_dataset(store, info, settings), indent=2) + "\n")
+    return ChipExport(folder, count, index)
+
+
+def _check_request(info: RegionInfo, chip_size: int, count: int) -> None:
+    """Refuse a count below one or a chip that does not fit the region."""
     if count < 1:
         raise InputError(f"--count must be at least 1, not {count}")
     if not 1 <= chip_size <= min(info.height, info.width):
@@ -98,6 +120,16 @@ def export_chips(
             f"--chip-size {chip_size} does not fit the {info.height} x {info.width} px region: "
             f"use at most {min(info.height, info.width)}"
         )
+
+
+def _chip_source(
+    store: str | Path, info: RegionInfo, chip_size: int, seed: int
+) -> tuple[Candidates, ChipSampler]:
+    """The labelled positions and the sampler reading chips around them, as training draws them.
+
+    Raises:
+        StoreError: The store has no labels.
+    """
     try:
         labels = open_layer(store, "labels")
     except StoreError as exc:
@@ -108,48 +140,59 @@ def export_chips(
     sampler = ChipSampler(
         open_layer(store, "image"), labels, info.block_size, chip_size, identity, chip_size, set(), "train"
     )
-    rng = np.random.default_rng(seed)
-    picks = CentreSampler(cand, balanced).draw(rng, count)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt else None
-    width = max(4, len(str(count - 1)))
-    rows = []
-    for n, i in enumerate(picks):
-        y0, x0 = sampler.window_for(int(cand.y[i]), int(cand.x[i]), rng)
-        image, lab = sampler.read(y0, x0)
-        transform = info.affine * Affine.translation(x0, y0)
-        name = f"{n:0{width}d}"
-        _write_tiff(folder / f"image_{name}.tif", image, transform, crs, info.nodata, info.band_names)
-        _write_tiff(folder / f"label_{name}.tif", lab[None], transform, crs, 0, ("label",))
-        left, top = transform * (0, 0)
-        right, bottom = transform * (chip_size, chip_size)
-        rows.append(
-            {
-                "id": name,
-                "image": f"image_{name}.tif",
-                "label": f"label_{name}.tif",
-                "row": y0,
-                "col": x0,
-                "centre_class": int(cand.value[i]),
-                "xmin": min(left, right),
-                "ymin": min(top, bottom),
-                "xmax": max(left, right),
-                "ymax": max(top, bottom),
-            }
-        )
+    return cand, sampler
+
+
+@dataclass(frozen=True)
+class _Chip:
+    """One chip to write: its name, top-left pixel and the class at its centre."""
+
+    name: str
+    row: int
+    col: int
+    centre_class: int
+
+
+def _write_chip(
+    folder: Path, chip: _Chip, sampler: ChipSampler, info: RegionInfo, crs: object
+) -> dict[str, object]:
+    """Write the chip's image and label GeoTIFFs; its row of ``index.csv``."""
+    image, lab = sampler.read(chip.row, chip.col)
+    transform = info.affine * Affine.translation(chip.col, chip.row)
+    _write_tiff(folder / f"image_{chip.name}.tif", image, transform, crs, info.nodata, info.band_names)
+    _write_tiff(folder / f"label_{chip.name}.tif", lab[None], transform, crs, 0, ("label",))
+    left, top = transform * (0, 0)
+    right, bottom = transform * (lab.shape[-1], lab.shape[-2])
+    return {
+        "id": chip.name,
+        "image": f"image_{chip.name}.tif",
+        "label": f"label_{chip.name}.tif",
+        "row": chip.row,
+        "col": chip.col,
+        "centre_class": chip.centre_class,
+        "xmin": min(left, right),
+        "ymin": min(top, bottom),
+        "xmax": max(left, right),
+        "ymax": max(top, bottom),
+    }
+
+
+def _write_index(folder: Path, rows: list[dict[str, object]]) -> Path:
+    """``index.csv``: one row per chip."""
     index = folder / "index.csv"
     with index.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    meta = {
+    return index
+
+
+def _dataset(store: str | Path, info: RegionInfo, settings: Mapping[str, object]) -> dict[str, object]:
+    """``dataset.json``: the bands, classes and grid of the store, and the export's settings."""
+    return {
         "kind": "segpipe-chips",
         "store": str(store),
-        "chip_size": chip_size,
-        "count": count,
-        "seed": seed,
-        "balanced": balanced,
+        **settings,
         "band_names": list(info.band_names),
         "dtype": info.dtype,
         "nodata": info.nodata,
@@ -157,5 +200,3 @@ def export_chips(
         "classes": classes_to_json(info.classes),
         "label_nodata": 0,
     }
-    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return ChipExport(folder, count, index)

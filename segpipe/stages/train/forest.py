@@ -193,24 +193,28 @@ def train_forest(
     report(2, record["train_loss"])
     cm = _validate(net, data, record)
     report(3, record["train_loss"], record)
-    history = [record]
+    training = _training_record(store, cfg, data, record, time.perf_counter() - started)
+    training["forest"] = _forest_record(net, forest, cfg, data.band_names)
     spec = dataclasses.replace(
-        data.spec,
-        options=net.options(),
-        metrics=final_metrics(cm, data.spec.classes),
-        training={
-            "config": cfg.model_dump(),
-            "history": metrics.json_ready(history),
-            "train_pixels_sampled": int(data.y_train.size),
-            "valid_pixels_sampled": int(data.y_valid.size),
-            "seconds": time.perf_counter() - started,
-            "store_inputs": store_inputs(store),
-            "device": "cpu",
-            "forest": _forest_record(net, forest, cfg, data.band_names),
-        },
+        data.spec, options=net.options(), metrics=final_metrics(cm, data.spec.classes), training=training
     )
-    write_package(out, spec, net, history, cm)
+    write_package(out, spec, net, [record], cm)
     return spec
+
+
+def _training_record(
+    store: str | Path, cfg: ForestConfig, data: _Pixels, record: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    """The package's ``training`` entry, as a network's: settings, the one epoch, samples, provenance."""
+    return {
+        "config": cfg.model_dump(),
+        "history": metrics.json_ready([record]),
+        "train_pixels_sampled": int(data.y_train.size),
+        "valid_pixels_sampled": int(data.y_valid.size),
+        "seconds": seconds,
+        "store_inputs": store_inputs(store),
+        "device": "cpu",
+    }
 
 
 def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:

@@ -8,9 +8,12 @@ optional soft-Dice fraction that rewards overlap per class rather than per pixel
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["balanced_class_weights", "make_loss"]
 
@@ -51,45 +54,59 @@ def make_loss(
     Returns:
         The loss function (a scalar tensor per call).
     """
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-
-    def pixel_term(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = None if class_weights is None else torch.as_tensor(class_weights, device=logits.device)
-        valid = target != ignore_index
-        if not valid.any():
-            return logits.sum() * 0.0
-        if kind == "ce":
-            return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
-        # Focal: per-pixel CE scaled by (1 - p_true)^gamma, averaged like weighted CE.
-        ce = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none")
-        safe = torch.where(valid, target, torch.zeros_like(target))
-        p_true = torch.softmax(logits, 1).gather(1, safe[:, None])[:, 0]
-        scaled = ce * (1.0 - p_true).clamp(min=0.0) ** focal_gamma
-        norm = weight[safe][valid].sum() if weight is not None else valid.sum()
-        return scaled[valid].sum() / norm
-
-    def dice_term(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        valid = (target != ignore_index)[:, None].float()
-        probs = torch.softmax(logits, 1) * valid
-        onehot = F.one_hot(torch.where(target == ignore_index, 0, target), logits.shape[1])
-        onehot = onehot.permute(0, 3, 1, 2).float() * valid
-        dims = (0, 2, 3)
-        inter = (probs * onehot).sum(dims)
-        denom = probs.sum(dims) + onehot.sum(dims)
-        present = onehot.sum(dims) > 0  # classes absent from the batch say nothing
-        if not present.any():
-            return logits.sum() * 0.0
-        return 1.0 - ((2 * inter + 1.0) / (denom + 1.0))[present].mean()
-
     if kind not in ("ce", "focal"):
         raise ValueError(f"unknown loss {kind!r}: use ce or focal")
+    gamma = None if kind == "ce" else focal_gamma
 
-    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(logits: Any, target: Any) -> Any:
         logits = logits.float()
-        value = pixel_term(logits, target)
+        value = _pixel_term(logits, target, ignore_index, class_weights, gamma)
         if dice_weight > 0:
-            value = (1.0 - dice_weight) * value + dice_weight * dice_term(logits, target)
+            value = (1.0 - dice_weight) * value + dice_weight * _dice_term(logits, target, ignore_index)
         return value
 
     return loss
+
+
+def _pixel_term(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    class_weights: np.ndarray | None,
+    focal_gamma: float | None,
+) -> torch.Tensor:
+    """Cross-entropy (``focal_gamma`` None) or focal loss of the labelled pixels."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    weight = None if class_weights is None else torch.as_tensor(class_weights, device=logits.device)
+    valid = target != ignore_index
+    if not valid.any():
+        return logits.sum() * 0.0
+    if focal_gamma is None:
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
+    # Focal: per-pixel CE scaled by (1 - p_true)^gamma, averaged like weighted CE.
+    ce = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none")
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    p_true = torch.softmax(logits, 1).gather(1, safe[:, None])[:, 0]
+    scaled = ce * (1.0 - p_true).clamp(min=0.0) ** focal_gamma
+    norm = weight[safe][valid].sum() if weight is not None else valid.sum()
+    return scaled[valid].sum() / norm
+
+
+def _dice_term(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Soft-Dice loss over the classes present among the labelled pixels."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    valid = (target != ignore_index)[:, None].float()
+    probs = torch.softmax(logits, 1) * valid
+    onehot = F.one_hot(torch.where(target == ignore_index, 0, target), logits.shape[1])
+    onehot = onehot.permute(0, 3, 1, 2).float() * valid
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    present = onehot.sum(dims) > 0  # classes absent from the batch say nothing
+    if not present.any():
+        return logits.sum() * 0.0
+    return 1.0 - ((2 * inter + 1.0) / (denom + 1.0))[present].mean()
