@@ -11,7 +11,10 @@ import numpy as np
 
 from segpipe.grid.tiling import axis_windows
 
-__all__ = ["plan_superblocks"]
+__all__ = ["TASK_SPEEDUP", "plan_superblocks"]
+
+TASK_SPEEDUP = 0.9
+"""Default exponent of a task's speedup given ``t`` torch threads (``t ** TASK_SPEEDUP``)."""
 
 
 def _task_costs(length: int, block: int, n: int, tile: int, stride: int) -> np.ndarray:
@@ -48,7 +51,7 @@ def plan_superblocks(
     stride: int,
     slots: int,
     max_pixels: int = 2048 * 2048,
-    speedup: float = 0.9,
+    speedup: float = TASK_SPEEDUP,
 ) -> tuple[int, int]:
     """How many store blocks (along y and x) one prediction task should cover.
 

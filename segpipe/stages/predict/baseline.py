@@ -3,8 +3,9 @@
 Users know this method; segpipe reports it beside the network so the gain from
 spatial context is measured, not claimed. The forest is trained by
 :func:`segpipe.stages.train.forest.train_forest` (the same code as ``segpipe train --arch
-random_forest``: same split, normalisation and package), and its packaged module
-classifies every pixel into another layer, block by block, so the network's
+random_forest``: same split, normalisation and package), and its package is predicted
+by :func:`segpipe.stages.predict.driver.predict` like any other, in this process, into
+layers of their own (``classes_rf``, ``confidence_rf``...), so the network's
 ``classes`` stay untouched.
 """
 
@@ -14,31 +15,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import dask
-import numpy as np
-
-from segpipe.io.store import NODATA_U8, create_layer, open_layer, read_region_info, valid_mask, write_block
-from segpipe.models import ModelSpec, load_model, normalise
-from segpipe.models.forest import ForestNet
+from segpipe.io.store import read_region_info
+from segpipe.stages.predict.driver import MAX_TASK_PIXELS, MAX_TILE, predict
+from segpipe.stages.predict.outputs import output_layers
 
 __all__ = ["random_forest_baseline"]
 
 
-def _predict_block(
-    net: ForestNet, spec: ModelSpec, store: str, layer: str, y0: int, x0: int, h: int, w: int, block: int
-) -> int:
-    import torch
+def _window(store: str | Path) -> int:
+    """Window size for a per-pixel forest (no overlap needed): as few pixels computed twice as can be.
 
-    raw = np.asarray(open_layer(store, "image")[:, y0 : y0 + h, x0 : x0 + w])
-    valid = valid_mask(raw, spec.nodata)
-    out = np.full((h, w), NODATA_U8, dtype=np.uint8)
-    if valid.any():
-        pixels = normalise(raw, spec)[:, valid].T
-        with torch.inference_mode():
-            index = net.probabilities(torch.from_numpy(np.ascontiguousarray(pixels))).argmax(dim=1).numpy()
-        out[valid] = np.array([c.value for c in spec.classes], dtype=np.uint8)[index]
-    write_block(open_layer(store, layer, mode="r+"), y0, x0, out, block)
-    return int(valid.sum())
+    A raster that fits one task gets windows as large as its shorter side (the fewest
+    windows, none padded: a square raster is one window); a larger one a window per
+    block, so windows line up with the tasks' borders and only each axis's last window,
+    shifted back to end at the raster's edge, overlaps another.
+    """
+    info = read_region_info(store)
+    if info.height * info.width <= MAX_TASK_PIXELS:
+        return min(info.height, info.width, MAX_TILE)
+    return min(info.block_size, info.height, info.width, MAX_TILE)
 
 
 def random_forest_baseline(
@@ -53,7 +48,9 @@ def random_forest_baseline(
 
     Args:
         store: Region store with ``image`` and ``labels``.
-        layer: Output layer name (uint8 class values, 255 = nodata).
+        layer: Output layer name (uint8 class values, 255 = nodata): ``classes_<name>``;
+            its confidence and progress layers get the same suffix (see
+            :func:`segpipe.stages.predict.outputs.output_layers`).
         trees: Number of trees.
         max_samples: Labelled training pixels used at most.
         seed: Random seed.
@@ -68,33 +65,27 @@ def random_forest_baseline(
     Raises:
         StoreError: The store has no labels.
         LabelsError: No labelled pixel with data.
+        InputError: A layer name that is not ``classes_<name>`` (before any training).
+        StoreBusyError: A predict run holds the store.
     """
-    from segpipe.stages.train import TrainConfig
+    from segpipe.stages.train.config import ForestConfig
     from segpipe.stages.train.forest import train_forest
 
-    cfg = TrainConfig(arch="random_forest", trees=trees, max_train_pixels=max_samples, seed=seed)
+    output_layers(layer)  # a bad name fails before the forest is trained
+    tile = _window(store)
+    cfg = ForestConfig(trees=trees, max_train_pixels=max_samples, seed=seed)
     with tempfile.TemporaryDirectory(prefix="segpipe-rf-") as tmp:
         package = Path(model_dir) if model_dir is not None else Path(tmp) / "model"
         trained = train_forest(store, package, cfg)
-        net, spec = load_model(package)
-    assert isinstance(net, ForestNet)  # a random_forest package always rebuilds a ForestNet
-    info = read_region_info(store)
-    b = info.block_size
-    create_layer(store, layer, "uint8", NODATA_U8, overwrite=True)
-    # pure=False: no hashing of the forest's tensors to name tasks.
-    tasks = [
-        dask.delayed(_predict_block, pure=False)(
-            net, spec, str(store), layer, y0, x0, min(b, info.height - y0), min(b, info.width - x0), b
-        )
-        for y0 in range(0, info.height, b)
-        for x0 in range(0, info.width, b)
-    ]
-    pixels = sum(dask.compute(*tasks, scheduler="threads"))
+        # A new forest every time: every block is classified again (force), in this
+        # process (the baseline runs inside a flow's task, beside the other stages).
+        summary = predict(store, package, tile_size=tile, batch_size=1, force=True, scheduler="threads",
+                          output=layer)
     return {
         "layer": layer,
         "trees": trees,
         "train_pixels": int(trained.training["train_pixels_sampled"]),
-        "pixels": int(pixels),
+        "pixels": summary.valid_pixels,
         "valid_miou": trained.metrics.get("miou"),
         "model": None if model_dir is None else str(model_dir),
     }

@@ -307,7 +307,7 @@ def _plan(
     most = inputs.batch_size if inputs.batch_size is not None else GPU_BATCH if layout.gpu else CPU_BATCH
     run = _Run(batch_size=choose_batch_size(inputs.n_windows, most))
     run.plan = plan_superblocks(info.height, info.width, info.block_size, inputs.tile,
-                                inputs.tile - inputs.overlap, layout.slots, max_task_pixels)
+                                inputs.tile - inputs.overlap, layout.slots, max_task_pixels, layout.speedup)
     settings = JobSettings(
         store=inputs.store, model_dir=inputs.model_dir, model_hash=inputs.key["model_hash"], tile=inputs.tile,
         overlap=inputs.overlap, batch_size=run.batch_size, blend=inputs.key["blend"], tta=inputs.key["tta"],

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.grid.box import Box
+from segpipe.grid.plan import TASK_SPEEDUP
 from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers
 
 __all__ = ["BlockJob", "Blocks", "ClusterLayout", "JobSettings", "blocks_box", "plan_jobs"]
@@ -93,11 +94,15 @@ class ClusterLayout:
         slots: Tasks that can run at once (GPUs, or worker threads on CPU clusters).
         gpu: Tasks must land on GPU workers.
         hosts: (host, cores, worker threads) of each CPU host.
+        speedup: Exponent of a task's speedup given the cores of ``t`` idle slots (``t **
+            speedup``, see :func:`segpipe.grid.plan.plan_superblocks`): on a cluster those
+            cores become the task's forward streams; in process they do not (0).
     """
 
     slots: int
     gpu: bool
     hosts: tuple[tuple[str, int, int], ...] = ()
+    speedup: float = TASK_SPEEDUP
 
     def threads(self, n_tasks: int) -> tuple[tuple[str, int], ...]:
         """Torch threads per task on each host when ``n_tasks`` tasks share the cluster.
