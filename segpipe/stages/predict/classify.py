@@ -22,7 +22,7 @@ import numpy as np
 
 from segpipe.errors import InputError
 from segpipe.grid.box import Box
-from segpipe.grid.tiling import halo_bounds, window_starts
+from segpipe.grid.tiling import halo_bounds, window_count
 from segpipe.io.store import NODATA_U8
 from segpipe.models import check_bands, validate_package
 from segpipe.stages.predict.blend import blend_windows, tta_forward
@@ -116,8 +116,7 @@ def _check(
         raise InputError(f"classify needs a (band, y, x) DataArray; got dims {data.dims}, {data.shape}")
     check_bands(spec, band_names(data))
     tile, ov = _settings(spec, tile_size, overlap, blend)
-    height, width = int(data.shape[1]), int(data.shape[2])
-    n_windows = len(window_starts(height, tile, tile - ov)) * len(window_starts(width, tile, tile - ov))
+    n_windows = window_count((int(data.shape[1]), int(data.shape[2])), tile, tile - ov)
     if batch_size is not None:
         choose_batch_size(n_windows, batch_size)  # a bad value fails now, not in a task
     return tile, ov, n_windows
