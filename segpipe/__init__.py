@@ -9,7 +9,8 @@ The public API is small; stages are also reachable as the ``segpipe`` command:
   :class:`ExportResult` and :class:`EvaluateResult`;
 - :func:`classify`: a model package applied lazily to any (band, y, x) DataArray, with
   the classes ``segpipe predict`` gives;
-- :class:`ClassInfo` and the errors (:class:`SegpipeError` and its family).
+- :class:`ClassInfo` and the errors (:class:`SegpipeError` and its family, with the
+  training settings' :class:`SettingError`).
 
 Importing segpipe never imports torch's CUDA runtime nor Prefect: the functions and
 result types load on first use (PEP 562), so ``import segpipe`` and ``segpipe
@@ -34,6 +35,7 @@ from segpipe.errors import (
     MissingInputError,
     MissingLayerError,
     ModelPackageError,
+    PretrainedWeightsError,
     SegpipeError,
     StorageError,
     StoreBusyError,
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
     from segpipe.io.store import open_region
     from segpipe.stages.predict.classify import classify
     from segpipe.stages.predict.driver import PredictSummary
+    from segpipe.stages.train.config import SettingError
 
 __version__ = "0.1.0"
 
@@ -67,6 +70,7 @@ _LAZY: dict[str, str] = {
     "open_region": "segpipe.io.store",
     "classify": "segpipe.stages.predict.classify",
     "PredictSummary": "segpipe.stages.predict.driver",
+    "SettingError": "segpipe.stages.train.config",
     **{
         name: "segpipe.api"
         for name in ("ingest", "train", "predict", "export", "evaluate", "ClassScore", "EvaluateResult",
@@ -92,7 +96,9 @@ __all__ = [
     "MissingLayerError",
     "ModelPackageError",
     "PredictSummary",
+    "PretrainedWeightsError",
     "SegpipeError",
+    "SettingError",
     "StorageError",
     "StoreBusyError",
     "StoreError",

@@ -76,6 +76,7 @@ def test_the_public_names() -> None:
     assert segpipe.classify is classify.classify
     assert segpipe.PredictSummary is driver.PredictSummary
     assert issubclass(segpipe.BandMismatchError, segpipe.InputError)
+    assert issubclass(segpipe.SettingError, segpipe.InputError)
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = segpipe.no_such_name  # type: ignore[attr-defined]
 
@@ -130,7 +131,7 @@ def test_train_settings_from_a_mapping_and_fields(region: segpipe.IngestResult, 
 
 
 def test_train_refuses_a_bad_setting_before_training(region: segpipe.IngestResult, tmp_path: Path) -> None:
-    with pytest.raises(segpipe.InputError, match="epochs"):
+    with pytest.raises(segpipe.SettingError, match="epochs"):
         segpipe.train(region.store, tmp_path / "m", epochs=0)
     with pytest.raises(segpipe.ArchitectureError, match="unknown architecture"):
         segpipe.train(region.store, tmp_path / "m", arch="transformer")
