@@ -28,8 +28,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained U-Net package for the predict tests' 3-band stores (weights seeded)."""
@@ -41,6 +39,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     spec = ModelSpec("unet", "resnet18", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64)
     return save_model(tmp_path_factory.mktemp("model"), spec, build_network("unet", "resnet18", 3, 3))
+
+
+@pytest.fixture(scope="module")
+def stub_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cheap model package for the predict tests' 3-band stores (see predict_support.stub_package).
+
+    For tests about tiling, blending, staging and locking, where the network is beside
+    the point; those where it matters (GPU, output stride, NaN spreading through
+    convolutions, package checks) keep :func:`model_dir`'s U-Net.
+    """
+    from predict_support import stub_package
+
+    return stub_package(tmp_path_factory.mktemp("stub"))
 
 
 @pytest.fixture(scope="module")

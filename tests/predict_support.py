@@ -11,7 +11,7 @@ import zarr
 from affine import Affine
 
 from segpipe.grid.box import Box
-from segpipe.models import model_hash
+from segpipe.models import ModelSpec, model_hash, save_model
 from segpipe.stages.predict.jobs import BlockJob, JobSettings
 from segpipe.types import ClassInfo
 
@@ -69,3 +69,29 @@ def block_job(store: Path, model_dir: Path, box: Box, blocks: tuple[tuple[int, i
     settings = JobSettings(store=str(store), model_dir=str(model_dir), model_hash=model_hash(model_dir),
                            tile=64, overlap=16, batch_size=4)
     return BlockJob(settings=settings, box=box, blocks=blocks)
+
+
+def stub_package(path: Path, seed: int = 0) -> Path:
+    """A cheap stand-in for a network, packaged for the 3-band stores: a small forest on 3 x 3 windows.
+
+    It is an ordinary ``random_forest`` package (rebuilt as a
+    :class:`segpipe.models.forest.ForestNet`, nothing patched): a per-pixel classifier of
+    each band's value and its 3 x 3 window mean and standard deviation. It runs in
+    milliseconds where a U-Net takes seconds to build in every worker, and the window
+    statistics, cut at a window's edge, still make a pixel's output depend on the window
+    that computes it, as a network's does.
+    """
+    import torch
+    from sklearn.ensemble import RandomForestClassifier
+
+    from segpipe.models.forest import context_features, from_sklearn
+
+    rng = np.random.default_rng(seed)
+    image = torch.from_numpy(rng.normal(size=(1, 3, 48, 48)).astype(np.float32))
+    feats = context_features(image, 3)[0].reshape(9, -1).T.numpy()
+    labels = (feats[:, 0] > 0).astype(int) + (feats[:, 4] - feats[:, 7] > 0)  # value and window means
+    forest = RandomForestClassifier(n_estimators=4, max_depth=5, random_state=seed).fit(feats, labels)
+    net = from_sklearn(forest, len(CLASSES), context=3)
+    spec = ModelSpec("random_forest", "none", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64,
+                     options=net.options(), output_stride=1)
+    return save_model(path, spec, net)

@@ -21,9 +21,9 @@ from segpipe.grid.box import Box
 from segpipe.grid.tiling import blend_weights, halo_bounds, window_starts
 from segpipe.io.runs import STAGING
 from segpipe.io.store import open_layer, open_region, read_region_info, valid_mask
-from segpipe.models import load_model, normalise, read_spec
+from segpipe.models import load_model, model_hash, normalise, read_spec
 from segpipe.stages.predict.blend import blend_windows
-from segpipe.stages.predict.driver import PROGRESS_LAYER, choose_batch_size, predict
+from segpipe.stages.predict.driver import PROGRESS_LAYER, choose_batch_size, pending_blocks, predict
 from segpipe.stages.predict.results import prepare_layers
 from segpipe.stages.predict.worker import run_block
 from segpipe.stages.predict.worker import torch_forward as _torch_forward
@@ -199,10 +199,11 @@ def _read(store: Path, name: str) -> np.ndarray:
     return np.asarray(open_layer(store, name)[...])
 
 
-def test_predict_end_to_end(tmp_path: Path, model_dir: Path, client: Client) -> None:
+def test_predict_end_to_end(tmp_path: Path, stub_model_dir: Path, client: Client) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
     seen: list[tuple[int, int]] = []
-    summary = predict(store, model_dir, client=client, progress=lambda d, t: seen.append((d, t)), **SETTINGS)
+    summary = predict(store, stub_model_dir, client=client, progress=lambda d, t: seen.append((d, t)),
+                      **SETTINGS)
     assert (summary.blocks_total, summary.blocks_done, summary.blocks_skipped) == (12, 12, 0)
     assert summary.pixels == HEIGHT * WIDTH and summary.windows > 16
     assert seen[0] == (0, 12) and seen[-1] == (12, 12)
@@ -236,31 +237,33 @@ def test_block_size_does_not_change_the_result(
 
 
 def test_resume_skips_finished_blocks_and_force_recomputes(
-    tmp_path: Path, model_dir: Path, client: Client
+    tmp_path: Path, stub_model_dir: Path, client: Client
 ) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
-    predict(store, model_dir, client=client, **SETTINGS)
+    predict(store, stub_model_dir, client=client, **SETTINGS)
     first = _read(store, "classes")
-    again = predict(store, model_dir, client=client, **SETTINGS)
+    again = predict(store, stub_model_dir, client=client, **SETTINGS)
     assert (again.blocks_done, again.blocks_skipped, again.windows) == (0, 12, 0)
     # An interrupted run: one block lost its marker (and holds garbage) -> only it reruns.
     open_layer(store, PROGRESS_LAYER, mode="r+")[1, 2] = 0
     open_layer(store, "classes", mode="r+")[64:128, 128:170] = 0
-    resumed = predict(store, model_dir, client=client, **SETTINGS)
+    resumed = predict(store, stub_model_dir, client=client, **SETTINGS)
     assert (resumed.blocks_done, resumed.blocks_skipped) == (1, 11)
     np.testing.assert_array_equal(_read(store, "classes"), first)
-    forced = predict(store, model_dir, client=client, force=True, **SETTINGS)
+    forced = predict(store, stub_model_dir, client=client, force=True, **SETTINGS)
     assert (forced.blocks_done, forced.blocks_skipped) == (12, 0)
     np.testing.assert_array_equal(_read(store, "classes"), first)
     # Other settings are another result: progress resets.
-    other = predict(store, model_dir, client=client, tile_size=64, overlap=8, batch_size=4)
+    other = predict(store, stub_model_dir, client=client, tile_size=64, overlap=8, batch_size=4)
     assert other.blocks_done == 12
 
 
-def test_cpu_workers_default_to_small_fixed_batches(tmp_path: Path, model_dir: Path, client: Client) -> None:
+def test_cpu_workers_default_to_small_fixed_batches(
+    tmp_path: Path, stub_model_dir: Path, client: Client
+) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
     settings = {k: v for k, v in SETTINGS.items() if k != "batch_size"}
-    summary = predict(store, model_dir, client=client, **settings)
+    summary = predict(store, stub_model_dir, client=client, **settings)
     assert summary.batch_size == 2
     # Every call has one shape: at most one padded slot per task.
     assert summary.windows <= summary.slots < summary.windows + summary.tasks
@@ -272,10 +275,10 @@ def test_batch_size_pads_least_and_avoids_single_windows(n: int, most: int, chos
     assert choose_batch_size(n, most) == chosen
 
 
-def test_wrong_bands_fail_before_any_write(tmp_path: Path, model_dir: Path, client: Client) -> None:
+def test_wrong_bands_fail_before_any_write(tmp_path: Path, stub_model_dir: Path, client: Client) -> None:
     store = make_store(tmp_path / "a.zarr", block=64, bands=4)
     with pytest.raises(BandMismatchError, match="4 bands"):
-        predict(store, model_dir, client=client, **SETTINGS)
+        predict(store, stub_model_dir, client=client, **SETTINGS)
     assert set(zarr.open_group(store).keys()) == {"band", "x", "y", "image", "spatial_ref"}
 
 
@@ -286,15 +289,46 @@ def test_bad_settings_are_input_errors(tmp_path: Path, model_dir: Path, tile: in
         predict(store, model_dir, tile_size=tile, overlap=overlap)
 
 
-def test_run_block_in_process_matches_the_cluster(tmp_path: Path, model_dir: Path, client: Client) -> None:
+def test_run_block_in_process_matches_the_cluster(
+    tmp_path: Path, stub_model_dir: Path, client: Client
+) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
-    predict(store, model_dir, client=client, **SETTINGS)
+    predict(store, stub_model_dir, client=client, **SETTINGS)
     expected = _read(store, "classes")[64:128, 64:128]
     open_layer(store, "classes", mode="r+")[64:128, 64:128] = 0
     open_layer(store, PROGRESS_LAYER, mode="r+")[1, 1] = 0  # a finished block is not recomputed
-    stats = run_block(block_job(store, model_dir, Box(64, 64, 128, 128)))
+    stats = run_block(block_job(store, stub_model_dir, Box(64, 64, 128, 128)))
     assert stats["pixels"] == 64 * 64 and stats["windows"] == 6  # rows 48, 96 x columns 48, 96, 106
     np.testing.assert_array_equal(_read(store, "classes")[64:128, 64:128], expected)
+
+
+def test_a_named_output_is_written_in_process_beside_the_default_layers(
+    tmp_path: Path, stub_model_dir: Path, client: Client
+) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64)
+    predict(store, stub_model_dir, client=client, **SETTINGS)
+    before = {name: _read(store, name) for name in ("classes", "confidence", PROGRESS_LAYER)}
+    # dask's local scheduler in this process, no cluster; layers of their own.
+    summary = predict(store, stub_model_dir, scheduler="synchronous", output="classes_rf", **SETTINGS)
+    assert (summary.blocks_done, summary.pixels) == (12, HEIGHT * WIDTH)
+    assert summary.valid_pixels == HEIGHT * WIDTH - (30 * 25 + 5 * WIDTH)
+    np.testing.assert_array_equal(_read(store, "classes_rf"), before["classes"])
+    np.testing.assert_array_equal(_read(store, "confidence_rf"), before["confidence"])
+    assert _read(store, "progress_predict_rf").all()
+    assert open_layer(store, "classes_rf").attrs["model_hash"] == model_hash(stub_model_dir)
+    for name, arr in before.items():  # the default result is untouched
+        np.testing.assert_array_equal(_read(store, name), arr)
+    assert not (store / STAGING / "classes_rf").exists()  # written in place, never staged
+    # It resumes in place like any result.
+    assert pending_blocks(store, stub_model_dir, 64, 16, output="classes_rf") == (0, 12)
+    open_layer(store, "progress_predict_rf", mode="r+")[1, 2] = 0
+    open_layer(store, "classes_rf", mode="r+")[64:128, 128:170] = 0
+    assert pending_blocks(store, stub_model_dir, 64, 16, output="classes_rf") == (1, 12)
+    resumed = predict(store, stub_model_dir, scheduler="threads", output="classes_rf", **SETTINGS)
+    assert (resumed.blocks_done, resumed.blocks_skipped) == (1, 11)
+    np.testing.assert_array_equal(_read(store, "classes_rf"), before["classes"])
+    with pytest.raises(InputError, match="'classes' or 'classes_<name>'"):
+        predict(store, stub_model_dir, scheduler="threads", output="image", **SETTINGS)
 
 
 def test_get_client_connects_without_closing_the_cluster(
@@ -318,18 +352,18 @@ def test_get_client_starts_and_closes_a_local_cluster(monkeypatch: pytest.Monkey
 
 
 def test_a_failing_block_fails_the_run_and_a_rerun_resumes(
-    tmp_path: Path, model_dir: Path, client: Client
+    tmp_path: Path, stub_model_dir: Path, client: Client
 ) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
     shard = store / "image" / "c" / "0" / "2" / "2"  # band shard 0, block row 2, column 2
     good = shard.read_bytes()
     shard.write_bytes(b"not a shard" * 10)
     with pytest.raises(Exception):  # noqa: B017  (the codec's own error, re-raised)
-        predict(store, model_dir, client=client, **SETTINGS)
+        predict(store, stub_model_dir, client=client, **SETTINGS)
     # A new result is staged until complete: its markers are in the hidden group.
     assert _read(store, f"{STAGING}/{PROGRESS_LAYER}")[2, 2] == 0
     shard.write_bytes(good)
-    resumed = predict(store, model_dir, client=client, **SETTINGS)
+    resumed = predict(store, stub_model_dir, client=client, **SETTINGS)
     # Blocks that finished (even after the failure was raised) are not redone.
     assert resumed.blocks_done >= 1 and resumed.blocks_done + resumed.blocks_skipped == 12
     assert _read(store, PROGRESS_LAYER).all()

@@ -44,11 +44,11 @@ def _wait_idle(client: Client) -> None:
         time.sleep(0.1)
 
 
-def test_planned_tasks_match_one_block_per_task(tmp_path: Path, model_dir: Path, client: Client) -> None:
+def test_planned_tasks_match_one_block_per_task(tmp_path: Path, stub_model_dir: Path, client: Client) -> None:
     a = make_store(tmp_path / "a.zarr", block=64)
     b = make_store(tmp_path / "b.zarr", block=64)
-    small = predict(a, model_dir, client=client, **SETTINGS)
-    planned = predict(b, model_dir, client=client, tile_size=64, overlap=16, batch_size=4)
+    small = predict(a, stub_model_dir, client=client, **SETTINGS)
+    planned = predict(b, stub_model_dir, client=client, tile_size=64, overlap=16, batch_size=4)
     assert small.tasks == 12 and planned.tasks < 12
     assert planned.windows < small.windows  # fewer windows computed twice at task borders
     for name, arr in _outputs(a).items():
@@ -57,10 +57,10 @@ def test_planned_tasks_match_one_block_per_task(tmp_path: Path, model_dir: Path,
 
 
 def test_probabilities_layer_and_nodata_in_every_output(
-    tmp_path: Path, model_dir: Path, client: Client
+    tmp_path: Path, stub_model_dir: Path, client: Client
 ) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
-    predict(store, model_dir, client=client, probabilities=True, blend="gaussian", **SETTINGS)
+    predict(store, stub_model_dir, client=client, probabilities=True, blend="gaussian", **SETTINGS)
     probs = open_layer(store, "probabilities")
     assert probs.shape == (3, HEIGHT, WIDTH) and probs.dtype == np.uint8
     assert probs.metadata.dimension_names == ("class", "y", "x")  # type: ignore[union-attr]
@@ -148,7 +148,7 @@ def test_an_interrupted_run_resumes_without_recomputing(
         np.testing.assert_array_equal(_read(store, name), arr)
 
 
-def test_gpu_resource_keeps_tasks_on_gpu_workers(tmp_path: Path, model_dir: Path) -> None:
+def test_gpu_resource_keeps_tasks_on_gpu_workers(tmp_path: Path, stub_model_dir: Path) -> None:
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as c:
         # A second worker process that advertises a GPU (it computes on CPU here).
@@ -163,7 +163,7 @@ def test_gpu_resource_keeps_tasks_on_gpu_workers(tmp_path: Path, model_dir: Path
                             if w.get("resources", {}).get("GPU"))
             store = make_store(tmp_path / "a.zarr", block=96)
             with get_task_stream(client=c) as stream:
-                summary = predict(store, model_dir, client=c, **SETTINGS)
+                summary = predict(store, stub_model_dir, client=c, **SETTINGS)
             assert summary.blocks_done == 6
             ran = {t["worker"] for t in stream.data if str(t["key"]).startswith("run_block")}
             assert ran == {gpu_addr}

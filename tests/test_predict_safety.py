@@ -71,9 +71,9 @@ def _wait_idle(client: Client) -> None:
 
 
 @pytest.fixture(scope="module")
-def done_template(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, client: Client) -> Path:
+def done_template(tmp_path_factory: pytest.TempPathFactory, stub_model_dir: Path, client: Client) -> Path:
     store = make_store(tmp_path_factory.mktemp("done") / "a.zarr", block=64)
-    predict(store, model_dir, client=client, **SETTINGS)
+    predict(store, stub_model_dir, client=client, **SETTINGS)
     assert _read(store, PROGRESS_LAYER).all()
     return store
 
@@ -177,31 +177,31 @@ def test_forest_and_ensemble_packages_are_checked_in_full(
 
 
 def test_a_failing_run_keeps_the_earlier_result_and_a_rerun_publishes(
-    done_store: Path, model_dir: Path, client: Client
+    done_store: Path, stub_model_dir: Path, client: Client
 ) -> None:
     before = _snapshot(done_store)
     shard = done_store / "image" / "c" / "0" / "2" / "2"
     good = shard.read_bytes()
     shard.write_bytes(b"not a shard" * 10)
     with pytest.raises(Exception):  # noqa: B017  (the codec's own error, re-raised)
-        predict(done_store, model_dir, client=client, **OTHER)
+        predict(done_store, stub_model_dir, client=client, **OTHER)
     _wait_idle(client)
     _assert_unchanged(done_store, before)
     staged = _read(done_store, f"{STAGING}/{PROGRESS_LAYER}")
     assert staged[2, 2] == 0 and read_lock(done_store) is None  # the lock is released on failure
     shard.write_bytes(good)
-    assert pending_blocks(done_store, model_dir, 64, 8) == (12 - int(staged.sum()), 12)
-    resumed = predict(done_store, model_dir, client=client, **OTHER)
+    assert pending_blocks(done_store, stub_model_dir, 64, 8) == (12 - int(staged.sum()), 12)
+    resumed = predict(done_store, stub_model_dir, client=client, **OTHER)
     assert resumed.blocks_skipped == int(staged.sum()) and resumed.blocks_done == 12 - resumed.blocks_skipped
     progress = open_layer(done_store, PROGRESS_LAYER)
     assert np.asarray(progress[...]).all() and progress.attrs["overlap"] == 8
     assert open_layer(done_store, "classes").attrs["overlap"] == 8
-    assert pending_blocks(done_store, model_dir, 64, 8) == (0, 12)
+    assert pending_blocks(done_store, stub_model_dir, 64, 8) == (0, 12)
     assert not (done_store / STAGING / "classes").exists()
 
 
 def test_an_interrupted_forced_run_keeps_the_earlier_result(
-    done_store: Path, model_dir: Path, client: Client
+    done_store: Path, stub_model_dir: Path, client: Client
 ) -> None:
     before = _snapshot(done_store)
 
@@ -210,17 +210,17 @@ def test_an_interrupted_forced_run_keeps_the_earlier_result(
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        predict(done_store, model_dir, client=client, force=True, progress=interrupt, **SETTINGS)
+        predict(done_store, stub_model_dir, client=client, force=True, progress=interrupt, **SETTINGS)
     _wait_idle(client)
     _assert_unchanged(done_store, before)
     # The published result is complete for these settings: a plain rerun computes nothing.
-    again = predict(done_store, model_dir, client=client, **SETTINGS)
+    again = predict(done_store, stub_model_dir, client=client, **SETTINGS)
     assert (again.blocks_done, again.blocks_skipped) == (0, 12)
 
 
 @pytest.mark.parametrize("crash_at", [0, 1, 2])
 def test_a_crash_while_publishing_is_repaired_by_the_next_run(
-    crash_at: int, done_store: Path, model_dir: Path, client: Client, monkeypatch: pytest.MonkeyPatch
+    crash_at: int, done_store: Path, stub_model_dir: Path, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed between the two renames of layer ``crash_at``: the next run finishes the promotion."""
     real = runs._swap_in
@@ -237,20 +237,20 @@ def test_a_crash_while_publishing_is_repaired_by_the_next_run(
 
     monkeypatch.setattr(runs, "_swap_in", crashing)
     with pytest.raises(SystemExit):
-        predict(done_store, model_dir, client=client, **OTHER)
+        predict(done_store, stub_model_dir, client=client, **OTHER)
     monkeypatch.setattr(runs, "_swap_in", real)
     new = {name: _read(done_store, f"{STAGING}/{name}") for name in LAYERS[crash_at:]}
     # A later run of any settings repairs first; pending_blocks does the same without a cluster.
-    assert pending_blocks(done_store, model_dir, 64, 8) == (0, 12)
+    assert pending_blocks(done_store, stub_model_dir, 64, 8) == (0, 12)
     for name, arr in new.items():
         np.testing.assert_array_equal(_read(done_store, name), arr)
     assert all(open_layer(done_store, name).attrs["overlap"] == 8 for name in LAYERS)
     assert not (done_store / STAGING / "replaced").exists()
-    assert predict(done_store, model_dir, client=client, **OTHER).blocks_done == 0
+    assert predict(done_store, stub_model_dir, client=client, **OTHER).blocks_done == 0
 
 
 def test_a_second_predict_on_a_busy_store_is_refused(
-    tmp_path: Path, model_dir: Path, other_model: Path, client: Client
+    tmp_path: Path, stub_model_dir: Path, other_model: Path, client: Client
 ) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
     holding, refused = threading.Event(), threading.Event()
@@ -262,7 +262,8 @@ def test_a_second_predict_on_a_busy_store_is_refused(
 
     def first() -> None:
         try:
-            results["first"] = predict(store, model_dir, client=client, progress=first_progress, **SETTINGS)
+            results["first"] = predict(store, stub_model_dir, client=client, progress=first_progress,
+                                       **SETTINGS)
         except BaseException as exc:  # reported by the assertion below
             results["first"] = exc
 
@@ -277,10 +278,10 @@ def test_a_second_predict_on_a_busy_store_is_refused(
         thread.join(120)
     message = str(info.value)
     assert str(store) in message and f"pid {os.getpid()}" in message and socket.gethostname() in message
-    assert model_hash(model_dir) in message and "started at" in message and "remove" in message
+    assert model_hash(stub_model_dir) in message and "started at" in message and "remove" in message
     assert getattr(results["first"], "blocks_done", None) == 12, results["first"]
     # The store holds the winner's result, complete.
-    assert open_layer(store, "classes").attrs["model_hash"] == model_hash(model_dir)
+    assert open_layer(store, "classes").attrs["model_hash"] == model_hash(stub_model_dir)
     assert _read(store, PROGRESS_LAYER).all() and read_lock(store) is None
 
 
@@ -318,11 +319,11 @@ def test_stale_locks_are_taken_over_and_live_ones_refuse(tmp_path: Path) -> None
         assert read_lock(store)["run_id"] == taken.record["run_id"]  # type: ignore[index]
 
 
-def test_a_rerun_task_skips_the_blocks_it_already_marked(tmp_path: Path, model_dir: Path) -> None:
+def test_a_rerun_task_skips_the_blocks_it_already_marked(tmp_path: Path, stub_model_dir: Path) -> None:
     store = make_store(tmp_path / "a.zarr", block=64)
-    key = {"model_hash": model_hash(model_dir)}
-    prepare_layers(str(store), read_spec(model_dir), (4, 3), key, force=True)
-    job = block_job(store, model_dir, Box(0, 0, 128, 128), blocks=((0, 0), (0, 1), (1, 0), (1, 1)))
+    key = {"model_hash": model_hash(stub_model_dir)}
+    prepare_layers(str(store), read_spec(stub_model_dir), (4, 3), key, force=True)
+    job = block_job(store, stub_model_dir, Box(0, 0, 128, 128), blocks=((0, 0), (0, 1), (1, 0), (1, 1)))
     full = run_block(job)
     expected = _read(store, "classes")[:128, :128].copy()
     # The worker died after finishing two blocks: their markers are set, the rest is garbage.
