@@ -84,7 +84,7 @@ class RegionRun(BaseModel):
 
 def _on_dask_task_runner() -> bool:
     from prefect.context import FlowRunContext
-    from prefect_dask import DaskTaskRunner
+    from prefect_dask.task_runners import DaskTaskRunner
 
     ctx = FlowRunContext.get()
     return ctx is not None and isinstance(ctx.task_runner, DaskTaskRunner)

@@ -152,7 +152,7 @@ def split_cells(cand: Candidates, cell: int, fraction: float, seed: int) -> np.n
     rng = np.random.default_rng(seed)
     is_valid = rng.random(len(cells)) < fraction
     if fraction <= 0 or len(cells) < 2:
-        return is_valid[inverse]  # type: ignore[no-any-return]
+        return is_valid[inverse]
     pairs = np.unique(np.stack([inverse, cand.value.astype(np.int64)]), axis=1)
     holding = {int(v): pairs[0, pairs[1] == v] for v in np.unique(pairs[1])}
     classes_of: dict[int, list[int]] = {}
@@ -182,7 +182,7 @@ def split_cells(cand: Candidates, cell: int, fraction: float, seed: int) -> np.n
             changed = True
         if not changed:
             break
-    return is_valid[inverse]  # type: ignore[no-any-return]
+    return is_valid[inverse]
 
 
 class CentreSampler:
@@ -211,7 +211,7 @@ class CentreSampler:
             return rng.integers(0, self.cand.y.size, n)
         k = rng.integers(0, self.values.size, n)
         offset = rng.integers(0, self._counts[k])
-        return self._order[self._starts[k] + offset]  # type: ignore[no-any-return]
+        return self._order[self._starts[k] + offset]
 
 
 class ChipSampler:

@@ -92,7 +92,7 @@ def _order_statistic(counts: np.ndarray, centres: np.ndarray, rank: np.ndarray) 
     """Value of the (0-based) ``rank``-th smallest sample described by a histogram."""
     cumulative = np.cumsum(counts)
     index = np.searchsorted(cumulative, rank, side="right")
-    return centres[np.minimum(index, centres.size - 1)]  # type: ignore[no-any-return]
+    return centres[np.minimum(index, centres.size - 1)]
 
 
 def _percentiles_from_histogram(counts: np.ndarray, centres: np.ndarray, q: np.ndarray) -> np.ndarray:
