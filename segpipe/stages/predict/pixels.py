@@ -38,7 +38,8 @@ def prepare_pixels(raw: np.ndarray, nodata: float | None, spec: ModelSpec) -> tu
 
 def percent(p: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] as whole percent (uint8)."""
-    return np.rint(p * 100).clip(0, 100).astype(np.uint8)
+    out: np.ndarray = np.rint(p * 100).clip(0, 100).astype(np.uint8)
+    return out
 
 
 def encode_probabilities(
