@@ -329,6 +329,11 @@ def test_a_named_output_is_written_in_process_beside_the_default_layers(
     np.testing.assert_array_equal(_read(store, "classes_rf"), before["classes"])
     with pytest.raises(InputError, match="'classes' or 'classes_<name>'"):
         predict(store, stub_model_dir, scheduler="threads", output="image", **SETTINGS)
+    # A failing task fails an in-process run too, and the blocks it did not finish stay unmarked.
+    (store / "image" / "c" / "0" / "2" / "2").write_bytes(b"not a shard" * 10)
+    with pytest.raises(Exception):  # noqa: B017  (the codec's own error, re-raised)
+        predict(store, stub_model_dir, scheduler="synchronous", output="classes_rf", force=True, **SETTINGS)
+    assert _read(store, "progress_predict_rf")[2, 2] == 0
 
 
 def test_get_client_connects_without_closing_the_cluster(
