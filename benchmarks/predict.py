@@ -147,10 +147,10 @@ def workers_rate(client: Any, model_dir: str, tile: int, batch: int) -> float:
 def _warm_worker(model_dir: str, tile: int, batch: int) -> None:
     """Load the package into the worker's model cache, as prediction tasks do, and run it once."""
     from segpipe.models import model_hash
-    from segpipe.stages.predict.worker import _model_for, torch_forward
+    from segpipe.stages.predict.worker import cached_model, torch_forward
 
     tune_allocator()
-    net, spec, device = _model_for(str(Path(model_dir).resolve()), model_hash(model_dir))
+    net, spec, device = cached_model(str(Path(model_dir).resolve()), model_hash(model_dir))
     torch_forward(net, device)(np.zeros((batch, len(spec.band_names), tile, tile), dtype=np.float32))
 
 

@@ -22,7 +22,7 @@ from segpipe.models import ModelSpec, build_network, load_model, normalise, outp
 from segpipe.models.forest import ForestNet, context_features, from_sklearn
 from segpipe.stages.evaluate.assess import evaluate
 from segpipe.stages.ingest.driver import ingest
-from segpipe.stages.predict.driver import _settings, predict
+from segpipe.stages.predict.driver import predict, window_settings
 from segpipe.stages.train import train, train_config
 from segpipe.stages.train.forest import forest_features
 from segpipe.synth import synthesize
@@ -276,7 +276,7 @@ def test_context_forest_trains_on_the_features_it_predicts_with(
     np.testing.assert_array_equal(feats, whole[:, ys[has_data], xs[has_data]].T)
 
     # Prediction windows (default overlap for the context) give the whole-image answer.
-    assert _settings(spec, None, None)[1] == 4
+    assert window_settings(spec, None, None)[1] == 4
     predict(store, tmp_path / "ctx", client=client)
     net, _ = load_model(tmp_path / "ctx")
     with torch.inference_mode():

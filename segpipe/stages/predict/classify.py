@@ -26,9 +26,15 @@ from segpipe.grid.tiling import halo_bounds, window_count
 from segpipe.io.store import NODATA_U8
 from segpipe.models import check_bands, validate_package
 from segpipe.stages.predict.blend import blend_windows, tta_forward
-from segpipe.stages.predict.driver import CPU_BATCH, GPU_BATCH, _model_location, _settings, choose_batch_size
+from segpipe.stages.predict.driver import (
+    CPU_BATCH,
+    GPU_BATCH,
+    choose_batch_size,
+    model_location,
+    window_settings,
+)
 from segpipe.stages.predict.pixels import encode_probabilities, prepare_pixels
-from segpipe.stages.predict.worker import _model_for, torch_forward
+from segpipe.stages.predict.worker import cached_model, torch_forward
 from segpipe.types import classes_to_json
 
 if TYPE_CHECKING:
@@ -115,7 +121,7 @@ def _check(
     if data.ndim != 3 or min(data.shape) < 1:
         raise InputError(f"classify needs a (band, y, x) DataArray; got dims {data.dims}, {data.shape}")
     check_bands(spec, band_names(data))
-    tile, ov = _settings(spec, tile_size, overlap, blend)
+    tile, ov = window_settings(spec, tile_size, overlap, blend)
     n_windows = window_count((int(data.shape[1]), int(data.shape[2])), tile, tile - ov)
     if batch_size is not None:
         choose_batch_size(n_windows, batch_size)  # a bad value fails now, not in a task
@@ -147,7 +153,7 @@ def _classify_chunk(pieces: list[list[np.ndarray]], job: _Job, box: Box, halo: B
         (K, h, w) uint8: classes, then with ``job.probabilities`` confidence and one layer
         per class; 255 on nodata.
     """
-    net, spec, device = _model_for(job.model_dir, job.model_hash)
+    net, spec, device = cached_model(job.model_dir, job.model_hash)
     forward = torch_forward(net, device)
     forward = tta_forward(forward) if job.tta else forward
     most = job.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
@@ -340,7 +346,7 @@ def classify(
         InputError: ``data`` is not (band, y, x), or a bad tile size, overlap, blend mode or
             batch size.
     """
-    location = _model_location(model)
+    location = model_location(model)
     spec, mhash = validate_package(location)
     tile, ov, n_windows = _check(data, spec, tile_size, overlap, blend, batch_size)
     height, width = int(data.shape[1]), int(data.shape[2])

@@ -60,8 +60,10 @@ __all__ = [
     "PredictSummary",
     "check_predict_inputs",
     "choose_batch_size",
+    "model_location",
     "pending_blocks",
     "predict",
+    "window_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,12 +134,12 @@ def choose_batch_size(n_windows: int, most: int) -> int:
     return min(range(least, most + 1), key=lambda bs: (-(-n_windows // bs) * bs, -bs))
 
 
-def _model_location(model_dir: str | Path) -> str:
+def model_location(model_dir: str | Path) -> str:
     """Where every worker finds the package: an absolute path, or the ``s3://`` URL as given."""
     return str(model_dir).rstrip("/") if is_remote(model_dir) else str(Path(model_dir).resolve())
 
 
-def _settings(
+def window_settings(
     spec: ModelSpec, tile_size: int | None, overlap: int | None, blend: str = "cosine"
 ) -> tuple[int, int]:
     """Window size and overlap for a package: the defaults filled in, every value checked.
@@ -234,10 +236,10 @@ def check_predict_inputs(
     layers = output_layers(output)
     store_s = _store_location(store)
     info = read_region_info(store_s)
-    mdir = _model_location(model_dir)
+    mdir = model_location(model_dir)
     spec, mhash = validate_package(mdir)
     check_bands(spec, info.band_names)
-    tile, ov = _settings(spec, tile_size, overlap, blend)
+    tile, ov = window_settings(spec, tile_size, overlap, blend)
     n_global = window_count((info.height, info.width), tile, tile - ov)
     if batch_size is not None:
         choose_batch_size(n_global, batch_size)  # a bad value fails before any write
@@ -487,8 +489,8 @@ def pending_blocks(
     store_s = _store_location(store)
     info = read_region_info(store_s)
     spec = read_spec(model_dir)
-    tile, ov = _settings(spec, tile_size, overlap)
-    key = _resume_key(model_hash(_model_location(model_dir)), tile, ov, blend, tta)
+    tile, ov = window_settings(spec, tile_size, overlap)
+    key = _resume_key(model_hash(model_location(model_dir)), tile, ov, blend, tta)
     total = int(info.blocks[0] * info.blocks[1])
     if has_staged_progress(store_s):  # perhaps a publication cut short: finish it, as predict would
         with contextlib.suppress(StoreBusyError), acquire_lock(store_s, key["model_hash"]):

@@ -34,7 +34,13 @@ if TYPE_CHECKING:
 
     from segpipe.models import ModelSpec
 
-__all__ = ["run_block", "torch_forward", "usable_cores", "worker_host"]
+__all__ = [
+    "cached_model",
+    "run_block",
+    "torch_forward",
+    "usable_cores",
+    "worker_host",
+]
 
 
 def usable_cores() -> int:
@@ -71,7 +77,7 @@ def _cpu_streams(job: BlockJob) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _model_for(model_dir: str, expected_hash: str) -> tuple[nn.Module, ModelSpec, torch.device]:
+def cached_model(model_dir: str, expected_hash: str) -> tuple[nn.Module, ModelSpec, torch.device]:
     """Load a package once per process; the hash in the key makes a changed package reload."""
     import torch
 
@@ -177,7 +183,7 @@ def _predict_blocks(
 ) -> dict[str, int]:
     """Blend the windows reaching ``blocks`` and write them; return the pixel and window counts."""
     s = job.settings
-    net, spec, device = _model_for(s.model_dir, s.model_hash)
+    net, spec, device = cached_model(s.model_dir, s.model_hash)
     streams = _cpu_streams(job) if device.type == "cpu" else 1
     forward = torch_forward(net, device)
     forward = tta_forward(forward) if s.tta else forward
