@@ -13,7 +13,12 @@ import yaml
 
 from segpipe.errors import BatchError, InputError, MissingInputError
 
-TRAIN = {"epochs": 1, "samples_per_epoch": 16, "chip_size": 64, "batch_size": 8}
+# One short epoch without validation (which would cost more than the training): these
+# tests are about the flows, not the network.
+TRAIN = {"epochs": 1, "samples_per_epoch": 16, "chip_size": 64, "batch_size": 8, "valid_fraction": 0}
+# A small random forest where the model family is beside the point too: it trains in
+# seconds, without loading torch.
+FOREST = {"arch": "random_forest", "trees": 4}
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +79,11 @@ def test_batch_runs_every_region_and_fails_naming_the_broken_one(regions, prefec
     from flows.process_regions import process_regions
 
     broken = {**region_entry("broken", "missing"), "images": ["missing/image.vrt"]}
+    # A forest for the second region: two networks training in threads of this process
+    # would share its cores for half a minute.
+    two = {**region_entry("two", "r2"), "train": FOREST}
     path = regions / "batch2.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {"concurrency": 2, "regions": [region_entry("one", "r1"), broken, region_entry("two", "r2")]}
-        )
-    )
+    path.write_text(yaml.safe_dump({"concurrency": 2, "regions": [region_entry("one", "r1"), broken, two]}))
     with pytest.raises(BatchError, match="broken") as info:
         process_regions(read_manifest(path))
     assert "1 of 3" in str(info.value)
@@ -150,6 +154,7 @@ def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, pre
         "store": str(tmp_path / "remote.zarr"),
         "model": str(tmp_path / "model"),
         "export_dir": str(tmp_path / "cog"),
+        "train": FOREST,
         "scheduler": dask_scheduler,
     }
     path = tmp_path / "region.yaml"
@@ -160,7 +165,7 @@ def test_region_against_a_separately_started_dask_cluster(regions, tmp_path, pre
     assert (tmp_path / "cog" / "classes.tif").is_file()
 
 
-def test_cli_run_finds_the_scheduler_in_the_environment(regions, tmp_path, dask_scheduler):
+def test_cli_run_finds_the_scheduler_in_the_environment(regions, tmp_path, dask_scheduler, prefect_home):
     """`segpipe run` with SEGPIPE_SCHEDULER set: stages on the cluster's workers, no local cluster."""
     import os
 
@@ -169,18 +174,16 @@ def test_cli_run_finds_the_scheduler_in_the_environment(regions, tmp_path, dask_
         "store": str(tmp_path / "env.zarr"),
         "model": str(tmp_path / "model"),
         "export_dir": str(tmp_path / "cog"),
+        "train": FOREST,
     }
     path = tmp_path / "region.yaml"
     path.write_text(yaml.safe_dump(entry))
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(
-        SEGPIPE_SCHEDULER=dask_scheduler,
-        PREFECT_HOME=str(tmp_path / "prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
+    # The first run uses the session's Prefect server (PREFECT_API_URL, set by prefect_home).
+    env = {**os.environ, "SEGPIPE_SCHEDULER": dask_scheduler}
     cmd = [sys.executable, "-m", "segpipe.cli", "run", str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Starting temporary server" not in done.stderr  # the session's engine served it
     assert json.loads(done.stdout.strip().splitlines()[-1])["region"] == "env"
     assert (tmp_path / "cog" / "classes.tif").is_file()
     logs = done.stderr
@@ -190,9 +193,15 @@ def test_cli_run_finds_the_scheduler_in_the_environment(regions, tmp_path, dask_
     assert "Mpx/s" in logs  # per-stage throughput in the final summary
 
     # The same region with its stages on the cluster's workers: all done already, so each
-    # stage only checks and skips, on a worker that reaches this run's Prefect engine.
+    # stage only checks and skips, on a worker that reaches this run's Prefect engine. No
+    # Prefect API configured this time: the command starts its own engine (on a copy of the
+    # session's database, its schema made), and the workers are given its address.
+    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    home = prefect_home.home(tmp_path / "prefect")
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     cmd += ["--task-runner", "dask"]
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "Starting temporary server" in again.stderr  # its own engine this time
     assert f"connected to {dask_scheduler}" in again.stderr
     assert "4 of 4 stages skipped" in again.stderr

@@ -8,9 +8,9 @@ import rasterio
 from rio_cogeo.cogeo import cog_validate
 
 
-def test_process_region_runs_every_stage(tmp_path, prefect_home):
+def test_process_region_runs_every_stage(tmp_path, prefect_home, client):
     from flows.process_region import RegionRun, process_region
-    from segpipe.stages.train import TrainConfig
+    from segpipe.stages.train import NetworkConfig
     from segpipe.synth import synthesize
 
     region = synthesize(tmp_path / "region", size=384, tiles=2, seed=2)
@@ -21,7 +21,12 @@ def test_process_region_runs_every_stage(tmp_path, prefect_home):
         classes=str(region.classes),
         block_size=256,
         model=str(tmp_path / "model"),
-        train=TrainConfig(epochs=2, samples_per_epoch=32, chip_size=64, batch_size=8),
+        # The flow, not the network, is under test: one short epoch, no validation (which
+        # would cost more than the training), and predict on the module's running cluster
+        # rather than a local one started by each of the three runs that predict (the
+        # flow starting its own is test_batch's and test_flow_dask's).
+        train=NetworkConfig(epochs=1, samples_per_epoch=16, chip_size=64, batch_size=8, valid_fraction=0),
+        scheduler=client.scheduler.address,
         export_dir=str(tmp_path / "cog"),
         reference=str(region.truth),
         report_dir=str(tmp_path / "report"),

@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 import rasterio
 
+# One short epoch without validation (which would cost more than the training): the task
+# runners are under test, not the network.
+TRAIN = {"epochs": 1, "samples_per_epoch": 16, "chip_size": 64, "batch_size": 8, "valid_fraction": 0}
+
 
 def test_overlapping_local_clusters_restore_the_distributed_log_level():
     """Regions in parallel threads start and stop clusters in any order; the level must come back."""
@@ -38,7 +42,7 @@ def read_band(path):
 
 def test_process_region_on_a_dask_task_runner_matches_the_default_runner(tmp_path, prefect_home):
     from flows.process_region import RegionRun, process_region, run_region
-    from segpipe.stages.train import TrainConfig
+    from segpipe.stages.train import NetworkConfig
     from segpipe.synth import synthesize
 
     region = synthesize(tmp_path / "region", size=256, tiles=2, seed=3)
@@ -52,7 +56,7 @@ def test_process_region_on_a_dask_task_runner_matches_the_default_runner(tmp_pat
             "classes": str(region.classes),
             "block_size": 128,
             "model": str(tmp_path / "model"),
-            "train": TrainConfig(epochs=1, samples_per_epoch=16, chip_size=64, batch_size=8),
+            "train": NetworkConfig(**TRAIN),
             "export_dir": str(tmp_path / f"{name}-cog"),
             "reference": str(region.truth),
             "report_dir": str(tmp_path / f"{name}-report"),
@@ -84,9 +88,12 @@ def test_a_batch_on_dask_shares_one_local_cluster(tmp_path, prefect_home):
     from flows.manifest import Manifest
     from flows.process_region import RegionRun
     from flows.process_regions import process_regions
-    from segpipe.stages.train import TrainConfig
+    from segpipe.stages.train import ForestConfig, NetworkConfig
     from segpipe.synth import synthesize
 
+    # A network trains on a worker (with the host's cores) for one region; a small forest
+    # for the other, so that the two trainings do not share the cores for half a minute.
+    train = {1: NetworkConfig(**TRAIN), 2: ForestConfig(trees=4)}
     runs = []
     for seed in (1, 2):
         region = synthesize(tmp_path / f"r{seed}", size=256, tiles=2, seed=seed)
@@ -98,7 +105,7 @@ def test_a_batch_on_dask_shares_one_local_cluster(tmp_path, prefect_home):
                 store=str(tmp_path / f"r{seed}.zarr"),
                 block_size=256,
                 model=str(tmp_path / f"model{seed}"),
-                train=TrainConfig(epochs=1, samples_per_epoch=16, chip_size=64, batch_size=8),
+                train=train[seed],
                 exports=["classes"],
                 export_dir=str(tmp_path / f"cog{seed}"),
             )

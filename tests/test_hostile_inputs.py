@@ -55,11 +55,28 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, client: Client) -> World:
+def threads_client() -> Iterator[Client]:
+    """An in-process dask cluster (threads) for the world and the predict cases.
+
+    Worker processes would add seconds of start-up and imports, and nothing here needs
+    them: the world's prediction is set-up, and the predict cases are about what the
+    command refuses.
+    """
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, threads_client: Client) -> World:
     from segpipe.stages.export.cog import write_cog
     from segpipe.stages.ingest.driver import ingest
     from segpipe.stages.predict.driver import predict
-    from segpipe.stages.train import TrainConfig, train
+    from segpipe.stages.train import ForestConfig, train
     from segpipe.synth import synthesize
 
     root = tmp_path_factory.mktemp("world")
@@ -67,14 +84,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, client: Client) -> World:
     store = root / "store.zarr"
     ingest(region.image, store, labels=region.labels, classes=region.classes, block_size=BLOCK)
     model = root / "forest"
-    train(store, model, TrainConfig(arch="random_forest", trees=4))
+    train(store, model, ForestConfig(trees=4))
     predicted = root / "predicted.zarr"
     shutil.copytree(store, predicted)
-    predict(predicted, model, client=client)
+    predict(predicted, model, client=threads_client)
     cog = root / "classes.tif"
     write_cog(predicted, cog)
     return World(root, region.image, region.tiles, region.labels, region.labels_vector, region.classes,
-                 store, model, predicted, cog, client.scheduler.address)
+                 store, model, predicted, cog, threads_client.scheduler.address)
 
 
 def snapshot(path: Path) -> dict[str, str]:
@@ -134,6 +151,7 @@ class Case:
         script: Run through the installed console script instead of in-process (the entry
             point itself, or commands that start Prefect, whose log handlers outlive a
             captured stream).
+        env: Environment variables set for the command.
     """
 
     args: list[str]
@@ -142,6 +160,7 @@ class Case:
     protected: list[Path] = field(default_factory=list)
     absent: list[Path] = field(default_factory=list)
     script: bool = False
+    env: dict[str, str] = field(default_factory=dict)
 
 
 Builder = Callable[[World, Path], Case]
@@ -538,8 +557,10 @@ def _(w: World, tmp: Path) -> Case:
 @case("predict: an unreachable scheduler")
 def _(w: World, tmp: Path) -> Case:
     store = predicted_copy(w, tmp)
+    # Refused connections are retried until the connect timeout (10 s by default): 1 s proves as much.
     return Case(["predict", str(store), "--model", str(w.model), "--scheduler", "tcp://127.0.0.1:9",
-                 "--force"], code=3, culprit="127.0.0.1:9", protected=[store])
+                 "--force"], code=3, culprit="127.0.0.1:9", protected=[store],
+                env={"SEGPIPE_CONNECT_TIMEOUT": "1"})
 
 
 # ---------------------------------------------------------------- export over an earlier COG
@@ -667,6 +688,8 @@ def test_hostile_input(
     spec = CASES[name](world, quiet_cwd)
     before = {p: snapshot(p) for p in spec.protected}
     world_before = snapshot(world.predicted)
+    for key, value in spec.env.items():
+        monkeypatch.setenv(key, value)
     if spec.script:
         outcome = run_script(spec.args, quiet_cwd)
     else:

@@ -170,7 +170,9 @@ def test_overwrite_store_on_s3(s3: str, region) -> None:  # type: ignore[no-unty
     assert info.block_size == 256 and read_region_info(out).block_size == 256
 
 
-def test_predict_export_evaluate_on_s3(s3: str, region, client, model_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_predict_export_evaluate_on_s3(s3: str, region, client, stub_model_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Storage on S3 is under test, not the network: the stub package predicts."""
+    model_dir = stub_model_dir
     store = f"{s3}/stores/predict.zarr"
     # S3 tiles read by the cluster's worker processes, which configure GDAL from their own env
     ingest([_url(s3, region, t) for t in region.tiles], store, block_size=BLOCK)
@@ -313,10 +315,14 @@ def test_cli_passes_urls_through(s3: str) -> None:
     assert url in str(result.exception)
 
 
-def test_process_region_on_s3_resumes(s3: str, region, prefect_home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The whole flow with inputs, store, COGs and report under s3://; a rerun skips every stage."""
+def test_process_region_on_s3_resumes(s3: str, region, client, prefect_home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The whole flow with inputs, store, COGs and report under s3://; a rerun skips every stage.
+
+    Prediction runs on the module's cluster (its workers read S3 from their own environment)
+    rather than a local cluster started by each run that predicts.
+    """
     from flows.process_region import RegionRun, process_region
-    from segpipe.stages.train import TrainConfig
+    from segpipe.stages.train import NetworkConfig
 
     run = RegionRun(
         images=[_url(s3, region, region.image)],
@@ -324,11 +330,14 @@ def test_process_region_on_s3_resumes(s3: str, region, prefect_home, tmp_path: P
         labels=_url(s3, region, region.labels),
         block_size=BLOCK,
         model=str(tmp_path / "model"),
-        train=TrainConfig(epochs=1, samples_per_epoch=16, chip_size=64, batch_size=8, threads=1),
+        train=NetworkConfig(
+            epochs=1, samples_per_epoch=16, chip_size=64, batch_size=8, threads=1, valid_fraction=0
+        ),
         export_dir=f"{s3}/flow/cog",
         reference=_url(s3, region, region.truth),
         tile_size=64,
         overlap=16,
+        scheduler=client.scheduler.address,
     )
     first = process_region(run)
     assert len(first["stages"]) == 6 and not any(s.get("skipped") for s in first["stages"])
