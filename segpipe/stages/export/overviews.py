@@ -1,8 +1,7 @@
 """Mode overviews of class rasters, built while the raster streams (one pass, bounded memory).
 
-GDAL's COG driver spends most of a class raster's export computing MODE overviews: with
-GDAL 3.10 (rasterio's wheels) a 16,384^2 conversion takes 12.4 s with them and 3.5 s
-without (docs/benchmarks.md). Here each level is the 2 x 2 mode of the level below, as
+GDAL's COG driver spends most of a class raster's export computing MODE overviews
+(docs/benchmarks.md, "COG export"). Here each level is the 2 x 2 mode of the level below, as
 GDAL builds them, computed with numpy on full-width row bands as the base streams by,
 and written to its own tiled GeoTIFF; a VRT declares them as the base's overviews, and
 the COG driver copies them (``OVERVIEWS=FORCE_USE_EXISTING``) instead of recomputing.

@@ -4,11 +4,9 @@ Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed 
 goes back to the OS quickly. Setting that variable also switches off glibc's dynamic
 mmap threshold, so every allocation above 128 KiB (each activation tensor of a
 network) becomes its own ``mmap`` and is unmapped when freed: the next forward call
-page-faults all of it in again. Measured on a U-Net/ResNet-18 forward of 5 x 256 px
-windows, one thread: 188k page faults and 1.14 CPU s per call with the nanny's setting,
-13k and 0.57 s with the thresholds set here (32 MiB / 128 MiB) (``benchmarks/predict.py`` shows the effect
-end to end). The thresholds still let the heap shrink once more than
-``trim`` bytes are free at its top, so the worker's memory stays bounded.
+page-faults all of it in again; the thresholds set here halve a CPU forward call's time
+(docs/benchmarks.md, "Allocator thresholds"). They still let the heap shrink once more
+than ``trim`` bytes are free at its top, so the worker's memory stays bounded.
 """
 
 from __future__ import annotations
