@@ -18,13 +18,13 @@ import threading
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
+from prefect.client.schemas.objects import State
 from prefect.futures import wait
-from prefect.states import State
 
 from flows.manifest import Manifest
 from flows.process_region import RegionRun, run_region
 from segpipe.boundary import one_line
-from segpipe.cluster import SCHEDULER_ENV, get_client
+from segpipe.cluster import SCHEDULER_ENV, get_client, scheduler_address
 from segpipe.errors import BatchError
 
 __all__ = ["failure_cause", "process_regions"]
@@ -87,7 +87,7 @@ def process_regions(manifest: Manifest) -> dict[str, Any]:
             ):
                 # One local cluster for the batch, not one per region: regions share its workers.
                 client = stack.enter_context(get_client())
-                address = str(client.scheduler.address)
+                address = scheduler_address(client)
                 log.info("dask cluster for the batch at %s; dashboard %s", address, client.dashboard_link)
                 regions = [
                     r.model_copy(update={"scheduler": address})

@@ -59,10 +59,10 @@ def task_runner(
     if name == "local":
         yield ThreadPoolTaskRunner(), None
         return
-    from prefect_dask import DaskTaskRunner
+    from prefect_dask.task_runners import DaskTaskRunner
 
-    from segpipe.cluster import get_client
+    from segpipe.cluster import get_client, scheduler_address
 
     with _api_for_workers(), get_client(scheduler) as client:
-        address = str(client.scheduler.address)
+        address = scheduler_address(client)
         yield DaskTaskRunner(address=address), address

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import distributed
+    from distributed.deploy.cluster import Cluster
 
 __all__ = [
     "CONNECT_TIMEOUT_ENV",
@@ -42,6 +43,7 @@ __all__ = [
     "in_dask_worker",
     "quiet_distributed_logs",
     "release_worker_thread",
+    "scheduler_address",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,9 +115,9 @@ def release_worker_thread() -> Iterator[None]:
 
 
 def _same_scheduler(address: str, worker: distributed.Worker) -> bool:
-    from distributed.comm import resolve_address
+    from distributed.comm.addressing import resolve_address
 
-    mine = worker.scheduler.address
+    mine: str = worker.scheduler.address
     try:  # "localhost" and "127.0.0.1" name the same scheduler
         return bool(resolve_address(address) == resolve_address(mine))
     except (OSError, ValueError):
@@ -203,16 +205,23 @@ def _check_address(address: str) -> None:
         raise InputError(f"scheduler address {address!r} is not usable ({exc}): use tcp://host:port") from exc
 
 
-def _connect(address: str) -> distributed.Client:
-    """A client of the scheduler at ``address``, or a ClusterError after the connect timeout."""
+def _client(target: str | Cluster, **kwargs: Any) -> distributed.Client:
+    """A client of ``target`` (an address or a cluster), not made the default (see :func:`get_client`)."""
     from distributed import Client
 
+    # Client.__init__ has no annotations (distributed 2025).
+    client: distributed.Client = Client(target, set_as_default=False, **kwargs)  # type: ignore[no-untyped-call]
+    return client
+
+
+def _connect(address: str) -> distributed.Client:
+    """A client of the scheduler at ``address``, or a ClusterError after the connect timeout."""
     from segpipe.errors import ClusterError
 
     _check_address(address)
     timeout = _env_seconds(CONNECT_TIMEOUT_ENV, 10.0)
     try:
-        return Client(address, set_as_default=False, timeout=timeout)
+        return _client(address, timeout=timeout)
     except (OSError, TimeoutError) as exc:  # refused, unreachable, timed out, closed comm
         raise ClusterError(
             f"cannot reach the Dask scheduler at {address} within {timeout:g} s: check the address "
@@ -259,8 +268,6 @@ def get_client(
             ``SEGPIPE_CONNECT_TIMEOUT`` seconds (default 10).
         InputError: The address cannot be parsed, or a timeout setting is not a number.
     """
-    from distributed import Client, LocalCluster
-
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     worker = in_dask_worker()
     if worker is not None and (not address or _same_scheduler(address, worker)):
@@ -278,26 +285,44 @@ def get_client(
     host = host or os.environ.get(HOST_ENV) or "127.0.0.1"
     dashboard_address = dashboard_address or os.environ.get(DASHBOARD_ENV) or f"{host}:0"
     with quiet_distributed_logs():
-        cluster: Any = _local_cuda_cluster(host, dashboard_address) if gpu_present() else None
+        cluster = _local_cuda_cluster(host, dashboard_address) if gpu_present() else None
         if cluster is None:
-            threads = max(1, threads_per_worker)
-            cluster = LocalCluster(
-                n_workers=n_workers or max(1, _cores() // threads),
-                threads_per_worker=threads,
-                processes=processes,
-                dashboard_address=dashboard_address,
-                silence_logs=logging.WARNING,
-                # In-process clusters talk over inproc://, which takes no host.
-                **({"host": host, "worker_class": _patient_nanny()} if processes else {}),
-            )
+            cluster = _local_cluster(n_workers, threads_per_worker, processes, host, dashboard_address)
         try:
             # The client closes first (the with block), then the cluster: a cluster
             # closed under a connected client makes the client log reconnect attempts.
-            with Client(cluster, set_as_default=False) as client:
+            with _client(cluster) as client:
                 log.info("started %s; dashboard %s", describe_cluster(client), client.dashboard_link)
                 yield client
         finally:
             cluster.close()
+
+
+def _local_cluster(
+    n_workers: int | None, threads_per_worker: int, processes: bool, host: str, dashboard_address: str
+) -> distributed.LocalCluster:
+    """A local CPU cluster (see :func:`get_client` for the arguments)."""
+    from distributed import LocalCluster
+
+    threads = max(1, threads_per_worker)
+    # LocalCluster.__init__ has no annotations (distributed 2025).
+    cluster: distributed.LocalCluster = LocalCluster(  # type: ignore[no-untyped-call]
+        n_workers=n_workers or max(1, _cores() // threads),
+        threads_per_worker=threads,
+        processes=processes,
+        dashboard_address=dashboard_address,
+        silence_logs=logging.WARNING,
+        # In-process clusters talk over inproc://, which takes no host.
+        **({"host": host, "worker_class": _patient_nanny()} if processes else {}),
+    )
+    return cluster
+
+
+def scheduler_address(client: distributed.Client) -> str:
+    """The address of the scheduler a connected client (as :func:`get_client` yields) talks to."""
+    scheduler = client.scheduler
+    assert scheduler is not None  # None only before a client connects
+    return str(scheduler.address)
 
 
 def describe_cluster(client: distributed.Client) -> str:

@@ -214,7 +214,7 @@ def _vector_window(src: LabelSource, grid: Grid, y0: int, x0: int, h: int, w: in
     if hits.size == 0:
         return np.zeros((h, w), np.uint8)
     # Burnt in file order, so where polygons overlap the later one wins.
-    return rasterize(
+    burnt: np.ndarray = rasterize(
         zip(geoms[hits], values[hits].tolist(), strict=True),
         out_shape=(h, w),
         transform=t,
@@ -222,6 +222,7 @@ def _vector_window(src: LabelSource, grid: Grid, y0: int, x0: int, h: int, w: in
         all_touched=False,
         dtype="uint8",
     )
+    return burnt
 
 
 def _to_labels(data: np.ndarray, nodata: float | None, src: LabelSource) -> np.ndarray:

@@ -219,8 +219,79 @@ def _number(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def _band_names(tile: _Tile) -> tuple[str, ...]:
-    return tuple(d if d else f"band{i + 1}" for i, d in enumerate(tile.descriptions))
+def _band_names(descriptions: Sequence[str | None]) -> tuple[str, ...]:
+    """Band names: the GeoTIFF band descriptions, ``bandN`` where one is empty."""
+    return tuple(d if d else f"band{i + 1}" for i, d in enumerate(descriptions))
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where one tile lies in the mosaic: named when a read of its pixels fails."""
+
+    path: str
+    y0: int
+    x0: int
+    height: int
+    width: int
+
+
+def _origin(tiles: Sequence[_Tile]) -> tuple[float, float]:
+    """The mosaic's top-left corner in CRS units: its leftmost and topmost tile edges."""
+    return min(t.transform[2] for t in tiles), max(t.transform[5] for t in tiles)
+
+
+def _parts(tiles: Sequence[_Tile]) -> tuple[_Part, ...]:
+    left, top = _origin(tiles)
+    rx, ry = tiles[0].res
+    return tuple(
+        _Part(
+            t.path, round((top - t.transform[5]) / ry), round((t.transform[2] - left) / rx), t.height, t.width
+        )
+        for t in tiles
+    )
+
+
+def _size(tiles: Sequence[_Tile]) -> tuple[int, int]:
+    """The mosaic's width and height in pixels."""
+    left, top = _origin(tiles)
+    rx, ry = tiles[0].res
+    right = max(t.transform[2] + t.width * rx for t in tiles)
+    bottom = min(t.transform[5] - t.height * ry for t in tiles)
+    return round((right - left) / rx), round((top - bottom) / ry)
+
+
+def _vrt_name(path: str, relative_to: str | Path | None) -> tuple[str, int]:
+    """How a VRT names a tile, and its ``relativeToVRT`` flag.
+
+    A local tile inside ``relative_to`` (the VRT's folder) is named relative to it, so
+    the folder can move as a whole; any other as GDAL opens it.
+    """
+    if relative_to is not None and not is_remote(path):
+        tile, folder = Path(path).resolve(), Path(relative_to).resolve()
+        if tile.is_relative_to(folder):
+            return str(tile.relative_to(folder)), 1
+    return gdal_path(path), 0
+
+
+def _source_xml(
+    tile: _Tile, part: _Part, band: int, kind: str, gdal_type: str, relative_to: str | Path | None
+) -> list[str]:
+    """The VRT source element (``kind``) that places band ``band`` of ``tile`` in the mosaic."""
+    name, relative = _vrt_name(tile.path, relative_to)
+    # SourceProperties let GDAL skip opening every tile when the VRT is opened.
+    lines = [
+        f"    <{kind}>",
+        f'      <SourceFilename relativeToVRT="{relative}">{escape(name)}</SourceFilename>',
+        f"      <SourceBand>{band}</SourceBand>",
+        f'      <SourceProperties RasterXSize="{tile.width}" RasterYSize="{tile.height}" '
+        f'DataType="{gdal_type}" BlockXSize="{tile.block[1]}" BlockYSize="{tile.block[0]}"/>',
+        f'      <SrcRect xOff="0" yOff="0" xSize="{tile.width}" ySize="{tile.height}"/>',
+        f'      <DstRect xOff="{part.x0}" yOff="{part.y0}" xSize="{tile.width}" ySize="{tile.height}"/>',
+    ]
+    if tile.nodata is not None:
+        lines.append(f"      <NODATA>{_number(tile.nodata)}</NODATA>")
+    lines.append(f"    </{kind}>")
+    return lines
 
 
 def mosaic_vrt_xml(
@@ -246,77 +317,28 @@ def mosaic_vrt_xml(
     tiles = list(tiles) if tiles is not None else [_read_tile(p) for p in paths]
     _check_tiles(paths, tiles)
     ref = tiles[0]
-    rx, ry = ref.res
-    left = min(t.transform[2] for t in tiles)
-    top = max(t.transform[5] for t in tiles)
-    right = max(t.transform[2] + t.width * rx for t in tiles)
-    bottom = min(t.transform[5] - t.height * ry for t in tiles)
-    width, height = round((right - left) / rx), round((top - bottom) / ry)
     gdal_type = _GDAL_TYPES.get(ref.dtype)
     if gdal_type is None:
         raise TileMismatchError(f"tile {paths[0]} has dtype {ref.dtype}, which segpipe cannot mosaic")
-
+    (left, top), (width, height), (rx, ry) = _origin(tiles), _size(tiles), ref.res
     out = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">']
     if ref.crs is not None:
         out.append(f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(ref.crs.to_wkt())}</SRS>')
     out.append(f"  <GeoTransform>{left!r}, {rx!r}, 0.0, {top!r}, 0.0, {-ry!r}</GeoTransform>")
     # ComplexSource honours a tile's nodata (transparent in overlaps); SimpleSource is
-    # cheaper and enough when there is none.
-    source = "SimpleSource" if ref.nodata is None else "ComplexSource"
-    for b, name in enumerate(_band_names(ref), start=1):
-        out.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">')
+    # cheaper and enough when there is none (the tiles share their nodata).
+    kind = "SimpleSource" if ref.nodata is None else "ComplexSource"
+    parts = _parts(tiles)
+    for band, name in enumerate(_band_names(ref.descriptions), start=1):
+        out.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{band}">')
         out.append(f"    <Description>{escape(name)}</Description>")
         if ref.nodata is not None:
             out.append(f"    <NoDataValue>{_number(ref.nodata)}</NoDataValue>")
-        for t in tiles:
-            name, relative = gdal_path(t.path), 0
-            if (
-                relative_to is not None
-                and not is_remote(t.path)
-                and Path(t.path).resolve().is_relative_to(Path(relative_to).resolve())
-            ):
-                name, relative = str(Path(t.path).resolve().relative_to(Path(relative_to).resolve())), 1
-            xoff = round((t.transform[2] - left) / rx)
-            yoff = round((top - t.transform[5]) / ry)
-            # SourceProperties let GDAL skip opening every tile when the VRT is opened.
-            out += [
-                f"    <{source}>",
-                f'      <SourceFilename relativeToVRT="{relative}">{escape(name)}</SourceFilename>',
-                f"      <SourceBand>{b}</SourceBand>",
-                f'      <SourceProperties RasterXSize="{t.width}" RasterYSize="{t.height}" '
-                f'DataType="{gdal_type}" BlockXSize="{t.block[1]}" BlockYSize="{t.block[0]}"/>',
-                f'      <SrcRect xOff="0" yOff="0" xSize="{t.width}" ySize="{t.height}"/>',
-                f'      <DstRect xOff="{xoff}" yOff="{yoff}" xSize="{t.width}" ySize="{t.height}"/>',
-            ]
-            if ref.nodata is not None:
-                out.append(f"      <NODATA>{_number(ref.nodata)}</NODATA>")
-            out.append(f"    </{source}>")
+        for tile, part in zip(tiles, parts, strict=True):
+            out += _source_xml(tile, part, band, kind, gdal_type, relative_to)
         out.append("  </VRTRasterBand>")
     out.append("</VRTDataset>")
     return "\n".join(out) + "\n"
-
-
-@dataclass(frozen=True)
-class _Part:
-    """Where one tile lies in the mosaic: named when a read of its pixels fails."""
-
-    path: str
-    y0: int
-    x0: int
-    height: int
-    width: int
-
-
-def _parts(tiles: Sequence[_Tile]) -> tuple[_Part, ...]:
-    left = min(t.transform[2] for t in tiles)
-    top = max(t.transform[5] for t in tiles)
-    rx, ry = tiles[0].res
-    return tuple(
-        _Part(
-            t.path, round((top - t.transform[5]) / ry), round((t.transform[2] - left) / rx), t.height, t.width
-        )
-        for t in tiles
-    )
 
 
 def _culprit(parts: Sequence[_Part], y0: int, y1: int, x0: int, x1: int) -> str | None:
@@ -373,9 +395,10 @@ def _read_block(
 def _blocks(source: str, like: dask.array.Array, parts: tuple[_Part, ...], remote: bool) -> dask.array.Array:
     """A dask array of ``source`` with the chunks of ``like``, read by :func:`_read_block`."""
     template = dask.array.empty(like.shape, dtype=like.dtype, chunks=like.chunks)
-    return template.map_blocks(
+    blocks: dask.array.Array = template.map_blocks(
         _read_block, source, parts, remote, dtype=like.dtype, meta=np.empty((0, 0, 0), like.dtype)
     )
+    return blocks
 
 
 def open_mosaic(
@@ -406,24 +429,13 @@ def open_mosaic(
     """
     files = expand_inputs(images)
     remote = any(is_remote(f) for f in files)
-    source: str
     # Headers first, also for a single file: an empty or text file, or a VRT without
     # pixels or sources, is refused by name here rather than as GDAL's error in a task.
     tiles = [_read_tile(f) for f in files]
-    if len(files) == 1:
-        source = gdal_path(files[0])
-    else:
-        xml = mosaic_vrt_xml(files, tiles=tiles)
-        if vrt_path is None or remote:
-            # GDAL opens VRT XML given in place of a file name. With remote tiles the
-            # graph carries it: a local VRT file would not reach workers on other hosts.
-            source = xml
-        else:
-            Path(vrt_path).write_text(xml)
-            source = str(vrt_path)
+    source = _mosaic_source(files, tiles, vrt_path, remote)
     with gdal_env(*files):
         with rasterio.open(source) as ds:
-            names = tuple(d if d else f"band{i + 1}" for i, d in enumerate(ds.descriptions))
+            names = _band_names(ds.descriptions)
         # lock=False gives every thread its own GDAL handle: parallel reads, no global lock.
         da = rioxarray.open_rasterio(
             source,
@@ -445,3 +457,18 @@ def open_mosaic(
     da = da.assign_coords(band=np.arange(1, len(names) + 1, dtype=np.int64))
     da.name = "image"
     return da
+
+
+def _mosaic_source(
+    files: Sequence[Path | str], tiles: Sequence[_Tile], vrt_path: str | Path | None, remote: bool
+) -> str:
+    """What GDAL opens for the mosaic: the one file, else the VRT (a file at ``vrt_path``, or its XML)."""
+    if len(files) == 1:
+        return gdal_path(files[0])
+    xml = mosaic_vrt_xml(files, tiles=tiles)
+    if vrt_path is None or remote:
+        # GDAL opens VRT XML given in place of a file name. With remote tiles the graph
+        # carries it: a local VRT file would not reach workers on other hosts.
+        return xml
+    Path(vrt_path).write_text(xml)
+    return str(vrt_path)

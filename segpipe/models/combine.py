@@ -46,42 +46,55 @@ def make_ensemble(
     loaded = [load_model(m) for m in members]
     first = loaded[0][1]
     for path, (_, spec) in zip(members[1:], loaded[1:], strict=True):
-        problems = []
-        if spec.band_names != first.band_names:
-            problems.append(f"bands {list(spec.band_names)} instead of {list(first.band_names)}")
-        if [(c.value, c.name) for c in spec.classes] != [(c.value, c.name) for c in first.classes]:
-            problems.append(
-                f"classes {[c.value for c in spec.classes]} instead of {[c.value for c in first.classes]}"
-            )
-        if not (_same(spec.mean, first.mean) and _same(spec.std, first.std)
-                and _same(spec.clip_low, first.clip_low) and _same(spec.clip_high, first.clip_high)):
-            problems.append("another normalisation (train every member on the same store with the same "
-                            "--clip-percentiles)")
+        problems = _misfits(spec, first)
         if problems:
             raise ModelPackageError(f"member {path} does not fit {members[0]}: " + "; ".join(problems))
     net = EnsembleNet([n for n, _ in loaded], weights)
+    return save_model(out, _ensemble_spec(members, [s for _, s in loaded], net.weights), net)
+
+
+def _misfits(spec: ModelSpec, first: ModelSpec) -> list[str]:
+    """How a member's package differs from the first member's in what their outputs must share."""
+    problems = []
+    if spec.band_names != first.band_names:
+        problems.append(f"bands {list(spec.band_names)} instead of {list(first.band_names)}")
+    if [(c.value, c.name) for c in spec.classes] != [(c.value, c.name) for c in first.classes]:
+        problems.append(
+            f"classes {[c.value for c in spec.classes]} instead of {[c.value for c in first.classes]}"
+        )
+    if not (_same(spec.mean, first.mean) and _same(spec.std, first.std)
+            and _same(spec.clip_low, first.clip_low) and _same(spec.clip_high, first.clip_high)):
+        problems.append("another normalisation (train every member on the same store with the same "
+                        "--clip-percentiles)")
+    return problems
+
+
+def _ensemble_spec(
+    members: Sequence[str | Path], specs: Sequence[ModelSpec], weights: Sequence[float]
+) -> ModelSpec:
+    """The ensemble package's description: the members' shared inputs, each member as built and trained."""
+    first = specs[0]
     described = [
         {"arch": s.arch, "encoder": s.encoder, "options": s.options, "weight": w}
-        for (_, s), w in zip(loaded, net.weights, strict=True)
+        for s, w in zip(specs, weights, strict=True)
     ]
-    spec = ModelSpec(
+    return ModelSpec(
         arch=ENSEMBLE_ARCH,
-        encoder="+".join(f"{s.arch}/{s.encoder}" for _, s in loaded),
+        encoder="+".join(f"{s.arch}/{s.encoder}" for s in specs),
         band_names=first.band_names,
         mean=first.mean,
         std=first.std,
         classes=first.classes,
-        chip_size=max(s.chip_size for _, s in loaded),
+        chip_size=max(s.chip_size for s in specs),
         nodata=first.nodata,
         options={"members": described},
         metrics={},
         training={"members": [
             {"package": str(Path(m).resolve()), "hash": model_hash(m), "arch": s.arch, "encoder": s.encoder,
              "validation": s.metrics, "settings": s.training.get("config", {})}
-            for m, (_, s) in zip(members, loaded, strict=True)
+            for m, s in zip(members, specs, strict=True)
         ]},
         clip_low=first.clip_low,
         clip_high=first.clip_high,
-        output_stride=max(s.output_stride for _, s in loaded),
+        output_stride=max(s.output_stride for s in specs),
     )
-    return save_model(out, spec, net)

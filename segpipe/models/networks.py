@@ -67,12 +67,16 @@ class PixelHead(nn.Module):
         return self.network(x) + self.pixel(x)
 
 
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+
+
 def output_stride(arch: str) -> int:
     """Input sizes must be multiples of this for the network to run (32 for all four, 1 per-pixel)."""
     if arch in CLASSICAL_ARCHITECTURES:
         return 1
-    if arch not in ARCHITECTURES:
-        raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    _check_arch(arch)
     return 32
 
 
@@ -109,12 +113,21 @@ def build_network(
         from segpipe.models.ensemble import build_ensemble
 
         return build_ensemble(in_channels, num_classes, options, build_network)  # members: in the options
-    import segmentation_models_pytorch as smp
-
-    if arch not in ARCHITECTURES:
-        raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    _check_arch(arch)
     if encoder not in ENCODERS:
         raise ArchitectureError(f"unknown encoder {encoder!r}: choose one of {', '.join(ENCODERS)}")
+    extra = dict(options or {})
+    pixel_head = int(extra.pop("pixel_head", 0) or 0)
+    network = _smp_network(arch, encoder, in_channels, num_classes, extra)
+    return PixelHead(network, in_channels, num_classes, pixel_head) if pixel_head else network
+
+
+def _smp_network(
+    arch: str, encoder: str, in_channels: int, num_classes: int, extra: dict[str, Any]
+) -> nn.Module:
+    """An untrained segmentation_models_pytorch network; ``extra`` are smp keyword arguments."""
+    import segmentation_models_pytorch as smp
+
     kwargs: dict[str, Any] = {
         "encoder_name": encoder,
         "encoder_weights": None,  # never fetched: weights come from local files only
@@ -123,8 +136,6 @@ def build_network(
     }
     if arch == "unet":
         kwargs["decoder_channels"] = _UNET_DECODER
-    extra = dict(options or {})
-    pixel_head = int(extra.pop("pixel_head", 0) or 0)
     kwargs.update(extra)
     if "decoder_channels" in kwargs and isinstance(kwargs["decoder_channels"], list):
         kwargs["decoder_channels"] = tuple(kwargs["decoder_channels"])
@@ -135,4 +146,4 @@ def build_network(
         "deeplabv3plus": smp.DeepLabV3Plus,
     }[arch]
     network: nn.Module = cls(**kwargs)
-    return PixelHead(network, in_channels, num_classes, pixel_head) if pixel_head else network
+    return network

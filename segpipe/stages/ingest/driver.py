@@ -36,12 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import dask
 import dask.array as da
 import dask.threaded
 import numpy as np
 import xarray as xr
 import zarr
+from dask.base import compute, get_scheduler
+from dask.delayed import delayed
 
 from segpipe.errors import InputError, LabelsError, StoreError
 from segpipe.io.fingerprint import ingest_fingerprint
@@ -124,7 +125,8 @@ def _compute(*collections: Any) -> tuple[Any, ...]:
     scheduler the tasks run in a pool of our own that is drained on failure; on a
     distributed cluster the futures are cancelled and the workers polled until idle.
     """
-    scheduler = dask.base.get_scheduler(collections=list(collections))
+    # dask.base's functions have no annotations (dask 2025).
+    scheduler = get_scheduler(collections=list(collections))  # type: ignore[no-untyped-call]
     client = getattr(scheduler, "__self__", None)
     if client is not None and type(client).__name__ == "Client":
         futures = client.compute(list(collections))
@@ -134,11 +136,14 @@ def _compute(*collections: Any) -> tuple[Any, ...]:
             client.cancel(futures)
             _settle_cluster(client, collections)
             raise
+    results: tuple[Any, ...]
     if scheduler is not dask.threaded.get:
-        return dask.compute(*collections)  # synchronous (or user-chosen) scheduler
+        results = compute(*collections)  # type: ignore[no-untyped-call]  # synchronous or user-chosen
+        return results
     pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="segpipe-ingest")
     try:
-        return dask.compute(*collections, scheduler="threads", pool=pool)
+        results = compute(*collections, scheduler="threads", pool=pool)  # type: ignore[no-untyped-call]
+        return results
     finally:
         # wait=True: on failure, the tasks still running finish before the caller cleans up
         pool.shutdown(wait=True, cancel_futures=True)
@@ -171,16 +176,17 @@ def _resolve_classes(classes: Sequence[ClassInfo] | str | Path | None) -> list[C
     return sorted(classes, key=lambda c: c.value) or None
 
 
-def _valid_pixels(image: xr.DataArray, nodata: float | None) -> da.Array:
-    """Pixels whose every band is valid (not nodata, finite), as the training statistics count them."""
+def _valid_mask(image: xr.DataArray, nodata: float | None) -> da.Array | None:
+    """Pixels whose every band is valid (not nodata, finite), as the training statistics count them.
+
+    None when every pixel is (integers without a nodata value).
+    """
     data = image.data
-    valid = da.isfinite(data).all(axis=0) if np.issubdtype(data.dtype, np.floating) else None
+    valid: da.Array | None = da.isfinite(data).all(axis=0) if np.issubdtype(data.dtype, np.floating) else None
     if nodata is not None and not np.isnan(nodata):
         ok = (data != nodata).all(axis=0)
         valid = ok if valid is None else valid & ok
-    if valid is None:
-        return da.asarray(int(np.prod(data.shape[1:])))
-    return valid.sum()
+    return valid
 
 
 def _write_image(image: xr.DataArray, store: str, block_size: int, sources: str) -> None:
@@ -213,9 +219,14 @@ def _write_image(image: xr.DataArray, store: str, block_size: int, sources: str)
         storage_options=storage_options_for(store),
         compute=False,
     )
+    valid = _valid_mask(image, nodata)
+    if valid is None:  # every pixel counts, and a mosaic has at least one
+        _compute(write)
+        return
     # One graph: the count reuses the blocks the write reads, so the image is read once.
-    _, valid = _compute(write, _valid_pixels(image, nodata))
-    if int(valid) == 0:
+    # (dask.array's methods have no annotations.)
+    _, count = _compute(write, valid.sum())  # type: ignore[no-untyped-call]
+    if int(count) == 0:
         raise InputError(
             f"image {sources} has no valid pixel (every pixel is nodata {nodata} or NaN in some band): "
             "check the files and their nodata value"
@@ -240,7 +251,7 @@ def _label_block(
 def _write_labels(src: LabelSource, grid: Grid, store: str, block_size: int) -> np.ndarray:
     """Fill the ``labels`` layer block by block; return the per-value pixel counts."""
     create_layer(store, "labels", "uint8", 0)
-    block = dask.delayed(_label_block, pure=True)
+    block = delayed(_label_block, pure=True)
     tasks = [
         block(src, grid, store, y0, x0, block_size)
         for y0 in range(0, grid.height, block_size)
@@ -268,6 +279,18 @@ def _region_classes(src: LabelSource, counts: np.ndarray, given: list[ClassInfo]
     return found
 
 
+def _discard(path: str | Path) -> None:
+    """Remove a tree, a file or an object prefix, best effort (cleaning up)."""
+    if is_remote(path):
+        remove_tree(str(path))
+        return
+    local = Path(path)
+    if local.is_dir():
+        shutil.rmtree(local, ignore_errors=True)
+    else:
+        local.unlink(missing_ok=True)
+
+
 def _move_into_place(tmp: Path, out: Path, overwrite: bool, tag: str) -> None:
     """Rename the finished store to ``out``; an old one is removed only after that."""
     if not out.exists():
@@ -282,10 +305,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool, tag: str) -> None:
     except BaseException:
         os.replace(old, out)
         raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+    _discard(old)
 
 
 def _publish_remote(tmp: str, out: str, overwrite: bool) -> None:
@@ -306,6 +326,34 @@ def _publish_remote(tmp: str, out: str, overwrite: bool) -> None:
             fs.copy(body, [out_key + k[len(tmp_key) :] for k in body])
         fs.copy(f"{tmp_key}/zarr.json", f"{out_key}/zarr.json")
     remove_tree(tmp)
+
+
+def _image_names(images: Sequence[str | Path] | str | Path) -> list[str]:
+    """The image arguments as a list of names (one path or URL may stand alone)."""
+    return [str(i) for i in ([images] if isinstance(images, str | Path) else images)]
+
+
+def _destination(out: str | Path, block_size: int, overwrite: bool) -> str:
+    """``out`` as a path or URL, once a store of ``block_size`` blocks may be written there.
+
+    Raises:
+        InputError: The block size is no shard size, or ``out`` is a file.
+        StoreError: A store exists at ``out`` and ``overwrite`` is False.
+        MissingInputError: ``out``'s bucket does not exist.
+    """
+    inner = min(INNER_CHUNK, block_size)
+    if block_size < 1 or block_size % inner:
+        raise InputError(f"block size {block_size} is invalid: use at most {INNER_CHUNK} or a multiple of it")
+    remote = is_remote(out)
+    out_s = as_url(out) if remote else str(Path(out))
+    if remote:
+        check_bucket(out_s)
+    exists = remote_exists(join(out_s, "zarr.json")) if remote else Path(out_s).exists()
+    if exists and not overwrite:
+        raise StoreError(f"{out_s} exists; pass --overwrite to replace it")
+    if exists and not remote and not Path(out_s).is_dir():
+        raise InputError(f"{out_s} is a file, not a region store: choose another --out or remove it")
+    return out_s
 
 
 def ingest(
@@ -349,22 +397,11 @@ def ingest(
             hold a value outside 0-254 or one the given classes do not define.
     """
     say = progress or (lambda _msg: None)
-    inner = min(INNER_CHUNK, block_size)
-    if block_size < 1 or block_size % inner:
-        raise InputError(f"block size {block_size} is invalid: use at most {INNER_CHUNK} or a multiple of it")
-    remote = is_remote(out)
-    out_s = as_url(out) if remote else str(Path(out))
-    if remote:
-        check_bucket(out_s)
-    exists = remote_exists(join(out_s, "zarr.json")) if remote else Path(out_s).exists()
-    if exists and not overwrite:
-        raise StoreError(f"{out_s} exists; pass --overwrite to replace it")
-    if not remote and Path(out_s).exists() and not Path(out_s).is_dir():
-        raise InputError(f"{out_s} is a file, not a region store: choose another --out or remove it")
+    out_s = _destination(out, block_size, overwrite)
     given = _resolve_classes(classes)
     src = open_labels(labels, label_field) if labels is not None else None
     fingerprint = ingest_fingerprint(
-        [str(i) for i in ([images] if isinstance(images, str | Path) else images)],
+        _image_names(images),
         labels,
         label_field,
         classes if isinstance(classes, str | Path) else None,
@@ -387,10 +424,58 @@ def _sweep_killed(out: Path) -> None:
     for path in out.parent.glob(f".{out.name}.tmp-{host}-*"):
         pid = path.name.removeprefix(f".{out.name}.tmp-{host}-").split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            _discard(path)
+
+
+def _staging(out_s: str, tag: str) -> tuple[str, Path | None]:
+    """Where the store is built before it is published, and where the mosaic's VRT goes.
+
+    A hidden sibling of ``out_s``; on a local disk, leftovers of killed ingests there are
+    removed first, and the VRT lies beside the store (workers that can write the store can
+    read it). On object storage the mosaic needs no VRT file (None).
+    """
+    if is_remote(out_s):
+        return join(url_parent(out_s), f".{url_name(out_s)}.tmp-{tag}"), None
+    local_out = Path(out_s)
+    local_out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_killed(local_out)
+    hidden = local_out.parent / f".{local_out.name}.tmp-{tag}"
+    return str(hidden), hidden.with_name(f"{hidden.name}.vrt")
+
+
+def _write_store(
+    images: Sequence[str | Path] | str | Path,
+    tmp: str,
+    vrt: Path | None,
+    src: LabelSource | None,
+    given: list[ClassInfo] | None,
+    block_size: int,
+    fingerprint: str,
+    say: Progress,
+) -> None:
+    """Write the whole store at ``tmp``: the image, the store's metadata, the labels and classes."""
+    image = open_mosaic(images, chunk_size=block_size, vrt_path=vrt)
+    grid = _grid(image)
+    if src is not None:
+        check_overlap(src, grid)
+    say(
+        f"writing image: {grid.width} x {grid.height} px, {image.sizes['band']} bands, "
+        f"{image.data.npartitions} blocks of {block_size} px"
+    )
+    _write_image(image, tmp, block_size, ", ".join(_image_names(images)))
+    zarr.open_group(tmp, mode="r+", storage_options=storage_options_for(tmp)).attrs["segpipe"] = {
+        "schema": STORE_SCHEMA,
+        "block_size": block_size,
+        "classes": [],
+        # Lets a rerun of a batch recognise a store built from the same inputs.
+        "inputs": fingerprint,
+    }
+    found = given or []
+    if src is not None:
+        say(f"writing labels from {src.path}")
+        found = _region_classes(src, _write_labels(src, grid, tmp, block_size), given)
+    if found:
+        set_region_classes(tmp, found)
 
 
 def _build(
@@ -400,56 +485,21 @@ def _build(
     given: list[ClassInfo] | None,
     block_size: int,
     overwrite: bool,
-    fingerprint: Any,
+    fingerprint: str,
     say: Progress,
 ) -> None:
     """Write the store under a hidden sibling, then publish it at ``out_s`` (see module doc)."""
-    remote = is_remote(out_s)
     # Host and pid in the name let a later ingest tell a killed run's leftovers from a live one.
     tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    if remote:
-        tmp = join(url_parent(out_s), f".{url_name(out_s)}.tmp-{tag}")
-        vrt = None
-    else:
-        local_out = Path(out_s)
-        local_out.parent.mkdir(parents=True, exist_ok=True)
-        _sweep_killed(local_out)
-        tmp = str(local_out.parent / f".{local_out.name}.tmp-{tag}")
-        # Beside the store, so workers that can write the store can read the VRT too.
-        vrt = local_out.parent / f".{local_out.name}.tmp-{tag}.vrt"
+    tmp, vrt = _staging(out_s, tag)
     try:
-        image = open_mosaic(images, chunk_size=block_size, vrt_path=vrt)
-        grid = _grid(image)
-        if src is not None:
-            check_overlap(src, grid)
-        say(
-            f"writing image: {grid.width} x {grid.height} px, {image.sizes['band']} bands, "
-            f"{image.data.npartitions} blocks of {block_size} px"
-        )
-        names = [images] if isinstance(images, str | Path) else list(images)
-        _write_image(image, tmp, block_size, ", ".join(str(n) for n in names))
-        zarr.open_group(tmp, mode="r+", storage_options=storage_options_for(tmp)).attrs["segpipe"] = {
-            "schema": STORE_SCHEMA,
-            "block_size": block_size,
-            "classes": [],
-            # Lets a rerun of a batch recognise a store built from the same inputs.
-            "inputs": fingerprint,
-        }
-        found = given or []
-        if src is not None:
-            say(f"writing labels from {src.path}")
-            found = _region_classes(src, _write_labels(src, grid, tmp, block_size), given)
-        if found:
-            set_region_classes(tmp, found)
-        if remote:
+        _write_store(images, tmp, vrt, src, given, block_size, fingerprint, say)
+        if is_remote(out_s):
             _publish_remote(tmp, out_s, overwrite)
         else:
             _move_into_place(Path(tmp), Path(out_s), overwrite, tag)
     except BaseException:
-        if remote:
-            remove_tree(tmp)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     finally:
         if vrt is not None:
