@@ -210,7 +210,7 @@ def _client(target: str | Cluster, **kwargs: Any) -> distributed.Client:
     from distributed import Client
 
     # Client.__init__ has no annotations (distributed 2025).
-    client: distributed.Client = Client(target, set_as_default=False, **kwargs)  # type: ignore[no-untyped-call]
+    client: distributed.Client = Client(target, set_as_default=False, **kwargs)
     return client
 
 
@@ -306,7 +306,7 @@ def _local_cluster(
 
     threads = max(1, threads_per_worker)
     # LocalCluster.__init__ has no annotations (distributed 2025).
-    cluster: distributed.LocalCluster = LocalCluster(  # type: ignore[no-untyped-call]
+    cluster: distributed.LocalCluster = LocalCluster(
         n_workers=n_workers or max(1, _cores() // threads),
         threads_per_worker=threads,
         processes=processes,

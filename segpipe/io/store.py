@@ -189,7 +189,7 @@ def read_region_info(store: str | Path) -> RegionInfo:
                 f"region store {store} is damaged: its image is not a (band, y, x) array; "
                 "rebuild it with 'segpipe ingest'"
             )
-        block_size = int(meta["block_size"])  # type: ignore[call-overload]
+        block_size = int(meta["block_size"])
         if block_size < 1:
             raise ValueError(f"block_size {block_size}")
         sref = group["spatial_ref"].attrs if "spatial_ref" in group else {}
@@ -207,7 +207,7 @@ def read_region_info(store: str | Path) -> RegionInfo:
             nodata=_decode_fill(nodata),
             crs_wkt=str(sref.get("crs_wkt", "")),
             transform=(gt[1], gt[2], gt[0], gt[4], gt[5], gt[3]),
-            classes=tuple(classes_from_json(meta.get("classes", []))),  # type: ignore[arg-type]
+            classes=tuple(classes_from_json(meta.get("classes", []))),
         )
 
 
@@ -266,7 +266,7 @@ def create_layer(
     leading: tuple[tuple[str, int], ...] = (),
     attributes: dict[str, Any] | None = None,
     overwrite: bool = False,
-) -> zarr.Array:
+) -> zarr.Array[Any]:
     """Create an empty layer on the region grid, sharded by block, filled with ``fill_value``.
 
     The layer is a template that tasks fill block by block with :func:`write_block`.
@@ -310,7 +310,7 @@ def create_layer(
     return arr
 
 
-def open_layer(store: str | Path, name: str, mode: str = "r", missing: str = "") -> zarr.Array:
+def open_layer(store: str | Path, name: str, mode: str = "r", missing: str = "") -> zarr.Array[Any]:
     """Open one layer of the store as a zarr array.
 
     Args:
@@ -344,7 +344,7 @@ def has_layer(store: str | Path, name: str) -> bool:
     return True
 
 
-def write_block(array: zarr.Array, y0: int, x0: int, data: np.ndarray, block_size: int) -> None:
+def write_block(array: zarr.Array[Any], y0: int, x0: int, data: np.ndarray, block_size: int) -> None:
     """Write ``data`` at (y0, x0), refusing writes that do not cover whole shards.
 
     A write that covers exactly one or more whole shards (clamped at the region's

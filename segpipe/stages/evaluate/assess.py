@@ -199,7 +199,7 @@ def _full_pass(
 ) -> _PassResult:
     """Every window's :func:`_window_pass` on the active dask scheduler, merged in window order."""
     parts = [delayed(_window_pass)(pred, labels, grid, box, step) for box in boxes]
-    (result,) = compute(_tree_sum(parts))  # type: ignore[no-untyped-call]
+    (result,) = compute(_tree_sum(parts))
     return result  # type: ignore[no-any-return]
 
 
@@ -302,7 +302,7 @@ def _sample_points(
     targets = allocate(window_counts.sum(axis=0), request.n, request.sampling)
     picks = draw_ranks(window_counts, targets, request.seed)
     tasks = [delayed(_window_points)(pred, labels, grid, boxes[i], picks[i]) for i in sorted(picks)]
-    found = compute(*tasks)  # type: ignore[no-untyped-call]
+    found = compute(*tasks)
     points = np.concatenate(found) if found else np.zeros((0, 4), np.int64)
     return points, targets
 

@@ -126,7 +126,7 @@ def _compute(*collections: Any) -> tuple[Any, ...]:
     distributed cluster the futures are cancelled and the workers polled until idle.
     """
     # dask.base's functions have no annotations (dask 2025).
-    scheduler = get_scheduler(collections=list(collections))  # type: ignore[no-untyped-call]
+    scheduler = get_scheduler(collections=list(collections))
     client = getattr(scheduler, "__self__", None)
     if client is not None and type(client).__name__ == "Client":
         futures = client.compute(list(collections))
@@ -138,11 +138,11 @@ def _compute(*collections: Any) -> tuple[Any, ...]:
             raise
     results: tuple[Any, ...]
     if scheduler is not dask.threaded.get:
-        results = compute(*collections)  # type: ignore[no-untyped-call]  # synchronous or user-chosen
+        results = compute(*collections)  # synchronous or user-chosen
         return results
     pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="segpipe-ingest")
     try:
-        results = compute(*collections, scheduler="threads", pool=pool)  # type: ignore[no-untyped-call]
+        results = compute(*collections, scheduler="threads", pool=pool)
         return results
     finally:
         # wait=True: on failure, the tasks still running finish before the caller cleans up
@@ -225,7 +225,7 @@ def _write_image(image: xr.DataArray, store: str, block_size: int, sources: str)
         return
     # One graph: the count reuses the blocks the write reads, so the image is read once.
     # (dask.array's methods have no annotations.)
-    _, count = _compute(write, valid.sum())  # type: ignore[no-untyped-call]
+    _, count = _compute(write, valid.sum())
     if int(count) == 0:
         raise InputError(
             f"image {sources} has no valid pixel (every pixel is nodata {nodata} or NaN in some band): "

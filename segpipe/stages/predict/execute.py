@@ -72,12 +72,12 @@ def run_on_cluster(client: distributed.Client, jobs: Sequence[BlockJob], gpu: bo
     # a rerun of an equal job after a failure must run again, not reuse the failed result.
     futures = client.map(run_block, list(jobs), pure=False, resources={"GPU": 1} if gpu else None)
     try:
-        for future in as_completed(futures, loop=client.loop):  # type: ignore[no-untyped-call]  # untyped
+        for future in as_completed(futures, loop=client.loop):  # untyped
             record(future.result())
     except BaseException:
         # A failed task or an interrupted driver: queued tasks are dropped; blocks
         # already marked stay done for the next run.
-        client.cancel(futures)  # type: ignore[no-untyped-call]  # distributed is untyped here
+        client.cancel(futures)  # distributed is untyped here
         raise
 
 
@@ -102,5 +102,5 @@ def run_in_process(jobs: Sequence[BlockJob], scheduler: str, record: Record) -> 
 
     # A callback of this computation only (start, start_state, pretask, posttask, finish):
     # dask's global Callback registry would see other threads' computations too.
-    compute(*tasks, scheduler=scheduler,  # type: ignore[no-untyped-call]  # dask.base.compute is untyped
+    compute(*tasks, scheduler=scheduler,  # dask.base.compute is untyped
             callbacks=[(None, None, None, finished, None)])

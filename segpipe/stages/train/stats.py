@@ -50,8 +50,10 @@ _BINS = 65536
 def _valid_mask(image: da.Array, nodata: float | None) -> da.Array:
     """Pixels whose every band is usable; NaN counts as invalid too (a NaN nodata never compares equal)."""
     if nodata is None and not np.issubdtype(image.dtype, np.floating):
-        return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
-    return _band_valid(image, nodata).all(axis=0)
+        ones: da.Array = da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
+        return ones
+    every_band: da.Array = _band_valid(image, nodata).all(axis=0)
+    return every_band
 
 
 def band_statistics(
@@ -152,7 +154,9 @@ def band_percentiles(
 
 def _band_valid(image: da.Array, nodata: float | None) -> da.Array:
     """Per band and pixel: the value is usable (finite, not nodata)."""
-    valid = da.isfinite(image) if np.issubdtype(image.dtype, np.floating) else da.ones_like(image, dtype=bool)
+    valid: da.Array = (
+        da.isfinite(image) if np.issubdtype(image.dtype, np.floating) else da.ones_like(image, dtype=bool)
+    )
     if nodata is not None and not np.isnan(nodata):
         valid = valid & (image != nodata)
     return valid
