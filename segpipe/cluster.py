@@ -209,9 +209,7 @@ def _client(target: str | Cluster, **kwargs: Any) -> distributed.Client:
     """A client of ``target`` (an address or a cluster), not made the default (see :func:`get_client`)."""
     from distributed import Client
 
-    # Client.__init__ has no annotations (distributed 2025).
-    client: distributed.Client = Client(target, set_as_default=False, **kwargs)
-    return client
+    return Client(target, set_as_default=False, **kwargs)
 
 
 def _connect(address: str) -> distributed.Client:
@@ -305,8 +303,7 @@ def _local_cluster(
     from distributed import LocalCluster
 
     threads = max(1, threads_per_worker)
-    # LocalCluster.__init__ has no annotations (distributed 2025).
-    cluster: distributed.LocalCluster = LocalCluster(
+    return LocalCluster(
         n_workers=n_workers or max(1, _cores() // threads),
         threads_per_worker=threads,
         processes=processes,
@@ -315,7 +312,6 @@ def _local_cluster(
         # In-process clusters talk over inproc://, which takes no host.
         **({"host": host, "worker_class": _patient_nanny()} if processes else {}),
     )
-    return cluster
 
 
 def scheduler_address(client: distributed.Client) -> str:

@@ -125,7 +125,6 @@ def _compute(*collections: Any) -> tuple[Any, ...]:
     scheduler the tasks run in a pool of our own that is drained on failure; on a
     distributed cluster the futures are cancelled and the workers polled until idle.
     """
-    # dask.base's functions have no annotations (dask 2025).
     scheduler = get_scheduler(collections=list(collections))
     client = getattr(scheduler, "__self__", None)
     if client is not None and type(client).__name__ == "Client":
@@ -224,7 +223,6 @@ def _write_image(image: xr.DataArray, store: str, block_size: int, sources: str)
         _compute(write)
         return
     # One graph: the count reuses the blocks the write reads, so the image is read once.
-    # (dask.array's methods have no annotations.)
     _, count = _compute(write, valid.sum())
     if int(count) == 0:
         raise InputError(
