@@ -241,7 +241,10 @@ _ValidFraction = Annotated[
     float,
     typer.Option(help="Share of labelled cells held out for validation, spatially disjoint (0 = none)."),
 ]
-_ValidCell = Annotated[int, typer.Option(help="Edge in pixels of the cells assigned to train or validation.")]
+_ValidCell = Annotated[
+    int | None,
+    typer.Option(help="Edge in pixels of the cells held out wholesale (default: chosen from the labels)."),
+]
 _Seed = Annotated[int, typer.Option(help="Random seed.")]
 _Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 _Threads = Annotated[int, typer.Option(help="Torch CPU threads (0 = all cores).")]

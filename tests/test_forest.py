@@ -343,8 +343,13 @@ def test_the_pieces_of_forest_training(region: tuple[Path, Path]) -> None:
     k = len(data.spec.classes)
     assert cm is not None and cm.shape == (k, k + 1) and cm.sum() == data.y_valid.size
     assert {"valid_loss", "valid_miou", "valid_accuracy"} <= set(record)
-    empty = dataclasses.replace(data, x_valid=data.x_valid[:0], y_valid=data.y_valid[:0])
-    assert forest_training._validate(net, empty, {}) is None
+    # Without held-out pixels, the trees that did not draw a pixel score it (out of bag).
+    bagged = forest_training._fit(cfg, data.x_train, data.y_train, out_of_bag=True)
+    oob: dict[str, float] = {}
+    cm = forest_training._out_of_bag(bagged, data, oob)
+    assert cm is not None and 0.8 * data.y_train.size <= cm.sum() <= data.y_train.size
+    assert 0 < oob["valid_miou"] <= 1 and oob["valid_loss"] > 0
+    assert forest_training._out_of_bag(fitted, data, {}) is None  # fitted without the votes
 
     info = forest_training._forest_record(net, fitted, cfg, data.band_names)
     assert list(info["feature_importance"]) == feature_names(data.band_names, 3)

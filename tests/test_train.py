@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from segpipe.errors import ArchitectureError, LabelsError, StoreError
+from segpipe.errors import ArchitectureError, StoreError
 from segpipe.models import load_model, read_spec
 from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.train import NetworkConfig, train, train_config
-from segpipe.stages.train.sampling import BlockReader, Candidates, split_cells
+from segpipe.stages.train.sampling import BlockReader, Candidates
+from segpipe.stages.train.split import split_cells
 from segpipe.synth import synthesize
 
 TINY = {"epochs": 1, "samples_per_epoch": 8, "chip_size": 64, "batch_size": 4, "valid_cell": 64}
@@ -116,14 +117,14 @@ def test_training_learns_the_labels(store, tmp_path):
     )
     losses = [r["train_loss"] for r in spec.training["history"]]
     assert losses[-1] < losses[0]
-    with pytest.raises(LabelsError):
-        train(
-            store,
-            tmp_path / "n",
-            train_config(
-                valid_fraction=0.99, valid_cell=1024, **{k: v for k, v in TINY.items() if k != "valid_cell"}
-            ),
-        )
+    # Labels in one cell cannot be held out: all of them train, and the package says so.
+    spec = train(
+        store,
+        tmp_path / "n",
+        train_config(**{**TINY, "valid_fraction": 0.99, "valid_cell": 1024}),
+    )
+    assert spec.training["split"]["scheme"] == "none" and spec.training["valid_pixels_sampled"] == 0
+    assert any("hold any out" in w for w in spec.training["warnings"])
 
 
 def test_losses_ignore_unlabelled_pixels_and_focal_reduces_to_ce():

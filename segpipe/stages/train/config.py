@@ -105,7 +105,9 @@ class _Shared(BaseModel):
 
     Attributes:
         valid_fraction: Share of labelled cells held out for validation (spatially disjoint).
-        valid_cell: Edge in pixels of the cells assigned wholesale to train or validation.
+        valid_cell: Edge in pixels of the cells assigned wholesale to train or validation
+            (None = chosen from the labels: the largest of 256 ... 16 px that cuts them into
+            at least 40 cells; see :mod:`segpipe.stages.train.split`).
         seed: Seed of sampling, augmentation and initialisation.
         threads: Torch CPU threads (0 = all cores); a forest's scikit-learn jobs too.
         class_balancing: Weight classes by their labelled pixels: a network's loss by
@@ -118,7 +120,7 @@ class _Shared(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     valid_fraction: float = Field(default=0.15, ge=0, lt=1)
-    valid_cell: int = Field(default=256, ge=32)
+    valid_cell: int | None = Field(default=None, ge=16)
     seed: int = 0
     threads: int = Field(default=0, ge=0)
     class_balancing: bool = False

@@ -19,7 +19,9 @@ loaded whole.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,13 @@ from segpipe.stages.evaluate import metrics
 from segpipe.stages.train.config import ForestConfig
 from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
 from segpipe.stages.train.progress import TrainProgress
-from segpipe.stages.train.sampling import Candidates, find_candidates, label_classes, split_cells
+from segpipe.stages.train.sampling import Candidates, find_candidates, label_classes
+from segpipe.stages.train.split import Split, plan_split
 from segpipe.stages.train.stats import package_spec
 
 __all__ = ["forest_features", "train_forest"]
+
+log = logging.getLogger(__name__)
 
 # In-sample loss and accuracy are reported on at most this many training pixels: they
 # only show how closely the trees fit, which a sample shows as well as all pixels.
@@ -144,6 +149,7 @@ class _Pixels:
 
     spec: ModelSpec
     band_names: tuple[str, ...]
+    split: Split
     x_train: np.ndarray
     y_train: np.ndarray
     x_valid: np.ndarray
@@ -187,11 +193,11 @@ def train_forest(
 
     data = _read_pixels(store, cfg)
     report(1, float("nan"))
-    forest = _fit(cfg, data.x_train, data.y_train)
+    forest = _fit(cfg, data.x_train, data.y_train, out_of_bag=not data.y_valid.size)
     net = from_sklearn(forest, len(data.spec.classes), cfg.forest_context)
     record = _fit_record(net, data, time.perf_counter() - started)
     report(2, record["train_loss"])
-    cm = _validate(net, data, record)
+    cm = _validate(net, data, record) if data.y_valid.size else _out_of_bag(forest, data, record)
     report(3, record["train_loss"], record)
     training = _training_record(store, cfg, data, record, time.perf_counter() - started)
     training["forest"] = _forest_record(net, forest, cfg, data.band_names)
@@ -209,6 +215,9 @@ def _training_record(
     return {
         "config": cfg.model_dump(),
         "history": metrics.json_ready([record]),
+        "split": data.split.record(cfg.valid_fraction),
+        "validation": "held-out cells" if data.y_valid.size else "out-of-bag",
+        "warnings": list(data.split.warnings),
         "train_pixels_sampled": int(data.y_train.size),
         "valid_pixels_sampled": int(data.y_valid.size),
         "seconds": seconds,
@@ -237,9 +246,11 @@ def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:
     cand = find_candidates(labels, info.block_size, max_per_block=per_block, seed=cfg.seed)
     classes, lut = label_classes(np.unique(cand.value), info.classes)
     spec = package_spec(store, info, cfg, FOREST_ARCH, "none", classes)
-    in_valid = split_cells(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
-    train_c = _subsample(cand.subset(~in_valid), cfg.max_train_pixels, rng)
-    valid_c = _subsample(cand.subset(in_valid), cfg.max_train_pixels, rng)
+    split = plan_split(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
+    for note in split.warnings:
+        log.warning("%s", note)
+    train_c = _subsample(cand.subset(~split.in_valid), cfg.max_train_pixels, rng)
+    valid_c = _subsample(cand.subset(split.in_valid), cfg.max_train_pixels, rng)
     x_train, y_train = _pixels(image, info.block_size, train_c, spec, lut, cfg.forest_context)
     x_valid, y_valid = _pixels(image, info.block_size, valid_c, spec, lut, cfg.forest_context)
     if y_train.size == 0:
@@ -247,7 +258,7 @@ def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:
             "no labelled training pixel holds image data (all nodata or all in validation cells): "
             "check the labels' extent or lower --valid-fraction"
         )
-    return _Pixels(spec, info.band_names, x_train, y_train, x_valid, y_valid)
+    return _Pixels(spec, info.band_names, split, x_train, y_train, x_valid, y_valid)
 
 
 def _class_weight(cfg: ForestConfig) -> str | None:
@@ -263,8 +274,8 @@ def _class_weight(cfg: ForestConfig) -> str | None:
     return _BALANCED if cfg.class_balancing else None
 
 
-def _fit(cfg: ForestConfig, x: np.ndarray, y: np.ndarray) -> Any:
-    """The fitted scikit-learn forest."""
+def _fit(cfg: ForestConfig, x: np.ndarray, y: np.ndarray, out_of_bag: bool = False) -> Any:
+    """The fitted scikit-learn forest (keeping out-of-bag votes when ``out_of_bag``)."""
     from sklearn.ensemble import RandomForestClassifier
 
     forest = RandomForestClassifier(
@@ -274,8 +285,12 @@ def _fit(cfg: ForestConfig, x: np.ndarray, y: np.ndarray) -> Any:
         class_weight=_class_weight(cfg),
         n_jobs=cfg.threads or -1,
         random_state=cfg.seed,
+        oob_score=out_of_bag,
     )
-    return forest.fit(x, y)
+    with warnings.catch_warnings():
+        # A pixel every tree drew has no out-of-bag vote; _out_of_bag leaves such pixels out.
+        warnings.filterwarnings("ignore", "Some inputs do not have OOB scores", UserWarning)
+        return forest.fit(x, y)
 
 
 def _fit_record(net: ForestNet, data: _Pixels, fit_seconds: float) -> dict[str, Any]:
@@ -290,17 +305,41 @@ def _fit_record(net: ForestNet, data: _Pixels, fit_seconds: float) -> dict[str, 
     }
 
 
-def _validate(net: ForestNet, data: _Pixels, record: dict[str, Any]) -> np.ndarray | None:
-    """Score the held-out pixels into ``record``; their confusion matrix (None without any)."""
-    if not data.y_valid.size:
-        return None
+def _validate(net: ForestNet, data: _Pixels, record: dict[str, Any]) -> np.ndarray:
+    """Score the held-out pixels into ``record``; their confusion matrix."""
+    valid_loss, valid_pred = _score(net, data.x_valid, data.y_valid)
+    return _record_scores(data, valid_pred, data.y_valid, valid_loss, record)
+
+
+def _record_scores(
+    data: _Pixels, pred: np.ndarray, target: np.ndarray, loss: float, record: dict[str, Any]
+) -> np.ndarray:
+    """The confusion matrix of predicted against target class indices; its scores into ``record``."""
     classes = data.spec.classes
     values = np.array([c.value for c in classes], dtype=np.uint8)
-    valid_loss, valid_pred = _score(net, data.x_valid, data.y_valid)
     cm = np.zeros((len(values), len(values) + 1), dtype=np.int64)
-    metrics.add(cm, values[valid_pred], values[data.y_valid], values.tolist())
-    record.update(validation_scores(valid_loss, cm, classes))
+    metrics.add(cm, values[pred], values[target], values.tolist())
+    record.update(validation_scores(loss, cm, classes))
     return cm
+
+
+def _out_of_bag(forest: Any, data: _Pixels, record: dict[str, Any]) -> np.ndarray | None:
+    """Scores of the training pixels by the trees that did not draw them (None: no such pixel).
+
+    The fallback where no cell can be held out: out-of-bag pixels are not spatially
+    disjoint from the trees' training pixels, so these scores are optimistic, but they
+    still tell a useless forest from a good one.
+    """
+    votes = getattr(forest, "oob_decision_function_", None)
+    if votes is None:
+        return None
+    proba = np.nan_to_num(np.asarray(votes, dtype=np.float64))
+    seen = proba.sum(axis=1) > 0  # pixels every tree drew have no out-of-bag vote
+    if not seen.any():
+        return None
+    target = data.y_train[seen]
+    picked = np.clip(proba[seen][np.arange(target.size), target], 1e-12, 1.0)
+    return _record_scores(data, proba[seen].argmax(axis=1), target, float(-np.log(picked).mean()), record)
 
 
 def _forest_record(

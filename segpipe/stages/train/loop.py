@@ -9,6 +9,7 @@ training (:mod:`segpipe.stages.train.distributed`). The loop is the same in both
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.errors import InputError, LabelsError, StoreError
+from segpipe.errors import InputError, StoreError
 from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import has_layer, open_layer, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, read_spec
@@ -35,11 +36,13 @@ from segpipe.stages.train.sampling import (
     ChipSampler,
     find_candidates,
     label_classes,
-    split_cells,
 )
+from segpipe.stages.train.split import Split, plan_split
 from segpipe.stages.train.stats import package_spec
 
 __all__ = ["initial_network", "train"]
+
+log = logging.getLogger(__name__)
 
 IGNORE = 255
 _MAX_VALID_CHIPS = 192
@@ -55,6 +58,7 @@ class _Plan:
     spec: ModelSpec
     lut: np.ndarray
     block_size: int
+    split: Split
     valid_cells: frozenset[tuple[int, int]]
     train: Candidates
     valid_windows: tuple[tuple[int, int], ...]
@@ -225,15 +229,12 @@ def _prepare(store: str | Path, cfg: NetworkConfig) -> _Plan:
     classes, lut = label_classes(present, info.classes, IGNORE)
 
     spec = package_spec(store, info, cfg, cfg.arch, cfg.encoder, classes, network_options(cfg))
-    in_valid = split_cells(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
-    valid_cells = frozenset(
-        (int(y) // cfg.valid_cell, int(x) // cfg.valid_cell)
-        for y, x in zip(cand.y[in_valid], cand.x[in_valid], strict=True)
-    )
-    train_c, valid_c = cand.subset(~in_valid), cand.subset(in_valid)
-    if train_c.y.size == 0:
-        raise LabelsError("every labelled pixel fell into validation cells: lower --valid-fraction")
-    valid_s = _sampler(store, info.block_size, cfg, lut, valid_cells, "valid")
+    split = plan_split(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
+    for note in split.warnings:
+        log.warning("%s", note)
+    valid_cells = split.valid_cells(cand)
+    train_c, valid_c = cand.subset(~split.in_valid), cand.subset(split.in_valid)
+    valid_s = _sampler(store, info.block_size, cfg, lut, split.cell, valid_cells, "valid")
     pick = np.linspace(0, valid_c.y.size - 1, min(_MAX_VALID_CHIPS, valid_c.y.size)).astype(int)
     valid_windows = tuple(valid_s.window_for(int(valid_c.y[i]), int(valid_c.x[i]), None) for i in pick)
     weights = None
@@ -246,6 +247,7 @@ def _prepare(store: str | Path, cfg: NetworkConfig) -> _Plan:
         spec=spec,
         lut=lut,
         block_size=info.block_size,
+        split=split,
         valid_cells=valid_cells,
         train=train_c,
         valid_windows=valid_windows,
@@ -253,7 +255,7 @@ def _prepare(store: str | Path, cfg: NetworkConfig) -> _Plan:
         initial={k: v.detach().clone() for k, v in net.state_dict().items()},
         pretrained=None if report is None else report.summary(),
         valid_pixels=int(valid_c.y.size),
-        warnings=(chip_note,) if chip_note else (),
+        warnings=(*((chip_note,) if chip_note else ()), *split.warnings),
     )
 
 
@@ -262,6 +264,7 @@ def _sampler(
     block: int,
     cfg: NetworkConfig,
     lut: np.ndarray,
+    cell: int,
     valid_cells: frozenset[tuple[int, int]],
     part: str,
 ) -> ChipSampler:
@@ -271,10 +274,15 @@ def _sampler(
         block,
         cfg.chip_size,
         lut,
-        cfg.valid_cell,
+        cell,
         set(valid_cells),
         part,
     )
+
+
+def _plan_sampler(plan: _Plan, part: str) -> ChipSampler:
+    """The chip sampler of one part (``train`` or ``valid``) of the plan's split."""
+    return _sampler(plan.store, plan.block_size, plan.cfg, plan.lut, plan.split.cell, plan.valid_cells, part)
 
 
 def _schedule(opt: Any, cfg: NetworkConfig, total: int) -> Any:
@@ -405,8 +413,8 @@ class _RankLoop:
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = _schedule(self.opt, cfg, self.steps * cfg.epochs)
         self.loss_fn = make_loss(cfg.loss, IGNORE, plan.class_weights, cfg.focal_gamma, cfg.dice_weight)
-        self.train_s = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, "train")
-        self.valid_s = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, "valid")
+        self.train_s = _plan_sampler(plan, "train")
+        self.valid_s = _plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
         self.key = cfg.resume_key()
         self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
@@ -562,6 +570,7 @@ def _training_record(
         "config": plan.cfg.model_dump(),
         "class_weights": None if weights is None else [float(w) for w in weights],
         "history": metrics.json_ready(history),
+        "split": plan.split.record(plan.cfg.valid_fraction),
         "train_pixels_sampled": int(plan.train.y.size),
         "valid_pixels_sampled": plan.valid_pixels,
         "seconds": seconds,
@@ -581,7 +590,7 @@ def _plot_samples(net: Any, plan: _Plan, path: Path) -> None:
 
     cfg, spec = plan.cfg, plan.spec
     part = "valid" if plan.valid_windows else "train"
-    sampler = _sampler(plan.store, plan.block_size, cfg, plan.lut, plan.valid_cells, part)
+    sampler = _plan_sampler(plan, part)
     if plan.valid_windows:
         pick = np.linspace(0, len(plan.valid_windows) - 1, min(_SAMPLE_CHIPS, len(plan.valid_windows)))
         windows = [plan.valid_windows[int(i)] for i in pick]

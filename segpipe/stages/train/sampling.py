@@ -3,8 +3,9 @@
 The region is never loaded whole: labelled positions are gathered block by block
 (at most ``max_per_block`` per block), and chips are read through a small LRU
 cache of store blocks. Validation is spatially disjoint from training: the
-region is cut into square cells, each cell wholly train or wholly validation,
-and labels of the other part are masked out of every chip.
+region is cut into square cells, each cell wholly train or wholly validation
+(:mod:`segpipe.stages.train.split` decides which), and labels of the other part are
+masked out of every chip.
 
 Chip centres are drawn by :class:`CentreSampler`, uniformly over labelled positions or
 class-balanced; training and ``export-chips`` share it, so both draw the same chips.
@@ -30,7 +31,6 @@ __all__ = [
     "ChipSampler",
     "find_candidates",
     "label_classes",
-    "split_cells",
 ]
 
 
@@ -135,54 +135,6 @@ def find_candidates(labels: _Sliceable, block: int, max_per_block: int = 4096, s
     if found.shape[1] == 0:
         raise LabelsError("the store's labels hold no labelled pixel (all 0): nothing to train on")
     return Candidates(found[0], found[1], found[2], counts)
-
-
-def split_cells(cand: Candidates, cell: int, fraction: float, seed: int) -> np.ndarray:
-    """Assign whole ``cell`` x ``cell`` squares to validation; True = validation candidate.
-
-    Cells are drawn at random with probability ``fraction``, then repaired so that
-    every class occurring in at least two cells has cells in both parts. A repair
-    moves the cell of the class whose move strands the fewest other classes, and
-    repairs repeat until nothing changes: fixing one class must not silently break
-    another that was fixed before.
-    """
-    cy, cx = cand.y // cell, cand.x // cell
-    cells, inverse = np.unique(np.stack([cy, cx], axis=1), axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    rng = np.random.default_rng(seed)
-    is_valid = rng.random(len(cells)) < fraction
-    if fraction <= 0 or len(cells) < 2:
-        return is_valid[inverse]
-    pairs = np.unique(np.stack([inverse, cand.value.astype(np.int64)]), axis=1)
-    holding = {int(v): pairs[0, pairs[1] == v] for v in np.unique(pairs[1])}
-    classes_of: dict[int, list[int]] = {}
-    for c, v in pairs.T:
-        classes_of.setdefault(int(c), []).append(int(v))
-
-    def stranded(c: int, value: int) -> int:
-        """Classes other than ``value`` that moving cell ``c`` would take out of its part."""
-        part = is_valid[c]
-        return sum(
-            1
-            for u in classes_of[int(c)]
-            if u != value and holding[u].size >= 2 and int((is_valid[holding[u]] == part).sum()) == 1
-        )
-
-    for _ in range(4 * len(holding)):
-        changed = False
-        for value, held in holding.items():
-            if held.size < 2:
-                continue
-            n_valid = int(is_valid[held].sum())
-            if 0 < n_valid < held.size:
-                continue
-            cost = np.array([stranded(int(c), value) for c in held])
-            best = held[cost == cost.min()]
-            is_valid[int(rng.choice(best))] = n_valid == 0
-            changed = True
-        if not changed:
-            break
-    return is_valid[inverse]
 
 
 class CentreSampler:

@@ -1,0 +1,242 @@
+"""The train/validation split: spatially disjoint, and never at the cost of a class.
+
+The region is cut into square cells, each wholly train or wholly validation, so that
+validation pixels are never the neighbours of training pixels. Three rules keep the split
+from hurting the model it is meant to judge (issue 18: a fixed 256 px cell on a 300 px
+scene put 50-85 % of the labels, and every pixel of a rare class, in validation):
+
+1. **The cell follows the labels.** Unless the user fixes ``valid_cell``, the cell is the
+   largest of :data:`CELL_SIZES` that cuts the labelled pixels into at least
+   :data:`MIN_CELLS` occupied cells, so that one cell never holds a large share of them.
+2. **Every class keeps most of its pixels for training.** After the random draw (and the
+   repair that gives every class cells in both parts where it can), validation cells go
+   back to training, largest share of the class first, until each class has at least
+   :func:`min_train_share` of its labelled pixels in training. Moves only ever go from
+   validation to training, so securing one class never undoes another.
+3. **A class that cannot be held out is kept for training.** A class found in a single
+   cell stays wholly in training and is named in a warning: its validation score is not
+   measured. Where nothing is left for validation at all (a zero fraction, or labels in
+   one cell), the scheme is ``none``: networks train without validation and a random
+   forest reports out-of-bag scores instead (:mod:`segpipe.stages.train.forest`).
+
+The package records what ran (:meth:`Split.record`) under ``training.split``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from segpipe.stages.train.sampling import Candidates
+
+__all__ = ["CELL_SIZES", "MIN_CELLS", "Split", "choose_cell", "min_train_share", "plan_split", "split_cells"]
+
+# Cell edges tried, largest first; a cell under 16 px would hold out little more than
+# single pixels, which measures nothing about spatial generalisation.
+CELL_SIZES = (256, 192, 128, 96, 64, 48, 32, 24, 16)
+# Occupied cells wanted: with a 15 % fraction about six of them go to validation, so no
+# single cell decides a class's fate.
+MIN_CELLS = 40
+
+SPATIAL = "spatial-cells"
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which labelled candidates are held out, and how that was decided.
+
+    Attributes:
+        in_valid: One flag per candidate: True = validation.
+        cell: Cell edge in pixels.
+        scheme: ``spatial-cells`` (validation cells exist) or ``none`` (all for training).
+        train_only: Label values kept wholly in training (not validated).
+        warnings: What the user should hear about (logged and recorded).
+        pixels: Per label value, the (train, validation) candidates.
+    """
+
+    in_valid: np.ndarray
+    cell: int
+    scheme: str
+    train_only: tuple[int, ...] = ()
+    warnings: tuple[str, ...] = ()
+    pixels: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def valid_cells(self, cand: Candidates) -> frozenset[tuple[int, int]]:
+        """The (row, column) cells held out, as :class:`ChipSampler` takes them."""
+        c = self.cell
+        held = self.in_valid
+        return frozenset(zip((cand.y[held] // c).tolist(), (cand.x[held] // c).tolist(), strict=True))
+
+    def record(self, fraction: float) -> dict[str, Any]:
+        """The package's ``training.split`` entry."""
+        return {
+            "scheme": self.scheme,
+            "cell": self.cell,
+            "valid_fraction": fraction,
+            "min_train_share": min_train_share(fraction),
+            "train_only_classes": list(self.train_only),
+            "candidates": {str(v): {"train": t, "valid": h} for v, (t, h) in sorted(self.pixels.items())},
+        }
+
+
+def min_train_share(fraction: float) -> float:
+    """The share of each class's labelled pixels that must stay in training.
+
+    Twice the validation fraction may go to validation (cells are coarse, so a class's
+    share cannot be exact), but never more than half.
+    """
+    return max(0.5, 1.0 - 2.0 * fraction)
+
+
+def choose_cell(cand: Candidates, requested: int | None) -> int:
+    """The cell edge: ``requested``, or the largest that gives :data:`MIN_CELLS` occupied cells."""
+    if requested is not None:
+        return requested
+    for cell in CELL_SIZES:
+        if _cell_index(cand, cell)[0] >= MIN_CELLS:
+            return cell
+    return CELL_SIZES[-1]
+
+
+def plan_split(cand: Candidates, cell: int | None, fraction: float, seed: int) -> Split:
+    """The split of the labelled candidates (see the module's rules).
+
+    Args:
+        cand: Labelled candidates (positions and label values).
+        cell: Cell edge, or None to choose it from the labels (:func:`choose_cell`).
+        fraction: Share of cells drawn for validation.
+        seed: Seed of the draw.
+
+    Returns:
+        The split, with the warnings to show.
+    """
+    edge = choose_cell(cand, cell)
+    n_cells, inverse = _cell_index(cand, edge)
+    values, klass = np.unique(cand.value, return_inverse=True)
+    counts = np.zeros((n_cells, values.size), dtype=np.int64)
+    np.add.at(counts, (inverse, klass.ravel()), 1)
+    is_valid = _draw(counts, fraction, seed)
+    share = min_train_share(fraction)
+    _secure_training(counts, is_valid, share)
+    train_only = _restore_validation(counts, is_valid, share)
+    in_valid = is_valid[inverse]
+    scheme = SPATIAL if in_valid.any() else NONE
+    held = counts[is_valid].sum(axis=0)
+    pixels = {int(v): (int(counts[:, k].sum() - held[k]), int(held[k])) for k, v in enumerate(values)}
+    only = tuple(int(values[k]) for k in train_only)
+    return Split(in_valid, edge, scheme, only, _warnings(scheme, fraction, edge, only), pixels)
+
+
+def _warnings(scheme: str, fraction: float, cell: int, train_only: tuple[int, ...]) -> tuple[str, ...]:
+    """What the user should hear about the split."""
+    notes = []
+    if train_only:
+        named = ", ".join(str(v) for v in train_only)
+        notes.append(
+            f"label value(s) {named} lie in too few {cell} px cells to hold any out without taking "
+            "most of their pixels from training: kept wholly for training, so their validation "
+            "scores are not measured"
+        )
+    if scheme == NONE and fraction > 0:
+        notes.append(
+            "the labels are too few or too close together to hold any out spatially: training "
+            "on all of them without validation (a random forest reports out-of-bag scores)"
+        )
+    return tuple(notes)
+
+
+def _cell_index(cand: Candidates, cell: int) -> tuple[int, np.ndarray]:
+    """The number of occupied cells and each candidate's cell index."""
+    key = (cand.y // cell).astype(np.int64) * (int(cand.x.max(initial=0)) // cell + 1) + cand.x // cell
+    _, inverse = np.unique(key, return_inverse=True)
+    return int(inverse.max(initial=-1)) + 1, inverse.ravel()
+
+
+def _draw(counts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Cells drawn for validation, repaired so classes in two or more cells are in both parts."""
+    rng = np.random.default_rng(seed)
+    is_valid = np.asarray(rng.random(counts.shape[0]) < fraction)
+    if fraction <= 0 or counts.shape[0] < 2:
+        return np.zeros(counts.shape[0], dtype=bool)
+    _repair(counts > 0, is_valid, rng)
+    return is_valid
+
+
+def _repair(present: np.ndarray, is_valid: np.ndarray, rng: np.random.Generator) -> None:
+    """Give every class found in two or more cells cells in both parts, in place.
+
+    A repair moves the cell of the class whose move strands the fewest other classes, and
+    repairs repeat until nothing changes: fixing one class must not silently break another.
+    """
+    holding = [np.flatnonzero(present[:, k]) for k in range(present.shape[1])]
+
+    def stranded(c: int, klass: int) -> int:
+        """Classes other than ``klass`` that moving cell ``c`` would take out of its part."""
+        part = is_valid[c]
+        return sum(
+            1
+            for u in np.flatnonzero(present[c])
+            if u != klass and holding[u].size >= 2 and int((is_valid[holding[u]] == part).sum()) == 1
+        )
+
+    for _ in range(4 * len(holding)):
+        changed = False
+        for klass, held in enumerate(holding):
+            n_valid = int(is_valid[held].sum())
+            if held.size < 2 or 0 < n_valid < held.size:
+                continue
+            cost = np.array([stranded(int(c), klass) for c in held])
+            is_valid[int(rng.choice(held[cost == cost.min()]))] = n_valid == 0
+            changed = True
+        if not changed:
+            break
+
+
+def _secure_training(counts: np.ndarray, is_valid: np.ndarray, share: float) -> None:
+    """Return validation cells to training until every class keeps ``share`` of its pixels there.
+
+    Rarest classes first; the cell holding most of the class goes back first (fewest
+    moves). Classes found in a single cell are kept wholly for training.
+    """
+    for k in np.argsort(counts.sum(axis=0), kind="stable"):
+        cells = np.flatnonzero(counts[:, k])
+        if cells.size < 2:
+            is_valid[cells] = False
+            continue
+        total = counts[cells, k].sum()
+        while counts[cells[~is_valid[cells]], k].sum() < share * total:
+            held = cells[is_valid[cells]]
+            is_valid[held[np.argmax(counts[held, k])]] = False
+
+
+def _restore_validation(counts: np.ndarray, is_valid: np.ndarray, share: float) -> list[int]:
+    """Hold out a small cell of each class left without validation, where every class can afford it.
+
+    Securing training may have taken back a class's only validation cell; one of its
+    smaller cells can often serve instead without taking any class in it below ``share``.
+
+    Returns:
+        The class indices still without a validation cell.
+    """
+    total = counts.sum(axis=0)
+    unvalidated = []
+    for k in range(counts.shape[1]):
+        cells = np.flatnonzero(counts[:, k])
+        if is_valid[cells].any():
+            continue
+        for c in cells[np.argsort(counts[cells, k], kind="stable")]:
+            kept = counts[~is_valid].sum(axis=0) - counts[c]
+            if cells.size >= 2 and np.all(kept[counts[c] > 0] >= share * total[counts[c] > 0]):
+                is_valid[c] = True
+                break
+        else:
+            unvalidated.append(k)
+    return unvalidated
+
+
+def split_cells(cand: Candidates, cell: int, fraction: float, seed: int) -> np.ndarray:
+    """Which candidates are held out with a fixed ``cell`` (True = validation); see :func:`plan_split`."""
+    return plan_split(cand, cell, fraction, seed).in_valid
