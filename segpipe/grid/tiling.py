@@ -5,6 +5,13 @@ with step ``stride = tile - overlap``; the last window of each axis is shifted b
 so it ends at the raster's edge. Because the grid depends only on the raster size,
 tile and stride, every output block (of any size) sees the same windows, and the
 blended result does not depend on how the raster is cut into blocks.
+
+With an edge ``margin`` the grid is laid over the raster grown by ``margin`` mirrored
+pixels on every side (:func:`mirror_index`): a network is least reliable on the few
+pixels along a window's border (its own zero padding, strided layers that do not
+centre there), which the blend weights down everywhere except at the raster's edge,
+where no other window covers them. The margin gives those pixels the context every
+interior pixel has.
 :mod:`segpipe.stages.predict.blend` runs a network over those windows and blends them;
 :mod:`segpipe.grid.plan` groups store blocks into tasks that duplicate few windows.
 """
@@ -26,7 +33,9 @@ __all__ = [
     "axis_windows",
     "blend_weights",
     "check_blend",
+    "grown",
     "halo_bounds",
+    "mirror_index",
     "pad_to_multiple",
     "window_count",
     "window_starts",
@@ -161,27 +170,58 @@ def axis_windows(start: int, size: int, length: int, tile: int, stride: int) -> 
     return starts[(starts < start + size) & (starts + tile > start)]
 
 
-def halo_bounds(block: Box, raster: tuple[int, int], tile: int, stride: int) -> Box:
-    """Region to read for a block: the union of its windows, clamped to the raster.
+def mirror_index(start: int, stop: int, length: int) -> np.ndarray:
+    """Raster index of each position in ``[start, stop)``, mirrored at the raster's edges.
+
+    Positions outside ``[0, length)`` reflect about the edge pixel without repeating it
+    (numpy's ``reflect``: -1 -> 1, ``length`` -> ``length - 2``), repeatedly when they
+    lie further out than the raster is long; a 1-pixel axis maps everything to 0.
+
+    Args:
+        start: First position (may be negative).
+        stop: Position after the last (may exceed ``length``).
+        length: Raster size along the axis (> 0).
+
+    Returns:
+        int64 raster indices, ``stop - start`` of them.
+    """
+    pos = np.arange(start, stop, dtype=np.int64)
+    if length <= 1:
+        return np.zeros_like(pos)
+    period = 2 * (length - 1)
+    pos = np.mod(pos, period)
+    return np.where(pos < length, pos, period - pos)
+
+
+def grown(raster: tuple[int, int], margin: int) -> tuple[int, int]:
+    """The raster's size with ``margin`` mirrored pixels on every side: the extent its window grid covers."""
+    return raster[0] + 2 * margin, raster[1] + 2 * margin
+
+
+def halo_bounds(block: Box, raster: tuple[int, int], tile: int, stride: int, margin: int = 0) -> Box:
+    """Region to read for a block: the raster pixels its windows see, mirrored ones included.
 
     Args:
         block: The block, in global pixels.
         raster: Raster (height, width).
         tile: Window size.
         stride: Window step.
+        margin: Mirrored pixels around the raster that the window grid covers.
 
     Returns:
-        The read region in global pixels.
+        The read region in global pixels (always inside the raster).
 
     Raises:
         ValueError: The block lies outside the raster.
     """
-    height, width = raster
-    ys = axis_windows(block.y0, block.h, height, tile, stride)
-    xs = axis_windows(block.x0, block.w, width, tile, stride)
-    if ys.size == 0 or xs.size == 0:
-        raise ValueError(f"block {block} lies outside the {height}x{width} raster")
-    return Box(int(ys[0]), int(xs[0]), min(int(ys[-1]) + tile, height), min(int(xs[-1]) + tile, width))
+    height, width = grown(raster, margin)
+    ys = axis_windows(block.y0 + margin, block.h, height, tile, stride)
+    xs = axis_windows(block.x0 + margin, block.w, width, tile, stride)
+    if ys.size == 0 or xs.size == 0 or not (0 <= block.y0 < raster[0] and 0 <= block.x0 < raster[1]):
+        raise ValueError(f"block {block} lies outside the {raster[0]}x{raster[1]} raster")
+    rows = mirror_index(int(ys[0]) - margin, min(int(ys[-1]) + tile, height) - margin, raster[0])
+    cols = mirror_index(int(xs[0]) - margin, min(int(xs[-1]) + tile, width) - margin, raster[1])
+    return Box(int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
 
 
 def pad_to_multiple(

@@ -4,7 +4,10 @@
 reach its targets, and their blend profiles: :func:`window_rows`), a :class:`BatchQueue`
 that turns windows into fixed-shape forward calls, and a :class:`RowAccumulator` that
 sums weighted window outputs and hands back the rows no later window can touch,
-normalised by the summed weights. Memory is a band of about one window's height,
+normalised by the summed weights. With an edge margin the grid covers the raster grown
+by mirrored pixels (:func:`segpipe.grid.tiling.mirror_index`), read through
+:func:`mirrored`, so the raster's outermost pixels lie inside windows rather than on
+their borders. Memory is a band of about one window's height,
 whatever the box's size. :func:`blend_windows` does the same over an array already in
 memory. Numpy only: the network is any :data:`segpipe.grid.tiling.Forward` callable.
 """
@@ -26,7 +29,9 @@ from segpipe.grid.tiling import (
     axis_windows,
     blend_weights,
     check_blend,
+    grown,
     halo_bounds,
+    mirror_index,
     pad_to_multiple,
     window_count,
 )
@@ -41,6 +46,7 @@ __all__ = [
     "blend_rows",
     "blend_windows",
     "call_size",
+    "mirrored",
     "tta_forward",
     "window_rows",
 ]
@@ -415,6 +421,38 @@ def _add_all(acc: RowAccumulator, grid: WindowRows, outputs: _Outputs) -> None:
         acc.add(wy, wx, probs, grid.prof_y[wy], grid.prof_x[wx])
 
 
+def _shift(box: Box, by: int) -> Box:
+    return Box(box.y0 + by, box.x0 + by, box.y1 + by, box.x1 + by)
+
+
+def mirrored(read: Reader, raster: tuple[int, int], margin: int) -> Reader:
+    """A reader of the raster grown by ``margin`` mirrored pixels on every side.
+
+    Boxes are in the grown raster's pixels (global pixel (0, 0) is at (margin, margin)).
+    Pixels outside the raster are its pixels reflected about the edge, normalised ones
+    and the valid mask alike: the network sees plausible neighbours there, never a fill
+    value that normalisation would turn into an outlier.
+
+    Args:
+        read: Reads boxes of the raster itself.
+        raster: Raster (height, width).
+        margin: Mirrored pixels on every side.
+    """
+
+    def read_grown(box: Box) -> tuple[np.ndarray, np.ndarray]:
+        inside = _shift(box, -margin)
+        if inside.y0 >= 0 and inside.x0 >= 0 and inside.y1 <= raster[0] and inside.x1 <= raster[1]:
+            return read(inside)
+        rows = mirror_index(inside.y0, inside.y1, raster[0])
+        cols = mirror_index(inside.x0, inside.x1, raster[1])
+        src = Box(int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
+        image, valid = read(src)
+        iy, ix = (rows - src.y0)[:, None], (cols - src.x0)[None, :]
+        return np.ascontiguousarray(image[:, iy, ix]), valid[iy, ix]
+
+    return read_grown
+
+
 def blend_rows(
     read: Reader,
     forward: Forward,
@@ -428,6 +466,7 @@ def blend_rows(
     targets: list[Box] | None = None,
     stats: BlendStats | None = None,
     streams: int = 1,
+    margin: int = 0,
 ) -> Iterator[RowBand]:
     """Blend the global-grid windows over ``box``, yielding finished rows top to bottom.
 
@@ -451,6 +490,8 @@ def blend_rows(
         stats: Counters to fill in.
         streams: Forward calls in flight at once, in threads (see :class:`BatchQueue`).
             Results are still added in window order.
+        margin: Mirrored pixels around the raster that the window grid covers (see
+            :func:`mirrored`); ``read`` still reads raster pixels only.
 
     Yields:
         :class:`RowBand` s covering ``box`` from top to bottom. Invalid pixels and
@@ -460,6 +501,13 @@ def blend_rows(
         InputError: Bad overlap or mode, or forward outputs of the wrong shape.
     """
     check_blend(tile, overlap, mode)
+    if margin > 0:
+        # The same blend over the grown raster, its rows handed back in the raster's pixels.
+        moved = [_shift(t, margin) for t in (targets if targets is not None else [box])]
+        for row in blend_rows(mirrored(read, raster, margin), forward, tile, overlap, grown(raster, margin),
+                               _shift(box, margin), batch_size, pad_batches, mode, moved, stats, streams):
+            yield RowBand(row.y0 - margin, row.probs, row.valid)
+        return
     grid = window_rows(raster, box, tile, overlap, mode, targets if targets is not None else [box])
     acc = RowAccumulator(box)
     bs = call_size(raster, tile, overlap, batch_size)
@@ -490,6 +538,7 @@ def blend_windows(
     batch_size: int,
     pad_batches: bool,
     mode: str = "cosine",
+    margin: int = 0,
 ) -> tuple[np.ndarray, int]:
     """Blend the windows touching a block, from an array in memory (see :func:`blend_rows`).
 
@@ -506,6 +555,9 @@ def blend_windows(
         batch_size: Windows per forward call.
         pad_batches: Pad short batches with zero windows to one fixed shape.
         mode: Blend mode.
+        margin: Mirrored pixels around the raster that the window grid covers; ``image``
+            must hold the raster pixels they mirror (:func:`segpipe.grid.tiling.halo_bounds`
+            with the same margin).
 
     Returns:
         (C, h, w) float32 probabilities ((0, h, w) when no valid pixel is in reach) and
@@ -519,7 +571,7 @@ def blend_windows(
     if image.ndim != 3 or valid.shape != image.shape[1:]:
         raise InputError(f"image {image.shape} and valid mask {valid.shape} do not fit (band, y, x)")
     held = Box.sized(origin[0], origin[1], image.shape[1], image.shape[2])
-    need = halo_bounds(out_box, raster, tile, tile - overlap)
+    need = halo_bounds(out_box, raster, tile, tile - overlap, margin)
     if need.y0 < held.y0 or need.x0 < held.x0 or need.y1 > held.y1 or need.x1 > held.x1:
         raise InputError(f"the array at {origin} of shape {image.shape} does not cover the halo {need}")
 
@@ -529,7 +581,7 @@ def blend_windows(
 
     stats = BlendStats()
     bands = list(blend_rows(read, forward, tile, overlap, raster, out_box, batch_size, pad_batches, mode,
-                            stats=stats))
+                            stats=stats, margin=margin))
     channels = next((b.probs.shape[0] for b in bands if b.probs is not None), 0)
     out = np.zeros((channels, out_box.h, out_box.w), dtype=np.float32)
     for band in bands:

@@ -22,7 +22,7 @@ import numpy as np
 
 from segpipe.errors import InputError
 from segpipe.grid.box import Box
-from segpipe.grid.tiling import halo_bounds, window_count
+from segpipe.grid.tiling import grown, halo_bounds, window_count
 from segpipe.io.store import NODATA_U8
 from segpipe.models import check_bands, validate_package
 from segpipe.stages.predict.blend import blend_windows, tta_forward
@@ -30,6 +30,7 @@ from segpipe.stages.predict.driver import (
     CPU_BATCH,
     GPU_BATCH,
     choose_batch_size,
+    edge_margin,
     model_location,
     window_settings,
 )
@@ -66,6 +67,7 @@ class _Job:
         batch_size: Most windows per forward call, or None: by the worker's device, as predict.
         n_windows: Windows of the whole array (the batch size depends on it, never on a chunk).
         probabilities: Also return confidence and per-class probabilities.
+        margin: Mirrored pixels around the array that the window grid covers, as predict's.
     """
 
     model_dir: str
@@ -79,6 +81,7 @@ class _Job:
     batch_size: int | None
     n_windows: int
     probabilities: bool
+    margin: int = 0
 
 
 def band_names(data: xr.DataArray) -> tuple[str, ...]:
@@ -110,8 +113,8 @@ def _nodata(data: xr.DataArray) -> float | None:
 def _check(
     data: xr.DataArray, spec: ModelSpec, tile_size: int | None, overlap: int | None,
     blend: str, batch_size: int | None,
-) -> tuple[int, int, int]:
-    """Check the array and the settings against the package; return (tile, overlap, windows).
+) -> tuple[int, int, int, int]:
+    """Check the array and the settings against the package; return (tile, overlap, windows, margin).
 
     Raises:
         InputError: Not a (band, y, x) array, or a bad tile size, overlap, blend mode or
@@ -122,10 +125,11 @@ def _check(
         raise InputError(f"classify needs a (band, y, x) DataArray; got dims {data.dims}, {data.shape}")
     check_bands(spec, band_names(data))
     tile, ov = window_settings(spec, tile_size, overlap, blend)
-    n_windows = window_count((int(data.shape[1]), int(data.shape[2])), tile, tile - ov)
+    margin = edge_margin(spec, ov)
+    n_windows = window_count(grown((int(data.shape[1]), int(data.shape[2])), margin), tile, tile - ov)
     if batch_size is not None:
         choose_batch_size(n_windows, batch_size)  # a bad value fails now, not in a task
-    return tile, ov, n_windows
+    return tile, ov, n_windows, margin
 
 
 def _stack(probs: np.ndarray, valid: np.ndarray, spec: ModelSpec, probabilities: bool) -> np.ndarray:
@@ -159,7 +163,7 @@ def _classify_chunk(pieces: list[list[np.ndarray]], job: _Job, box: Box, halo: B
     most = job.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
     pixels, valid = prepare_pixels(np.block(pieces), job.nodata, spec)
     probs, _ = blend_windows(pixels, valid, forward, job.tile, job.overlap, (halo.y0, halo.x0), job.raster,
-                             box, choose_batch_size(job.n_windows, most), True, job.blend)
+                             box, choose_batch_size(job.n_windows, most), True, job.blend, job.margin)
     return _stack(probs, valid[box.within(halo)], spec, job.probabilities)
 
 
@@ -212,7 +216,7 @@ def _lazy(data: xr.DataArray, job: _Job, layers: int) -> dask.array.Array:
     for i in range(len(ys) - 1):
         for j in range(len(xs) - 1):
             box = Box(int(ys[i]), int(xs[j]), int(ys[i + 1]), int(xs[j + 1]))
-            halo = halo_bounds(box, job.raster, job.tile, job.tile - job.overlap)
+            halo = halo_bounds(box, job.raster, job.tile, job.tile - job.overlap, job.margin)
             cuts, pieces = _halo_pieces(pixels.name, halo, ys, xs, (f"{name}-halo", i, j))
             graph.update(cuts)
             graph[(name, 0, i, j)] = (_classify_chunk, pieces, job, box, halo)
@@ -348,9 +352,9 @@ def classify(
     """
     location = model_location(model)
     spec, mhash = validate_package(location)
-    tile, ov, n_windows = _check(data, spec, tile_size, overlap, blend, batch_size)
+    tile, ov, n_windows, margin = _check(data, spec, tile_size, overlap, blend, batch_size)
     height, width = int(data.shape[1]), int(data.shape[2])
     job = _Job(location, mhash, (height, width), tile, ov, blend, tta, _nodata(data), batch_size,
-               n_windows, probabilities)
+               n_windows, probabilities, margin)
     stack = _lazy(data, job, 2 + len(spec.classes) if probabilities else 1)
     return _outputs(data, stack, spec, job, probabilities)

@@ -31,7 +31,7 @@ import numpy as np
 
 from segpipe.errors import InputError, StoreBusyError
 from segpipe.grid.plan import plan_superblocks
-from segpipe.grid.tiling import check_blend, window_count
+from segpipe.grid.tiling import check_blend, grown, window_count
 from segpipe.io.remote import is_remote
 from segpipe.io.runs import PROGRESS_LAYER, acquire_lock, finish_promotion, has_staged_progress
 from segpipe.io.store import RegionInfo, read_region_info
@@ -63,6 +63,7 @@ __all__ = [
     "model_location",
     "pending_blocks",
     "predict",
+    "edge_margin",
     "window_settings",
 ]
 
@@ -164,9 +165,24 @@ def window_settings(
     return tile, ov
 
 
-def _resume_key(mhash: str, tile: int, overlap: int, blend: str, tta: bool) -> dict[str, Any]:
+def edge_margin(spec: ModelSpec, overlap: int) -> int:
+    """Mirrored pixels around the raster that the window grid covers: half the overlap for networks.
+
+    A network is least reliable on the pixels along a window's border (its zero padding,
+    strided layers that do not centre there); inside the raster the blend weights those
+    pixels down, but on the raster's edge no other window covers them (tests/test_edges.py
+    measures it on a real Landsat scene). Mirroring half the overlap
+    puts the outermost pixels as deep inside a window as the crop blend keeps any pixel.
+    A forest's context features are cut at the raster's edge in training as in
+    prediction, so it gets none.
+    """
+    return 0 if spec.arch in CLASSICAL_ARCHITECTURES else overlap // 2
+
+
+def _resume_key(mhash: str, tile: int, overlap: int, blend: str, tta: bool, margin: int) -> dict[str, Any]:
     """What progress markers and outputs are tagged with: a rerun resumes only on an equal key."""
-    return {"model_hash": mhash, "tile": tile, "overlap": overlap, "blend": blend, "tta": tta}
+    return {"model_hash": mhash, "tile": tile, "overlap": overlap, "blend": blend, "tta": tta,
+            "margin": margin}
 
 
 def _store_location(store: str | Path) -> str:
@@ -190,6 +206,7 @@ class PredictInputs:
         batch_size: Most windows per forward call asked for, or None (by the cluster).
         probabilities: Whether the ``probabilities`` layer is wanted.
         layers: The result's published layers (``classes``... or a named output's).
+        margin: Mirrored pixels around the raster that the window grid covers (:func:`edge_margin`).
     """
 
     store: str
@@ -203,6 +220,7 @@ class PredictInputs:
     batch_size: int | None
     probabilities: bool
     layers: OutputLayers = DEFAULT_LAYERS
+    margin: int = 0
 
 
 def check_predict_inputs(
@@ -240,12 +258,13 @@ def check_predict_inputs(
     spec, mhash = validate_package(mdir)
     check_bands(spec, info.band_names)
     tile, ov = window_settings(spec, tile_size, overlap, blend)
-    n_global = window_count((info.height, info.width), tile, tile - ov)
+    margin = edge_margin(spec, ov)
+    n_global = window_count(grown((info.height, info.width), margin), tile, tile - ov)
     if batch_size is not None:
         choose_batch_size(n_global, batch_size)  # a bad value fails before any write
-    key = _resume_key(mhash, tile, ov, blend, tta)
+    key = _resume_key(mhash, tile, ov, blend, tta, margin)
     return PredictInputs(store_s, info, spec, mdir, key, tile, ov, n_global, batch_size, probabilities,
-                         layers)
+                         layers, margin)
 
 
 def _published(inputs: PredictInputs, force: bool) -> np.ndarray | None:
@@ -313,7 +332,7 @@ def _plan(
     settings = JobSettings(
         store=inputs.store, model_dir=inputs.model_dir, model_hash=inputs.key["model_hash"], tile=inputs.tile,
         overlap=inputs.overlap, batch_size=run.batch_size, blend=inputs.key["blend"], tta=inputs.key["tta"],
-        probabilities=inputs.probabilities, layers=layers,
+        probabilities=inputs.probabilities, layers=layers, margin=inputs.margin,
     )
     jobs = plan_jobs(~done, raster=(info.height, info.width), block_size=info.block_size,
                      task_blocks=run.plan, layout=layout, settings=settings)
@@ -490,7 +509,7 @@ def pending_blocks(
     info = read_region_info(store_s)
     spec = read_spec(model_dir)
     tile, ov = window_settings(spec, tile_size, overlap)
-    key = _resume_key(model_hash(model_location(model_dir)), tile, ov, blend, tta)
+    key = _resume_key(model_hash(model_location(model_dir)), tile, ov, blend, tta, edge_margin(spec, ov))
     total = int(info.blocks[0] * info.blocks[1])
     if has_staged_progress(store_s):  # perhaps a publication cut short: finish it, as predict would
         with contextlib.suppress(StoreBusyError), acquire_lock(store_s, key["model_hash"]):

@@ -42,6 +42,8 @@ class JobSettings:
         blend: Blend mode (``cosine``, ``gaussian``, ``mean`` or ``crop``).
         tta: Average the 8 flips and rotations of every window.
         probabilities: Also write the per-class probabilities layer.
+        margin: Mirrored pixels around the raster that the window grid covers
+            (:func:`segpipe.stages.predict.driver.edge_margin`).
         layers: Where the run's layers are: the published names, or a new run's
             staging layers (``_predict/...``).
     """
@@ -56,6 +58,7 @@ class JobSettings:
     tta: bool = False
     probabilities: bool = False
     layers: OutputLayers = DEFAULT_LAYERS
+    margin: int = 0
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
         """Its fields: equal settings give equal dask tokens, in any process."""

@@ -195,7 +195,7 @@ def _predict_blocks(
     writer = _BlockWriter(job, info, spec, blocks, progress)
     stats = BlendStats()
     for band in blend_rows(read, forward, s.tile, s.overlap, (info.height, info.width), job.box, s.batch_size,
-                           True, s.blend, writer.targets, stats, streams):
+                           True, s.blend, writer.targets, stats, streams, s.margin):
         writer.add(band)
     return {"pixels": writer.pixels, "valid": writer.valid, "windows": stats.windows, "slots": stats.slots}
 
