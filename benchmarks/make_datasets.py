@@ -152,7 +152,9 @@ def _s2_stack(tmp: Path) -> tuple[np.ndarray, dict[str, Any]]:
             # the coarser ones keeps every value a measured one.
             how = Resampling.average if src.res[0] < S2_RES else Resampling.nearest
             bands.append(src.read(1, out_shape=shape, resampling=how))
-    return np.stack(bands), {"crs": crs, "transform": transform, "nodata": 0}
+    # no nodata value: the subset has no missing pixels, and one B8A pixel reads 0, which nodata 0
+    # would turn into a hole in every band (segpipe drops a pixel where any band is nodata)
+    return np.stack(bands), {"crs": crs, "transform": transform, "nodata": None}
 
 
 def _osm_labels(path: Path, profile: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
@@ -180,8 +182,6 @@ def make_sentinel2(wheel: Path, tmp: Path) -> None:
     dest = OUT / "s2-brandenburg"
     dest.mkdir(parents=True, exist_ok=True)
     image, profile = _s2_stack(tmp)
-    if bool((image == 0).all(axis=0).any()):
-        raise SystemExit("s2-brandenburg: a pixel is 0 in every band, which nodata=0 would hide")
     _write(dest / "image.tif", image, profile, [f"{b} (L1C TOA reflectance x 10000)" for b in S2_BANDS])
     labels = _osm_labels(tmp / S2_OSM, profile, image.shape[1:])
     table = ", ".join(f"{v} {k}" for k, v in S2_CLASSES.items())
