@@ -122,8 +122,9 @@ def ingest_stage(
 
 def _pixels_trained(config: TrainConfig, training: dict[str, Any]) -> int:
     """Pixels a training went through: every chip's for a network, the sampled ones for a forest."""
-    if isinstance(config, NetworkConfig):
-        return config.epochs * config.samples_per_epoch * config.chip_size**2
+    if isinstance(config, NetworkConfig):  # the settings as training chose them (auto ones too)
+        used = training["config"]
+        return int(used["epochs"]) * int(used["samples_per_epoch"]) * int(used["chip_size"]) ** 2
     return int(training["train_pixels_sampled"]) + int(training["valid_pixels_sampled"])
 
 

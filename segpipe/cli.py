@@ -231,11 +231,20 @@ _DEFAULTS: dict[str, Any] = {
 
 # `segpipe train`'s options that are training settings, each named as its setting.
 _Encoder = Annotated[str, typer.Option(help="Encoder, e.g. resnet18, resnet34, vgg16_bn.")]
-_Epochs = Annotated[int, typer.Option(help="Epochs.")]
-_SamplesPerEpoch = Annotated[int, typer.Option(help="Chips per epoch.")]
-_ChipSize = Annotated[int, typer.Option(help="Chip edge in pixels (multiple of 32).")]
-_BatchSize = Annotated[int, typer.Option(help="Chips per step.")]
-_Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
+# Settings without a default are chosen from the data (segpipe.stages.train.adapt); the help
+# says how, and the package records what was chosen (training.auto).
+_Epochs = Annotated[
+    int | None, typer.Option(help="Epochs (auto: 1,536 chips in all on a CPU, 16,384 on a GPU; 4-60).")
+]
+_SamplesPerEpoch = Annotated[
+    int | None, typer.Option(help="Chips per epoch (auto: the labelled extent twice over, 64-512).")
+]
+_ChipSize = Annotated[
+    int | None,
+    typer.Option(help="Chip edge, a multiple of 32 px (auto: 128 on a CPU, 256 on a GPU, <= the region)."),
+]
+_BatchSize = Annotated[int | None, typer.Option(help="Chips per step (auto: 16, or 8 above 128 px).")]
+_Lr = Annotated[float | None, typer.Option(help="Peak learning rate (auto: 1e-3 x sqrt(batch / 16)).")]
 _WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
 _ValidFraction = Annotated[
     float,
@@ -250,9 +259,16 @@ _Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 _Threads = Annotated[int, typer.Option(help="Torch CPU threads (0 = all cores).")]
 _Loss = Annotated[str, typer.Option(help="ce (cross-entropy) or focal.")]
 _FocalGamma = Annotated[float, typer.Option(help="Focusing exponent of the focal loss.")]
-_DiceWeight = Annotated[float, typer.Option(help="Fraction of soft-Dice loss mixed in (0-1).")]
+_DiceWeight = Annotated[
+    float | None,
+    typer.Option(help="Share of soft-Dice loss, 0-1 (auto: 0.5 when a class is under 5 %, else 0)."),
+]
 _ClassBalancing = Annotated[
-    bool, typer.Option(help="Weight classes by label frequency (a network's loss, a forest's trees).")
+    bool | None,
+    typer.Option(
+        help="Weight classes by label frequency (a network's loss, a forest's trees) "
+        "(auto: a network when a class is under 5 % of the labels; a forest never)."
+    ),
 ]
 _Patience = Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")]
 _Monitor = Annotated[str, typer.Option(help="valid_miou or valid_loss.")]
@@ -264,7 +280,9 @@ _ClipPercentiles = Annotated[
     tuple[float, float] | None,
     typer.Option(help="Clip each band to these percentiles before standardising, e.g. 2 98."),
 ]
-_BalancedSampling = Annotated[bool, typer.Option(help="Centre chips on each class equally.")]
+_BalancedSampling = Annotated[
+    bool | None, typer.Option(help="Centre chips on each class equally (auto: when a class is under 5 %).")
+]
 _ColorJitter = Annotated[
     float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")
 ]
@@ -275,7 +293,8 @@ _CheckpointSeconds = Annotated[
     float, typer.Option(help="Also checkpoint when this many seconds passed since the last (0 = off).")
 ]
 _PixelHead = Annotated[
-    int, typer.Option(help="Width of a per-pixel path added to the network (0 = none), for ~30 m data.")
+    int | None,
+    typer.Option(help="Width of a per-pixel path added to the network, 0 = none (auto: 32 at 10 m+ pixels)."),
 ]
 _Devices = Annotated[int, typer.Option(help="Data-parallel processes (one per GPU; gloo on CPU).")]
 _Trees = Annotated[int, typer.Option(help="Trees of --arch random_forest.")]
@@ -419,7 +438,8 @@ def _run_training(store: Path, out: Path, cfg: TrainConfig, resume: bool, schedu
 
     with _progress() as bar:
         # A forest is fitted in one pass: its progress reports count as one epoch.
-        task = bar.add_task("train", total=cfg.epochs if isinstance(cfg, NetworkConfig) else 1, info="")
+        # A network's epochs may be auto: the bar learns the total from the first report.
+        task = bar.add_task("train", total=None, info="")
         return run(store, out, cfg, progress=_train_report(bar, task), resume=resume)
 
 
@@ -433,7 +453,7 @@ def _train_report(bar: Progress | _LineProgress, task: TaskID) -> Callable[[Trai
                 f"valid loss {p.record['valid_loss']:.3f}, valid mIoU {p.record['valid_miou']:.3f}"
             )
         info = f"epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}"
-        bar.update(task, completed=p.epoch - 1 + p.step / p.steps, info=info)
+        bar.update(task, total=p.epochs, completed=p.epoch - 1 + p.step / p.steps, info=info)
 
     return report
 

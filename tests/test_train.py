@@ -181,7 +181,7 @@ def test_train_config_chooses_the_family_by_arch():
 
     network = train_config()
     assert isinstance(network, NetworkConfig) and isinstance(network, TrainConfig)
-    assert network.arch == "unet" and network.chip_size == 128
+    assert network.arch == "unet" and network.chip_size is None  # auto: chosen from the data
     forest = train_config({"arch": "random_forest", "trees": 3}, seed=4)
     assert isinstance(forest, ForestConfig) and isinstance(forest, TrainConfig)
     assert (forest.trees, forest.seed) == (3, 4)
@@ -207,7 +207,7 @@ def test_settings_of_the_other_family_are_one_line_naming_setting_and_arch():
     with pytest.raises(SettingError, match="--arch random_forest does not use device='cpu'"):
         train_config(arch="random_forest", device="cpu")  # a forest always runs on the CPU
     # At its default the other family's setting changes nothing, so it passes (dropped).
-    assert train_config(arch="random_forest", epochs=10, loss="ce") == ForestConfig()
+    assert train_config(arch="random_forest", epochs=None, loss="ce") == ForestConfig()
     assert train_config(trees=100, forest_context=1) == NetworkConfig()
 
 
@@ -265,7 +265,7 @@ def test_resume_key_leaves_out_what_changes_no_result():
 
     key = json.loads(train_config(threads=3, checkpoint_every=5, checkpoint_seconds=9.0).resume_key())
     assert key == json.loads(NetworkConfig().resume_key())
-    assert "threads" not in key and key["lr"] == 1e-3 and "trees" not in key
+    assert "threads" not in key and key["lr"] is None and "trees" not in key  # lr: auto
 
 
 def test_validation_scores_and_package_metrics_are_one_definition():

@@ -14,7 +14,7 @@ import segpipe.stages.train.loop as loop
 from segpipe.errors import MissingInputError, PretrainedWeightsError
 from segpipe.io.store import open_layer, read_region_info
 from segpipe.models import normalise, read_spec
-from segpipe.stages.train import NetworkConfig, train, train_config
+from segpipe.stages.train import NetworkConfig, adapt, train, train_config
 from segpipe.stages.train.pretrained import adapt_first_conv
 from segpipe.stages.train.sampling import Candidates, CentreSampler
 from segpipe.stages.train.split import min_train_share, plan_split, split_cells
@@ -255,7 +255,10 @@ def test_the_pieces_of_a_rank_loop(store, tmp_path):
 
     cfg = NetworkConfig(**{**TINY, "epochs": 2, "threads": 1, "valid_fraction": 0.3})  # 4 steps in all
     plan = loop._prepare(store, cfg)
-    assert plan.valid_windows and plan.cfg == cfg
+    assert plan.valid_windows
+    # Given settings pass unchanged; those left at auto are chosen and recorded.
+    assert all(getattr(plan.cfg, k) == getattr(cfg, k) for k in cfg.model_fields_set)
+    assert set(plan.auto) == {k for k in adapt.AUTO_SETTINGS if getattr(cfg, k) is None}
     out = tmp_path / "m"
     checkpoint_path(out).parent.mkdir(parents=True)
     checkpoint_path(out).write_bytes(b"old")
@@ -284,7 +287,8 @@ def test_the_pieces_of_a_rank_loop(store, tmp_path):
     assert (state.epoch, state.step, state.stale) == (2, 0, 1)
 
     training = loop._training_record(plan, [record], 1.5, "cpu", {"epoch": 1, "step": 1})
-    assert training["config"] == cfg.model_dump() and training["seconds"] == 1.5
+    assert training["config"] == plan.cfg.model_dump() and training["seconds"] == 1.5
+    assert training["auto"] == plan.auto and training["split"]["cell"] == plan.split.cell
     assert training["resumed_from"] == {"epoch": 1, "step": 1} and training["history"] == [record]
     assert training["valid_pixels_sampled"] == plan.valid_pixels > 0
 

@@ -107,7 +107,7 @@ def test_run_killed_mid_epoch_resumes_where_it_stopped(store, unbroken, tmp_path
 
     with pytest.raises(InputError, match="other training settings") as refused:
         train(store, out, train_config(**{**RESUMABLE, "lr": 0.5}), resume=True)
-    assert "lr: 0.001 there, 0.5 now" in str(refused.value)  # says what to change back
+    assert "lr: auto there, 0.5 now" in str(refused.value)  # says what to change back
 
     seen = []
     spec = train(store, out, cfg, progress=lambda p: seen.append((p.epoch, p.step)), resume=True)

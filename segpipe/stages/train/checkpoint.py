@@ -154,7 +154,13 @@ def _differences(saved: Any, now: str) -> str:
     except (TypeError, ValueError):
         return "unreadable settings"
     names = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in names) or "none"
+    changed = (f"{k}: {_setting(old.get(k))} there, {_setting(new.get(k))} now" for k in names)
+    return ", ".join(changed) or "none"
+
+
+def _setting(value: Any) -> str:
+    """A setting's value as the user gave it: None is a setting left at auto."""
+    return "auto" if value is None else repr(value)
 
 
 def require_checkpoint(out: str | Path, config: str) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "NETWORK_ARCHITECTURES",
     "ForestConfig",
     "NetworkConfig",
+    "ResolvedNetworkConfig",
     "SettingError",
     "TrainConfig",
     "TrainConfigField",
@@ -112,7 +113,8 @@ class _Shared(BaseModel):
         threads: Torch CPU threads (0 = all cores); a forest's scikit-learn jobs too.
         class_balancing: Weight classes by their labelled pixels: a network's loss by
             median frequency (at most 10x), a random forest's trees by the inverse of each
-            class's count in their bootstrap sample.
+            class's count in their bootstrap sample. None: a network when a class holds
+            under 5 % of the labels; a forest never (the plain baseline).
         clip_percentiles: Per-band (low, high) percentiles that clip pixel values before
             standardising, e.g. (2, 98); stored in the package, applied in prediction.
     """
@@ -123,7 +125,7 @@ class _Shared(BaseModel):
     valid_cell: int | None = Field(default=None, ge=16)
     seed: int = 0
     threads: int = Field(default=0, ge=0)
-    class_balancing: bool = False
+    class_balancing: bool | None = None
     clip_percentiles: tuple[float, float] | None = None
 
     # The other family's model, to recognise its settings (set below, once both exist).
@@ -165,6 +167,10 @@ class _Shared(BaseModel):
 class NetworkConfig(_Shared):
     """How to train a segmentation network from a region store.
 
+    Settings that default to None (``auto``) are chosen from the region and its labels
+    when training starts (:mod:`segpipe.stages.train.adapt`; the package records them).
+    Training reads a :class:`ResolvedNetworkConfig`, where none is None.
+
     Attributes:
         arch: Network architecture: unet, pspnet, deeplabv3 or deeplabv3plus.
         encoder: Encoder (backbone), e.g. resnet18, resnet34, vgg16_bn, mobilenet_v2.
@@ -200,25 +206,25 @@ class NetworkConfig(_Shared):
 
     arch: NetworkArch = "unet"
     encoder: str = "resnet18"
-    epochs: int = Field(default=10, ge=1)
-    samples_per_epoch: int = Field(default=512, ge=1)
-    chip_size: int = Field(default=DEFAULT_CHIP_SIZE, ge=CHIP_MULTIPLE, multiple_of=CHIP_MULTIPLE)
-    batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    epochs: int | None = Field(default=None, ge=1)
+    samples_per_epoch: int | None = Field(default=None, ge=1)
+    chip_size: int | None = Field(default=None, ge=CHIP_MULTIPLE, multiple_of=CHIP_MULTIPLE)
+    batch_size: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(default=None, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loss: Literal["ce", "focal"] = "ce"
     focal_gamma: float = Field(default=2.0, ge=0)
-    dice_weight: float = Field(default=0.0, ge=0, le=1)
+    dice_weight: float | None = Field(default=None, ge=0, le=1)
     patience: int | None = Field(default=None, ge=1)
     monitor: Literal["valid_miou", "valid_loss"] = "valid_miou"
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     pretrained: str | None = None
-    balanced_sampling: bool = False
+    balanced_sampling: bool | None = None
     color_jitter: float = Field(default=0.0, ge=0, le=1)
     checkpoint_every: int = Field(default=50, ge=0)
     checkpoint_seconds: float = Field(default=300.0, ge=0)
-    pixel_head: int = Field(default=0, ge=0)
+    pixel_head: int | None = Field(default=None, ge=0)
     devices: int = Field(default=1, ge=1)
 
     _other_family: ClassVar[str] = f"--arch {FOREST_ARCH}"
@@ -233,6 +239,8 @@ class NetworkConfig(_Shared):
         Raises:
             InputError: The region is smaller than the smallest chip (32 px).
         """
+        if self.chip_size is None:
+            return self, None
         chip, note = fit_chip_size(self.chip_size, height, width)
         return (self, None) if note is None else (self.model_copy(update={"chip_size": chip}), note)
 
@@ -242,6 +250,25 @@ class NetworkConfig(_Shared):
         Threads and checkpoint frequency change no result, so they may differ.
         """
         return self.model_dump_json(exclude={"threads", "checkpoint_every", "checkpoint_seconds"})
+
+
+class ResolvedNetworkConfig(NetworkConfig):
+    """Network settings with every ``auto`` one chosen (see :mod:`segpipe.stages.train.adapt`)."""
+
+    epochs: int = Field(ge=1)
+    samples_per_epoch: int = Field(ge=1)
+    chip_size: int = Field(ge=CHIP_MULTIPLE, multiple_of=CHIP_MULTIPLE)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    class_balancing: bool
+    balanced_sampling: bool
+    dice_weight: float = Field(ge=0, le=1)
+    pixel_head: int = Field(ge=0)
+
+    def fit_region(self, height: int, width: int) -> tuple[ResolvedNetworkConfig, str | None]:
+        """These settings with the chip clamped to the region (see :meth:`NetworkConfig.fit_region`)."""
+        chip, note = fit_chip_size(self.chip_size, height, width)
+        return (self, None) if note is None else (self.model_copy(update={"chip_size": chip}), note)
 
 
 class ForestConfig(_Shared):

@@ -23,9 +23,10 @@ from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import has_layer, open_layer, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, read_spec
 from segpipe.stages.evaluate import metrics
+from segpipe.stages.train import adapt
 from segpipe.stages.train import checkpoint as ckpt
 from segpipe.stages.train import distributed as ddp
-from segpipe.stages.train.config import ForestConfig, NetworkConfig, TrainConfig
+from segpipe.stages.train.config import ForestConfig, NetworkConfig, ResolvedNetworkConfig, TrainConfig
 from segpipe.stages.train.losses import balanced_class_weights, make_loss
 from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
 from segpipe.stages.train.pretrained import PretrainedReport, load_pretrained_encoder
@@ -54,7 +55,9 @@ class _Plan:
     """What every rank shares, computed once before the loop (picklable for spawning)."""
 
     store: str
-    cfg: NetworkConfig
+    cfg: ResolvedNetworkConfig
+    resume_key: str
+    auto: dict[str, dict[str, Any]]
     spec: ModelSpec
     lut: np.ndarray
     block_size: int
@@ -217,17 +220,17 @@ def initial_network(
     return net, report
 
 
-def _prepare(store: str | Path, cfg: NetworkConfig) -> _Plan:
-    """Candidates, split, statistics and initial weights: everything ranks share."""
+def _prepare(store: str | Path, requested: NetworkConfig) -> _Plan:
+    """Candidates, split, settings, statistics and initial weights: everything ranks share."""
     info = read_region_info(store)
-    cfg, chip_note = cfg.fit_region(info.height, info.width)
     if not has_layer(store, "labels"):
         raise StoreError(f"region store {store} has no labels: ingest it with --labels")
-    labels_arr = open_layer(store, "labels")
-    cand = find_candidates(labels_arr, info.block_size, seed=cfg.seed)
+    cand = find_candidates(open_layer(store, "labels"), info.block_size, seed=requested.seed)
     present = np.unique(cand.value)
     classes, lut = label_classes(present, info.classes, IGNORE)
-
+    gpu = _device(requested.device).type == "cuda"
+    resolved, auto = adapt.resolve(requested, adapt.facts_of(info, cand, gpu))
+    cfg, chip_note = resolved.fit_region(info.height, info.width)
     spec = package_spec(store, info, cfg, cfg.arch, cfg.encoder, classes, network_options(cfg))
     split = plan_split(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
     for note in split.warnings:
@@ -244,6 +247,8 @@ def _prepare(store: str | Path, cfg: NetworkConfig) -> _Plan:
     return _Plan(
         store=str(store),
         cfg=cfg,
+        resume_key=requested.resume_key(),
+        auto=auto,
         spec=spec,
         lut=lut,
         block_size=info.block_size,
@@ -262,7 +267,7 @@ def _prepare(store: str | Path, cfg: NetworkConfig) -> _Plan:
 def _sampler(
     store: str | Path,
     block: int,
-    cfg: NetworkConfig,
+    cfg: ResolvedNetworkConfig,
     lut: np.ndarray,
     cell: int,
     valid_cells: frozenset[tuple[int, int]],
@@ -285,7 +290,7 @@ def _plan_sampler(plan: _Plan, part: str) -> ChipSampler:
     return _sampler(plan.store, plan.block_size, plan.cfg, plan.lut, plan.split.cell, plan.valid_cells, part)
 
 
-def _schedule(opt: Any, cfg: NetworkConfig, total: int) -> Any:
+def _schedule(opt: Any, cfg: ResolvedNetworkConfig, total: int) -> Any:
     import torch
 
     if cfg.schedule == "cosine":
@@ -416,7 +421,7 @@ class _RankLoop:
         self.train_s = _plan_sampler(plan, "train")
         self.valid_s = _plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
-        self.key = cfg.resume_key()
+        self.key = plan.resume_key
         self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
         self.pace: _Pace  # its clock starts with the loop, after a checkpoint is loaded
 
@@ -568,6 +573,7 @@ def _training_record(
     weights = plan.class_weights
     return {
         "config": plan.cfg.model_dump(),
+        "auto": plan.auto,
         "class_weights": None if weights is None else [float(w) for w in weights],
         "history": metrics.json_ready(history),
         "split": plan.split.record(plan.cfg.valid_fraction),

@@ -267,7 +267,8 @@ def package_spec(
         check_labelled_bands(image, region["labels"].data, info.nodata, info.band_names, store)
     mean, std, clip = normalisation_statistics(image, info.nodata, cfg.clip_percentiles)
     check_statistics(mean, std, info.band_names, store)
-    chip_size = fitted.chip_size if isinstance(fitted, NetworkConfig) else DEFAULT_CHIP_SIZE
+    chip = fitted.chip_size if isinstance(fitted, NetworkConfig) else None
+    chip_size = chip or DEFAULT_CHIP_SIZE
     return ModelSpec(
         arch=arch,
         encoder=encoder,

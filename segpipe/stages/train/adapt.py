@@ -1,0 +1,174 @@
+"""Network settings that follow the data: what a setting left at ``auto`` becomes.
+
+A 300 px scene is not a 30,000 px one, and a task whose foreground covers 3 % of the
+labels is not a balanced land-cover map. Every network setting below defaults to None
+(``auto``) and is resolved here from the region, the labels and the device, once, before
+training; the package records each chosen value and the rule that chose it under
+``training.auto``. A value the user gives is never changed.
+
+The rules (also in ``segpipe train --help`` and the README):
+
+- ``chip_size``: 256 px on a GPU, 128 px on a CPU (four times cheaper a step), never more
+  than the region's smaller edge (rounded down to a multiple of 32).
+- ``batch_size``: 16 chips of 128 px or less, 8 of larger chips.
+- ``samples_per_epoch``: enough chips to cover the labelled extent about twice (chip
+  area against the bounding box of the labels), between 64 and 512.
+- ``epochs``: a total of :data:`CPU_CHIPS` chips on a CPU (about 6 CPU-minutes of a
+  ResNet-18 U-Net at 128 px) or :data:`GPU_CHIPS` on a GPU, spread over epochs of
+  ``samples_per_epoch``, between 4 and 60 epochs.
+- ``lr``: 1e-3 at 16 chips a batch, scaled by the square root of the batch size.
+- rare classes: when a class holds under :data:`RARE_SHARE` of the labelled pixels,
+  ``class_balancing`` (median-frequency loss weights), ``balanced_sampling`` (chips
+  centred on each class equally often) and ``dice_weight`` 0.5 (overlap per class,
+  which a 3 % foreground cannot win by being ignored); otherwise all three are off.
+- ``pixel_head``: 32 hidden units when the pixels are 10 m or coarser (Landsat,
+  Sentinel-2), where objects one to three pixels wide blur in the encoder; else 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from segpipe.io.store import RegionInfo
+from segpipe.stages.train.config import CHIP_MULTIPLE, NetworkConfig, ResolvedNetworkConfig
+from segpipe.stages.train.sampling import Candidates
+
+__all__ = [
+    "AUTO_SETTINGS",
+    "CPU_CHIPS",
+    "GPU_CHIPS",
+    "RARE_SHARE",
+    "Facts",
+    "facts_of",
+    "pixel_metres",
+    "resolve",
+]
+
+CPU_CHIPS = 1536
+GPU_CHIPS = 16384
+RARE_SHARE = 0.05
+# Settings that default to None and are chosen here.
+AUTO_SETTINGS = (
+    "chip_size",
+    "batch_size",
+    "samples_per_epoch",
+    "epochs",
+    "lr",
+    "class_balancing",
+    "balanced_sampling",
+    "dice_weight",
+    "pixel_head",
+)
+_COARSE_METRES = 10.0
+
+
+class Facts:
+    """What the rules read about a region and its labels.
+
+    Args:
+        height: Region rows.
+        width: Region columns.
+        pixel_metres: Pixel edge in metres (None: unknown, e.g. a geographic CRS).
+        extent: Labelled bounding box as (rows, columns).
+        class_pixels: Labelled pixels per class present.
+        gpu: Training runs on a GPU.
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        pixel_metres: float | None,
+        extent: tuple[int, int],
+        class_pixels: np.ndarray,
+        gpu: bool,
+    ) -> None:
+        self.height, self.width, self.pixel_metres = height, width, pixel_metres
+        self.extent, self.class_pixels, self.gpu = extent, np.asarray(class_pixels), gpu
+
+    @property
+    def rarest_share(self) -> float:
+        """The smallest class's share of the labelled pixels."""
+        total = float(self.class_pixels.sum())
+        return float(self.class_pixels.min()) / total if total else 1.0
+
+
+def facts_of(info: RegionInfo, cand: Candidates, gpu: bool) -> Facts:
+    """The facts of a region store and its labelled candidates."""
+    present = np.unique(cand.value)
+    counts = cand.counts[present] if cand.counts is not None else np.bincount(cand.value)[present]
+    extent = (int(np.ptp(cand.y)) + 1, int(np.ptp(cand.x)) + 1) if cand.y.size else (0, 0)
+    return Facts(info.height, info.width, pixel_metres(info), extent, counts, gpu)
+
+
+def pixel_metres(info: RegionInfo) -> float | None:
+    """The pixel edge in metres, when the CRS is projected in metres (None otherwise)."""
+    if not info.crs_wkt:
+        return None
+    from rasterio.crs import CRS
+
+    crs = CRS.from_wkt(info.crs_wkt)
+    if not crs.is_projected or crs.linear_units_factor[1] != 1.0:
+        return None
+    a, b, _, d, e, _ = info.transform
+    return float(math.sqrt(abs(a * e - b * d)))
+
+
+def resolve(cfg: NetworkConfig, facts: Facts) -> tuple[ResolvedNetworkConfig, dict[str, dict[str, Any]]]:
+    """``cfg`` with every setting left at None chosen by the rules.
+
+    Returns:
+        The settings, and for each chosen one its value and the rule (``training.auto``).
+    """
+    chosen: dict[str, dict[str, Any]] = {}
+
+    def pick(name: str, value: Any, why: str) -> Any:
+        given = getattr(cfg, name)
+        if given is not None:
+            return given
+        chosen[name] = {"value": value, "rule": why}
+        return value
+
+    chip = pick("chip_size", *_chip(facts))
+    batch = pick("batch_size", 16 if chip <= 128 else 8, "16 chips of <= 128 px, else 8")
+    per_epoch = pick("samples_per_epoch", *_per_epoch(facts, chip))
+    pick("epochs", *_epochs(facts, per_epoch))
+    pick("lr", round(1e-3 * math.sqrt(batch / 16), 6), "1e-3 x sqrt(batch / 16)")
+    rare = facts.rarest_share < RARE_SHARE
+    why = f"rarest class {facts.rarest_share:.1%} of the labels ({'under' if rare else 'at least'} 5 %)"
+    pick("class_balancing", rare, why)
+    pick("balanced_sampling", rare, why)
+    pick("dice_weight", 0.5 if rare else 0.0, why)
+    pick("pixel_head", *_pixel_head(facts))
+    update = {name: entry["value"] for name, entry in chosen.items()}
+    return ResolvedNetworkConfig(**{**cfg.model_dump(), **update}), chosen
+
+
+def _chip(facts: Facts) -> tuple[int, str]:
+    wanted = 256 if facts.gpu else 128
+    fits = max(CHIP_MULTIPLE, min(facts.height, facts.width) // CHIP_MULTIPLE * CHIP_MULTIPLE)
+    device = "GPU" if facts.gpu else "CPU"
+    return min(wanted, fits), f"{wanted} px on a {device}, at most the region's smaller edge ({fits} px)"
+
+
+def _per_epoch(facts: Facts, chip: int) -> tuple[int, str]:
+    cover = facts.extent[0] * facts.extent[1] / float(chip * chip)
+    n = int(np.clip(math.ceil(2 * cover), 64, 512))
+    return n, f"twice the labelled extent in chips ({cover:.1f}), within 64-512"
+
+
+def _epochs(facts: Facts, per_epoch: int) -> tuple[int, str]:
+    total = GPU_CHIPS if facts.gpu else CPU_CHIPS
+    n = int(np.clip(round(total / per_epoch), 4, 60))
+    return n, f"{total} chips in all on a {'GPU' if facts.gpu else 'CPU'}, 4-60 epochs"
+
+
+def _pixel_head(facts: Facts) -> tuple[int, str]:
+    metres = facts.pixel_metres
+    if metres is None:
+        return 0, "pixel size unknown"
+    coarse = metres >= _COARSE_METRES
+    return (32 if coarse else 0), f"{metres:g} m pixels ({'>=' if coarse else '<'} 10 m)"
