@@ -13,6 +13,7 @@ against an interior mean of 0.54 (its 5th percentile 0.37); with it, 0.52.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ VALID = Window(57, 46, 378, 348)
 INTERIOR = 32  # lines at least this far from the edge are "interior": beyond a window's border effects
 # A plain, quickly trained U-Net: every data-driven ("auto") setting pinned, so the model
 # (and what an edge fault does to it) does not move with training's defaults.
-TRAIN = {"arch": "unet", "epochs": 2, "samples_per_epoch": 128, "chip_size": 64, "batch_size": 16,
+TRAIN: dict[str, Any] = {"arch": "unet", "epochs": 2, "samples_per_epoch": 128, "chip_size": 64, "batch_size": 16,
          "lr": 1e-3, "threads": 2, "class_balancing": False, "balanced_sampling": False, "dice_weight": 0.0,
          "pixel_head": 0}
 
@@ -98,7 +99,8 @@ def test_the_margin_feeds_mirrored_pixels_and_crops_back(height: int, width: int
     def contextual(batch: np.ndarray) -> np.ndarray:
         # Depends on the whole window (its mean), as a network does: a misplaced or
         # wrongly padded window changes the output.
-        return batch - batch.mean(axis=(2, 3), keepdims=True)
+        out: np.ndarray = batch - batch.mean(axis=(2, 3), keepdims=True)
+        return out
 
     box = Box(0, 0, height, width)
     got, _ = blend_windows(image, valid, contextual, tile, overlap, (0, 0), (height, width), box, 2, True,
@@ -121,7 +123,8 @@ def test_blocks_read_only_their_halo_with_a_margin() -> None:
     image, valid = _image(2, height, width)
 
     def contextual(batch: np.ndarray) -> np.ndarray:
-        return batch * batch.std(axis=(2, 3), keepdims=True)
+        out: np.ndarray = batch * batch.std(axis=(2, 3), keepdims=True)
+        return out
 
     whole, _ = blend_windows(image, valid, contextual, tile, overlap, (0, 0), (height, width),
                              Box(0, 0, height, width), 2, True, margin=margin)
