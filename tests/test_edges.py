@@ -33,9 +33,10 @@ VALID = Window(57, 46, 378, 348)
 INTERIOR = 32  # lines at least this far from the edge are "interior": beyond a window's border effects
 # A plain, quickly trained U-Net: every data-driven ("auto") setting pinned, so the model
 # (and what an edge fault does to it) does not move with training's defaults.
-TRAIN: dict[str, Any] = {"arch": "unet", "epochs": 2, "samples_per_epoch": 128, "chip_size": 64, "batch_size": 16,
-         "lr": 1e-3, "threads": 2, "class_balancing": False, "balanced_sampling": False, "dice_weight": 0.0,
-         "pixel_head": 0}
+TRAIN: dict[str, Any] = {
+    "arch": "unet", "epochs": 2, "samples_per_epoch": 128, "chip_size": 64, "batch_size": 16, "lr": 1e-3,
+    "threads": 2, "class_balancing": False, "balanced_sampling": False, "dice_weight": 0.0, "pixel_head": 0,
+}
 
 
 def _identity(batch: np.ndarray) -> np.ndarray:
