@@ -27,7 +27,8 @@ from rich.text import Text
 
 from segpipe import __version__
 from segpipe.boundary import INTERRUPTED, catch_sigterm, classify
-from segpipe.stages.train.config import ForestConfig, NetworkConfig, TrainConfig
+from segpipe.stages.train.config import AUTO_ARCH, ForestConfig, NetworkConfig, TrainConfig
+from segpipe.stages.train.config_file import read_mapping
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -45,7 +46,8 @@ console = Console(stderr=True)
 
 ARCH_HELP = (
     "Network: unet, pspnet, deeplabv3 or deeplabv3plus; or random_forest, the classical per-pixel "
-    "baseline (scikit-learn random forest on the band values, see --trees)."
+    "baseline (scikit-learn random forest on the band values, see --trees); or auto: the forest and "
+    "a U-Net within --budget, scored on the same held-out cells, the better one (or their ensemble) kept."
 )
 
 
@@ -234,7 +236,7 @@ _Encoder = Annotated[str, typer.Option(help="Encoder, e.g. resnet18, resnet34, v
 # Settings without a default are chosen from the data (segpipe.stages.train.adapt); the help
 # says how, and the package records what was chosen (training.auto).
 _Epochs = Annotated[
-    int | None, typer.Option(help="Epochs (auto: 1,536 chips in all on a CPU, 16,384 on a GPU; 4-60).")
+    int | None, typer.Option(help="Epochs (auto: 1,024 chips in all on a CPU, 16,384 on a GPU; 4-60).")
 ]
 _SamplesPerEpoch = Annotated[
     int | None, typer.Option(help="Chips per epoch (auto: the labelled extent twice over, 64-512).")
@@ -261,13 +263,13 @@ _Loss = Annotated[str, typer.Option(help="ce (cross-entropy) or focal.")]
 _FocalGamma = Annotated[float, typer.Option(help="Focusing exponent of the focal loss.")]
 _DiceWeight = Annotated[
     float | None,
-    typer.Option(help="Share of soft-Dice loss, 0-1 (auto: 0.5 when a class is under 5 %, else 0)."),
+    typer.Option(help="Soft-Dice share, 0-1 (auto: a class under 5 %: 0.5 if <= 3 classes, else 0.3)."),
 ]
 _ClassBalancing = Annotated[
     bool | None,
     typer.Option(
         help="Weight classes by label frequency (a network's loss, a forest's trees) "
-        "(auto: a network when a class is under 5 % of the labels; a forest never)."
+        "(auto: a network of <= 3 classes, one under 5 % of the labels; a forest never)."
     ),
 ]
 _Patience = Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")]
@@ -281,7 +283,7 @@ _ClipPercentiles = Annotated[
     typer.Option(help="Clip each band to these percentiles before standardising, e.g. 2 98."),
 ]
 _BalancedSampling = Annotated[
-    bool | None, typer.Option(help="Centre chips on each class equally (auto: when a class is under 5 %).")
+    bool | None, typer.Option(help="Centre chips on each class equally (auto: <= 3 classes, one under 5 %).")
 ]
 _ColorJitter = Annotated[
     float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")
@@ -363,18 +365,57 @@ def train(
     scheduler: Annotated[
         str | None, typer.Option(help="Train on a worker of this dask cluster (tcp://host:port).")
     ] = None,
+    budget: Annotated[
+        float, typer.Option(help="--arch auto: wall-clock minutes for training every candidate.")
+    ] = 5.0,
+    baseline: Annotated[
+        bool,
+        typer.Option(help="After a network, fit the forest on the same split and say when it scores higher."),
+    ] = True,
     backbone: Annotated[str | None, typer.Option(hidden=True)] = None,
     dice: Annotated[float | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Train a segmentation network (or the random forest) on the store's labels (class 0 ignored).
 
     Each training setting comes from its option when given, else from the --config
-    file, else its default.
+    file, else its default. Settings shown without a default are chosen from the data
+    (the package records what was chosen, and why, under training.auto). The split
+    holds out whole cells (chosen so that at least 40 hold labels) and never leaves a
+    class with less than 70 % of its labelled pixels for training.
     """
     # The settings arrive through ctx, by name; the parameters above declare the options.
-    cfg = _train_config(config, _given_settings(ctx))
+    given = _given_settings(ctx)
+    settings = {**(read_mapping(config) if config is not None else {}), **given}
+    if settings.get("arch") == AUTO_ARCH:
+        _train_auto(store, out, config, given, budget, resume or scheduler is not None)
+        return
+    cfg = _train_config(config, given)
     spec = _run_training(store, out, cfg, resume, scheduler)
     console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
+    if baseline and isinstance(cfg, NetworkConfig) and scheduler is None:
+        from segpipe.stages.train.select import compare_with_forest
+
+        console.print("  scoring the per-pixel forest on the same held-out cells...")
+        compare_with_forest(store, out, settings, lambda line: console.print(f"  {line}"))
+
+
+def _train_auto(
+    store: Path, out: Path, file: Path | None, given: dict[str, Any], budget: float, unsupported: bool
+) -> None:
+    """``--arch auto``: the candidates within the budget, the table, the kept package."""
+    from segpipe.errors import InputError
+    from segpipe.stages.train.select import family_settings, train_auto
+
+    if unsupported:
+        raise InputError("--arch auto trains here, from the start: leave out --resume and --scheduler")
+    _train_config(file, given, family_settings)  # refuses a bad setting as for one architecture
+    settings = {**(read_mapping(file) if file is not None else {}), **given}
+    with _progress() as bar:
+        task = bar.add_task("train", total=None, info="")
+        announce = lambda line: console.print(f"  {line}")  # noqa: E731
+        spec = train_auto(store, out, settings, budget, _train_report(bar, task), announce)
+    kept = spec.training["selection"]["kept"]
+    console.print(f"wrote {out}: kept {kept} (candidates in {out / 'candidates'})")
 
 
 def _given_settings(ctx: typer.Context) -> dict[str, Any]:
@@ -403,19 +444,25 @@ def _option(setting: str) -> str:
     return setting.replace("_", "-")
 
 
-def _train_config(file: Path | None, given: dict[str, Any]) -> TrainConfig:
+def _train_config(
+    file: Path | None, given: dict[str, Any], check: Callable[[dict[str, Any]], Any] | None = None
+) -> Any:
     """The settings of the file (when given), overridden by those of the command line.
+
+    Args:
+        file: The --config file.
+        given: The settings given as options.
+        check: Validates the merged settings (default: :func:`train_config`).
 
     Raises:
         InputError: The file is missing or no YAML mapping, or a setting is refused;
             the message names the option or the file and its entry.
     """
     from segpipe.stages.train.config import SettingError, train_config
-    from segpipe.stages.train.config_file import read_mapping
 
     settings = {**(read_mapping(file) if file is not None else {}), **given}
     try:
-        return train_config(settings)
+        return (check or train_config)(settings)
     except SettingError as exc:
         if exc.key is None or (exc.names_itself and exc.key in given):
             raise

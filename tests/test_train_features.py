@@ -254,7 +254,7 @@ def test_the_pieces_of_a_rank_loop(store, tmp_path):
     from segpipe.stages.train.checkpoint import checkpoint_path
 
     cfg = NetworkConfig(**{**TINY, "epochs": 2, "threads": 1, "valid_fraction": 0.3})  # 4 steps in all
-    plan = loop._prepare(store, cfg)
+    plan = loop.plan_training(store, cfg)
     assert plan.valid_windows
     # Given settings pass unchanged; those left at auto are chosen and recorded.
     assert all(getattr(plan.cfg, k) == getattr(cfg, k) for k in cfg.model_fields_set)

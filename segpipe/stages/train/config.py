@@ -30,6 +30,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from segpipe.errors import ArchitectureError, InputError
 
 __all__ = [
+    "AUTO_ARCH",
     "CHIP_MULTIPLE",
     "DEFAULT_CHIP_SIZE",
     "FOREST_ARCH",
@@ -58,6 +59,9 @@ NetworkArch = Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus"]
 # here because a Literal needs them written, and importing the models would load torch.
 NETWORK_ARCHITECTURES: tuple[str, ...] = get_args(NetworkArch)
 FOREST_ARCH = "random_forest"
+# Not a model: ``segpipe train --arch auto`` trains the forest and a network and keeps the
+# better (segpipe.stages.train.select); no settings model carries it.
+AUTO_ARCH = "auto"
 _DEFAULT_ARCH = "unet"
 
 

@@ -19,7 +19,6 @@ loaded whole.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -46,13 +45,12 @@ from segpipe.stages.evaluate import metrics
 from segpipe.stages.train.config import ForestConfig
 from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
 from segpipe.stages.train.progress import TrainProgress
-from segpipe.stages.train.sampling import Candidates, find_candidates, label_classes
+from segpipe.stages.train.sampling import PER_BLOCK, Candidates, find_candidates, label_classes
 from segpipe.stages.train.split import Split, plan_split
 from segpipe.stages.train.stats import package_spec
 
 __all__ = ["forest_features", "train_forest"]
 
-log = logging.getLogger(__name__)
 
 # In-sample loss and accuracy are reported on at most this many training pixels: they
 # only show how closely the trees fit, which a sample shows as well as all pixels.
@@ -242,15 +240,13 @@ def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:
     rng = np.random.default_rng(cfg.seed)
     # Enough candidates per block for the pixel budget, never fewer than networks draw.
     n_blocks = info.blocks[0] * info.blocks[1]
-    per_block = max(4096, -(-2 * cfg.max_train_pixels // n_blocks))
+    per_block = max(PER_BLOCK, -(-2 * cfg.max_train_pixels // n_blocks))
     cand = find_candidates(labels, info.block_size, max_per_block=per_block, seed=cfg.seed)
     classes, lut = label_classes(np.unique(cand.value), info.classes)
     spec = package_spec(store, info, cfg, FOREST_ARCH, "none", classes)
-    split = plan_split(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
-    for note in split.warnings:
-        log.warning("%s", note)
-    train_c = _subsample(cand.subset(~split.in_valid), cfg.max_train_pixels, rng)
-    valid_c = _subsample(cand.subset(split.in_valid), cfg.max_train_pixels, rng)
+    split, in_valid = _split(labels, info.block_size, cand if per_block == PER_BLOCK else None, cand, cfg)
+    train_c = _subsample(cand.subset(~in_valid), cfg.max_train_pixels, rng)
+    valid_c = _subsample(cand.subset(in_valid), cfg.max_train_pixels, rng)
     x_train, y_train = _pixels(image, info.block_size, train_c, spec, lut, cfg.forest_context)
     x_valid, y_valid = _pixels(image, info.block_size, valid_c, spec, lut, cfg.forest_context)
     if y_train.size == 0:
@@ -259,6 +255,22 @@ def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:
             "check the labels' extent or lower --valid-fraction"
         )
     return _Pixels(spec, info.band_names, split, x_train, y_train, x_valid, y_valid)
+
+
+def _split(
+    labels: Any, block: int, sample: Candidates | None, cand: Candidates, cfg: ForestConfig
+) -> tuple[Split, np.ndarray]:
+    """The split a network trained with the same settings would use, and where ``cand`` falls in it.
+
+    The cells are decided on the candidates a network samples (``sample``, or found
+    again when the forest sampled more), so a forest and a network of the same seed hold
+    out the same cells and ``segpipe train --arch auto`` compares them on the same pixels.
+    """
+    if sample is None:  # the forest sampled more than a network does: take the network's sample
+        sample = find_candidates(labels, block, seed=cfg.seed)
+    split = plan_split(sample, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
+    split.log_warnings()
+    return split, split.assign(cand, split.valid_cells(sample))
 
 
 def _class_weight(cfg: ForestConfig) -> str | None:

@@ -9,7 +9,6 @@ training (:mod:`segpipe.stages.train.distributed`). The loop is the same in both
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,9 +40,8 @@ from segpipe.stages.train.sampling import (
 from segpipe.stages.train.split import Split, plan_split
 from segpipe.stages.train.stats import package_spec
 
-__all__ = ["initial_network", "train"]
+__all__ = ["TrainPlan", "chip_batch", "initial_network", "plan_sampler", "plan_training", "train"]
 
-log = logging.getLogger(__name__)
 
 IGNORE = 255
 _MAX_VALID_CHIPS = 192
@@ -51,7 +49,7 @@ _SAMPLE_CHIPS = 4
 
 
 @dataclass(frozen=True)
-class _Plan:
+class TrainPlan:
     """What every rank shares, computed once before the loop (picklable for spawning)."""
 
     store: str
@@ -129,13 +127,17 @@ def _device(choice: str, rank: int = 0) -> Any:
     return torch.device("cpu")
 
 
-def _batch(
+def chip_batch(
     sampler: ChipSampler,
     windows: list[tuple[int, int]],
     spec: ModelSpec,
     rng: np.random.Generator | None,
     jitter: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised image chips (N, band, c, c) and class-index chips (N, c, c) at ``windows``.
+
+    With ``rng``, each chip is flipped or rotated at random (and jittered by ``jitter``).
+    """
     images, labels = [], []
     for y0, x0 in windows:
         raw, lab = sampler.read(y0, x0)
@@ -167,7 +169,7 @@ def _evaluate(
     net.eval()
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
-            x, y = _batch(sampler, windows[i : i + batch_size], spec, None)
+            x, y = chip_batch(sampler, windows[i : i + batch_size], spec, None)
             logits = net(torch.from_numpy(x).to(device))
             target = torch.from_numpy(y.astype(np.int64)).to(device)
             n = int((target != IGNORE).sum())
@@ -220,7 +222,7 @@ def initial_network(
     return net, report
 
 
-def _prepare(store: str | Path, requested: NetworkConfig) -> _Plan:
+def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
     """Candidates, split, settings, statistics and initial weights: everything ranks share."""
     info = read_region_info(store)
     if not has_layer(store, "labels"):
@@ -233,8 +235,7 @@ def _prepare(store: str | Path, requested: NetworkConfig) -> _Plan:
     cfg, chip_note = resolved.fit_region(info.height, info.width)
     spec = package_spec(store, info, cfg, cfg.arch, cfg.encoder, classes, network_options(cfg))
     split = plan_split(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
-    for note in split.warnings:
-        log.warning("%s", note)
+    split.log_warnings()
     valid_cells = split.valid_cells(cand)
     train_c, valid_c = cand.subset(~split.in_valid), cand.subset(split.in_valid)
     valid_s = _sampler(store, info.block_size, cfg, lut, split.cell, valid_cells, "valid")
@@ -244,7 +245,7 @@ def _prepare(store: str | Path, requested: NetworkConfig) -> _Plan:
     if cfg.class_balancing and cand.counts is not None:
         weights = balanced_class_weights(cand.counts[present])
     net, report = initial_network(cfg, len(info.band_names), len(classes))
-    return _Plan(
+    return TrainPlan(
         store=str(store),
         cfg=cfg,
         resume_key=requested.resume_key(),
@@ -285,7 +286,7 @@ def _sampler(
     )
 
 
-def _plan_sampler(plan: _Plan, part: str) -> ChipSampler:
+def plan_sampler(plan: TrainPlan, part: str) -> ChipSampler:
     """The chip sampler of one part (``train`` or ``valid``) of the plan's split."""
     return _sampler(plan.store, plan.block_size, plan.cfg, plan.lut, plan.split.cell, plan.valid_cells, part)
 
@@ -339,7 +340,7 @@ def train(
         return train_forest(store, out, cfg, progress)
     if resume:  # before the costly preparation, so a wrong --resume fails at once
         ckpt.require_checkpoint(out, cfg.resume_key())
-    plan = _prepare(store, cfg)
+    plan = plan_training(store, cfg)
     device = _device(cfg.device)
     if cfg.devices == 1:
         spec = _run(0, 1, plan, str(out), resume, progress)
@@ -359,7 +360,7 @@ def train(
 def _run(
     rank: int,
     world: int,
-    plan: _Plan,
+    plan: TrainPlan,
     out: str,
     resume: bool,
     report: Callable[[TrainProgress], None] | None,
@@ -400,7 +401,7 @@ class _RankLoop:
     same as an unbroken one only while every draw happens in the same order.
     """
 
-    def __init__(self, rank: int, world: int, plan: _Plan, out: str) -> None:
+    def __init__(self, rank: int, world: int, plan: TrainPlan, out: str) -> None:
         import torch
 
         cfg, spec = plan.cfg, plan.spec
@@ -418,8 +419,8 @@ class _RankLoop:
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = _schedule(self.opt, cfg, self.steps * cfg.epochs)
         self.loss_fn = make_loss(cfg.loss, IGNORE, plan.class_weights, cfg.focal_gamma, cfg.dice_weight)
-        self.train_s = _plan_sampler(plan, "train")
-        self.valid_s = _plan_sampler(plan, "valid")
+        self.train_s = plan_sampler(plan, "train")
+        self.valid_s = plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
         self.key = plan.resume_key
         self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
@@ -491,7 +492,7 @@ class _RankLoop:
         plan, rng, device = self.plan, self.rng, self.device
         idx = self.centres.draw(rng, self.per_rank)
         windows = [self.train_s.window_for(int(plan.train.y[i]), int(plan.train.x[i]), rng) for i in idx]
-        x, y = _batch(self.train_s, windows, plan.spec, rng, self.cfg.color_jitter)
+        x, y = chip_batch(self.train_s, windows, plan.spec, rng, self.cfg.color_jitter)
         xt = torch.from_numpy(x).to(device)
         yt = torch.from_numpy(y.astype(np.int64)).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -540,7 +541,7 @@ class _RankLoop:
 
 def _finish(
     net: Any,
-    plan: _Plan,
+    plan: TrainPlan,
     state: ckpt.TrainState,
     out: str,
     started: float,
@@ -563,7 +564,7 @@ def _finish(
 
 
 def _training_record(
-    plan: _Plan,
+    plan: TrainPlan,
     history: list[dict[str, Any]],
     seconds: float,
     device: str,
@@ -588,7 +589,7 @@ def _training_record(
     }
 
 
-def _plot_samples(net: Any, plan: _Plan, path: Path) -> None:
+def _plot_samples(net: Any, plan: TrainPlan, path: Path) -> None:
     """A few chips with reference and prediction: validation chips when there are any."""
     import torch
 
@@ -596,7 +597,7 @@ def _plot_samples(net: Any, plan: _Plan, path: Path) -> None:
 
     cfg, spec = plan.cfg, plan.spec
     part = "valid" if plan.valid_windows else "train"
-    sampler = _plan_sampler(plan, part)
+    sampler = plan_sampler(plan, part)
     if plan.valid_windows:
         pick = np.linspace(0, len(plan.valid_windows) - 1, min(_SAMPLE_CHIPS, len(plan.valid_windows)))
         windows = [plan.valid_windows[int(i)] for i in pick]
@@ -611,7 +612,7 @@ def _plot_samples(net: Any, plan: _Plan, path: Path) -> None:
     with torch.inference_mode():
         for y0, x0 in windows:
             raw, lab = sampler.read(y0, x0)
-            x, _ = _batch(sampler, [(y0, x0)], spec, None)
+            x, _ = chip_batch(sampler, [(y0, x0)], spec, None)
             pred = net(torch.from_numpy(x)).argmax(1)[0].numpy()
             images.append(raw)
             refs.append(values[np.minimum(lab, len(spec.classes))])

@@ -29,6 +29,7 @@ __all__ = [
     "Candidates",
     "CentreSampler",
     "ChipSampler",
+    "PER_BLOCK",
     "find_candidates",
     "label_classes",
 ]
@@ -115,7 +116,13 @@ def _block_candidates(
     return np.stack([ys + y0, xs + x0, block[ys, xs]]).astype(np.int64), counts
 
 
-def find_candidates(labels: _Sliceable, block: int, max_per_block: int = 4096, seed: int = 0) -> Candidates:
+# Labelled positions a network samples per store block (a forest may take more).
+PER_BLOCK = 4096
+
+
+def find_candidates(
+    labels: _Sliceable, block: int, max_per_block: int = PER_BLOCK, seed: int = 0
+) -> Candidates:
     """Gather labelled positions block by block (in parallel with the active dask scheduler).
 
     Raises:
@@ -231,14 +238,16 @@ class ChipSampler:
     def read(self, y0: int, x0: int) -> tuple[np.ndarray, np.ndarray]:
         """Image chip (band, c, c) and class-index chip (c, c), 255 where ignored.
 
-        Rasters smaller than a chip are padded (image with 0, labels ignored).
+        Rasters smaller than a chip are padded (image reflected, labels ignored).
         """
         c = self.chip
         h, w = min(c, self.height - y0), min(c, self.width - x0)
         image = self.image.read(y0, x0, h, w)
         labels = self.lut[self.labels.read(y0, x0, h, w)]
         if (h, w) != (c, c):
-            image = np.pad(image, ((0, 0), (0, c - h), (0, c - w)))
+            # Reflected, as prediction mirrors the raster's edge: raw zeros would become
+            # -mean/std outliers after normalisation (or nodata where nodata is 0).
+            image = np.pad(image, ((0, 0), (0, c - h), (0, c - w)), mode="reflect")
             labels = np.pad(labels, ((0, c - h), (0, c - w)), constant_values=255)
         labels = np.where(self._part_mask(y0, x0), labels, 255).astype(np.uint8)
         return image, labels

@@ -24,6 +24,7 @@ The package records what ran (:meth:`Split.record`) under ``training.split``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ CELL_SIZES = (256, 192, 128, 96, 64, 48, 32, 24, 16)
 # Occupied cells wanted: with a 15 % fraction about six of them go to validation, so no
 # single cell decides a class's fate.
 MIN_CELLS = 40
+
+log = logging.getLogger(__name__)
+_SAID: set[str] = set()
 
 SPATIAL = "spatial-cells"
 NONE = "none"
@@ -69,6 +73,24 @@ class Split:
         c = self.cell
         held = self.in_valid
         return frozenset(zip((cand.y[held] // c).tolist(), (cand.x[held] // c).tolist(), strict=True))
+
+    def assign(self, cand: Candidates, valid_cells: frozenset[tuple[int, int]]) -> np.ndarray:
+        """Which of other candidates of the same labels fall in ``valid_cells`` (True = validation).
+
+        A forest samples more labelled pixels than a network; placing them in the cells
+        decided on the network's sample gives both families the same held-out cells.
+        """
+        c = self.cell
+        keys = {y * (1 << 32) + x for y, x in valid_cells}
+        own = (cand.y // c).astype(np.int64) * (1 << 32) + cand.x // c
+        return np.isin(own, np.fromiter(keys, dtype=np.int64, count=len(keys)))
+
+    def log_warnings(self) -> None:
+        """Log each warning once per process (``--arch auto`` plans the same split thrice)."""
+        for note in self.warnings:
+            if note not in _SAID:
+                _SAID.add(note)
+                log.warning("%s", note)
 
     def record(self, fraction: float) -> dict[str, Any]:
         """The package's ``training.split`` entry."""
@@ -161,6 +183,8 @@ def _draw(counts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     is_valid = np.asarray(rng.random(counts.shape[0]) < fraction)
     if fraction <= 0 or counts.shape[0] < 2:
         return np.zeros(counts.shape[0], dtype=bool)
+    if not is_valid.any():  # few cells: the draw may hold none out, though one can be
+        is_valid[rng.integers(counts.shape[0])] = True
     _repair(counts > 0, is_valid, rng)
     return is_valid
 

@@ -1,0 +1,282 @@
+"""Model selection the user can see: ``segpipe train --arch auto`` and the forest baseline.
+
+``--arch auto`` trains the per-pixel random forest first (seconds to a minute), then a
+U-Net for as many epochs as fit the rest of the time budget (measured on a few steps
+before training), scores both, and their mean-probability ensemble, on the same held-out
+chips (the split is the same for both families: :mod:`segpipe.stages.train.split`), and
+keeps the best; an ensemble only when it beats the best single model by
+:data:`ENSEMBLE_MARGIN`. The comparison table is printed and recorded in the kept
+package's ``training.selection``; the candidates stay beside it in ``candidates/``.
+
+A single network's training is compared with the forest the same way
+(:func:`compare_with_forest`), so a user whose network lost to a baseline that trains in
+seconds is told so, with a hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from segpipe.models import ModelSpec
+from segpipe.stages.train.config import (
+    AUTO_ARCH,
+    FOREST_ARCH,
+    ForestConfig,
+    NetworkConfig,
+    ResolvedNetworkConfig,
+    train_config,
+)
+from segpipe.stages.train.progress import TrainProgress
+
+if TYPE_CHECKING:
+    from segpipe.stages.train.loop import TrainPlan
+
+__all__ = ["AUTO_ARCH", "DEFAULT_BUDGET_MINUTES", "ENSEMBLE_MARGIN", "compare_with_forest", "train_auto"]
+
+DEFAULT_BUDGET_MINUTES = 5.0
+# An ensemble predicts as slowly as its members together: it must earn that.
+ENSEMBLE_MARGIN = 0.01
+# Share of the network's time budget planned for steps; the rest absorbs validation,
+# the package's plots and a slower-than-measured machine.
+_STEP_SHARE = 0.75
+_MIN_EPOCHS = 2
+_PROBE_STEPS = 2
+_CANDIDATES = "candidates"
+
+Announce = Callable[[str], None]
+
+
+def family_settings(settings: Mapping[str, Any]) -> tuple[NetworkConfig, ForestConfig]:
+    """Split one mapping of settings (``arch`` aside) into a network's and a forest's.
+
+    Shared settings (seed, validation, threads, clipping) go to both, so both hold out
+    the same cells and normalise alike.
+    """
+    own = {k: v for k, v in settings.items() if k != "arch"}
+    network = {k: v for k, v in own.items() if k in NetworkConfig.model_fields}
+    forest = {k: v for k, v in own.items() if k in ForestConfig.model_fields}
+    unknown = set(own) - set(network) - set(forest)
+    if unknown:  # let train_config name it as for any architecture
+        train_config(own)
+    net_cfg = train_config(network)
+    forest_cfg = train_config({**forest, "arch": FOREST_ARCH})
+    assert isinstance(net_cfg, NetworkConfig) and isinstance(forest_cfg, ForestConfig)
+    return net_cfg, forest_cfg
+
+
+def train_auto(
+    store: str | Path,
+    out: str | Path,
+    settings: Mapping[str, Any] | None = None,
+    budget_minutes: float = DEFAULT_BUDGET_MINUTES,
+    progress: Callable[[TrainProgress], None] | None = None,
+    announce: Announce | None = None,
+) -> ModelSpec:
+    """Train the forest and a network within ``budget_minutes``; keep the best on held-out chips.
+
+    Args:
+        store: Region store with labels.
+        out: Package directory to write (the kept model; ``out/candidates/`` holds all).
+        settings: Training settings for both families (``arch`` is ignored).
+        budget_minutes: Wall-clock minutes for the whole selection.
+        progress: Called with each candidate's training progress.
+        announce: Receives the lines of the comparison (the CLI prints them).
+
+    Returns:
+        The kept package's description (``training.selection`` holds the table).
+    """
+    from segpipe.stages.train.forest import train_forest
+    from segpipe.stages.train.loop import plan_training
+    from segpipe.stages.train.loop import train as train_network
+
+    say = announce or (lambda line: None)
+    started = time.monotonic()
+    network_cfg, forest_cfg = family_settings(settings or {})
+    staging = _staging(out)
+    seconds: dict[str, float] = {}
+    train_forest(store, staging / FOREST_ARCH, forest_cfg, progress)
+    seconds[FOREST_ARCH] = time.monotonic() - started
+    plan = plan_training(store, network_cfg)
+    left = budget_minutes * 60.0 - (time.monotonic() - started)
+    epochs, why = _epochs_in_budget(plan, left, given=network_cfg.epochs is not None)
+    say(why)
+    if epochs:
+        clock = time.monotonic()
+        fitted = network_cfg.model_copy(update={"epochs": epochs})
+        train_network(store, staging / network_cfg.arch, fitted, progress)
+        seconds[network_cfg.arch] = time.monotonic() - clock
+    table = _compare(plan, staging, seconds)
+    chosen = _choose(table, staging)
+    selection = {"budget_minutes": budget_minutes, "models": table, "kept": chosen, "note": why}
+    spec = _keep(out, staging, chosen, selection)
+    for line in format_table(table, chosen):
+        say(line)
+    return spec
+
+
+def _staging(out: str | Path) -> Path:
+    """A fresh folder beside ``out`` for the candidates (never inside an earlier result)."""
+    target = Path(out)
+    staging = target.parent / f".{target.name}.auto-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _epochs_in_budget(plan: TrainPlan, seconds: float, given: bool) -> tuple[int, str]:
+    """How many epochs of the network fit ``seconds`` (all it asks when ``given``), and why."""
+    cfg = plan.cfg
+    per_chip = _seconds_per_chip(plan)
+    # Validation runs forward only (about a third of a training step) on every epoch.
+    per_epoch = per_chip * (cfg.samples_per_epoch + len(plan.valid_windows) / 3.0)
+    fits = int(_STEP_SHARE * seconds // per_epoch) if per_epoch > 0 else cfg.epochs
+    epochs = cfg.epochs if given else min(cfg.epochs, fits)
+    if epochs < _MIN_EPOCHS:
+        return 0, (
+            f"no network: {_MIN_EPOCHS} epochs of {cfg.arch} need about {_MIN_EPOCHS * per_epoch / 60:.1f} "
+            f"min and {max(seconds, 0) / 60:.1f} min of the budget are left (raise --budget)"
+        )
+    return epochs, (
+        f"{cfg.arch}: {epochs} epochs of {cfg.samples_per_epoch} chips of {cfg.chip_size} px "
+        f"(measured {per_chip:.2f} s a chip; {max(seconds, 0) / 60:.1f} min of the budget left)"
+    )
+
+
+def _seconds_per_chip(plan: TrainPlan) -> float:
+    """Seconds one training chip costs here, from a few steps on random chips."""
+    import torch
+
+    from segpipe.models import build_network
+
+    cfg, spec = plan.cfg, plan.spec
+    net = build_network(cfg.arch, cfg.encoder, len(spec.band_names), len(spec.classes), spec.options)
+    net.load_state_dict(plan.initial)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(cfg.batch_size, len(spec.band_names), cfg.chip_size, cfg.chip_size)
+    y = torch.randint(0, len(spec.classes), (cfg.batch_size, cfg.chip_size, cfg.chip_size))
+    timings = []
+    for _ in range(_PROBE_STEPS + 1):  # the first step also allocates: not timed
+        clock = time.perf_counter()
+        loss: Any = torch.nn.functional.cross_entropy(net(x), y)  # Any: torch's backward is untyped
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        timings.append(time.perf_counter() - clock)
+    return float(min(timings[1:]) / cfg.batch_size)
+
+
+def _compare(plan: TrainPlan, staging: Path, seconds: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """Every candidate's held-out scores (and their ensemble's when there are two), with seconds."""
+    from segpipe.models import load_model
+    from segpipe.stages.train.heldout import held_out_scores
+
+    nets = {name: load_model(staging / name)[0] for name in seconds}
+    ensembles = {"ensemble": list(nets)} if len(nets) == 2 else {}
+    if not plan.valid_windows:
+        return {name: {"seconds": seconds.get(name)} for name in [*nets, *ensembles]}
+    scores = held_out_scores(plan, nets, ensembles)
+    return {name: {**_summary(scores[name]), "seconds": seconds.get(name)} for name in scores}
+
+
+def _summary(score: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers of a held-out score that the table shows and the package keeps."""
+    return {
+        "valid_miou": float(score["miou"]),
+        "valid_accuracy": float(score["overall_accuracy"]),
+        "class_iou": {str(c["value"]): float(c["iou"]) for c in score["per_class"]},
+    }
+
+
+def _choose(table: Mapping[str, Mapping[str, Any]], staging: Path) -> str:
+    """The best candidate by held-out mIoU; the ensemble only by a margin; the forest without scores."""
+    singles = {k: v for k, v in table.items() if k != "ensemble" and v.get("valid_miou") is not None}
+    if not singles:  # nothing held out to compare on: the forest is the safe, cheap choice
+        return FOREST_ARCH
+    best = max(singles, key=lambda k: float(singles[k]["valid_miou"]))
+    ensemble = table.get("ensemble", {}).get("valid_miou")
+    if ensemble is not None and ensemble >= float(singles[best]["valid_miou"]) + ENSEMBLE_MARGIN:
+        return "ensemble"
+    return best
+
+
+def _keep(out: str | Path, staging: Path, chosen: str, selection: dict[str, Any]) -> ModelSpec:
+    """Write the chosen package to ``out`` (file by file, atomically) and move the candidates into it."""
+    from segpipe.models import load_model, save_model
+    from segpipe.models.combine import make_ensemble
+
+    target = Path(out)
+    if chosen == "ensemble":
+        members = [staging / name for name in selection["models"] if name != "ensemble"]
+        make_ensemble(members, staging / "ensemble")
+    net, spec = load_model(staging / chosen)
+    spec = dataclasses.replace(spec, training={**spec.training, "selection": selection})
+    target.mkdir(parents=True, exist_ok=True)
+    for extra in (staging / chosen).glob("*.png"):
+        tmp = target / f".{extra.name}.tmp"
+        shutil.copyfile(extra, tmp)
+        tmp.replace(target / extra.name)
+    save_model(target, spec, net)
+    shutil.rmtree(target / _CANDIDATES, ignore_errors=True)
+    staging.replace(target / _CANDIDATES)
+    return spec
+
+
+def format_table(table: Mapping[str, Mapping[str, Any]], chosen: str) -> list[str]:
+    """The comparison as aligned lines, the kept model marked."""
+    lines = [f"{'model':<16} {'valid mIoU':>10} {'valid acc':>9} {'train s':>8}"]
+    for name, row in table.items():
+        miou, acc, secs = row.get("valid_miou"), row.get("valid_accuracy"), row.get("seconds")
+        lines.append(
+            f"{name:<16} {_number(miou, '.3f'):>10} {_number(acc, '.3f'):>9} {_number(secs, '.0f'):>8}"
+            + ("  <- kept" if name == chosen else "")
+        )
+    return lines
+
+
+def _number(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(float(value), fmt)
+
+
+def compare_with_forest(
+    store: str | Path, network: str | Path, settings: Mapping[str, Any], announce: Announce
+) -> dict[str, Any] | None:
+    """Score a trained network beside the forest baseline on the same held-out chips.
+
+    The forest is trained with the same shared settings into a temporary folder and
+    removed afterwards. When it scores higher, ``announce`` gets the table and a hint.
+
+    Returns:
+        The comparison (None without held-out chips to compare on).
+    """
+    import tempfile
+
+    from segpipe.models import load_model, read_spec
+    from segpipe.stages.train.forest import train_forest
+    from segpipe.stages.train.heldout import held_out_scores
+    from segpipe.stages.train.loop import plan_training
+
+    spec = read_spec(network)
+    cfg = ResolvedNetworkConfig(**spec.training["config"])
+    _, forest_cfg = family_settings(settings)
+    plan = plan_training(store, cfg)
+    if not plan.valid_windows:
+        return None
+    with tempfile.TemporaryDirectory(prefix=".segpipe-baseline-", dir=Path(network).parent) as tmp:
+        train_forest(store, Path(tmp) / FOREST_ARCH, forest_cfg)
+        nets = {cfg.arch: load_model(network)[0], FOREST_ARCH: load_model(Path(tmp) / FOREST_ARCH)[0]}
+        scores = held_out_scores(plan, nets)
+    table = {name: _summary(score) for name, score in scores.items()}
+    if table[FOREST_ARCH]["valid_miou"] > table[cfg.arch]["valid_miou"]:
+        for line in format_table(table, ""):
+            announce(line)
+        announce(
+            f"the per-pixel random forest beat {cfg.arch} on the same held-out cells: try --arch auto "
+            "(keeps the better of both, or their ensemble) or --arch random_forest"
+        )
+    return table

@@ -1,0 +1,125 @@
+"""Defaults that follow the data, and model selection the user can see (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from train_support import TINY, tiny_store
+from typer.testing import CliRunner
+
+from segpipe.cli import app
+from segpipe.stages.train import NetworkConfig
+from segpipe.stages.train.adapt import AUTO_SETTINGS, CPU_CHIPS, Facts, resolve
+
+runner = CliRunner()
+
+
+def _facts(size: int = 320, counts: tuple[int, ...] = (5000, 4000, 3000), gpu: bool = False, metres=0.5):
+    return Facts(size, size, metres, (size, size), np.array(counts), gpu)
+
+
+def test_auto_settings_follow_the_scene_and_the_device():
+    small, chosen = resolve(NetworkConfig(), _facts(320))
+    assert set(chosen) == set(AUTO_SETTINGS) and all("rule" in v for v in chosen.values())
+    assert (small.chip_size, small.batch_size, small.lr) == (128, 16, 0.001)
+    # 320 px of labels is 6.25 chips: twice that, at least 64 chips an epoch, 1024 chips in all.
+    assert small.samples_per_epoch == 64 and small.epochs == CPU_CHIPS // 64
+    tiny, _ = resolve(NetworkConfig(), _facts(100))
+    assert tiny.chip_size == 96  # a scene under the chip: the largest multiple of 32 inside it
+    big, _ = resolve(NetworkConfig(), _facts(8000, gpu=True))
+    assert (big.chip_size, big.batch_size, big.samples_per_epoch) == (256, 8, 512)
+    assert big.lr == pytest.approx(1e-3 * np.sqrt(0.5), rel=1e-3)  # rounded to 6 decimals
+    # Coarse pixels get the per-pixel path; fine or unknown ones do not.
+    assert resolve(NetworkConfig(), _facts(metres=30.0))[0].pixel_head == 32
+    assert resolve(NetworkConfig(), _facts(metres=None))[0].pixel_head == 0
+
+
+def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
+    balanced, _ = resolve(NetworkConfig(), _facts())
+    assert not balanced.class_balancing and not balanced.balanced_sampling and balanced.dice_weight == 0
+    foreground, chosen = resolve(NetworkConfig(), _facts(counts=(96_000, 4_000)))  # buildings: 4 %
+    assert foreground.class_balancing and foreground.balanced_sampling and foreground.dice_weight == 0.5
+    assert "4.0%" in chosen["dice_weight"]["rule"]
+    many, _ = resolve(NetworkConfig(), _facts(counts=(40_000, 30_000, 20_000, 9_000, 200)))
+    assert not many.balanced_sampling and not many.class_balancing and many.dice_weight == 0.3
+    # What the user gives is never changed, and is not reported as chosen.
+    given = NetworkConfig(chip_size=64, balanced_sampling=False, dice_weight=0.1)
+    kept, chosen = resolve(given, _facts(counts=(96_000, 4_000)))
+    assert (kept.chip_size, kept.balanced_sampling, kept.dice_weight) == (64, False, 0.1)
+    assert not {"chip_size", "balanced_sampling", "dice_weight"} & set(chosen)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tmp_path_factory.mktemp("select"))
+
+
+def _options(settings: dict[str, object]) -> list[str]:
+    return [part for k, v in settings.items() for part in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_arch_auto_trains_both_compares_them_on_the_same_pixels_and_keeps_the_best(store, tmp_path):
+    out = tmp_path / "auto"
+    settings = {**TINY, "epochs": 2, "samples_per_epoch": 8, "chip_size": 64, "trees": 8, "threads": 1,
+                "valid_fraction": 0.3}
+    command = ["train", str(store), "--out", str(out), "--arch", "auto", *_options(settings)]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "valid mIoU" in result.output and "<- kept" in result.output
+    selection = json.loads((out / "model.json").read_text())["training"]["selection"]
+    models = selection["models"]
+    assert set(models) == {"random_forest", "unet", "ensemble"}
+    assert all(0 <= m["valid_miou"] <= 1 for m in models.values())
+    best_single = max(("random_forest", "unet"), key=lambda k: models[k]["valid_miou"])
+    margin = models["ensemble"]["valid_miou"] - models[best_single]["valid_miou"]
+    expected = "ensemble" if margin >= 0.01 else best_single
+    assert selection["kept"] == expected and f"kept {expected}" in " ".join(result.output.split())
+    assert {"random_forest", "unet"} <= {p.name for p in (out / "candidates").iterdir()}
+    kept = json.loads((out / "model.json").read_text())
+    assert kept["arch"] == expected
+    # The two candidates were trained on the same split, so their cells are the same.
+    forest = json.loads((out / "candidates" / "random_forest" / "model.json").read_text())["training"]
+    network = json.loads((out / "candidates" / "unet" / "model.json").read_text())["training"]
+    assert forest["split"]["cell"] == network["split"]["cell"] == TINY["valid_cell"]
+    assert not list(tmp_path.glob(".auto.auto-*"))  # no staging left behind
+
+
+def test_arch_auto_refuses_resume_and_bad_settings_in_one_line(store, tmp_path):
+    segpipe = str(Path(sys.executable).parent / "segpipe")
+    out = tmp_path / "m"
+    for extra, needle in ((["--resume"], "--arch auto"), (["--chip-size", "100"], "--chip-size 100")):
+        command = [segpipe, "train", str(store), "--out", str(out), "--arch", "auto", *extra]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert refused.returncode != 0 and len(errors) == 1 and needle in errors[0], refused.stderr
+        assert "Traceback" not in refused.stderr and not out.exists()
+
+
+def test_held_out_scores_are_one_definition_for_every_family(store, tmp_path):
+    from segpipe.models import load_model
+    from segpipe.stages.train import train, train_config
+    from segpipe.stages.train.heldout import held_out_pixels, held_out_scores
+    from segpipe.stages.train.loop import plan_training
+
+    cfg = train_config(**{**TINY, "threads": 1, "valid_fraction": 0.3})
+    train(store, tmp_path / "n", cfg)
+    train(store, tmp_path / "f", train_config(arch="random_forest", trees=8, valid_cell=32, threads=1,
+                                             valid_fraction=0.3))
+    plan = plan_training(store, cfg)
+    held = held_out_pixels(plan)
+    assert held.keys.size == np.unique(held.keys).size > 0
+    nets = {"n": load_model(tmp_path / "n")[0], "f": load_model(tmp_path / "f")[0]}
+    scores = held_out_scores(plan, nets, {"self": ["f", "f"]})
+    assert all(s["pixels"] == held.keys.size for s in scores.values())
+    assert scores["self"]["miou"] == scores["f"]["miou"]  # the mean of one model with itself is itself
+    # The forest per pixel equals the forest over whole chips at those pixels.
+    forest_net = nets["f"]
+    from segpipe.stages.train.heldout import probabilities
+
+    per_pixel = probabilities(forest_net, plan, held)
+    assert np.allclose(per_pixel.sum(axis=1), 1.0, atol=1e-5)
