@@ -77,6 +77,8 @@ class TrainResult:
         metrics: Validation scores of the kept model, as in ``model.json`` (``miou``,
             ``overall_accuracy``, ``per_class``...; empty without validation).
         warnings: What the training changed or noticed (e.g. a chip clamped to the region).
+        selection: With ``arch="auto"``: every candidate's held-out scores and the one kept
+            (``models``, ``kept``), as in ``model.json``'s ``training.selection``.
     """
 
     package: Path
@@ -85,6 +87,7 @@ class TrainResult:
     classes: tuple[ClassInfo, ...]
     metrics: Mapping[str, Any]
     warnings: tuple[str, ...] = ()
+    selection: Mapping[str, Any] | None = None
 
     @property
     def miou(self) -> float | None:
@@ -206,7 +209,7 @@ def ingest(
 def _trained(out: str | Path, spec: ModelSpec) -> TrainResult:
     warnings = spec.training.get("warnings") or ()
     return TrainResult(Path(out), spec.arch, spec.band_names, spec.classes, dict(spec.metrics),
-                       tuple(str(w) for w in warnings))
+                       tuple(str(w) for w in warnings), spec.training.get("selection"))
 
 
 def train(
@@ -217,6 +220,7 @@ def train(
     resume: bool = False,
     scheduler: str | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    budget_minutes: float = 5.0,
     **fields: Any,
 ) -> TrainResult:
     """Train a network (or the random-forest baseline) on the store's labels (``segpipe train``).
@@ -225,6 +229,10 @@ def train(
     of the command's options (``arch``, ``encoder``, ``epochs``, ``chip_size``,
     ``dice_weight``, ``trees``...): from ``config`` (e.g. the command's ``--config`` file,
     read with :func:`segpipe.stages.train.config_file.read_mapping`), overridden by ``fields``.
+    Network settings left out are chosen from the data (``training.auto`` in the package).
+    ``arch="auto"`` trains the forest and a U-Net within ``budget_minutes`` and keeps the
+    better on the same held-out pixels, or their ensemble
+    (:func:`segpipe.stages.train.select.train_auto`); it trains here, from the start.
 
     Args:
         store: Region store with labels.
@@ -234,6 +242,7 @@ def train(
         scheduler: Train on a worker of this dask cluster (``tcp://host:port``); the store
             and ``out`` must be reachable there under the same names.
         progress: Called after every step (in this process only).
+        budget_minutes: ``arch="auto"``: wall-clock minutes for every candidate's training.
         **fields: More settings; they override ``config``.
 
     Returns:
@@ -244,9 +253,18 @@ def train(
         SegpipeError: As :func:`segpipe.stages.train.train` (no labels, a store that is
             missing or damaged, nothing to resume).
     """
-    from segpipe.stages.train.config import train_config
+    from segpipe.stages.train.config import AUTO_ARCH, train_config
 
-    cfg = train_config(config, **fields)
+    settings = {**(config or {}), **fields}
+    if settings.get("arch") == AUTO_ARCH:
+        from segpipe.stages.train.select import train_auto
+
+        if resume or scheduler:
+            from segpipe.errors import InputError
+
+            raise InputError("arch='auto' trains here, from the start: leave out resume and scheduler")
+        return _trained(out, train_auto(store, out, settings, budget_minutes, progress))
+    cfg = train_config(settings)
     if scheduler:
         from segpipe.stages.train.remote import train_on_scheduler
 

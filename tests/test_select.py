@@ -123,3 +123,15 @@ def test_held_out_scores_are_one_definition_for_every_family(store, tmp_path):
 
     per_pixel = probabilities(forest_net, plan, held)
     assert np.allclose(per_pixel.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_the_python_api_selects_too(store, tmp_path):
+    import segpipe
+
+    settings = {**TINY, "epochs": 2, "samples_per_epoch": 8, "chip_size": 64, "trees": 8, "threads": 1}
+    settings["valid_fraction"] = 0.3
+    result = segpipe.train(store, tmp_path / "m", arch="auto", budget_minutes=2, **settings)
+    assert result.selection is not None and result.selection["kept"] == result.arch  # "ensemble" is one
+    assert set(result.selection["models"]) == {"random_forest", "unet", "ensemble"}
+    with pytest.raises(segpipe.InputError, match="arch='auto'"):
+        segpipe.train(store, tmp_path / "n", arch="auto", resume=True)
