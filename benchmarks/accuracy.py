@@ -478,6 +478,7 @@ def plot(prep: Prepared, predictions: dict[str, np.ndarray], path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     colours = ["#ffffff"] * 256
     for value, _, colour in prep.dataset.classes:
@@ -485,7 +486,8 @@ def plot(prep: Prepared, predictions: dict[str, np.ndarray], path: Path) -> None
     cmap = ListedColormap(colours)
     reference, _ = read_band(DATA / prep.dataset.folder / prep.dataset.reference)
     panels = [("image", _show_image(prep)), ("reference", reference), *predictions.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    aspect = reference.shape[0] / reference.shape[1]  # a wide scene gets a low figure
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2 * aspect + 1.2), squeeze=False)
     for ax, (title, data) in zip(axes[0], panels, strict=True):
         if title == "image":
             ax.imshow(data, cmap="gray" if data.ndim == 2 else None)
@@ -495,7 +497,9 @@ def plot(prep: Prepared, predictions: dict[str, np.ndarray], path: Path) -> None
         ax.set_title(title if title in ("image", "reference") else f"{title} (seed 0)", fontsize=9)
         ax.set_axis_off()
     fig.suptitle(f"{prep.name}: train left of the dashed line, test right of it", fontsize=10)
-    fig.tight_layout()
+    patches = [Patch(color=c, label=n) for _, n, c in prep.dataset.classes]
+    fig.legend(handles=patches, loc="lower center", ncol=len(patches), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
