@@ -509,22 +509,22 @@ def plot(prep: Prepared, predictions: dict[str, np.ndarray], path: Path) -> None
 
 
 def run_dataset(
-    name: str, configs: list[str], seeds: list[int], work: Path, meta: dict[str, Any], timeout: float
+    name: str, args: argparse.Namespace, work: Path, meta: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Every configuration and seed of one data set, then its baseline; the figure when seed 0 ran."""
-    prep = prepare(name, work, timeout)
+    prep = prepare(name, work, args.timeout)
     rows: list[dict[str, Any]] = []
     shown: dict[str, np.ndarray] = {}
     pred: np.ndarray | None
-    for config in [*configs, BASELINE]:
-        for seed in seeds:
+    for config in [*args.configs, BASELINE]:
+        for seed in args.seeds:
             base = {"dataset": name, "config": config, "seed": seed, "split_x": prep.split}
             base |= {k: meta[k] for k in ("segpipe_version", "commit", "machine", "date")}
             try:
                 if config == BASELINE:
                     row, pred = run_baseline(prep, seed)
                 else:
-                    row, pred = run_segpipe(prep, config, seed, timeout)
+                    row, pred = run_segpipe(prep, config, seed, args.timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 log(f"{name}: {config} seed {seed} FAILED: {str(err).splitlines()[0]}")
                 rows.append(base | {"status": "failed", "error": str(err)[-1500:]})
@@ -534,7 +534,7 @@ def run_dataset(
             if seed == 0 and pred is not None:
                 shown[config] = pred
     if shown:
-        plot(prep, shown, IMG / f"accuracy_{name}.png")
+        plot(prep, shown, args.img / f"accuracy_{name}.png")
     return rows
 
 
@@ -561,6 +561,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--img", type=Path, default=IMG, help="folder of the figures")
     args = parser.parse_args()
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.configs = [c for c in args.configs.split(",") if c]
@@ -585,7 +586,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         for name in args.datasets:
-            rows += run_dataset(name, args.configs, args.seeds, work, meta, args.timeout)
+            rows += run_dataset(name, args, work, meta)
     finally:
         if rows:
             merged = merge_rows(rows, args.results, args.fresh)
