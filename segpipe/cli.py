@@ -269,7 +269,7 @@ _ClassBalancing = Annotated[
     bool | None,
     typer.Option(
         help="Weight classes by label frequency (a network's loss, a forest's trees) "
-        "(auto: a network of <= 3 classes, one under 5 % of the labels; a forest never)."
+        "(auto: off)."
     ),
 ]
 _Patience = Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")]

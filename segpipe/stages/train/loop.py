@@ -239,7 +239,9 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
     valid_cells = split.valid_cells(cand)
     train_c, valid_c = cand.subset(~split.in_valid), cand.subset(split.in_valid)
     valid_s = _sampler(store, info.block_size, cfg, lut, split.cell, valid_cells, "valid")
-    pick = np.linspace(0, valid_c.y.size - 1, min(_MAX_VALID_CHIPS, valid_c.y.size)).astype(int)
+    # Validation runs every epoch: more chips than an epoch trains on would double its cost.
+    n_valid = min(_MAX_VALID_CHIPS, cfg.samples_per_epoch, valid_c.y.size)
+    pick = np.linspace(0, valid_c.y.size - 1, n_valid).astype(int)
     valid_windows = tuple(valid_s.window_for(int(valid_c.y[i]), int(valid_c.x[i]), None) for i in pick)
     weights = None
     if cfg.class_balancing and cand.counts is not None:
