@@ -121,7 +121,9 @@ def test_train_result(forest: segpipe.TrainResult, region: segpipe.IngestResult)
     assert forest.bands == region.bands and forest.classes
     assert forest.miou is not None and 0 <= forest.miou <= 1
     assert forest.metrics["miou"] == forest.miou and "per_class" in forest.metrics
-    assert forest.warnings == ()
+    # What the split had to say (e.g. classes in too few cells to hold out) comes back too.
+    recorded = json.loads((forest.package / "model.json").read_text())["training"]["warnings"]
+    assert forest.warnings == tuple(recorded)
 
 
 def test_train_settings_from_a_mapping_and_fields(region: segpipe.IngestResult, tmp_path: Path) -> None:

@@ -200,6 +200,8 @@ def settings_seen(monkeypatch):
         return type("Spec", (), {"metrics": {"miou": 0.5}})()
 
     monkeypatch.setattr(cli, "_run_training", fake_run)
+    # The fake training writes no package for the forest baseline to be scored beside.
+    monkeypatch.setattr("segpipe.stages.train.select.compare_with_forest", lambda *args: None)
 
     def invoke(*args):
         from typer.testing import CliRunner
@@ -270,8 +272,8 @@ def test_train_progress_report_prints_epochs_and_moves_the_bar(capsys):
     report(TrainProgress(2, 4, 1, 4, 0.5))
     report(TrainProgress(2, 4, 4, 4, 0.25, {"train_loss": 0.25, "valid_loss": 0.5, "valid_miou": 0.75}))
     assert updates == [
-        (3, {"completed": 1.25, "info": "epoch 2/4 loss 0.500"}),
-        (3, {"completed": 2.0, "info": "epoch 2/4 loss 0.250"}),
+        (3, {"total": 4, "completed": 1.25, "info": "epoch 2/4 loss 0.500"}),
+        (3, {"total": 4, "completed": 2.0, "info": "epoch 2/4 loss 0.250"}),
     ]
     printed = capsys.readouterr().err
     assert "epoch 2: train loss 0.250, valid loss 0.500, valid mIoU 0.750" in printed
