@@ -136,3 +136,17 @@ def test_the_python_api_selects_too(store, tmp_path):
     assert set(result.selection["models"]) == {"random_forest", "unet", "ensemble"}
     with pytest.raises(segpipe.InputError, match="arch='auto'"):
         segpipe.train(store, tmp_path / "n", arch="auto", resume=True)
+
+
+def test_a_failed_selection_leaves_nothing_behind(store, tmp_path):
+    from segpipe.errors import InputError, MissingInputError
+    from segpipe.stages.train.select import train_auto
+
+    out = tmp_path / "m"
+    with pytest.raises(InputError, match="--budget 0"):
+        train_auto(store, out, {}, budget_minutes=0)
+    # The forest trains, then the network's pretrained file is missing: its candidates go too.
+    settings = {**TINY, "trees": 4, "threads": 1, "pretrained": str(tmp_path / "absent.pth")}
+    with pytest.raises(MissingInputError):
+        train_auto(store, out, settings, budget_minutes=1)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segpipe.errors import InputError
 from segpipe.models import ModelSpec
 from segpipe.stages.train.config import (
     AUTO_ARCH,
@@ -95,26 +96,32 @@ def train_auto(
     from segpipe.stages.train.loop import plan_training
     from segpipe.stages.train.loop import train as train_network
 
+    if not budget_minutes > 0:
+        raise InputError(f"--budget {budget_minutes}: give the minutes the candidates may train, above 0")
     say = announce or (lambda line: None)
     started = time.monotonic()
     network_cfg, forest_cfg = family_settings(settings or {})
     staging = _staging(out)
-    seconds: dict[str, float] = {}
-    train_forest(store, staging / FOREST_ARCH, forest_cfg, progress)
-    seconds[FOREST_ARCH] = time.monotonic() - started
-    plan = plan_training(store, network_cfg)
-    left = budget_minutes * 60.0 - (time.monotonic() - started)
-    epochs, why = _epochs_in_budget(plan, left, given=network_cfg.epochs is not None)
-    say(why)
-    if epochs:
-        clock = time.monotonic()
-        fitted = network_cfg.model_copy(update={"epochs": epochs})
-        train_network(store, staging / network_cfg.arch, fitted, progress)
-        seconds[network_cfg.arch] = time.monotonic() - clock
-    table = _compare(plan, staging, seconds)
-    chosen = _choose(table, staging)
-    selection = {"budget_minutes": budget_minutes, "models": table, "kept": chosen, "note": why}
-    spec = _keep(out, staging, chosen, selection)
+    try:
+        seconds: dict[str, float] = {}
+        train_forest(store, staging / FOREST_ARCH, forest_cfg, progress)
+        seconds[FOREST_ARCH] = time.monotonic() - started
+        plan = plan_training(store, network_cfg)
+        left = budget_minutes * 60.0 - (time.monotonic() - started)
+        epochs, why = _epochs_in_budget(plan, left, given=network_cfg.epochs is not None)
+        say(why)
+        if epochs:
+            clock = time.monotonic()
+            fitted = network_cfg.model_copy(update={"epochs": epochs})
+            train_network(store, staging / network_cfg.arch, fitted, progress)
+            seconds[network_cfg.arch] = time.monotonic() - clock
+        table = _compare(plan, staging, seconds)
+        chosen = _choose(table)
+        selection = {"budget_minutes": budget_minutes, "models": table, "kept": chosen, "note": why}
+        spec = _keep(out, staging, chosen, selection)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # no half-trained candidates left beside out
+        raise
     for line in format_table(table, chosen):
         say(line)
     return spec
@@ -193,7 +200,7 @@ def _summary(score: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _choose(table: Mapping[str, Mapping[str, Any]], staging: Path) -> str:
+def _choose(table: Mapping[str, Mapping[str, Any]]) -> str:
     """The best candidate by held-out mIoU; the ensemble only by a margin; the forest without scores."""
     singles = {k: v for k, v in table.items() if k != "ensemble" and v.get("valid_miou") is not None}
     if not singles:  # nothing held out to compare on: the forest is the safe, cheap choice
