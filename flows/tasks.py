@@ -144,7 +144,9 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
     except ModelPackageError:
         done = {}
     current = store_inputs(store)
-    if current and done.get("store_inputs") == current and done.get("config") == config.model_dump():
+    # A network records the settings asked for beside those auto chose ("config").
+    asked = done.get("requested", done.get("config"))
+    if current and done.get("store_inputs") == current and asked == config.model_dump():
         log.info("train: %s was trained on this store with these settings; skipped", model)
         return _skipped("train", started, output=model)
 

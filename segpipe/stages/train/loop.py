@@ -54,6 +54,7 @@ class TrainPlan:
 
     store: str
     cfg: ResolvedNetworkConfig
+    requested: dict[str, Any]
     resume_key: str
     auto: dict[str, dict[str, Any]]
     spec: ModelSpec
@@ -250,6 +251,7 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
     return TrainPlan(
         store=str(store),
         cfg=cfg,
+        requested=requested.model_dump(),
         resume_key=requested.resume_key(),
         auto=auto,
         spec=spec,
@@ -576,6 +578,7 @@ def _training_record(
     weights = plan.class_weights
     return {
         "config": plan.cfg.model_dump(),
+        "requested": plan.requested,
         "auto": plan.auto,
         "class_weights": None if weights is None else [float(w) for w in weights],
         "history": metrics.json_ready(history),
