@@ -224,10 +224,14 @@ def _keep(out: str | Path, staging: Path, chosen: str, selection: dict[str, Any]
     net, spec = load_model(staging / chosen)
     spec = dataclasses.replace(spec, training={**spec.training, "selection": selection})
     target.mkdir(parents=True, exist_ok=True)
-    for extra in (staging / chosen).glob("*.png"):
-        tmp = target / f".{extra.name}.tmp"
-        shutil.copyfile(extra, tmp)
-        tmp.replace(target / extra.name)
+    plots = {p.name: p for p in (staging / chosen).glob("*.png")}
+    for stale in target.glob("*.png"):  # an earlier package's plots must not pass for the new one's
+        if stale.name not in plots:
+            stale.unlink()
+    for name, plot in plots.items():
+        tmp = target / f".{name}.tmp"
+        shutil.copyfile(plot, tmp)
+        tmp.replace(target / name)
     save_model(target, spec, net)
     shutil.rmtree(target / _CANDIDATES, ignore_errors=True)
     staging.replace(target / _CANDIDATES)
