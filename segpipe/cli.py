@@ -387,9 +387,9 @@ def train(
     given = _given_settings(ctx)
     settings = {**(read_mapping(config) if config is not None else {}), **given}
     if settings.get("arch") == AUTO_ARCH:
-        _train_auto(store, out, config, given, budget, resume or scheduler is not None)
+        _train_auto(store, out, config, given, settings, budget, resume or scheduler is not None)
         return
-    cfg = _train_config(config, given)
+    cfg = _train_config(config, given, settings)
     spec = _run_training(store, out, cfg, resume, scheduler)
     console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
     if baseline and isinstance(cfg, NetworkConfig) and scheduler is None:
@@ -400,7 +400,13 @@ def train(
 
 
 def _train_auto(
-    store: Path, out: Path, file: Path | None, given: dict[str, Any], budget: float, unsupported: bool
+    store: Path,
+    out: Path,
+    file: Path | None,
+    given: dict[str, Any],
+    settings: dict[str, Any],
+    budget: float,
+    unsupported: bool,
 ) -> None:
     """``--arch auto``: the candidates within the budget, the table, the kept package."""
     from segpipe.errors import InputError
@@ -408,8 +414,7 @@ def _train_auto(
 
     if unsupported:
         raise InputError("--arch auto trains here, from the start: leave out --resume and --scheduler")
-    _train_config(file, given, family_settings)  # refuses a bad setting as for one architecture
-    settings = {**(read_mapping(file) if file is not None else {}), **given}
+    _train_config(file, given, settings, family_settings)  # refuses a bad setting as for one arch
     with _progress() as bar:
         task = bar.add_task("train", total=None, info="")
         announce = lambda line: console.print(f"  {line}")  # noqa: E731
@@ -445,13 +450,17 @@ def _option(setting: str) -> str:
 
 
 def _train_config(
-    file: Path | None, given: dict[str, Any], check: Callable[[dict[str, Any]], Any] | None = None
+    file: Path | None,
+    given: dict[str, Any],
+    settings: dict[str, Any],
+    check: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Any:
-    """The settings of the file (when given), overridden by those of the command line.
+    """The settings of the file (when given), overridden by those of the command line, validated.
 
     Args:
-        file: The --config file.
+        file: The --config file (named in a refusal of one of its entries).
         given: The settings given as options.
+        settings: The file's settings overridden by ``given`` (the file read once, by the caller).
         check: Validates the merged settings (default: :func:`train_config`).
 
     Raises:
@@ -460,7 +469,6 @@ def _train_config(
     """
     from segpipe.stages.train.config import SettingError, train_config
 
-    settings = {**(read_mapping(file) if file is not None else {}), **given}
     try:
         return (check or train_config)(settings)
     except SettingError as exc:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,10 +71,11 @@ _COARSE_METRES = 10.0
 _FOREGROUND_CLASSES = 3
 
 
+@dataclass(frozen=True)
 class Facts:
     """What the rules read about a region and its labels.
 
-    Args:
+    Attributes:
         height: Region rows.
         width: Region columns.
         pixel_metres: Pixel edge in metres (None: unknown, e.g. a geographic CRS).
@@ -82,17 +84,12 @@ class Facts:
         gpu: Training runs on a GPU.
     """
 
-    def __init__(
-        self,
-        height: int,
-        width: int,
-        pixel_metres: float | None,
-        extent: tuple[int, int],
-        class_pixels: np.ndarray,
-        gpu: bool,
-    ) -> None:
-        self.height, self.width, self.pixel_metres = height, width, pixel_metres
-        self.extent, self.class_pixels, self.gpu = extent, np.asarray(class_pixels), gpu
+    height: int
+    width: int
+    pixel_metres: float | None
+    extent: tuple[int, int]
+    class_pixels: np.ndarray
+    gpu: bool
 
     @property
     def rarest_share(self) -> float:

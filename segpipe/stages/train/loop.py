@@ -54,8 +54,7 @@ class TrainPlan:
 
     store: str
     cfg: ResolvedNetworkConfig
-    requested: dict[str, Any]
-    resume_key: str
+    requested: NetworkConfig
     auto: dict[str, dict[str, Any]]
     spec: ModelSpec
     lut: np.ndarray
@@ -251,8 +250,7 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
     return TrainPlan(
         store=str(store),
         cfg=cfg,
-        requested=requested.model_dump(),
-        resume_key=requested.resume_key(),
+        requested=requested,
         auto=auto,
         spec=spec,
         lut=lut,
@@ -426,7 +424,7 @@ class _RankLoop:
         self.train_s = plan_sampler(plan, "train")
         self.valid_s = plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
-        self.key = plan.resume_key
+        self.key = plan.requested.resume_key()
         self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
         self.pace: _Pace  # its clock starts with the loop, after a checkpoint is loaded
 
@@ -578,7 +576,7 @@ def _training_record(
     weights = plan.class_weights
     return {
         "config": plan.cfg.model_dump(),
-        "requested": plan.requested,
+        "requested": plan.requested.model_dump(),
         "auto": plan.auto,
         "class_weights": None if weights is None else [float(w) for w in weights],
         "history": metrics.json_ready(history),
