@@ -259,11 +259,8 @@ def train(
     if settings.get("arch") == AUTO_ARCH:
         from segpipe.stages.train.select import train_auto
 
-        if resume or scheduler:
-            from segpipe.errors import InputError
-
-            raise InputError("arch='auto' trains here, from the start: leave out resume and scheduler")
-        return _trained(out, train_auto(store, out, settings, budget_minutes, progress))
+        spec = train_auto(store, out, settings, budget_minutes, progress, resume=resume, scheduler=scheduler)
+        return _trained(out, spec)
     cfg = train_config(settings)
     if scheduler:
         from segpipe.stages.train.remote import train_on_scheduler

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
     from segpipe.models import ModelSpec
+    from segpipe.stages.train.loop import TrainPlan
     from segpipe.stages.train.progress import TrainProgress
 
 app = typer.Typer(
@@ -267,10 +268,7 @@ _DiceWeight = Annotated[
 ]
 _ClassBalancing = Annotated[
     bool | None,
-    typer.Option(
-        help="Weight classes by label frequency (a network's loss, a forest's trees) "
-        "(auto: off)."
-    ),
+    typer.Option(help="Weight classes by label frequency (a network's loss, a forest's trees) (auto: off)."),
 ]
 _Patience = Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")]
 _Monitor = Annotated[str, typer.Option(help="valid_miou or valid_loss.")]
@@ -387,16 +385,21 @@ def train(
     given = _given_settings(ctx)
     settings = {**(read_mapping(config) if config is not None else {}), **given}
     if settings.get("arch") == AUTO_ARCH:
-        _train_auto(store, out, config, given, settings, budget, resume or scheduler is not None)
+        _train_auto(store, out, config, given, settings, budget, resume, scheduler)
         return
     cfg = _train_config(config, given, settings)
-    spec = _run_training(store, out, cfg, resume, scheduler)
+    plan = None
+    if isinstance(cfg, NetworkConfig) and scheduler is None and not resume:
+        from segpipe.stages.train.loop import plan_training
+
+        plan = plan_training(store, cfg)  # once, for the training and the baseline
+    spec = _run_training(store, out, cfg, resume, scheduler, plan)
     console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
     if baseline and isinstance(cfg, NetworkConfig) and scheduler is None:
         from segpipe.stages.train.select import compare_with_forest
 
         console.print("  scoring the per-pixel forest on the same held-out cells...")
-        compare_with_forest(store, out, settings, lambda line: console.print(f"  {line}"))
+        compare_with_forest(store, out, settings, lambda line: console.print(f"  {line}"), plan)
 
 
 def _train_auto(
@@ -406,19 +409,18 @@ def _train_auto(
     given: dict[str, Any],
     settings: dict[str, Any],
     budget: float,
-    unsupported: bool,
+    resume: bool,
+    scheduler: str | None,
 ) -> None:
     """``--arch auto``: the candidates within the budget, the table, the kept package."""
-    from segpipe.errors import InputError
     from segpipe.stages.train.select import family_settings, train_auto
 
-    if unsupported:
-        raise InputError("--arch auto trains here, from the start: leave out --resume and --scheduler")
     _train_config(file, given, settings, family_settings)  # refuses a bad setting as for one arch
     with _progress() as bar:
         task = bar.add_task("train", total=None, info="")
         announce = lambda line: console.print(f"  {line}")  # noqa: E731
-        spec = train_auto(store, out, settings, budget, _train_report(bar, task), announce)
+        report = _train_report(bar, task)
+        spec = train_auto(store, out, settings, budget, report, announce, resume=resume, scheduler=scheduler)
     kept = spec.training["selection"]["kept"]
     console.print(f"wrote {out}: kept {kept} (candidates in {out / 'candidates'})")
 
@@ -481,8 +483,10 @@ def _train_config(
         raise type(exc)(exc.key, exc.value, worded, names_itself=True, unknown=exc.unknown) from exc
 
 
-def _run_training(store: Path, out: Path, cfg: TrainConfig, resume: bool, scheduler: str | None) -> ModelSpec:
-    """Train on a worker of ``scheduler``'s cluster, or here with progress shown."""
+def _run_training(
+    store: Path, out: Path, cfg: TrainConfig, resume: bool, scheduler: str | None, plan: TrainPlan | None
+) -> ModelSpec:
+    """Train on a worker of ``scheduler``'s cluster, or here with progress shown (``plan``: prepared)."""
     if scheduler:
         from segpipe.stages.train.remote import train_on_scheduler
 
@@ -495,7 +499,7 @@ def _run_training(store: Path, out: Path, cfg: TrainConfig, resume: bool, schedu
         # A forest is fitted in one pass: its progress reports count as one epoch.
         # A network's epochs may be auto: the bar learns the total from the first report.
         task = bar.add_task("train", total=None, info="")
-        return run(store, out, cfg, progress=_train_report(bar, task), resume=resume)
+        return run(store, out, cfg, progress=_train_report(bar, task), resume=resume, plan=plan)
 
 
 def _train_report(bar: Progress | _LineProgress, task: TaskID) -> Callable[[TrainProgress], None]:

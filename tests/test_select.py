@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,12 @@ def _options(settings: dict[str, object]) -> list[str]:
 
 def test_arch_auto_trains_both_compares_them_on_the_same_pixels_and_keeps_the_best(store, tmp_path):
     out = tmp_path / "auto"
+    # What a SIGKILLed selection left (its process is gone) goes; a running one's stays.
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)
+    dead, running = tmp_path / f".auto.auto-{killed.stdout.strip()}", tmp_path / f".auto.auto-{os.getppid()}"
+    for folder in (dead, running):
+        (folder / "unet").mkdir(parents=True)
     settings = {**TINY, "epochs": 2, "samples_per_epoch": 8, "chip_size": 64, "trees": 8, "threads": 1,
                 "valid_fraction": 0.3}
     command = ["train", str(store), "--out", str(out), "--arch", "auto", *_options(settings)]
@@ -87,7 +94,7 @@ def test_arch_auto_trains_both_compares_them_on_the_same_pixels_and_keeps_the_be
     forest = json.loads((out / "candidates" / "random_forest" / "model.json").read_text())["training"]
     network = json.loads((out / "candidates" / "unet" / "model.json").read_text())["training"]
     assert forest["split"]["cell"] == network["split"]["cell"] == TINY["valid_cell"]
-    assert not list(tmp_path.glob(".auto.auto-*"))  # no staging left behind
+    assert list(tmp_path.glob(".auto.auto-*")) == [running]  # no staging of this run or a killed one
 
 
 def test_arch_auto_refuses_resume_and_bad_settings_in_one_line(store, tmp_path):
@@ -124,6 +131,14 @@ def test_held_out_scores_are_one_definition_for_every_family(store, tmp_path):
 
     per_pixel = probabilities(forest_net, plan, held)
     assert np.allclose(per_pixel.sum(axis=1), 1.0, atol=1e-5)
+    # --arch auto trains from this same plan, with the epochs that fit its budget on record.
+    from segpipe.stages.train.select import _fitted
+
+    fitted = _fitted(plan, plan.cfg.epochs + 3, "3 more fit")
+    assert fitted.cfg.epochs == plan.cfg.epochs + 3 and fitted.requested == plan.requested
+    entry = fitted.auto["epochs"]
+    assert entry["value"] == fitted.cfg.epochs and "3 more fit" in entry["rule"]
+    assert _fitted(plan, plan.cfg.epochs, "same") is plan
 
 
 def test_the_python_api_selects_too(store, tmp_path):

@@ -307,6 +307,7 @@ def train(
     config: TrainConfig | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
     resume: bool = False,
+    plan: TrainPlan | None = None,
 ) -> ModelSpec:
     """Train a network (or the random forest) on the store's labels and write a model package to ``out``.
 
@@ -324,6 +325,9 @@ def train(
         progress: Called after every step with a :class:`TrainProgress`.
         resume: Continue from the checkpoint in ``out`` (same settings required),
             bitwise as if the run had not stopped. False: any old checkpoint is discarded.
+        plan: The network's training already planned by :func:`plan_training` (its
+            settings replace ``config``): callers that also score the split, such as
+            ``--arch auto``, plan once instead of reading the labels and image again.
 
     Returns:
         The written model's description.
@@ -335,14 +339,14 @@ def train(
         InputError: More CUDA devices asked for than present, or a checkpoint that
             does not fit the settings.
     """
-    cfg = config or NetworkConfig()
+    cfg = plan.requested if plan is not None else config or NetworkConfig()
     if isinstance(cfg, ForestConfig):
         from segpipe.stages.train.forest import train_forest
 
         return train_forest(store, out, cfg, progress)
     if resume:  # before the costly preparation, so a wrong --resume fails at once
         ckpt.require_checkpoint(out, cfg.resume_key())
-    plan = plan_training(store, cfg)
+    plan = plan or plan_training(store, cfg)
     device = _device(cfg.device)
     if cfg.devices == 1:
         spec = _run(0, 1, plan, str(out), resume, progress)

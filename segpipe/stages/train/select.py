@@ -78,6 +78,9 @@ def train_auto(
     budget_minutes: float = DEFAULT_BUDGET_MINUTES,
     progress: Callable[[TrainProgress], None] | None = None,
     announce: Announce | None = None,
+    *,
+    resume: bool = False,
+    scheduler: str | None = None,
 ) -> ModelSpec:
     """Train the forest and a network within ``budget_minutes``; keep the best on held-out chips.
 
@@ -88,14 +91,23 @@ def train_auto(
         budget_minutes: Wall-clock minutes for the whole selection.
         progress: Called with each candidate's training progress.
         announce: Receives the lines of the comparison (the CLI prints them).
+        resume: Refused: the candidates train here, from the start.
+        scheduler: Refused, as ``resume``.
 
     Returns:
         The kept package's description (``training.selection`` holds the table).
+
+    Raises:
+        InputError: ``resume`` or ``scheduler`` given, or a budget of 0 minutes or less.
     """
     from segpipe.stages.train.forest import train_forest
     from segpipe.stages.train.loop import plan_training
     from segpipe.stages.train.loop import train as train_network
 
+    if resume or scheduler:
+        raise InputError(
+            "--arch auto (arch='auto') trains here, from the start: leave out --resume and --scheduler"
+        )
     if not budget_minutes > 0:
         raise InputError(f"--budget {budget_minutes}: give the minutes the candidates may train, above 0")
     say = announce or (lambda line: None)
@@ -112,8 +124,8 @@ def train_auto(
         say(why)
         if epochs:
             clock = time.monotonic()
-            fitted = network_cfg.model_copy(update={"epochs": epochs})
-            train_network(store, staging / network_cfg.arch, fitted, progress)
+            fitted = _fitted(plan, epochs, why)
+            train_network(store, staging / network_cfg.arch, progress=progress, plan=fitted)
             seconds[network_cfg.arch] = time.monotonic() - clock
         table = _compare(plan, staging, seconds)
         chosen = _choose(table)
@@ -127,13 +139,41 @@ def train_auto(
     return spec
 
 
+def _fitted(plan: TrainPlan, epochs: int, why: str) -> TrainPlan:
+    """The plan with the epochs that fit the budget (recorded under ``training.auto``)."""
+    if epochs == plan.cfg.epochs:
+        return plan
+    auto = {**plan.auto, "epochs": {"value": epochs, "rule": f"--arch auto budget: {why}"}}
+    return dataclasses.replace(plan, cfg=plan.cfg.model_copy(update={"epochs": epochs}), auto=auto)
+
+
 def _staging(out: str | Path) -> Path:
-    """A fresh folder beside ``out`` for the candidates (never inside an earlier result)."""
+    """A fresh folder beside ``out`` for the candidates (never inside an earlier result).
+
+    Folders that an earlier selection left for ``out`` when it was killed (SIGKILL gives
+    no chance to clean up) are removed first, unless their process still runs.
+    """
     target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.auto-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = target.parent / f".{target.name}.auto-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, not ours to judge
+        return True
+    return True
 
 
 def _epochs_in_budget(plan: TrainPlan, seconds: float, given: bool) -> tuple[int, str]:
@@ -255,12 +295,23 @@ def _number(value: Any, fmt: str) -> str:
 
 
 def compare_with_forest(
-    store: str | Path, network: str | Path, settings: Mapping[str, Any], announce: Announce
+    store: str | Path,
+    network: str | Path,
+    settings: Mapping[str, Any],
+    announce: Announce,
+    plan: TrainPlan | None = None,
 ) -> dict[str, Any] | None:
     """Score a trained network beside the forest baseline on the same held-out chips.
 
     The forest is trained with the same shared settings into a temporary folder and
     removed afterwards. When it scores higher, ``announce`` gets the table and a hint.
+
+    Args:
+        store: The region store the network trained on.
+        network: The network's package.
+        settings: The training settings asked for (the forest takes the shared ones).
+        announce: Receives the table and the hint.
+        plan: The network's training plan (None: planned again from the package's settings).
 
     Returns:
         The comparison (None without held-out chips to compare on).
@@ -272,10 +323,10 @@ def compare_with_forest(
     from segpipe.stages.train.heldout import held_out_scores
     from segpipe.stages.train.loop import plan_training
 
-    spec = read_spec(network)
-    cfg = ResolvedNetworkConfig(**spec.training["config"])
+    if plan is None:
+        plan = plan_training(store, ResolvedNetworkConfig(**read_spec(network).training["config"]))
+    cfg = plan.cfg
     _, forest_cfg = family_settings(settings)
-    plan = plan_training(store, cfg)
     if not plan.valid_windows:
         return None
     with tempfile.TemporaryDirectory(prefix=".segpipe-baseline-", dir=Path(network).parent) as tmp:
