@@ -138,7 +138,15 @@ def test_held_out_scores_are_one_definition_for_every_family(store, tmp_path):
     assert fitted.cfg.epochs == plan.cfg.epochs + 3 and fitted.requested == plan.requested
     entry = fitted.auto["epochs"]
     assert entry["value"] == fitted.cfg.epochs and "3 more fit" in entry["rule"]
-    assert _fitted(plan, plan.cfg.epochs, "same") is plan
+    assert _fitted(plan, plan.cfg.epochs, "same") == plan
+    # Past its deadline, a run starts no further epoch and keeps the best weights so far.
+    import time
+
+    late = _fitted(plan, 3, "three", deadline=time.time())
+    spec = train(store, tmp_path / "late", plan=late)
+    history = spec.training["history"]
+    assert len(history) == 1 and history[-1]["stopped_by"] == "time budget"
+    assert (tmp_path / "late" / "model.json").exists()
 
 
 def test_the_python_api_selects_too(store, tmp_path):

@@ -68,6 +68,8 @@ class TrainPlan:
     pretrained: dict[str, Any] | None
     valid_pixels: int
     warnings: tuple[str, ...] = ()
+    # Wall-clock time (time.time()) after which no further epoch starts: a time budget.
+    deadline: float | None = None
 
 
 class _Pace:
@@ -457,6 +459,8 @@ class _RankLoop:
                 report(TrainProgress(epoch, cfg.epochs, self.steps, self.steps, running, record))
             if cfg.patience is not None and self.state.stale >= cfg.patience:
                 record["early_stop"] = True
+            if self.plan.deadline is not None and epoch < cfg.epochs and time.time() >= self.plan.deadline:
+                record.update(early_stop=True, stopped_by="time budget")
             stopped = bool(ddp.broadcast_object(record.get("early_stop", False)))
             self._save(epoch + 1, 0, 0.0)
         if self.rank != 0:

@@ -2,7 +2,8 @@
 
 ``--arch auto`` trains the per-pixel random forest first (seconds to a minute), then a
 U-Net for as many epochs as fit the rest of the time budget (measured on a few steps
-before training), scores both, and their mean-probability ensemble, on the same held-out
+before training; no epoch starts after 90 % of the budget, for a machine slower than
+measured), scores both, and their mean-probability ensemble, on the same held-out
 chips (the split is the same for both families: :mod:`segpipe.stages.train.split`), and
 keeps the best; an ensemble only when it beats the best single model by
 :data:`ENSEMBLE_MARGIN`. The comparison table is printed and recorded in the kept
@@ -46,6 +47,8 @@ ENSEMBLE_MARGIN = 0.01
 # Share of the network's time budget planned for steps; the rest absorbs validation,
 # the package's plots and a slower-than-measured machine.
 _STEP_SHARE = 0.75
+# Share of the whole budget after which no network epoch starts (scoring and writing follow).
+_DEADLINE_SHARE = 0.9
 _MIN_EPOCHS = 2
 _PROBE_STEPS = 2
 _CANDIDATES = "candidates"
@@ -111,7 +114,7 @@ def train_auto(
     if not budget_minutes > 0:
         raise InputError(f"--budget {budget_minutes}: give the minutes the candidates may train, above 0")
     say = announce or (lambda line: None)
-    started = time.monotonic()
+    started, wall_start = time.monotonic(), time.time()
     network_cfg, forest_cfg = family_settings(settings or {})
     staging = _staging(out)
     try:
@@ -124,7 +127,10 @@ def train_auto(
         say(why)
         if epochs:
             clock = time.monotonic()
-            fitted = _fitted(plan, epochs, why)
+            # The measured step time can underestimate (a busy machine): no epoch starts
+            # once the budget, less the share kept for scoring and writing, is spent.
+            deadline = wall_start + _DEADLINE_SHARE * budget_minutes * 60.0
+            fitted = _fitted(plan, epochs, why, None if network_cfg.epochs is not None else deadline)
             train_network(store, staging / network_cfg.arch, progress=progress, plan=fitted)
             seconds[network_cfg.arch] = time.monotonic() - clock
         table = _compare(plan, staging, seconds)
@@ -139,8 +145,9 @@ def train_auto(
     return spec
 
 
-def _fitted(plan: TrainPlan, epochs: int, why: str) -> TrainPlan:
-    """The plan with the epochs that fit the budget (recorded under ``training.auto``)."""
+def _fitted(plan: TrainPlan, epochs: int, why: str, deadline: float | None = None) -> TrainPlan:
+    """The plan with the epochs that fit the budget (recorded under ``training.auto``) and its deadline."""
+    plan = dataclasses.replace(plan, deadline=deadline)
     if epochs == plan.cfg.epochs:
         return plan
     auto = {**plan.auto, "epochs": {"value": epochs, "rule": f"--arch auto budget: {why}"}}
