@@ -27,7 +27,7 @@ from prefect import get_run_logger, task
 
 from segpipe.cluster import in_dask_worker, release_worker_thread
 from segpipe.errors import TransientError
-from segpipe.stages.train import NetworkConfig, TrainConfig, TrainProgress
+from segpipe.stages.train import TrainConfig, TrainProgress
 
 BASELINE_LAYER = "classes_rf"
 
@@ -120,12 +120,26 @@ def ingest_stage(
     return _record("ingest", started, info.height * info.width, output=store)
 
 
-def _pixels_trained(config: TrainConfig, training: dict[str, Any]) -> int:
-    """Pixels a training went through: every chip's for a network, the sampled ones for a forest."""
-    if isinstance(config, NetworkConfig):  # the settings as training chose them (auto ones too)
-        used = training["config"]
+def _pixels_trained(model: str, training: dict[str, Any]) -> int:
+    """Pixels a training went through: every chip's for a network, the sampled ones for a forest.
+
+    An ``--arch auto`` package counts every candidate it trained (``candidates/``).
+    """
+    from segpipe.models import read_spec
+
+    if training.get("selection"):
+        names = [n for n in training["selection"]["models"] if n != "ensemble"]
+        return sum(_pixels_trained(model, read_spec(f"{model}/candidates/{n}").training) for n in names)
+    used = training["config"]  # the settings as training chose them (auto ones too)
+    if "samples_per_epoch" in used:
         return int(used["epochs"]) * int(used["samples_per_epoch"]) * int(used["chip_size"]) ** 2
     return int(training["train_pixels_sampled"]) + int(training["valid_pixels_sampled"])
+
+
+def _asked(training: dict[str, Any]) -> Any:
+    """The settings a package was trained with, as asked (before auto settings were chosen)."""
+    selection = training.get("selection") or {}  # --arch auto: the selection's settings
+    return selection.get("requested", training.get("requested", training.get("config")))
 
 
 @task(name="train", retries=1, retry_condition_fn=_retry_transient)
@@ -144,9 +158,8 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
     except ModelPackageError:
         done = {}
     current = store_inputs(store)
-    # A network records the settings asked for beside those auto chose ("config").
-    asked = done.get("requested", done.get("config"))
-    if current and done.get("store_inputs") == current and asked == config.model_dump():
+    # Compared as JSON, as the package keeps them (a tuple comes back a list).
+    if current and done.get("store_inputs") == current and _asked(done) == config.model_dump(mode="json"):
         log.info("train: %s was trained on this store with these settings; skipped", model)
         return _skipped("train", started, output=model)
 
@@ -169,7 +182,7 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
     return _record(
         "train",
         started,
-        _pixels_trained(config, spec.training),
+        _pixels_trained(model, spec.training),
         output=model,
         valid_miou=spec.metrics.get("miou"),
         region_megapixels=info.height * info.width / 1e6,

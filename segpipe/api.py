@@ -220,7 +220,7 @@ def train(
     resume: bool = False,
     scheduler: str | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
-    budget_minutes: float = 5.0,
+    budget_minutes: float | None = None,
     **fields: Any,
 ) -> TrainResult:
     """Train a network (or the random-forest baseline) on the store's labels (``segpipe train``).
@@ -232,7 +232,7 @@ def train(
     Network settings left out are chosen from the data (``training.auto`` in the package).
     ``arch="auto"`` trains the forest and a U-Net within ``budget_minutes`` and keeps the
     better on the same held-out pixels, or their ensemble
-    (:func:`segpipe.stages.train.select.train_auto`); it trains here, from the start.
+    (:func:`segpipe.stages.train.select.train_auto`); it trains from the start.
 
     Args:
         store: Region store with labels.
@@ -242,7 +242,8 @@ def train(
         scheduler: Train on a worker of this dask cluster (``tcp://host:port``); the store
             and ``out`` must be reachable there under the same names.
         progress: Called after every step (in this process only).
-        budget_minutes: ``arch="auto"``: wall-clock minutes for every candidate's training.
+        budget_minutes: ``arch="auto"``: wall-clock minutes for every candidate's training
+            (the setting ``budget_minutes``, default 5; refused for another arch).
         **fields: More settings; they override ``config``.
 
     Returns:
@@ -253,14 +254,11 @@ def train(
         SegpipeError: As :func:`segpipe.stages.train.train` (no labels, a store that is
             missing or damaged, nothing to resume).
     """
-    from segpipe.stages.train.config import AUTO_ARCH, train_config
+    from segpipe.stages.train.config import train_config
 
     settings = {**(config or {}), **fields}
-    if settings.get("arch") == AUTO_ARCH:
-        from segpipe.stages.train.select import train_auto
-
-        spec = train_auto(store, out, settings, budget_minutes, progress, resume=resume, scheduler=scheduler)
-        return _trained(out, spec)
+    if budget_minutes is not None:
+        settings["budget_minutes"] = budget_minutes
     cfg = train_config(settings)
     if scheduler:
         from segpipe.stages.train.remote import train_on_scheduler

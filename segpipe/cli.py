@@ -27,7 +27,7 @@ from rich.text import Text
 
 from segpipe import __version__
 from segpipe.boundary import INTERRUPTED, catch_sigterm, classify
-from segpipe.stages.train.config import AUTO_ARCH, ForestConfig, NetworkConfig, TrainConfig
+from segpipe.stages.train.config import AutoConfig, ForestConfig, NetworkConfig, TrainConfig
 from segpipe.stages.train.config_file import read_mapping
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def ingest(
 # on, so the settings' own defaults apply); a network's arch, unet, is the default one.
 _DEFAULTS: dict[str, Any] = {
     name: field.default
-    for model in (ForestConfig, NetworkConfig)
+    for model in (AutoConfig, ForestConfig, NetworkConfig)  # the last one's arch, unet, wins
     for name, field in model.model_fields.items()
 }
 
@@ -363,9 +363,10 @@ def train(
     scheduler: Annotated[
         str | None, typer.Option(help="Train on a worker of this dask cluster (tcp://host:port).")
     ] = None,
-    budget: Annotated[
-        float, typer.Option(help="--arch auto: wall-clock minutes for training every candidate.")
-    ] = 5.0,
+    budget_minutes: Annotated[
+        float,
+        typer.Option("--budget", "--budget-minutes", help="--arch auto: wall-clock minutes for all models."),
+    ] = _DEFAULTS["budget_minutes"],
     baseline: Annotated[
         bool,
         typer.Option(help="After a network, fit the forest on the same split and say when it scores higher."),
@@ -384,43 +385,27 @@ def train(
     # The settings arrive through ctx, by name; the parameters above declare the options.
     given = _given_settings(ctx)
     settings = {**(read_mapping(config) if config is not None else {}), **given}
-    if settings.get("arch") == AUTO_ARCH:
-        _train_auto(store, out, config, given, settings, budget, resume, scheduler)
-        return
     cfg = _train_config(config, given, settings)
-    plan = None
-    if isinstance(cfg, NetworkConfig) and scheduler is None and not resume:
-        from segpipe.stages.train.loop import plan_training
-
-        plan = plan_training(store, cfg)  # once, for the training and the baseline
-    spec = _run_training(store, out, cfg, resume, scheduler, plan)
+    if isinstance(cfg, AutoConfig) and scheduler is None:
+        _train_auto(store, out, cfg, resume)
+        return
+    spec, plan = _run_training(store, out, cfg, resume, scheduler)
     console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
     if baseline and isinstance(cfg, NetworkConfig) and scheduler is None:
         from segpipe.stages.train.select import compare_with_forest
 
         console.print("  scoring the per-pixel forest on the same held-out cells...")
-        compare_with_forest(store, out, settings, lambda line: console.print(f"  {line}"), plan)
+        compare_with_forest(store, out, cfg, lambda line: console.print(f"  {line}"), plan)
 
 
-def _train_auto(
-    store: Path,
-    out: Path,
-    file: Path | None,
-    given: dict[str, Any],
-    settings: dict[str, Any],
-    budget: float,
-    resume: bool,
-    scheduler: str | None,
-) -> None:
-    """``--arch auto``: the candidates within the budget, the table, the kept package."""
-    from segpipe.stages.train.select import family_settings, train_auto
+def _train_auto(store: Path, out: Path, cfg: AutoConfig, resume: bool) -> None:
+    """``--arch auto`` here: the candidates within the budget, the table, the kept package."""
+    from segpipe.stages.train.select import train_auto
 
-    _train_config(file, given, settings, family_settings)  # refuses a bad setting as for one arch
     with _progress() as bar:
         task = bar.add_task("train", total=None, info="")
         announce = lambda line: console.print(f"  {line}")  # noqa: E731
-        report = _train_report(bar, task)
-        spec = train_auto(store, out, settings, budget, report, announce, resume=resume, scheduler=scheduler)
+        spec = train_auto(store, out, cfg, _train_report(bar, task), announce, resume=resume)
     kept = spec.training["selection"]["kept"]
     console.print(f"wrote {out}: kept {kept} (candidates in {out / 'candidates'})")
 
@@ -451,19 +436,13 @@ def _option(setting: str) -> str:
     return setting.replace("_", "-")
 
 
-def _train_config(
-    file: Path | None,
-    given: dict[str, Any],
-    settings: dict[str, Any],
-    check: Callable[[dict[str, Any]], Any] | None = None,
-) -> Any:
+def _train_config(file: Path | None, given: dict[str, Any], settings: dict[str, Any]) -> TrainConfig:
     """The settings of the file (when given), overridden by those of the command line, validated.
 
     Args:
         file: The --config file (named in a refusal of one of its entries).
         given: The settings given as options.
         settings: The file's settings overridden by ``given`` (the file read once, by the caller).
-        check: Validates the merged settings (default: :func:`train_config`).
 
     Raises:
         InputError: The file is missing or no YAML mapping, or a setting is refused;
@@ -472,7 +451,7 @@ def _train_config(
     from segpipe.stages.train.config import SettingError, train_config
 
     try:
-        return (check or train_config)(settings)
+        return train_config(settings)
     except SettingError as exc:
         if exc.key is None or (exc.names_itself and exc.key in given):
             raise
@@ -484,22 +463,28 @@ def _train_config(
 
 
 def _run_training(
-    store: Path, out: Path, cfg: TrainConfig, resume: bool, scheduler: str | None, plan: TrainPlan | None
-) -> ModelSpec:
-    """Train on a worker of ``scheduler``'s cluster, or here with progress shown (``plan``: prepared)."""
+    store: Path, out: Path, cfg: TrainConfig, resume: bool, scheduler: str | None
+) -> tuple[ModelSpec, TrainPlan | None]:
+    """Train on a worker of ``scheduler``'s cluster, or here with progress shown.
+
+    Returns:
+        The package's description, and a network's plan when it trained here (the
+        forest baseline scores on the same split without planning it again).
+    """
     if scheduler:
         from segpipe.stages.train.remote import train_on_scheduler
 
-        return train_on_scheduler(
-            scheduler, store, out, cfg, resume, announce=lambda line: console.print(f"  {line}")
-        )
-    from segpipe.stages.train import train as run
+        announce = lambda line: console.print(f"  {line}")  # noqa: E731
+        return train_on_scheduler(scheduler, store, out, cfg, resume, announce=announce), None
+    from segpipe.stages.train.loop import plan_training
+    from segpipe.stages.train.loop import train as run
 
     with _progress() as bar:
         # A forest is fitted in one pass: its progress reports count as one epoch.
         # A network's epochs may be auto: the bar learns the total from the first report.
         task = bar.add_task("train", total=None, info="")
-        return run(store, out, cfg, progress=_train_report(bar, task), resume=resume, plan=plan)
+        plan = plan_training(store, cfg) if isinstance(cfg, NetworkConfig) and not resume else None
+        return run(store, out, cfg, progress=_train_report(bar, task), resume=resume, plan=plan), plan
 
 
 def _train_report(bar: Progress | _LineProgress, task: TaskID) -> Callable[[TrainProgress], None]:

@@ -197,7 +197,7 @@ def settings_seen(monkeypatch):
 
     def fake_run(store, out, cfg, resume, scheduler):
         seen.update(cfg=cfg, resume=resume, scheduler=scheduler)
-        return type("Spec", (), {"metrics": {"miou": 0.5}})()
+        return type("Spec", (), {"metrics": {"miou": 0.5}})(), None
 
     monkeypatch.setattr(cli, "_run_training", fake_run)
     # The fake training writes no package for the forest baseline to be scored beside.

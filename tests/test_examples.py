@@ -94,13 +94,17 @@ def test_example_region_runs_end_to_end(examples):
 
 def test_region_training_settings_validate_as_train_config(examples):
     from segpipe.errors import InputError
-    from segpipe.stages.train import ForestConfig, NetworkConfig, train_config
+    from segpipe.stages.train import AutoConfig, ForestConfig, NetworkConfig, train_config
 
     common = {"images": ["a.tif"], "store": "s", "model": "m", "export_dir": "e"}
     assert RegionRun(**common).train == NetworkConfig()
     forest = RegionRun(**common, train={"arch": "random_forest", "trees": 3}).train
     assert isinstance(forest, ForestConfig) and forest == train_config(arch="random_forest", trees=3)
     assert RegionRun(**common, train=train_config(epochs=2)).train == NetworkConfig(epochs=2)
+    auto = RegionRun(**common, train={"arch": "auto", "budget_minutes": 2, "trees": 7, "chip_size": 64}).train
+    assert isinstance(auto, AutoConfig) and auto.budget_minutes == 2
+    network, forest_of_auto = auto.families()
+    assert (network.arch, network.chip_size, forest_of_auto.trees) == ("unet", 64, 7)
     plan = read_manifest(examples / "manifest.yaml")
     assert isinstance(plan.regions[1].train, ForestConfig) and plan.regions[1].train.trees == 50
     path = examples / "bad.yaml"
@@ -108,6 +112,9 @@ def test_region_training_settings_validate_as_train_config(examples):
         ("{trees: 5}", "train.trees: --arch unet does not use trees=5"),
         ("{arch: random_forest, chip_size: 64}", "train.chip_size: --arch random_forest does not use"),
         ("{arch: segformer}", "train.arch: unknown architecture: choose one of unet"),
+        ("{budget_minutes: 3}", "train.budget_minutes: --arch unet does not use budget_minutes=3"),
+        ("{arch: auto, budget_minutes: 0}", "train.budget_minutes: Input should be greater than 0"),
+        ("{arch: auto, forest_context: 2}", "train.forest_context: must be an odd window edge"),
         ("{epochs: 0}", "train.epochs: Input should be greater than or equal to 1 (got 0)"),
         ("3", "train: must be a mapping of training settings"),
     ):

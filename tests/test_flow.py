@@ -10,7 +10,7 @@ from rio_cogeo.cogeo import cog_validate
 
 def test_process_region_runs_every_stage(tmp_path, prefect_home, client):
     from flows.process_region import RegionRun, process_region
-    from segpipe.stages.train import NetworkConfig
+    from segpipe.stages.train import AutoConfig, NetworkConfig
     from segpipe.synth import synthesize
 
     region = synthesize(tmp_path / "region", size=384, tiles=2, seed=2)
@@ -85,6 +85,16 @@ def test_process_region_runs_every_stage(tmp_path, prefect_home, client):
     assert third["predict"]["blocks_skipped"] == 0
     changed = {p for p in products if p.stat().st_mtime_ns != before[p]}
     assert changed == set(products[:4])
+    # --arch auto in a region's settings: the forest and the U-Net train, the better is
+    # kept, and a rerun with the same settings reuses it.
+    auto = AutoConfig(**{**run.train.model_dump(exclude={"arch"}), "trees": 8, "budget_minutes": 2})
+    selected = run.model_copy(update={"train": auto})
+    fifth = {s["stage"]: s for s in process_region(selected)["stages"]}
+    kept = json.loads((tmp_path / "model" / "model.json").read_text())["training"]["selection"]
+    assert not fifth["train"].get("skipped") and kept["requested"]["arch"] == "auto"
+    assert {"unet", "random_forest"} <= set(kept["models"]) and fifth["train"]["megapixels"] > 0
+    again = {s["stage"]: s for s in process_region(selected)["stages"]}
+    assert again["train"].get("skipped") and again["predict"]["blocks_skipped"] == again["predict"]["blocks"]
     # Changed labels are new inputs: the store is rebuilt and the model retrained.
     region.labels_vector.touch()
     fourth = {s["stage"]: s for s in process_region(run)["stages"]}

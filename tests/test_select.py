@@ -100,7 +100,11 @@ def test_arch_auto_trains_both_compares_them_on_the_same_pixels_and_keeps_the_be
 def test_arch_auto_refuses_resume_and_bad_settings_in_one_line(store, tmp_path):
     segpipe = str(Path(sys.executable).parent / "segpipe")
     out = tmp_path / "m"
-    for extra, needle in ((["--resume"], "--arch auto"), (["--chip-size", "100"], "--chip-size 100")):
+    for extra, needle in (
+        (["--resume"], "--arch auto"),
+        (["--chip-size", "100"], "--chip-size 100"),
+        (["--budget", "0"], "--budget-minutes 0.0: Input should be greater than 0"),
+    ):
         command = [segpipe, "train", str(store), "--out", str(out), "--arch", "auto", *extra]
         refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
         errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
@@ -162,14 +166,13 @@ def test_the_python_api_selects_too(store, tmp_path):
 
 
 def test_a_failed_selection_leaves_nothing_behind(store, tmp_path):
-    from segpipe.errors import InputError, MissingInputError
+    from segpipe.errors import MissingInputError
+    from segpipe.stages.train import AutoConfig
     from segpipe.stages.train.select import train_auto
 
     out = tmp_path / "m"
-    with pytest.raises(InputError, match="--budget 0"):
-        train_auto(store, out, {}, budget_minutes=0)
     # The forest trains, then the network's pretrained file is missing: its candidates go too.
     settings = {**TINY, "trees": 4, "threads": 1, "pretrained": str(tmp_path / "absent.pth")}
     with pytest.raises(MissingInputError):
-        train_auto(store, out, settings, budget_minutes=1)
+        train_auto(store, out, AutoConfig(**settings, budget_minutes=1))
     assert not out.exists() and list(tmp_path.iterdir()) == []

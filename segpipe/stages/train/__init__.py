@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from segpipe.stages.train.config import (
+    AutoConfig,
     ForestConfig,
     NetworkConfig,
     SettingError,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from segpipe.stages.train.loop import train
 
 __all__ = [
+    "AutoConfig",
     "ForestConfig",
     "NetworkConfig",
     "SettingError",

@@ -31,6 +31,7 @@ from segpipe.errors import ArchitectureError, InputError
 
 __all__ = [
     "AUTO_ARCH",
+    "AutoConfig",
     "CHIP_MULTIPLE",
     "DEFAULT_CHIP_SIZE",
     "FOREST_ARCH",
@@ -60,7 +61,7 @@ NetworkArch = Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus"]
 NETWORK_ARCHITECTURES: tuple[str, ...] = get_args(NetworkArch)
 FOREST_ARCH = "random_forest"
 # Not a model: ``segpipe train --arch auto`` trains the forest and a network and keeps the
-# better (segpipe.stages.train.select); no settings model carries it.
+# better (segpipe.stages.train.select); its settings are an AutoConfig.
 AUTO_ARCH = "auto"
 _DEFAULT_ARCH = "unet"
 
@@ -132,10 +133,9 @@ class _Shared(BaseModel):
     class_balancing: bool | None = None
     clip_percentiles: tuple[float, float] | None = None
 
-    # The other family's model, to recognise its settings (set below, once both exist).
-    _other: ClassVar[type[_Shared]]
-    # How the message names the other family ("networks", "--arch random_forest").
-    _other_family: ClassVar[str]
+    # The other families' models, to recognise their settings (set below, once all exist),
+    # each with how a message names it ("networks", "--arch auto").
+    _others: ClassVar[tuple[tuple[type[_Shared], str], ...]] = ()
 
     @field_validator("clip_percentiles")
     @classmethod
@@ -154,21 +154,24 @@ class _Shared(BaseModel):
         """
         if not isinstance(data, Mapping):
             return data
-        foreign = {k: v for k, v in data.items() if k in _own_fields(cls._other)}
-        changed = {k: v for k, v in foreign.items() if v != cls._other.model_fields[k].default}
-        if changed:
-            arch = data.get("arch", cls.model_fields["arch"].default)
-            named = ", ".join(f"{k}={v!r}" for k, v in changed.items())
-            raise PydanticCustomError(
-                "other_family",
-                "--arch {arch} does not use {named} (these apply to {family} only): "
-                "leave them at their defaults",
-                {"arch": arch, "named": named, "family": cls._other_family, "key": next(iter(changed))},
-            )
+        foreign: set[str] = set()
+        for other, family in cls._others:
+            own = _own_fields(other) - set(cls.model_fields)
+            foreign |= own & set(data)
+            changed = {k: data[k] for k in own & set(data) if data[k] != other.model_fields[k].default}
+            if changed:
+                arch = data.get("arch", cls.model_fields["arch"].default)
+                named = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))
+                raise PydanticCustomError(
+                    "other_family",
+                    "--arch {arch} does not use {named} (these apply to {family} only): "
+                    "leave them at their defaults",
+                    {"arch": arch, "named": named, "family": family, "key": min(changed)},
+                )
         return {k: v for k, v in data.items() if k not in foreign}
 
 
-class NetworkConfig(_Shared):
+class _NetworkSettings(_Shared):
     """How to train a segmentation network from a region store.
 
     Settings that default to None (``auto``) are chosen from the region and its labels
@@ -176,7 +179,6 @@ class NetworkConfig(_Shared):
     Training reads a :class:`ResolvedNetworkConfig`, where none is None.
 
     Attributes:
-        arch: Network architecture: unet, pspnet, deeplabv3 or deeplabv3plus.
         encoder: Encoder (backbone), e.g. resnet18, resnet34, vgg16_bn, mobilenet_v2.
         epochs: Passes over ``samples_per_epoch`` chips.
         samples_per_epoch: Chips drawn per epoch.
@@ -208,7 +210,6 @@ class NetworkConfig(_Shared):
             CPU they share its cores, useful for testing).
     """
 
-    arch: NetworkArch = "unet"
     encoder: str = "resnet18"
     epochs: int | None = Field(default=None, ge=1)
     samples_per_epoch: int | None = Field(default=None, ge=1)
@@ -231,7 +232,15 @@ class NetworkConfig(_Shared):
     pixel_head: int | None = Field(default=None, ge=0)
     devices: int = Field(default=1, ge=1)
 
-    _other_family: ClassVar[str] = f"--arch {FOREST_ARCH}"
+
+class NetworkConfig(_NetworkSettings):
+    """A segmentation network's training settings (see :class:`_NetworkSettings`).
+
+    Attributes:
+        arch: Network architecture: unet, pspnet, deeplabv3 or deeplabv3plus.
+    """
+
+    arch: NetworkArch = "unet"
 
     def fit_region(self, height: int, width: int) -> tuple[NetworkConfig, str | None]:
         """These settings with the chip clamped to a region of ``height`` x ``width`` px.
@@ -275,14 +284,13 @@ class ResolvedNetworkConfig(NetworkConfig):
         return (self, None) if note is None else (self.model_copy(update={"chip_size": chip}), note)
 
 
-class ForestConfig(_Shared):
+class _ForestSettings(_Shared):
     """How to train the classical per-pixel baseline: a random forest on the band values.
 
     It is packaged and predicted like a network (scikit-learn random forest, see
     :mod:`segpipe.stages.train.forest`).
 
     Attributes:
-        arch: Always ``random_forest``.
         trees: Number of trees.
         min_samples_leaf: Fewest training pixels in a leaf. The default 5 (scikit-learn's
             is 1) halves the trees' nodes, hence the package size, on noisy labels at no
@@ -296,14 +304,11 @@ class ForestConfig(_Shared):
             values alone, the classical baseline).
     """
 
-    arch: Literal["random_forest"] = "random_forest"
     trees: int = Field(default=100, ge=1)
     min_samples_leaf: int = Field(default=5, ge=1)
     max_depth: int | None = Field(default=None, ge=1)
     max_train_pixels: int = Field(default=200_000, ge=1)
     forest_context: int = Field(default=1, ge=1, le=31)
-
-    _other_family: ClassVar[str] = "networks"
 
     @field_validator("forest_context")
     @classmethod
@@ -311,6 +316,16 @@ class ForestConfig(_Shared):
         if value % 2 == 0:
             raise ValueError("must be an odd window edge (1, 3, 5, ...) so the window has a centre pixel")
         return value
+
+
+class ForestConfig(_ForestSettings):
+    """The random forest's training settings (see :class:`_ForestSettings`).
+
+    Attributes:
+        arch: Always ``random_forest``.
+    """
+
+    arch: Literal["random_forest"] = "random_forest"
 
     def fit_region(self, height: int, width: int) -> tuple[ForestConfig, str | None]:
         """These settings, unchanged: a forest reads no chips, so any region fits.
@@ -322,11 +337,34 @@ class ForestConfig(_Shared):
         return self, None
 
 
-NetworkConfig._other = ForestConfig
-ForestConfig._other = NetworkConfig
+class AutoConfig(_NetworkSettings, _ForestSettings):
+    """``arch: auto``: the forest and a U-Net trained within a time budget, the better kept.
 
-TrainConfig: TypeAlias = NetworkConfig | ForestConfig
-"""Training settings of either family, for annotations and ``isinstance``."""
+    Both families' settings apply (each candidate reads its own; the shared ones, such as
+    the seed and the split, go to both). See :mod:`segpipe.stages.train.select`.
+
+    Attributes:
+        arch: Always ``auto``.
+        budget_minutes: Wall-clock minutes for training every candidate.
+    """
+
+    arch: Literal["auto"] = "auto"
+    budget_minutes: float = Field(default=5.0, gt=0)
+
+    def families(self) -> tuple[NetworkConfig, ForestConfig]:
+        """The U-Net's settings and the forest's, each with the shared ones."""
+        values = self.model_dump(exclude={"arch", "budget_minutes"})
+        network = {k: v for k, v in values.items() if k in NetworkConfig.model_fields}
+        forest = {k: v for k, v in values.items() if k in ForestConfig.model_fields}
+        return NetworkConfig(**network), ForestConfig(**forest)
+
+
+NetworkConfig._others = ((ForestConfig, f"--arch {FOREST_ARCH}"), (AutoConfig, f"--arch {AUTO_ARCH}"))
+ForestConfig._others = ((NetworkConfig, "networks"), (AutoConfig, f"--arch {AUTO_ARCH}"))
+# AutoConfig has none: every setting of both families applies to it.
+
+TrainConfig: TypeAlias = NetworkConfig | ForestConfig | AutoConfig
+"""Training settings of any family, for annotations and ``isinstance``."""
 
 
 def _own_fields(model: type[_Shared]) -> set[str]:
@@ -341,14 +379,21 @@ def _family(data: Any) -> str:
     own errors then say what is wrong (:func:`train_config` names the architectures).
     """
     arch = data.get("arch", _DEFAULT_ARCH) if isinstance(data, Mapping) else getattr(data, "arch", None)
-    return FOREST_ARCH if arch == FOREST_ARCH else "network"
+    return arch if arch in (FOREST_ARCH, AUTO_ARCH) else "network"
 
 
 TrainConfigField = Annotated[
-    Annotated[NetworkConfig, Tag("network")] | Annotated[ForestConfig, Tag(FOREST_ARCH)],
+    Annotated[NetworkConfig, Tag("network")]
+    | Annotated[ForestConfig, Tag(FOREST_ARCH)]
+    | Annotated[AutoConfig, Tag(AUTO_ARCH)],
     Discriminator(_family),
 ]
 """Training settings as a pydantic field type: the family chosen by ``arch`` (default unet)."""
+_FAMILIES: dict[str, type[_Shared]] = {
+    "network": NetworkConfig,
+    FOREST_ARCH: ForestConfig,
+    AUTO_ARCH: AutoConfig,
+}
 
 _ADAPTER: TypeAdapter[TrainConfig] = TypeAdapter(TrainConfigField)
 
@@ -361,7 +406,8 @@ def train_config(data: Mapping[str, Any] | None = None, /, **fields: Any) -> Tra
         **fields: More settings; they override ``data``.
 
     Returns:
-        A :class:`NetworkConfig` or, for ``arch="random_forest"``, a :class:`ForestConfig`.
+        A :class:`NetworkConfig`; for ``arch="random_forest"`` a :class:`ForestConfig`;
+        for ``arch="auto"`` an :class:`AutoConfig`.
 
     Raises:
         UnknownArchitectureError: ``arch`` names no architecture (an ArchitectureError).
@@ -383,8 +429,9 @@ def setting_error(error: ErrorDetails) -> SettingError:
             taken from the settings (the family's tag first).
     """
     loc = tuple(error["loc"])
-    family = ForestConfig if loc[:1] == (FOREST_ARCH,) else NetworkConfig
-    path = loc[1:] if loc[:1] in (("network",), (FOREST_ARCH,)) else loc
+    tagged = bool(loc) and loc[0] in _FAMILIES
+    family = _FAMILIES[str(loc[0])] if tagged else NetworkConfig
+    path = loc[1:] if tagged else loc
     value = error.get("input")
     if error["type"] == "other_family":  # the message names the settings and the arch
         first = str((error.get("ctx") or {})["key"])
@@ -392,7 +439,7 @@ def setting_error(error: ErrorDetails) -> SettingError:
         return SettingError(first, given, error["msg"], names_itself=True)
     key = str(path[0]) if path else None
     if key == "arch":  # an unknown one went to the network model, which knows only its own
-        known = ", ".join((*NETWORK_ARCHITECTURES, FOREST_ARCH))
+        known = ", ".join((*NETWORK_ARCHITECTURES, FOREST_ARCH, AUTO_ARCH))
         return UnknownArchitectureError(key, value, f"unknown architecture: choose one of {known}")
     if error["type"] == "model_type":  # not a mapping at all
         return SettingError(key, value, "must be a mapping of training settings (name: value)")

@@ -25,7 +25,13 @@ from segpipe.stages.evaluate import metrics
 from segpipe.stages.train import adapt
 from segpipe.stages.train import checkpoint as ckpt
 from segpipe.stages.train import distributed as ddp
-from segpipe.stages.train.config import ForestConfig, NetworkConfig, ResolvedNetworkConfig, TrainConfig
+from segpipe.stages.train.config import (
+    AutoConfig,
+    ForestConfig,
+    NetworkConfig,
+    ResolvedNetworkConfig,
+    TrainConfig,
+)
 from segpipe.stages.train.losses import balanced_class_weights, make_loss
 from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
 from segpipe.stages.train.pretrained import PretrainedReport, load_pretrained_encoder
@@ -318,7 +324,8 @@ def train(
     kept. The run checkpoints into ``out/checkpoint/`` after every epoch and every
     ``checkpoint_every`` steps; the checkpoint is removed once the package is written.
     A :class:`ForestConfig` trains the random forest instead
-    (:func:`segpipe.stages.train.forest.train_forest`).
+    (:func:`segpipe.stages.train.forest.train_forest`), and an :class:`AutoConfig` both
+    families, keeping the better (:func:`segpipe.stages.train.select.train_auto`).
 
     Args:
         store: Region store with ``image`` and ``labels`` layers.
@@ -346,6 +353,10 @@ def train(
         from segpipe.stages.train.forest import train_forest
 
         return train_forest(store, out, cfg, progress)
+    if isinstance(cfg, AutoConfig):
+        from segpipe.stages.train.select import train_auto
+
+        return train_auto(store, out, cfg, progress, resume=resume)
     if resume:  # before the costly preparation, so a wrong --resume fails at once
         ckpt.require_checkpoint(out, cfg.resume_key())
     plan = plan or plan_training(store, cfg)

@@ -29,19 +29,18 @@ from segpipe.models import ModelSpec
 from segpipe.stages.train.config import (
     AUTO_ARCH,
     FOREST_ARCH,
+    AutoConfig,
     ForestConfig,
     NetworkConfig,
     ResolvedNetworkConfig,
-    train_config,
 )
 from segpipe.stages.train.progress import TrainProgress
 
 if TYPE_CHECKING:
     from segpipe.stages.train.loop import TrainPlan
 
-__all__ = ["AUTO_ARCH", "DEFAULT_BUDGET_MINUTES", "ENSEMBLE_MARGIN", "compare_with_forest", "train_auto"]
+__all__ = ["AUTO_ARCH", "ENSEMBLE_MARGIN", "compare_with_forest", "train_auto"]
 
-DEFAULT_BUDGET_MINUTES = 5.0
 # An ensemble predicts as slowly as its members together: it must earn that.
 ENSEMBLE_MARGIN = 0.01
 # Share of the network's time budget planned for steps; the rest absorbs validation,
@@ -56,66 +55,43 @@ _CANDIDATES = "candidates"
 Announce = Callable[[str], None]
 
 
-def family_settings(settings: Mapping[str, Any]) -> tuple[NetworkConfig, ForestConfig]:
-    """Split one mapping of settings (``arch`` aside) into a network's and a forest's.
-
-    Shared settings (seed, validation, threads, clipping) go to both, so both hold out
-    the same cells and normalise alike.
-    """
-    own = {k: v for k, v in settings.items() if k != "arch"}
-    network = {k: v for k, v in own.items() if k in NetworkConfig.model_fields}
-    forest = {k: v for k, v in own.items() if k in ForestConfig.model_fields}
-    unknown = set(own) - set(network) - set(forest)
-    if unknown:  # let train_config name it as for any architecture
-        train_config(own)
-    net_cfg = train_config(network)
-    forest_cfg = train_config({**forest, "arch": FOREST_ARCH})
-    assert isinstance(net_cfg, NetworkConfig) and isinstance(forest_cfg, ForestConfig)
-    return net_cfg, forest_cfg
-
-
 def train_auto(
     store: str | Path,
     out: str | Path,
-    settings: Mapping[str, Any] | None = None,
-    budget_minutes: float = DEFAULT_BUDGET_MINUTES,
+    config: AutoConfig | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
     announce: Announce | None = None,
     *,
     resume: bool = False,
-    scheduler: str | None = None,
 ) -> ModelSpec:
-    """Train the forest and a network within ``budget_minutes``; keep the best on held-out chips.
+    """Train the forest and a network within the budget; keep the best on held-out chips.
 
     Args:
         store: Region store with labels.
         out: Package directory to write (the kept model; ``out/candidates/`` holds all).
-        settings: Training settings for both families (``arch`` is ignored).
-        budget_minutes: Wall-clock minutes for the whole selection.
+        config: Both families' settings and ``budget_minutes`` (defaults when None).
         progress: Called with each candidate's training progress.
         announce: Receives the lines of the comparison (the CLI prints them).
-        resume: Refused: the candidates train here, from the start.
-        scheduler: Refused, as ``resume``.
+        resume: Refused: the candidates train from the start.
 
     Returns:
-        The kept package's description (``training.selection`` holds the table).
+        The kept package's description (``training.selection`` holds the table and the
+        settings asked for).
 
     Raises:
-        InputError: ``resume`` or ``scheduler`` given, or a budget of 0 minutes or less.
+        InputError: ``resume`` given.
     """
     from segpipe.stages.train.forest import train_forest
     from segpipe.stages.train.loop import plan_training
     from segpipe.stages.train.loop import train as train_network
 
-    if resume or scheduler:
-        raise InputError(
-            "--arch auto (arch='auto') trains here, from the start: leave out --resume and --scheduler"
-        )
-    if not budget_minutes > 0:
-        raise InputError(f"--budget {budget_minutes}: give the minutes the candidates may train, above 0")
+    if resume:
+        raise InputError("--arch auto (arch='auto') trains from the start: leave out --resume")
+    config = config or AutoConfig()
+    budget_minutes = config.budget_minutes
     say = announce or (lambda line: None)
     started, wall_start = time.monotonic(), time.time()
-    network_cfg, forest_cfg = family_settings(settings or {})
+    network_cfg, forest_cfg = config.families()
     staging = _staging(out)
     try:
         seconds: dict[str, float] = {}
@@ -135,7 +111,13 @@ def train_auto(
             seconds[network_cfg.arch] = time.monotonic() - clock
         table = _compare(plan, staging, seconds)
         chosen = _choose(table)
-        selection = {"budget_minutes": budget_minutes, "models": table, "kept": chosen, "note": why}
+        selection = {
+            "budget_minutes": budget_minutes,
+            "models": table,
+            "kept": chosen,
+            "note": why,
+            "requested": config.model_dump(mode="json"),
+        }
         spec = _keep(out, staging, chosen, selection)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # no half-trained candidates left beside out
@@ -191,7 +173,7 @@ def _epochs_in_budget(plan: TrainPlan, seconds: float, given: bool) -> tuple[int
     per_epoch = per_chip * (cfg.samples_per_epoch + len(plan.valid_windows) / 3.0)
     fits = int(_STEP_SHARE * seconds // per_epoch) if per_epoch > 0 else cfg.epochs
     epochs = cfg.epochs if given else min(cfg.epochs, fits)
-    if epochs < _MIN_EPOCHS:
+    if epochs < _MIN_EPOCHS and not given:  # the epochs asked for are trained, however few
         return 0, (
             f"no network: {_MIN_EPOCHS} epochs of {cfg.arch} need about {_MIN_EPOCHS * per_epoch / 60:.1f} "
             f"min and {max(seconds, 0) / 60:.1f} min of the budget are left (raise --budget)"
@@ -261,7 +243,7 @@ def _choose(table: Mapping[str, Mapping[str, Any]]) -> str:
 
 def _keep(out: str | Path, staging: Path, chosen: str, selection: dict[str, Any]) -> ModelSpec:
     """Write the chosen package to ``out`` (file by file, atomically) and move the candidates into it."""
-    from segpipe.models import load_model, save_model
+    from segpipe.models import load_model, read_spec, save_model
     from segpipe.models.combine import make_ensemble
 
     target = Path(out)
@@ -269,7 +251,11 @@ def _keep(out: str | Path, staging: Path, chosen: str, selection: dict[str, Any]
         members = [staging / name for name in selection["models"] if name != "ensemble"]
         make_ensemble(members, staging / "ensemble")
     net, spec = load_model(staging / chosen)
-    spec = dataclasses.replace(spec, training={**spec.training, "selection": selection})
+    # Every candidate trained on the same store: its inputs stand for the kept package's
+    # (an ensemble's record has none of its own), so a flow can tell it is up to date.
+    inputs = read_spec(staging / FOREST_ARCH).training.get("store_inputs")
+    training = {**spec.training, "store_inputs": inputs, "selection": selection}
+    spec = dataclasses.replace(spec, training=training)
     target.mkdir(parents=True, exist_ok=True)
     plots = {p.name: p for p in (staging / chosen).glob("*.png")}
     for stale in target.glob("*.png"):  # an earlier package's plots must not pass for the new one's
@@ -304,7 +290,7 @@ def _number(value: Any, fmt: str) -> str:
 def compare_with_forest(
     store: str | Path,
     network: str | Path,
-    settings: Mapping[str, Any],
+    settings: NetworkConfig,
     announce: Announce,
     plan: TrainPlan | None = None,
 ) -> dict[str, Any] | None:
@@ -316,7 +302,7 @@ def compare_with_forest(
     Args:
         store: The region store the network trained on.
         network: The network's package.
-        settings: The training settings asked for (the forest takes the shared ones).
+        settings: The network's settings as asked for (the forest takes the shared ones).
         announce: Receives the table and the hint.
         plan: The network's training plan (None: planned again from the package's settings).
 
@@ -333,7 +319,8 @@ def compare_with_forest(
     if plan is None:
         plan = plan_training(store, ResolvedNetworkConfig(**read_spec(network).training["config"]))
     cfg = plan.cfg
-    _, forest_cfg = family_settings(settings)
+    shared = {k: v for k, v in settings.model_dump().items() if k in ForestConfig.model_fields}
+    forest_cfg = ForestConfig(**{**shared, "arch": FOREST_ARCH})
     if not plan.valid_windows:
         return None
     with tempfile.TemporaryDirectory(prefix=".segpipe-baseline-", dir=Path(network).parent) as tmp:

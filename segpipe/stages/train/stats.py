@@ -27,7 +27,7 @@ from segpipe.stages.train.config import DEFAULT_CHIP_SIZE, NetworkConfig
 if TYPE_CHECKING:
     from segpipe.io.store import RegionInfo
     from segpipe.models import ModelSpec
-    from segpipe.stages.train.config import TrainConfig
+    from segpipe.stages.train.config import ForestConfig
     from segpipe.types import ClassInfo
 
 __all__ = [
@@ -237,7 +237,7 @@ def normalisation_statistics(
 def package_spec(
     store: str | Path,
     info: RegionInfo,
-    cfg: TrainConfig,
+    cfg: NetworkConfig | ForestConfig,
     arch: str,
     encoder: str,
     classes: tuple[ClassInfo, ...],
