@@ -476,8 +476,8 @@ def _run_training(
 
         announce = lambda line: console.print(f"  {line}")  # noqa: E731
         return train_on_scheduler(scheduler, store, out, cfg, resume, announce=announce), None
+    from segpipe.stages.train.entry import train as run
     from segpipe.stages.train.loop import plan_training
-    from segpipe.stages.train.loop import train as run
 
     with _progress() as bar:
         # A forest is fitted in one pass: its progress reports count as one epoch.

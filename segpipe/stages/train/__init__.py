@@ -21,7 +21,7 @@ from segpipe.stages.train.config import (
 from segpipe.stages.train.progress import TrainProgress
 
 if TYPE_CHECKING:
-    from segpipe.stages.train.loop import train
+    from segpipe.stages.train.entry import train
 
 __all__ = [
     "AutoConfig",
@@ -38,7 +38,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "train":
-        from segpipe.stages.train.loop import train
+        from segpipe.stages.train.entry import train
 
         return train
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

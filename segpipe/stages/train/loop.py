@@ -1,6 +1,6 @@
 """Train a segmentation network from a region store and write a model package.
 
-:func:`train` prepares what every rank shares (candidates, the spatial split,
+:func:`train_network` prepares what every rank shares (candidates, the spatial split,
 normalisation statistics, the initial weights) once, then runs the loop: in this
 process for one device, or in one spawned process per device for data-parallel
 training (:mod:`segpipe.stages.train.distributed`). The loop is the same in both cases.
@@ -25,13 +25,7 @@ from segpipe.stages.evaluate import metrics
 from segpipe.stages.train import adapt
 from segpipe.stages.train import checkpoint as ckpt
 from segpipe.stages.train import distributed as ddp
-from segpipe.stages.train.config import (
-    AutoConfig,
-    ForestConfig,
-    NetworkConfig,
-    ResolvedNetworkConfig,
-    TrainConfig,
-)
+from segpipe.stages.train.config import NetworkConfig, ResolvedNetworkConfig
 from segpipe.stages.train.losses import balanced_class_weights, make_loss
 from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
 from segpipe.stages.train.pretrained import PretrainedReport, load_pretrained_encoder
@@ -46,7 +40,7 @@ from segpipe.stages.train.sampling import (
 from segpipe.stages.train.split import Split, plan_split
 from segpipe.stages.train.stats import package_spec
 
-__all__ = ["TrainPlan", "chip_batch", "initial_network", "plan_sampler", "plan_training", "train"]
+__all__ = ["TrainPlan", "chip_batch", "initial_network", "plan_sampler", "plan_training", "train_network"]
 
 
 IGNORE = 255
@@ -309,34 +303,31 @@ def _schedule(opt: Any, cfg: ResolvedNetworkConfig, total: int) -> Any:
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
 
 
-def train(
+def train_network(
     store: str | Path,
     out: str | Path,
-    config: TrainConfig | None = None,
+    config: NetworkConfig | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
     resume: bool = False,
     plan: TrainPlan | None = None,
 ) -> ModelSpec:
-    """Train a network (or the random forest) on the store's labels and write a model package to ``out``.
+    """Train a network on the store's labels and write a model package to ``out``.
 
     Chips are drawn where labels exist; class 0 is ignored by the loss. Validation
     uses spatially held-out cells; the weights with the best monitored score are
     kept. The run checkpoints into ``out/checkpoint/`` after every epoch and every
     ``checkpoint_every`` steps; the checkpoint is removed once the package is written.
-    A :class:`ForestConfig` trains the random forest instead
-    (:func:`segpipe.stages.train.forest.train_forest`), and an :class:`AutoConfig` both
-    families, keeping the better (:func:`segpipe.stages.train.select.train_auto`).
 
     Args:
         store: Region store with ``image`` and ``labels`` layers.
         out: Model package directory to write.
-        config: Training settings (a network's defaults when None).
+        config: Training settings (the defaults when None).
         progress: Called after every step with a :class:`TrainProgress`.
         resume: Continue from the checkpoint in ``out`` (same settings required),
             bitwise as if the run had not stopped. False: any old checkpoint is discarded.
-        plan: The network's training already planned by :func:`plan_training` (its
-            settings replace ``config``): callers that also score the split, such as
-            ``--arch auto``, plan once instead of reading the labels and image again.
+        plan: The training already planned by :func:`plan_training` (its settings
+            replace ``config``): callers that also score the split, such as ``--arch
+            auto``, plan once instead of reading the labels and image again.
 
     Returns:
         The written model's description.
@@ -349,14 +340,6 @@ def train(
             does not fit the settings.
     """
     cfg = plan.requested if plan is not None else config or NetworkConfig()
-    if isinstance(cfg, ForestConfig):
-        from segpipe.stages.train.forest import train_forest
-
-        return train_forest(store, out, cfg, progress)
-    if isinstance(cfg, AutoConfig):
-        from segpipe.stages.train.select import train_auto
-
-        return train_auto(store, out, cfg, progress, resume=resume)
     if resume:  # before the costly preparation, so a wrong --resume fails at once
         ckpt.require_checkpoint(out, cfg.resume_key())
     plan = plan or plan_training(store, cfg)

@@ -32,7 +32,7 @@ def cluster_has_gpus(client: distributed.Client) -> bool:
 def _train_task(store: str, out: str, settings: dict[str, Any], resume: bool) -> str:
     from distributed import get_worker
 
-    from segpipe.stages.train.loop import train
+    from segpipe.stages.train.entry import train
 
     cfg = train_config(settings)
     if cfg.threads == 0:

@@ -82,8 +82,7 @@ def train_auto(
         InputError: ``resume`` given.
     """
     from segpipe.stages.train.forest import train_forest
-    from segpipe.stages.train.loop import plan_training
-    from segpipe.stages.train.loop import train as train_network
+    from segpipe.stages.train.loop import plan_training, train_network
 
     if resume:
         raise InputError("--arch auto (arch='auto') trains from the start: leave out --resume")

@@ -1,0 +1,64 @@
+"""The one way in to training: the settings' family chooses the trainer.
+
+A :class:`NetworkConfig` trains a network (:mod:`segpipe.stages.train.loop`), a
+:class:`ForestConfig` the per-pixel random forest (:mod:`segpipe.stages.train.forest`),
+and an :class:`AutoConfig` both, keeping the better (:mod:`segpipe.stages.train.select`).
+The command line, the Python API, the flows and a dask worker all train through here,
+so every family runs wherever training runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from segpipe.stages.train.config import AutoConfig, ForestConfig, NetworkConfig, TrainConfig
+from segpipe.stages.train.progress import TrainProgress
+
+if TYPE_CHECKING:
+    from segpipe.models import ModelSpec
+    from segpipe.stages.train.loop import TrainPlan
+
+__all__ = ["train"]
+
+
+def train(
+    store: str | Path,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+    resume: bool = False,
+    plan: TrainPlan | None = None,
+) -> ModelSpec:
+    """Train the model ``config`` describes on the store's labels; write its package to ``out``.
+
+    Args:
+        store: Region store with ``image`` and ``labels`` layers.
+        out: Model package directory to write.
+        config: Training settings (a U-Net's defaults when None).
+        progress: Called with the training's progress.
+        resume: Continue a network's run from the checkpoint in ``out`` (refused for
+            ``--arch auto``; a forest trains in one pass and has nothing to resume).
+        plan: A network's training already planned
+            (:func:`segpipe.stages.train.loop.plan_training`); its settings replace ``config``.
+
+    Returns:
+        The written model's description.
+
+    Raises:
+        SegpipeError: As the family's trainer raises it: no labels, a store that is
+            missing or damaged, nothing to resume, a setting that does not fit.
+    """
+    cfg = plan.requested if plan is not None else config or NetworkConfig()
+    if isinstance(cfg, ForestConfig):
+        from segpipe.stages.train.forest import train_forest
+
+        return train_forest(store, out, cfg, progress)
+    if isinstance(cfg, AutoConfig):
+        from segpipe.stages.train.select import train_auto
+
+        return train_auto(store, out, cfg, progress, resume=resume)
+    from segpipe.stages.train.loop import train_network
+
+    return train_network(store, out, cfg, progress, resume, plan)
