@@ -137,7 +137,9 @@ def open_overview_level(path: Path, height: int, width: int, level: int) -> Data
 def _mode_feed(path: Path, info: RegionInfo, step: int) -> BandFeed:
     """The overview levels of a class raster at ``path``, fed by ``step``-tall bands of windows."""
     shapes = overview_shapes(info.height, info.width, WINDOW)
-    pyramid = ModePyramid(level_paths(path, len(shapes)), shapes, NODATA_U8, open_overview_level)
+    pyramid = ModePyramid(
+        level_paths(path, len(shapes)), shapes, NODATA_U8, open_overview_level, base=(info.height, info.width)
+    )
     return BandFeed(pyramid, info.height, info.width, step)
 
 

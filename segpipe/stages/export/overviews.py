@@ -6,9 +6,14 @@ GDAL builds them, computed with numpy on full-width row bands as the base stream
 and written to its own tiled GeoTIFF; a VRT declares them as the base's overviews, and
 the COG driver copies them (``OVERVIEWS=FORCE_USE_EXISTING``) instead of recomputing.
 
-Mode rule: the most frequent valid value of the cell; a tie goes to the smallest value;
-nodata only where the whole cell is nodata (GDAL's MODE also ignores nodata). Cells cut
-by the raster's edge use the pixels they have.
+Mode rule: GDAL's own (``gdaladdo -r mode`` on a byte band, gcore/overview.cpp,
+``GDALResampleChunk_ModeT``), so segpipe's levels equal GDAL's bit for bit: each level is
+built from the level below; overview pixel ``i`` covers source pixels
+``[floor(i * r), ceil((i + 1) * r))`` with ``r = source / overview size`` (exactly 2 x 2
+cells on even axes, overlapping 2- or 3-pixel spans on odd ones); pixels are scanned row
+by row and a value wins once its running count exceeds the best so far, so a tie goes to
+the value that reached the top count first (not the smallest); nodata pixels are
+skipped, and a cell of nodata only is nodata.
 
 :class:`BandFeed` joins the streamed windows into those row bands and computes the levels
 in a worker thread while GDAL compresses the next band.
@@ -30,7 +35,16 @@ from rasterio.windows import Window
 from segpipe.grid.box import Box
 from segpipe.stages.export.layers import band_colormap
 
-__all__ = ["BandFeed", "ModePyramid", "level_paths", "mode2x2", "overview_shapes", "write_overview_vrt"]
+__all__ = [
+    "BandFeed",
+    "ModePyramid",
+    "level_paths",
+    "mode2x2",
+    "mode_spans",
+    "overview_shapes",
+    "source_spans",
+    "write_overview_vrt",
+]
 
 
 def overview_shapes(height: int, width: int, block: int) -> list[tuple[int, int]]:
@@ -48,37 +62,84 @@ def level_paths(base: Path, levels: int) -> list[Path]:
     return [base.with_name(f"{base.stem}.ovr{i + 1}.tif") for i in range(levels)]
 
 
+def source_spans(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """GDAL's source span ``[start, end)`` of each of ``dst`` overview pixels along an axis of ``src``.
+
+    GDAL's ratio is ``src / dst``, not 2: on an odd axis the spans are 2 or 3 pixels and
+    overlap (gcore/overview.cpp, GDALResampleChunk_ModeT: ``nSrcXOff``/``nSrcXOff2``,
+    with the same 1e-8 epsilons).
+    """
+    ratio = src / dst
+    index = np.arange(dst, dtype=np.float64)
+    start = np.floor(index * ratio + 1e-8).astype(np.int64)
+    end = np.ceil((index + 1) * ratio - 1e-8).astype(np.int64)
+    end = np.minimum(np.maximum(end, start + 1), src)
+    return start, end
+
+
+def _take(
+    rows: np.ndarray, start: np.ndarray, end: np.ndarray, offset: int, axis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels at ``start + offset`` along ``axis``, and whether that offset lies inside each span."""
+    inside = offset < end - start
+    n = len(start)
+    if offset < 2 and rows.shape[axis] >= 2 * n and np.array_equal(start, np.arange(0, 2 * n, 2)):
+        # exact halving (even axis): a strided view, no copy
+        picked = rows[offset : 2 * n : 2] if axis == 0 else rows[:, offset : 2 * n : 2]
+    else:
+        index = np.minimum(start + offset, rows.shape[axis] - 1)
+        picked = np.take(rows, index, axis=axis)
+    return picked, inside
+
+
+def mode_spans(
+    rows: np.ndarray, nodata: int, ys: tuple[np.ndarray, np.ndarray], xs: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """GDAL's MODE of uint8 ``rows`` over the source spans ``ys`` (rows) x ``xs`` (columns).
+
+    The rule of GDAL's byte path: pixels are scanned row by row and a value becomes the
+    result when its running count exceeds the best count so far, so a tie goes to the
+    value that reached the top count first; nodata pixels are skipped and a cell of
+    nodata only is nodata.
+    """
+    cells, valid = [], []
+    for dy in range(int((ys[1] - ys[0]).max())):
+        band, in_y = _take(rows, ys[0], ys[1], dy, 0)
+        for dx in range(int((xs[1] - xs[0]).max())):
+            cell, in_x = _take(band, xs[0], xs[1], dx, 1)
+            cells.append(cell)
+            valid.append((cell != nodata) & in_y[:, None] & in_x[None, :])
+    # prefix[k]: count of cell k's value among cells 0..k; total[k]: among all cells
+    prefix = [v.astype(np.uint8) for v in valid]
+    total = [p.copy() for p in prefix]
+    for k in range(len(cells)):
+        for j in range(k + 1, len(cells)):
+            same = (cells[k] == cells[j]) & valid[k] & valid[j]
+            prefix[j] += same
+            total[j] += same
+            total[k] += same
+    best = np.maximum.reduce(total)
+    out = np.full(best.shape, nodata, rows.dtype)
+    for k in reversed(range(len(cells))):  # the earliest cell to reach the best count wins
+        np.copyto(out, cells[k], where=valid[k] & (prefix[k] == best))
+    return out
+
+
 def mode2x2(rows: np.ndarray, nodata: int) -> np.ndarray:
-    """2 x 2 mode of a uint8 array (odd edges padded with nodata), see the module docstring."""
+    """The next overview level of a whole uint8 array, as ``gdaladdo -r mode`` computes it."""
     h, w = rows.shape
-    if h % 2 or w % 2:
-        padded = np.full((h + h % 2, w + w % 2), nodata, rows.dtype)
-        padded[:h, :w] = rows
-        rows = padded
-    cells = [rows[0::2, 0::2], rows[0::2, 1::2], rows[1::2, 0::2], rows[1::2, 1::2]]
-    valid = [c != nodata for c in cells]
-    # 6 pairwise equalities instead of 16: a valid value's count is 1 + its equal partners
-    # (a partner equal to a valid value is valid itself)
-    counts = [v.astype(np.uint8) for v in valid]
-    for i in range(4):
-        for j in range(i + 1, 4):
-            same = cells[i] == cells[j]
-            counts[i] += same & valid[i]
-            counts[j] += same & valid[j]
-    best = np.maximum(np.maximum(counts[0], counts[1]), np.maximum(counts[2], counts[3]))
-    top = np.iinfo(rows.dtype).max
-    out = np.full(best.shape, top, rows.dtype)
-    for c, n, v in zip(cells, counts, valid, strict=True):
-        np.minimum(out, np.where((n == best) & v, c, top), out=out)
-    out[best == 0] = nodata
-    return out.astype(rows.dtype, copy=False)
+    return mode_spans(rows, nodata, source_spans(h, math.ceil(h / 2)), source_spans(w, math.ceil(w / 2)))
+
+
+Spans = tuple[np.ndarray, np.ndarray]
 
 
 class ModePyramid:
     """Receives full-width row bands of the base raster, top to bottom, and writes every level.
 
-    Each level keeps at most one odd row back for the next band, so memory stays at one
-    band per level (a level-1 band is a quarter of the base band).
+    Each level keeps back only the rows of the level below that its next row still needs
+    (one row on an even axis, up to two where GDAL's spans overlap on an odd one), so
+    memory stays at one band per level (a level-1 band is a quarter of the base band).
     """
 
     def __init__(
@@ -87,14 +148,30 @@ class ModePyramid:
         shapes: list[tuple[int, int]],
         nodata: int,
         open_level: Callable[[Path, int, int, int], DatasetWriter],
+        *,
+        base: tuple[int, int],
     ) -> None:
+        """Open every level's file.
+
+        Args:
+            paths: One file per level.
+            shapes: (height, width) of each level, as :func:`overview_shapes` gives them.
+            nodata: Nodata value of the raster.
+            open_level: Opens a level's file: (path, height, width, level).
+            base: (height, width) of the base raster (GDAL's spans depend on it).
+        """
         self.nodata = nodata
         self.shapes = shapes
         self.paths = paths
         self.datasets = [
             open_level(p, h, w, i + 1) for i, (p, (h, w)) in enumerate(zip(paths, shapes, strict=True))
         ]
+        below = [base, *shapes[:-1]][: len(shapes)]
+        self.spans: list[tuple[Spans, Spans]] = [
+            (source_spans(sh, h), source_spans(sw, w)) for (sh, sw), (h, w) in zip(below, shapes, strict=True)
+        ]
         self.carry: list[np.ndarray | None] = [None] * len(shapes)
+        self.carry_row = [0] * len(shapes)  # row of the level below where ``carry`` starts
         self.next_row = [0] * len(shapes)
 
     def push(self, rows: np.ndarray, last: bool, level: int = 0) -> None:
@@ -104,15 +181,22 @@ class ModePyramid:
         held = self.carry[level]
         if held is not None:
             rows = np.concatenate([held, rows])
-        self.carry[level] = None
-        if not last and rows.shape[0] % 2:
-            self.carry[level] = rows[-1:].copy()
-            rows = rows[:-1]
-        if rows.shape[0] == 0:
+        first = self.carry_row[level]  # row of the level below that rows[0] is
+        (starts, ends), xs = self.spans[level]
+        # the level's rows whose whole span has arrived (all of them with the last band)
+        stop = len(starts) if last else int(np.searchsorted(ends, first + rows.shape[0], side="right"))
+        begin = self.next_row[level]
+        if stop < len(starts):  # keep what the next row needs: spans can overlap on odd axes
+            self.carry[level] = rows[starts[stop] - first :].copy()
+            self.carry_row[level] = int(starts[stop])
+        else:
+            self.carry[level] = None
+        if stop <= begin:
             return
-        out = mode2x2(rows, self.nodata)
-        self.datasets[level].write(out, 1, window=Window(0, self.next_row[level], out.shape[1], out.shape[0]))
-        self.next_row[level] += out.shape[0]
+        ys = (starts[begin:stop] - first, ends[begin:stop] - first)
+        out = mode_spans(rows, self.nodata, ys, xs)
+        self.datasets[level].write(out, 1, window=Window(0, begin, out.shape[1], out.shape[0]))
+        self.next_row[level] = stop
         self.push(out, last, level + 1)
 
     def close(self) -> None:
