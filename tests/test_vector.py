@@ -26,7 +26,11 @@ from segpipe.types import ClassInfo, classes_to_json
 if TYPE_CHECKING:
     from distributed import Client
 
-CLASSES = (ClassInfo(1, "forest", "#1f7a1f"), ClassInfo(3, "water", "#1f77b4"), ClassInfo(5, "urban", "#d62728"))
+CLASSES = (
+    ClassInfo(1, "forest", "#1f7a1f"),
+    ClassInfo(3, "water", "#1f77b4"),
+    ClassInfo(5, "urban", "#d62728"),
+)
 TRANSFORM = Affine(30.0, 0.0, 500000.0, 0.0, -30.0, 4000000.0)
 PIXEL_AREA = 900.0
 
@@ -92,7 +96,11 @@ def whole_raster(classes: np.ndarray) -> list[tuple[int, shapely.Geometry]]:
     ]
 
 
-def assert_same_polygons(ours: list[tuple[int, shapely.Geometry]], theirs: list[tuple[int, shapely.Geometry]]) -> None:
+Polygons = list[tuple[int, shapely.Geometry]]
+Region = tuple[Path, np.ndarray, np.ndarray]  # store, classes, confidence
+
+
+def assert_same_polygons(ours: Polygons, theirs: Polygons) -> None:
     """One of ours equal (shapely.equals, same class) to each of theirs, and nothing else."""
     assert len(ours) == len(theirs)
     geoms = np.array([g for _, g in ours], dtype=object)
@@ -101,7 +109,7 @@ def assert_same_polygons(ours: list[tuple[int, shapely.Geometry]], theirs: list[
     for value, geom in theirs:
         near = [int(i) for i in tree.query(geom, predicate="covers")]
         hits = [i for i in near if ours[i][0] == value and shapely.equals(ours[i][1], geom)]
-        assert len(hits) == 1, f"class {value} polygon at {geom.representative_point()} has {len(hits)} matches"
+        assert len(hits) == 1, f"class {value} polygon at {geom.representative_point()}: {len(hits)} matches"
         matched.add(hits[0])
     assert len(matched) == len(ours)
 
@@ -112,7 +120,7 @@ def read_back(path: Path) -> list[tuple[int, shapely.Geometry]]:
 
 
 @pytest.fixture(scope="module")
-def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+def region(tmp_path_factory: pytest.TempPathFactory) -> Region:
     """A 300 x 300 store in 64-px blocks (5 x 5 blocks), with a confidence layer."""
     classes = scene()
     rng = np.random.default_rng(1)
@@ -122,7 +130,7 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, 
     return store, classes, confidence
 
 
-def test_polygons_equal_whole_raster_shapes(region: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+def test_polygons_equal_whole_raster_shapes(region: Region, tmp_path: Path) -> None:
     store, classes, _ = region
     assert read_region_info(store).blocks == (5, 5)
     out = write_vector(store, tmp_path / "classes.gpkg")
@@ -140,7 +148,7 @@ def test_polygons_equal_whole_raster_shapes(region: tuple[Path, np.ndarray, np.n
 
 
 def test_attributes_names_area_and_mean_confidence(
-    region: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+    region: Region, tmp_path: Path
 ) -> None:
     store, classes, confidence = region
     frame = pyogrio.read_dataframe(write_vector(store, tmp_path / "c.gpkg"), layer="classes")
@@ -158,7 +166,7 @@ def test_attributes_names_area_and_mean_confidence(
                                                     nan_ok=True)
 
 
-def test_crs_fields_and_layer_read_back(region: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+def test_crs_fields_and_layer_read_back(region: Region, tmp_path: Path) -> None:
     store, _, _ = region
     out = write_vector(store, tmp_path / "c.gpkg")
     info = pyogrio.read_info(out, layer="classes")
@@ -171,13 +179,21 @@ def test_crs_fields_and_layer_read_back(region: tuple[Path, np.ndarray, np.ndarr
 
 
 def test_min_area_equals_whole_raster_sieve(
-    region: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, client: Client
+    region: Region, tmp_path: Path, client: Client
 ) -> None:
     store, classes, _ = region
     valid = (classes != 0) & (classes != 255)
-    for pixels in (2, 7, 40, 150):  # 150 px: patches far larger than a block's share merge
+    for pixels in (2, 7, 40, 150):
         sieved = rasterio.features.sieve(classes, pixels, mask=valid, connectivity=4)
-        out = write_vector(store, tmp_path / f"s{pixels}.gpkg", min_area=pixels * PIXEL_AREA - 1, client=client)
+        # Sieving each 64-px block on its own gives another raster (patches cut small by borders).
+        per_block = classes.copy()
+        for y0 in range(0, 300, 64):
+            for x0 in range(0, 300, 64):
+                window = np.s_[y0 : y0 + 64, x0 : x0 + 64]
+                per_block[window] = rasterio.features.sieve(classes[window], pixels, mask=valid[window])
+        assert (per_block != sieved).any()
+        out = tmp_path / f"s{pixels}.gpkg"
+        write_vector(store, out, min_area=pixels * PIXEL_AREA - 1, client=client)
         assert_same_polygons(read_back(out), whole_raster(sieved))
 
 
@@ -197,7 +213,7 @@ def test_tiny_blocks_random_rasters(seed: int, tmp_path: Path) -> None:
 
 
 def test_simplify_keeps_one_valid_polygon_per_patch(
-    region: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+    region: Region, tmp_path: Path
 ) -> None:
     store, classes, _ = region
     exact = pyogrio.read_dataframe(write_vector(store, tmp_path / "e.gpkg"))
@@ -210,7 +226,7 @@ def test_simplify_keeps_one_valid_polygon_per_patch(
     assert (simple["area"] == exact["area"]).all()  # the patch's pixel area, not the outline's
 
 
-def test_sieve_threshold_in_pixels(region: tuple[Path, np.ndarray, np.ndarray]) -> None:
+def test_sieve_threshold_in_pixels(region: Region) -> None:
     info = read_region_info(region[0])
     assert sieve_threshold(None, info) == 0
     assert sieve_threshold(900.0, info) == 1
@@ -221,7 +237,7 @@ def test_sieve_threshold_in_pixels(region: tuple[Path, np.ndarray, np.ndarray]) 
 
 
 def test_bad_destinations_are_refused_with_one_line(
-    region: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, _, _ = region
     with pytest.raises(VectorFormatError) as caught:
@@ -241,7 +257,7 @@ def test_bad_destinations_are_refused_with_one_line(
 
 
 def test_failure_keeps_the_earlier_file(
-    region: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, _, _ = region
     out = write_vector(store, tmp_path / "classes.gpkg")
