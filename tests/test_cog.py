@@ -36,6 +36,8 @@ CLASSES = (
     ClassInfo(7, "urban", "#d62728"),
 )
 TRANSFORM = Affine(30.0, 0.0, 500000.0, 0.0, -30.0, 4000000.0)
+# what an export of a class layer with known classes leaves in its folder
+LEGEND_FILES = ["classes.qml", "classes.stac.json", "classes.tif", "classes.tif.aux.xml"]
 
 
 def make_store(
@@ -146,8 +148,8 @@ def test_classes_cog_is_valid_and_keeps_everything(region: tuple[Path, np.ndarra
     # coarser overviews hold class ids or nodata only, never an average such as 2 from {1, 3}
     with rasterio.open(out, overview_level=len(factors) - 1) as ovr:
         assert set(np.unique(ovr.read(1)).tolist()) <= {1, 3, 7, 255}
-    # no temporaries left; the STAC Item beside the COG
-    assert sorted(p.name for p in out.parent.iterdir()) == ["classes.stac.json", "classes.tif"]
+    # no temporaries left; the STAC Item, GDAL's sidecar and the QGIS style beside the COG
+    assert sorted(p.name for p in out.parent.iterdir()) == LEGEND_FILES
 
 
 def test_confidence_cog_uses_average_overviews(region: tuple[Path, np.ndarray], tmp_path: Path) -> None:
@@ -348,10 +350,11 @@ def test_export_killed_midway_leaves_no_file_and_keeps_the_old_one(
         else:
             assert dest.read_bytes() == old
         assert not (dest.parent / "classes.stac.json").exists()
+        assert not any((dest.parent / name).exists() for name in ("classes.tif.aux.xml", "classes.qml"))
         leftovers = [p for p in dest.parent.iterdir() if p.name.startswith(".classes.tif.")]
         assert leftovers  # a SIGKILL runs no cleanup: only hidden temporaries remain...
         write_cog(store, dest)  # ...and the next export to the same destination removes them
-        assert sorted(p.name for p in dest.parent.iterdir()) == ["classes.stac.json", "classes.tif"]
+        assert sorted(p.name for p in dest.parent.iterdir()) == LEGEND_FILES
         with rasterio.open(dest) as src:
             np.testing.assert_array_equal(src.read(1), expected)
 
@@ -477,17 +480,21 @@ def test_staging_removes_only_its_own_temporaries(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [other.name]
 
 
-def test_publish_renames_the_cog_then_its_item(tmp_path: Path) -> None:
+def test_publish_renames_the_cog_then_its_sidecars_and_item(tmp_path: Path) -> None:
     dest = tmp_path / "classes.tif"
     cog_tmp, item_tmp = tmp_path / ".a.cog.tif", tmp_path / ".a.stac.json"
-    cog_tmp.write_bytes(b"cog")
-    item_tmp.write_text("item")
-    cog._publish(dest, cog_tmp, item_tmp)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.stac.json", "classes.tif"]
+    aux_tmp, qml_tmp = tmp_path / ".a.aux.xml", tmp_path / ".a.qml"
+    staged = {cog_tmp: "cog", item_tmp: "item", aux_tmp: "aux", qml_tmp: "<!-- segpipe class style -->"}
+    for path, text in staged.items():
+        path.write_text(text)
+    cog._publish(dest, cog_tmp, (aux_tmp, qml_tmp), item_tmp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == LEGEND_FILES
     assert dest.read_bytes() == b"cog" and (tmp_path / "classes.stac.json").read_text() == "item"
+    assert (tmp_path / "classes.tif.aux.xml").read_text() == "aux"
     cog_tmp.write_bytes(b"new")
-    cog._publish(dest, cog_tmp, None)
+    cog._publish(dest, cog_tmp, None, None)  # no legend: the earlier sidecar and segpipe's style go
     assert dest.read_bytes() == b"new" and (tmp_path / "classes.stac.json").read_text() == "item"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.stac.json", "classes.tif"]
 
 
 def test_check_survived_names_what_the_conversion_lost(

@@ -4,9 +4,12 @@ One export, top to bottom: check the arguments and the destination; stream the l
 into a tiled GeoTIFF beside the destination (:mod:`segpipe.stages.export.geotiff`, with
 MODE overviews for class rasters, :mod:`segpipe.stages.export.overviews`); convert it
 with GDAL's COG driver; check what the conversion kept and validate with ``rio_cogeo``;
-stage the STAC Item (:mod:`segpipe.stages.export.stac`); and only then rename both over
-the destination. ``rio.to_raster(driver="COG")`` would hold ~3x the raster in RAM
-(ARCHITECTURE.md). Overviews: class rasters' levels built during the stream are copied
+stage the legend of a class raster (GDAL's ``.tif.aux.xml`` sidecar with category names
+and an attribute table, and a QGIS ``.qml`` style: :mod:`segpipe.stages.export.legend`,
+pixel counts taken as the layer streams) and the STAC Item
+(:mod:`segpipe.stages.export.stac`); and only then rename them all over the destination.
+``rio.to_raster(driver="COG")`` would hold ~3x the raster in RAM (ARCHITECTURE.md).
+Overviews: class rasters' levels built during the stream are copied
 by the COG driver (GDAL 3.10's own MODE pass was most of the export's time); other
 layers get GDAL's AVERAGE overviews.
 
@@ -21,7 +24,7 @@ the next export to the same destination removes those of dead processes.
 
 An ``s3://`` destination is exported the same way into a local temporary folder
 (``TMPDIR``: it needs room for the COG), validated there, and only then uploaded, the
-COG before its STAC Item; S3 shows an object only once its upload completes, so a
+COG before its sidecars and its STAC Item; S3 shows an object only once its upload completes, so a
 failed export leaves the destination as it was.
 """
 
@@ -55,6 +58,7 @@ from segpipe.io.remote import (
 from segpipe.io.store import RegionInfo, read_region_info, same_nodata
 from segpipe.stages.export.geotiff import WINDOW, write_geotiff_layer
 from segpipe.stages.export.layers import ExportLayer, band_colormap, classes_from_tags, describe_layer
+from segpipe.stages.export.legend import PixelCounts, aux_xml_path, qml_path, write_legend, written_by_segpipe
 from segpipe.stages.export.stac import stac_bands, stac_item, stac_item_path, stac_json
 
 __all__ = ["COMPRESSIONS", "GDAL_CACHE_MB", "write_cog"]
@@ -116,11 +120,13 @@ def write_cog(
         dest.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(dest)
         with _staging(dest) as token:
-            cog = _convert(store, dest, token, info, spec, compress)
+            counts = PixelCounts()
+            cog = _convert(store, dest, token, info, spec, compress, counts)
             # Staged before the COG is published: a full disk fails here, with the
             # earlier COG and Item still in place; the renames of _publish need no space.
+            legend = _stage_legend(dest, token, spec, counts)
             item = _stage_stac_item(store, dest, token, info, spec) if stac else None
-            _publish(dest, cog, item)
+            _publish(dest, cog, legend, item)
     return dest
 
 
@@ -177,9 +183,17 @@ def _temporary(dest: Path, token: str, kind: str) -> Path:
 
 
 def _convert(
-    store: str | Path, dest: Path, token: str, info: RegionInfo, spec: ExportLayer, compress: str
+    store: str | Path,
+    dest: Path,
+    token: str,
+    info: RegionInfo,
+    spec: ExportLayer,
+    compress: str,
+    counts: PixelCounts,
 ) -> Path:
     """Stream the layer beside ``dest``, convert it to a COG, check and validate it.
+
+    ``counts`` receives the pixel count of each value of a class layer as it streams.
 
     Returns:
         The hidden, validated COG (``dest`` is not touched).
@@ -189,7 +203,8 @@ def _convert(
     """
     stream = _temporary(dest, token, "stream.tif")
     cog = _temporary(dest, token, "cog.tif")
-    source = write_geotiff_layer(store, stream, spec.name, info=info, overviews=True)
+    on_block = counts.add if spec.name == "classes" else None
+    source = write_geotiff_layer(store, stream, spec.name, info=info, overviews=True, on_block=on_block)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         rasterio.shutil.copy(
             source,
@@ -247,9 +262,35 @@ def _stage_stac_item(store: str | Path, dest: Path, token: str, info: RegionInfo
     return tmp
 
 
-def _publish(dest: Path, cog: Path, item: Path | None) -> None:
-    """Rename the validated COG over ``dest``, then its staged Item beside it."""
+def _stage_legend(dest: Path, token: str, spec: ExportLayer, counts: PixelCounts) -> tuple[Path, Path] | None:
+    """Write the PAM sidecar and QGIS style of a class COG into hidden temporaries.
+
+    Returns:
+        The temporaries (sidecar, style) for :func:`_publish`, or None for a layer
+        without classes.
+    """
+    if spec.name != "classes" or not spec.classes:
+        return None
+    aux, qml = _temporary(dest, token, "aux.xml"), _temporary(dest, token, "qml")
+    write_legend(aux, qml, spec.classes, counts)
+    return aux, qml
+
+
+def _publish(dest: Path, cog: Path, legend: tuple[Path, Path] | None, item: Path | None) -> None:
+    """Rename the validated COG over ``dest``, then its staged sidecars and Item beside it.
+
+    Every file is replaced by one atomic rename, so none is ever half-written. Without
+    a legend, the sidecar of an earlier export is removed (GDAL would lend its names,
+    counts and statistics to the new raster), and so is a style segpipe wrote.
+    """
     os.replace(cog, dest)
+    if legend is not None:
+        os.replace(legend[0], aux_xml_path(dest))
+        os.replace(legend[1], qml_path(dest))
+    else:
+        aux_xml_path(dest).unlink(missing_ok=True)
+        if written_by_segpipe(qml_path(dest)):
+            qml_path(dest).unlink()
     if item is not None:
         os.replace(item, stac_item_path(dest))
 
@@ -264,6 +305,9 @@ def _write_remote_cog(
     with tempfile.TemporaryDirectory(prefix="segpipe-export-") as tmp:
         local = Path(write_cog(store, Path(tmp) / url_name(url), layer, True, compress, stac))
         upload(local, url)
+        for sidecar in (aux_xml_path(local), qml_path(local)):
+            if sidecar.exists():  # GDAL finds the sidecar beside the COG in the bucket too
+                upload(sidecar, f"{url_parent(url)}/{sidecar.name}")
         if stac:
             # After the COG: an Item never points at a COG that is not there yet.
             item = stac_item_path(local)

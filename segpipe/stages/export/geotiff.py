@@ -150,6 +150,7 @@ def write_geotiff_layer(
     info: RegionInfo | None = None,
     on_window: Callable[[int, int], None] | None = None,
     overviews: bool = False,
+    on_block: Callable[[np.ndarray], None] | None = None,
 ) -> Path:
     """Stream one store layer into a tiled, compressed GeoTIFF (see the module docstring).
 
@@ -162,6 +163,8 @@ def write_geotiff_layer(
         overviews: For MODE layers (classes), also build the overview levels in the same
             pass, each in a GeoTIFF beside ``path`` (one more full-width band of windows
             in memory).
+        on_block: Called with each window's pixels as they are written (the legend's
+            pixel counts, without a second read).
 
     Returns:
         ``path``, or with ``overviews`` on a class layer a VRT beside it that declares
@@ -185,6 +188,8 @@ def write_geotiff_layer(
                 dst.write(block, 1 if block.ndim == 2 else None, window=Window.from_slices(*box.slices))
                 if feed is not None:
                     feed.add(box, block)
+                if on_block is not None:
+                    on_block(block)
             if feed is not None:
                 feed.finish()
     except BaseException:

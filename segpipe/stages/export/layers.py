@@ -1,7 +1,7 @@
 """What each exportable store layer is as a GeoTIFF: bands, dtype, nodata, resampling, colours, tags, classes.
 
-Also the class metadata every class GeoTIFF carries: a colour table (0 black, 255
-transparent) and band tags naming the classes, which :mod:`segpipe.stages.evaluate.prediction`
+Also the class metadata every class GeoTIFF carries: a colour table (the classes' colours,
+all else transparent) and band tags naming the classes, which :mod:`segpipe.stages.evaluate.prediction`
 reads back from COGs written by other runs. Nothing here touches a file but the store:
 :mod:`segpipe.stages.export.geotiff` writes what this module describes.
 """
@@ -85,16 +85,21 @@ class ExportLayer:
 
 
 def class_colormap(classes: Sequence[ClassInfo]) -> Colormap:
-    """Colour table for a class raster: class colours, 0 black, 255 (nodata) transparent.
+    """Colour table for a class raster: the class colours, everything else transparent.
 
-    Values without a class get the default palette colour of their value, so a
-    prediction of a class the store does not describe is still visible.
+    0 (unlabelled) and 255 (nodata) are transparent, and so are values without a class
+    (a repeated class colour would read as that class in a map). A store that describes
+    no class at all keeps the default palette colour of each value 1-254, so its
+    prediction is still visible.
     """
-    table: Colormap = {0: (0, 0, 0, 255), NODATA_U8: (0, 0, 0, 0)}
-    known = {c.value: c for c in classes}
-    for value in range(1, 255):
-        cls = known.get(value) or ClassInfo(value, "", default_colour(value))
-        table[value] = (*cls.rgb, 255)
+    clear = (0, 0, 0, 0)
+    table: Colormap = dict.fromkeys(range(256), clear)
+    if not classes:
+        for value in range(1, NODATA_U8):
+            table[value] = (*ClassInfo(value, "", default_colour(value)).rgb, 255)
+    for c in classes:
+        if 0 < c.value < NODATA_U8:
+            table[c.value] = (*c.rgb, 255)
     return table
 
 
