@@ -527,3 +527,26 @@ def test_band_colormap_is_empty_without_a_colour_table(tmp_path: Path) -> None:
         dst.write_colormap(1, class_colormap(CLASSES))
     with rasterio.open(plain) as src:
         assert band_colormap(src)[3] == (*CLASSES[1].rgb, 255)
+
+
+def test_cog_overviews_equal_gdal_mode_on_ties(tmp_path: Path) -> None:
+    """The exported levels are GDAL's own ``-r mode`` levels, ties and odd edges included."""
+    from rasterio.enums import Resampling
+
+    store = tmp_path / "ties.zarr"
+    make_store(store, 1100, 1030)  # level 1 is 550 x 515, level 2 275 x 258: an odd axis
+    data = np.random.default_rng(9).choice(np.array([1, 3, 7, 255], np.uint8), size=(1100, 1030))
+    fill_layer(store, "classes", data)
+    out = write_cog(store, tmp_path / "classes.tif", stac=False)
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(out) as src:
+        profile = {**src.profile, "driver": "GTiff"}
+        assert src.overviews(1) == [2, 4]
+    with rasterio.open(plain, "w", **profile) as dst:
+        dst.write(data, 1)
+    with rasterio.open(plain, "r+") as dst:
+        dst.build_overviews([2, 4], Resampling.mode)  # what gdaladdo -r mode runs
+    for level in (0, 1):
+        ours, ref = rasterio.open(out, overview_level=level), rasterio.open(plain, overview_level=level)
+        with ours, ref:
+            np.testing.assert_array_equal(ours.read(1), ref.read(1), err_msg=f"level {level + 1}")
