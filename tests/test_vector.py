@@ -17,7 +17,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from scipy import ndimage
 
-import segpipe.stages.export.vector as vector
+import segpipe.stages.export.vector_blocks as vector_blocks
 from segpipe.errors import InputError, MissingLayerError
 from segpipe.io.store import create_layer, read_region_info, write_block
 from segpipe.stages.export.vector import VectorFormatError, sieve_threshold, write_vector
@@ -245,7 +245,7 @@ def test_bad_destinations_are_refused_with_one_line(
     message = str(caught.value)
     assert "\n" not in message and "classes.shp" in message and ".gpkg" in message and ".parquet" in message
     assert isinstance(caught.value, InputError)
-    monkeypatch.setattr(vector.pyogrio, "list_drivers", lambda write=False: {"GPKG": "rw"})
+    monkeypatch.setattr(pyogrio, "list_drivers", lambda write=False: {"GPKG": "rw"})
     with pytest.raises(VectorFormatError, match=r"no Parquet driver; write classes\.gpkg"):
         write_vector(store, tmp_path / "classes.parquet")
     monkeypatch.undo()
@@ -263,7 +263,7 @@ def test_failure_keeps_the_earlier_file(
     out = write_vector(store, tmp_path / "classes.gpkg")
     before = out.read_bytes()
     calls = {"n": 0}
-    real = vector.polygonize_block
+    real = vector_blocks.polygonize_block
 
     def fail_on_the_ninth(*args: object) -> object:
         calls["n"] += 1
@@ -271,7 +271,7 @@ def test_failure_keeps_the_earlier_file(
             raise OSError("disk went away")
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(vector, "polygonize_block", fail_on_the_ninth)
+    monkeypatch.setattr("segpipe.stages.export.vector.polygonize_block", fail_on_the_ninth)
     with pytest.raises(OSError, match="disk went away"):
         write_vector(store, out)
     assert out.read_bytes() == before

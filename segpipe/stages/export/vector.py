@@ -147,18 +147,17 @@ class _Writer:
         """Append ``patches`` (possibly none: the first call creates the layer)."""
         if self.features and not len(patches):
             return
-        geometry = shapely.transform(np.asarray(patches.geometry, dtype=object), self._to_map)
+        geometry = shapely.transform(patches.column("geometry"), self._to_map)
         if self.simplify:
             geometry = shapely.simplify(geometry, self.simplify, preserve_topology=True)
         a, b, _, d, e, _ = self.info.transform
-        count = np.asarray(patches.conf_count, np.float64)
-        mean = np.divide(
-            np.asarray(patches.conf_sum), count, out=np.full(len(count), np.nan), where=count > 0
-        )
+        values = patches.column("values")
+        count = patches.column("conf_count").astype(np.float64)
+        mean = np.divide(patches.column("conf_sum"), count, out=np.full(len(count), np.nan), where=count > 0)
         table = pd.DataFrame({
-            "class": pd.Series(patches.values, dtype="int32"),
-            "class_name": pd.Series([self.names.get(v) for v in patches.values], dtype="object"),
-            "area": pd.Series(np.asarray(patches.pixels, np.float64) * abs(a * e - b * d), dtype="float64"),
+            "class": pd.Series(values, dtype="int32"),
+            "class_name": pd.Series([self.names.get(int(v)) for v in values], dtype="object"),
+            "area": pd.Series(patches.column("pixels") * abs(a * e - b * d), dtype="float64"),
             "mean_confidence": pd.Series(mean if self.confidence else np.nan, index=range(len(count)),
                                          dtype="float64"),
         })

@@ -26,26 +26,32 @@ __all__ = ["Patches", "RowMerger"]
 
 @dataclass
 class Patches:
-    """Complete patches, column-wise: geometries in global pixel coordinates."""
+    """Complete patches, column-wise, in chunks: geometries in global pixel coordinates."""
 
-    values: list[int] = field(default_factory=list)
-    pixels: list[int] = field(default_factory=list)
-    conf_sum: list[float] = field(default_factory=list)
-    conf_count: list[int] = field(default_factory=list)
-    geometry: list[shapely.Geometry] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    pixels: list[np.ndarray] = field(default_factory=list)
+    conf_sum: list[np.ndarray] = field(default_factory=list)
+    conf_count: list[np.ndarray] = field(default_factory=list)
+    geometry: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return sum(len(v) for v in self.values)
 
     def add(
-        self, value: int, pixels: int, conf_sum: float, conf_count: int, geometry: shapely.Geometry
+        self, values: np.ndarray, pixels: np.ndarray, conf_sum: np.ndarray, conf_count: np.ndarray,
+        geometry: np.ndarray,
     ) -> None:
-        """Append one patch."""
-        self.values.append(value)
-        self.pixels.append(pixels)
-        self.conf_sum.append(conf_sum)
-        self.conf_count.append(conf_count)
-        self.geometry.append(geometry)
+        """Append patches (equal-length arrays)."""
+        self.values.append(np.asarray(values, np.int64))
+        self.pixels.append(np.asarray(pixels, np.int64))
+        self.conf_sum.append(np.asarray(conf_sum, np.float64))
+        self.conf_count.append(np.asarray(conf_count, np.int64))
+        self.geometry.append(np.asarray(geometry, dtype=object))
+
+    def column(self, name: str) -> np.ndarray:
+        """One attribute of every patch, in order."""
+        chunks: list[np.ndarray] = getattr(self, name)
+        return np.concatenate(chunks) if chunks else np.zeros(0, object if name == "geometry" else np.int64)
 
 
 @dataclass
@@ -56,7 +62,7 @@ class _Open:
     pixels: int
     conf_sum: float
     conf_count: int
-    parts: list[bytes]
+    parts: list[shapely.Geometry]
 
     def absorb(self, other: _Open) -> None:
         self.pixels += other.pixels
@@ -136,22 +142,26 @@ class RowMerger:
             nodes = np.arange(1, len(bp.classes)) + bases[c]
             g = group[nodes]
             alone = (members[g] == 1) & ~going_on[g]
-            for label in np.nonzero(alone)[0] + 1:  # complete in its block: no union needed
-                done.add(int(bp.classes[label]), int(bp.sizes[label]), float(bp.conf_sum[label]),
-                         int(bp.conf_count[label]), shapely.from_wkb(bp.shapes[label]))
+            single = np.nonzero(alone)[0] + 1  # complete in its block: no union needed
+            done.add(bp.classes[single], bp.sizes[single], bp.conf_sum[single], bp.conf_count[single],
+                     bp.shapes[single])
             for label in np.nonzero(~alone)[0] + 1:
                 part = _Open(int(bp.classes[label]), int(bp.sizes[label]), float(bp.conf_sum[label]),
                              int(bp.conf_count[label]), [bp.shapes[label]])
                 self._gather(gathered, int(g[label - 1]), part)
         opened: dict[int, int] = {}
+        closed: list[_Open] = []
         self.open = []
         for gid, patch in gathered.items():
             if going_on[gid]:
                 opened[gid] = len(self.open)
                 self.open.append(patch)
             else:
-                geometry = shapely.union_all(shapely.from_wkb(patch.parts))
-                done.add(patch.value, patch.pixels, patch.conf_sum, patch.conf_count, geometry)
+                closed.append(patch)
+        if closed:
+            done.add(np.array([p.value for p in closed]), np.array([p.pixels for p in closed]),
+                     np.array([p.conf_sum for p in closed]), np.array([p.conf_count for p in closed]),
+                     np.array([shapely.union_all(p.parts) for p in closed], dtype=object))
         self.bottom = np.full(self.width, -1, np.int64)
         for c, bp in enumerate(row):
             labels = bp.strips.bottom
