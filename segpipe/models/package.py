@@ -2,11 +2,16 @@
 
 A package is everything prediction needs: architecture, encoder, band names,
 normalisation statistics (with optional percentile clipping), classes and chip size.
-Weights are safetensors (no pickle).
+Weights are safetensors (no pickle), or, in a package made by
+:func:`segpipe.models.onnx.export_onnx`, the whole network as ``model.onnx``
+(``weights_format`` = ``onnx``), which prediction runs with onnxruntime.
 
 Schema history: 1 = first release; 2 adds ``clip_low``/``clip_high``, ``output_stride``
-and ``versions`` (the software that wrote the package). Schema 1 packages still load:
-their new fields take the values schema 1 implied (no clipping, stride 32).
+and ``versions`` (the software that wrote the package), and later the optional
+``weights_format``, written by ONNX packages only: a torch package's ``model.json`` is
+unchanged, and a segpipe from before ONNX packages refuses one by naming that field
+rather than stumbling on a missing weights file. Schema 1 packages still load: their
+new fields take the values schema 1 implied (no clipping, stride 32).
 """
 
 from __future__ import annotations
@@ -21,11 +26,10 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from torch import nn
 
 from segpipe.errors import BandMismatchError, InputError, ModelPackageError
 from segpipe.models.fetch import hash_file, local_package
@@ -35,24 +39,37 @@ from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
+
+    from segpipe.models.onnx import OnnxNetwork
+
+    # What prediction runs: (N, bands, H, W) float32 -> (N, classes, H, W) logits.
+    Network: TypeAlias = nn.Module | OnnxNetwork
 
 __all__ = [
     "KNOWN_ARCHITECTURES",
     "MODEL_SCHEMA",
+    "ONNX_FILE",
+    "WEIGHTS_FORMATS",
     "ModelSpec",
     "SpecFile",
     "check_bands",
     "load_model",
+    "load_network",
     "model_hash",
     "normalise",
     "read_spec",
     "save_model",
     "software_versions",
     "validate_package",
+    "weights_name",
 ]
 
 MODEL_SCHEMA = 2
 _READABLE_SCHEMAS = (1, 2)
+# The weights file of an ONNX package (a torch package's is files.WEIGHTS_FILE).
+ONNX_FILE = "model.onnx"
+WEIGHTS_FORMATS = ("safetensors", "onnx")
 # Every ``arch`` a package may name; ``ensemble`` is segpipe.models.ensemble.ENSEMBLE_ARCH
 # (not imported: the ensemble module imports this one).
 KNOWN_ARCHITECTURES = (*ARCHITECTURES, *CLASSICAL_ARCHITECTURES, "ensemble")
@@ -98,6 +115,7 @@ class SpecFile(BaseModel):
     clip_high: list[float] | None = None
     output_stride: int = Field(default=_NETWORK_STRIDE, gt=0)
     versions: dict[str, Any] = Field(default_factory=dict)
+    weights_format: Literal["safetensors", "onnx"] = "safetensors"
 
     @field_validator("arch")
     @classmethod
@@ -181,6 +199,8 @@ class ModelSpec:
         clip_high: Per-band upper clip, or None; set together with ``clip_low``.
         output_stride: Input edges must be multiples of this for the network.
         versions: Software versions that made the model (see :func:`software_versions`).
+        weights_format: ``safetensors`` (torch weights in ``weights.safetensors``) or
+            ``onnx`` (the whole network in ``model.onnx``, run by onnxruntime).
     """
 
     arch: str
@@ -198,8 +218,11 @@ class ModelSpec:
     clip_high: tuple[float, ...] | None = None
     output_stride: int = 32
     versions: dict[str, str] = field(default_factory=software_versions)
+    weights_format: str = "safetensors"
 
     def __post_init__(self) -> None:
+        if self.weights_format not in WEIGHTS_FORMATS:
+            raise ModelPackageError(f"weights format {self.weights_format!r} is not one of {WEIGHTS_FORMATS}")
         if (self.clip_low is None) != (self.clip_high is None):
             raise ModelPackageError("clip_low and clip_high must be given together")
         for name in ("clip_low", "clip_high"):
@@ -214,6 +237,8 @@ class ModelSpec:
         d = asdict(self)
         d["classes"] = classes_to_json(self.classes)
         d["band_names"] = list(self.band_names)
+        if self.weights_format == "safetensors":
+            del d["weights_format"]  # torch packages' model.json as before ONNX packages existed
         return {"schema": MODEL_SCHEMA, "kind": "segpipe-model", **d}
 
     @classmethod
@@ -268,6 +293,7 @@ class ModelSpec:
                 clip_high=None if parsed.clip_high is None else tuple(parsed.clip_high),
                 output_stride=parsed.output_stride,
                 versions=dict(parsed.versions),
+                weights_format=parsed.weights_format,
             )
         except (InputError, TypeError, ValueError) as exc:
             raise ModelPackageError(f"{source}: {exc}") from exc
@@ -298,13 +324,29 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
 _HASHES: dict[tuple[tuple[str, int, int, int, int, int], ...], str] = {}
 
 
+def weights_name(model_dir: str | Path) -> str:
+    """The weights file a local package's ``model.json`` names: ``weights.safetensors`` or ``model.onnx``.
+
+    Only the format is read (the description is checked in full by :func:`read_spec`);
+    an unreadable description names the usual weights file, whose absence or the
+    description's own check then reports what is wrong.
+    """
+    try:
+        data = json.loads((Path(model_dir) / SPEC_FILE).read_bytes())
+    except (OSError, ValueError):
+        return WEIGHTS_FILE
+    onnx = isinstance(data, dict) and data.get("weights_format") == "onnx"
+    return ONNX_FILE if onnx else WEIGHTS_FILE
+
+
 def model_hash(model_dir: str | Path) -> str:
     """Content hash of a package (description + weights): the key of per-worker caches.
 
     Computed once per process for the same files: packages are written by atomic
     renames, so a changed file has a new inode and modification time, hence a new key.
     """
-    paths = [local_package(model_dir) / name for name in (SPEC_FILE, WEIGHTS_FILE)]
+    local = local_package(model_dir)
+    paths = [local / name for name in (SPEC_FILE, weights_name(local))]
     ids = []
     for path in paths:
         if not path.is_file():
@@ -353,6 +395,9 @@ def save_model(model_dir: str | Path, spec: ModelSpec, network: nn.Module) -> Pa
     """
     from safetensors.torch import save
 
+    if spec.weights_format != "safetensors":
+        raise ModelPackageError(f"save_model writes torch weights, not a spec with weights_format "
+                                f"{spec.weights_format!r} (segpipe.models.onnx.export_onnx writes those)")
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
@@ -381,10 +426,16 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
 
     Raises:
         ModelPackageError: Missing files, a bad description, weights that are not
-            safetensors, do not fit the network or hold NaN; the message names the file.
+            safetensors, do not fit the network or hold NaN, or an ONNX package (see
+            :func:`load_network`); the message names the file.
     """
     local = local_package(model_dir)  # one copy for the description and the weights
     spec = read_spec(local)
+    if spec.weights_format != "safetensors":
+        raise ModelPackageError(
+            f"model package {model_dir} holds its network as {ONNX_FILE}, not torch weights: prediction "
+            "runs it with onnxruntime; training, combining and selecting need the torch package it came from"
+        )
     tensors = _read_weights(local / WEIGHTS_FILE, model_dir)
     try:
         net = build_network(spec.arch, spec.encoder, len(spec.band_names), len(spec.classes), spec.options)
@@ -414,18 +465,29 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
 
 # Loaded packages by content hash, so the driver's validation and in-process tasks load a
 # package once; each dask worker process keeps its own (segpipe.stages.predict.worker).
-_LOADED: OrderedDict[str, tuple[nn.Module, ModelSpec]] = OrderedDict()
+_LOADED: OrderedDict[str, tuple[Network, ModelSpec]] = OrderedDict()
 _LOADED_LOCK = threading.Lock()
 _LOADED_MAX = 2
 
 
-def load_verified(
-    model_dir: str | Path, expected_hash: str | None = None
-) -> tuple[nn.Module, ModelSpec, str]:
-    """Load a package once per process, keyed by its content hash.
+def _load_any(local: Path) -> tuple[Network, ModelSpec]:
+    """A local package's network: a torch module, or an onnxruntime session for an ONNX package."""
+    spec = read_spec(local)
+    if spec.weights_format == "onnx":
+        from segpipe.models.onnx import load_onnx  # onnxruntime only where an ONNX package is run
 
-    Hash and weights come from one local copy, so a package on S3 replaced in between
-    never loads under the old hash.
+        return load_onnx(local / ONNX_FILE, spec), spec
+    return load_model(local)
+
+
+def load_network(model_dir: str | Path, expected_hash: str | None = None) -> tuple[Network, ModelSpec, str]:
+    """Load a package of either weights format once per process, keyed by its content hash.
+
+    The seam prediction goes through: a torch package gives its eval-mode CPU network,
+    an ONNX package an :class:`segpipe.models.onnx.OnnxNetwork` (onnxruntime, no torch
+    call). Either maps (N, bands, H, W) normalised float32 input to (N, classes, H, W)
+    logits. Hash and weights come from one local copy, so a package on S3 replaced in
+    between never loads under the old hash.
 
     Args:
         model_dir: Package directory or ``s3://`` URL.
@@ -433,7 +495,7 @@ def load_verified(
             the driver checked it).
 
     Returns:
-        The eval-mode CPU network (shared: do not train it), its spec and its hash.
+        The network (shared: do not train it), its spec and its hash.
 
     Raises:
         ModelPackageError: An invalid package, or one that changed.
@@ -450,7 +512,7 @@ def load_verified(
             _LOADED.move_to_end(found)
             net, spec = _LOADED[found]
             return net, spec, found
-    net, spec = load_model(local)
+    net, spec = _load_any(local)
     with _LOADED_LOCK:
         _LOADED[found] = (net, spec)
         while len(_LOADED) > _LOADED_MAX:
@@ -458,11 +520,35 @@ def load_verified(
     return net, spec, found
 
 
+def load_verified(
+    model_dir: str | Path, expected_hash: str | None = None
+) -> tuple[nn.Module, ModelSpec, str]:
+    """Load a torch package once per process, keyed by its content hash (see :func:`load_network`).
+
+    Returns:
+        The eval-mode CPU network (shared: do not train it), its spec and its hash.
+
+    Raises:
+        ModelPackageError: An invalid package, one that changed, or an ONNX package
+            (its network is not a torch module).
+    """
+    net, spec, found = load_network(model_dir, expected_hash)
+    from torch import nn
+
+    if not isinstance(net, nn.Module):
+        raise ModelPackageError(
+            f"model package {model_dir} holds its network as {ONNX_FILE}, not torch weights: this step "
+            "needs a torch package (prediction runs ONNX packages through onnxruntime)"
+        )
+    return net, spec, found
+
+
 def validate_package(model_dir: str | Path) -> tuple[ModelSpec, str]:
     """Check a package completely: description, architecture, normalisation and weights.
 
     The weights are loaded into the network (on the CPU, once per process and package
-    hash), so nothing a worker would stumble on is left to find after outputs change.
+    hash; an ONNX package into an onnxruntime session), so nothing a worker would
+    stumble on is left to find after outputs change.
 
     Returns:
         The package's spec and content hash.
@@ -470,7 +556,7 @@ def validate_package(model_dir: str | Path) -> tuple[ModelSpec, str]:
     Raises:
         ModelPackageError: What is wrong, naming the package, the file and the field.
     """
-    _, spec, digest = load_verified(model_dir)
+    _, spec, digest = load_network(model_dir)
     return spec, digest
 
 

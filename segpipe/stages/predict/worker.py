@@ -14,7 +14,7 @@ import copy
 import functools
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from segpipe.grid.box import Box
 from segpipe.grid.tiling import Forward
 from segpipe.io.store import NODATA_U8, RegionInfo, open_layer, read_region_info, write_block
 from segpipe.models import load_verified
+from segpipe.models.onnx import OnnxNetwork
+from segpipe.models.package import load_network
 from segpipe.stages.predict.allocator import tune_allocator
 from segpipe.stages.predict.blend import BlendStats, RowBand, blend_rows, tta_forward
 from segpipe.stages.predict.jobs import BlockJob, Blocks, blocks_box
@@ -35,7 +37,10 @@ if TYPE_CHECKING:
     from segpipe.models import ModelSpec
 
 __all__ = [
+    "LoadedForward",
+    "cached_forward",
     "cached_model",
+    "onnx_forward",
     "run_block",
     "torch_forward",
     "usable_cores",
@@ -56,12 +61,13 @@ def worker_host(address: str) -> str:
     return address.split("://")[-1].rsplit(":", 1)[0]
 
 
-def _cpu_streams(job: BlockJob) -> int:
+def _cpu_streams(job: BlockJob, uses_torch: bool = True) -> int:
     """Forward streams for this task: the cores the driver planned for it on this host.
 
     Torch runs single-threaded in each stream (dask workers start with one thread):
     independent single-threaded calls keep every core busy, where one call's threads
-    would wait on each other at every layer.
+    would wait on each other at every layer. (An ONNX network's session is made
+    single-threaded in a dask worker when it is loaded: segpipe.models.onnx.load_onnx.)
     """
     try:
         from distributed import get_worker
@@ -69,10 +75,11 @@ def _cpu_streams(job: BlockJob) -> int:
         host = worker_host(get_worker().address)
     except (ImportError, ValueError):  # not inside a dask worker: one stream, torch's default threads
         return 1
-    import torch
+    if uses_torch:
+        import torch
 
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
     return max(1, dict(job.threads).get(host, 1))
 
 
@@ -113,6 +120,53 @@ def torch_forward(net: nn.Module, device: torch.device) -> Forward:
         return probs.cpu().numpy()
 
     return forward
+
+
+def onnx_forward(net: OnnxNetwork) -> Forward:
+    """A :data:`segpipe.grid.tiling.Forward` of an ONNX network: softmax probabilities, float32 numpy.
+
+    The same contract as :func:`torch_forward`, without torch: onnxruntime gives the
+    logits, the softmax (over classes, max subtracted for stability) is numpy's.
+    """
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        logits = net(batch).astype(np.float32, copy=False)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs: np.ndarray = e / e.sum(axis=1, keepdims=True)
+        return probs
+
+    return forward
+
+
+class LoadedForward(NamedTuple):
+    """What prediction runs for a package (see :func:`cached_forward`).
+
+    Attributes:
+        forward: (N, bands, H, W) normalised pixels -> (N, classes, H, W) probabilities.
+        spec: The package's description.
+        on_cpu: Whether it runs on the CPU (then in as many streams as the task has cores).
+        uses_torch: Whether torch runs it (False: onnxruntime).
+    """
+
+    forward: Forward
+    spec: ModelSpec
+    on_cpu: bool
+    uses_torch: bool
+
+
+@functools.lru_cache(maxsize=2)
+def cached_forward(model_dir: str, expected_hash: str) -> LoadedForward:
+    """A package's probabilities forward, from torch weights or an ONNX file, once per process.
+
+    The one place prediction turns a package into the function it runs: an ONNX package
+    (``weights_format`` ``onnx``) runs through onnxruntime with no torch call, a torch
+    package through :func:`cached_model` and :func:`torch_forward`.
+    """
+    net, spec, _ = load_network(model_dir, expected_hash)
+    if isinstance(net, OnnxNetwork):
+        return LoadedForward(onnx_forward(net), spec, net.on_cpu, False)
+    torch_net, spec, device = cached_model(model_dir, expected_hash)
+    return LoadedForward(torch_forward(torch_net, device), spec, device.type == "cpu", True)
 
 
 def _unfinished(progress: zarr.Array[Any], blocks: Blocks) -> Blocks:
@@ -183,10 +237,10 @@ def _predict_blocks(
 ) -> dict[str, int]:
     """Blend the windows reaching ``blocks`` and write them; return the pixel and window counts."""
     s = job.settings
-    net, spec, device = cached_model(s.model_dir, s.model_hash)
-    streams = _cpu_streams(job) if device.type == "cpu" else 1
-    forward = torch_forward(net, device)
-    forward = tta_forward(forward) if s.tta else forward
+    loaded = cached_forward(s.model_dir, s.model_hash)
+    spec = loaded.spec
+    streams = _cpu_streams(job, loaded.uses_torch) if loaded.on_cpu else 1
+    forward = tta_forward(loaded.forward) if s.tta else loaded.forward
     image = open_layer(s.store, "image")
 
     def read(box: Box) -> tuple[np.ndarray, np.ndarray]:
