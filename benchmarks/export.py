@@ -12,7 +12,13 @@ For each size (default 16,384^2 and 32,768^2) the script:
    ``gdal_translate -of COG`` (Debian's gdal-bin) on it with the same creation options and
    GDAL cache: ``ratio_vs_gdal`` = segpipe's whole export / gdal_translate's conversion;
 4. evaluates the store against that GeoTIFF as the reference (``segpipe.stages.evaluate.assess``, dask's
-   threaded scheduler), in a child process: throughput in Mpx/s, dense and ``--points``.
+   threaded scheduler), in a child process: throughput in Mpx/s, dense and ``--points``;
+5. the vector row: polygons of the classes with :func:`segpipe.stages.export.vector.write_vector`
+   (block by block, in this process, written to a GeoPackage; once plain and once with a
+   ``min_area`` sieve of 10 px) beside one ``rasterio.features.shapes`` pass over the whole
+   layer read into memory (features counted as they stream, not kept and not written: the
+   cheapest a whole-raster pass can be), each in a child: wall time and peak RSS.
+   ``--vector-only`` measures this row alone (no gdal_translate needed).
 
 Prints a table and writes ``benchmarks/results/export.json``. Needs ``gdal_translate``
 (``apt-get install gdal-bin``). Scratch data goes to ``--workdir`` (about 0.3 GB per
@@ -191,6 +197,58 @@ def _evaluations(store: Path, prediction: Path, work: Path, mpx: float) -> dict[
     }
 
 
+VECTOR_CHILD = """
+import json, time, pyogrio
+from segpipe.stages.export.vector import write_vector
+t = time.perf_counter()
+write_vector({store!r}, {out!r}, min_area={min_area!r})
+print(json.dumps({{"s": time.perf_counter() - t, "features": pyogrio.read_info({out!r})["features"]}}))
+"""
+
+# The whole-raster baseline: the layer in memory, one GDAL polygonize pass over it.
+SHAPES_CHILD = """
+import json, time, numpy as np, rasterio.features
+from segpipe.io.store import open_layer, read_region_info
+t = time.perf_counter()
+info = read_region_info({store!r})
+classes = np.asarray(open_layer({store!r}, "classes")[:])
+valid = (classes != 0) & (classes != 255)
+n = sum(1 for _ in rasterio.features.shapes(classes, mask=valid, connectivity=4, transform=info.affine))
+print(json.dumps({{"s": time.perf_counter() - t, "features": n}}))
+"""
+
+
+def bench_vector(store: Path, work: Path, size: int) -> dict[str, Any]:
+    """The vector row: write_vector (plain, and sieved at 10 px) beside a whole-raster shapes pass."""
+    out = work / f"classes{size}.gpkg"
+    pixel_area = 100.0  # make_store's 10 m pixels
+    record: dict[str, Any] = {}
+    for key, min_area in (("vector", None), ("vector_sieve10", 10 * pixel_area)):
+        wall, mb, text = run_child(py(VECTOR_CHILD.format(store=str(store), out=str(out), min_area=min_area)))
+        result = json.loads(text.strip().splitlines()[-1])
+        record |= {f"{key}_s": round(result["s"], 2), f"{key}_process_s": round(wall, 2),
+                   f"{key}_peak_rss_mb": round(mb, 1), f"{key}_features": result["features"]}
+        out.unlink(missing_ok=True)
+    wall, mb, text = run_child(py(SHAPES_CHILD.format(store=str(store))))
+    result = json.loads(text.strip().splitlines()[-1])
+    record |= {"shapes_whole_s": round(result["s"], 2), "shapes_whole_process_s": round(wall, 2),
+               "shapes_whole_peak_rss_mb": round(mb, 1), "shapes_whole_features": result["features"],
+               "vector_ratio_vs_shapes": round(record["vector_s"] / result["s"], 2)}
+    return record
+
+
+def bench_vector_only(size: int, work: Path, workers: int) -> dict[str, Any]:
+    """Only the vector row (``--vector-only``): build the store, measure, clean up."""
+    store = work / f"region{size}.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    make_store(store, size)
+    fill_classes(store, size, workers)
+    try:
+        return {"size": size, "megapixels": round(size * size / 1e6, 1), **bench_vector(store, work, size)}
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
 def bench_size(size: int, work: Path, compress: str, workers: int) -> dict[str, Any]:
     store = work / f"region{size}.zarr"
     shutil.rmtree(store, ignore_errors=True)
@@ -231,6 +289,7 @@ def bench_size(size: int, work: Path, compress: str, workers: int) -> dict[str, 
         "gdal_cog_mb": round(gdal_out.stat().st_size / 2**20, 1),
         "validation": validation,
         **_evaluations(store, stream, work, mpx),
+        **bench_vector(store, work, size),
     }
     for path in (ours, ours.with_name(f"{ours.stem}.stac.json"), stream, gdal_out):
         path.unlink(missing_ok=True)
@@ -246,7 +305,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes generating the store")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--vector-only", action="store_true", help="measure the vector row alone")
     args = parser.parse_args()
+    if args.vector_only:
+        return vector_main(args)
     if shutil.which("gdal_translate") is None:
         sys.exit("gdal_translate not found: apt-get install -y gdal-bin")
     gdal_version = subprocess.run(["gdal_translate", "--version"], capture_output=True, text=True).stdout
@@ -268,6 +330,11 @@ def main() -> None:
                 f"valid {r['validation']['valid']}",
                 flush=True,
             )
+            print(
+                f"{'':>8}vector {r['vector_s']:7.1f} s  {r['vector_peak_rss_mb']:6.0f} MB | "
+                f"whole-raster shapes {r['shapes_whole_s']:7.1f} s  {r['shapes_whole_peak_rss_mb']:6.0f} MB",
+                flush=True,
+            )
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -287,6 +354,41 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def vector_main(args: argparse.Namespace) -> None:
+    """``--vector-only``: the vector row per size, into ``benchmarks/results/export_vector.json``."""
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="segpipe-vector-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    rows = []
+    try:
+        for size in args.sizes:
+            rows.append(bench_vector_only(size, work, args.workers))
+            r = rows[-1]
+            print(
+                f"{size:>6}^2  write_vector {r['vector_s']:7.1f} s  {r['vector_peak_rss_mb']:6.0f} MB "
+                f"({r['vector_features']} polygons; sieved 10 px {r['vector_sieve10_s']:.1f} s "
+                f"{r['vector_sieve10_peak_rss_mb']:.0f} MB) | "
+                f"whole-raster shapes {r['shapes_whole_s']:7.1f} s  "
+                f"{r['shapes_whole_peak_rss_mb']:6.0f} MB ({r['shapes_whole_features']} polygons)",
+                flush=True,
+            )
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "results": rows,
+    }
+    out = args.out if args.out != RESULTS else RESULTS.with_name("export_vector.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
