@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         export,
         ingest,
         predict,
+        preview,
         train,
     )
     from segpipe.io.store import open_region
@@ -73,8 +74,8 @@ _LAZY: dict[str, str] = {
     "SettingError": "segpipe.stages.train.config",
     **{
         name: "segpipe.api"
-        for name in ("ingest", "train", "predict", "export", "evaluate", "ClassScore", "EvaluateResult",
-                     "ExportResult", "IngestResult", "TrainResult")
+        for name in ("ingest", "train", "predict", "export", "preview", "evaluate", "ClassScore",
+                     "EvaluateResult", "ExportResult", "IngestResult", "TrainResult")
     },
 }
 
@@ -112,6 +113,7 @@ __all__ = [
     "ingest",
     "open_region",
     "predict",
+    "preview",
     "train",
 ]
 

@@ -36,6 +36,7 @@ __all__ = [
     "export",
     "ingest",
     "predict",
+    "preview",
     "train",
 ]
 
@@ -358,6 +359,28 @@ def export(
     item = stac_item_path(path) if isinstance(path, Path) else join(
         url_parent(path), stac_item_path(url_name(path)).name)
     return ExportResult(path, layer, item)
+
+
+def preview(cog: str | Path, out: str | Path, *, max_size: int = 1024) -> Path:
+    """Draw a whole exported layer into a PNG with its legend (``segpipe preview``).
+
+    Classes are drawn in their colours with their names and shares of the valid pixels;
+    any other band with a colour bar. The overview nearest the size shown is read.
+
+    Args:
+        cog: An exported layer (a COG of :func:`export`) or any GeoTIFF.
+        out: The ``.png`` to write (replaced whole, never half-written).
+        max_size: Longest side of the map, in pixels.
+
+    Returns:
+        The written PNG.
+
+    Raises:
+        InputError: ``cog`` is missing or no raster, or ``out`` is no ``.png``.
+    """
+    from segpipe.stages.export.preview import write_preview
+
+    return write_preview(cog, out, max_size)
 
 
 def evaluate(

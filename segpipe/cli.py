@@ -598,6 +598,21 @@ def export(
 
 
 @app.command()
+def preview(
+    cog: Annotated[Path, typer.Argument(help="An exported layer (a COG of 'segpipe export') or a GeoTIFF.")],
+    out: Annotated[Path, typer.Option(help="The PNG to write.")],
+    max_size: Annotated[int, typer.Option(help="Longest side of the map, in pixels.")] = 1024,
+) -> None:
+    """Draw a whole layer at a glance: classes in their colours with names and shares, else a colour bar.
+
+    Reads the overview nearest the size shown, so a region of any size costs one small read.
+    """
+    from segpipe.stages.export.preview import write_preview
+
+    console.print(f"wrote {write_preview(cog, out, max_size)}")
+
+
+@app.command()
 def evaluate(
     prediction: Annotated[str, typer.Argument(help="Region store or class GeoTIFF (or an s3:// URL).")],
     reference: Annotated[str, typer.Option(help="Reference label raster or polygons (or an s3:// URL).")],

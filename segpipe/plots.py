@@ -28,7 +28,9 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_loss_curve",
     "plot_preview",
+    "plot_quicklook",
     "plot_samples",
+    "stretch",
 ]
 
 
@@ -141,7 +143,7 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
     return Path(path)
 
 
-def _stretch(rgb: np.ndarray) -> np.ndarray:
+def stretch(rgb: np.ndarray) -> np.ndarray:
     """Scale an (H, W, 3) image to 0-1 with a 2-98 percentile stretch per band."""
     img = np.asarray(rgb, dtype=np.float64)
     out = np.zeros_like(img)
@@ -197,7 +199,7 @@ def plot_preview(
     lut = class_colour_table(classes)
     panels: list[tuple[str, np.ndarray]] = []
     if rgb is not None:
-        panels.append(("image", _stretch(rgb)))
+        panels.append(("image", stretch(rgb)))
     panels.append(("prediction", _coloured(lut, prediction)))
     if reference is not None:
         panels.append(("reference", _coloured(lut, reference)))
@@ -234,6 +236,76 @@ def _finish(
     else:
         fig.tight_layout()
     fig.savefig(path, dpi=dpi)
+
+
+def plot_quicklook(
+    path: str | Path,
+    title: str,
+    *,
+    classes: np.ndarray | None = None,
+    legend: Sequence[tuple[tuple[float, float, float, float], str]] = (),
+    rgb: np.ndarray | None = None,
+    values: np.ndarray | None = None,
+    label: str = "",
+    nodata: np.ndarray | None = None,
+) -> Path:
+    """One map with its legend beside it: a class map, a colour composite, or values with a colour bar.
+
+    Pixels without data show a grey checkerboard (no class colour can be mistaken for it),
+    named in the legend.
+
+    Args:
+        path: PNG to write.
+        title: Figure title (what the map is, its size and CRS).
+        classes: (H, W, 4) RGBA class map, drawn with ``legend`` (colour, text) beside it.
+        legend: The class map's legend entries.
+        rgb: (H, W, 3) image in 0-1.
+        values: (H, W) values, drawn with a colour bar labelled ``label``.
+        label: The colour bar's label.
+        nodata: (H, W) True where the pixel holds no data.
+
+    Returns:
+        The written path.
+    """
+    shown = next(a for a in (classes, rgb, values) if a is not None)
+    height, width = shown.shape[:2]
+    fig, ax = plt.subplots(figsize=(7.0 * min(width / height, 2.0), 7.0))
+    try:
+        handles = [Patch(facecolor=colour, edgecolor="black", label=text) for colour, text in legend]
+        if nodata is not None and nodata.any():
+            ax.imshow(_checkerboard(height, width), interpolation="nearest")
+            handles.append(Patch(facecolor="white", edgecolor="black", hatch="xx", label="no data"))
+            shown = _without(shown, nodata)
+        image = ax.imshow(shown, interpolation="nearest", cmap="viridis")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if values is not None:
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
+        if handles:
+            ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9,
+                      frameon=False)
+        fig.suptitle(title)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _checkerboard(height: int, width: int) -> np.ndarray:
+    """Light and lighter grey squares, about 48 to the longer side."""
+    cell = max(1, max(height, width) // 48)
+    ys, xs = np.indices((height, width)) // cell
+    return np.where(((ys + xs) % 2 == 0)[..., None], 0.78, 0.93) * np.ones(3)
+
+
+def _without(shown: np.ndarray, nodata: np.ndarray) -> np.ndarray:
+    """``shown`` transparent (or NaN, for values) where there is no data, so the checkerboard shows."""
+    if shown.ndim == 2:
+        return np.where(nodata, np.nan, shown.astype(np.float64))
+    rgba = shown if shown.shape[-1] == 4 else np.concatenate([shown, np.ones((*shown.shape[:2], 1))], axis=-1)
+    rgba = rgba.astype(np.float64).copy()
+    rgba[nodata, 3] = 0.0
+    return rgba
 
 
 def display_bands(band_names: Sequence[str]) -> list[int]:
@@ -278,7 +350,7 @@ def plot_samples(
     fig, axes = plt.subplots(rows, 3, figsize=(9.5, 3.0 * rows + 0.6), squeeze=False)
     try:
         for r, (image, ref, pred) in enumerate(zip(images, references, predictions, strict=True)):
-            shown = _stretch(np.moveaxis(np.asarray(image)[bands], 0, -1))
+            shown = stretch(np.moveaxis(np.asarray(image)[bands], 0, -1))
             panels = [
                 ("image", shown if shown.shape[-1] == 3 else shown[..., 0]),
                 ("reference", _coloured(lut, ref)),
