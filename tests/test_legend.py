@@ -23,7 +23,7 @@ import segpipe.stages.export.cog as cog
 from segpipe.io.remote import filesystem, gdal_options, gdal_path
 from segpipe.stages.export.cog import write_cog
 from segpipe.stages.export.layers import class_colormap
-from segpipe.stages.export.legend import PixelCounts, aux_xml, qgis_style
+from segpipe.stages.export.legend import PixelCounts, aux_xml, legend_files, qgis_style
 from segpipe.types import ClassInfo
 
 # value 2 is predicted but has no class, 0 is unlabelled, 255 nodata
@@ -218,8 +218,9 @@ def test_another_layer_drops_a_stale_legend_but_not_a_user_style(
     path, _ = store
     fill_layer(path, "confidence", np.full((700, 600), 50, np.uint8))
     out = Path(write_cog(path, tmp_path / "x.tif"))
+    assert legend_files(out) == [tmp_path / "x.tif.aux.xml", tmp_path / "x.qml"]
     write_cog(path, out, layer="confidence")
-    assert not (tmp_path / "x.tif.aux.xml").exists() and not (tmp_path / "x.qml").exists()
+    assert legend_files(out) == []
     with rasterio.open(out) as src:
         assert src.descriptions == ("confidence",)
     (tmp_path / "x.qml").write_text("<qgis><!-- my own style --></qgis>")

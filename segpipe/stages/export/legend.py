@@ -28,6 +28,7 @@ __all__ = [
     "PixelCounts",
     "aux_xml",
     "aux_xml_path",
+    "legend_files",
     "qgis_style",
     "qml_path",
     "write_legend",
@@ -75,6 +76,11 @@ def aux_xml_path(cog: Path) -> Path:
 def qml_path(cog: Path) -> Path:
     """The QGIS default style of ``cog``: ``<stem>.qml``."""
     return cog.with_suffix(".qml")
+
+
+def legend_files(cog: Path) -> list[Path]:
+    """The sidecars an export left beside ``cog`` (for ``segpipe export`` to list what it wrote)."""
+    return [p for p in (aux_xml_path(cog), qml_path(cog)) if p.is_file()]
 
 
 def aux_xml(classes: Sequence[ClassInfo], counts: PixelCounts) -> str:
