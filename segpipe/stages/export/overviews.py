@@ -13,9 +13,9 @@ built from the level below; overview pixel ``i`` covers source pixels
 cells on even axes, overlapping 2- or 3-pixel spans on odd ones); pixels are scanned row
 by row and a value wins once its running count exceeds the best so far, so a tie goes to
 the value that reached the top count first (not the smallest); nodata pixels are
-skipped, and a cell of nodata only is nodata. Checked against GDAL 3.10 and 3.6 in
-tests/test_overviews.py; one known difference: on a raster one pixel wide GDAL builds
-level 2 and up from the base, not from the level below.
+skipped, and a cell of nodata only is nodata. Like GDAL, a level is built from the
+level above only if that one is wider, else from the base (a raster one pixel wide).
+Checked against GDAL 3.10 and 3.6 in tests/test_overviews.py.
 
 :class:`BandFeed` joins the streamed windows into those row bands and computes the levels
 in a worker thread while GDAL compresses the next band.
@@ -168,38 +168,47 @@ class ModePyramid:
         self.datasets = [
             open_level(p, h, w, i + 1) for i, (p, (h, w)) in enumerate(zip(paths, shapes, strict=True))
         ]
-        below = [base, *shapes[:-1]][: len(shapes)]
+        # GDAL computes a level from the level above it only when that one is wider, else
+        # from the base (GDALRegenerateOverviewsMultiBand: "Try to use previous level")
+        self.sources = [
+            i if i and shapes[i - 1][1] > shapes[i][1] else 0 for i in range(len(shapes))
+        ]  # per level (0-based): 0 = the base, i = level i (1-based, the level above it)
+        below = [shapes[src - 1] if src else base for src in self.sources]
         self.spans: list[tuple[Spans, Spans]] = [
             (source_spans(sh, h), source_spans(sw, w)) for (sh, sw), (h, w) in zip(below, shapes, strict=True)
         ]
         self.carry: list[np.ndarray | None] = [None] * len(shapes)
-        self.carry_row = [0] * len(shapes)  # row of the level below where ``carry`` starts
+        self.carry_row = [0] * len(shapes)  # row of the source where ``carry`` starts
         self.next_row = [0] * len(shapes)
 
     def push(self, rows: np.ndarray, last: bool, level: int = 0) -> None:
         """Add full-width rows of level ``level`` (0 = base); ``last`` marks the final band."""
-        if level >= len(self.shapes):
-            return
-        held = self.carry[level]
+        for index, source in enumerate(self.sources):
+            if source == level:
+                self._build(index, rows, last)
+
+    def _build(self, index: int, rows: np.ndarray, last: bool) -> None:
+        """Compute the rows of level ``index + 1`` that ``rows`` of its source complete, and pass them on."""
+        held = self.carry[index]
         if held is not None:
             rows = np.concatenate([held, rows])
-        first = self.carry_row[level]  # row of the level below that rows[0] is
-        (starts, ends), xs = self.spans[level]
+        first = self.carry_row[index]  # row of the source that rows[0] is
+        (starts, ends), xs = self.spans[index]
         # the level's rows whose whole span has arrived (all of them with the last band)
         stop = len(starts) if last else int(np.searchsorted(ends, first + rows.shape[0], side="right"))
-        begin = self.next_row[level]
+        begin = self.next_row[index]
         if stop < len(starts):  # keep what the next row needs: spans can overlap on odd axes
-            self.carry[level] = rows[starts[stop] - first :].copy()
-            self.carry_row[level] = int(starts[stop])
+            self.carry[index] = rows[starts[stop] - first :].copy()
+            self.carry_row[index] = int(starts[stop])
         else:
-            self.carry[level] = None
+            self.carry[index] = None
         if stop <= begin:
             return
         ys = (starts[begin:stop] - first, ends[begin:stop] - first)
         out = mode_spans(rows, self.nodata, ys, xs)
-        self.datasets[level].write(out, 1, window=Window(0, begin, out.shape[1], out.shape[0]))
-        self.next_row[level] = stop
-        self.push(out, last, level + 1)
+        self.datasets[index].write(out, 1, window=Window(0, begin, out.shape[1], out.shape[0]))
+        self.next_row[index] = stop
+        self.push(out, last, index + 1)
 
     def close(self) -> None:
         """Close every level's file."""
