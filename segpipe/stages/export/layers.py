@@ -90,7 +90,10 @@ def class_colormap(classes: Sequence[ClassInfo]) -> Colormap:
     0 (unlabelled) and 255 (nodata) are transparent, and so are values without a class
     (a repeated class colour would read as that class in a map). A store that describes
     no class at all keeps the default palette colour of each value 1-254, so its
-    prediction is still visible.
+    prediction is still visible. A GeoTIFF colour table has no alpha: GDAL reads every
+    entry but the nodata one back as opaque, so those entries show black (0, 0, 0) where a
+    viewer draws the bare palette; the QGIS style and the RAT of
+    :mod:`segpipe.stages.export.legend` list the classes only.
     """
     clear = (0, 0, 0, 0)
     table: Colormap = dict.fromkeys(range(256), clear)
