@@ -107,24 +107,31 @@ def sieve_threshold(min_area: float | None, info: RegionInfo) -> int:
     return max(0, math.ceil(min_area / pixel_area - 1e-9))
 
 
-def _runner(client: distributed.Client | None) -> Callable[..., list[Any]]:
-    """Map a function over argument lists, on the cluster or here, results in order."""
+Pending = Callable[[], list[Any]]
 
-    def run(fn: Callable[..., T], *args: Sequence[Any]) -> list[T]:
+
+def _runner(client: distributed.Client | None) -> Callable[..., Pending]:
+    """Start a function over argument lists, on the cluster or here; the result gives the outputs in order.
+
+    On a cluster the work starts at once (the driver can merge one row while the next is
+    computed); here it runs when the outputs are asked for, one call at a time.
+    """
+
+    def start(fn: Callable[..., T], *args: Sequence[Any]) -> Callable[[], list[T]]:
         if client is None:
-            return [fn(*call) for call in zip(*args, strict=True)]
+            return lambda: [fn(*call) for call in zip(*args, strict=True)]
         futures = client.map(fn, *args, pure=False)
-        return list(client.gather(futures))
+        return lambda: list(client.gather(futures))
 
-    return run
+    return start
 
 
 def _lookup_tables(store: str, info: RegionInfo, boxes: list[Box], threshold: int,
-                   run: Callable[..., list[Any]]) -> list[np.ndarray | None]:
+                   start: Callable[..., Pending]) -> list[np.ndarray | None]:
     """Per block, the sieved class of each component label; all None without a sieve."""
     if threshold <= 1:  # no component has fewer than one pixel
         return [None] * len(boxes)
-    facts = run(sieve_facts, [store] * len(boxes), boxes, [info.width] * len(boxes))
+    facts = start(sieve_facts, [store] * len(boxes), boxes, [info.width] * len(boxes))()
     return list(sieve_plan(facts, info.blocks[1], info.width, threshold))
 
 
@@ -193,18 +200,23 @@ def _staged(dest: Path) -> Iterator[Path]:
 
 
 def _polygonize(store: str, info: RegionInfo, luts: list[np.ndarray | None], writer: _Writer,
-                run: Callable[..., list[Any]]) -> None:
+                start: Callable[..., Pending]) -> None:
     """Polygonize the blocks row by row, merging patches across borders, appending complete ones."""
     boxes = list(iter_boxes(info.height, info.width, info.block_size))
     rows, cols = info.blocks
     confidence = has_layer(store, "confidence")
+
+    def row_of(r: int) -> Pending:
+        part = slice(r * cols, (r + 1) * cols)
+        return start(polygonize_block, [store] * cols, boxes[part], luts[part], [confidence] * cols)
+
     merger = RowMerger(info.width)
     writer.write(Patches())  # the layer exists even when no pixel is classified
+    pending = row_of(0)
     for r in range(rows):
-        part = slice(r * cols, (r + 1) * cols)
-        row: list[BlockPolygons] = run(
-            polygonize_block, [store] * cols, boxes[part], luts[part], [confidence] * cols
-        )
+        row: list[BlockPolygons] = pending()
+        if r + 1 < rows:
+            pending = row_of(r + 1)  # on a cluster, computed while this row is merged
         writer.write(merger.add_row(row, last=r == rows - 1))
 
 
@@ -255,13 +267,13 @@ def write_vector(
     info = read_region_info(store)
     threshold = sieve_threshold(min_area, info)
     location = info.path
-    run = _runner(client)
+    start = _runner(client)
     boxes = list(iter_boxes(info.height, info.width, info.block_size))
     with storage_errors(dest, "polygons"):
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _staged(dest) as tmp:
-            luts = _lookup_tables(location, info, boxes, threshold, run)
+            luts = _lookup_tables(location, info, boxes, threshold, start)
             writer = _Writer(tmp, driver, info, simplify, has_layer(store, "confidence"))
-            _polygonize(location, info, luts, writer, run)
+            _polygonize(location, info, luts, writer, start)
             os.replace(tmp, dest)
     return dest
