@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from distributed import Client
 from predict_support import CLASSES, make_store, stub_package
 
 from segpipe.errors import ModelPackageError
@@ -108,16 +109,18 @@ def test_forest_and_ensemble_export_exactly(tmp_path: Path) -> None:
             assert _max_diff(net, session, shape) < 1e-4, (pkg.name, shape)
 
 
-def test_an_onnx_package_predicts_the_torch_packages_classes(tmp_path: Path) -> None:
+def test_an_onnx_package_predicts_the_torch_packages_classes(tmp_path: Path, client: Client) -> None:
     pkg = _package(tmp_path / "torch", "unet", {"pixel_head": 8})
     onnx_pkg = tmp_path / "onnx"
     export_onnx(pkg, tmp_path / "model.onnx", package=onnx_pkg)
     assert sorted(p.name for p in onnx_pkg.iterdir()) == [MLM_FILE, "model.json", ONNX_FILE]
     settings = {"tile_size": 64, "overlap": 16, "batch_size": 4, "probabilities": True}
     results = {}
-    for name, model in (("torch", pkg), ("onnx", onnx_pkg)):
+    # The ONNX package runs on dask workers (single-threaded sessions, several streams),
+    # the torch one in this process: test_predict shows both give the same for torch.
+    for name, model, on in (("torch", pkg, None), ("onnx", onnx_pkg, client)):
         store = make_store(tmp_path / f"{name}.zarr", block=64)
-        predict(store, model, **settings)  # type: ignore[arg-type]
+        predict(store, model, client=on, **settings)  # type: ignore[arg-type]
         results[name] = {layer: np.asarray(open_layer(store, layer)[...])
                          for layer in ("classes", "confidence", "probabilities")}
     classes = results["torch"]["classes"]
@@ -197,8 +200,8 @@ _ITEM_FIELDS = {"mlm:name", "mlm:architecture", "mlm:tasks", "mlm:framework", "m
 def test_mlm_describes_torch_and_onnx_packages(tmp_path: Path) -> None:
     pkg = _package(tmp_path / "unet-landcover", "unet")
     spec = read_spec(pkg)
-    written = write_mlm(pkg)
-    item = json.loads(written.read_text())
+    item = json.loads((pkg / MLM_FILE).read_text())  # save_model writes it beside every package
+    assert write_mlm(pkg) == pkg / MLM_FILE and json.loads((pkg / MLM_FILE).read_text()) == item
     _check_mlm(item, spec, "PyTorch", "safetensors.torch.save_file", -1)
     assert item["properties"]["mlm:name"] == "unet-landcover"
     assert item["assets"]["model"]["href"] == "./weights.safetensors"

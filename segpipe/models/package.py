@@ -388,7 +388,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_model(model_dir: str | Path, spec: ModelSpec, network: nn.Module) -> Path:
-    """Write a package: weights first, then ``model.json``, each atomically.
+    """Write a package: weights first, then ``model.json``, each atomically, then its STAC MLM ``mlm.json``.
+
+    ``mlm.json`` (:mod:`segpipe.models.mlm`) describes the package to STAC tools; it is
+    not part of the package's hash and nothing in segpipe reads it.
 
     Returns:
         The package directory.
@@ -403,6 +406,9 @@ def save_model(model_dir: str | Path, spec: ModelSpec, network: nn.Module) -> Pa
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     _atomic_write(out / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
     _atomic_write(out / SPEC_FILE, (json.dumps(spec.to_json(), indent=2) + "\n").encode())
+    from segpipe.models.mlm import write_mlm  # it reads this module's names
+
+    write_mlm(out, spec)
     return out
 
 
