@@ -152,7 +152,7 @@ class _Writer:
 
     def write(self, patches: Patches) -> None:
         """Append ``patches`` (possibly none: the first call creates the layer)."""
-        if self.features and not len(patches):
+        if not len(patches) and self.path.exists():
             return
         geometry = shapely.transform(patches.column("geometry"), self._to_map)
         if self.simplify:
