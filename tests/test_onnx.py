@@ -145,6 +145,9 @@ def test_onnx_package_format_and_refusals(tmp_path: Path) -> None:
         load_model(onnx_pkg)  # training, combining and selecting need torch weights
     with pytest.raises(ModelPackageError, match="holds its network"):
         export_onnx(onnx_pkg, tmp_path / "again.onnx")
+    with pytest.raises(ModelPackageError, match="holds a torch model package"):
+        export_onnx(pkg, tmp_path / "again.onnx", package=pkg)  # never over the torch package
+    assert (pkg / "weights.safetensors").is_file() and not (tmp_path / "again.onnx").exists()
     # A package whose model.onnx is another model's (other classes) is refused by name.
     other = tmp_path / "other"
     shutil.copytree(onnx_pkg, other)

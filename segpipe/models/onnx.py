@@ -24,7 +24,6 @@ on CUDA where onnxruntime-gpu is installed).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segpipe.errors import EnvironmentFaultError, ModelPackageError
-from segpipe.models.files import SPEC_FILE
+from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE
 from segpipe.models.package import ONNX_FILE, ModelSpec, load_model
 
 if TYPE_CHECKING:
@@ -287,6 +286,8 @@ def export_onnx(
     """
     import torch
 
+    if package is not None:
+        _refuse_torch_folder(Path(package))  # before the export's minutes, not after
     net, spec = load_model(model_dir)
     module = _exportable(net).eval()
     stride, bands = spec.output_stride, len(spec.band_names)
@@ -315,6 +316,13 @@ def export_onnx(
     return OnnxExport(out, written, edge, diff, opset)
 
 
+def _refuse_torch_folder(folder: Path) -> None:
+    """Refuse to write an ONNX package over a torch package (whose weights it would orphan)."""
+    if (folder / WEIGHTS_FILE).exists():
+        raise ModelPackageError(f"{folder} holds a torch model package ({WEIGHTS_FILE}): write the ONNX "
+                                "package into a new or empty folder")
+
+
 def write_onnx_package(
     package: str | Path, spec: ModelSpec, onnx_file: str | Path, window: int | None = None
 ) -> Path:
@@ -331,11 +339,15 @@ def write_onnx_package(
 
     Returns:
         The package folder.
+
+    Raises:
+        ModelPackageError: The folder holds a torch package (its weights are never replaced).
     """
     from segpipe.models.mlm import write_mlm
     from segpipe.models.package import _atomic_write
 
     folder = Path(package)
+    _refuse_torch_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     source, dest = Path(onnx_file), folder / ONNX_FILE
     if source.resolve() != dest.resolve():
@@ -343,8 +355,6 @@ def write_onnx_package(
         shutil.copyfile(source, tmp)
         os.replace(tmp, dest)
     onnx_spec = replace(spec, weights_format="onnx")
-    with contextlib.suppress(FileNotFoundError):
-        (folder / "weights.safetensors").unlink()  # a torch package's weights would contradict model.json
     _atomic_write(folder / SPEC_FILE, (json.dumps(onnx_spec.to_json(), indent=2) + "\n").encode())
     write_mlm(folder, onnx_spec, window)
     return folder
