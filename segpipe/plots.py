@@ -213,6 +213,9 @@ def plot_preview(
             ax.set_xticks([])
             ax.set_yticks([])
         handles = [Patch(facecolor=c.colour, edgecolor="black", label=f"{c.value} {c.name}") for c in classes]
+        # Transparent pixels mean nothing to compare: say so rather than leave white unexplained.
+        blank = "no prediction (255)" + (" / unlabelled (0)" if reference is not None else "")
+        handles.append(Patch(facecolor="white", edgecolor="black", label=blank))
         if disagreement and reference is not None:
             handles += [
                 Patch(facecolor=_AGREE[:3], edgecolor="black", label="agree"),

@@ -59,6 +59,15 @@ def test_process_region_runs_every_stage(tmp_path, prefect_home, client):
     assert np.array_equal(classes == 255, ref == 0)  # nodata corner stays nodata
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["miou"] == pytest.approx(result["miou"])
+    # Each report names the layer and the model it evaluates: the network's and the
+    # forest's of the same store are told apart.
+    baseline = json.loads((tmp_path / "report_baseline" / "metrics.json").read_text())
+    assert (metrics["layer"], metrics["model"]["arch"]) == ("classes", "unet")
+    assert metrics["model"]["package"] == str((tmp_path / "model").resolve())
+    assert (baseline["layer"], baseline["model"]["arch"]) == ("classes_rf", "random_forest")
+    titles = [(tmp_path / d / "report.md").read_text().splitlines()[0] for d in ("report", "report_baseline")]
+    assert titles == ["# Accuracy assessment: classes of r.zarr (unet resnet18)",
+                      "# Accuracy assessment: classes_rf of r.zarr (random_forest)"]
     assert (tmp_path / "report" / "confusion_matrix.png").stat().st_size > 0
 
     # A rerun with the same inputs and settings skips every stage: nothing is rewritten.

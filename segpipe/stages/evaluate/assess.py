@@ -49,6 +49,7 @@ from segpipe.stages.evaluate.points import (
 )
 from segpipe.stages.evaluate.prediction import (
     PredictionSource,
+    describe_prediction,
     open_prediction,
     preview_rgb,
     read_prediction,
@@ -57,6 +58,7 @@ from segpipe.stages.evaluate.report import (
     PreviewPiece,
     assemble_preview,
     decimate,
+    evaluated_name,
     preview_step,
     write_report,
 )
@@ -135,6 +137,7 @@ def evaluate(
             window_counts = np.asarray(per_window, np.int64)
             cm, assessment = _assess_points(out, pred, labels, grid, boxes, window_counts, classes, request)
         metrics = _metrics(prediction, reference, hist, cm, classes, assessment)
+        metrics.update(describe_prediction(pred))
         view = (assemble_preview(pieces, grid.height, grid.width, step), step) if preview else None
         _write_outputs(out, metrics, cm, classes, view)
     return metrics
@@ -406,7 +409,7 @@ def _write_outputs(
     """
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     names = [c.name for c in classes]
-    title = f"{Path(metrics['prediction']).name} vs {Path(metrics['reference']).name}"
+    title = f"{evaluated_name(metrics)} vs {Path(metrics['reference']).name}"
     assessment = metrics["assessment"]
     if assessment["mode"] == "points":
         title += f" ({assessment['points']:,} {assessment['sampling']} points)"
@@ -422,7 +425,8 @@ def _write_outputs(
             classes,
             out / "preview.png",
             disagreement=True,
-            title=f"whole region, 1 pixel in {step} along each axis" if step > 1 else "whole region",
+            title=f"{evaluated_name(metrics)}: whole region"
+            + (f", 1 pixel in {step} along each axis" if step > 1 else ""),
         )
         figures.append("preview.png")
     write_report(out / "report.md", metrics, figures)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import rasterio
@@ -23,7 +23,7 @@ from segpipe.io.store import NODATA_U8, open_layer, read_region_info, same_nodat
 from segpipe.stages.export.layers import classes_from_tags
 from segpipe.types import ClassInfo, Grid
 
-__all__ = ["PredictionSource", "open_prediction", "preview_rgb", "read_prediction"]
+__all__ = ["PredictionSource", "describe_prediction", "open_prediction", "preview_rgb", "read_prediction"]
 
 _RGB_NAMES = ("red", "green", "blue")
 
@@ -111,6 +111,22 @@ def _open_raster(path: str | Path) -> Opened:
             return PredictionSource(str(path), "raster", nodata=src.nodata), grid, classes, 1
     except rasterio.errors.RasterioIOError as exc:
         raise InputError(f"prediction {path} is neither a region store nor a raster GDAL can read") from exc
+
+
+def describe_prediction(pred: PredictionSource) -> dict[str, Any]:
+    """What a report names: the layer evaluated and the model package that predicted it.
+
+    A store's layer records its model (``segpipe predict`` writes it); a GeoTIFF names
+    its layer in segpipe's ``SEGPIPE_LAYER`` tag. Either may be unknown (None): a layer
+    written by an older segpipe, a raster from another tool.
+    """
+    if pred.kind == "store":
+        model = open_layer(pred.path, pred.layer).attrs.get("model")
+        if isinstance(model, str):  # segpipe.classify records the package's location alone
+            model = {"package": model}
+        return {"layer": pred.layer, "model": dict(model) if isinstance(model, dict) else None}
+    with gdal_env(pred.path), rasterio.open(gdal_path(pred.path)) as src:
+        return {"layer": src.tags().get("SEGPIPE_LAYER"), "model": None}
 
 
 def read_prediction(pred: PredictionSource, box: Box) -> np.ndarray:

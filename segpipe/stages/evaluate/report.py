@@ -24,6 +24,7 @@ __all__ = [
     "PreviewPiece",
     "assemble_preview",
     "decimate",
+    "evaluated_name",
     "markdown_report",
     "preview_step",
     "write_report",
@@ -117,6 +118,34 @@ def _assessment_lines(metrics: dict[str, Any]) -> list[str]:
     return lines + _table(["value", "predicted class", "evaluable pixels", "points"], rows, right_from=2)
 
 
+def evaluated_name(metrics: dict[str, Any]) -> str:
+    """What was evaluated, as titles name it: the layer, the prediction and the model that made it.
+
+    The demo evaluates a network's ``classes`` and a forest's ``classes_rf`` of one store:
+    without the layer and the model, their reports would carry the same title.
+    """
+    name = Path(str(metrics["prediction"])).name
+    layer = metrics.get("layer")
+    shown = f"{layer} of {name}" if layer and not name.endswith((".tif", ".tiff")) else name
+    model = metrics.get("model") or {}
+    if model.get("arch"):
+        encoder = f" {model['encoder']}" if model.get("encoder") and model["arch"] != "random_forest" else ""
+        shown += f" ({model['arch']}{encoder})"
+    return shown
+
+
+def _source_lines(metrics: dict[str, Any]) -> list[str]:
+    """The report's first lines: what was evaluated, by which model, against what."""
+    lines = [f"- prediction: `{metrics['prediction']}`"]
+    if metrics.get("layer"):
+        lines.append(f"- layer: `{metrics['layer']}`")
+    model = metrics.get("model") or {}
+    if model.get("package"):
+        kind = ", ".join(str(model[k]) for k in ("arch", "encoder") if model.get(k))
+        lines.append(f"- model: `{model['package']}` ({kind})")
+    return [*lines, f"- reference: `{metrics['reference']}`"]
+
+
 def markdown_report(metrics: dict[str, Any], figures: Sequence[str] = ()) -> str:
     """The accuracy report as Markdown.
 
@@ -129,10 +158,9 @@ def markdown_report(metrics: dict[str, Any], figures: Sequence[str] = ()) -> str
     """
     unit = "points" if metrics.get("assessment", {}).get("mode") == "points" else "pixels"
     lines = [
-        "# Accuracy assessment",
+        f"# Accuracy assessment: {evaluated_name(metrics)}",
         "",
-        f"- prediction: `{metrics['prediction']}`",
-        f"- reference: `{metrics['reference']}`",
+        *_source_lines(metrics),
         "",
         "## Summary",
         "",

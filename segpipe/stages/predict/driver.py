@@ -289,8 +289,9 @@ def _target(
     if published is not None:
         return inputs.layers, published
     layers = inputs.layers.staged() if inputs.layers.publishable else inputs.layers
+    model = {"package": inputs.model_dir, "arch": inputs.spec.arch, "encoder": inputs.spec.encoder}
     done = prepare_layers(inputs.store, inputs.spec, inputs.info.blocks, inputs.key, force,
-                          inputs.probabilities, layers)
+                          inputs.probabilities, layers, model)
     return layers, done
 
 

@@ -58,6 +58,7 @@ def prepare_layers(
     force: bool,
     probabilities: bool = False,
     layers: OutputLayers = DEFAULT_LAYERS,
+    model: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Create (or keep, to resume) a result's output and progress layers; return its done markers.
 
@@ -69,6 +70,9 @@ def prepare_layers(
         force: Recreate the layers even when markers made with ``key`` exist.
         probabilities: Also create the probabilities layer.
         layers: Where the layers go.
+        model: Which package made the result (its location, arch, encoder), recorded
+            as each output layer's ``model`` attribute for the reports that evaluate it;
+            not part of ``key``, so a package moved elsewhere still resumes.
 
     Returns:
         The done markers (all False for new layers).
@@ -84,12 +88,13 @@ def prepare_layers(
         dimension_names=["block_y", "block_x"], attributes=key, overwrite=True,
     )
     classes_json = classes_to_json(spec.classes)
-    classes_attrs = {**key, "long_name": "class", "classes": classes_json}
+    made = {**key, "model": model} if model is not None else key
+    classes_attrs = {**made, "long_name": "class", "classes": classes_json}
     create_layer(store, layers.classes, "uint8", NODATA_U8, attributes=classes_attrs, overwrite=True)
-    conf_attrs = {**key, "long_name": "confidence", "units": "percent"}
+    conf_attrs = {**made, "long_name": "confidence", "units": "percent"}
     create_layer(store, layers.confidence, "uint8", NODATA_U8, attributes=conf_attrs, overwrite=True)
     if probabilities:
-        prob_attrs = {**key, "long_name": "class probability", "units": "percent", "classes": classes_json}
+        prob_attrs = {**made, "long_name": "class probability", "units": "percent", "classes": classes_json}
         create_layer(store, layers.probabilities, "uint8", NODATA_U8,
                      leading=(("class", len(spec.classes)),), attributes=prob_attrs, overwrite=True)
     return np.zeros(blocks, dtype=bool)
