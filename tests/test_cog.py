@@ -165,6 +165,12 @@ def test_confidence_cog_uses_average_overviews(region: tuple[Path, np.ndarray], 
         valid = overview[overview != 255]
         assert 100 < valid.mean() < 155 and valid.std() < 60
         assert "CLASS_1" not in src.tags(1)
+        # The values are percent as stored: GDAL and the Item say so.
+        assert (src.units, src.scales, src.offsets) == (("percent",), (1.0,), (0.0,))
+    item = json.loads(out.with_suffix(".stac.json").read_text())
+    band = item["assets"]["data"]["bands"][0]
+    assert (band["unit"], band["raster:scale"], band["raster:offset"]) == ("percent", 1.0, 0.0)
+    assert any("/raster/" in ext for ext in item["stac_extensions"])
 
 
 def test_missing_layer_and_bad_arguments(tmp_path: Path) -> None:

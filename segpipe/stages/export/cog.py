@@ -254,7 +254,7 @@ def _stage_stac_item(store: str | Path, dest: Path, token: str, info: RegionInfo
     Returns:
         The temporary, for :func:`_publish`.
     """
-    bands = stac_bands(spec.descriptions, spec.dtype, spec.nodata)
+    bands = stac_bands(spec.descriptions, spec.dtype, spec.nodata, spec.units)
     item_id = f"{Path(str(store)).stem}-{dest.stem}"
     item = stac_item(dest, info.grid, spec.name, bands, spec.classes, item_id=item_id)
     tmp = _temporary(dest, token, "stac.json")

@@ -90,6 +90,10 @@ def write_layer_metadata(dst: DatasetWriter, spec: ExportLayer, store: str | Pat
     """Band descriptions, dataset tags, colour table and band tags: everything but pixels."""
     for band, text in enumerate(spec.descriptions, start=1):
         dst.set_band_description(band, text)
+    if spec.units:  # values as stored are the unit's: scale 1, offset 0, said so for readers
+        dst.units = (spec.units,) * spec.count
+        dst.scales = (1.0,) * spec.count
+        dst.offsets = (0.0,) * spec.count
     dst.update_tags(**spec.dataset_tags(store))
     colormap = spec.colormap()
     if colormap is not None:

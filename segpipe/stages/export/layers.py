@@ -43,6 +43,8 @@ _MISSING = {
 _MISSING_DEFAULT = "run 'segpipe predict' first"
 
 Colormap = dict[int, tuple[int, int, int, int]]
+# Confidence and probabilities are stored as whole percent (0-100; scale 1, offset 0).
+PERCENT = "percent"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class ExportLayer:
         descriptions: One band description per band.
         classes: Classes of a class raster, or the class of each probability band.
         resampling: Overview resampling (``MODE`` or ``AVERAGE``).
+        units: Unit of every band (``percent`` for confidence and probabilities; empty
+            for classes and image bands, whose values have no unit segpipe knows).
     """
 
     name: str
@@ -66,6 +70,7 @@ class ExportLayer:
     descriptions: tuple[str, ...]
     classes: tuple[ClassInfo, ...]
     resampling: str
+    units: str = ""
 
     def dataset_tags(self, store: str | Path) -> dict[str, str]:
         """Dataset tags naming the layer and the store it came from."""
@@ -178,7 +183,8 @@ def _single_band_layer(
             f"layer '{layer}' of {store} is {dtype} {shape}, expected uint8 {grid}: rerun 'segpipe predict'"
         )
     classes = _layer_classes(array, info) if layer == "classes" else ()
-    return ExportLayer(layer, 1, "uint8", NODATA_U8, (layer,), classes, EXPORT_LAYERS[layer])
+    units = "" if layer == "classes" else PERCENT
+    return ExportLayer(layer, 1, "uint8", NODATA_U8, (layer,), classes, EXPORT_LAYERS[layer], units)
 
 
 def _check_banded(store: str | Path, layer: str, array: zarr.Array[Any], info: RegionInfo) -> None:
@@ -210,7 +216,7 @@ def _probabilities_layer(store: str | Path, array: zarr.Array[Any], info: Region
         classes = tuple(ClassInfo(i + 1, f"class {i + 1}", default_colour(i + 1)) for i in range(bands))
     names = tuple(c.name for c in classes)
     resampling = EXPORT_LAYERS["probabilities"]
-    return ExportLayer("probabilities", bands, "uint8", NODATA_U8, names, classes, resampling)
+    return ExportLayer("probabilities", bands, "uint8", NODATA_U8, names, classes, resampling, PERCENT)
 
 
 def _image_layer(array: zarr.Array[Any], info: RegionInfo) -> ExportLayer:

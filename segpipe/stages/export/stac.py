@@ -43,6 +43,7 @@ __all__ = [
 STAC_VERSION = "1.1.0"
 CLASSIFICATION_EXTENSION = "https://stac-extensions.github.io/classification/v2.0.0/schema.json"
 PROJECTION_EXTENSION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
+RASTER_EXTENSION = "https://stac-extensions.github.io/raster/v2.0.0/schema.json"
 COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 _EDGE_POINTS = 21  # points per footprint edge: a projected edge is curved in lon/lat
 
@@ -107,16 +108,22 @@ def _proj_code(grid: Grid) -> tuple[str | None, str | None]:
     return (f"EPSG:{epsg}", None) if epsg else (None, crs.to_wkt(version="WKT2_2019"))
 
 
-def stac_bands(names: Sequence[str], dtype: str, nodata: float | None) -> list[dict[str, Any]]:
-    """One STAC 1.1 band object per band: ``name``, ``description``, ``data_type`` and ``nodata``.
+def stac_bands(
+    names: Sequence[str], dtype: str, nodata: float | None, unit: str = ""
+) -> list[dict[str, Any]]:
+    """One STAC 1.1 band object per band: ``name``, ``description``, ``data_type``, ``nodata``.
 
     A NaN nodata is written as the string ``"nan"`` (JSON has no NaN), as STAC prescribes.
+    With ``unit``, each band also says it (``unit``) and that its values are that unit as
+    stored (the raster extension's ``scale`` 1 and ``offset`` 0).
     """
     bands = []
     for name in names:
         band: dict[str, Any] = {"name": name, "description": name, "data_type": dtype}
         if nodata is not None:
             band["nodata"] = "nan" if math.isnan(nodata) else nodata
+        if unit:
+            band.update({"unit": unit, "raster:scale": 1.0, "raster:offset": 0.0})
         bands.append(band)
     return bands
 
@@ -152,6 +159,8 @@ def stac_item(
     if classes and layer == "classes":
         asset["classification:classes"] = stac_classes(classes)
         extensions.append(CLASSIFICATION_EXTENSION)
+    if any(key.startswith("raster:") for band in bands for key in band):
+        extensions.append(RASTER_EXTENSION)
     item: dict[str, Any] = {
         "type": "Feature",
         "stac_version": STAC_VERSION,
