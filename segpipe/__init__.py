@@ -54,7 +54,9 @@ if TYPE_CHECKING:
         TrainResult,
         evaluate,
         export,
+        export_model,
         ingest,
+        polygons,
         predict,
         preview,
         train,
@@ -74,8 +76,9 @@ _LAZY: dict[str, str] = {
     "SettingError": "segpipe.stages.train.config",
     **{
         name: "segpipe.api"
-        for name in ("ingest", "train", "predict", "export", "preview", "evaluate", "ClassScore",
-                     "EvaluateResult", "ExportResult", "IngestResult", "TrainResult")
+        for name in ("ingest", "train", "predict", "export", "export_model", "polygons", "preview",
+                     "evaluate", "ClassScore", "EvaluateResult", "ExportResult", "IngestResult",
+                     "TrainResult")
     },
 }
 
@@ -110,8 +113,10 @@ __all__ = [
     "classify",
     "evaluate",
     "export",
+    "export_model",
     "ingest",
     "open_region",
+    "polygons",
     "predict",
     "preview",
     "train",

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import distributed
 
     from segpipe.models import ModelSpec
+    from segpipe.models.onnx import OnnxExport
     from segpipe.stages.predict.driver import PredictSummary
     from segpipe.stages.train.progress import TrainProgress
 
@@ -34,7 +35,9 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "export",
+    "export_model",
     "ingest",
+    "polygons",
     "predict",
     "preview",
     "train",
@@ -105,11 +108,19 @@ class ExportResult:
         path: The COG (a path, or its ``s3://`` URL).
         layer: The store layer it holds.
         stac_item: Its STAC Item ``<name>.stac.json`` beside it, or None when not asked for.
+        legend: A class COG's legend beside it: GDAL's ``<name>.tif.aux.xml`` (class names
+            and attribute table) and the QGIS style ``<stem>.qml``.
     """
 
     path: Path | str
     layer: str
     stac_item: Path | str | None
+    legend: tuple[Path | str, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path | str, ...]:
+        """Every file the export wrote: the COG, its legend, its STAC Item."""
+        return (self.path, *self.legend, *((self.stac_item,) if self.stac_item is not None else ()))
 
 
 @dataclass(frozen=True)
@@ -343,7 +354,7 @@ def export(
         overwrite: Replace an existing COG (only once the new one is complete and valid).
 
     Returns:
-        Where the COG and its STAC Item are.
+        Where the COG, its legend files and its STAC Item are.
 
     Raises:
         SegpipeError: As :func:`segpipe.stages.export.write_cog` (no such layer, a bad
@@ -353,12 +364,91 @@ def export(
     from segpipe.stages.export.stac import stac_item_path
 
     path = write_cog(store, out, layer=layer, overwrite=overwrite, compress=compress, stac=stac)
+    legend = _legend_files(path)
     if not stac:
-        return ExportResult(path, layer, None)
-    # An s3:// COG's Item is uploaded beside it under the name a local one would have.
-    item = stac_item_path(path) if isinstance(path, Path) else join(
-        url_parent(path), stac_item_path(url_name(path)).name)
-    return ExportResult(path, layer, item)
+        return ExportResult(path, layer, None, legend)
+    return ExportResult(path, layer, _beside(path, stac_item_path), legend)
+
+
+def _beside(cog: Path | str, name_of: Callable[[Path], Path]) -> Path | str:
+    """A file named after ``cog`` beside it: a path, or the URL an s3:// COG's would have."""
+    if isinstance(cog, Path):
+        return name_of(cog)
+    return join(url_parent(cog), name_of(Path(url_name(cog))).name)
+
+
+def _legend_files(cog: Path | str) -> tuple[Path | str, ...]:
+    """The legend sidecars the export wrote beside ``cog`` (a class COG's; none for other layers)."""
+    from segpipe.io.remote import remote_exists
+    from segpipe.stages.export.legend import aux_xml_path, qml_path
+
+    found = (_beside(cog, name_of) for name_of in (aux_xml_path, qml_path))
+    return tuple(f for f in found if (f.is_file() if isinstance(f, Path) else remote_exists(f)))
+
+
+def export_model(
+    model: str | Path,
+    onnx: str | Path,
+    *,
+    package: str | Path | None = None,
+    opset: int = 17,
+    window: int | None = None,
+) -> OnnxExport:
+    """Export a trained package's network to ONNX, checked against torch (``segpipe export-model``).
+
+    Args:
+        model: A trained model package (torch weights).
+        onnx: The ONNX file to write (input ``image`` N x bands x H x W float32,
+            normalised as the package says; output ``logits``).
+        package: Also write an ONNX model package folder there (``model.json``,
+            ``model.onnx``, ``mlm.json``) that :func:`predict` runs with onnxruntime.
+        opset: The ONNX opset.
+        window: Window edge of a network exported at one size (PSPNet); default the
+            tile :func:`predict` uses for the package.
+
+    Returns:
+        What was written, with the largest difference to torch measured on a check input.
+
+    Raises:
+        ModelPackageError: The package is invalid or already ONNX, the window does not
+            fit the network, the export does not match torch, or ``package`` holds torch weights.
+    """
+    from segpipe.models.onnx import export_onnx
+
+    return export_onnx(model, onnx, opset, package=package, window=window)
+
+
+def polygons(
+    store: str | Path,
+    out: str | Path,
+    *,
+    min_area: float | None = None,
+    simplify: float | None = None,
+    client: distributed.Client | None = None,
+) -> Path:
+    """One polygon per connected patch of the store's classes (``segpipe export --vector``).
+
+    The store is read block by block (on ``client``'s cluster when given) and the result
+    equals a whole-raster polygonization with 4-connectivity; 0 and 255 are skipped.
+
+    Args:
+        store: Region store with a ``classes`` layer.
+        out: The ``.gpkg`` to write (layer ``classes``: ``class``, ``class_name``, ``area``
+            in map units², ``mean_confidence`` in percent); replaced only once complete.
+        min_area: Minimum mapping unit in map units², applied as ``gdal_sieve -4`` would
+            on the whole raster.
+        simplify: Tolerance in map units for simplifying each polygon.
+        client: Dask client to run the blocks on (None: in this process).
+
+    Returns:
+        The written file.
+
+    Raises:
+        InputError: A bad destination or setting; MissingLayerError without classes.
+    """
+    from segpipe.stages.export.vector import write_vector
+
+    return write_vector(store, out, min_area=min_area, simplify=simplify, client=client)
 
 
 def preview(cog: str | Path, out: str | Path, *, max_size: int = 1024) -> Path:

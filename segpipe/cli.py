@@ -390,7 +390,7 @@ def train(
         _train_auto(store, out, cfg, resume)
         return
     spec, plan = _run_training(store, out, cfg, resume, scheduler)
-    console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})")
+    console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})", soft_wrap=True)
     if baseline and isinstance(cfg, NetworkConfig) and scheduler is None:
         from segpipe.stages.train.select import compare_with_forest
 
@@ -407,7 +407,7 @@ def _train_auto(store: Path, out: Path, cfg: AutoConfig, resume: bool) -> None:
         announce = lambda line: console.print(f"  {line}")  # noqa: E731
         spec = train_auto(store, out, cfg, _train_report(bar, task), announce, resume=resume)
     kept = spec.training["selection"]["kept"]
-    console.print(f"wrote {out}: kept {kept} (candidates in {out / 'candidates'})")
+    console.print(f"wrote {out}: kept {kept} (candidates in {out / 'candidates'})", soft_wrap=True)
 
 
 def _given_settings(ctx: typer.Context) -> dict[str, Any]:
@@ -515,7 +515,7 @@ def export_chips(
     from segpipe.stages.train.chips import export_chips as run
 
     result = run(store, out, chip_size=chip_size, count=count, seed=seed, balanced=balanced)
-    console.print(f"wrote {result.count} chip pairs to {result.out} (index {result.index})")
+    console.print(f"wrote {result.count} chip pairs to {result.out} (index {result.index})", soft_wrap=True)
 
 
 @app.command()
@@ -531,7 +531,7 @@ def ensemble(
     from segpipe.models.combine import make_ensemble
 
     path = make_ensemble(members, out, weight or None)
-    console.print(f"wrote ensemble of {len(members)} models to {path}")
+    console.print(f"wrote ensemble of {len(members)} models to {path}", soft_wrap=True)
 
 
 @app.command()
@@ -585,16 +585,94 @@ def predict(
 @app.command()
 def export(
     store: Annotated[str, typer.Argument(help="Region store (a folder or an s3:// URL).")],
-    out: Annotated[str, typer.Option(help="Cloud-Optimized GeoTIFF to write (a path or an s3:// URL).")],
+    out: Annotated[
+        str | None, typer.Option(help="Cloud-Optimized GeoTIFF to write (a path or an s3:// URL).")
+    ] = None,
     layer: Annotated[str, typer.Option(help="classes, confidence, probabilities or image.")] = "classes",
     compress: Annotated[str, typer.Option(help="DEFLATE or ZSTD (faster, smaller).")] = "DEFLATE",
     stac: Annotated[bool, typer.Option(help="Write a STAC Item <name>.stac.json beside the COG.")] = True,
+    vector: Annotated[
+        Path | None,
+        typer.Option(help="Polygons of the classes, one per connected patch, to a .gpkg (class, class_name, "
+                     "area in map units², mean_confidence in percent)."),
+    ] = None,
+    min_area: Annotated[
+        float | None,
+        typer.Option(help="--vector: minimum mapping unit in map units² (m² in a metric CRS): smaller "
+                     "patches first take their largest neighbour's class, as gdal_sieve -4 does."),
+    ] = None,
+    simplify: Annotated[
+        float | None,
+        typer.Option(help="--vector: simplify each polygon with this tolerance in map units (default: exact "
+                     "pixel outlines)."),
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="--vector: run the blocks on this dask cluster (tcp://host:port).")
+    ] = None,
 ) -> None:
-    """Export a store layer as a validated Cloud-Optimized GeoTIFF (plus a STAC Item)."""
-    from segpipe.stages.export.cog import write_cog
+    """Export a store layer as a validated Cloud-Optimized GeoTIFF (plus a STAC Item), and/or its polygons.
 
-    path = write_cog(store, out, layer=layer, compress=compress, stac=stac)
-    console.print(f"wrote {path}")
+    A class COG gets its legend beside it: GDAL's <name>.tif.aux.xml (class names and a
+    raster attribute table that GDAL, QGIS and ArcGIS read) and a QGIS style <stem>.qml.
+    --vector reads the classes block by block and gives the polygons a whole-raster
+    polygonization would (4-connectivity), patches cut by block borders merged.
+    """
+    from segpipe.errors import InputError
+
+    if vector is None and (min_area is not None or simplify is not None or scheduler is not None):
+        raise InputError("--min-area, --simplify and --scheduler apply to --vector: add --vector OUT.gpkg")
+    if out is None and vector is None:
+        raise InputError("give --out OUT.tif (a COG), --vector OUT.gpkg (polygons), or both")
+    if out is not None:
+        from segpipe.api import export as run
+
+        for written in run(store, out, layer=layer, compress=compress, stac=stac).files:
+            console.print(f"wrote {written}", soft_wrap=True)
+    if vector is not None:
+        console.print(f"wrote {_export_vector(store, vector, min_area, simplify, scheduler)}", soft_wrap=True)
+
+
+def _export_vector(
+    store: str, vector: Path, min_area: float | None, simplify: float | None, scheduler: str | None
+) -> Path:
+    """``--vector``: in this process, or on ``scheduler``'s cluster."""
+    from segpipe.stages.export.vector import write_vector
+
+    if scheduler is None:
+        return write_vector(store, vector, min_area=min_area, simplify=simplify)
+    from segpipe.cluster import get_client
+
+    with get_client(scheduler) as client:
+        return write_vector(store, vector, min_area=min_area, simplify=simplify, client=client)
+
+
+@app.command("export-model")
+def export_model(
+    model: Annotated[Path, typer.Argument(help="A trained model package (model.json + weights).")],
+    onnx: Annotated[Path, typer.Option(help="The ONNX file to write (input 'image', output 'logits').")],
+    package: Annotated[
+        Path | None,
+        typer.Option(help="Also write an ONNX model package there, which 'segpipe predict --model' runs."),
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    window: Annotated[
+        int | None, typer.Option(help="Window edge of a one-size network (PSPNet); default: predict's tile.")
+    ] = None,
+) -> None:
+    """Export a trained network (or forest, or ensemble) to ONNX, checked against torch before it is kept.
+
+    The input is normalised band values, N x bands x H x W float32; batch and window stay
+    free except for PSPNet. Every package also carries mlm.json (STAC MLM) beside it.
+    """
+    from segpipe.models.onnx import export_onnx
+
+    done = export_onnx(model, onnx, opset, package=package, window=window)
+    console.print(f"wrote {done.path}", soft_wrap=True)
+    if done.package is not None:
+        for name in sorted(p.name for p in done.package.iterdir()):
+            console.print(f"wrote {done.package / name}", soft_wrap=True)
+    shape = f"a {done.window} px window" if done.window else "any window (a multiple of 32)"
+    console.print(f"  opset {done.opset}, {shape}; largest difference to torch {done.max_abs_diff:.1e}")
 
 
 @app.command()
@@ -609,7 +687,7 @@ def preview(
     """
     from segpipe.stages.export.preview import write_preview
 
-    console.print(f"wrote {write_preview(cog, out, max_size)}")
+    console.print(f"wrote {write_preview(cog, out, max_size)}", soft_wrap=True)
 
 
 @app.command()

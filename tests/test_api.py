@@ -155,8 +155,12 @@ def test_export_result(region: segpipe.IngestResult, summary: segpipe.PredictSum
     assert isinstance(result, segpipe.ExportResult) and result.layer == "classes"
     assert result.path == tmp_path / "out" / "classes.tif" and Path(result.path).is_file()
     assert result.stac_item == tmp_path / "out" / "classes.stac.json" and Path(result.stac_item).is_file()
+    out = tmp_path / "out"
+    assert result.legend == (out / "classes.tif.aux.xml", out / "classes.qml")
+    assert set(result.files) == set(out.iterdir())  # every file written, and only those
     plain = segpipe.export(region.store, tmp_path / "conf.tif", layer="confidence", stac=False)
     assert plain.stac_item is None and not (tmp_path / "conf.stac.json").exists()
+    assert plain.files == (tmp_path / "conf.tif",)
 
 
 def test_evaluate_result(

@@ -60,6 +60,17 @@ def test_classes_equal_predicts_everywhere_with_the_inputs_grid(predicted: Path,
     assert (out.attrs["tile"], out.attrs["overlap"], out.attrs["blend"]) == (64, 16, "cosine")
 
 
+def test_an_onnx_package_classifies_as_its_torch_package(
+    predicted: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    from segpipe.models.onnx import export_onnx
+
+    package = export_onnx(model_dir, tmp_path / "unet.onnx", package=tmp_path / "onnx").package
+    ds = segpipe.open_region(predicted)
+    classes = _computed(segpipe.classify(ds.image, package, **WINDOWS))
+    np.testing.assert_array_equal(classes.values, ds.classes.values)
+
+
 @pytest.mark.parametrize("chunks", [{"y": 50, "x": 33}, {"y": 128, "x": 170}, {"y": 70, "x": 100}])
 def test_chunks_unlike_the_stores_blocks_give_the_same_classes(
     predicted: Path, model_dir: Path, chunks: dict[str, int]

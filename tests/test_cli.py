@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-COMMANDS = ["synth", "ingest", "train", "predict", "export", "evaluate", "demo"]
+COMMANDS = ["synth", "ingest", "train", "predict", "export", "export-model", "preview", "evaluate", "demo"]
 
 
 def segpipe(*args, cwd=None):

@@ -222,3 +222,23 @@ def test_onnx_network_is_a_plain_callable(tmp_path: Path) -> None:
     assert isinstance(net, OnnxNetwork) and net.on_cpu and net.window is None
     out = net(np.zeros((2, 3, 32, 64), np.float32))
     assert out.shape == (2, len(CLASSES), 32, 64) and out.dtype == np.float32
+
+
+def test_the_export_model_command_lists_its_files_and_refuses_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    pkg = _package(tmp_path / "torch", "unet")
+    segpipe = str(Path(sys.executable).parent / "segpipe")
+    command = [segpipe, "export-model", str(pkg), "--onnx", str(tmp_path / "m.onnx")]
+    done = subprocess.run([*command, "--package", str(tmp_path / "onnx")], capture_output=True, text=True,
+                          timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    for written in (tmp_path / "m.onnx", *(tmp_path / "onnx").iterdir()):
+        assert f"wrote {written}" in out
+    assert "any window" in out and "difference to torch" in out
+    refused = subprocess.run([*command, "--package", str(pkg)], capture_output=True, text=True, timeout=600)
+    errors = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode != 0 and len(errors) == 1 and "torch model package" in errors[0], refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -197,8 +197,10 @@ def test_predict_export_evaluate_on_s3(s3: str, region, client, stub_model_dir: 
     item = json.loads(filesystem().cat_file(f"{s3}/exports/classes.stac.json"))
     assert item["assets"]["data"]["href"] == "./classes.tif"
     assert sorted(k.rsplit("/", 1)[-1] for k in filesystem().ls(f"{s3}/exports")) == [
+        "classes.qml",
         "classes.stac.json",
         "classes.tif",
+        "classes.tif.aux.xml",
     ]
 
     reference = _url(s3, region, region.truth)
@@ -243,6 +245,19 @@ def test_model_package_on_s3(s3: str, client, model_dir: Path, tmp_path: Path, m
     assert local_package(url) != fetched and model_hash(url) != model_hash(model_dir)
     with pytest.raises(MissingInputError, match=r"models/none/model\.json"):
         read_spec(f"{s3}/models/none")
+
+    # An ONNX package on S3 is fetched with its model.onnx and predicts the same classes.
+    from segpipe.models.onnx import export_onnx
+
+    onnx_url = f"{s3}/models/unet-onnx"
+    package = export_onnx(model_dir, tmp_path / "unet.onnx", package=tmp_path / "unet-onnx").package
+    assert package is not None
+    for item in package.iterdir():
+        upload(item, f"{onnx_url}/{item.name}")
+    assert (local_package(onnx_url) / "model.onnx").is_file()
+    third = make_store(tmp_path / "c.zarr", block=64)
+    predict(third, onnx_url, client=client, **SETTINGS)
+    np.testing.assert_array_equal(open_region(third)["classes"].values, open_region(local)["classes"].values)
 
 
 def test_missing_objects_name_the_url(s3: str, region) -> None:  # type: ignore[no-untyped-def]

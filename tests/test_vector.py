@@ -295,3 +295,29 @@ def test_nothing_classified_and_missing_layer(tmp_path: Path) -> None:
     with pytest.raises(MissingLayerError, match="no 'classes' layer: run 'segpipe predict' first"):
         write_vector(bare, tmp_path / "bare.gpkg")
     assert not (tmp_path / "bare.gpkg").exists()
+
+
+def test_the_export_command_writes_polygons_on_a_cluster_and_refuses_in_one_line(
+    region: Region, tmp_path: Path, client: Client
+) -> None:
+    import subprocess
+    import sys
+
+    import segpipe
+
+    store, classes, _ = region
+    segpipe_cli = str(Path(sys.executable).parent / "segpipe")
+    out = tmp_path / "p.gpkg"
+    command = [segpipe_cli, "export", str(store), "--vector", str(out)]
+    done = subprocess.run([*command, "--scheduler", client.scheduler.address], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout + done.stderr and not (tmp_path / "p.tif").exists()  # no COG asked
+    assert_same_polygons(read_back(out), whole_raster(classes))
+    api = segpipe.polygons(store, tmp_path / "api.gpkg", min_area=7 * PIXEL_AREA)
+    assert 0 < len(read_back(api)) < len(read_back(out))  # the sieve merged small patches away
+    for extra, needle in ((["--min-area", "5"], "apply to --vector"), ([], "give --out OUT.tif")):
+        refused = subprocess.run([segpipe_cli, "export", str(store), *extra], capture_output=True, text=True,
+                                 timeout=120)
+        errors = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode != 0 and len(errors) == 1 and needle in errors[0], refused.stderr

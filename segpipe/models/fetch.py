@@ -4,7 +4,8 @@ A cluster's workers rarely share a file system with the machine that trained the
 model, but they all reach the same bucket. ``--model s3://bucket/models/unet`` works
 anywhere a local package does: every process that needs the package (the driver for
 its description and hash, each worker for the weights) calls :func:`local_package`,
-which downloads ``model.json`` and ``weights.safetensors`` into a cache folder keyed by
+which downloads ``model.json`` and ``weights.safetensors`` (an ONNX package's
+``model.onnx``) into a cache folder keyed by
 the URL and both objects' ETags and sizes. Processes of one machine share the copy; a
 package replaced on S3 has new ETags, hence a new copy. Downloads land in a temporary
 folder renamed into place when complete, so a process never loads half a package.
@@ -28,10 +29,11 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from segpipe.errors import StorageError
-from segpipe.io.remote import as_url, filesystem, is_remote, join, remote_errors, remote_info
-from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE
+from segpipe.errors import MissingInputError, StorageError
+from segpipe.io.remote import as_url, filesystem, is_remote, join, remote_errors, remote_exists, remote_info
+from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE
 
 __all__ = ["CACHE_ENV", "cache_root", "check_private", "local_package"]
 
@@ -145,6 +147,23 @@ def _fetch(url: str, dest: Path, names: tuple[str, ...]) -> None:
             shutil.rmtree(tmp)
 
 
+def _remote_weights(url: str) -> tuple[str, dict[str, Any]]:
+    """The package's weights file at ``url`` and its metadata: torch's, else an ONNX package's.
+
+    Asked for by name rather than read from ``model.json``, so a torch package (the usual
+    case) costs no more requests than before.
+
+    Raises:
+        MissingInputError: Neither weights file exists (the message names torch's).
+    """
+    try:
+        return WEIGHTS_FILE, remote_info(join(url, WEIGHTS_FILE), "model package file")
+    except MissingInputError:
+        if not remote_exists(join(url, ONNX_FILE)):
+            raise
+    return ONNX_FILE, remote_info(join(url, ONNX_FILE), "model package file")
+
+
 def local_package(model_dir: str | Path) -> Path:
     """A local folder holding the package at ``model_dir`` (itself when it is local).
 
@@ -156,9 +175,10 @@ def local_package(model_dir: str | Path) -> Path:
     if not is_remote(model_dir):
         return Path(model_dir)
 
-    files = (SPEC_FILE, WEIGHTS_FILE)
     url = as_url(str(model_dir)).rstrip("/")
-    infos = [remote_info(join(url, name), "model package file") for name in files]
+    spec_info = remote_info(join(url, SPEC_FILE), "model package file")
+    weights, weights_info = _remote_weights(url)
+    files, infos = (SPEC_FILE, weights), [spec_info, weights_info]
     identity = json.dumps([url, *[[str(i.get("ETag", "")), int(i.get("size", 0))] for i in infos]])
     dest = cache_root() / hashlib.sha256(identity.encode()).hexdigest()[:20]
     if _intact(dest, files):

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from segpipe.errors import BandMismatchError, InputError, ModelPackageError
 from segpipe.models.fetch import hash_file, local_package
-from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE
+from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE
 from segpipe.models.networks import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS, build_network
 from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
@@ -68,7 +68,6 @@ __all__ = [
 MODEL_SCHEMA = 2
 _READABLE_SCHEMAS = (1, 2)
 # The weights file of an ONNX package (a torch package's is files.WEIGHTS_FILE).
-ONNX_FILE = "model.onnx"
 WEIGHTS_FORMATS = ("safetensors", "onnx")
 # Every ``arch`` a package may name; ``ensemble`` is segpipe.models.ensemble.ENSEMBLE_ARCH
 # (not imported: the ensemble module imports this one).

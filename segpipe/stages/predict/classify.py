@@ -35,7 +35,7 @@ from segpipe.stages.predict.driver import (
     window_settings,
 )
 from segpipe.stages.predict.pixels import encode_probabilities, prepare_pixels
-from segpipe.stages.predict.worker import cached_model, torch_forward
+from segpipe.stages.predict.worker import cached_forward
 from segpipe.types import classes_to_json
 
 if TYPE_CHECKING:
@@ -157,10 +157,10 @@ def _classify_chunk(pieces: list[list[np.ndarray]], job: _Job, box: Box, halo: B
         (K, h, w) uint8: classes, then with ``job.probabilities`` confidence and one layer
         per class; 255 on nodata.
     """
-    net, spec, device = cached_model(job.model_dir, job.model_hash)
-    forward = torch_forward(net, device)
-    forward = tta_forward(forward) if job.tta else forward
-    most = job.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
+    loaded = cached_forward(job.model_dir, job.model_hash)  # torch weights or an ONNX file
+    spec = loaded.spec
+    forward = tta_forward(loaded.forward) if job.tta else loaded.forward
+    most = job.batch_size or (CPU_BATCH if loaded.on_cpu else GPU_BATCH)
     pixels, valid = prepare_pixels(np.block(pieces), job.nodata, spec)
     probs, _ = blend_windows(pixels, valid, forward, job.tile, job.overlap, (halo.y0, halo.x0), job.raster,
                              box, choose_batch_size(job.n_windows, most), True, job.blend, job.margin)
