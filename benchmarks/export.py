@@ -341,19 +341,26 @@ def main() -> None:
     import rasterio
 
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
+        **_provenance(load_before),
         "gdal_python": rasterio.__gdal_version__,
         "gdal_translate": gdal_version.strip(),
         "gdal_cache_mb": GDAL_CACHE_MB,
-        "loadavg_before": [round(v, 2) for v in load_before],
-        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def _provenance(load_before: tuple[float, float, float]) -> dict[str, object]:
+    """Where and when a run was measured, and how busy the machine was (timings depend on it)."""
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def vector_main(args: argparse.Namespace) -> None:
@@ -377,14 +384,7 @@ def vector_main(args: argparse.Namespace) -> None:
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "loadavg_before": [round(v, 2) for v in load_before],
-        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "results": rows,
-    }
+    result = {**_provenance(load_before), "results": rows}
     out = args.out if args.out != RESULTS else RESULTS.with_name("export_vector.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -360,7 +360,7 @@ def export(
         SegpipeError: As :func:`segpipe.stages.export.write_cog` (no such layer, a bad
             destination or compression, a destination that cannot be written).
     """
-    from segpipe.stages.export import write_cog
+    from segpipe.stages.export.cog import write_cog
     from segpipe.stages.export.stac import stac_item_path
 
     path = write_cog(store, out, layer=layer, overwrite=overwrite, compress=compress, stac=stac)
