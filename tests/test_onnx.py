@@ -18,9 +18,10 @@ from segpipe.errors import ModelPackageError
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec, build_network, load_model, model_hash, read_spec, save_model
 from segpipe.models.combine import make_ensemble
+from segpipe.models.loading import validate_package
 from segpipe.models.mlm import MLM_EXTENSION, MLM_FILE, mlm_item, write_mlm
 from segpipe.models.onnx import INPUT_NAME, OnnxNetwork, export_onnx, load_onnx
-from segpipe.models.package import ONNX_FILE, validate_package
+from segpipe.models.package import ONNX_FILE
 from segpipe.stages.predict.driver import predict
 
 BANDS = ("b1", "b2", "b3")
@@ -91,7 +92,8 @@ def test_pspnet_is_exported_for_one_window(tmp_path: Path) -> None:
         assert np.abs(net(x.numpy()) - ref).max() < 1e-4
     with pytest.raises(ModelPackageError, match="--tile 96"):
         net(np.zeros((1, 3, 64, 64), np.float32))
-    shape = mlm_item(tmp_path / "onnx")["properties"]["mlm:input"][0]["input"]["shape"]
+    spec = read_spec(tmp_path / "onnx")
+    shape = mlm_item(tmp_path / "onnx", spec)["properties"]["mlm:input"][0]["input"]["shape"]
     assert shape == [-1, 3, 96, 96]
 
 
@@ -204,7 +206,7 @@ def test_mlm_describes_torch_and_onnx_packages(tmp_path: Path) -> None:
     pkg = _package(tmp_path / "unet-landcover", "unet")
     spec = read_spec(pkg)
     item = json.loads((pkg / MLM_FILE).read_text())  # save_model writes it beside every package
-    assert write_mlm(pkg) == pkg / MLM_FILE and json.loads((pkg / MLM_FILE).read_text()) == item
+    assert write_mlm(pkg, spec) == pkg / MLM_FILE and json.loads((pkg / MLM_FILE).read_text()) == item
     _check_mlm(item, spec, "PyTorch", "safetensors.torch.save_file", -1)
     assert item["properties"]["mlm:name"] == "unet-landcover"
     assert item["assets"]["model"]["href"] == "./weights.safetensors"

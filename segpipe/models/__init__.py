@@ -1,16 +1,15 @@
 """Networks and model packages."""
 
+from segpipe.models.loading import load_verified, validate_package
 from segpipe.models.networks import ARCHITECTURES, ENCODERS, build_network, output_stride
 from segpipe.models.package import (
     ModelSpec,
     check_bands,
     load_model,
-    load_verified,
     model_hash,
     normalise,
     read_spec,
     save_model,
-    validate_package,
 )
 
 __all__ = [

@@ -16,10 +16,12 @@ import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE
-from segpipe.models.package import ONNX_FILE, ModelSpec, read_spec
+from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write
+
+if TYPE_CHECKING:
+    from segpipe.models.spec import ModelSpec
 
 __all__ = ["MLM_EXTENSION", "MLM_FILE", "STAC_VERSION", "mlm_item", "write_mlm"]
 
@@ -105,12 +107,12 @@ def _onnx_window(path: Path) -> int | None:
     return edges[0] if len(edges) == 2 else None
 
 
-def mlm_item(folder: str | Path, spec: ModelSpec | None = None, window: int | None = None) -> dict[str, Any]:
+def mlm_item(folder: str | Path, spec: ModelSpec, window: int | None = None) -> dict[str, Any]:
     """The STAC MLM Item of a package folder.
 
     Args:
         folder: The package folder (its name becomes ``mlm:name`` when MLM accepts it).
-        spec: Its description; default: read from the folder's ``model.json``.
+        spec: Its description (its ``model.json``).
         window: The one window edge the network takes, or None: read from an ONNX
             package's ``model.onnx``, else dynamic (torch networks take any multiple of the stride).
 
@@ -118,7 +120,6 @@ def mlm_item(folder: str | Path, spec: ModelSpec | None = None, window: int | No
         The Item as JSON-ready dict (``geometry`` null: a model has no footprint).
     """
     path = Path(folder)
-    spec = read_spec(path) if spec is None else spec
     weights, asset = _model_asset(spec)
     if window is None and spec.weights_format == "onnx" and (path / ONNX_FILE).is_file():
         window = _onnx_window(path / ONNX_FILE)
@@ -156,14 +157,12 @@ def mlm_item(folder: str | Path, spec: ModelSpec | None = None, window: int | No
     }
 
 
-def write_mlm(folder: str | Path, spec: ModelSpec | None = None, window: int | None = None) -> Path:
+def write_mlm(folder: str | Path, spec: ModelSpec, window: int | None = None) -> Path:
     """Write ``mlm.json`` (see :func:`mlm_item`) into a package folder, atomically.
 
     Returns:
         The file written.
     """
-    from segpipe.models.package import _atomic_write
-
     out = Path(folder) / MLM_FILE
-    _atomic_write(out, (json.dumps(mlm_item(folder, spec, window), indent=2) + "\n").encode())
+    atomic_write(out, (json.dumps(mlm_item(folder, spec, window), indent=2) + "\n").encode())
     return out

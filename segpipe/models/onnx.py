@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segpipe.errors import EnvironmentFaultError, ModelPackageError
-from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE
-from segpipe.models.package import ONNX_FILE, ModelSpec, load_model
+from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE, atomic_write
+from segpipe.models.package import ONNX_FILE, load_model
+from segpipe.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -344,7 +345,6 @@ def write_onnx_package(
         ModelPackageError: The folder holds a torch package (its weights are never replaced).
     """
     from segpipe.models.mlm import write_mlm
-    from segpipe.models.package import _atomic_write
 
     folder = Path(package)
     _refuse_torch_folder(folder)
@@ -355,7 +355,7 @@ def write_onnx_package(
         shutil.copyfile(source, tmp)
         os.replace(tmp, dest)
     onnx_spec = replace(spec, weights_format="onnx")
-    _atomic_write(folder / SPEC_FILE, (json.dumps(onnx_spec.to_json(), indent=2) + "\n").encode())
+    atomic_write(folder / SPEC_FILE, (json.dumps(onnx_spec.to_json(), indent=2) + "\n").encode())
     write_mlm(folder, onnx_spec, window)
     return folder
 

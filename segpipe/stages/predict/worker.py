@@ -22,8 +22,8 @@ from segpipe.grid.box import Box
 from segpipe.grid.tiling import Forward
 from segpipe.io.store import NODATA_U8, RegionInfo, open_layer, read_region_info, write_block
 from segpipe.models import load_verified
+from segpipe.models.loading import load_network
 from segpipe.models.onnx import OnnxNetwork
-from segpipe.models.package import load_network
 from segpipe.stages.predict.allocator import tune_allocator
 from segpipe.stages.predict.blend import BlendStats, RowBand, blend_rows, tta_forward
 from segpipe.stages.predict.jobs import BlockJob, Blocks, blocks_box
