@@ -11,17 +11,18 @@ import pytest
 import rasterio.features
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import shapely
-import xarray as xr
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
 from scipy import ndimage
+from test_cog import fill_layer
+from test_cog import make_store as make_cog_store
 
 import segpipe.stages.export.vector_blocks as vector_blocks
 from segpipe.errors import InputError, MissingLayerError
-from segpipe.io.store import create_layer, read_region_info, write_block
+from segpipe.io.store import read_region_info
 from segpipe.stages.export.vector import VectorFormatError, sieve_threshold, write_vector
-from segpipe.types import ClassInfo, classes_to_json
+from segpipe.types import ClassInfo
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -39,29 +40,12 @@ def make_store(
     path: Path, classes: np.ndarray, block: int, confidence: np.ndarray | None = None,
     transform: Affine = TRANSFORM,
 ) -> Path:
-    """A region store (store.py's layout) holding ``classes`` (and ``confidence``), sharded by ``block``."""
+    """A region store (test_cog's) holding ``classes`` (and ``confidence``), sharded by ``block``."""
     height, width = classes.shape
-    ys = transform.f + transform.e * (np.arange(height) + 0.5)
-    xs = transform.c + transform.a * (np.arange(width) + 0.5)
-    image = xr.DataArray(
-        np.zeros((1, height, width), np.uint16),
-        dims=("band", "y", "x"),
-        coords={"band": [1], "y": ys, "x": xs},
-        name="image",
-        attrs={"long_name": ["b1"]},
-    )
-    image = image.rio.write_crs("EPSG:32617").rio.write_transform(transform)
-    encoding = {"image": {"chunks": (1, block, block), "shards": (1, block, block)}}
-    image.to_dataset().to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
-    zarr.open_group(str(path), mode="r+").attrs["segpipe"] = {
-        "schema": 1, "block_size": block, "classes": classes_to_json(CLASSES)
-    }
-    layers = {"classes": classes} | ({} if confidence is None else {"confidence": confidence})
-    for name, data in layers.items():
-        array = create_layer(path, name, "uint8", 255)
-        for y0 in range(0, height, block):
-            for x0 in range(0, width, block):
-                write_block(array, y0, x0, data[y0 : y0 + block, x0 : x0 + block], block)
+    make_cog_store(path, height, width, block, transform=transform, classes=CLASSES)
+    fill_layer(path, "classes", classes)
+    if confidence is not None:
+        fill_layer(path, "confidence", confidence)
     return path
 
 
