@@ -44,6 +44,7 @@ __all__ = [
     "TrainConfigField",
     "UnknownArchitectureError",
     "fit_chip_size",
+    "forest_of",
     "setting_error",
     "shown",
     "train_config",
@@ -355,8 +356,17 @@ class AutoConfig(_NetworkSettings, _ForestSettings):
         """The U-Net's settings and the forest's, each with the shared ones."""
         values = self.model_dump(exclude={"arch", "budget_minutes"})
         network = {k: v for k, v in values.items() if k in NetworkConfig.model_fields}
-        forest = {k: v for k, v in values.items() if k in ForestConfig.model_fields}
-        return NetworkConfig(**network), ForestConfig(**forest)
+        return NetworkConfig(**network), forest_of(self)
+
+
+def forest_of(settings: _Shared) -> ForestConfig:
+    """The forest's settings among ``settings``.
+
+    The shared ones (seed, split, threads, clipping) and, from an :class:`AutoConfig`, the
+    forest's own: a forest beside a network holds out the same cells and normalises alike.
+    """
+    values = settings.model_dump(exclude={"arch"})
+    return ForestConfig(**{k: v for k, v in values.items() if k in ForestConfig.model_fields})
 
 
 NetworkConfig._others = ((ForestConfig, f"--arch {FOREST_ARCH}"), (AutoConfig, f"--arch {AUTO_ARCH}"))

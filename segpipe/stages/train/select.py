@@ -30,9 +30,9 @@ from segpipe.stages.train.config import (
     AUTO_ARCH,
     FOREST_ARCH,
     AutoConfig,
-    ForestConfig,
     NetworkConfig,
     ResolvedNetworkConfig,
+    forest_of,
 )
 from segpipe.stages.train.progress import TrainProgress
 
@@ -318,8 +318,7 @@ def compare_with_forest(
     if plan is None:
         plan = plan_training(store, ResolvedNetworkConfig(**read_spec(network).training["config"]))
     cfg = plan.cfg
-    shared = {k: v for k, v in settings.model_dump().items() if k in ForestConfig.model_fields}
-    forest_cfg = ForestConfig(**{**shared, "arch": FOREST_ARCH})
+    forest_cfg = forest_of(settings)
     if not plan.valid_windows:
         return None
     with tempfile.TemporaryDirectory(prefix=".segpipe-baseline-", dir=Path(network).parent) as tmp:
