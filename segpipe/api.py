@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segpipe.io.remote import as_url, is_remote, join, url_name, url_parent
+from segpipe.io.remote import as_url, beside, is_remote, join
 from segpipe.types import ClassInfo
 
 if TYPE_CHECKING:
@@ -361,29 +361,13 @@ def export(
             destination or compression, a destination that cannot be written).
     """
     from segpipe.stages.export.cog import write_cog
+    from segpipe.stages.export.legend import legend_files
     from segpipe.stages.export.stac import stac_item_path
 
     path = write_cog(store, out, layer=layer, overwrite=overwrite, compress=compress, stac=stac)
-    legend = _legend_files(path)
-    if not stac:
-        return ExportResult(path, layer, None, legend)
-    return ExportResult(path, layer, _beside(path, stac_item_path), legend)
-
-
-def _beside(cog: Path | str, name_of: Callable[[Path], Path]) -> Path | str:
-    """A file named after ``cog`` beside it: a path, or the URL an s3:// COG's would have."""
-    if isinstance(cog, Path):
-        return name_of(cog)
-    return join(url_parent(cog), name_of(Path(url_name(cog))).name)
-
-
-def _legend_files(cog: Path | str) -> tuple[Path | str, ...]:
-    """The legend sidecars the export wrote beside ``cog`` (a class COG's; none for other layers)."""
-    from segpipe.io.remote import remote_exists
-    from segpipe.stages.export.legend import aux_xml_path, qml_path
-
-    found = (_beside(cog, name_of) for name_of in (aux_xml_path, qml_path))
-    return tuple(f for f in found if (f.is_file() if isinstance(f, Path) else remote_exists(f)))
+    legend = tuple(legend_files(path))
+    item = beside(path, stac_item_path) if stac else None
+    return ExportResult(path, layer, item, legend)
 
 
 def export_model(

@@ -29,7 +29,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "S3_SCHEME",
     "as_url",
+    "beside",
     "check_bucket",
     "filesystem",
     "gdal_env",
@@ -104,6 +105,17 @@ def url_name(url: str) -> str:
 def url_parent(url: str) -> str:
     """The URL one key component up (``s3://b/p/x.tif`` -> ``s3://b/p``)."""
     return as_url(url).rsplit("/", 1)[0]
+
+
+def beside(location: Path | str, name_of: Callable[[Path], Path]) -> Path | str:
+    """The file ``name_of`` names after ``location``, in the same folder.
+
+    A path for a local ``location``; for an ``s3://`` object, the URL beside it
+    (``s3://b/p/x.tif`` -> ``s3://b/p/x.stac.json``).
+    """
+    if isinstance(location, Path):
+        return name_of(location)
+    return join(url_parent(location), name_of(Path(url_name(location))).name)
 
 
 def _endpoint() -> str | None:

@@ -20,6 +20,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
+from segpipe.io.remote import beside, remote_exists
 from segpipe.io.store import NODATA_U8
 from segpipe.types import ClassInfo
 
@@ -78,9 +79,13 @@ def qml_path(cog: Path) -> Path:
     return cog.with_suffix(".qml")
 
 
-def legend_files(cog: Path) -> list[Path]:
-    """The sidecars an export left beside ``cog`` (for ``segpipe export`` to list what it wrote)."""
-    return [p for p in (aux_xml_path(cog), qml_path(cog)) if p.is_file()]
+def legend_files(cog: Path | str) -> list[Path | str]:
+    """The sidecars an export left beside ``cog``, a path or an ``s3://`` URL.
+
+    ``segpipe export`` lists them among the files it wrote.
+    """
+    found = (beside(cog, name_of) for name_of in (aux_xml_path, qml_path))
+    return [f for f in found if (f.is_file() if isinstance(f, Path) else remote_exists(f))]
 
 
 def aux_xml(classes: Sequence[ClassInfo], counts: PixelCounts) -> str:
