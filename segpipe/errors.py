@@ -32,6 +32,8 @@ __all__ = [
     "MissingLayerError",
     "ModelPackageError",
     "PretrainedWeightsError",
+    "ResolutionMismatchError",
+    "StacError",
     "SegpipeError",
     "StoreBusyError",
     "StoreError",
@@ -76,6 +78,14 @@ class ModelPackageError(InputError):
 
 class PretrainedWeightsError(InputError):
     """A pretrained weights file is unreadable or holds nothing that fits the encoder."""
+
+
+class StacError(InputError):
+    """A STAC Item, ItemCollection or catalogue is unusable: a missing or unreadable asset, mixed band sets."""
+
+
+class ResolutionMismatchError(InputError):
+    """The image's pixel size differs from the one the model was trained at by more than allowed."""
 
 
 class StoreError(InputError):
