@@ -148,6 +148,9 @@ def mlm_item(folder: str | Path, spec: ModelSpec, window: int | None = None) -> 
                                 "output_stride": spec.output_stride},
         "bands": [{"name": b} for b in spec.band_names],
     }
+    # STAC 1.1 allows ``bands`` in properties only where an asset lists bands too, and MLM
+    # wants them in properties: the model asset lists the same bands.
+    asset["bands"] = properties["bands"]
     return {
         "type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": [MLM_EXTENSION],
         "id": name, "geometry": None, "properties": properties, "links": [],
