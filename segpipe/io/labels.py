@@ -416,22 +416,44 @@ def _read_same_grid(
     return out
 
 
+def _source_window(
+    ds: rasterio.io.DatasetReader, target: Affine, grid_crs: CRS | None, h: int, w: int
+) -> tuple[np.ndarray, Affine] | None:
+    """The part of the raster a target window covers (one pixel more around), read; None if none."""
+    bounds = _bounds(target, h, w)
+    if ds.crs is not None and grid_crs is not None and ds.crs != grid_crs:
+        bounds = transform_bounds(grid_crs, ds.crs, *bounds, densify_pts=21)
+    exact = ds.window(*bounds)
+    c0, r0 = math.floor(exact.col_off) - 1, math.floor(exact.row_off) - 1
+    c1, r1 = math.ceil(exact.col_off + exact.width) + 1, math.ceil(exact.row_off + exact.height) + 1
+    c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, ds.width), min(r1, ds.height)
+    if c1 <= c0 or r1 <= r0:  # no overlap
+        return None
+    win = Window(c0, r0, c1 - c0, r1 - r0)
+    return ds.read(1, window=win), ds.window_transform(win)
+
+
 def _warp(src: LabelSource, ds: rasterio.io.DatasetReader, target: Affine, grid_crs: CRS | None,
           h: int, w: int) -> np.ndarray:
     """A window of a raster on another grid or CRS, warped with nearest resampling."""
-    nodata = ds.nodata
     dtype = ds.dtypes[0] if np.issubdtype(np.dtype(ds.dtypes[0]), np.integer) else "float64"
-    fill: float = 0 if nodata is None else nodata
-    if src.background is not None:
-        # The background value may be 0 or the nodata: NaN alone marks "outside the raster".
-        dtype, fill = "float64", math.nan
-        nodata = None if nodata == src.background else nodata
+    fill: float = 0 if ds.nodata is None else ds.nodata
+    if src.background is not None and src.background == ds.nodata:
+        # The nodata value means background here: warped from the window's pixels as
+        # read (GDAL would skip it as nodata); NaN alone marks "outside the raster".
+        data = np.full((h, w), math.nan)
+        part = _source_window(ds, target, grid_crs, h, w)
+        if part is not None:
+            reproject(source=part[0].astype(np.float64), destination=data, src_transform=part[1],
+                      src_crs=ds.crs or grid_crs, dst_transform=target, dst_crs=grid_crs or ds.crs,
+                      dst_nodata=math.nan, resampling=Resampling.nearest)
+        return _to_labels(data, math.nan, src)
     data = np.full((h, w), fill, dtype=dtype)
     reproject(
         source=rasterio.band(ds, 1),
         destination=data,
         src_crs=ds.crs or grid_crs,
-        src_nodata=nodata,
+        src_nodata=ds.nodata,
         dst_transform=target,
         dst_crs=grid_crs or ds.crs,
         dst_nodata=fill,
