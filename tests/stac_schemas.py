@@ -13,9 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np  # noqa: F401
 import pystac
+import pytest
+import rasterio
 from pystac.validation import JsonSchemaSTACValidator, validate_dict
 from pystac.validation.stac_validator import GetSchemaError
+
+from segpipe.stages.export.stac import FILE_EXTENSION, RASTER_EXTENSION, stac_item_path
 
 SCHEMAS = Path(__file__).parent / "data" / "stac-schemas"
 ITEM_SCHEMA = "https://schemas.stacspec.org/v1.1.0/item-spec/json-schema/item.json"
@@ -56,3 +61,19 @@ def validate_offline(stac: dict[str, Any] | pystac.STACObject | Path) -> list[st
     elif isinstance(stac, pystac.STACObject):
         stac = stac.to_dict(include_self_link=False, transform_hrefs=False)
     return [str(uri) for uri in validate_dict(stac, validator=OfflineValidator())]
+
+
+def check_item(cog: Path) -> dict[str, Any]:
+    """The Item beside ``cog`` validates, and its band statistics are the file's own."""
+    item = json.loads(stac_item_path(cog).read_text())
+    schemas = validate_offline(item)
+    assert schemas[0] == ITEM_SCHEMA and RASTER_EXTENSION in schemas and FILE_EXTENSION in schemas
+    with rasterio.open(cog) as ds:
+        for i, band in enumerate(item["assets"]["data"]["bands"], start=1):
+            values = ds.read(i, masked=True).compressed().astype(float)
+            stats = band["statistics"]
+            assert stats["valid_percent"] == pytest.approx(100 * values.size / ds.width / ds.height)
+            assert stats["mean"] == pytest.approx(values.mean(), abs=1e-5)
+            assert (stats["minimum"], stats["maximum"]) == (values.min(), values.max())
+            assert sum(band["raster:histogram"]["buckets"]) == values.size
+    return item

@@ -15,6 +15,7 @@ import zarr
 from affine import Affine
 from rasterio.crs import CRS
 from rio_cogeo import cog_validate
+from stac_schemas import check_item
 
 import segpipe.stages.export.cog as cog
 import segpipe.stages.export.geotiff as geotiff
@@ -275,7 +276,7 @@ def test_probabilities_layer_exports_one_band_per_class(tmp_path: Path) -> None:
     valid = half[1] != 255
     mean = cells.mean(axis=(1, 3))
     assert np.abs(half[1][valid] - mean[valid]).max() <= 1.0
-    item = json.loads((tmp_path / "probabilities.stac.json").read_text())
+    item = check_item(out)  # validates offline; statistics and histograms of all 3 bands
     assert [b["name"] for b in item["assets"]["data"]["bands"]] == ["forest", "water", "urban"]
     assert "classification:classes" not in item["assets"]["data"]
 
@@ -306,13 +307,15 @@ def test_image_layer_keeps_dtype_nodata_and_band_names(tmp_path: Path) -> None:
         assert src.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == "2"
         np.testing.assert_array_equal(src.read(), image)
         assert src.crs == CRS.from_epsg(32617)
-    item = json.loads((tmp_path / "image.stac.json").read_text())
-    assert item["assets"]["data"]["bands"][0] == {
-        "name": "red",
-        "description": "red",
-        "data_type": "uint16",
-        "nodata": 0,
-    }
+    item = check_item(out)  # uint16: the histogram spans the values found, in 256 buckets
+    red = item["assets"]["data"]["bands"][0]
+    assert {k: red[k] for k in ("name", "description", "data_type", "nodata")} == {
+        "name": "red", "description": "red", "data_type": "uint16", "nodata": 0}
+    valid = image[0][image[0] != 0]
+    histogram = red["raster:histogram"]
+    assert (histogram["min"], histogram["max"]) == (valid.min() - 0.5, valid.max() + 0.5)
+    expected = np.histogram(valid, bins=256, range=(valid.min() - 0.5, valid.max() + 0.5))[0]
+    assert histogram["buckets"] == expected.tolist()
     assert item["assets"]["data"]["roles"] == ["data", "visual"]
 
 

@@ -56,10 +56,12 @@ from segpipe.io.remote import (
     url_parent,
 )
 from segpipe.io.store import RegionInfo, read_region_info, same_nodata
+from segpipe.stages.export.band_stats import band_statistics
 from segpipe.stages.export.geotiff import WINDOW, write_geotiff_layer
 from segpipe.stages.export.layers import ExportLayer, band_colormap, classes_from_tags, describe_layer
 from segpipe.stages.export.legend import PixelCounts, aux_xml_path, qml_path, write_legend, written_by_segpipe
-from segpipe.stages.export.stac import stac_bands, stac_item, stac_item_path, stac_json
+from segpipe.stages.export.lineage import read_lineage
+from segpipe.stages.export.stac import file_fields, stac_bands, stac_item, stac_item_path, stac_json
 
 __all__ = ["COMPRESSIONS", "GDAL_CACHE_MB", "write_cog"]
 
@@ -254,9 +256,11 @@ def _stage_stac_item(store: str | Path, dest: Path, token: str, info: RegionInfo
     Returns:
         The temporary, for :func:`_publish`.
     """
-    bands = stac_bands(spec.descriptions, spec.dtype, spec.nodata, spec.units)
+    cog = _temporary(dest, token, "cog.tif")  # the staged COG: the same bytes _publish renames
+    bands = stac_bands(spec.descriptions, spec.dtype, spec.nodata, spec.units, band_statistics(cog))
     item_id = f"{Path(str(store)).stem}-{dest.stem}"
-    item = stac_item(dest, info.grid, spec.name, bands, spec.classes, item_id=item_id)
+    item = stac_item(dest, info.grid, spec.name, bands, spec.classes, item_id=item_id,
+                     lineage=read_lineage(store, spec.name), file=file_fields(cog))
     tmp = _temporary(dest, token, "stac.json")
     tmp.write_text(stac_json(item))
     return tmp

@@ -1,18 +1,27 @@
-"""STAC Items describing exported Cloud-Optimized GeoTIFFs.
+"""STAC Items describing exported Cloud-Optimized GeoTIFFs, made with pystac.
 
 A STAC Item next to each export lets catalogues (stac-fastapi, pgSTAC), tile servers
-(titiler) and QGIS's STAC browser pick the file up: its footprint and bbox in WGS 84,
-its native grid through the projection extension, and, for class rasters, the class
-list through the classification extension (titiler builds a categorical colour map
-from ``color_hint``). Plain ``json``: pystac would be a dependency for one dict.
+(titiler) and QGIS's STAC browser pick the file up:
+- its footprint and bbox in WGS 84, its native grid (projection extension);
+- the imagery's acquisition time (``datetime``, or ``start_datetime``/``end_datetime``)
+  from the store, not the export's (which is ``created``);
+- ``derived_from`` links to the inputs and the region store, a ``via`` link to the model
+  package's MLM Item (``mlm.json``);
+- per band: ``statistics`` and the raster extension's ``raster:histogram``; the file
+  extension's ``file:size`` and ``file:checksum`` (a sha2-256 multihash);
+- for class rasters the class list (classification extension; titiler builds a
+  categorical colour map from ``color_hint``).
 
-Classification extension v2.0.0 requires a machine-readable ``name`` (letters, digits,
-``-`` and ``_``); the human name goes into ``title`` and ``description``.
+Every extension is named at a version whose official schema the tests validate the Item
+against, offline: classification v1.1.0 (its machine ``name`` kept to letters, digits,
+``-`` and ``_``, the human name in ``title`` and ``description``), projection v2.0.0,
+raster v2.0.0, file v2.1.0.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -21,27 +30,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pystac
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds, transform_geom
 
+from segpipe.stages.export.lineage import Lineage
 from segpipe.types import ClassInfo, Grid
 
 __all__ = [
     "CLASSIFICATION_EXTENSION",
     "COG_MEDIA_TYPE",
+    "FILE_EXTENSION",
     "PROJECTION_EXTENSION",
     "STAC_VERSION",
     "stac_bands",
     "stac_classes",
     "stac_item",
+    "file_fields",
     "stac_item_path",
     "stac_json",
     "write_stac_item",
 ]
 
 STAC_VERSION = "1.1.0"
-CLASSIFICATION_EXTENSION = "https://stac-extensions.github.io/classification/v2.0.0/schema.json"
+CLASSIFICATION_EXTENSION = "https://stac-extensions.github.io/classification/v1.1.0/schema.json"
+FILE_EXTENSION = "https://stac-extensions.github.io/file/v2.1.0/schema.json"
 PROJECTION_EXTENSION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 RASTER_EXTENSION = "https://stac-extensions.github.io/raster/v2.0.0/schema.json"
 COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
@@ -63,7 +77,7 @@ def _machine_name(name: str, value: int) -> str:
 
 
 def stac_classes(classes: Sequence[ClassInfo]) -> list[dict[str, Any]]:
-    """Class objects of the classification extension (v2.0.0) for ``classes``."""
+    """Class objects of the classification extension for ``classes``."""
     return [
         {
             "value": c.value,
@@ -109,23 +123,80 @@ def _proj_code(grid: Grid) -> tuple[str | None, str | None]:
 
 
 def stac_bands(
-    names: Sequence[str], dtype: str, nodata: float | None, unit: str = ""
+    names: Sequence[str],
+    dtype: str,
+    nodata: float | None,
+    unit: str = "",
+    statistics: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """One STAC 1.1 band object per band: ``name``, ``description``, ``data_type``, ``nodata``.
 
     A NaN nodata is written as the string ``"nan"`` (JSON has no NaN), as STAC prescribes.
     With ``unit``, each band also says it (``unit``) and that its values are that unit as
-    stored (the raster extension's ``scale`` 1 and ``offset`` 0).
+    stored (the raster extension's ``scale`` 1 and ``offset`` 0). ``statistics`` (from
+    :func:`segpipe.stages.export.band_stats.band_statistics`, one per band) adds each band's
+    ``statistics`` and ``raster:histogram``.
     """
     bands = []
-    for name in names:
+    for i, name in enumerate(names):
         band: dict[str, Any] = {"name": name, "description": name, "data_type": dtype}
+        if i < len(statistics):
+            band.update(statistics[i])
         if nodata is not None:
             band["nodata"] = "nan" if math.isnan(nodata) else nodata
         if unit:
             band.update({"unit": unit, "raster:scale": 1.0, "raster:offset": 0.0})
         bands.append(band)
     return bands
+
+
+def file_fields(path: str | Path) -> dict[str, Any]:
+    """The file extension's ``file:size`` and ``file:checksum`` (sha2-256 multihash) of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    # Multihash: 0x12 = sha2-256, 0x20 = 32 bytes, then the digest.
+    return {"file:size": Path(path).stat().st_size, "file:checksum": f"1220{digest.hexdigest()}"}
+
+
+def _when(lineage: Lineage, created: str) -> tuple[dt.datetime | None, dict[str, Any]]:
+    """The Item's ``datetime`` and the time properties that go with it.
+
+    The imagery's own time when the store knows it: one instant, or an interval (then
+    ``datetime`` is null, as STAC prescribes). Otherwise the export time, and
+    ``segpipe:datetime`` says the acquisition time is unknown.
+    """
+    if lineage.start and lineage.end:
+        if lineage.start == lineage.end:
+            return _parse(lineage.start), {}
+        return None, {"start_datetime": lineage.start, "end_datetime": lineage.end}
+    if lineage.datetime:
+        return _parse(lineage.datetime), {}
+    unknown = "export time: the store does not record when the imagery was taken"
+    return _parse(created), {"segpipe:datetime": unknown}
+
+
+def _parse(text: str) -> dt.datetime:
+    when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _href(path: str) -> str:
+    """A link target: URLs as they are, local paths absolute."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _links(lineage: Lineage) -> list[pystac.Link]:
+    """``derived_from`` the inputs and the store, ``via`` the model package's MLM Item."""
+    links = [pystac.Link("derived_from", _href(s), title="segpipe input") for s in lineage.sources]
+    if lineage.store:
+        links.append(pystac.Link("derived_from", _href(lineage.store), title="segpipe region store"))
+    if lineage.model:
+        mlm = f"{lineage.model.rstrip('/')}/mlm.json"
+        links.append(pystac.Link("via", _href(mlm), media_type="application/geo+json",
+                                 title="model package (STAC MLM Item)"))
+    return links
 
 
 def stac_item(
@@ -136,8 +207,10 @@ def stac_item(
     classes: Sequence[ClassInfo] = (),
     item_id: str | None = None,
     created: dt.datetime | None = None,
-) -> dict[str, Any]:
-    """A STAC Item (as a dict) describing one exported COG.
+    lineage: Lineage | None = None,
+    file: dict[str, Any] | None = None,
+) -> pystac.Item:
+    """The STAC Item describing one exported COG.
 
     Args:
         cog: The COG; the asset's ``href`` is its file name, relative to the Item.
@@ -148,67 +221,74 @@ def stac_item(
             (ignored for other layers).
         item_id: Item id (default: the COG's file stem).
         created: Creation time (default: now, UTC).
+        lineage: The imagery's time, the inputs and the model (default: none known).
+        file: ``file:size`` and ``file:checksum`` of the COG (:func:`file_fields`), if known.
 
     Returns:
-        A JSON-ready dict.
+        The Item (``stac_json`` gives its text).
     """
-    when = (created or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    lineage = lineage or Lineage()
+    made = (created or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     geometry, bbox, native = _footprint(grid)
-    asset = _asset(cog, layer, bands)
-    extensions = [PROJECTION_EXTENSION]
-    if classes and layer == "classes":
-        asset["classification:classes"] = stac_classes(classes)
-        extensions.append(CLASSIFICATION_EXTENSION)
-    if any(key.startswith("raster:") for band in bands for key in band):
-        extensions.append(RASTER_EXTENSION)
-    item: dict[str, Any] = {
-        "type": "Feature",
-        "stac_version": STAC_VERSION,
-        "stac_extensions": extensions,
-        "id": item_id or Path(cog).stem,
-        "geometry": geometry,
-    }
-    if bbox is not None:
-        item["bbox"] = bbox
-    properties = _properties(grid, layer, when, native)
-    item.update({"properties": properties, "links": [], "assets": {"data": asset}})
+    when, times = _when(lineage, made)
+    item = pystac.Item(
+        id=item_id or Path(cog).stem, geometry=geometry, bbox=bbox, datetime=when,
+        properties={**times, "created": made, "segpipe:layer": layer},
+    )
+    _project(item, grid, native)
+    item.add_asset("data", _asset(cog, layer, bands, file or {}))
+    item.stac_extensions.extend(_extensions(item.assets["data"], layer, classes))
+    for link in _links(lineage):
+        item.add_link(link)
     return item
 
 
-def _asset(cog: str | Path, layer: str, bands: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The Item's ``data`` asset: the COG beside the Item, its media type, roles and bands."""
-    return {
-        "href": f"./{Path(cog).name}",
-        "type": COG_MEDIA_TYPE,
-        "title": f"segpipe {layer}",
-        "roles": ["data"] if layer != "image" else ["data", "visual"],
-        "bands": [dict(b) for b in bands],
-    }
-
-
-def _properties(grid: Grid, layer: str, when: str, native: list[float]) -> dict[str, Any]:
-    """The Item's properties: times, the native grid (projection extension) and the layer."""
+def _project(item: pystac.Item, grid: Grid, native: list[float]) -> None:
+    """The projection extension: the native CRS, shape, transform and bbox."""
     code, wkt2 = _proj_code(grid)
-    properties: dict[str, Any] = {
-        "datetime": when,
-        "created": when,
-        "proj:code": code,
-        "proj:shape": [grid.height, grid.width],
-        "proj:transform": list(grid.transform),
-        "proj:bbox": native,
-        "segpipe:layer": layer,
-    }
+    item.stac_extensions.append(PROJECTION_EXTENSION)
+    item.properties.update({"proj:code": code, "proj:shape": [grid.height, grid.width],
+                            "proj:transform": list(grid.transform), "proj:bbox": native})
     if wkt2:
-        properties["proj:wkt2"] = wkt2
-    return properties
+        item.properties["proj:wkt2"] = wkt2
 
 
-def stac_json(item: dict[str, Any]) -> str:
-    """The text of an Item file: indented JSON ending with a newline."""
-    return json.dumps(item, indent=2) + "\n"
+def _extensions(asset: pystac.Asset, layer: str, classes: Sequence[ClassInfo]) -> list[str]:
+    """Put the class list on the asset; the schemas the asset's fields call for."""
+    extensions = []
+    if classes and layer == "classes":
+        asset.extra_fields["classification:classes"] = stac_classes(classes)
+        extensions.append(CLASSIFICATION_EXTENSION)
+    if any(key.startswith("raster:") for band in asset.extra_fields["bands"] for key in band):
+        extensions.append(RASTER_EXTENSION)
+    if any(key.startswith("file:") for key in asset.extra_fields):
+        extensions.append(FILE_EXTENSION)
+    return extensions
 
 
-def write_stac_item(cog: str | Path, item: dict[str, Any]) -> Path:
+def _asset(
+    cog: str | Path, layer: str, bands: Sequence[dict[str, Any]], file: dict[str, Any]
+) -> pystac.Asset:
+    """The Item's ``data`` asset: the COG beside the Item, its media type, roles, bands and file fields."""
+    return pystac.Asset(
+        href=f"./{Path(cog).name}",
+        media_type=COG_MEDIA_TYPE,
+        title=f"segpipe {layer}",
+        roles=["data"] if layer != "image" else ["data", "visual"],
+        extra_fields={"bands": [dict(b) for b in bands], **file},
+    )
+
+
+def stac_json(item: pystac.STACObject | dict[str, Any]) -> str:
+    """The text of an Item (or Collection) file: indented JSON ending with a newline.
+
+    Hrefs are written as they are (relative ones stay relative to the file).
+    """
+    data = item if isinstance(item, dict) else item.to_dict(include_self_link=False, transform_hrefs=False)
+    return json.dumps(data, indent=2) + "\n"
+
+
+def write_stac_item(cog: str | Path, item: pystac.Item | dict[str, Any]) -> Path:
     """Write ``item`` beside ``cog`` atomically (temporary file, then rename).
 
     Returns:
