@@ -111,10 +111,24 @@ def test_assets_choose_and_order_the_bands(stac_dir: Path) -> None:
 
 
 def test_stac_1_0_band_fields(tmp_path: Path) -> None:
-    source = write_stac_scenes(tmp_path, style="1.0")
+    source = write_stac_scenes(tmp_path, style="1.0", catalog=True)
     asset = json.loads(source.read_text())["features"][0]["assets"]["B02"]
     assert "bands" not in asset and asset["raster:bands"][0]["scale"] == SCALE
+    assert asset["eo:bands"][0]["name"] == "B02"
     _check_scenes(read_stac(source), tmp_path)
+    # pystac reads a catalogue's Items through its migration: the same bands come out
+    _check_scenes(read_stac(tmp_path / "catalog" / "catalog.json"), tmp_path)
+
+
+def test_other_ways_to_name_the_file(stac_dir: Path, tmp_path: Path) -> None:
+    source = stac_dir / "items.json"
+    _check_scenes(read_stac(source.as_uri()), stac_dir)
+    search = tmp_path / "search.geojson"
+    search.write_bytes(source.read_bytes())
+    assert is_stac(search) and read_stac(search).band_names == BANDS
+    with pytest.raises(StacError, match=r"catalog is a folder: give the STAC file itself"):
+        read_stac(stac_dir / "catalog")
+    assert not is_stac(stac_dir / "catalog")
 
 
 @pytest.mark.parametrize("style", ["1.1", "1.0"])

@@ -16,7 +16,6 @@ an asset with several bands gives several bands (``band`` 1..N of the same file)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from pystac.serialization import identify_stac_object_type
 from pystac.stac_io import DefaultStacIO
 from pystac.utils import make_absolute_href
 
-from segpipe.errors import MissingInputError, StacError
+from segpipe.errors import MissingInputError, SegpipeError, StacError, TransientError
 from segpipe.io.remote import as_url, filesystem, is_remote, remote_errors, remote_exists
 from segpipe.io.sources import BandFile, Scene, SceneSet
 
@@ -36,6 +35,7 @@ __all__ = ["is_stac", "read_stac"]
 # Media types of the images GDAL reads band by band (GeoTIFF and COG, old and new names).
 _TIFF_TYPES = ("image/tiff", "image/geotiff", "image/vnd.stac.geotiff")
 _TIFF_SUFFIXES = (".tif", ".tiff")
+_JSON_SUFFIXES = (".json", ".geojson")
 _KINDS = "a STAC Item, ItemCollection, Catalog or Collection"
 
 
@@ -53,7 +53,7 @@ class _StacIO(DefaultStacIO):
 
 def _absolute(source: str | Path) -> str:
     """``source`` as pystac resolves relative hrefs against it: an absolute path or a URL."""
-    text = str(source)
+    text = _gdal_href(str(source))
     if is_remote(text):
         return as_url(text)
     if "://" in text:
@@ -68,14 +68,21 @@ def _read_json(href: str, io: _StacIO) -> dict[str, Any]:
         MissingInputError: Nothing exists at ``href``.
         StacError: It is not a JSON object.
     """
-    if not is_remote(href) and "://" not in href and not os.path.isfile(href):
+    local = not is_remote(href) and "://" not in href
+    if local and os.path.isdir(href):
+        raise StacError(f"{href} is a folder: give the STAC file itself (catalog.json, an Item's JSON...)")
+    if local and not os.path.isfile(href):
         raise MissingInputError(f"STAC file {href} does not exist: check the path")
     try:
         data = io.read_json(href)
-    except MissingInputError:
+    except SegpipeError:  # s3: missing (MissingInputError), denied or unreachable, already named
         raise
-    except (json.JSONDecodeError, UnicodeDecodeError, pystac.DuplicateObjectKeyError) as exc:
+    except ValueError as exc:  # JSON (also orjson's) and UTF-8 decoding errors, duplicate keys
         raise StacError(f"{href} is not valid JSON ({exc}): give {_KINDS}") from exc
+    except Exception as exc:  # pystac's http reader raises a bare Exception
+        if local:
+            raise
+        raise StacError(f"cannot read {href} ({exc}): check the URL and the network") from exc
     if not isinstance(data, dict):
         raise StacError(f"{href} holds a JSON {type(data).__name__}, not {_KINDS}")
     return data
@@ -97,16 +104,21 @@ def _kind(data: dict[str, Any]) -> str | None:
 
 
 def is_stac(path: str | Path) -> bool:
-    """Whether ``path`` (a ``.json`` file or URL) holds a STAC Item, ItemCollection, Catalog or Collection.
+    """Whether ``path`` (a ``.json``/``.geojson`` file or URL) holds STAC: Item, ItemCollection or catalogue.
 
     Never raises for an input that is not STAC: a missing or unreadable file, another
     suffix or other JSON all answer False (the caller then treats it as a raster).
+
+    Raises:
+        TransientError: Object storage could not be reached (a retry may tell).
     """
     href = _absolute(path)
-    if not href.lower().split("?", 1)[0].endswith(".json"):
+    if not href.lower().split("?", 1)[0].endswith(_JSON_SUFFIXES):
         return False
     try:
         return _kind(_read_json(href, _StacIO())) is not None
+    except TransientError:  # not an answer about the file: "not STAC" would mislead the caller
+        raise
     except Exception:  # anything unreadable is "not STAC" here; read_stac names the fault
         return False
 
