@@ -10,20 +10,24 @@ Schema history: 1 = first release; 2 adds ``clip_low``/``clip_high``, ``output_s
 and ``versions`` (the software that wrote the package), and later the optional
 ``weights_format``, written by ONNX packages only: a torch package's ``model.json`` is
 unchanged, and a segpipe from before ONNX packages refuses one by naming that field
-rather than stumbling on a missing weights file. Schema 1 packages still load: their
-new fields take the values schema 1 implied (no clipping, stride 32).
+rather than stumbling on a missing weights file. Later still, the optional
+``pixel_size`` (x, y) and ``crs_units`` of the training region, which prediction checks
+the image against (:func:`check_resolution`); packages without them predict as before.
+Schema 1 packages still load: their new fields take the values schema 1 implied (no
+clipping, stride 32).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segpipe.errors import BandMismatchError, InputError, ModelPackageError
+from segpipe.errors import BandMismatchError, InputError, ModelPackageError, ResolutionMismatchError
 from segpipe.models.fetch import hash_file, local_package
 from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write
 from segpipe.models.networks import build_network
@@ -33,6 +37,7 @@ from segpipe.models.spec import (
     WEIGHTS_FORMATS,
     ModelSpec,
     SpecFile,
+    grid_resolution,
     software_versions,
 )
 
@@ -47,7 +52,10 @@ __all__ = [
     "WEIGHTS_FORMATS",
     "ModelSpec",
     "SpecFile",
+    "RESOLUTION_TOLERANCE",
     "check_bands",
+    "check_resolution",
+    "grid_resolution",
     "load_model",
     "model_hash",
     "normalise",
@@ -218,6 +226,79 @@ def check_bands(spec: ModelSpec, band_names: tuple[str, ...] | list[str]) -> Non
     if names != spec.band_names:
         raise BandMismatchError(
             f"the image's bands {list(names)} differ from the model's {list(spec.band_names)}"
+        )
+
+
+# Most relative difference between the image's pixel size and the model's, per axis.
+RESOLUTION_TOLERANCE = 0.25
+_OVERRIDE = "pass --allow-resolution-mismatch (allow_resolution_mismatch=True) to predict anyway"
+
+
+def _unit_scale(units: str | None) -> tuple[str, float] | None:
+    """(``linear`` or ``angular``, the factor to metres or radians) of a PROJ unit name, or None."""
+    if units is None:
+        return None
+    from pyproj.database import get_units_map
+
+    for category in ("linear", "angular"):
+        unit = get_units_map(category=category).get(units)
+        if unit is not None:
+            return category, float(unit.conv_factor)
+    return None
+
+
+def _size(size: Sequence[float], units: str | None) -> str:
+    """``10 x 10 m``; other linear units with their size in metres too."""
+    shown = {"metre": "m", None: "(no CRS units)"}.get(units, str(units))
+    text = f"{size[0]:.6g} x {size[1]:.6g} {shown}"
+    scale = _unit_scale(units)
+    if scale is not None and scale[0] == "linear" and units != "metre":
+        text += f" ({size[0] * scale[1]:.6g} x {size[1] * scale[1]:.6g} m)"
+    return text
+
+
+def check_resolution(
+    spec: ModelSpec, crs_wkt: str, transform: Sequence[float], allow: bool = False, model: str = "the model"
+) -> None:
+    """Refuse an image whose pixel size differs from the training pixel size by more than 25 %.
+
+    A network trained at 10 m sees other objects at 30 cm and fails without a sign, so
+    the sizes are compared before anything runs: in metres where both CRSs' units are
+    known and linear (a grid in US survey feet against one in metres compares fairly),
+    as plain numbers where units are unknown. A package without a recorded pixel size
+    (older packages) passes.
+
+    Args:
+        spec: The model's description.
+        crs_wkt: The image grid's CRS as WKT ("" when it has none).
+        transform: The image grid's affine transform (a, b, c, d, e, f).
+        allow: Only check nothing (the user's override).
+        model: What to call the model in messages (its package).
+
+    Raises:
+        ResolutionMismatchError: The pixel sizes differ by more than
+            :data:`RESOLUTION_TOLERANCE` of the model's on either axis, or one grid is in
+            angular units and the other in linear ones; the message names both sizes and
+            the override.
+    """
+    if allow or spec.pixel_size is None:
+        return
+    size, units = grid_resolution(crs_wkt, transform)
+    trained, image = _unit_scale(spec.crs_units), _unit_scale(units)
+    if trained is not None and image is not None and trained[0] != image[0]:
+        raise ResolutionMismatchError(
+            f"{model} was trained on a grid in {spec.crs_units} ({_size(spec.pixel_size, spec.crs_units)} "
+            f"pixels) but the image's grid is in {units} ({_size(size, units)}): the pixel sizes cannot "
+            f"be compared; ingest the image onto a grid in {spec.crs_units} (--crs), or {_OVERRIDE}"
+        )
+    ratio = 1.0 if trained is None or image is None else image[1] / trained[1]
+    worst = max(abs(s * ratio - t) / t for s, t in zip(size, spec.pixel_size, strict=True))
+    if worst > RESOLUTION_TOLERANCE:
+        raise ResolutionMismatchError(
+            f"the image's pixel size {_size(size, units)} differs by {worst:.0%} from the "
+            f"{_size(spec.pixel_size, spec.crs_units)} {model} was trained at (more than "
+            f"{RESOLUTION_TOLERANCE:.0%}): a network fails silently at another resolution; ingest the "
+            f"image at the model's pixel size (--resolution), or {_OVERRIDE}"
         )
 
 

@@ -8,7 +8,9 @@ importing the package's readers and writers, which write those descriptions.
 
 from __future__ import annotations
 
+import math
 import platform
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any, Literal
@@ -27,6 +29,7 @@ __all__ = [
     "WEIGHTS_FORMATS",
     "ModelSpec",
     "SpecFile",
+    "grid_resolution",
     "software_versions",
 ]
 
@@ -39,6 +42,32 @@ WEIGHTS_FORMATS = ("safetensors", "onnx")
 KNOWN_ARCHITECTURES = (*ARCHITECTURES, *CLASSICAL_ARCHITECTURES, "ensemble")
 # Networks' inputs must be multiples of this (segpipe.models.networks.output_stride).
 _NETWORK_STRIDE = 32
+
+
+def grid_resolution(crs_wkt: str, transform: Sequence[float]) -> tuple[tuple[float, float], str | None]:
+    """A pixel grid's pixel size (x, y) in its CRS's units, and the name of those units.
+
+    Args:
+        crs_wkt: The grid's CRS as WKT ("" when it has none).
+        transform: Its affine transform (a, b, c, d, e, f); a rotated grid's pixel size
+            is the length of a pixel's edges.
+
+    Returns:
+        ``((x, y), units)``: units as PROJ names them (``metre``, ``degree``,
+        ``US survey foot``...), or None without a CRS or with one whose units are unknown.
+    """
+    a, b, _, d, e, _ = (float(v) for v in transform[:6])
+    size = (math.hypot(a, d), math.hypot(b, e))
+    if not crs_wkt:
+        return size, None
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    try:
+        units = str(CRS.from_wkt(crs_wkt).units_factor[0])
+    except CRSError:  # a CRS without one unit for its axes (compound, engineering...)
+        return size, None
+    return size, units
 
 
 def software_versions() -> dict[str, str]:
@@ -80,6 +109,15 @@ class SpecFile(BaseModel):
     output_stride: int = Field(default=_NETWORK_STRIDE, gt=0)
     versions: dict[str, Any] = Field(default_factory=dict)
     weights_format: Literal["safetensors", "onnx"] = "safetensors"
+    pixel_size: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    crs_units: str | None = None
+
+    @field_validator("pixel_size")
+    @classmethod
+    def _positive_pixel_size(cls, size: list[float] | None) -> list[float] | None:
+        if size is not None and not all(math.isfinite(v) and v > 0 for v in size):
+            raise ValueError(f"a pixel size must be two positive numbers (x, y), not {size}")
+        return size
 
     @field_validator("arch")
     @classmethod
@@ -165,6 +203,12 @@ class ModelSpec:
         versions: Software versions that made the model (see :func:`software_versions`).
         weights_format: ``safetensors`` (torch weights in ``weights.safetensors``) or
             ``onnx`` (the whole network in ``model.onnx``, run by onnxruntime).
+        pixel_size: The training region's pixel size (x, y) in ``crs_units``, or None
+            (packages from before it was recorded): prediction refuses a region whose
+            pixel size differs by more than 25 % (see
+            :func:`segpipe.models.package.check_resolution`).
+        crs_units: The units of the training region's CRS (``metre``, ``degree``...), or
+            None where unknown (no CRS).
     """
 
     arch: str
@@ -183,8 +227,14 @@ class ModelSpec:
     output_stride: int = 32
     versions: dict[str, str] = field(default_factory=software_versions)
     weights_format: str = "safetensors"
+    pixel_size: tuple[float, float] | None = None
+    crs_units: str | None = None
 
     def __post_init__(self) -> None:
+        if self.pixel_size is not None and (
+            len(self.pixel_size) != 2 or not all(math.isfinite(v) and v > 0 for v in self.pixel_size)
+        ):
+            raise ModelPackageError(f"pixel size must be two positive numbers (x, y), not {self.pixel_size}")
         if self.weights_format not in WEIGHTS_FORMATS:
             raise ModelPackageError(f"weights format {self.weights_format!r} is not one of {WEIGHTS_FORMATS}")
         if (self.clip_low is None) != (self.clip_high is None):
@@ -203,6 +253,12 @@ class ModelSpec:
         d["band_names"] = list(self.band_names)
         if self.weights_format == "safetensors":
             del d["weights_format"]  # torch packages' model.json as before ONNX packages existed
+        # Written only when known, so a package without them reads as it did before.
+        for name in ("pixel_size", "crs_units"):
+            if d[name] is None:
+                del d[name]
+        if self.pixel_size is not None:
+            d["pixel_size"] = [float(v) for v in self.pixel_size]
         return {"schema": MODEL_SCHEMA, "kind": "segpipe-model", **d}
 
     @classmethod
@@ -240,6 +296,7 @@ class ModelSpec:
             parsed = SpecFile.model_validate(data)
         except ValidationError as exc:
             raise ModelPackageError(f"{source}: {_describe(exc)}") from exc
+        size = parsed.pixel_size
         try:
             return cls(
                 arch=parsed.arch,
@@ -258,6 +315,8 @@ class ModelSpec:
                 output_stride=parsed.output_stride,
                 versions=dict(parsed.versions),
                 weights_format=parsed.weights_format,
+                pixel_size=None if size is None else (size[0], size[1]),
+                crs_units=parsed.crs_units,
             )
         except (InputError, TypeError, ValueError) as exc:
             raise ModelPackageError(f"{source}: {exc}") from exc

@@ -38,6 +38,7 @@ from segpipe.io.store import RegionInfo, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec, validate_package
 from segpipe.models.forest import default_overlap as forest_overlap
 from segpipe.models.networks import CLASSICAL_ARCHITECTURES
+from segpipe.models.package import check_resolution
 from segpipe.stages.predict.execute import (
     LOCAL_SCHEDULERS,
     cluster_layout,
@@ -233,12 +234,14 @@ def check_predict_inputs(
     tta: bool = False,
     probabilities: bool = False,
     output: str = DEFAULT_OUTPUT,
+    allow_resolution_mismatch: bool = False,
 ) -> PredictInputs:
     """Check a predict run's inputs without writing anything or starting a cluster.
 
     The store must be readable, the model package valid in full (its weights are
     loaded into the network, once per process and package), its bands those of the
-    image, and the window settings and output name usable.
+    image, its training pixel size within 25 % of the image's (unless
+    ``allow_resolution_mismatch``), and the window settings and output name usable.
 
     Returns:
         The checked inputs.
@@ -249,6 +252,8 @@ def check_predict_inputs(
         ModelPackageError: The package is incomplete or invalid (the message names the
             file and the field).
         BandMismatchError: The image's bands differ from the model's.
+        ResolutionMismatchError: The image's pixel size differs from the model's
+            training pixel size by more than 25 % (see :func:`check_resolution`).
         InputError: Bad tile size, overlap, batch size, blend mode or output name.
     """
     layers = output_layers(output)
@@ -257,6 +262,7 @@ def check_predict_inputs(
     mdir = model_location(model_dir)
     spec, mhash = validate_package(mdir)
     check_bands(spec, info.band_names)
+    check_resolution(spec, info.crs_wkt, info.transform, allow_resolution_mismatch, f"model {mdir}")
     tile, ov = window_settings(spec, tile_size, overlap, blend)
     margin = edge_margin(spec, ov)
     n_global = window_count(grown((info.height, info.width), margin), tile, tile - ov)
@@ -385,6 +391,7 @@ def predict(
     max_task_pixels: int = MAX_TASK_PIXELS,
     scheduler: str | None = None,
     output: str = DEFAULT_OUTPUT,
+    allow_resolution_mismatch: bool = False,
 ) -> PredictSummary:
     """Classify every pixel of a region store with a model package.
 
@@ -424,6 +431,8 @@ def predict(
         output: Name of the classes layer: ``classes``, or ``classes_<name>`` for a
             result beside it whose other layers get the suffix ``_<name>`` too
             (``confidence_<name>``, ``probabilities_<name>``, ``progress_predict_<name>``).
+        allow_resolution_mismatch: Predict even where the image's pixel size differs from
+            the model's training pixel size by more than 25 %.
 
     Returns:
         A summary of the run.
@@ -431,12 +440,14 @@ def predict(
     Raises:
         ModelPackageError: An invalid package (before any write or cluster).
         BandMismatchError: The image's bands differ from the model's (before any write).
+        ResolutionMismatchError: The image's pixel size differs from the training pixel
+            size by more than 25 % (before any write or cluster).
         InputError: Bad tile size, overlap, batch size, blend mode or output name.
         StoreBusyError: Another predict run holds the store.
     """
     t0 = time.perf_counter()
     inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities,
-                                  output)
+                                  output, allow_resolution_mismatch)
     with acquire_lock(inputs.store, inputs.key["model_hash"]) as lock, contextlib.ExitStack() as stack:
         finish_promotion(inputs.store)
         published = _published(inputs, force)
