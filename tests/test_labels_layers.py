@@ -17,6 +17,7 @@ from test_labels import CRS, GRID, RES, SQUARES, X0, Y0, H, W, expected_squares,
 from segpipe.errors import LabelsError
 from segpipe.io.labels import (
     SingleClassWarning,
+    background_class,
     check_overlap,
     label_classes,
     labels_window,
@@ -156,6 +157,7 @@ def test_background_value_of_a_mask(tmp_path: Path) -> None:
         warnings.simplefilter("error", SingleClassWarning)
         classes = label_classes(src)
     assert [(c.value, c.name) for c in classes] == [(1, "class 1"), (2, "background")]
+    assert background_class(src) == classes[1] and background_class(open_labels(path)) is None
 
 
 def test_background_value_through_a_warp_and_as_nodata(tmp_path: Path) -> None:

@@ -7,6 +7,15 @@ of the grid. Rasters on another grid or CRS are warped with nearest resampling (
 ids never blend); polygons in any CRS are reprojected once per process and burnt in
 with their class field.
 
+Labels as users have them: a GeoPackage with one layer per class (every layer a class
+named after it, values 1..N in layer order, unless one ``layer`` is chosen); a text
+class field (its sorted distinct values are classes 1..N, named by the text); class
+names in a text ``label``/``name``/``class`` field beside an integer one; and a
+``background_value`` for masks whose 0 means background, not unlabelled: that value
+becomes a class named ``background`` (kept when it is 1-254, else remapped to the lowest
+class value the labels do not use, e.g. 2 in a 0/1 mask). Labels holding a single class
+raise a :class:`SingleClassWarning`, since training on them scores a meaningless 1.0.
+
 Labels may be ``s3://`` URLs: rasters are read through GDAL's ``/vsis3/`` and polygons
 through pyogrio's, both configured by :mod:`segpipe.io.remote`; ``LabelSource.path``
 keeps the URL, so every worker configures its own GDAL from its environment.
@@ -45,6 +54,7 @@ __all__ = [
     "BACKGROUND_NAME",
     "LabelSource",
     "SingleClassWarning",
+    "background_class",
     "check_overlap",
     "label_classes",
     "labels_window",
@@ -566,6 +576,17 @@ def _raster_classes(src: LabelSource, values: Iterable[int] | None) -> list[Clas
         for v in present
         if v != 0
     ]
+
+
+def background_class(src: LabelSource) -> ClassInfo | None:
+    """The class a background value becomes (named ``background``), or None without one.
+
+    For a caller that takes its classes from a classes file: the background class is
+    the labels' own, so the file need not (and, when 0 was remapped, cannot) define it.
+    """
+    if src.background_class is None:
+        return None
+    return ClassInfo(src.background_class, BACKGROUND_NAME, default_colour(src.background_class))
 
 
 def warn_single_class(src: LabelSource, classes: Sequence[ClassInfo]) -> None:
