@@ -28,7 +28,7 @@ from affine import Affine
 from pystac.extensions.projection import ProjectionExtension
 from rasterio.warp import transform_bounds
 
-from segpipe.synth.scene import SceneSpec, class_block, image_block
+from segpipe.synth.scene import SCENE_CLASSES, SceneSpec, class_block, image_block
 
 __all__ = [
     "BANDS",
@@ -42,6 +42,7 @@ __all__ = [
     "StacScene",
     "scene_bands",
     "scene_classes",
+    "write_stac_label_polygons",
     "write_stac_labels",
     "write_stac_scenes",
 ]
@@ -266,4 +267,35 @@ def write_stac_labels(tmp: Path, scene: StacScene = SCENES[0], resolution: float
     out = tmp / f"labels-{scene.id}.tif"
     sub = np.ascontiguousarray(classes[step // 2 :: step, step // 2 :: step])
     _write_cog(out, sub, scene.crs, scene.transform(resolution), None)
+    return out
+
+
+def write_stac_label_polygons(tmp: Path, scene: StacScene = SCENES[0], crs: str | None = None) -> Path:
+    """The land-cover classes of ``scene`` as polygons, the GeoPackage layer ``labels``.
+
+    Args:
+        tmp: The folder to write ``labels-<scene id>.gpkg`` into.
+        scene: Whose ground (default: scene ``a``).
+        crs: The CRS to store them in (default: the scene's own); rasterized back onto
+            the scene's 10 m grid in its CRS they give :func:`scene_classes` exactly.
+
+    Returns:
+        The file: fields ``class`` (int, 1-6) and ``label`` (the class name); no polygon
+        where the scene has no data.
+    """
+    import geopandas as gpd
+    from rasterio.features import shapes
+    from shapely.geometry import shape
+
+    classes = scene_classes(scene)
+    found = [(shape(g), int(v)) for g, v in shapes(classes, classes > 0, transform=scene.transform())]
+    names = {c.value: c.name for c in SCENE_CLASSES}
+    frame = gpd.GeoDataFrame(
+        {"class": np.asarray([v for _, v in found], np.int32), "label": [names[v] for _, v in found]},
+        geometry=[g for g, _ in found],
+        crs=scene.crs,
+    )
+    out = tmp / f"labels-{scene.id}.gpkg"
+    out.unlink(missing_ok=True)
+    (frame if crs is None else frame.to_crs(crs)).to_file(out, driver="GPKG", layer="labels")
     return out

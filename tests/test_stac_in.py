@@ -10,15 +10,20 @@ import numpy as np
 import pystac
 import pytest
 import rasterio
+from rasterio.warp import transform_bounds
 from stac_support import (
     BAND_20M,
     BANDS,
     BANDS_10M,
+    EDGE,
     NODATA,
     OFFSET,
     SCALE,
     SCENES,
     scene_bands,
+    scene_classes,
+    write_stac_label_polygons,
+    write_stac_labels,
     write_stac_scenes,
 )
 from test_s3 import s3  # noqa: F401  (the moto server fixture)
@@ -230,6 +235,44 @@ def test_http_hrefs_are_not_touched(stac_dir: Path, tmp_path: Path) -> None:
 
     got = read_stac(_edit(stac_dir / "items.json", tmp_path / "items.json", remote))
     assert got.scenes[0].bands[0].href == url  # no request: GDAL reads it in place later
+
+
+def test_fixture_scenes_straddle_two_utm_zones(stac_dir: Path) -> None:
+    """The support module writes what it says: two zones, two resolutions, a little overlap."""
+    got = read_stac(stac_dir / "items.json")
+    bounds = []
+    for scene, spec in zip(got.scenes, SCENES, strict=True):
+        for band in scene.bands:
+            with rasterio.open(band.href) as ds:
+                assert ds.crs.to_string() == spec.crs and ds.nodata == NODATA
+                res = 20.0 if band.href.endswith(f"{BAND_20M}.tif") else 10.0
+                assert ds.res == (res, res) and ds.shape == (EDGE * 10 / res,) * 2
+                assert ds.transform == spec.transform(res)
+        with rasterio.open(scene.bands[0].href) as ds:
+            bounds.append(transform_bounds(ds.crs, "EPSG:4326", *ds.bounds))
+    (_, _, east_a, _), (west_b, _, _, _) = bounds
+    assert west_b < -78.0 < east_a and 0.005 < east_a - west_b < 0.01  # about 600 m of overlap
+
+
+def test_fixture_labels(tmp_path: Path) -> None:
+    import geopandas as gpd
+    from rasterio.features import rasterize
+
+    want = scene_classes(SCENES[0])
+    assert set(np.unique(want)) == {0, 1, 2, 3, 4, 5, 6}
+    with rasterio.open(write_stac_labels(tmp_path)) as ds:
+        assert ds.crs.to_string() == SCENES[0].crs and ds.transform == SCENES[0].transform()
+        np.testing.assert_array_equal(ds.read(1), want)
+    with rasterio.open(write_stac_labels(tmp_path, SCENES[1], resolution=20)) as ds:
+        assert ds.crs.to_string() == SCENES[1].crs and ds.transform == SCENES[1].transform(20.0)
+        np.testing.assert_array_equal(ds.read(1), scene_classes(SCENES[1])[1::2, 1::2])
+    frame = gpd.read_file(write_stac_label_polygons(tmp_path, crs="EPSG:4326"), layer="labels")
+    assert frame.crs.to_epsg() == 4326 and set(frame["class"]) == {1, 2, 3, 4, 5, 6}
+    back = frame.to_crs(SCENES[0].crs)
+    burnt = rasterize(
+        zip(back.geometry, back["class"], strict=True), (EDGE, EDGE), transform=SCENES[0].transform()
+    )
+    assert (burnt == want).mean() > 0.995  # exact but for vertices moved by the round trip through degrees
 
 
 # --- errors -----------------------------------------------------------------------------
