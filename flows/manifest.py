@@ -34,6 +34,8 @@ class Manifest(BaseModel):
             ``task_runner``: ``local`` (threads of the flow's process) or ``dask`` (a
             Dask cluster: the regions' ``scheduler``, else ``SEGPIPE_SCHEDULER``, else
             one local cluster for the batch). None: each region's own setting.
+        collection: Where to write a STAC Collection of every exported layer's Item
+            (``collection.json``; relative to the manifest). None: no Collection.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +43,7 @@ class Manifest(BaseModel):
     regions: list[RegionRun] = Field(min_length=1)
     concurrency: int = Field(default=2, ge=1)
     task_runner: TaskRunnerName | None = None
+    collection: str | None = None
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -155,7 +158,10 @@ def read_manifest(path: str | Path) -> Manifest:
                 f"not a {type(region).__name__} ({str(region)[:40]!r})"
             )
     try:
-        manifest = Manifest(**{**data, "regions": [_resolve_region(r, base) for r in regions]})
+        resolved = {**data, "regions": [_resolve_region(r, base) for r in regions]}
+        if isinstance(data.get("collection"), str):
+            resolved["collection"] = _resolve(data["collection"], base)
+        manifest = Manifest(**resolved)
     except ValidationError as exc:
         raise _explain(path, exc, Manifest) from exc
     stores = [r.store for r in manifest.regions]

@@ -58,6 +58,22 @@ def region_task(run: RegionRun, limit_key: str) -> dict[str, Any]:
         return run_region(run)
 
 
+def _write_collection(out: str, results: dict[str, Any], log: Any) -> None:
+    """The STAC Collection of the Items beside every COG the finished regions exported (local ones)."""
+    from segpipe.io.remote import is_remote
+    from segpipe.stages.export.collection import write_collection
+    from segpipe.stages.export.stac import stac_item_path
+
+    cogs = [s["output"] for r in results.values() for s in r.get("stages", [])
+            if str(s.get("stage", "")).startswith("export") and s.get("output")]
+    local = [stac_item_path(c) for c in cogs if not is_remote(c)]
+    if len(local) < len(cogs):
+        log.warning("the STAC Collection lists local exports only: %d on object storage left out",
+                    len(cogs) - len(local))
+    if local:
+        log.info("STAC Collection of %d items: %s", len(local), write_collection(local, out))
+
+
 @flow(name="process-regions", log_prints=True)
 def process_regions(manifest: Manifest) -> dict[str, Any]:
     """Process every region of a manifest, ``manifest.concurrency`` at a time.
@@ -111,6 +127,8 @@ def process_regions(manifest: Manifest) -> dict[str, Any]:
                 cause = failure_cause(future.state)
                 failed.append(f"{name} ({cause})")
                 log.error("region %s failed: %s", name, cause)
+        if manifest.collection:
+            _write_collection(manifest.collection, results, log)
         if failed:
             raise BatchError(f"{len(failed)} of {len(names)} regions failed: {'; '.join(failed)}")
         return {"regions": results}

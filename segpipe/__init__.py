@@ -37,8 +37,8 @@ from segpipe.errors import (
     ModelPackageError,
     PretrainedWeightsError,
     ResolutionMismatchError,
-    StacError,
     SegpipeError,
+    StacError,
     StorageError,
     StoreBusyError,
     StoreError,
@@ -64,6 +64,7 @@ if TYPE_CHECKING:
         train,
     )
     from segpipe.io.store import open_region
+    from segpipe.stages.export.collection import write_collection
     from segpipe.stages.predict.classify import classify
     from segpipe.stages.predict.driver import PredictSummary
     from segpipe.stages.train.config import SettingError
@@ -76,6 +77,7 @@ _LAZY: dict[str, str] = {
     "classify": "segpipe.stages.predict.classify",
     "PredictSummary": "segpipe.stages.predict.driver",
     "SettingError": "segpipe.stages.train.config",
+    "write_collection": "segpipe.stages.export.collection",
     **{
         name: "segpipe.api"
         for name in ("ingest", "train", "predict", "export", "export_model", "polygons", "preview",
@@ -124,6 +126,7 @@ __all__ = [
     "predict",
     "preview",
     "train",
+    "write_collection",
 ]
 
 

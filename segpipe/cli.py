@@ -690,6 +690,25 @@ def preview(
     console.print(f"wrote {write_preview(cog, out, max_size)}", soft_wrap=True)
 
 
+_COLLECTION_TEXT = "Pixel classifications made by segpipe"
+
+
+@app.command("stac-collection")
+def stac_collection(
+    out: Annotated[Path, typer.Argument(help="The Collection file to write (collection.json).")],
+    items: Annotated[list[Path], typer.Argument(help="STAC Items of exported layers (<name>.stac.json).")],
+    collection_id: Annotated[
+        str | None, typer.Option("--id", help="Collection id (default: its folder's name).")
+    ] = None,
+    description: Annotated[str, typer.Option(help="Collection description.")] = _COLLECTION_TEXT,
+) -> None:
+    """Gather the STAC Items of several exports (a batch of regions) into one STAC Collection."""
+    from segpipe.stages.export.collection import write_collection
+
+    written = write_collection(items, out, collection_id, description)
+    console.print(f"wrote {written} ({len(items)} items)", soft_wrap=True)
+
+
 @app.command()
 def evaluate(
     prediction: Annotated[str, typer.Argument(help="Region store or class GeoTIFF (or an s3:// URL).")],

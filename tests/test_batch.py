@@ -10,6 +10,7 @@ from pathlib import Path
 import dask
 import pytest
 import yaml
+from stac_schemas import COLLECTION_SCHEMA, validate_offline
 
 from segpipe.errors import BatchError, InputError, MissingInputError
 
@@ -83,7 +84,9 @@ def test_batch_runs_every_region_and_fails_naming_the_broken_one(regions, prefec
     # would share its cores for half a minute.
     two = {**region_entry("two", "r2"), "train": FOREST}
     path = regions / "batch2.yaml"
-    path.write_text(yaml.safe_dump({"concurrency": 2, "regions": [region_entry("one", "r1"), broken, two]}))
+    batch = {"concurrency": 2, "collection": "out/collection.json",
+             "regions": [region_entry("one", "r1"), broken, two]}
+    path.write_text(yaml.safe_dump(batch))
     with pytest.raises(BatchError, match="broken") as info:
         process_regions(read_manifest(path))
     assert "1 of 3" in str(info.value)
@@ -93,6 +96,11 @@ def test_batch_runs_every_region_and_fails_naming_the_broken_one(regions, prefec
         assert (regions / "out" / f"{name}-cog" / "classes.tif").is_file()
         assert (regions / "out" / f"{name}-model" / "model.json").is_file()
     assert not (regions / "out" / "broken.zarr").exists()
+    # The finished regions' Items, gathered in one STAC Collection (the failed one has none).
+    collection = json.loads((regions / "out" / "collection.json").read_text())
+    assert validate_offline(collection) == [COLLECTION_SCHEMA]
+    assert sorted(link["href"] for link in collection["links"] if link["rel"] == "item") == [
+        "./one-cog/classes.stac.json", "./two-cog/classes.stac.json"]
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,16 @@ from typing import Any
 import numpy as np
 import pystac
 import pytest
+import zarr
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import transform as transform_points
-from stac_schemas import ITEM_SCHEMA, check_item, validate_offline
+from stac_schemas import COLLECTION_SCHEMA, ITEM_SCHEMA, check_item, validate_offline
 from test_cog import CLASSES, TRANSFORM, fill_layer, make_store
 
+from segpipe.errors import InputError, MissingInputError
 from segpipe.stages.export.cog import write_cog
+from segpipe.stages.export.collection import write_collection
 from segpipe.stages.export.lineage import Lineage
 from segpipe.stages.export.stac import (
     CLASSIFICATION_EXTENSION,
@@ -184,3 +187,30 @@ def test_item_of_a_confidence_cog_states_its_unit(tmp_path: Path) -> None:
     (band,) = item["assets"]["data"]["bands"]
     assert (band["unit"], band["raster:scale"], band["raster:offset"]) == ("percent", 1.0, 0.0)
     assert band["raster:histogram"]["buckets"][:30] == [0] * 30
+
+
+def test_collection_of_a_batch(tmp_path: Path) -> None:
+    items = []
+    for i, (start, end) in enumerate([("2021-06-01", "2021-06-03"), ("2020-01-05", "2020-01-05")]):
+        store = tmp_path / f"r{i}.zarr"
+        make_store(store, 200, 150, block=128, transform=Affine(30, 0, 500000 + 9000 * i, 0, -30, 4000000))
+        zarr.open_group(str(store), mode="r+").attrs["segpipe"] = {
+            **zarr.open_group(str(store)).attrs["segpipe"], "acquired": {"start": start, "end": end}}
+        fill_layer(store, "classes", np.full((200, 150), 1 + 2 * i, np.uint8))
+        items.append(stac_item_path(write_cog(store, tmp_path / f"region{i}" / "classes.tif")))
+    out = write_collection(items, tmp_path / "collection.json")
+    data = json.loads(out.read_text())
+    assert validate_offline(data) == [COLLECTION_SCHEMA]
+    assert data["type"] == "Collection" and data["id"] == tmp_path.name
+    assert [(link["rel"], link["href"]) for link in data["links"]] == [
+        ("item", "./region0/classes.stac.json"), ("item", "./region1/classes.stac.json")]
+    ((west, south, east, _north),) = data["extent"]["spatial"]["bbox"]
+    boxes = [json.loads(p.read_text())["bbox"] for p in items]
+    assert (west, east) == (boxes[0][0], boxes[1][2]) and south == min(b[1] for b in boxes)
+    assert data["extent"]["temporal"]["interval"] == [["2020-01-05T00:00:00Z", "2021-06-03T00:00:00Z"]]
+    assert data["summaries"] == {"segpipe:layer": ["classes"], "proj:code": ["EPSG:32617"]}
+    with pytest.raises(MissingInputError, match="export the layer first"):
+        write_collection([tmp_path / "nope.stac.json"], tmp_path / "c2.json")
+    with pytest.raises(InputError, match="no STAC Item"):
+        write_collection([], tmp_path / "c2.json")
+    assert not (tmp_path / "c2.json").exists()

@@ -170,11 +170,17 @@ def _when(lineage: Lineage, created: str) -> tuple[dt.datetime | None, dict[str,
     if lineage.start and lineage.end:
         if lineage.start == lineage.end:
             return _parse(lineage.start), {}
-        return None, {"start_datetime": lineage.start, "end_datetime": lineage.end}
+        # RFC 3339 in UTC, whatever ISO 8601 form the store holds ("2021-06-01" too).
+        return None, {"start_datetime": _rfc3339(_parse(lineage.start)),
+                      "end_datetime": _rfc3339(_parse(lineage.end))}
     if lineage.datetime:
         return _parse(lineage.datetime), {}
     unknown = "export time: the store does not record when the imagery was taken"
     return _parse(created), {"segpipe:datetime": unknown}
+
+
+def _rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parse(text: str) -> dt.datetime:
@@ -228,7 +234,7 @@ def stac_item(
         The Item (``stac_json`` gives its text).
     """
     lineage = lineage or Lineage()
-    made = (created or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    made = _rfc3339(created or dt.datetime.now(dt.UTC))
     geometry, bbox, native = _footprint(grid)
     when, times = _when(lineage, made)
     item = pystac.Item(
