@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = ["is_stac", "read_stac"]
 _TIFF_TYPES = ("image/tiff", "image/geotiff", "image/vnd.stac.geotiff")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _JSON_SUFFIXES = (".json", ".geojson")
+_CHECKS = 16  # existence checks in flight at once (requests on object storage)
 _KINDS = "a STAC Item, ItemCollection, Catalog or Collection"
 
 
@@ -310,24 +312,36 @@ def _iso(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value.isoformat())
 
 
-def _check_hrefs(scene: Scene, href: str) -> None:
-    """Every band file of ``scene`` exists (local paths and ``s3://``; ``http(s)`` is left to GDAL).
+def _exists(path: str) -> bool:
+    """Whether a band file exists: local paths and ``s3://``; other URLs count as present.
+
+    ``http(s)`` is left to GDAL: no request before its own, the network may be off until the read.
+    """
+    if is_remote(path):
+        return remote_exists(path)
+    if "://" in path or path.startswith("/vsi"):
+        return True
+    return os.path.exists(path)
+
+
+def _check_hrefs(scenes: list[Scene], href: str) -> None:
+    """Every band file of every scene exists; the first missing one (in scene order) is named.
 
     Raises:
         StacError: A band file does not exist.
+        TransientError: Object storage could not be reached.
     """
-    for path in dict.fromkeys(b.href for b in scene.bands):
-        if is_remote(path):
-            exists = remote_exists(path)
-        elif "://" in path or path.startswith("/vsi"):
-            continue  # no request before GDAL's own: the network may be off until the read
-        else:
-            exists = os.path.exists(path)
-        if not exists:
-            raise StacError(
-                f"item {scene.id} in {href} names {path}, which does not exist: "
-                "fix the asset href or upload the file"
-            )
+    paths = list(dict.fromkeys(b.href for scene in scenes for b in scene.bands))
+    # A search result of hundreds of items on S3 is thousands of HEAD requests: in parallel.
+    with ThreadPoolExecutor(max_workers=_CHECKS) as pool:
+        found = dict(zip(paths, pool.map(_exists, paths), strict=True))
+    for scene in scenes:
+        for band in scene.bands:
+            if not found[band.href]:
+                raise StacError(
+                    f"item {scene.id} in {href} names {band.href}, which does not exist: "
+                    "fix the asset href or upload the file"
+                )
 
 
 def read_stac(source: str | Path, assets: Sequence[str] | None = None) -> SceneSet:
@@ -360,7 +374,7 @@ def read_stac(source: str | Path, assets: Sequence[str] | None = None) -> SceneS
                 f"items {scenes[0].id} and {item.id} in {href} have different band sets "
                 f"({', '.join(names)} vs {', '.join(theirs)}): choose common bands with --assets"
             )
-        _check_hrefs(scene, href)
         scenes.append(scene)
         names = theirs
+    _check_hrefs(scenes, href)
     return SceneSet(tuple(scenes), names, str(source))
