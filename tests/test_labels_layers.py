@@ -92,6 +92,9 @@ def test_layer_errors_name_the_file_and_its_layers(tmp_path: Path) -> None:
         open_labels(path, field="class")
     with pytest.raises(LabelsError, match=r"layer 'forest'.*no field 'code'; available fields: class"):
         open_labels(path, layer="forest", field="code")
+    gpd.GeoDataFrame(geometry=[square(0, 0, 5, 5)], crs=CRS).to_file(tmp_path / "bare.gpkg")
+    with pytest.raises(LabelsError, match=r"bare\.gpkg have no attribute field.*a layer of its own"):
+        open_labels(tmp_path / "bare.gpkg")
 
 
 def test_attribute_table_beside_one_layer_is_ignored(tmp_path: Path) -> None:

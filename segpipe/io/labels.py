@@ -161,6 +161,11 @@ def _choose_field(p: str, where: str, fields: list[str], dtypes: dict[str, str],
         return exact[0]
     by_lower = {f.lower(): f for f in fields}
     found = [by_lower[c] for c in _FIELD_CANDIDATES if c in by_lower]
+    if not found and not fields:
+        raise LabelsError(
+            f"labels {where} have no attribute field to take classes from: give each class a layer of "
+            "its own (every layer becomes a class named after it) or add an integer or text class field"
+        )
     if not found:
         raise LabelsError(
             f"labels {where} have none of the fields {', '.join(_FIELD_CANDIDATES)}; "
