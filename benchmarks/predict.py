@@ -16,6 +16,19 @@ default 1024-px blocks) it measures, side by side in one run:
 - ``naive_mpx_s``: a single-process rasterio window loop over the VRT without overlap;
 - ``peak_rss_mb``: peak resident memory of the driver and every worker during predict.
 
+Beside segpipe's predict, each size has peer rows (``peers`` in the results; ``--no-peers``
+skips them), each run in a process of its own with the same weights, windows and batch:
+
+- ``monai``: MONAI's ``SlidingWindowInferer`` (``mode="gaussian"``, the same window and
+  overlap) over the store's whole image in memory: model load, reading, normalising,
+  inference and argmax timed (install with ``pip install 'segpipe[bench]'``; without
+  monai the row is skipped with a one-line hint);
+- ``naive``: the window loop above (no overlap), reading the VRT and writing a GeoTIFF.
+
+Each peer row has its rate (output Mpx/s), its process's peak RSS, and its pixel
+agreement with segpipe's classes (pixels valid in both); segpipe's row has the peak RSS
+of its whole process tree (driver and workers).
+
 It also writes seam previews of a 4 x 4 block region (``docs/img/seams_<blend>.png``)
 and a seam score per blend mode. Results go to ``benchmarks/results/predict.json``.
 """
@@ -24,12 +37,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,7 +57,7 @@ import psutil
 
 from segpipe.cluster import describe_cluster, get_client
 from segpipe.grid.tiling import pad_to_multiple, window_starts
-from segpipe.io.store import open_layer, read_region_info
+from segpipe.io.store import open_layer, read_region_info, valid_mask
 from segpipe.models import load_model, normalise, read_spec
 from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.predict.allocator import tune_allocator
@@ -50,6 +67,7 @@ from segpipe.stages.train import NetworkConfig, train
 from segpipe.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
+MONAI_HINT = "monai is not installed: pip install 'segpipe[bench]' for the MONAI row (skipped)"
 
 
 class PeakRss:
@@ -135,6 +153,110 @@ def naive_loop(vrt: Path, model_dir: str, tile: int, batch: int, out: Path) -> f
                     cls[~valid] = 255
                     dst.write(cls, 1, window=win)
     return time.perf_counter() - t0
+
+
+def monai_classes(
+    store: str, model_dir: str, tile: int, overlap: int, batch: int, threads: int
+) -> tuple[np.ndarray, float]:
+    """Classes from MONAI's Gaussian ``SlidingWindowInferer`` over the whole image in memory; seconds.
+
+    The image is the store's, read at once (MONAI's way: the whole volume in memory),
+    normalised as segpipe normalises it; softmax probabilities are blended, as in segpipe.
+    """
+    import torch
+    from monai.inferers.inferer import SlidingWindowInferer
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    net, spec = load_model(model_dir)
+    raw = np.asarray(open_layer(store, "image")[:])
+    valid = valid_mask(raw, read_region_info(store).nodata)
+    x = torch.from_numpy(normalise(raw, spec, valid)[None])
+    inferer = SlidingWindowInferer(roi_size=(tile, tile), sw_batch_size=batch, overlap=overlap / tile,
+                                   mode="gaussian")
+    with torch.inference_mode():
+        probs = inferer(x, lambda w: torch.softmax(net(w), dim=1))
+    assert isinstance(probs, torch.Tensor)  # one network output, not a tuple or dict
+    values = np.array([c.value for c in spec.classes], dtype=np.uint8)
+    cls = values[probs[0].argmax(0).numpy()]
+    cls[~valid] = 255
+    return cls, time.perf_counter() - t0
+
+
+def monai_available() -> bool:
+    """Whether MONAI can be imported (the ``bench`` extra), without importing it."""
+    return importlib.util.find_spec("monai") is not None
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of pixels valid (not 255) in both class arrays where the classes are equal."""
+    both = (a != 255) & (b != 255)
+    return float((a[both] == b[both]).mean()) if both.any() else float("nan")
+
+
+def _peer_child(job: dict[str, Any]) -> dict[str, float]:
+    """Run one peer in this (fresh) process: its seconds and this process's peak RSS in MB."""
+    if job["kind"] == "monai":
+        cls, seconds = monai_classes(job["store"], job["model"], job["tile"], job["overlap"], job["batch"],
+                                     job["threads"])
+        np.save(job["out"], cls)
+    else:  # naive_loop sets torch's threads to the usable cores itself
+        seconds = naive_loop(Path(job["vrt"]), job["model"], job["tile"], job["batch"], Path(job["out"]))
+    # ru_maxrss is in KiB on Linux: the process's peak, imports and model included.
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_peer(job: dict[str, Any]) -> dict[str, float]:
+    """Run one peer in a process of its own (this script, ``--peer-child``): its peak RSS is its own."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--peer-child", json.dumps(job)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"peer {job['kind']} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _read_classes(kind: str, out: Path) -> np.ndarray:
+    """The classes a peer wrote: a .npy array (MONAI) or a GeoTIFF (naive loop)."""
+    if kind == "monai":
+        return np.asarray(np.load(out))
+    import rasterio
+
+    with rasterio.open(out) as src:
+        return np.asarray(src.read(1))
+
+
+def measure_peers(
+    vrt: Path, store: str, model: str, work: Path, settings: tuple[int, int, int, int],
+    segpipe: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Peer rows (segpipe's own first) for one region: rate, peak RSS and agreement with segpipe's classes.
+
+    Args:
+        vrt: The region's source image (the naive loop reads it).
+        store: The region store, holding segpipe's ``classes`` from its last predict.
+        model: Model package, the same weights for every row.
+        work: Folder for the peers' outputs.
+        settings: Window, overlap, batch and torch threads of the peers.
+        segpipe: segpipe's figures for the row: ``mpx_s`` and ``peak_rss_mb``.
+    """
+    tile, overlap, batch, threads = settings
+    ours = np.asarray(open_layer(store, "classes")[:])
+    pixels = ours.size / 1e6
+    size = int(ours.shape[0])
+    rows = [{"size": size, "method": "segpipe", **segpipe, "agreement": 1.0}]
+    kinds = ["monai", "naive"] if monai_available() else ["naive"]
+    if "monai" not in kinds:
+        print(MONAI_HINT, flush=True)
+    for kind in kinds:
+        out = work / (f"peer_{kind}_{size}" + (".npy" if kind == "monai" else ".tif"))
+        job = {"kind": kind, "store": store, "vrt": str(vrt), "model": model, "tile": tile,
+               "overlap": overlap, "batch": batch, "threads": threads, "out": str(out)}
+        r = run_peer(job)
+        rows.append({"size": size, "method": kind, "mpx_s": round(pixels / r["seconds"], 4),
+                     "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                     "agreement": round(agreement(ours, _read_classes(kind, out)), 4)})
+    return rows
 
 
 def workers_rate(client: Any, model_dir: str, tile: int, batch: int) -> float:
@@ -224,6 +346,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--no-previews", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="Keep regions and model already in --work.")
+    parser.add_argument("--no-peers", action="store_true", help="Skip the MONAI and naive-loop rows.")
+    parser.add_argument("--peer-threads", type=int, default=0,
+                        help="Torch threads of the MONAI row (default: the usable cores).")
+    parser.add_argument("--peer-child", help=argparse.SUPPRESS)  # internal: one peer, in its own process
     return parser.parse_args()
 
 
@@ -252,8 +378,10 @@ def _train_model(store: str, model: str) -> float:
     return time.perf_counter() - t0
 
 
-def _measure(client: Any, factor: int, vrt: Path, store: str, model: str, work: Path) -> dict[str, Any]:
-    """One region size's row: end-to-end and forward rates, overheads, memory."""
+def _measure(
+    client: Any, factor: int, vrt: Path, store: str, model: str, work: Path, peer_threads: int | None
+) -> dict[str, Any]:
+    """One region size's row: end-to-end and forward rates, overheads, memory; peers unless no threads."""
     info = read_region_info(store)
     cores = usable_cores()
     # The host's speed drifts within minutes (a shared VM): end-to-end runs and
@@ -275,9 +403,15 @@ def _measure(client: Any, factor: int, vrt: Path, store: str, model: str, work: 
     n_global = len(window_starts(info.height, tile, stride)) * len(window_starts(info.width, tile, stride))
     pixels = info.height * info.width
     overlap_factor = n_global * tile * tile / pixels
-    naive_s = naive_loop(vrt, model, tile, s.batch_size, work / f"naive{factor}.tif")
     end_to_end = pixels / float(np.mean(seconds)) / 1e6
     ideal = forward / overlap_factor
+    peers: list[dict[str, Any]] = []
+    if peer_threads is None:  # the naive loop alone, in this process as before
+        naive_mpx_s = pixels / naive_loop(vrt, model, tile, s.batch_size, work / f"naive{factor}.tif") / 1e6
+    else:  # store's classes are from the last predict above: the default settings
+        ours = {"mpx_s": round(end_to_end, 4), "peak_rss_mb": round(rss.peak / 2**20, 1)}
+        peers = measure_peers(vrt, store, model, work, (tile, ov, s.batch_size, peer_threads), ours)
+        naive_mpx_s = next(r["mpx_s"] for r in peers if r["method"] == "naive")
     return {
         "factor": factor, "size": info.height, "mpx": round(pixels / 1e6, 3), "tasks": s.tasks,
         "task_blocks": list(s.task_blocks), "batch_size": s.batch_size, "tile": tile, "overlap": ov,
@@ -288,8 +422,8 @@ def _measure(client: Any, factor: int, vrt: Path, store: str, model: str, work: 
         "end_to_end_mpx_s": round(end_to_end, 4), "overlap_factor": round(overlap_factor, 4),
         "ideal_mpx_s": round(ideal, 4), "efficiency": round(end_to_end / ideal, 3),
         "compute_overhead": round(s.slots / n_global, 3), "windows": s.windows, "slots": s.slots,
-        "whole_image_windows": n_global, "naive_mpx_s": round(pixels / naive_s / 1e6, 4),
-        "peak_rss_mb": round(rss.peak / 2**20, 1),
+        "whole_image_windows": n_global, "naive_mpx_s": round(naive_mpx_s, 4),
+        "peak_rss_mb": round(rss.peak / 2**20, 1), "peers": peers,
     }
 
 
@@ -302,11 +436,21 @@ def _report(result: dict[str, Any], out: Path) -> None:
     print(" | ".join(cols))
     for row in result["sizes"]:
         print(" | ".join(str(row[c]) for c in cols))
+    peers = [p for row in result["sizes"] for p in row["peers"]]
+    if peers:
+        cols = ["size", "method", "mpx_s", "peak_rss_mb", "agreement"]
+        print("\n" + " | ".join(cols))
+        for p in peers:
+            print(" | ".join(str(p[c]) for c in cols))
     print(f"seam score (1 = none): {result['seam_score']}; wrote {out}")
 
 
 def main() -> None:
     args = _arguments()
+    if args.peer_child:
+        print(json.dumps(_peer_child(json.loads(args.peer_child))))
+        return
+    peer_threads = None if args.no_peers else (args.peer_threads or usable_cores())
     if not args.reuse:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -325,7 +469,7 @@ def main() -> None:
         client.run(_warm_worker, model, 256, 2)
         predict(stores[args.factors[0]][1], model, client=client, force=True)
         for f in args.factors:
-            rows.append(_measure(client, f, *stores[f], model, args.work))
+            rows.append(_measure(client, f, *stores[f], model, args.work, peer_threads))
             print(json.dumps(rows[-1]), flush=True)
         seams: dict[str, float] = {}
         if not args.no_previews:
