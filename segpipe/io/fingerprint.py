@@ -99,8 +99,25 @@ def ingest_fingerprint(
     label_field: str | None,
     classes: str | Path | None,
     block_size: int,
+    options: dict[str, Any] | None = None,
+    extra_files: Iterable[str | Path] | None = None,
 ) -> str:
-    """Fingerprint of everything that determines a region store."""
+    """Fingerprint of everything that determines a region store.
+
+    Args:
+        images: The image arguments (files, folders, VRTs, a STAC document).
+        labels: The labels file, if any.
+        label_field: The polygon class field, if any.
+        classes: The classes file, if any.
+        block_size: The store's block size.
+        options: Further settings that shape the store (a warped ingest's grid,
+            resampling and overlap rule); JSON-serialisable.
+        extra_files: Further files the store is made from (the band files a STAC
+            document names, the area-of-interest file).
+
+    Without ``options`` and ``extra_files`` the fingerprint is the one earlier versions
+    computed, so stores built before stay recognised.
+    """
     settings = json.dumps({"label_field": label_field, "block_size": block_size}, sort_keys=True)
     parts = [
         files_fingerprint(images),
@@ -108,6 +125,10 @@ def ingest_fingerprint(
         files_fingerprint([classes] if classes else []),
         settings,
     ]
+    if options:
+        parts.append(json.dumps(options, sort_keys=True, default=str))
+    if extra_files:
+        parts.append(files_fingerprint(extra_files))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 

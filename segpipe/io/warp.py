@@ -40,7 +40,7 @@ from segpipe.io.remote import gdal_env, gdal_path, is_remote, vector_path
 from segpipe.io.sources import BandFile, Scene, SceneSet
 from segpipe.types import Grid
 
-__all__ = ["Aoi", "Order", "open_warped", "read_aoi", "scenes_from_files", "target_grid"]
+__all__ = ["Aoi", "Order", "aoi_geojson", "open_warped", "read_aoi", "scenes_from_files", "target_grid"]
 
 Order = Literal["given", "latest", "least-cloudy"]
 Aoi = tuple[BaseGeometry, CRS]
@@ -200,9 +200,22 @@ def _headers(sceneset: SceneSet) -> list[tuple[Scene, tuple[_Band, ...]]]:
 
 
 def _area(band: _Band) -> float:
-    """Footprint area of a band file in m² of an equal-area CRS."""
-    geom = transform_geom(band.crs, _EQUAL_AREA, mapping(box(*band.bounds)))
-    return float(shape(geom).area)
+    """Footprint area of a band file in m² of an equal-area CRS.
+
+    Raises:
+        InputError: The file's corners are not valid coordinates of its CRS.
+    """
+    try:
+        geom = transform_geom(band.crs, _EQUAL_AREA, mapping(box(*band.bounds)))
+        area = float(shape(geom).area)
+    except Exception as exc:  # PROJ errors come as several rasterio and pyproj classes
+        raise InputError(
+            f"image {band.href} has bounds {band.bounds} that are not valid coordinates of its CRS "
+            f"{band.crs.to_string()}: fix its georeferencing"
+        ) from exc
+    if not math.isfinite(area):
+        raise InputError(f"image {band.href} has bounds {band.bounds} outside its CRS {band.crs.to_string()}")
+    return area
 
 
 def _majority_crs(headers: list[tuple[Scene, tuple[_Band, ...]]]) -> CRS:
@@ -277,10 +290,15 @@ def target_grid(
             or AOI do not overlap the scenes.
     """
     headers = _headers(sceneset)
-    try:
-        dst = CRS.from_user_input(crs) if crs is not None else _majority_crs(headers)
-    except Exception as exc:  # rasterio raises CRSError, pyproj others
-        raise InputError(f"CRS {crs!r} is not one GDAL knows: give an EPSG code (EPSG:32633) or WKT") from exc
+    if crs is None:
+        dst = _majority_crs(headers)
+    else:
+        try:
+            dst = CRS.from_user_input(crs)
+        except Exception as exc:  # rasterio raises CRSError, pyproj others
+            raise InputError(
+                f"CRS {crs!r} is not one GDAL knows: give an EPSG code (EPSG:32633) or WKT"
+            ) from exc
     if resolution is None:
         res = min(_band_res(b, dst) for _, bands in headers for b in bands)
         rx = ry = res
@@ -310,7 +328,7 @@ def _area_bounds(
         return left, bottom, right, top
     if aoi is None:
         return data
-    a = shape(_aoi_json(aoi, dst)).bounds
+    a = shape(aoi_geojson(aoi, dst)).bounds
     cut = max(a[0], data[0]), max(a[1], data[1]), min(a[2], data[2]), min(a[3], data[3])
     if not (cut[2] > cut[0] and cut[3] > cut[1]):
         raise InputError("the area of interest does not overlap the scenes: check the AOI file and its CRS")
@@ -391,8 +409,8 @@ def _resampling(name: str) -> Resampling:
         raise InputError(f"resampling {name!r} is unknown: use one of {known}") from None
 
 
-def _aoi_json(aoi: Aoi | None, crs: CRS) -> dict[str, Any] | None:
-    """The AOI as GeoJSON in the grid's CRS (what block tasks rasterize)."""
+def aoi_geojson(aoi: Aoi | None, crs: CRS) -> dict[str, Any] | None:
+    """The AOI as a GeoJSON geometry in ``crs`` (what block tasks rasterize), None without AOI."""
     if aoi is None:
         return None
     geom, aoi_crs = aoi
@@ -549,7 +567,7 @@ def open_warped(
     crs = CRS.from_wkt(grid.crs_wkt)
     scenes = _scene_srcs(headers, grid, sceneset.band_names)
     dtype, nodata, scaled = _out_type([b for s in scenes for b in s.bands])
-    plan = _Plan(grid, scenes, method.name, dtype, nodata, scaled, _aoi_json(aoi, crs))
+    plan = _Plan(grid, scenes, method.name, dtype, nodata, scaled, aoi_geojson(aoi, crs))
     data = _graph(plan, len(sceneset.band_names), chunk_size)
     t = Affine(*grid.transform)
     da = xr.DataArray(

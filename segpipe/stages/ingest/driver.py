@@ -33,25 +33,32 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dask.array as da
 import dask.threaded
 import numpy as np
+import rasterio
 import xarray as xr
 import zarr
+from affine import Affine
 from dask.base import compute, get_scheduler
 from dask.delayed import delayed
+from rasterio.crs import CRS
+from rasterio.features import geometry_mask
 
 from segpipe.errors import InputError, LabelsError, StoreError
 from segpipe.io.fingerprint import ingest_fingerprint
 from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
-from segpipe.io.mosaic import open_mosaic
+from segpipe.io.mosaic import expand_inputs, open_mosaic
 from segpipe.io.remote import (
     as_url,
     check_bucket,
     filesystem,
+    gdal_env,
+    gdal_path,
     is_remote,
     join,
     remote_errors,
@@ -63,6 +70,8 @@ from segpipe.io.remote import (
     url_parent,
 )
 from segpipe.io.runs import pid_alive
+from segpipe.io.sources import SceneSet
+from segpipe.io.stac_in import is_stac, read_stac
 from segpipe.io.store import (
     INNER_CHUNK,
     STORE_SCHEMA,
@@ -73,6 +82,7 @@ from segpipe.io.store import (
     set_region_classes,
     write_block,
 )
+from segpipe.io.warp import Aoi, aoi_geojson, open_warped, read_aoi, scenes_from_files, target_grid
 from segpipe.types import ClassInfo, Grid, read_classes_file
 
 __all__ = ["ingest"]
@@ -232,9 +242,9 @@ def _write_image(image: xr.DataArray, store: str, block_size: int, sources: str)
 
 
 def _label_block(
-    src: LabelSource, grid: Grid, store: str, y0: int, x0: int, size: int
+    src: LabelSource, grid: Grid, store: str, y0: int, x0: int, size: int, aoi: dict[str, Any] | None = None
 ) -> np.ndarray | LabelsError:
-    """Rasterize one block of labels into the store; return its class histogram."""
+    """Rasterize one block of labels into the store (0 outside ``aoi``); return its class histogram."""
     h, w = min(size, grid.height - y0), min(size, grid.width - x0)
     try:
         data = labels_window(src, grid, y0, x0, h, w)
@@ -242,16 +252,22 @@ def _label_block(
         # Returned, not raised: the driver raises it once every task has finished, so no
         # task still running writes into the store after the failed ingest removed it.
         return exc
+    if aoi is not None:
+        # Outside the area of interest the image is nodata: its labels must not count.
+        t = Affine(*grid.transform) * Affine.translation(x0, y0)
+        data[geometry_mask([aoi], out_shape=(h, w), transform=t)] = 0
     write_block(open_layer(store, "labels", mode="r+"), y0, x0, data, size)
     return np.bincount(data.ravel(), minlength=256)
 
 
-def _write_labels(src: LabelSource, grid: Grid, store: str, block_size: int) -> np.ndarray:
+def _write_labels(
+    src: LabelSource, grid: Grid, store: str, block_size: int, aoi: dict[str, Any] | None = None
+) -> np.ndarray:
     """Fill the ``labels`` layer block by block; return the per-value pixel counts."""
     create_layer(store, "labels", "uint8", 0)
     block = delayed(_label_block, pure=True)
     tasks = [
-        block(src, grid, store, y0, x0, block_size)
+        block(src, grid, store, y0, x0, block_size, aoi)
         for y0 in range(0, grid.height, block_size)
         for x0 in range(0, grid.width, block_size)
     ]
@@ -354,6 +370,140 @@ def _destination(out: str | Path, block_size: int, overwrite: bool) -> str:
     return out_s
 
 
+@dataclass(frozen=True)
+class _Warp:
+    """How a warped ingest makes its image: the scenes, the grid, the options.
+
+    Attributes:
+        scenes: The scenes (STAC items, or one per tile).
+        grid: The target grid (:func:`segpipe.io.warp.target_grid`).
+        aoi: The area of interest, or None.
+        aoi_path: Where the AOI came from (recorded in the store).
+        resampling: GDAL resampling for imagery.
+        order: Overlap rule (``given``, ``latest``, ``least-cloudy``).
+    """
+
+    scenes: SceneSet
+    grid: Grid
+    aoi: Aoi | None
+    aoi_path: str | None
+    resampling: str
+    order: str
+
+
+# Tiles whose origins lie closer than this fraction of a pixel to a common grid share it
+# (as segpipe.io.mosaic judges them): float noise, not a real shift.
+_ALIGN_TOL = 1e-3
+
+
+def _stac_input(images: Sequence[str | Path] | str | Path) -> str | Path | None:
+    """The STAC document ``images`` names (one file or URL), or None for rasters."""
+    items = [images] if isinstance(images, str | Path) else list(images)
+    if len(items) != 1:
+        return None
+    return items[0] if is_stac(items[0]) else None
+
+
+def _one_grid(images: Sequence[str | Path] | str | Path) -> bool:
+    """Whether the tiles share CRS, pixel size and pixel grid (the fast path can mosaic them).
+
+    Unreadable inputs count as sharing it: the fast path refuses them by name.
+    """
+    try:
+        files = expand_inputs(images)
+        headers = []
+        for f in files:
+            with gdal_env(f), rasterio.open(gdal_path(f)) as ds:
+                headers.append((ds.crs, tuple(ds.transform)[:6]))
+    except Exception:  # the fast path's own checks name the culprit
+        return True
+    crs, ref = headers[0]
+    for other_crs, t in headers[1:]:
+        if other_crs != crs or t[0] != ref[0] or t[4] != ref[4] or t[1] != ref[1] or t[3] != ref[3]:
+            return False
+        for origin, ref_origin, res in ((t[2], ref[2], ref[0]), (t[5], ref[5], ref[4])):
+            shift = (origin - ref_origin) / res
+            if abs(shift - round(shift)) > _ALIGN_TOL:
+                return False
+    return True
+
+
+def _warp_plan(
+    images: Sequence[str | Path] | str | Path,
+    grid_options: dict[str, Any],
+    aoi: str | Path | None,
+    resampling: str,
+    order: str,
+    assets: Sequence[str] | None,
+) -> _Warp | None:
+    """The warp an ingest needs, or None where today's fast path applies unchanged.
+
+    STAC inputs, tiles on different grids, or any grid option (``crs``, ``resolution``,
+    ``bounds``, ``aoi``) take the warp path; aligned tiles without options do not.
+
+    Raises:
+        InputError: ``assets`` given for inputs that are not STAC, or a bad grid option.
+        StacError: The STAC document is unusable.
+        MissingInputError: An input or the AOI file does not exist.
+    """
+    stac = _stac_input(images)
+    if stac is None and assets:
+        raise InputError(
+            "--assets chooses bands of STAC items: the inputs are not a STAC Item or ItemCollection"
+        )
+    options = any(v is not None for v in grid_options.values()) or aoi is not None
+    if stac is None and not options and _one_grid(images):
+        return None
+    if stac is not None:
+        scenes = read_stac(stac, assets=list(assets) if assets else None)
+    else:
+        scenes = scenes_from_files(images)
+    area = read_aoi(aoi) if aoi is not None else None
+    grid = target_grid(scenes, aoi=area, **grid_options)
+    return _Warp(scenes, grid, area, None if aoi is None else str(aoi), resampling, order)
+
+
+def _warp_attrs(warp: _Warp) -> dict[str, Any]:
+    """What a warped store records beyond the fast path's attributes: scenes, dates, AOI."""
+    starts = [s.start_datetime or s.datetime for s in warp.scenes.scenes]
+    ends = [s.end_datetime or s.datetime for s in warp.scenes.scenes]
+    known_starts, known_ends = [t for t in starts if t], [t for t in ends if t]
+    attrs: dict[str, Any] = {
+        "warp": {
+            "resampling": warp.resampling,
+            "order": warp.order,
+            "scenes": [s.id for s in warp.scenes.scenes],
+            "source": warp.scenes.source,
+        }
+    }
+    if known_starts and known_ends:
+        attrs["acquired"] = {"start": min(known_starts), "end": max(known_ends)}
+    if warp.aoi is not None:
+        attrs["aoi"] = {"source": warp.aoi_path, "geometry": _aoi_geojson(warp)}
+    return attrs
+
+
+def _aoi_geojson(warp: _Warp) -> dict[str, Any] | None:
+    """The AOI as GeoJSON in the store's CRS (pixels outside it are nodata)."""
+    return aoi_geojson(warp.aoi, CRS.from_wkt(warp.grid.crs_wkt))
+
+
+def _fingerprint_options(
+    warp: _Warp | None, grid_options: dict[str, Any], aoi: str | Path | None, assets: Sequence[str] | None
+) -> dict[str, Any]:
+    """What a warped ingest adds to the inputs fingerprint (nothing on the fast path: unchanged there)."""
+    if warp is None:
+        return {}
+    hrefs = sorted({b.href for s in warp.scenes.scenes for b in s.bands})
+    settings = {
+        **grid_options,
+        "resampling": warp.resampling,
+        "order": warp.order,
+        "assets": list(assets) if assets else None,
+    }
+    return {"options": settings, "extra_files": [*hrefs, *([aoi] if aoi is not None else [])]}
+
+
 def ingest(
     images: Sequence[str | Path] | str | Path,
     out: str | Path,
@@ -363,10 +513,20 @@ def ingest(
     block_size: int = 1024,
     overwrite: bool = False,
     progress: Progress | None = None,
+    crs: str | None = None,
+    resolution: float | tuple[float, float] | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    aoi: str | Path | None = None,
+    resampling: str = "bilinear",
+    order: str = "given",
+    assets: Sequence[str] | None = None,
 ) -> RegionInfo:
-    """Build a region store from image tiles and optional labels.
+    """Build a region store from image tiles or STAC scenes and optional labels.
 
-    Runs on whichever dask scheduler is active (it creates no cluster).
+    Runs on whichever dask scheduler is active (it creates no cluster). Aligned tiles
+    without grid options are mosaicked as they are (no resampling); STAC inputs, tiles in
+    several CRSs, resolutions or grids, and any of ``crs``/``resolution``/``bounds``/``aoi``
+    warp the scenes onto one target grid (:mod:`segpipe.io.warp`).
 
     Args:
         images: GeoTIFF files, VRTs and/or folders of GeoTIFFs forming one mosaic.
@@ -378,6 +538,15 @@ def ingest(
         block_size: Shard and dask chunk edge in pixels: at most 256, or a multiple of 256.
         overwrite: Replace an existing store at ``out`` (only once the new one is complete).
         progress: Called with a short message at each stage.
+        crs: Target CRS (default: the CRS covering most of the scenes' area).
+        resolution: Target pixel size in CRS units (default: the finest band's).
+        bounds: Target (left, bottom, right, top) in the target CRS (default: the union
+            of the footprints, or the AOI's bounding box).
+        aoi: Vector file of the area of interest: pixels outside it become nodata.
+        resampling: GDAL resampling of imagery onto the grid (labels always ``nearest``).
+        order: Where scenes overlap, the first valid pixel of the ``given`` order, of
+            the ``latest`` scene or of the ``least-cloudy`` one.
+        assets: STAC asset keys to read as bands, in this order (STAC inputs only).
 
     Returns:
         What the new store says about its region.
@@ -393,20 +562,24 @@ def ingest(
         TileMismatchError: The tiles cannot form one mosaic.
         LabelsError: The labels do not overlap the image, hold no labelled pixel,
             hold a value outside 0-254 or one the given classes do not define.
+        StacError: A STAC input is unusable (missing asset, mixed band sets).
     """
     say = progress or (lambda _msg: None)
     out_s = _destination(out, block_size, overwrite)
     given = _resolve_classes(classes)
     src = open_labels(labels, label_field) if labels is not None else None
+    grid_options = {"crs": crs, "resolution": resolution, "bounds": bounds}
+    warp = _warp_plan(images, grid_options, aoi, resampling, order, assets)
     fingerprint = ingest_fingerprint(
         _image_names(images),
         labels,
         label_field,
         classes if isinstance(classes, str | Path) else None,
         block_size,
+        **_fingerprint_options(warp, grid_options, aoi, assets),
     )
     with storage_errors(out_s, "region store"):
-        _build(images, out_s, src, given, block_size, overwrite, fingerprint, say)
+        _build(images, out_s, src, given, block_size, overwrite, fingerprint, say, warp)
     say(f"region store written to {out_s}")
     return read_region_info(out_s)
 
@@ -450,9 +623,14 @@ def _write_store(
     block_size: int,
     fingerprint: str,
     say: Progress,
+    warp: _Warp | None,
 ) -> None:
     """Write the whole store at ``tmp``: the image, the store's metadata, the labels and classes."""
-    image = open_mosaic(images, chunk_size=block_size, vrt_path=vrt)
+    if warp is None:
+        image = open_mosaic(images, chunk_size=block_size, vrt_path=vrt)
+    else:
+        say(f"warping {len(warp.scenes.scenes)} scene(s) onto one grid ({warp.resampling})")
+        image = open_warped(warp.scenes, warp.grid, warp.resampling, block_size, warp.aoi, warp.order)
     grid = _grid(image)
     if src is not None:
         check_overlap(src, grid)
@@ -467,11 +645,13 @@ def _write_store(
         "classes": [],
         # Lets a rerun of a batch recognise a store built from the same inputs.
         "inputs": fingerprint,
+        **(_warp_attrs(warp) if warp is not None else {}),
     }
     found = given or []
     if src is not None:
         say(f"writing labels from {src.path}")
-        found = _region_classes(src, _write_labels(src, grid, tmp, block_size), given)
+        aoi = _aoi_geojson(warp) if warp is not None else None
+        found = _region_classes(src, _write_labels(src, grid, tmp, block_size, aoi), given)
     if found:
         set_region_classes(tmp, found)
 
@@ -485,13 +665,14 @@ def _build(
     overwrite: bool,
     fingerprint: str,
     say: Progress,
+    warp: _Warp | None = None,
 ) -> None:
     """Write the store under a hidden sibling, then publish it at ``out_s`` (see module doc)."""
     # Host and pid in the name let a later ingest tell a killed run's leftovers from a live one.
     tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp, vrt = _staging(out_s, tag)
     try:
-        _write_store(images, tmp, vrt, src, given, block_size, fingerprint, say)
+        _write_store(images, tmp, vrt, src, given, block_size, fingerprint, say, warp)
         if is_remote(out_s):
             _publish_remote(tmp, out_s, overwrite)
         else:
