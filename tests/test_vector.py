@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import geopandas as gpd
+import jsonschema
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pyogrio
+import pyproj
 import pytest
 import rasterio.features
 import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -14,11 +20,13 @@ import shapely
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
+from referencing import Registry, Resource
 from scipy import ndimage
 from test_cog import fill_layer
 from test_cog import make_store as make_cog_store
 
 import segpipe.stages.export.vector_blocks as vector_blocks
+import segpipe.stages.export.vector_parquet as vector_parquet
 from segpipe.errors import InputError, MissingLayerError
 from segpipe.io.store import read_region_info
 from segpipe.stages.export.vector import VectorFormatError, sieve_threshold, write_vector
@@ -153,6 +161,48 @@ def test_attributes_names_area_and_mean_confidence(
                                                     nan_ok=True)
 
 
+def test_geoparquet_holds_the_same_features_and_valid_metadata(
+    region: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, classes, _ = region
+    gpkg = pyogrio.read_dataframe(write_vector(store, tmp_path / "c.gpkg"), layer="classes")
+    # Small row groups: the file is streamed in several, as a large region's would be.
+    monkeypatch.setattr(vector_parquet, "ROW_GROUP", 100)
+    out = write_vector(store, tmp_path / "c.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gpkg", "c.parquet"]
+    frame = gpd.read_parquet(out)  # geopandas checks the GeoParquet metadata as it reads
+    assert frame.crs.to_epsg() == 32617 and list(frame.columns) == list(gpkg.columns)
+    assert len(frame) == len(gpkg) == len(whole_raster(classes))
+    pd.testing.assert_frame_equal(pd.DataFrame(frame.drop(columns="geometry")),
+                                  pd.DataFrame(gpkg.drop(columns="geometry")))
+    assert shapely.equals(frame.geometry.values, gpkg.geometry.values).all()
+    meta = pq.ParquetFile(out)
+    assert meta.metadata.num_row_groups > 1
+    geo = json.loads(meta.metadata.metadata[b"geo"])  # the file's key-value metadata, as the spec puts it
+    column = geo["columns"]["geometry"]
+    assert (geo["version"], geo["primary_column"], column["encoding"]) == ("1.1.0", "geometry", "WKB")
+    assert column["geometry_types"] == ["Polygon"]
+    assert pyproj.CRS.from_json_dict(column["crs"]).to_epsg() == 32617
+    np.testing.assert_allclose(column["bbox"], frame.total_bounds)
+    _validate_geoparquet(geo)
+
+
+def _validate_geoparquet(geo: dict[str, Any]) -> None:
+    """The metadata against the GeoParquet 1.1.0 JSON schema bundled in tests/data (offline)."""
+    data = Path(__file__).parent / "data"
+    schema = json.loads((data / "geoparquet-1.1.0.schema.json").read_text())
+    projjson = json.loads((data / "stac-schemas/proj.org/schemas/v0.7/projjson.schema.json").read_text())
+    registry = Registry().with_resource(  # the CRS's PROJJSON schema, bundled: never fetched
+        "https://proj.org/schemas/v0.7/projjson.schema.json", Resource.from_contents(projjson))
+    validator = jsonschema.Draft7Validator(schema, registry=registry)
+    validator.validate(geo)
+    column = geo["columns"]["geometry"]
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({**geo, "columns": {"geometry": {**column, "encoding": "SVG"}}})
+    with pytest.raises(jsonschema.ValidationError):  # the PROJJSON of the CRS is checked too
+        validator.validate({**geo, "columns": {"geometry": {**column, "crs": {"type": "x"}}}})
+
+
 def test_crs_fields_and_layer_read_back(region: Region, tmp_path: Path) -> None:
     store, _, _ = region
     out = write_vector(store, tmp_path / "c.gpkg")
@@ -237,10 +287,6 @@ def test_bad_destinations_are_refused_with_one_line(
     message = str(caught.value)
     assert "\n" not in message and "classes.shp" in message and ".gpkg" in message and ".parquet" in message
     assert isinstance(caught.value, InputError)
-    monkeypatch.setattr(pyogrio, "list_drivers", lambda write=False: {"GPKG": "rw"})
-    with pytest.raises(VectorFormatError, match=r"no Parquet driver; write classes\.gpkg"):
-        write_vector(store, tmp_path / "classes.parquet")
-    monkeypatch.undo()
     with pytest.raises(InputError, match="is a folder"):
         write_vector(store, tmp_path)
     with pytest.raises(InputError, match="--simplify -2"):
@@ -274,6 +320,8 @@ def test_nothing_classified_and_missing_layer(tmp_path: Path) -> None:
     store = make_store(tmp_path / "empty.zarr", np.full((70, 90), 255, np.uint8), 64)
     out = write_vector(store, tmp_path / "empty.gpkg")
     assert pyogrio.read_info(out, layer="classes")["features"] == 0
+    empty = gpd.read_parquet(write_vector(store, tmp_path / "empty.parquet"))
+    assert len(empty) == 0 and empty.crs.to_epsg() == 32617
     bare = make_store(tmp_path / "bare.zarr", np.ones((10, 10), np.uint8), 64)
     zarr.open_group(str(bare), mode="r+").__delitem__("classes")
     with pytest.raises(MissingLayerError, match="no 'classes' layer: run 'segpipe predict' first"):

@@ -43,6 +43,7 @@ from segpipe.io.remote import is_remote, storage_errors
 from segpipe.io.store import RegionInfo, has_layer, open_layer, read_region_info
 from segpipe.stages.export.vector_blocks import BlockPolygons, polygonize_block, sieve_facts
 from segpipe.stages.export.vector_merge import Patches, RowMerger
+from segpipe.stages.export.vector_parquet import GeoParquetSink
 from segpipe.stages.export.vector_sieve import sieve_plan
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 LAYER_NAME = "classes"
-VECTOR_FORMATS = {".gpkg": "GPKG", ".parquet": "Parquet"}
+VECTOR_FORMATS = {".gpkg": "GPKG", ".parquet": "GeoParquet"}
 
 T = TypeVar("T")
 
@@ -68,11 +69,10 @@ class VectorFormatError(InputError):
 
 
 def vector_driver(out: str | Path) -> str:
-    """The OGR driver for a destination, from its extension.
+    """The format of a destination, from its extension: ``GPKG`` (pyogrio) or ``GeoParquet`` (pyarrow).
 
     Raises:
-        VectorFormatError: The extension is neither ``.gpkg`` nor ``.parquet``, or GeoParquet
-            is asked for and this GDAL has no Parquet driver.
+        VectorFormatError: The extension is neither ``.gpkg`` nor ``.parquet``.
     """
     suffix = Path(str(out)).suffix.lower()
     if suffix not in VECTOR_FORMATS:
@@ -80,13 +80,7 @@ def vector_driver(out: str | Path) -> str:
             f"cannot write polygons to {out}: unknown extension {suffix or '(none)'!r}; "
             "name a .gpkg (GeoPackage) or .parquet (GeoParquet) file"
         )
-    driver = VECTOR_FORMATS[suffix]
-    if driver not in pyogrio.list_drivers(write=True):
-        raise VectorFormatError(
-            f"cannot write GeoParquet {out}: the GDAL in this pyogrio build has no Parquet driver; "
-            f"write {Path(str(out)).with_suffix('.gpkg').name} (GeoPackage) instead"
-        )
-    return driver
+    return VECTOR_FORMATS[suffix]
 
 
 def sieve_threshold(min_area: float | None, info: RegionInfo) -> int:
@@ -143,6 +137,8 @@ class _Writer:
         self.simplify, self.confidence = simplify, confidence
         self.names = {c.value: c.name for c in info.classes}
         self.features = 0
+        self.features_started = False
+        self.parquet = GeoParquetSink(path, info.crs_wkt) if driver == "GeoParquet" else None
 
     def _to_map(self, coords: np.ndarray) -> np.ndarray:
         # Same arithmetic as GDAL's polygonizer (x*a + y*b + c), so axis-aligned grids match it to the bit.
@@ -152,8 +148,24 @@ class _Writer:
 
     def write(self, patches: Patches) -> None:
         """Append ``patches`` (possibly none: the first call creates the layer)."""
-        if not len(patches) and self.path.exists():
+        if not len(patches) and self.features_started:
             return
+        self.features_started = True
+        frame = self._frame(patches)
+        if self.parquet is not None:
+            self.parquet.append(frame)
+        else:
+            pyogrio.write_dataframe(frame, self.path, layer=LAYER_NAME, driver=self.driver,
+                                    append=self.path.exists(), geometry_type="Polygon")
+        self.features += len(patches)
+
+    def close(self) -> None:
+        """Finish the file (GeoParquet writes its row groups and metadata last)."""
+        if self.parquet is not None:
+            self.parquet.close()
+
+    def _frame(self, patches: Patches) -> gpd.GeoDataFrame:
+        """The features of ``patches`` in map coordinates, with their attributes."""
         geometry = shapely.transform(patches.column("geometry"), self._to_map)
         if self.simplify:
             geometry = shapely.simplify(geometry, self.simplify, preserve_topology=True)
@@ -168,10 +180,7 @@ class _Writer:
             "mean_confidence": pd.Series(mean if self.confidence else np.nan, index=range(len(count)),
                                          dtype="float64"),
         })
-        frame = gpd.GeoDataFrame(table, geometry=gpd.GeoSeries(geometry), crs=self.info.crs_wkt or None)
-        pyogrio.write_dataframe(frame, self.path, layer=LAYER_NAME, driver=self.driver,
-                                append=self.path.exists(), geometry_type="Polygon")
-        self.features += len(patches)
+        return gpd.GeoDataFrame(table, geometry=gpd.GeoSeries(geometry), crs=self.info.crs_wkt or None)
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:
@@ -250,7 +259,7 @@ def write_vector(
         The written file.
 
     Raises:
-        VectorFormatError: ``out`` is neither ``.gpkg`` nor ``.parquet``, or no driver here writes it.
+        VectorFormatError: ``out`` is neither ``.gpkg`` nor ``.parquet``.
         InputError: ``out`` is a folder, on ``s3://``, or exists without ``overwrite``; a
             negative ``min_area`` or ``simplify``.
         MissingLayerError: The store has no ``classes`` layer (run ``segpipe predict``).
@@ -275,5 +284,6 @@ def write_vector(
             luts = _lookup_tables(location, info, boxes, threshold, start)
             writer = _Writer(tmp, driver, info, simplify, has_layer(store, "confidence"))
             _polygonize(location, info, luts, writer, start)
+            writer.close()
             os.replace(tmp, dest)
     return dest
