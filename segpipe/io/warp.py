@@ -106,6 +106,7 @@ class _Plan:
     nodata: float | None
     scaled: bool
     aoi: dict[str, Any] | None
+    work_dtype: str = "float64"
 
 
 def _open_error(href: str, exc: Exception) -> MissingInputError:
@@ -426,35 +427,40 @@ def aoi_geojson(aoi: Aoi | None, crs: CRS) -> dict[str, Any] | None:
 def _warp_scene(
     scene: _SceneSrc, plan: _Plan, dst_t: Affine, shape: tuple[int, int], where: str
 ) -> np.ndarray:
-    """One scene's bands warped onto a window: float64 (band, y, x), NaN where it has no valid pixel.
+    """One scene's bands warped onto a window: (band, y, x) floats, NaN where it has no valid pixel.
 
     Raises:
         InputError: GDAL could not read a band file (named, with the window).
     """
-    out = np.full((len(scene.bands), *shape), np.nan, dtype=np.float64)
-    dst_crs = CRS.from_wkt(plan.grid.crs_wkt)
-    method = Resampling[plan.resampling]
-    files: dict[str, list[int]] = {}
+    out = np.full((len(scene.bands), *shape), np.nan, dtype=plan.work_dtype)
+    # Bands of one file that share nodata and scale are warped in one call: GDAL then
+    # reads the source window and computes the transformation once for all of them.
+    calls: dict[tuple[str, float | None, tuple[float, float]], list[int]] = {}
     for i, b in enumerate(scene.bands):
-        files.setdefault(b.href, []).append(i)
-    for href, idx in files.items():
+        calls.setdefault((b.href, b.nodata, scene.scales[i]), []).append(i)
+    for (href, nodata, scale), idx in calls.items():
         failure: str | None = None
         try:
             # Full resolution always: GDAL would pick overviews window by window.
             with gdal_env(href), rasterio.open(gdal_path(href), OVERVIEW_LEVEL="NONE") as ds:
-                for i in idx:
-                    b = scene.bands[i]
-                    reproject(
-                        rasterio.band(ds, b.band),
-                        out[i],
-                        src_nodata=b.nodata,
-                        dst_nodata=np.nan,
-                        dst_transform=dst_t,
-                        dst_crs=dst_crs,
-                        resampling=method,
-                        XSCALE=repr(scene.scales[i][0]),
-                        YSCALE=repr(scene.scales[i][1]),
-                    )
+                part = out[idx[0]] if len(idx) == 1 else np.full((len(idx), *shape), np.nan, plan.work_dtype)
+                reproject(
+                    rasterio.band(
+                        ds, [scene.bands[i].band for i in idx] if len(idx) > 1 else scene.bands[idx[0]].band
+                    ),
+                    part,
+                    src_nodata=nodata,
+                    dst_nodata=np.nan,
+                    dst_transform=dst_t,
+                    dst_crs=CRS.from_wkt(plan.grid.crs_wkt),
+                    resampling=Resampling[plan.resampling],
+                    XSCALE=repr(scale[0]),
+                    YSCALE=repr(scale[1]),
+                    # Each band's own nodata, as if warped alone (GDAL would otherwise unify them).
+                    UNIFIED_SRC_NODATA="NO",
+                )
+                if len(idx) > 1:
+                    out[idx] = part
         except (RasterioError, CPLE_BaseError) as exc:
             failure = str(exc.__cause__ or exc)
         if failure is not None:
@@ -476,7 +482,7 @@ def _warp_block(plan: _Plan, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     if plan.aoi is not None:
         inside = geometry_mask([plan.aoi], out_shape=shape, transform=t, invert=True)
     nb = len(plan.scenes[0].bands) if plan.scenes else 0
-    out = np.full((nb, *shape), np.nan, dtype=np.float64)
+    out = np.full((nb, *shape), np.nan, dtype=plan.work_dtype)
     todo = np.ones(shape, bool) if inside is None else inside.copy()
     where = f"rows {y0}-{y1}, columns {x0}-{x1}"
     with rasterio.Env():
@@ -488,7 +494,7 @@ def _warp_block(plan: _Plan, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
                 continue  # never opened: the scene misses this window
             warped = _warp_scene(scene, plan, t, shape, where)
             take = todo & np.isfinite(warped).all(axis=0)
-            out[:, take] = warped[:, take]
+            np.copyto(out, warped, where=take[None])
             todo &= ~take
     return _finish(out, plan)
 
@@ -497,7 +503,7 @@ def _finish(out: np.ndarray, plan: _Plan) -> np.ndarray:
     """Warped stored values as the output: physical (scaled) float32 or the input dtype, nodata filled."""
     if plan.scaled:
         for i, b in enumerate(plan.scenes[0].bands):
-            out[i] = out[i] * b.scale + b.offset
+            out[i] = out[i].astype(np.float64) * b.scale + b.offset
     missing = ~np.isfinite(out)
     dtype = np.dtype(plan.dtype)
     if np.issubdtype(dtype, np.integer):
@@ -567,7 +573,10 @@ def open_warped(
     crs = CRS.from_wkt(grid.crs_wkt)
     scenes = _scene_srcs(headers, grid, sceneset.band_names)
     dtype, nodata, scaled = _out_type([b for s in scenes for b in s.bands])
-    plan = _Plan(grid, scenes, method.name, dtype, nodata, scaled, aoi_geojson(aoi, crs))
+    # float32 holds every value of 8- and 16-bit integers and of float32 exactly; wider types need float64.
+    narrow = all(np.dtype(b.dtype).itemsize <= 2 or b.dtype == "float32" for s in scenes for b in s.bands)
+    work = "float32" if narrow else "float64"
+    plan = _Plan(grid, scenes, method.name, dtype, nodata, scaled, aoi_geojson(aoi, crs), work)
     data = _graph(plan, len(sceneset.band_names), chunk_size)
     t = Affine(*grid.transform)
     da = xr.DataArray(
