@@ -148,6 +148,7 @@ def test_train_predict_evaluate_a_forest(region: tuple[Path, Path], tmp_path: Pa
     }
     data = json.loads((pkg / "model.json").read_text())
     assert data["arch"] == "random_forest" and data["options"]["n_trees"] == 8
+    assert data["crs_units"] == "metre" and len(data["pixel_size"]) == 2  # forests too
     assert data["band_names"] == ["blue", "green", "red", "nir"]
     assert 0.0 <= data["metrics"]["miou"] <= 1.0
     record = data["training"]["history"][0]

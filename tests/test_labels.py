@@ -106,8 +106,8 @@ def test_field_selection_and_errors(tmp_path: Path) -> None:
     assert open_labels(path, field="CODE").field == "code"  # float but integral
     with pytest.raises(LabelsError, match="available fields: class, label, code, frac"):
         open_labels(path, field="kind")
-    with pytest.raises(LabelsError, match=r"'label'.*integer"):
-        open_labels(path, field="label")
+    # A text field: its distinct values, sorted, are the classes 1..N, named by the text.
+    assert open_labels(path, field="label").names == ("forest", "urban", "water")
     with pytest.raises(LabelsError, match="'frac'"):
         open_labels(path, field="frac")
 

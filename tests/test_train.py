@@ -5,6 +5,7 @@ import pytest
 from safetensors.torch import load_file
 
 from segpipe.errors import ArchitectureError, StoreError
+from segpipe.io.store import read_region_info
 from segpipe.models import load_model, read_spec
 from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.train import NetworkConfig, train, train_config
@@ -57,6 +58,9 @@ def test_every_architecture_trains_into_a_package(store, tmp_path, arch):
     assert len(data["mean"]) == 4 and all(s > 0 for s in data["std"])
     assert [c["value"] for c in data["classes"]] == [c.value for c in spec.classes]
     assert data["chip_size"] == 64
+    # the region's pixel size, recorded so predict can refuse imagery of another resolution
+    transform = read_region_info(store).transform
+    assert data["pixel_size"] == [abs(transform[0]), abs(transform[4])] and data["crs_units"] == "metre"
     assert data["training"]["history"][0]["epoch"] == 1
     net, loaded = load_model(pkg)
     assert loaded == read_spec(pkg)

@@ -3,8 +3,10 @@
 from segpipe.models.loading import load_verified, validate_package
 from segpipe.models.networks import ARCHITECTURES, ENCODERS, build_network, output_stride
 from segpipe.models.package import (
+    RESOLUTION_TOLERANCE,
     ModelSpec,
     check_bands,
+    check_resolution,
     load_model,
     model_hash,
     normalise,
@@ -14,10 +16,12 @@ from segpipe.models.package import (
 
 __all__ = [
     "ARCHITECTURES",
+    "RESOLUTION_TOLERANCE",
     "ENCODERS",
     "ModelSpec",
     "build_network",
     "check_bands",
+    "check_resolution",
     "load_model",
     "load_verified",
     "model_hash",

@@ -87,6 +87,8 @@ def _ensemble_spec(
         classes=first.classes,
         chip_size=max(s.chip_size for s in specs),
         nodata=first.nodata,
+        pixel_size=first.pixel_size,
+        crs_units=first.crs_units,
         options={"members": described},
         metrics={},
         training={"members": [

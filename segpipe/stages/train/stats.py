@@ -257,6 +257,7 @@ def package_spec(
     """
     from segpipe.io.store import open_region
     from segpipe.models import ModelSpec, output_stride
+    from segpipe.models.spec import grid_resolution
 
     fitted, note = cfg.fit_region(info.height, info.width)
     if note is not None:
@@ -269,6 +270,8 @@ def package_spec(
     check_statistics(mean, std, info.band_names, store)
     chip = fitted.chip_size if isinstance(fitted, NetworkConfig) else None
     chip_size = chip or DEFAULT_CHIP_SIZE
+    # Recorded so that predict refuses imagery of another pixel size (a 10 m model fails at 30 cm).
+    pixel_size, units = grid_resolution(info.crs_wkt, info.transform)
     return ModelSpec(
         arch=arch,
         encoder=encoder,
@@ -282,4 +285,6 @@ def package_spec(
         clip_low=None if clip is None else clip[0],
         clip_high=None if clip is None else clip[1],
         output_stride=output_stride(arch),
+        pixel_size=pixel_size,
+        crs_units=units,
     )
