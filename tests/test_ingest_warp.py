@@ -22,7 +22,7 @@ import segpipe.stages.ingest.driver as driver
 from segpipe.errors import InputError
 from segpipe.io.fingerprint import ingest_fingerprint
 from segpipe.io.mosaic import open_mosaic
-from segpipe.io.store import open_region, read_region_info
+from segpipe.io.store import open_region, read_region_info, valid_mask
 from segpipe.io.warp import open_warped, scenes_from_files, target_grid
 from segpipe.stages.ingest.driver import ingest
 from segpipe.types import Grid
@@ -154,6 +154,9 @@ def test_stac_with_aoi_and_options(stac: Path, tmp_path: Path) -> None:
     assert 0.2 < outside.mean() < 0.8
     image = open_region(tmp_path / "store")["image"].values
     assert np.isnan(image[:, outside]).all() and np.isfinite(image[:, ~outside]).any()
+    # The validity rule predict and train apply to the image leaves every pixel outside out.
+    valid = valid_mask(image, info.nodata)
+    assert not valid[outside].any() and valid[~outside].mean() > 0.5
     stored = zarr.open_group(str(tmp_path / "store"), mode="r")["labels"][...]
     assert (stored[outside] == 0).all() and (stored[~outside] > 0).any()
 
