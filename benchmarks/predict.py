@@ -202,8 +202,20 @@ def _peer_child(job: dict[str, Any]) -> dict[str, float]:
         np.save(job["out"], cls)
     else:  # naive_loop sets torch's threads to the usable cores itself
         seconds = naive_loop(Path(job["vrt"]), job["model"], job["tile"], job["batch"], Path(job["out"]))
-    # ru_maxrss is in KiB on Linux: the process's peak, imports and model included.
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "peak_rss_mb": own_peak_rss_mb()}
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (imports and model included).
+
+    VmHWM is the high-water mark of this process's own memory map: getrusage's
+    ru_maxrss is not, as Linux carries the parent's peak across fork and exec into it.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on most systems
 
 
 def run_peer(job: dict[str, Any]) -> dict[str, float]:

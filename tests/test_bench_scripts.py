@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import psutil
 import pytest
 import rasterio
 import torch
@@ -132,8 +133,14 @@ def test_peer_rows_without_monai_print_the_hint(
 ) -> None:
     store, tif = _region(tmp_path, stub_model_dir)
     monkeypatch.setattr(bench, "monai_available", lambda: False)
+    # 1 GiB more in this process: a peer's peak must be its own, not this process's
+    # (getrusage's ru_maxrss in a child carries its parent's peak across fork and exec).
+    ballast = np.ones(2**27)
     rows = bench.measure_peers(tif, str(store), str(stub_model_dir), tmp_path, (64, 16, 4, 1),
                                {"mpx_s": 1.0, "peak_rss_mb": 1.0})
     assert [r["method"] for r in rows] == ["segpipe", "naive"]
     assert capsys.readouterr().out.strip() == bench.MONAI_HINT
+    mine = psutil.Process().memory_info().rss / 2**20
+    assert 100 < rows[1]["peak_rss_mb"] < mine - 512, (rows[1], mine)
+    del ballast
     assert read_region_info(store).height == HEIGHT
