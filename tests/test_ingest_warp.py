@@ -172,3 +172,19 @@ def test_options_change_the_fingerprint_and_assets_need_stac(stac: Path, tmp_pat
     with pytest.raises(InputError, match="resampling 'bicubic' is unknown"):
         ingest([tile], tmp_path / "store", resolution=20.0, resampling="bicubic")
     assert not (tmp_path / "store").exists()
+
+
+def test_warped_image_without_valid_pixel_is_refused(tmp_path: Path) -> None:
+    paths = []
+    for name, crs, x in (("a.tif", "EPSG:32617", 772000.0), ("b.tif", "EPSG:32618", 226000.0)):
+        path = tmp_path / name
+        with rasterio.open(
+            path, "w", driver="GTiff", width=20, height=20, count=2, dtype="uint16", crs=crs,
+            transform=Affine(10, 0, x, 0, -10, 3880000.0), nodata=0,
+        ) as ds:  # fmt: skip
+            ds.write(np.zeros((2, 20, 20), np.uint16))
+        paths.append(path)
+    with pytest.raises(InputError, match="has no valid pixel"):
+        ingest(paths, tmp_path / "store", block_size=256)
+    assert not (tmp_path / "store").exists()
+    assert not list(tmp_path.glob(".store*"))

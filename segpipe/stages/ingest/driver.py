@@ -185,12 +185,12 @@ def _resolve_classes(classes: Sequence[ClassInfo] | str | Path | None) -> list[C
     return sorted(classes, key=lambda c: c.value) or None
 
 
-def _valid_mask(image: xr.DataArray, nodata: float | None) -> da.Array | None:
+def _valid_mask(image: xr.DataArray | da.Array, nodata: float | None) -> da.Array | None:
     """Pixels whose every band is valid (not nodata, finite), as the training statistics count them.
 
     None when every pixel is (integers without a nodata value).
     """
-    data = image.data
+    data = image.data if isinstance(image, xr.DataArray) else image
     valid: da.Array | None = da.isfinite(data).all(axis=0) if np.issubdtype(data.dtype, np.floating) else None
     if nodata is not None and not np.isnan(nodata):
         ok = (data != nodata).all(axis=0)
@@ -198,8 +198,13 @@ def _valid_mask(image: xr.DataArray, nodata: float | None) -> da.Array | None:
     return valid
 
 
-def _write_image(image: xr.DataArray, store: str, block_size: int, sources: str) -> None:
+def _write_image(
+    image: xr.DataArray, store: str, block_size: int, sources: str, reread: bool = False
+) -> None:
     """Stream the mosaic into ``store``'s ``image`` array, one dask task per shard.
+
+    ``reread`` counts the valid pixels from the written store rather than beside the
+    write (for images whose blocks cost more to make than to read back: warped ones).
 
     Raises:
         InputError: The mosaic has no valid pixel (counted in the same pass as the write).
@@ -232,8 +237,17 @@ def _write_image(image: xr.DataArray, store: str, block_size: int, sources: str)
     if valid is None:  # every pixel counts, and a mosaic has at least one
         _compute(write)
         return
-    # One graph: the count reuses the blocks the write reads, so the image is read once.
-    _, count = _compute(write, valid.sum())
+    if reread:
+        # Counted from the written store: computed beside the write, the count would warp
+        # every block a second time (dask fuses the source blocks into the write's tasks).
+        _compute(write)
+        stored = zarr.open_group(store, mode="r", storage_options=storage_options_for(store))["image"]
+        again = _valid_mask(da.from_zarr(stored, chunks=(nbands, block_size, block_size)), nodata)
+        assert again is not None  # same dtype and nodata as ``valid``
+        (count,) = _compute(again.sum())
+    else:
+        # One graph: the count reuses the blocks the write reads, so the image is read once.
+        _, count = _compute(write, valid.sum())
     if int(count) == 0:
         raise InputError(
             f"image {sources} has no valid pixel (every pixel is nodata {nodata} or NaN in some band): "
@@ -638,7 +652,7 @@ def _write_store(
         f"writing image: {grid.width} x {grid.height} px, {image.sizes['band']} bands, "
         f"{image.data.npartitions} blocks of {block_size} px"
     )
-    _write_image(image, tmp, block_size, ", ".join(_image_names(images)))
+    _write_image(image, tmp, block_size, ", ".join(_image_names(images)), reread=warp is not None)
     zarr.open_group(tmp, mode="r+", storage_options=storage_options_for(tmp)).attrs["segpipe"] = {
         "schema": STORE_SCHEMA,
         "block_size": block_size,
