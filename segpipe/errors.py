@@ -81,7 +81,7 @@ class PretrainedWeightsError(InputError):
 
 
 class StacError(InputError):
-    """A STAC Item, ItemCollection or catalogue is unusable: a missing or unreadable asset, mixed band sets."""
+    """A STAC Item, ItemCollection or catalogue is unusable: a missing asset, mixed band sets."""
 
 
 class ResolutionMismatchError(InputError):

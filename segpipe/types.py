@@ -14,6 +14,7 @@ from segpipe.errors import InputError, MissingInputError
 __all__ = [
     "ClassInfo",
     "Grid",
+    "class_flags",
     "classes_from_json",
     "classes_to_json",
     "default_colour",
@@ -75,6 +76,20 @@ class ClassInfo:
 def classes_to_json(classes: Sequence[ClassInfo]) -> list[dict[str, Any]]:
     """Serialise classes to plain dicts (for JSON files and Zarr attributes)."""
     return [{"value": c.value, "name": c.name, "colour": c.colour} for c in classes]
+
+
+def class_flags(classes: Sequence[ClassInfo]) -> dict[str, Any]:
+    """CF flag attributes of a class layer: values, meanings (one word each, as CF wants) and colours.
+
+    xarray, Panoply and other CF readers label the values with ``flag_meanings``.
+    """
+    words = (re.sub(r"[^0-9A-Za-z_]+", "_", c.name.strip()).strip("_") for c in classes)
+    meanings = [w or f"class_{c.value}" for w, c in zip(words, classes, strict=True)]
+    return {
+        "flag_values": [c.value for c in classes],
+        "flag_meanings": " ".join(meanings),
+        "flag_colors": " ".join(c.colour for c in classes),
+    }
 
 
 def classes_from_json(items: Iterable[dict[str, Any]]) -> list[ClassInfo]:

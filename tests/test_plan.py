@@ -14,7 +14,7 @@ from hypothesis.extra.numpy import arrays
 from segpipe.errors import InputError
 from segpipe.grid.box import Box
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, blocks_box, plan_jobs
-from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers, output_layers
+from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers, legacy_progress, output_layers
 
 SETTINGS = JobSettings(store="/s.zarr", model_dir="/m", model_hash="h", tile=64, overlap=16, batch_size=4)
 LAYOUT = ClusterLayout(4, False, (("a", 8, 2), ("b", 4, 2)))
@@ -109,10 +109,12 @@ def test_block_jobs_are_keyword_only_and_tokenize_by_their_fields() -> None:
 
 def test_output_layer_names() -> None:
     assert output_layers() == DEFAULT_LAYERS == OutputLayers("classes", "confidence", "probabilities",
-                                                            "progress_predict")
+                                                            "_progress/predict")
     assert DEFAULT_LAYERS.publishable and DEFAULT_LAYERS.staged().classes == "_predict/classes"
     rf = output_layers("classes_rf")
-    assert rf == ("classes_rf", "confidence_rf", "probabilities_rf", "progress_predict_rf")
+    assert rf == ("classes_rf", "confidence_rf", "probabilities_rf", "_progress/predict_rf")
+    assert legacy_progress(rf) == "progress_predict_rf"
+    assert legacy_progress(DEFAULT_LAYERS) == "progress_predict"
     assert not rf.publishable
     assert rf.data(False) == {"classes": "classes_rf", "confidence": "confidence_rf"}
     assert rf.data(True)["probabilities"] == "probabilities_rf"

@@ -314,14 +314,14 @@ def test_a_named_output_is_written_in_process_beside_the_default_layers(
     assert summary.valid_pixels == HEIGHT * WIDTH - (30 * 25 + 5 * WIDTH)
     np.testing.assert_array_equal(_read(store, "classes_rf"), before["classes"])
     np.testing.assert_array_equal(_read(store, "confidence_rf"), before["confidence"])
-    assert _read(store, "progress_predict_rf").all()
+    assert _read(store, "_progress/predict_rf").all()
     assert open_layer(store, "classes_rf").attrs["model_hash"] == model_hash(stub_model_dir)
     for name, arr in before.items():  # the default result is untouched
         np.testing.assert_array_equal(_read(store, name), arr)
     assert not (store / STAGING / "classes_rf").exists()  # written in place, never staged
     # It resumes in place like any result.
     assert pending_blocks(store, stub_model_dir, 64, 16, output="classes_rf") == (0, 12)
-    open_layer(store, "progress_predict_rf", mode="r+")[1, 2] = 0
+    open_layer(store, "_progress/predict_rf", mode="r+")[1, 2] = 0
     open_layer(store, "classes_rf", mode="r+")[64:128, 128:170] = 0
     assert pending_blocks(store, stub_model_dir, 64, 16, output="classes_rf") == (1, 12)
     resumed = predict(store, stub_model_dir, scheduler="threads", output="classes_rf", **SETTINGS)
@@ -333,7 +333,7 @@ def test_a_named_output_is_written_in_process_beside_the_default_layers(
     (store / "image" / "c" / "0" / "2" / "2").write_bytes(b"not a shard" * 10)
     with pytest.raises(Exception):  # noqa: B017  (the codec's own error, re-raised)
         predict(store, stub_model_dir, scheduler="synchronous", output="classes_rf", force=True, **SETTINGS)
-    assert _read(store, "progress_predict_rf")[2, 2] == 0
+    assert _read(store, "_progress/predict_rf")[2, 2] == 0
 
 
 def test_get_client_connects_without_closing_the_cluster(

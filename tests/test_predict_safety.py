@@ -230,7 +230,7 @@ def test_a_crash_while_publishing_is_repaired_by_the_next_run(
         calls.append(name)
         if len(calls) - 1 == crash_at:
             local = Path(store)
-            (local / STAGING / "replaced").mkdir(exist_ok=True)
+            (local / STAGING / "replaced" / name).parent.mkdir(parents=True, exist_ok=True)
             (local / name).rename(local / STAGING / "replaced" / name)  # the old one moved aside...
             raise SystemExit("killed")  # ...and the process dies before the new one moves in
         real(store, name)

@@ -1,12 +1,13 @@
 """Prediction runs in a region store: staging layers, their promotion, and the run lock.
 
 A new predict run never writes over the store's published layers (``classes``,
-``confidence``, ``probabilities``, ``progress_predict``). It writes the same layers
+``confidence``, ``probabilities``, and the markers ``_progress/predict``: bookkeeping in a
+subgroup, so xarray does not list it as a data variable). It writes the same layers
 in the hidden ``_predict`` subgroup (xarray ignores subgroups), and only when every
 block is marked finished are they promoted to the root names. On a local store the
 arrays' folders are renamed (the old one moved aside into ``_predict/replaced`` first,
 deleted after); on object storage the objects are copied, each array's ``zarr.json``
-last. The staging ``progress_predict`` moves last, so while it is still in staging and
+last. The staging markers move last, so while it is still in staging and
 complete, a promotion is known to be under way: :func:`finish_promotion` rolls it
 forward after a crash. At every moment the store holds the old complete result or the
 new complete one (during a promotion's two renames of one layer, the next run repairs).
@@ -42,6 +43,7 @@ from segpipe.io.store import store_location
 __all__ = [
     "DATA_LAYERS",
     "HEARTBEAT_SECONDS",
+    "LEGACY_PROGRESS",
     "PROGRESS_LAYER",
     "STAGING",
     "STALE_SECONDS",
@@ -57,7 +59,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGING = "_predict"
-PROGRESS_LAYER = "progress_predict"
+PROGRESS_LAYER = "_progress/predict"
+# Where stores of segpipe before 0.2 kept the markers, at the root (a data variable to xarray).
+LEGACY_PROGRESS = "progress_predict"
 DATA_LAYERS = ("classes", "confidence", "probabilities")
 _REPLACED = f"{STAGING}/replaced"
 _LOCK = f"{STAGING}/lock"
@@ -321,16 +325,25 @@ def _swap_in(store: str, name: str) -> None:
     """Publish the staging array ``name``: the old one moved aside, then the new one moved in."""
     local = _local(store)
     if local is None:
+        _ensure_parents(store, name)
         _copy_remote(store, staged(name), name)
         return
     src, dst = local / staged(name), local / name
+    _ensure_parents(store, name)
     if dst.exists():
-        _ensure_group(store, _REPLACED)
+        _ensure_parents(store, f"{_REPLACED}/{name}")
         aside = local / _REPLACED / name
         if aside.exists():
             shutil.rmtree(aside)
         dst.rename(aside)
     src.rename(dst)
+
+
+def _ensure_parents(store: str, name: str) -> None:
+    """The groups above array ``name`` (``_progress`` for ``_progress/predict``)."""
+    parts = name.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        _ensure_group(store, "/".join(parts[:i]))
 
 
 def _set_aside(store: str, name: str) -> None:
@@ -373,6 +386,7 @@ def promote(store: str | Path, key: dict[str, Any]) -> None:
             _set_aside(s, name)
     if _exists(s, f"{staged(PROGRESS_LAYER)}/zarr.json"):
         _swap_in(s, PROGRESS_LAYER)
+    _remove(s, LEGACY_PROGRESS)  # an older segpipe's markers, of the result just replaced
     _remove(s, _REPLACED)
     log.info("published the new predictions of %s", s)
 
@@ -385,7 +399,7 @@ def has_staged_progress(store: str | Path) -> bool:
 def finish_promotion(store: str | Path) -> bool:
     """Finish a promotion a crash cut short (or one never begun after the last block).
 
-    A complete staging ``progress_predict`` means every staged block is finished:
+    Complete staging markers mean every staged block is finished:
     the staged result is the newest complete one, so it is published. Call it while
     holding the store's lock.
 

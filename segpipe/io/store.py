@@ -34,7 +34,7 @@ from affine import Affine
 
 from segpipe.errors import MissingInputError, MissingLayerError, SegpipeError, StoreError
 from segpipe.io.remote import as_url, is_remote, remote_errors, storage_options_for
-from segpipe.types import ClassInfo, Grid, classes_from_json, classes_to_json
+from segpipe.types import ClassInfo, Grid, class_flags, classes_from_json, classes_to_json
 
 __all__ = [
     "INNER_CHUNK",
@@ -42,6 +42,7 @@ __all__ = [
     "STORE_SCHEMA",
     "RegionInfo",
     "create_layer",
+    "store_group",
     "has_layer",
     "open_layer",
     "open_region",
@@ -128,7 +129,16 @@ def _intact(store: str | Path, what: str = "") -> Iterator[None]:
         ) from exc
 
 
-def _group(store: str | Path, mode: str = "r") -> zarr.Group:
+def store_group(store: str | Path, mode: str = "r") -> zarr.Group:
+    """The store's root group, read from its own metadata (never from consolidated metadata).
+
+    Consolidated metadata is written for readers outside segpipe at the end of each stage
+    (:mod:`segpipe.io.outside`); segpipe itself always reads what is there now.
+
+    Raises:
+        MissingInputError: The store does not exist.
+        StoreError: The folder is not a region store.
+    """
     path = store_location(store)
     if not is_remote(path) and "://" not in path:
         local = Path(path)
@@ -146,7 +156,9 @@ def _group(store: str | Path, mode: str = "r") -> zarr.Group:
     )
     with remote_errors(path, "region store", f"{missing}: run 'segpipe ingest' first"), _intact(path):
         try:
-            group = zarr.open_group(path, mode=mode, storage_options=storage_options_for(path))  # type: ignore[arg-type]
+            group = zarr.open_group(
+                path, mode=mode, storage_options=storage_options_for(path), use_consolidated=False,  # type: ignore[arg-type]
+            )
         except zarr.errors.GroupNotFoundError as exc:
             if not is_remote(path):
                 raise
@@ -175,7 +187,7 @@ def read_region_info(store: str | Path) -> RegionInfo:
         StoreError: The store has no ``image`` layer or no segpipe metadata, or its
             metadata is cut, garbage or incomplete (damaged).
     """
-    group = _group(store)
+    group = store_group(store)
     with _intact(store):
         meta = group.attrs.get("segpipe")
         if not isinstance(meta, dict) or "image" not in group:
@@ -213,10 +225,12 @@ def read_region_info(store: str | Path) -> RegionInfo:
 
 def set_region_classes(store: str | Path, classes: Sequence[ClassInfo]) -> None:
     """Record the region's classes in the store metadata."""
-    group = _group(store, mode="r+")
+    group = store_group(store, mode="r+")
     meta = dict(group.attrs["segpipe"])  # type: ignore[arg-type]
     meta["classes"] = classes_to_json(classes)
     group.attrs["segpipe"] = meta
+    if "labels" in group:
+        group["labels"].attrs.update(class_flags(classes))
 
 
 def open_region(store: str | Path) -> xr.Dataset:
@@ -227,7 +241,7 @@ def open_region(store: str | Path) -> xr.Dataset:
     ``ds.image.rio.nodata`` work. Values are raw (no masking), as predict reads them:
     nodata stays in the ``_FillValue`` attribute. ``labels``, ``classes``,
     ``confidence`` and ``probabilities`` appear when the store holds them; predict's
-    bookkeeping (the ``progress_*`` markers and the hidden ``_predict`` group of a run
+    bookkeeping (the ``_progress`` markers and the hidden ``_predict`` group of a run
     in progress) does not.
 
     Args:
@@ -253,7 +267,8 @@ def open_region(store: str | Path) -> xr.Dataset:
             mask_and_scale=False,
             chunks=chunks,
         )
-    # Child groups (``_predict``) are never read as variables; markers are layers of the root.
+    # Child groups (``_predict``, ``_progress``) are never read as variables; an older
+    # segpipe kept its markers at the root (``progress_predict``).
     hidden = [name for name in ds.variables if str(name).startswith("progress_")]
     return ds.drop_vars(hidden)
 
@@ -286,7 +301,7 @@ def create_layer(
         The created zarr array.
     """
     info = read_region_info(store)
-    group = _group(store, mode="r+")
+    group = store_group(store, mode="r+")
     if name in group and not overwrite:
         existing = group[name]
         assert isinstance(existing, zarr.Array)
@@ -324,7 +339,7 @@ def open_layer(store: str | Path, name: str, mode: str = "r", missing: str = "")
         MissingLayerError: The layer does not exist.
         StoreError: Its metadata is damaged.
     """
-    group = _group(store, mode="r+" if mode != "r" else "r")
+    group = store_group(store, mode="r+" if mode != "r" else "r")
     with _intact(store, f"layer '{name}' of "):
         if name not in group:
             fix = f": {missing}" if missing else ""

@@ -32,6 +32,7 @@ import numpy as np
 from segpipe.errors import InputError, StoreBusyError
 from segpipe.grid.plan import plan_superblocks
 from segpipe.grid.tiling import check_blend, grown, window_count
+from segpipe.io.outside import publish_metadata
 from segpipe.io.remote import is_remote
 from segpipe.io.runs import PROGRESS_LAYER, acquire_lock, finish_promotion, has_staged_progress
 from segpipe.io.store import RegionInfo, read_region_info
@@ -469,6 +470,7 @@ def predict(
             run = _run_tasks(executor, inputs, layers, done, max_task_pixels, progress)
         if layers != inputs.layers:
             publish(inputs.store, inputs.info.blocks, inputs.key, inputs.probabilities, lock)
+    publish_metadata(inputs.store)  # what xr.open_zarr sees: the layers as they are now
     return _summary(inputs, done, run, time.perf_counter() - t0)
 
 

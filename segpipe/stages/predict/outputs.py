@@ -1,10 +1,10 @@
 """The layers a predict run writes: their names, for the default output and for a named one.
 
 Plain ``segpipe predict`` writes ``classes``, ``confidence``, optionally ``probabilities``
-and its markers ``progress_predict``. A run given another output name, ``classes_<name>``,
-writes ``classes_<name>``, ``confidence_<name>``, ``probabilities_<name>`` and
-``progress_predict_<name>`` beside them (the random-forest baseline's ``classes_rf``), so
-the network's layers stay untouched.
+and its markers ``_progress/predict`` (in a subgroup: bookkeeping, not a data variable). A
+run given another output name, ``classes_<name>``, writes ``classes_<name>``,
+``confidence_<name>``, ``probabilities_<name>`` and ``_progress/predict_<name>`` beside
+them (the random-forest baseline's ``classes_rf``), so the network's layers stay untouched.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import re
 from typing import NamedTuple
 
 from segpipe.errors import InputError
-from segpipe.io.runs import PROGRESS_LAYER, staged
+from segpipe.io.runs import LEGACY_PROGRESS, PROGRESS_LAYER, staged
 
-__all__ = ["DEFAULT_LAYERS", "DEFAULT_OUTPUT", "OutputLayers", "output_layers"]
+__all__ = ["DEFAULT_LAYERS", "DEFAULT_OUTPUT", "OutputLayers", "legacy_progress", "output_layers"]
 
 DEFAULT_OUTPUT = "classes"
 _NAMED = re.compile(rf"{DEFAULT_OUTPUT}_([A-Za-z0-9][A-Za-z0-9_]*)")
@@ -79,3 +79,8 @@ def output_layers(output: str = DEFAULT_OUTPUT) -> OutputLayers:
         )
     suffix = f"_{match.group(1)}"
     return OutputLayers(output, f"confidence{suffix}", f"probabilities{suffix}", f"{PROGRESS_LAYER}{suffix}")
+
+
+def legacy_progress(layers: OutputLayers) -> str:
+    """Where an older segpipe kept these layers' markers (``progress_predict[_<name>]``, at the root)."""
+    return layers.progress.replace(PROGRESS_LAYER, LEGACY_PROGRESS, 1)

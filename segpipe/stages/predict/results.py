@@ -15,8 +15,8 @@ import zarr
 from segpipe.errors import StoreBusyError, StoreError
 from segpipe.io.runs import RunLock, promote
 from segpipe.io.store import NODATA_U8, create_layer, has_layer, open_layer
-from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers
-from segpipe.types import classes_to_json
+from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers, legacy_progress
+from segpipe.types import class_flags, classes_to_json
 
 if TYPE_CHECKING:
     from segpipe.models import ModelSpec
@@ -83,13 +83,16 @@ def prepare_layers(
             return markers
     # Progress is cleared before outputs are replaced, so a crash in between never
     # leaves "done" markers over empty outputs.
-    zarr.open_group(store, mode="r+").create_array(
+    group = zarr.open_group(store, mode="r+")
+    if legacy_progress(layers) in group:  # an older segpipe's markers, for the result now replaced
+        del group[legacy_progress(layers)]
+    group.create_array(
         layers.progress, shape=blocks, dtype="uint8", chunks=(1, 1), fill_value=0,
         dimension_names=["block_y", "block_x"], attributes=key, overwrite=True,
     )
     classes_json = classes_to_json(spec.classes)
     made = {**key, "model": model} if model is not None else key
-    classes_attrs = {**made, "long_name": "class", "classes": classes_json}
+    classes_attrs = {**made, "long_name": "class", "classes": classes_json, **class_flags(spec.classes)}
     create_layer(store, layers.classes, "uint8", NODATA_U8, attributes=classes_attrs, overwrite=True)
     conf_attrs = {**made, "long_name": "confidence", "units": "percent"}
     create_layer(store, layers.confidence, "uint8", NODATA_U8, attributes=conf_attrs, overwrite=True)
