@@ -132,13 +132,19 @@ def ingest_fingerprint(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def store_inputs(store: str | Path) -> str | None:
-    """The inputs fingerprint recorded by ingest, or None (no store, or none recorded)."""
+def _root(store: str | Path) -> Any:
+    """The store's root group as it is now (never its consolidated snapshot)."""
     import zarr
 
+    location = as_url(store) if is_remote(store) else str(store)
+    options = storage_options_for(location)
+    return zarr.open_group(location, mode="r", storage_options=options, use_consolidated=False)
+
+
+def store_inputs(store: str | Path) -> str | None:
+    """The inputs fingerprint recorded by ingest, or None (no store, or none recorded)."""
     try:
-        location = as_url(store) if is_remote(store) else str(store)
-        group = zarr.open_group(location, mode="r", storage_options=storage_options_for(location))
+        group = _root(store)
         meta: Any = group.attrs.get("segpipe")
     except Exception:  # no store there, or not a zarr group: nothing recorded
         return None
@@ -154,14 +160,11 @@ def layer_fingerprint(store: str | Path, layer: str) -> str | None:
     whether they are up to date. None when the store records no inputs or the layer
     does not exist.
     """
-    import zarr
-
     inputs = store_inputs(store)
     if inputs is None:
         return None
     try:
-        location = as_url(store) if is_remote(store) else str(store)
-        group = zarr.open_group(location, mode="r", storage_options=storage_options_for(location))
+        group = _root(store)
         attrs = dict(group[layer].attrs)
     except Exception:  # no such layer: nothing to fingerprint
         return None
