@@ -144,3 +144,21 @@ def test_peer_rows_without_monai_print_the_hint(
     assert 100 < rows[1]["peak_rss_mb"] < mine - 512, (rows[1], mine)
     del ballast
     assert read_region_info(store).height == HEIGHT
+
+
+def test_gpu_check_table_names_every_figure(gpu_check: ModuleType) -> None:
+    # A result shaped as main() builds it: a KeyError here would cost a GPU run its printout.
+    forward = {"windows": 16, "forward_window_mpx_s": 10.0, "forward_s": 0.1, "worker_half": "bf16",
+               "precision": {p: {"window_mpx_s": 9.0, "agreement": 0.99, "max_probability_gap": 0.01}
+                             for p in gpu_check.PRECISIONS}}
+    result = {
+        "device": "1 x Some GPU", "train": {"seconds": 12.0, "metrics": {"valid_miou": 0.5}},
+        "predict": {"cluster": "1 workers", "cluster_start_s": 3.0, "seconds": [1.0, 1.1], "tasks": 4},
+        "forward": forward, "efficiency": gpu_check.efficiency(128 * 128, 1.0, forward, 64, 1),
+        "pytest_gpu": {"rc": 0, "summary": "1 passed"},
+    }
+    lines = gpu_check.table(result)
+    assert lines[0] == "device | 1 x Some GPU"
+    assert [ln.split(" |")[0] for ln in lines[-4:]] == ["fp32 vs fp32", "bf16 vs fp32", "fp16 vs fp32",
+                                                        "pytest -m gpu"]
+    assert lines[5] == "ideal / efficiency | 2.5 Mpx/s / 0.007"  # 0.016 Mpx/s end to end over 10 / 4
