@@ -44,6 +44,7 @@ from segpipe.errors import (
     StoreError,
     TileMismatchError,
     TransientError,
+    VectorFormatError,
 )
 from segpipe.types import ClassInfo
 
@@ -115,6 +116,7 @@ __all__ = [
     "TileMismatchError",
     "TrainResult",
     "TransientError",
+    "VectorFormatError",
     "__version__",
     "classify",
     "evaluate",

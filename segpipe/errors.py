@@ -40,6 +40,7 @@ __all__ = [
     "StorageError",
     "TileMismatchError",
     "TransientError",
+    "VectorFormatError",
     "exit_code",
 ]
 
@@ -86,6 +87,10 @@ class StacError(InputError):
 
 class ResolutionMismatchError(InputError):
     """The image's pixel size differs from the one the model was trained at by more than allowed."""
+
+
+class VectorFormatError(InputError):
+    """A vector destination segpipe cannot write: an extension other than .gpkg or .parquet."""
 
 
 class StoreError(InputError):

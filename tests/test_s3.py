@@ -202,6 +202,11 @@ def test_predict_export_evaluate_on_s3(s3: str, region, client, stub_model_dir: 
         "classes.tif",
         "classes.tif.aux.xml",
     ]
+    # Another layer over the same name: the earlier legend goes (GDAL would lend it its class names).
+    write_cog(store, f"{s3}/exports/classes.tif", layer="confidence", overwrite=True)
+    assert sorted(k.rsplit("/", 1)[-1] for k in filesystem().ls(f"{s3}/exports", refresh=True)) == [
+        "classes.stac.json", "classes.tif"]
+    write_cog(store, cog, overwrite=True)  # the class COG back, with its legend, for what follows
 
     reference = _url(s3, region, region.truth)
     report = f"{s3}/reports/store"

@@ -48,6 +48,7 @@ from segpipe.errors import InputError, SegpipeError, StorageError
 from segpipe.io.remote import (
     as_url,
     check_bucket,
+    filesystem,
     is_remote,
     remote_exists,
     storage_errors,
@@ -59,7 +60,14 @@ from segpipe.io.store import RegionInfo, read_region_info, same_nodata
 from segpipe.stages.export.band_stats import band_statistics
 from segpipe.stages.export.geotiff import WINDOW, write_geotiff_layer
 from segpipe.stages.export.layers import ExportLayer, band_colormap, classes_from_tags, describe_layer
-from segpipe.stages.export.legend import PixelCounts, aux_xml_path, qml_path, write_legend, written_by_segpipe
+from segpipe.stages.export.legend import (
+    PixelCounts,
+    aux_xml_path,
+    is_segpipe_style,
+    qml_path,
+    write_legend,
+    written_by_segpipe,
+)
 from segpipe.stages.export.lineage import read_lineage
 from segpipe.stages.export.stac import file_fields, stac_bands, stac_item, stac_item_path, stac_json
 
@@ -310,10 +318,28 @@ def _write_remote_cog(
         local = Path(write_cog(store, Path(tmp) / url_name(url), layer, True, compress, stac))
         upload(local, url)
         for sidecar in (aux_xml_path(local), qml_path(local)):
+            remote = f"{url_parent(url)}/{sidecar.name}"
             if sidecar.exists():  # GDAL finds the sidecar beside the COG in the bucket too
-                upload(sidecar, f"{url_parent(url)}/{sidecar.name}")
+                upload(sidecar, remote)
+            else:
+                _drop_stale_sidecar(remote)
         if stac:
             # After the COG: an Item never points at a COG that is not there yet.
             item = stac_item_path(local)
             upload(item, f"{url_parent(url)}/{item.name}")
     return url
+
+
+def _drop_stale_sidecar(url: str) -> None:
+    """Remove an earlier export's sidecar that the new COG does not have, as :func:`_publish` does locally.
+
+    GDAL would lend an old ``.aux.xml``'s names, counts and statistics to the new raster;
+    a ``.qml`` goes only if segpipe wrote it (a user's own style stays).
+    """
+    if not remote_exists(url):
+        return
+    fs = filesystem()
+    head = fs.cat_file(url, start=0, end=400).decode(errors="replace")
+    if url.endswith(".qml") and not is_segpipe_style(head):
+        return
+    fs.rm(url)

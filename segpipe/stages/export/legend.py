@@ -32,6 +32,7 @@ __all__ = [
     "legend_files",
     "qgis_style",
     "qml_path",
+    "is_segpipe_style",
     "write_legend",
     "written_by_segpipe",
 ]
@@ -153,9 +154,14 @@ def _hex(rgb: tuple[int, int, int]) -> str:
 def written_by_segpipe(style: Path) -> bool:
     """Whether the style file ``style`` is one segpipe wrote (a user's own style is never replaced)."""
     try:
-        return _QML_MARK in style.read_text(errors="replace")[:400]
+        return is_segpipe_style(style.read_text(errors="replace"))
     except OSError:
         return False
+
+
+def is_segpipe_style(text: str) -> bool:
+    """Whether a style's text (its first 400 characters suffice) is one segpipe wrote."""
+    return _QML_MARK in text[:400]
 
 
 def write_legend(aux: Path, qml: Path, classes: Sequence[ClassInfo], counts: PixelCounts) -> None:

@@ -37,7 +37,7 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from segpipe.errors import InputError
+from segpipe.errors import InputError, VectorFormatError
 from segpipe.grid.box import Box, iter_boxes
 from segpipe.io.remote import is_remote, storage_errors
 from segpipe.io.store import RegionInfo, has_layer, open_layer, read_region_info
@@ -62,10 +62,6 @@ LAYER_NAME = "classes"
 VECTOR_FORMATS = {".gpkg": "GPKG", ".parquet": "GeoParquet"}
 
 T = TypeVar("T")
-
-
-class VectorFormatError(InputError):
-    """A vector destination segpipe cannot write: unknown extension, or no driver for it here."""
 
 
 def vector_driver(out: str | Path) -> str:
