@@ -296,6 +296,7 @@ def predict(
     probabilities: bool = False,
     task_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_resolution_mismatch: bool = False,
 ) -> PredictSummary:
     """Classify every pixel of the store on a dask cluster (``segpipe predict``).
 
@@ -317,13 +318,15 @@ def predict(
         probabilities: Also write the per-class probabilities layer.
         task_size: Largest task edge in pixels (whole blocks); default 2048.
         progress: Called as ``progress(done, total)`` in blocks.
+        allow_resolution_mismatch: Predict even where the image's pixel size differs by more
+            than 25 % from the training pixel size the package records.
 
     Returns:
         What the run did.
 
     Raises:
         SegpipeError: As :func:`segpipe.stages.predict.predict` (an invalid package, bands
-            that differ, bad settings, a store held by another run).
+            or pixel size that differ, bad settings, a store held by another run).
     """
     from segpipe.stages.predict.driver import MAX_TASK_PIXELS
     from segpipe.stages.predict.driver import predict as run
@@ -331,7 +334,7 @@ def predict(
     return run(store, model, tile_size=tile_size, overlap=overlap, batch_size=batch_size, client=client,
                force=force, progress=progress, blend=blend, tta=tta, probabilities=probabilities,
                max_task_pixels=MAX_TASK_PIXELS if task_size is None else task_size * task_size,
-               scheduler=scheduler)
+               scheduler=scheduler, allow_resolution_mismatch=allow_resolution_mismatch)
 
 
 def export(

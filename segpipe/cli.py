@@ -553,6 +553,10 @@ def predict(
         bool, typer.Option(help="Also write the per-class probabilities layer (class, y, x), uint8 %.")
     ] = False,
     task_size: Annotated[int, typer.Option(help="Largest task edge in pixels (whole blocks).")] = 2048,
+    allow_resolution_mismatch: Annotated[
+        bool, typer.Option(help="Predict even where the image's pixel size differs by more than 25 % "
+                           "from the one the model was trained at.")
+    ] = False,
 ) -> None:
     """Classify every pixel of the store, block by block on a Dask cluster, blending overlapping windows."""
     from segpipe.stages.predict.driver import predict as run
@@ -575,6 +579,7 @@ def predict(
             tta=tta,
             probabilities=probabilities,
             max_task_pixels=task_size * task_size,
+            allow_resolution_mismatch=allow_resolution_mismatch,
         )
     console.print(
         f"predicted {summary.blocks_done} blocks ({summary.blocks_skipped} already done) "

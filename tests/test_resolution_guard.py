@@ -127,3 +127,17 @@ def test_compared_in_metres_across_units(tmp_path: Path, package_10m: Path) -> N
     with pytest.raises(ResolutionMismatchError, match=r"in metre .* in degree .*cannot be compared.*--crs"):
         check_predict_inputs(store, package_10m)
     check_predict_inputs(store, package_10m, allow_resolution_mismatch=True)
+
+
+def test_the_cli_refuses_in_one_line_and_the_option_overrides(tmp_path: Path, package_10m: Path) -> None:
+    from test_cli_errors import error_lines, run
+
+    store = region(tmp_path, "coarse", 13.0)
+    refused = run("predict", store, "--model", package_10m, "--scheduler", "synchronous")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (line,) = error_lines(refused.stderr)
+    assert "13 x 13 m" in line and "--allow-resolution-mismatch" in line
+    args = ("predict", store, "--model", package_10m, "--scheduler", "synchronous")
+    done = run(*args, "--allow-resolution-mismatch")
+    assert done.returncode == 0, done.stderr
+    assert "classes" in zarr.open_group(store)
