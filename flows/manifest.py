@@ -21,7 +21,7 @@ from segpipe.stages.train.config_file import read_mapping
 
 __all__ = ["Manifest", "read_manifest", "read_region"]
 
-_PATH_FIELDS = ("store", "labels", "classes", "model", "export_dir", "reference", "report_dir")
+_PATH_FIELDS = ("store", "labels", "classes", "model", "export_dir", "reference", "report_dir", "aoi")
 
 
 class Manifest(BaseModel):

@@ -41,6 +41,15 @@ class RegionRun(BaseModel):
         store: Region store (Zarr) to write.
         labels: Label raster or polygons for training (0 = unlabelled).
         label_field: Class field of label polygons.
+        label_layer: Layer of a multi-layer vector labels file (default: a class per layer).
+        background_value: Label value meaning background, not unlabelled.
+        crs: Target CRS of a warped ingest (see ``segpipe ingest --crs``).
+        resolution: Target pixel size of a warped ingest.
+        bounds: Target extent (left, bottom, right, top) in the target CRS.
+        aoi: Area of interest (a vector file): pixels outside it become nodata.
+        resampling: GDAL resampling of imagery onto the grid.
+        order: Where scenes overlap: ``given``, ``latest`` or ``least-cloudy``.
+        assets: STAC asset keys to stack as bands, in order (STAC inputs only).
         classes: classes.json with class names and colours.
         block_size: Block (shard) edge of the store in pixels.
         model: Model package directory: written when ``train`` is set, else read.
@@ -48,6 +57,8 @@ class RegionRun(BaseModel):
             default, or ``random_forest``); None to use an existing model package.
         tile_size: Prediction window edge (default: from the model).
         overlap: Prediction window overlap (default: a quarter of the window).
+        allow_resolution_mismatch: Predict even where the pixel size differs by more than
+            25 % from the model's.
         scheduler: Dask scheduler address (``tcp://host:8786``) for prediction, and for
             every stage with ``task_runner: dask``; None: the ``SEGPIPE_SCHEDULER``
             environment variable, else a local cluster started for the run.
@@ -67,12 +78,22 @@ class RegionRun(BaseModel):
     store: str
     labels: str | None = None
     label_field: str | None = None
+    label_layer: str | None = None
+    background_value: int | None = None
     classes: str | None = None
     block_size: int = 1024
+    crs: str | None = None
+    resolution: float | None = None
+    bounds: tuple[float, float, float, float] | None = None
+    aoi: str | None = None
+    resampling: str = "bilinear"
+    order: Literal["given", "latest", "least-cloudy"] = "given"
+    assets: list[str] | None = None
     model: str
     train: TrainConfigField | None = Field(default_factory=NetworkConfig)
     tile_size: int | None = None
     overlap: int | None = None
+    allow_resolution_mismatch: bool = False
     scheduler: str | None = None
     task_runner: TaskRunnerName = "local"
     exports: list[Literal["classes", "confidence"]] = ["classes", "confidence"]
@@ -120,13 +141,15 @@ def process_region(run: RegionRun) -> dict[str, Any]:
     stages: list[dict[str, Any]] = []
     stages.append(
         ingest_stage.submit(
-            run.images, run.store, run.labels, run.label_field, run.classes, run.block_size
+            run.images, run.store, run.labels, run.label_field, run.classes, run.block_size,
+            _ingest_options(run),
         ).result()
     )
     if run.train is not None:
         stages.append(train_stage.submit(run.store, run.model, run.train).result())
     stages.append(
-        predict_stage.submit(run.store, run.model, run.tile_size, run.overlap, run.scheduler).result()
+        predict_stage.submit(run.store, run.model, run.tile_size, run.overlap, run.scheduler,
+                             run.allow_resolution_mismatch).result()
     )
     tail = _submit_readers(run)
     wait(tail)  # every parallel stage ends before the first failure is raised
@@ -134,6 +157,13 @@ def process_region(run: RegionRun) -> dict[str, Any]:
     result: dict[str, Any] = {"stages": stages, **_mious(stages), "seconds": time.perf_counter() - t0}
     _log_stages(stages, name, result["seconds"])
     return result
+
+
+def _ingest_options(run: RegionRun) -> dict[str, Any]:
+    """The ingest settings beyond the inputs (grid, warp, labels), as ``segpipe.stages.ingest`` names them."""
+    return {"crs": run.crs, "resolution": run.resolution, "bounds": run.bounds, "aoi": run.aoi,
+            "resampling": run.resampling, "order": run.order, "assets": run.assets,
+            "label_layer": run.label_layer, "background_value": run.background_value}
 
 
 def _submit_readers(run: RegionRun) -> list[PrefectFuture[dict[str, Any]]]:

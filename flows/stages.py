@@ -24,18 +24,21 @@ def ingest_flow(
     label_field: str | None = None,
     classes: str | None = None,
     block_size: int = 1024,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build a region store from image tiles and optional labels.
+    """Build a region store from image tiles, a VRT or STAC scenes, and optional labels.
 
     Args:
-        images: GeoTIFFs, a VRT or a folder of GeoTIFFs.
+        images: GeoTIFFs, a VRT, a folder of GeoTIFFs, or a STAC document.
         store: Region store (Zarr) to write.
         labels: Label raster or polygons (0 = unlabelled).
         label_field: Class field of label polygons.
         classes: classes.json with class names and colours.
         block_size: Block (shard) edge in pixels.
+        options: Further ingest settings by name (``crs``, ``resolution``, ``bounds``,
+            ``aoi``, ``resampling``, ``order``, ``assets``, ``label_layer``, ``background_value``).
     """
-    return ingest_stage(images, store, labels, label_field, classes, block_size)
+    return ingest_stage(images, store, labels, label_field, classes, block_size, options)
 
 
 @flow(name="train")
@@ -57,6 +60,7 @@ def predict_flow(
     tile_size: int | None = None,
     overlap: int | None = None,
     scheduler: str | None = None,
+    allow_resolution_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Classify every pixel of a store on a Dask cluster.
 
@@ -66,8 +70,10 @@ def predict_flow(
         tile_size: Window edge (default: from the model).
         overlap: Window overlap (default: a quarter of the window).
         scheduler: Dask scheduler address; None starts a local cluster.
+        allow_resolution_mismatch: Predict even where the pixel size differs by more than
+            25 % from the model's.
     """
-    return predict_stage(store, model, tile_size, overlap, scheduler)
+    return predict_stage(store, model, tile_size, overlap, scheduler, allow_resolution_mismatch)
 
 
 @flow(name="export")

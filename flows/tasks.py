@@ -96,14 +96,26 @@ def ingest_stage(
     label_field: str | None,
     classes: str | None,
     block_size: int,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build the region store, unless it was already built from the same inputs."""
-    from segpipe.io.fingerprint import ingest_fingerprint, store_inputs
+    """Build the region store, unless it was already built from the same inputs and settings.
+
+    ``options`` are :func:`segpipe.stages.ingest.ingest`'s further keywords (grid, warp,
+    label layer and background value).
+    """
+    from segpipe.io.fingerprint import store_inputs
     from segpipe.stages.ingest.driver import ingest
+    from segpipe.stages.ingest.plan import GridRequest, LabelRequest, plan_warp, store_fingerprint
 
     log = get_run_logger()
     started = time.perf_counter()
-    if store_inputs(store) == ingest_fingerprint(images, labels, label_field, classes, block_size):
+    opts = dict(options or {})
+    request = GridRequest(opts.get("crs"), opts.get("resolution"), opts.get("bounds"), opts.get("aoi"),
+                          opts.get("resampling", "bilinear"), opts.get("order", "given"),
+                          tuple(opts.get("assets") or ()))
+    wanted = LabelRequest(labels, label_field, opts.get("label_layer"), opts.get("background_value"))
+    made_from = store_fingerprint(images, wanted, classes, block_size, request, plan_warp(images, request))
+    if store_inputs(store) == made_from:
         log.info("ingest: %s is up to date with its inputs; skipped", store)
         return _skipped("ingest", started, output=store)
     with release_worker_thread():
@@ -116,6 +128,7 @@ def ingest_stage(
             block_size=block_size,
             overwrite=True,
             progress=log.info,
+            **opts,
         )
     return _record("ingest", started, info.height * info.width, output=store)
 
@@ -191,7 +204,8 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
 
 @task(name="predict", retries=2, retry_condition_fn=_retry_transient)
 def predict_stage(
-    store: str, model: str, tile_size: int | None, overlap: int | None, scheduler: str | None
+    store: str, model: str, tile_size: int | None, overlap: int | None, scheduler: str | None,
+    allow_resolution_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Classify every pixel on a Dask cluster (local by default), unless every block is finished."""
     from segpipe.cluster import describe_cluster, get_client
@@ -202,7 +216,8 @@ def predict_stage(
     output = f"{store} (classes, confidence)"
     # Checked before any cluster is started or joined: a bad package or setting fails at
     # once (its weights are loaded here, once), and a finished region costs nothing.
-    check_predict_inputs(store, model, tile_size, overlap)
+    check_predict_inputs(store, model, tile_size, overlap,
+                         allow_resolution_mismatch=allow_resolution_mismatch)
     pending, total = pending_blocks(store, model, tile_size, overlap)
     if pending == 0:
         log.info("predict: all %d blocks are finished for this model and settings; skipped", total)
@@ -216,7 +231,8 @@ def predict_stage(
                 last[0] = done
                 log.info("predict: %d/%d blocks", done, total)
 
-        summary = predict(store, model, tile_size=tile_size, overlap=overlap, client=client, progress=report)
+        summary = predict(store, model, tile_size=tile_size, overlap=overlap, client=client, progress=report,
+                          allow_resolution_mismatch=allow_resolution_mismatch)
     if summary.blocks_skipped:
         log.info(
             "predict: %d of %d blocks were already finished; skipped",

@@ -190,30 +190,53 @@ def ingest(
     block_size: int = 1024,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    crs: str | None = None,
+    resolution: float | tuple[float, float] | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    aoi: str | Path | None = None,
+    resampling: str = "bilinear",
+    order: str = "given",
+    assets: Sequence[str] | None = None,
+    label_layer: str | None = None,
+    background_value: int | None = None,
 ) -> IngestResult:
-    """Build a region store from image tiles and optional labels (``segpipe ingest``).
+    """Build a region store from image tiles, VRTs or STAC scenes and optional labels (``segpipe ingest``).
 
     Args:
-        images: GeoTIFFs, VRTs, folders of GeoTIFFs or ``s3://`` URLs forming one mosaic.
+        images: GeoTIFFs, VRTs, folders of GeoTIFFs or ``s3://`` URLs forming one mosaic,
+            or one STAC Item, ItemCollection (a saved search), Catalog or Collection.
         out: Region store (Zarr) to create: a folder or an ``s3://`` URL.
         labels: Label raster or polygons (any CRS; 0 = unlabelled).
-        label_field: Class field of label polygons.
+        label_field: Class field of label polygons (integer, or text whose values become classes).
         classes: Classes, or a ``classes.json`` with names and colours.
         block_size: Block (shard) edge in pixels: at most 256, or a multiple of 256.
         overwrite: Replace an existing store (only once the new one is complete).
         progress: Called with a short message at each step.
+        crs: Target CRS (default: the CRS covering most of the scenes' area).
+        resolution: Target pixel size in CRS units (default: the finest band's).
+        bounds: Target (left, bottom, right, top) in the target CRS.
+        aoi: Vector file of the area of interest (any CRS): its bounding box is ingested
+            and pixels outside the polygon become nodata.
+        resampling: GDAL resampling of imagery onto the grid (labels are always nearest).
+        order: Where scenes overlap: ``given``, ``latest`` or ``least-cloudy``.
+        assets: STAC asset keys to stack as bands, in this order (STAC inputs only).
+        label_layer: Layer of a multi-layer vector labels file (default: one class per layer).
+        background_value: Label value meaning background, not unlabelled (a class of its own).
 
     Returns:
         What the new store holds.
 
     Raises:
         SegpipeError: As :func:`segpipe.stages.ingest.ingest` (bad or missing inputs, tiles
-            that disagree, unusable labels, a destination that cannot be written).
+            that disagree in bands or type, unusable STAC or labels, a destination that
+            cannot be written).
     """
     from segpipe.stages.ingest import ingest as run
 
     info = run(images, out, labels=labels, label_field=label_field, classes=classes,
-               block_size=block_size, overwrite=overwrite, progress=progress)
+               block_size=block_size, overwrite=overwrite, progress=progress, crs=crs,
+               resolution=resolution, bounds=bounds, aoi=aoi, resampling=resampling, order=order,
+               assets=assets, label_layer=label_layer, background_value=background_value)
     return IngestResult(info.path, (info.height, info.width), info.band_names, info.classes,
                         info.block_size, info.dtype, info.nodata, info.crs_wkt)
 

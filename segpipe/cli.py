@@ -193,18 +193,53 @@ def synth(
     )
 
 
+_HELP = {
+    "crs": "Target CRS (EPSG code or WKT); default: the CRS covering most of the scenes. Warps the inputs.",
+    "resolution": "Target pixel size in CRS units; default: the finest band's.",
+    "bounds": "Target extent LEFT BOTTOM RIGHT TOP in the target CRS; default: the scenes' union "
+              "(or the AOI's box).",
+    "aoi": "Area of interest (a vector file, any CRS): its box is ingested, pixels outside it become nodata.",
+    "resampling": "GDAL resampling of imagery onto the grid (nearest, bilinear, cubic, average...); "
+                  "labels: always nearest.",
+    "order": "Where scenes overlap: the first valid pixel of the 'given' order, of the 'latest' or of the "
+             "'least-cloudy' scene.",
+    "assets": "STAC inputs: asset keys to stack as bands, in order, e.g. B02,B03,B04 "
+              "(default: every data image).",
+    "label_layer": "Layer of a multi-layer vector labels file (default: one class per layer, "
+                   "named after it).",
+    "background_value": "Label value that means background, not unlabelled (0 in a 0/1 mask): "
+                        "a class of its own.",
+}
+
+
 @app.command()
 def ingest(
     # str, not Path: Path would squash s3:// URLs to s3:/
-    images: Annotated[list[str], typer.Argument(help="GeoTIFFs, a VRT, a folder of GeoTIFFs, s3:// URLs.")],
+    images: Annotated[
+        list[str], typer.Argument(help="GeoTIFFs, a VRT, a folder of GeoTIFFs, s3:// URLs, or a STAC Item, "
+                                  "ItemCollection (saved search) or catalogue (.json).")
+    ],
     out: Annotated[str, typer.Option(help="Region store (Zarr) to create: a folder or an s3:// URL.")],
     labels: Annotated[str | None, typer.Option(help="Label raster or polygons (any CRS).")] = None,
     label_field: Annotated[str | None, typer.Option(help="Class field of label polygons.")] = None,
     classes: Annotated[str | None, typer.Option(help="classes.json with names and colours.")] = None,
     block_size: Annotated[int, typer.Option(help="Block (shard) edge in pixels.")] = 1024,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    crs: Annotated[str | None, typer.Option(help=_HELP["crs"])] = None,
+    resolution: Annotated[float | None, typer.Option(help=_HELP["resolution"])] = None,
+    bounds: Annotated[tuple[float, float, float, float] | None, typer.Option(help=_HELP["bounds"])] = None,
+    aoi: Annotated[str | None, typer.Option(help=_HELP["aoi"])] = None,
+    resampling: Annotated[str, typer.Option(help=_HELP["resampling"])] = "bilinear",
+    order: Annotated[str, typer.Option(help=_HELP["order"])] = "given",
+    assets: Annotated[str | None, typer.Option(help=_HELP["assets"])] = None,
+    label_layer: Annotated[str | None, typer.Option(help=_HELP["label_layer"])] = None,
+    background_value: Annotated[int | None, typer.Option(help=_HELP["background_value"])] = None,
 ) -> None:
-    """Build a region store from image tiles and optional labels."""
+    """Build a region store from image tiles, a VRT or STAC scenes, and optional labels.
+
+    Tiles on one grid are mosaicked as they are; STAC inputs, tiles in several CRSs or
+    resolutions, and any grid option are warped onto one grid, block by block.
+    """
     from segpipe.stages.ingest.driver import ingest as run
 
     info = run(
@@ -216,6 +251,15 @@ def ingest(
         block_size=block_size,
         overwrite=overwrite,
         progress=lambda msg: console.print(f"  {msg}"),
+        crs=crs,
+        resolution=resolution,
+        bounds=bounds,
+        aoi=aoi,
+        resampling=resampling,
+        order=order,
+        assets=[a.strip() for a in assets.split(",") if a.strip()] if assets else None,
+        label_layer=label_layer,
+        background_value=background_value,
     )
     console.print(
         f"wrote {out}: {info.width} x {info.height} px, {len(info.band_names)} bands, "

@@ -147,12 +147,24 @@ def _pair(tmp_path: Path, **changes: object) -> tuple[Path, Path]:
 )
 def test_mismatched_tiles(tmp_path: Path, change: dict, words: list[str]) -> None:
     a, b = _pair(tmp_path, **change)
+    grid = {"crs", "res", "x"} & set(change)
     with pytest.raises(TileMismatchError) as err:
-        ingest([a, b], tmp_path / "r.zarr")
+        # Tiles on different grids are warped by ingest now; the mosaic itself still refuses them.
+        open_mosaic([a, b]) if grid else ingest([a, b], tmp_path / "r.zarr")
     assert "b.tif" in str(err.value)
     for word in words:
         assert word in str(err.value)
     assert not (tmp_path / "r.zarr").exists()
+
+
+@pytest.mark.parametrize("change", [{"res": 20.0}, {"x": X0 + 105}])
+def test_tiles_on_different_grids_are_warped_onto_one(tmp_path: Path, change: dict) -> None:
+    a, b = _pair(tmp_path, **change)
+    info = ingest([a, b], tmp_path / "r.zarr")
+    with rasterio.open(a) as src:
+        assert (info.transform[0], info.crs_wkt != "") == (src.transform.a, True)  # the finest pixel size
+    attrs = zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["segpipe"]
+    assert attrs["warp"]["scenes"] == [str(a), str(b)] == attrs["sources"]
 
 
 def test_missing_inputs(tmp_path: Path) -> None:

@@ -33,32 +33,35 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dask.array as da
 import dask.threaded
 import numpy as np
-import rasterio
 import xarray as xr
 import zarr
 from affine import Affine
 from dask.base import compute, get_scheduler
 from dask.delayed import delayed
-from rasterio.crs import CRS
 from rasterio.features import geometry_mask
 
 from segpipe.errors import InputError, LabelsError, StoreError
-from segpipe.io.fingerprint import ingest_fingerprint
-from segpipe.io.labels import LabelSource, check_overlap, label_classes, labels_window, open_labels
-from segpipe.io.mosaic import expand_inputs, open_mosaic
+from segpipe.io.labels import (
+    LabelSource,
+    background_class,
+    check_overlap,
+    label_classes,
+    labels_window,
+    open_labels,
+    warn_single_class,
+)
+from segpipe.io.mosaic import open_mosaic
+from segpipe.io.outside import publish_metadata
 from segpipe.io.remote import (
     as_url,
     check_bucket,
     filesystem,
-    gdal_env,
-    gdal_path,
     is_remote,
     join,
     remote_errors,
@@ -70,8 +73,6 @@ from segpipe.io.remote import (
     url_parent,
 )
 from segpipe.io.runs import pid_alive
-from segpipe.io.sources import SceneSet
-from segpipe.io.stac_in import is_stac, read_stac
 from segpipe.io.store import (
     INNER_CHUNK,
     STORE_SCHEMA,
@@ -82,7 +83,17 @@ from segpipe.io.store import (
     set_region_classes,
     write_block,
 )
-from segpipe.io.warp import Aoi, aoi_geojson, open_warped, read_aoi, scenes_from_files, target_grid
+from segpipe.io.warp import open_warped
+from segpipe.stages.ingest.plan import (
+    GridRequest,
+    LabelRequest,
+    WarpPlan,
+    aoi_in_store_crs,
+    image_names,
+    plan_warp,
+    store_fingerprint,
+    warp_attrs,
+)
 from segpipe.types import ClassInfo, Grid, read_classes_file
 
 __all__ = ["ingest"]
@@ -297,7 +308,14 @@ def _region_classes(src: LabelSource, counts: np.ndarray, given: list[ClassInfo]
     present = [int(v) for v in np.flatnonzero(counts[1:255]) + 1]
     if not present:
         raise LabelsError(f"labels {src.path} hold no labelled pixel (all 0 or nodata) inside the image")
-    found = given if given is not None else label_classes(src, values=present)
+    if given is None:
+        found = label_classes(src, values=present)  # warns itself when there is one class
+    else:
+        # A remapped background value is the labels' own: the file need not define it.
+        background = background_class(src)
+        missing_bg = background is not None and background.value not in {c.value for c in given}
+        found = [*given, *([background] if background is not None and missing_bg else [])]
+        warn_single_class(src, [c for c in found if c.value in present])
     missing = sorted(set(present) - {c.value for c in found})
     if missing:
         raise LabelsError(
@@ -356,11 +374,6 @@ def _publish_remote(tmp: str, out: str, overwrite: bool) -> None:
     remove_tree(tmp)
 
 
-def _image_names(images: Sequence[str | Path] | str | Path) -> list[str]:
-    """The image arguments as a list of names (one path or URL may stand alone)."""
-    return [str(i) for i in ([images] if isinstance(images, str | Path) else images)]
-
-
 def _destination(out: str | Path, block_size: int, overwrite: bool) -> str:
     """``out`` as a path or URL, once a store of ``block_size`` blocks may be written there.
 
@@ -384,140 +397,6 @@ def _destination(out: str | Path, block_size: int, overwrite: bool) -> str:
     return out_s
 
 
-@dataclass(frozen=True)
-class _Warp:
-    """How a warped ingest makes its image: the scenes, the grid, the options.
-
-    Attributes:
-        scenes: The scenes (STAC items, or one per tile).
-        grid: The target grid (:func:`segpipe.io.warp.target_grid`).
-        aoi: The area of interest, or None.
-        aoi_path: Where the AOI came from (recorded in the store).
-        resampling: GDAL resampling for imagery.
-        order: Overlap rule (``given``, ``latest``, ``least-cloudy``).
-    """
-
-    scenes: SceneSet
-    grid: Grid
-    aoi: Aoi | None
-    aoi_path: str | None
-    resampling: str
-    order: str
-
-
-# Tiles whose origins lie closer than this fraction of a pixel to a common grid share it
-# (as segpipe.io.mosaic judges them): float noise, not a real shift.
-_ALIGN_TOL = 1e-3
-
-
-def _stac_input(images: Sequence[str | Path] | str | Path) -> str | Path | None:
-    """The STAC document ``images`` names (one file or URL), or None for rasters."""
-    items = [images] if isinstance(images, str | Path) else list(images)
-    if len(items) != 1:
-        return None
-    return items[0] if is_stac(items[0]) else None
-
-
-def _one_grid(images: Sequence[str | Path] | str | Path) -> bool:
-    """Whether the tiles share CRS, pixel size and pixel grid (the fast path can mosaic them).
-
-    Unreadable inputs count as sharing it: the fast path refuses them by name.
-    """
-    try:
-        files = expand_inputs(images)
-        headers = []
-        for f in files:
-            with gdal_env(f), rasterio.open(gdal_path(f)) as ds:
-                headers.append((ds.crs, tuple(ds.transform)[:6]))
-    except Exception:  # the fast path's own checks name the culprit
-        return True
-    crs, ref = headers[0]
-    for other_crs, t in headers[1:]:
-        if other_crs != crs or t[0] != ref[0] or t[4] != ref[4] or t[1] != ref[1] or t[3] != ref[3]:
-            return False
-        for origin, ref_origin, res in ((t[2], ref[2], ref[0]), (t[5], ref[5], ref[4])):
-            shift = (origin - ref_origin) / res
-            if abs(shift - round(shift)) > _ALIGN_TOL:
-                return False
-    return True
-
-
-def _warp_plan(
-    images: Sequence[str | Path] | str | Path,
-    grid_options: dict[str, Any],
-    aoi: str | Path | None,
-    resampling: str,
-    order: str,
-    assets: Sequence[str] | None,
-) -> _Warp | None:
-    """The warp an ingest needs, or None where today's fast path applies unchanged.
-
-    STAC inputs, tiles on different grids, or any grid option (``crs``, ``resolution``,
-    ``bounds``, ``aoi``) take the warp path; aligned tiles without options do not.
-
-    Raises:
-        InputError: ``assets`` given for inputs that are not STAC, or a bad grid option.
-        StacError: The STAC document is unusable.
-        MissingInputError: An input or the AOI file does not exist.
-    """
-    stac = _stac_input(images)
-    if stac is None and assets:
-        raise InputError(
-            "--assets chooses bands of STAC items: the inputs are not a STAC Item or ItemCollection"
-        )
-    options = any(v is not None for v in grid_options.values()) or aoi is not None
-    if stac is None and not options and _one_grid(images):
-        return None
-    if stac is not None:
-        scenes = read_stac(stac, assets=list(assets) if assets else None)
-    else:
-        scenes = scenes_from_files(images)
-    area = read_aoi(aoi) if aoi is not None else None
-    grid = target_grid(scenes, aoi=area, **grid_options)
-    return _Warp(scenes, grid, area, None if aoi is None else str(aoi), resampling, order)
-
-
-def _warp_attrs(warp: _Warp) -> dict[str, Any]:
-    """What a warped store records beyond the fast path's attributes: scenes, dates, AOI."""
-    starts = [s.start_datetime or s.datetime for s in warp.scenes.scenes]
-    ends = [s.end_datetime or s.datetime for s in warp.scenes.scenes]
-    known_starts, known_ends = [t for t in starts if t], [t for t in ends if t]
-    attrs: dict[str, Any] = {
-        "warp": {
-            "resampling": warp.resampling,
-            "order": warp.order,
-            "scenes": [s.id for s in warp.scenes.scenes],
-            "source": warp.scenes.source,
-        }
-    }
-    if known_starts and known_ends:
-        attrs["acquired"] = {"start": min(known_starts), "end": max(known_ends)}
-    if warp.aoi is not None:
-        attrs["aoi"] = {"source": warp.aoi_path, "geometry": _aoi_geojson(warp)}
-    return attrs
-
-
-def _aoi_geojson(warp: _Warp) -> dict[str, Any] | None:
-    """The AOI as GeoJSON in the store's CRS (pixels outside it are nodata)."""
-    return aoi_geojson(warp.aoi, CRS.from_wkt(warp.grid.crs_wkt))
-
-
-def _fingerprint_options(
-    warp: _Warp | None, grid_options: dict[str, Any], aoi: str | Path | None, assets: Sequence[str] | None
-) -> dict[str, Any]:
-    """What a warped ingest adds to the inputs fingerprint (nothing on the fast path: unchanged there)."""
-    if warp is None:
-        return {}
-    hrefs = sorted({b.href for s in warp.scenes.scenes for b in s.bands})
-    settings = {
-        **grid_options,
-        "resampling": warp.resampling,
-        "order": warp.order,
-        "assets": list(assets) if assets else None,
-    }
-    return {"options": settings, "extra_files": [*hrefs, *([aoi] if aoi is not None else [])]}
-
-
 def ingest(
     images: Sequence[str | Path] | str | Path,
     out: str | Path,
@@ -534,6 +413,8 @@ def ingest(
     resampling: str = "bilinear",
     order: str = "given",
     assets: Sequence[str] | None = None,
+    label_layer: str | None = None,
+    background_value: int | None = None,
 ) -> RegionInfo:
     """Build a region store from image tiles or STAC scenes and optional labels.
 
@@ -561,6 +442,10 @@ def ingest(
         order: Where scenes overlap, the first valid pixel of the ``given`` order, of
             the ``latest`` scene or of the ``least-cloudy`` one.
         assets: STAC asset keys to read as bands, in this order (STAC inputs only).
+        label_layer: Layer of a multi-layer vector labels file (default: one class per
+            layer when it has several).
+        background_value: Label value meaning background, not unlabelled (0 in a 0/1
+            mask): it becomes a class named ``background``.
 
     Returns:
         What the new store says about its region.
@@ -581,17 +466,12 @@ def ingest(
     say = progress or (lambda _msg: None)
     out_s = _destination(out, block_size, overwrite)
     given = _resolve_classes(classes)
-    src = open_labels(labels, label_field) if labels is not None else None
-    grid_options = {"crs": crs, "resolution": resolution, "bounds": bounds}
-    warp = _warp_plan(images, grid_options, aoi, resampling, order, assets)
-    fingerprint = ingest_fingerprint(
-        _image_names(images),
-        labels,
-        label_field,
-        classes if isinstance(classes, str | Path) else None,
-        block_size,
-        **_fingerprint_options(warp, grid_options, aoi, assets),
-    )
+    wanted = LabelRequest(labels, label_field, label_layer, background_value)
+    src = open_labels(labels, label_field, label_layer, background_value) if labels is not None else None
+    request = GridRequest(crs, resolution, bounds, aoi, resampling, order, tuple(assets or ()))
+    warp = plan_warp(images, request)
+    classes_file = classes if isinstance(classes, str | Path) else None
+    fingerprint = store_fingerprint(images, wanted, classes_file, block_size, request, warp)
     with storage_errors(out_s, "region store"):
         _build(images, out_s, src, given, block_size, overwrite, fingerprint, say, warp)
     say(f"region store written to {out_s}")
@@ -637,7 +517,7 @@ def _write_store(
     block_size: int,
     fingerprint: str,
     say: Progress,
-    warp: _Warp | None,
+    warp: WarpPlan | None,
 ) -> None:
     """Write the whole store at ``tmp``: the image, the store's metadata, the labels and classes."""
     if warp is None:
@@ -652,22 +532,30 @@ def _write_store(
         f"writing image: {grid.width} x {grid.height} px, {image.sizes['band']} bands, "
         f"{image.data.npartitions} blocks of {block_size} px"
     )
-    _write_image(image, tmp, block_size, ", ".join(_image_names(images)), reread=warp is not None)
+    _write_image(image, tmp, block_size, ", ".join(image_names(images)), reread=warp is not None)
     zarr.open_group(tmp, mode="r+", storage_options=storage_options_for(tmp)).attrs["segpipe"] = {
         "schema": STORE_SCHEMA,
         "block_size": block_size,
         "classes": [],
         # Lets a rerun of a batch recognise a store built from the same inputs.
         "inputs": fingerprint,
-        **(_warp_attrs(warp) if warp is not None else {}),
+        # What the image was made from: the STAC Items of its exports link to them.
+        "sources": [_absolute(n) for n in image_names(images)],
+        **(warp_attrs(warp) if warp is not None else {}),
     }
     found = given or []
     if src is not None:
         say(f"writing labels from {src.path}")
-        aoi = _aoi_geojson(warp) if warp is not None else None
+        aoi = aoi_in_store_crs(warp) if warp is not None else None
         found = _region_classes(src, _write_labels(src, grid, tmp, block_size, aoi), given)
     if found:
         set_region_classes(tmp, found)
+    publish_metadata(tmp)  # consolidated metadata for xr.open_zarr, before the store is published
+
+
+def _absolute(name: str) -> str:
+    """A local input as an absolute path; URLs as given."""
+    return name if "://" in name else str(Path(name).resolve())
 
 
 def _build(
@@ -679,7 +567,7 @@ def _build(
     overwrite: bool,
     fingerprint: str,
     say: Progress,
-    warp: _Warp | None = None,
+    warp: WarpPlan | None = None,
 ) -> None:
     """Write the store under a hidden sibling, then publish it at ``out_s`` (see module doc)."""
     # Host and pid in the name let a later ingest tell a killed run's leftovers from a live one.
