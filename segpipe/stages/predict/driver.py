@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,7 @@ from segpipe.stages.predict.execute import (
     run_in_process,
     run_on_cluster,
 )
-from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, plan_jobs
+from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, count_jobs, iter_jobs
 from segpipe.stages.predict.outputs import DEFAULT_LAYERS, DEFAULT_OUTPUT, OutputLayers, output_layers
 from segpipe.stages.predict.results import prepare_layers, publish, read_markers
 
@@ -64,6 +64,7 @@ __all__ = [
     "choose_batch_size",
     "model_location",
     "pending_blocks",
+    "plan_tasks",
     "predict",
     "edge_margin",
     "window_settings",
@@ -328,10 +329,14 @@ class _Run:
         self.skipped += int(stats.get("skipped", 0))
 
 
-def _plan(
+def plan_tasks(
     inputs: PredictInputs, layers: OutputLayers, done: np.ndarray, layout: ClusterLayout, max_task_pixels: int
-) -> tuple[_Run, list[BlockJob]]:
-    """The batch size, the task shape and the jobs of the unfinished blocks, for this cluster."""
+) -> tuple[_Run, Iterator[BlockJob]]:
+    """The batch size, the task shape and the lazy jobs of the unfinished blocks, for this cluster.
+
+    Shared by :func:`predict` and the dry run (:func:`segpipe.stages.predict.dryrun.plan_predict`),
+    so a plan counts exactly the tasks a run submits.
+    """
     info = inputs.info
     most = inputs.batch_size if inputs.batch_size is not None else GPU_BATCH if layout.gpu else CPU_BATCH
     run = _Run(batch_size=choose_batch_size(inputs.n_windows, most))
@@ -342,9 +347,9 @@ def _plan(
         overlap=inputs.overlap, batch_size=run.batch_size, blend=inputs.key["blend"], tta=inputs.key["tta"],
         probabilities=inputs.probabilities, layers=layers, margin=inputs.margin,
     )
-    jobs = plan_jobs(~done, raster=(info.height, info.width), block_size=info.block_size,
+    jobs = iter_jobs(~done, raster=(info.height, info.width), block_size=info.block_size,
                      task_blocks=run.plan, layout=layout, settings=settings)
-    run.tasks = len(jobs)
+    run.tasks = count_jobs(~done, run.plan)
     return run, jobs
 
 
@@ -362,7 +367,7 @@ def _run_tasks(
     (:data:`segpipe.stages.predict.execute.LOCAL_SCHEDULERS`).
     """
     layout = local_layout(executor) if isinstance(executor, str) else cluster_layout(executor)
-    run, jobs = _plan(inputs, layers, done, layout, max_task_pixels)
+    run, jobs = plan_tasks(inputs, layers, done, layout, max_task_pixels)
     skipped, total = int(done.sum()), int(done.size)
 
     def record(stats: dict[str, float]) -> None:
@@ -370,10 +375,11 @@ def _run_tasks(
         if progress is not None:
             progress(skipped + run.skipped + run.blocks, total)
 
+    # Jobs are made as they are submitted, a bounded number in flight (segpipe.stages.predict.waves).
     if isinstance(executor, str):
-        run_in_process(jobs, executor, record)
+        run_in_process(jobs, executor, record, layout.slots)
     else:
-        run_on_cluster(executor, jobs, layout.gpu, record)
+        run_on_cluster(executor, jobs, layout.gpu, record, layout.slots)
     return run
 
 

@@ -1,18 +1,20 @@
 """Where a predict run's tasks execute: on a Dask cluster, or in this process.
 
-On a cluster (:func:`run_on_cluster`) the tasks are mapped over the workers, with a
-``GPU`` resource on GPU clusters. In this process (:func:`run_in_process`) dask's local
-scheduler runs them, ``threads`` or ``synchronous`` (the random-forest baseline runs
-this way, inside a flow's task). Either way each task's stats are handed to a
+On a cluster (:func:`run_on_cluster`) the tasks are submitted a bounded number at a
+time (:mod:`segpipe.stages.predict.waves`), with a ``GPU`` resource on GPU clusters. In
+this process (:func:`run_in_process`) dask's local scheduler runs them in waves,
+``threads`` or ``synchronous`` (the random-forest baseline runs this way, inside a
+flow's task). Either way each task's stats are handed to a
 callback as it finishes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout
+from segpipe.stages.predict.waves import in_flight_limit, submit_bounded, waves
 from segpipe.stages.predict.worker import run_block, usable_cores, worker_host
 
 if TYPE_CHECKING:
@@ -57,38 +59,56 @@ def local_layout(scheduler: str) -> ClusterLayout:
     return ClusterLayout(max(1, slots), False, speedup=0.0)
 
 
-def run_on_cluster(client: distributed.Client, jobs: Sequence[BlockJob], gpu: bool, record: Record) -> None:
-    """Map :func:`run_block` over the jobs on a cluster; raise the first task's error.
+def run_on_cluster(
+    client: distributed.Client, jobs: Iterable[BlockJob], gpu: bool, record: Record, slots: int = 1
+) -> int:
+    """Run :func:`run_block` over the jobs on a cluster, a bounded number at a time; raise the first error.
+
+    At most :func:`segpipe.stages.predict.waves.in_flight_limit` ``(slots)`` tasks are
+    submitted and unfinished at once; the next jobs are pulled from ``jobs`` (a lazy
+    generator on large regions) as earlier ones finish. On an error or an interrupted
+    driver the queued tasks are cancelled; blocks already marked stay done.
 
     Args:
         client: The cluster's client.
         jobs: The tasks.
         gpu: Tasks must run on workers with a ``GPU`` resource.
         record: Called with each task's stats as it finishes.
+        slots: The cluster's task slots (see :class:`segpipe.stages.predict.jobs.ClusterLayout`).
+
+    Returns:
+        The number of tasks run.
     """
-    from distributed import as_completed
-
-    # In a mixed cluster, the GPU resource keeps prediction on the GPU workers. pure=False:
-    # a rerun of an equal job after a failure must run again, not reuse the failed result.
-    futures = client.map(run_block, list(jobs), pure=False, resources={"GPU": 1} if gpu else None)
-    try:
-        for future in as_completed(futures, loop=client.loop):  # untyped
-            record(future.result())
-    except BaseException:
-        # A failed task or an interrupted driver: queued tasks are dropped; blocks
-        # already marked stay done for the next run.
-        client.cancel(futures)  # distributed is untyped here
-        raise
+    # In a mixed cluster, the GPU resource keeps prediction on the GPU workers.
+    return submit_bounded(client, run_block, jobs, in_flight_limit(slots), record,
+                          {"GPU": 1} if gpu else None)
 
 
-def run_in_process(jobs: Sequence[BlockJob], scheduler: str, record: Record) -> None:
-    """Run the jobs in this process with dask's local ``scheduler``; raise the first task's error.
+def run_in_process(jobs: Iterable[BlockJob], scheduler: str, record: Record, slots: int = 1) -> int:
+    """Run the jobs in this process with dask's local ``scheduler``, in waves; raise the first task's error.
+
+    Each wave is :func:`segpipe.stages.predict.waves.in_flight_limit` ``(slots)`` jobs,
+    pulled from ``jobs`` only when the previous wave has finished: the driver never
+    holds a graph of the whole region.
 
     Args:
         jobs: The tasks.
         scheduler: ``threads`` or ``synchronous``.
         record: Called with each task's stats as it finishes (in this thread).
+        slots: The local scheduler's threads (see :func:`local_layout`).
+
+    Returns:
+        The number of tasks run.
     """
+    count = 0
+    for wave in waves(jobs, in_flight_limit(slots)):
+        _compute_wave(wave, scheduler, record)
+        count += len(wave)
+    return count
+
+
+def _compute_wave(jobs: list[BlockJob], scheduler: str, record: Record) -> None:
+    """Run one wave of jobs with dask's local ``scheduler``, handing each task's stats to ``record``."""
     from dask.base import compute
     from dask.delayed import delayed
 

@@ -1,13 +1,16 @@
 """What one prediction task does, and how a run's unfinished blocks become tasks.
 
 Pure: no cluster and no store IO. The driver reads the done markers and asks the
-cluster its layout; :func:`plan_jobs` turns those into :class:`BlockJob` s, small
-frozen values that ship cheaply in a task graph and tokenize deterministically.
+cluster its layout; :func:`iter_jobs` turns those into :class:`BlockJob` s lazily, small
+frozen values that ship cheaply in a task graph and tokenize deterministically. Only
+the markers array (one byte per block) spans the region; jobs are made as they are
+submitted (:mod:`segpipe.stages.predict.waves`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -17,7 +20,10 @@ from segpipe.grid.box import Box
 from segpipe.grid.plan import TASK_SPEEDUP
 from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers
 
-__all__ = ["BlockJob", "Blocks", "ClusterLayout", "JobSettings", "blocks_box", "plan_jobs"]
+__all__ = [
+    "BlockJob", "Blocks", "ClusterLayout", "JobSettings", "blocks_box", "count_jobs", "group_grid",
+    "iter_groups", "iter_jobs", "plan_jobs",
+]
 
 Blocks = tuple[tuple[int, int], ...]
 """(row, column) indices of store blocks."""
@@ -120,18 +126,34 @@ class ClusterLayout:
         return tuple(threads)
 
 
-def _groups(pending: np.ndarray, task_blocks: tuple[int, int]) -> list[Blocks]:
-    """The pending blocks of each ``task_blocks`` group of blocks that has any, row-major."""
+def group_grid(pending: np.ndarray, task_blocks: tuple[int, int]) -> np.ndarray:
+    """Whether each ``task_blocks`` group of blocks has a pending block: a (group rows, group columns) mask.
+
+    Vectorised over the whole markers array (one bool per block, no Python object per
+    block), so a million-block region is counted in milliseconds.
+    """
     nby, nbx = pending.shape
     ty, tx = task_blocks
-    groups = []
-    for sy in range(0, nby, ty):
-        for sx in range(0, nbx, tx):
-            todo = tuple((by, bx) for by in range(sy, min(sy + ty, nby))
-                         for bx in range(sx, min(sx + tx, nbx)) if pending[by, bx])
-            if todo:
-                groups.append(todo)
-    return groups
+    gy, gx = -(-nby // ty), -(-nbx // tx)
+    padded = np.zeros((gy * ty, gx * tx), dtype=bool)
+    padded[:nby, :nbx] = pending
+    return np.asarray(padded.reshape(gy, ty, gx, tx).any(axis=(1, 3)))
+
+
+def iter_groups(pending: np.ndarray, task_blocks: tuple[int, int]) -> Iterator[Blocks]:
+    """The pending blocks of each ``task_blocks`` group of blocks that has any, row-major, lazily.
+
+    Only the group being yielded becomes Python tuples; the rest stays in the markers array.
+    """
+    nby, nbx = pending.shape
+    ty, tx = task_blocks
+    live = group_grid(pending, task_blocks)
+    for gy in range(live.shape[0]):  # a row of groups at a time: no index array over the region
+        sy = gy * ty
+        for gx in np.flatnonzero(live[gy]):
+            sx = int(gx) * tx
+            sub = pending[sy : min(sy + ty, nby), sx : min(sx + tx, nbx)]
+            yield tuple((sy + int(y), sx + int(x)) for y, x in zip(*np.nonzero(sub), strict=True))
 
 
 def blocks_box(blocks: Blocks, block_size: int, raster: tuple[int, int]) -> Box:
@@ -147,7 +169,21 @@ def blocks_box(blocks: Blocks, block_size: int, raster: tuple[int, int]) -> Box:
                min((max(ys) + 1) * block_size, raster[0]), min((max(xs) + 1) * block_size, raster[1]))
 
 
-def plan_jobs(
+def _check_plan(pending: np.ndarray, raster: tuple[int, int], block_size: int,
+                task_blocks: tuple[int, int]) -> np.ndarray:
+    """The markers as a bool array, once they are checked against the raster and the task shape."""
+    shape = (-(-raster[0] // block_size), -(-raster[1] // block_size))
+    if pending.shape != shape or min(task_blocks) < 1:
+        raise ValueError(f"{pending.shape} pending markers for {shape} blocks, {task_blocks} blocks per task")
+    return np.asarray(pending, dtype=bool)
+
+
+def count_jobs(pending: np.ndarray, task_blocks: tuple[int, int]) -> int:
+    """How many jobs :func:`iter_jobs` yields for these markers, without making any."""
+    return int(group_grid(np.asarray(pending, dtype=bool), task_blocks).sum())
+
+
+def iter_jobs(
     pending: np.ndarray,
     *,
     raster: tuple[int, int],
@@ -155,8 +191,11 @@ def plan_jobs(
     task_blocks: tuple[int, int],
     layout: ClusterLayout,
     settings: JobSettings,
-) -> list[BlockJob]:
-    """One job per group of ``task_blocks`` store blocks that still has pending blocks.
+) -> Iterator[BlockJob]:
+    """One job per group of ``task_blocks`` store blocks that still has pending blocks, made lazily.
+
+    A generator: a run of a million blocks holds the markers array (one byte per block)
+    and the jobs in flight, never a job per block of the region.
 
     Args:
         pending: (block rows, block columns) bool mask of the blocks left to compute.
@@ -167,17 +206,31 @@ def plan_jobs(
         settings: What every task of the run shares.
 
     Returns:
-        The jobs, row-major; each lists exactly its pending blocks.
+        A generator of the jobs, row-major; each lists exactly its pending blocks.
+
+    Raises:
+        ValueError: A mask that does not fit the raster's blocks, or a task shape below 1
+            (at the call, not at the first job).
+    """
+    mask = _check_plan(pending, raster, block_size, task_blocks)
+    threads = layout.threads(count_jobs(mask, task_blocks))
+    return (BlockJob(settings=settings, box=blocks_box(todo, block_size, raster), blocks=todo,
+                     threads=threads) for todo in iter_groups(mask, task_blocks))
+
+
+def plan_jobs(
+    pending: np.ndarray,
+    *,
+    raster: tuple[int, int],
+    block_size: int,
+    task_blocks: tuple[int, int],
+    layout: ClusterLayout,
+    settings: JobSettings,
+) -> list[BlockJob]:
+    """Every job of :func:`iter_jobs`, as a list (small regions and tests; a run iterates lazily).
 
     Raises:
         ValueError: A mask that does not fit the raster's blocks, or a task shape below 1.
     """
-    shape = (-(-raster[0] // block_size), -(-raster[1] // block_size))
-    if pending.shape != shape or min(task_blocks) < 1:
-        raise ValueError(f"{pending.shape} pending markers for {shape} blocks, {task_blocks} blocks per task")
-    groups = _groups(np.asarray(pending, dtype=bool), task_blocks)
-    threads = layout.threads(len(groups))
-    return [
-        BlockJob(settings=settings, box=blocks_box(todo, block_size, raster), blocks=todo, threads=threads)
-        for todo in groups
-    ]
+    return list(iter_jobs(pending, raster=raster, block_size=block_size, task_blocks=task_blocks,
+                          layout=layout, settings=settings))
