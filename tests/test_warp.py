@@ -20,8 +20,9 @@ from shapely.geometry import Point, Polygon, box, mapping
 from stac_support import BANDS, NODATA, OFFSET, SCALE, SCENES, write_stac_scenes
 
 from segpipe.errors import InputError, MissingInputError
+from segpipe.io.aoi import read_aoi
 from segpipe.io.sources import BandFile, Scene, SceneSet
-from segpipe.io.warp import open_warped, read_aoi, scenes_from_files, target_grid
+from segpipe.io.warp import open_warped, scenes_from_files, target_grid
 from segpipe.types import Grid
 
 

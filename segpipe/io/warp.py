@@ -24,7 +24,6 @@ from typing import Any, Literal
 import dask.array
 import numpy as np
 import rasterio
-import shapely
 import xarray as xr
 from affine import Affine
 from rasterio._err import CPLE_BaseError
@@ -33,18 +32,16 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.features import geometry_mask
 from rasterio.warp import Resampling, calculate_default_transform, reproject, transform_bounds, transform_geom
 from shapely.geometry import box, mapping, shape
-from shapely.geometry.base import BaseGeometry
 
 from segpipe.errors import InputError, MissingInputError, TileMismatchError
-from segpipe.io.remote import gdal_env, gdal_path, is_remote, vector_path
+from segpipe.io.aoi import Aoi, aoi_geojson
+from segpipe.io.remote import gdal_env, gdal_path, is_remote
 from segpipe.io.sources import BandFile, Scene, SceneSet
 from segpipe.types import Grid
 
-__all__ = ["Aoi", "Order", "aoi_geojson", "open_warped", "read_aoi", "scenes_from_files", "target_grid"]
+__all__ = ["Order", "open_warped", "scenes_from_files", "target_grid"]
 
 Order = Literal["given", "latest", "least-cloudy"]
-Aoi = tuple[BaseGeometry, CRS]
-"""An area of interest: a (multi)polygon and the CRS of its coordinates (see :func:`read_aoi`)."""
 
 # Footprint areas are compared in an equal-area CRS, so a degree-based CRS does not win
 # or lose by the size of its units.
@@ -336,38 +333,6 @@ def _area_bounds(
     return cut
 
 
-def read_aoi(path: str | Path) -> Aoi:
-    """An area of interest from a vector file (any format and CRS GDAL reads).
-
-    Returns:
-        The union of the file's polygons and the CRS of its coordinates.
-
-    Raises:
-        MissingInputError: The file does not exist or is not a vector file.
-        InputError: The file holds no feature, no polygon, or has no CRS.
-    """
-    import pyogrio
-
-    if not is_remote(path) and not Path(path).exists():
-        raise MissingInputError(f"area of interest {path} does not exist")
-    try:
-        df = pyogrio.read_dataframe(vector_path(path))
-    except Exception as exc:  # pyogrio's DataSourceError and friends
-        raise MissingInputError(f"area of interest {path} cannot be read as a vector file: {exc}") from exc
-    geoms = [g for g in df.geometry if g is not None and not g.is_empty]
-    if not geoms:
-        raise InputError(f"area of interest {path} holds no geometry: draw the polygon of the region")
-    polys = [g for g in geoms if g.geom_type in ("Polygon", "MultiPolygon")]
-    if len(polys) != len(geoms):
-        kinds = sorted({g.geom_type for g in geoms} - {"Polygon", "MultiPolygon"})
-        raise InputError(
-            f"area of interest {path} holds {', '.join(kinds)} geometries: it must hold polygons"
-        )
-    if df.crs is None:
-        raise InputError(f"area of interest {path} has no CRS: save it with one (e.g. as GeoPackage)")
-    return shapely.union_all(polys), CRS.from_user_input(df.crs)
-
-
 def _ordered(
     headers: list[tuple[Scene, tuple[_Band, ...]]], order: str
 ) -> list[tuple[Scene, tuple[_Band, ...]]]:
@@ -408,20 +373,6 @@ def _resampling(name: str) -> Resampling:
     except KeyError:
         known = ", ".join(r.name for r in Resampling if r.value < 15)
         raise InputError(f"resampling {name!r} is unknown: use one of {known}") from None
-
-
-def aoi_geojson(aoi: Aoi | None, crs: CRS) -> dict[str, Any] | None:
-    """The AOI as a GeoJSON geometry in ``crs`` (what block tasks rasterize), None without AOI."""
-    if aoi is None:
-        return None
-    geom, aoi_crs = aoi
-    if aoi_crs == crs:
-        return dict(mapping(geom))
-    # Extra vertices first: a straight edge in one CRS is a curve in another.
-    left, bottom, right, top = geom.bounds
-    dense = shapely.segmentize(geom, max(right - left, top - bottom) / 64 or 1.0)
-    out: dict[str, Any] = transform_geom(aoi_crs, crs, mapping(dense))
-    return out
 
 
 def _warp_scene(

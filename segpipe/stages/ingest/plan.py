@@ -19,12 +19,13 @@ import rasterio
 from rasterio.crs import CRS
 
 from segpipe.errors import InputError
+from segpipe.io.aoi import Aoi, aoi_geojson, read_aoi
 from segpipe.io.fingerprint import ingest_fingerprint
 from segpipe.io.mosaic import expand_inputs
 from segpipe.io.remote import gdal_env, gdal_path
 from segpipe.io.sources import SceneSet
 from segpipe.io.stac_in import is_stac, read_stac
-from segpipe.io.warp import Aoi, aoi_geojson, read_aoi, scenes_from_files, target_grid
+from segpipe.io.warp import scenes_from_files, target_grid
 from segpipe.types import Grid
 
 __all__ = [
