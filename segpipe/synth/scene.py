@@ -60,16 +60,24 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 def hash_uniform(iy: np.ndarray, ix: np.ndarray, seed: int, salt: int) -> np.ndarray:
     """Uniform [0, 1) values hashed from integer lattice coordinates (splitmix64)."""
+    # Broadcastable (h, 1) and (1, w) coordinates are hashed as the full grid they span,
+    # with the row and column terms computed once each; the mixing runs in place (one
+    # scratch array), as the per-pixel hashes are most of a synthetic scene's cost.
     with np.errstate(over="ignore"):
-        z = (
-            iy.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-            ^ (ix.astype(np.uint64) + np.uint64(0x632BE59BD9B4E019)) * np.uint64(0xD6E8FEB86659FD93)
-            ^ np.uint64((seed * 1_000_003 + salt * 7919) & 0xFFFFFFFFFFFF) * np.uint64(0xA0761D6478BD642F)
+        z = (iy.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
+            (ix.astype(np.uint64) + np.uint64(0x632BE59BD9B4E019)) * np.uint64(0xD6E8FEB86659FD93)
         )
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+        z ^= np.uint64((seed * 1_000_003 + salt * 7919) & 0xFFFFFFFFFFFF) * np.uint64(0xA0761D6478BD642F)
+        scratch = np.empty_like(z)
+        for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+            np.right_shift(z, np.uint64(shift), out=scratch)
+            z ^= scratch
+            if mult is not None:
+                z *= mult
+        z >>= np.uint64(11)
+    out = z.astype(np.float64)
+    out *= 1.0 / (1 << 53)
+    return out
 
 
 def _value_noise(ys: np.ndarray, xs: np.ndarray, scale: float, seed: int, salt: int) -> np.ndarray:
@@ -90,15 +98,14 @@ def _value_noise(ys: np.ndarray, xs: np.ndarray, scale: float, seed: int, salt: 
     lx = np.arange(ix.min(), ix.max() + 2)
     offset = 1 << 20  # keep lattice indices non-negative
     lattice = hash_uniform((ly + offset)[:, None], (lx + offset)[None, :], seed, salt)
-    ry = (iy - ly[0])[:, None]
-    rx = (ix - lx[0])[None, :]
-    v00 = lattice[ry, rx]
-    v01 = lattice[ry, rx + 1]
-    v10 = lattice[ry + 1, rx]
-    v11 = lattice[ry + 1, rx + 1]
-    top = v00 + (v01 - v00) * fx
-    bottom = v10 + (v11 - v10) * fx
-    return top + (bottom - top) * fy  # type: ignore[no-any-return]
+    ry = iy - ly[0]
+    rx = ix - lx[0]
+    # Interpolated along x once per lattice row, then rows are picked per pixel row: the
+    # same operations on the same values as interpolating each pixel's four corners.
+    left = lattice[:, rx]
+    rows = left + (lattice[:, rx + 1] - left) * fx
+    top = rows[ry]
+    return top + (rows[ry + 1] - top) * fy  # type: ignore[no-any-return]
 
 
 def _coords(y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,13 +160,15 @@ def _texture(spec: SceneSpec, k: int, ys: np.ndarray, xs: np.ndarray) -> np.ndar
     if k == 2:  # forest: canopy blobs ~4 px across
         return np.where(_value_noise(ys, xs, 4.0, spec.seed, 400) > 0.5, 1.0, -1.0)
     if k == 3:  # grassland: independent per-pixel speckle
-        iy = np.broadcast_to(yy.astype(np.int64), (h, w))
-        ix = np.broadcast_to(xx.astype(np.int64), (h, w))
-        return np.where(hash_uniform(iy, ix, spec.seed, 401) > 0.5, 1.0, -1.0)
+        speckle = hash_uniform(yy.astype(np.int64), xx.astype(np.int64), spec.seed, 401)
+        return np.where(speckle > 0.5, 1.0, -1.0)
     if k == 4:  # cropland: rows 8 px apart, one direction per 128 px parcel
-        cy = np.broadcast_to(yy // 128, (h, w)).astype(np.int64)
-        cx = np.broadcast_to(xx // 128, (h, w)).astype(np.int64)
-        angle = np.pi * hash_uniform(cy, cx, spec.seed, 402)
+        cy = (yy // 128).astype(np.int64)
+        cx = (xx // 128).astype(np.int64)
+        # One hash per parcel, spread to its pixels (hashing every pixel gave the same values).
+        py, px = np.unique(cy, return_inverse=True), np.unique(cx, return_inverse=True)
+        parcel = hash_uniform(py[0][:, None], px[0][None, :], spec.seed, 402)
+        angle = np.pi * parcel[py[1].reshape(-1)][:, px[1].reshape(-1)]
         # Local coordinates keep the rows straight: a direction that varies over global
         # coordinates would bend them into moire far from the origin.
         phase = ((xx - cx * 128) * np.cos(angle) + (yy - cy * 128) * np.sin(angle)) / 8.0
@@ -188,12 +197,12 @@ def image_block(
         mask = classes == k
         if not mask.any():
             continue
-        tex = _texture(spec, k, ys, xs)
+        # The class's pixels' texture factor, picked once for every band.
+        factor = (1.0 + 0.16 * _texture(spec, k, ys, xs))[mask]
         for b in range(spec.bands):
-            mean = spectra[k - 1, b]
-            out[b][mask] = (mean * (1.0 + 0.16 * tex))[mask]
-    iy = np.broadcast_to(ys[:, None].astype(np.int64), (h, w))
-    ix = np.broadcast_to(xs[None, :].astype(np.int64), (h, w))
+            out[b][mask] = spectra[k - 1, b] * factor
+    iy = ys[:, None].astype(np.int64)
+    ix = xs[None, :].astype(np.int64)
     for b in range(spec.bands):
         # Sensor noise: approximately Gaussian (sum of 3 uniforms), band-independent.
         u = sum(hash_uniform(iy, ix, spec.seed, 600 + 3 * b + j) for j in range(3)) - 1.5
