@@ -142,7 +142,10 @@ def _stage_io_floor(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import zarr
 
-    image = da.from_zarr(zarr.open_group(job["store"], mode="r")["image"])
+    array = zarr.open_array(f"{job['store']}/image", mode="r")
+    # One task per shard (segpipe's block), as segpipe's stages read: dask would
+    # otherwise take the shards' inner chunks, 16x the tasks and files at 256 px.
+    image = da.from_zarr(array, chunks=array.shards or array.chunks)
     layer = image.argmax(axis=0).astype(np.uint8)
     da.to_zarr(layer, job["floor"], overwrite=True)
     return {"chunks": int(np.prod(layer.numblocks))}
@@ -236,16 +239,31 @@ def run_size(size: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per stage, largest size over smallest: time per Mpx and peak RSS (driver + workers)."""
+def _fit(rows: list[dict[str, Any]], name: str) -> dict[str, float | None]:
+    """A straight line through (Mpx, call seconds) of every size (least squares), when there are two.
+
+    Its intercept is the stage's fixed cost per run, its slope's inverse the marginal rate
+    that the fixed cost hides at small sizes (None when the time does not grow).
+    """
+    import numpy as np
+
+    if len(rows) < 2:
+        return {}
+    slope, fixed = np.polyfit([r["mpx"] for r in rows], [r["stages"][name]["call_s"] for r in rows], 1)
+    return {"fixed_s": round(float(fixed), 2),
+            "marginal_mpx_s": round(1.0 / float(slope), 3) if slope > 0 else None}
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per stage, largest size over smallest: time per Mpx and peak RSS (driver + workers); the line fit."""
     small, large = min(rows, key=lambda r: r["size"]), max(rows, key=lambda r: r["size"])
     out = {}
     for name in STAGES:
         a, b = small["stages"][name], large["stages"][name]
-        out[name] = {"time_per_mpx": round((b["call_s"] / large["mpx"]) / (a["call_s"] / small["mpx"]), 3),
-                     "process_time_per_mpx": round((b["process_s"] / large["mpx"])
-                                                   / (a["process_s"] / small["mpx"]), 3),
-                     "peak_rss": round(b["total_peak_mb"] / a["total_peak_mb"], 3)}
+        per_mpx = (b["call_s"] / large["mpx"]) / (a["call_s"] / small["mpx"])
+        process_per_mpx = (b["process_s"] / large["mpx"]) / (a["process_s"] / small["mpx"])
+        out[name] = {"time_per_mpx": round(per_mpx, 3), "process_time_per_mpx": round(process_per_mpx, 3),
+                     "peak_rss": round(b["total_peak_mb"] / a["total_peak_mb"], 3), **_fit(rows, name)}
     return out
 
 
@@ -261,10 +279,11 @@ def table(result: dict[str, Any]) -> str:
                          f"{s['tasks']:>6}")
     sizes = [r["size"] for r in result["rows"]]
     lines.append(f"\nlargest ({max(sizes)}) over smallest ({min(sizes)}): "
-                 "time per Mpx (call; process) and peak RSS (driver + workers)")
+                 "time per Mpx (call; process), peak RSS (driver + workers)")
     for name, r in result["ratios"].items():
         lines.append(f"{name:<9} {r['time_per_mpx']:6.2f} {r['process_time_per_mpx']:6.2f} "
-                     f"{r['peak_rss']:6.2f}")
+                     f"{r['peak_rss']:6.2f}   line fit: fixed {r.get('fixed_s')} s, "
+                     f"marginal {r.get('marginal_mpx_s')} Mpx/s")
     fwd = result["forward"]
     lines.append(f"\nforward on one thread: free model {fwd['free_model_mpx_s']:.1f} Mpx/s, "
                  f"1x1 convolution {fwd['conv1x1_mpx_s']:.1f} Mpx/s")

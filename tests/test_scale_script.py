@@ -54,6 +54,11 @@ def test_every_stage_has_its_figures_at_every_size(run: tuple[dict[str, Any], Pa
         assert row["predict_over_io_floor"] == pytest.approx(floor, rel=0.01)
     assert set(result["ratios"]) == set(STAGES)
     assert all(r["time_per_mpx"] > 0 and r["peak_rss"] > 0 for r in result["ratios"].values())
+    # Two sizes: the line runs through both points.
+    for name, r in result["ratios"].items():
+        small, large = (row["stages"][name]["call_s"] for row in result["rows"])
+        slope = (large - small) / (result["rows"][1]["mpx"] - result["rows"][0]["mpx"])
+        assert r["fixed_s"] == pytest.approx(small - slope * result["rows"][0]["mpx"], abs=0.02)
     assert result["settings"]["gdal_cachemax_mb"] == 256
     assert result["forward"]["conv1x1_mpx_s"] > 0 and result["forward"]["free_model_mpx_s"] > 0
     assert "predict / IO floor at 512" in stdout
