@@ -102,6 +102,12 @@ def test_default_crs_is_the_one_covering_most_area(tmp_path: Path) -> None:
     assert 19.0 < grid.transform[0] < 21.5
     grid18 = target_grid(scenes_from_files([*files[:2], tif("d.tif", "EPSG:32617", 772000.0, 10.0)]))
     assert CRS.from_wkt(grid18.crs_wkt) == CRS.from_epsg(32618)
+    # The same eastings in two zones lie 540 km apart: a grid holding both would be empty.
+    far = [tif("e.tif", "EPSG:32617", 500000.0, 10.0), tif("f.tif", "EPSG:32618", 500000.0, 10.0)]
+    with pytest.raises(InputError, match=r"\(e\.tif, f\.tif\) cover only 0\.0\d+ % .* --bounds or --aoi"):
+        target_grid(scenes_from_files(far))
+    given = target_grid(scenes_from_files(far), bounds=(500000.0, 3879600.0, 500400.0, 3880000.0))
+    assert (given.width, given.height) == (40, 40)  # asked for: no refusal
 
 
 @pytest.mark.parametrize("method", [Resampling.nearest, Resampling.bilinear])

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import dask.array
 import numpy as np
 import rasterio
+import shapely
 import xarray as xr
 from affine import Affine
 from rasterio._err import CPLE_BaseError
@@ -47,6 +48,8 @@ Order = Literal["given", "latest", "least-cloudy"]
 # or lose by the size of its units.
 _EQUAL_AREA = CRS.from_epsg(6933)
 _ORDERS = ("given", "latest", "least-cloudy")
+MIN_COVERAGE = 0.01
+"""Least share of the target grid the scenes must cover when no bounds or AOI is given."""
 
 # reproject() into an array first builds an in-memory dataset without a transform and
 # warns about it, though the warp then uses dst_transform: noise in every block task.
@@ -305,9 +308,33 @@ def target_grid(
     if not (rx > 0 and ry > 0):
         raise InputError(f"resolution {resolution} is not a positive pixel size")
     data = _union([_footprint(b, dst) for _, bands in headers for b in bands])
+    if bounds is None and aoi is None:
+        _check_coverage(headers, dst, data)
     area = _area_bounds(data, dst, bounds, aoi)
     left, top, width, height = _aligned(area, float(rx), float(ry))
     return Grid(dst.to_wkt(), (float(rx), 0.0, left, 0.0, -float(ry), top), height, width)
+
+
+def _check_coverage(
+    headers: list[tuple[Scene, tuple[_Band, ...]]], dst: CRS, data: tuple[float, float, float, float]
+) -> None:
+    """Refuse scenes so far apart that the grid holding them all would be almost empty.
+
+    Two tiles in different UTM zones with the same eastings, or a CRS tag that is wrong,
+    would otherwise make a mosaic hundreds of kilometres wide of nodata, silently.
+
+    Raises:
+        InputError: The scenes cover less than :data:`MIN_COVERAGE` of their union's box.
+    """
+    covered = shapely.union_all([box(*_footprint(b, dst)) for _, bands in headers for b in bands[:1]]).area
+    whole = (data[2] - data[0]) * (data[3] - data[1])
+    if whole > 0 and covered / whole < MIN_COVERAGE:
+        names = ", ".join(Path(bands[0].href).name for _, bands in headers)
+        raise InputError(
+            f"the inputs ({names}) cover only {100 * covered / whole:.2g} % of the box that holds them all "
+            "in one CRS: they lie far apart (check each file's CRS); give --bounds or --aoi to ingest that "
+            "area anyway"
+        )
 
 
 def _area_bounds(
