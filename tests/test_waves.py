@@ -16,7 +16,7 @@ from predict_support import SETTINGS, make_store
 
 from segpipe.io.store import open_layer
 from segpipe.stages.predict.driver import PROGRESS_LAYER, predict
-from segpipe.stages.predict.dryrun import plan_predict
+from segpipe.stages.predict.dryrun import format_plan, plan_predict
 from segpipe.stages.predict.jobs import (
     ClusterLayout,
     JobSettings,
@@ -182,6 +182,9 @@ def test_plan_predict_counts_what_predict_does_and_writes_nothing(
         run.tasks, run.windows, run.blocks_done, run.pixels)
     assert plan.tasks > 1 and plan.overhead == pytest.approx(plan.windows * 64**2 / run.pixels)
     assert plan.overhead > 1  # overlap and halo cost something
+    text = format_plan(plan)
+    assert f"tasks: {plan.tasks} of " in text and f"windows: {plan.windows:,} in calls of 4" in text
+    assert "estimate: " in text and "ms per window" in text
 
     again = plan_predict(store, stub_model_dir, scheduler="synchronous", calibrate=False, **PLAN)
     assert (again.blocks_pending, again.tasks, again.windows) == (0, 0, 0)

@@ -33,7 +33,7 @@ from segpipe.stages.predict.results import read_markers
 from segpipe.stages.predict.waves import in_flight_limit
 from segpipe.stages.predict.worker import cached_forward, usable_cores
 
-__all__ = ["PredictPlan", "calibrate_forward", "plan_predict", "task_windows"]
+__all__ = ["PredictPlan", "calibrate_forward", "format_plan", "plan_predict", "task_windows"]
 
 CALIBRATION_CALLS = 3
 """Timed forward calls (after one warm-up call) in a calibration."""
@@ -226,3 +226,29 @@ def plan_predict(
         seconds_per_window=per_window, estimated_seconds=windows * per_window / max(1, machines),
         slots=layout.slots,
     )
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``2 h 05 min``, ``3 min 20 s`` or ``12.5 s``."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{seconds:.1f} s"
+
+
+def format_plan(plan: PredictPlan) -> str:
+    """The plan as ``segpipe predict --plan-only`` prints it: a few lines, numbers first."""
+    ty, tx = plan.task_blocks
+    lines = [
+        f"blocks: {plan.blocks_pending:,} to compute of {plan.blocks_total:,}",
+        f"tasks: {plan.tasks:,} of {ty}x{tx} blocks, at most {plan.in_flight} in flight "
+        f"on {plan.slots} slots",
+        f"windows: {plan.windows:,} in calls of {plan.batch_size}; compute overhead "
+        f"{plan.overhead:.2f}x (window pixels / output pixels)",
+    ]
+    if plan.seconds_per_window > 0:
+        lines.append(f"estimate: {_duration(plan.estimated_seconds)} of forward passes "
+                     f"({plan.seconds_per_window * 1000:.2f} ms per window, timed here); "
+                     "reading, blending and writing come on top")
+    return "\n".join(lines)
