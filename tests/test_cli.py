@@ -293,3 +293,16 @@ def test_train_with_a_config_file_end_to_end(tmp_path):
     model = json.loads((tmp_path / "m" / "model.json").read_text())
     assert model["arch"] == "random_forest" and model["options"]["n_trees"] == 6
     assert model["training"]["config"]["forest_context"] == 3
+
+
+def test_gdal_block_cache_is_bounded_unless_the_user_sets_it(monkeypatch):
+    import segpipe.cli as cli
+
+    for given, expected in ((None, cli.GDAL_CACHE_DEFAULT), ("64", "64")):
+        if given is None:
+            monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+        else:
+            monkeypatch.setenv("GDAL_CACHEMAX", given)
+        monkeypatch.setattr(sys, "argv", ["segpipe", "--version"])
+        cli.main()
+        assert os.environ["GDAL_CACHEMAX"] == expected
