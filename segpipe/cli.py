@@ -601,9 +601,23 @@ def predict(
         bool, typer.Option(help="Predict even where the image's pixel size differs by more than 25 % "
                            "from the one the model was trained at.")
     ] = False,
+    plan_only: Annotated[
+        bool, typer.Option(help="Print what the run would do and exit: blocks, tasks, windows, compute "
+                           "overhead and a forward-time estimate from timed calls here. Writes nothing.")
+    ] = False,
 ) -> None:
     """Classify every pixel of the store, block by block on a Dask cluster, blending overlapping windows."""
     from segpipe.stages.predict.driver import predict as run
+
+    if plan_only:
+        from segpipe.stages.predict.dryrun import format_plan, plan_predict
+
+        plan = plan_predict(store, model, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+                            force=force, blend=blend, tta=tta, probabilities=probabilities,
+                            max_task_pixels=task_size * task_size, scheduler=scheduler,
+                            allow_resolution_mismatch=allow_resolution_mismatch)
+        console.print(format_plan(plan), soft_wrap=True)
+        return
 
     # The store, the whole package and the settings are checked before any cluster
     # starts; the cluster's address and dashboard are then logged as it comes up.

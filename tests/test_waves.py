@@ -210,3 +210,15 @@ def test_plan_predict_for_a_cluster_matches_a_cluster_run(tmp_path: Path, stub_m
         run = predict(store, stub_model_dir, client=c, **BLOCK_TASKS)
     assert (plan.tasks, plan.windows, plan.task_blocks) == (run.tasks, run.windows, run.task_blocks)
     assert plan.estimated_seconds == 0 and plan.in_flight == 8
+
+
+def test_the_cli_plan_only_prints_the_plan_and_writes_nothing(tmp_path: Path, stub_model_dir: Path) -> None:
+    from test_cli_errors import run
+
+    store = make_store(tmp_path / "s.zarr", block=32)
+    before = _tree(store)
+    done = run("predict", store, "--model", stub_model_dir, "--plan-only", "--scheduler", "synchronous")
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout + done.stderr  # the console writes to stderr, as for every command
+    assert "tasks: " in shown and "estimate: " in shown
+    assert _tree(store) == before
