@@ -1,4 +1,4 @@
-"""Task planning without a cluster: plan_jobs, BlockJob's dask token, the output layer names."""
+"""Task planning without a cluster: iter_jobs, BlockJob's dask token, the output layer names."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from segpipe.errors import InputError
 from segpipe.grid.box import Box
-from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, blocks_box, plan_jobs
+from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, blocks_box, iter_jobs
 from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers, legacy_progress, output_layers
 
 SETTINGS = JobSettings(store="/s.zarr", model_dir="/m", model_hash="h", tile=64, overlap=16, batch_size=4)
@@ -22,8 +22,8 @@ Plan = tuple[np.ndarray, tuple[int, int], int, tuple[int, int]]
 
 
 def _plan(pending: np.ndarray, raster: tuple[int, int], block: int, task: tuple[int, int]) -> list[BlockJob]:
-    return plan_jobs(pending, raster=raster, block_size=block, task_blocks=task, layout=LAYOUT,
-                     settings=SETTINGS)
+    return list(iter_jobs(pending, raster=raster, block_size=block, task_blocks=task, layout=LAYOUT,
+                          settings=SETTINGS))
 
 
 @st.composite

@@ -3,7 +3,7 @@
 The driver (:func:`predict`) pre-creates the output layers as Zarr templates
 (:mod:`segpipe.stages.predict.results`), groups store blocks into tasks large enough
 that few windows are computed twice at task borders
-(:func:`segpipe.grid.plan.plan_superblocks`, :func:`segpipe.stages.predict.jobs.plan_jobs`),
+(:func:`segpipe.grid.plan.plan_superblocks`, :func:`segpipe.stages.predict.jobs.iter_jobs`),
 and runs :func:`segpipe.stages.predict.worker.run_block` over the tasks that still have
 unfinished blocks (:mod:`segpipe.stages.predict.execute`: on a cluster, or in process).
 Windows lie on the raster's global grid and are blended (:mod:`segpipe.stages.predict.blend`), so the

@@ -22,7 +22,7 @@ from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers
 
 __all__ = [
     "BlockJob", "Blocks", "ClusterLayout", "JobSettings", "blocks_box", "count_jobs", "group_grid",
-    "iter_groups", "iter_jobs", "plan_jobs",
+    "iter_groups", "iter_jobs",
 ]
 
 Blocks = tuple[tuple[int, int], ...]
@@ -216,21 +216,3 @@ def iter_jobs(
     threads = layout.threads(count_jobs(mask, task_blocks))
     return (BlockJob(settings=settings, box=blocks_box(todo, block_size, raster), blocks=todo,
                      threads=threads) for todo in iter_groups(mask, task_blocks))
-
-
-def plan_jobs(
-    pending: np.ndarray,
-    *,
-    raster: tuple[int, int],
-    block_size: int,
-    task_blocks: tuple[int, int],
-    layout: ClusterLayout,
-    settings: JobSettings,
-) -> list[BlockJob]:
-    """Every job of :func:`iter_jobs`, as a list (small regions and tests; a run iterates lazily).
-
-    Raises:
-        ValueError: A mask that does not fit the raster's blocks, or a task shape below 1.
-    """
-    return list(iter_jobs(pending, raster=raster, block_size=block_size, task_blocks=task_blocks,
-                          layout=layout, settings=settings))
