@@ -523,8 +523,9 @@ def _write_store(
     if warp is None:
         image = open_mosaic(images, chunk_size=block_size, vrt_path=vrt)
     else:
-        say(f"warping {len(warp.scenes.scenes)} scene(s) onto one grid ({warp.resampling})")
-        image = open_warped(warp.scenes, warp.grid, warp.resampling, block_size, warp.aoi, warp.order)
+        how = warp.request
+        say(f"warping {len(warp.scenes.scenes)} scene(s) onto one grid ({how.resampling})")
+        image = open_warped(warp.scenes, warp.grid, how.resampling, block_size, warp.aoi, how.order)
     grid = _grid(image)
     if src is not None:
         check_overlap(src, grid)

@@ -103,18 +103,14 @@ class WarpPlan:
     Attributes:
         scenes: The scenes (STAC items, or one per tile).
         grid: The target grid (:func:`segpipe.io.warp.target_grid`).
-        aoi: The area of interest, or None.
-        aoi_path: Where the AOI came from (recorded in the store).
-        resampling: GDAL resampling for imagery.
-        order: Overlap rule (``given``, ``latest``, ``least-cloudy``).
+        aoi: The area of interest read from ``request.aoi``, or None.
+        request: The options it was planned from (resampling, overlap order, the AOI's file).
     """
 
     scenes: SceneSet
     grid: Grid
     aoi: Aoi | None
-    aoi_path: str | None
-    resampling: str
-    order: str
+    request: GridRequest
 
 
 # Tiles whose origins lie closer than this fraction of a pixel to a common grid share it
@@ -154,41 +150,6 @@ def _one_grid(images: Sequence[str | Path] | str | Path) -> bool:
     return True
 
 
-def _plan_from(
-    images: Sequence[str | Path] | str | Path,
-    grid_options: dict[str, Any],
-    aoi: str | Path | None,
-    resampling: str,
-    order: str,
-    assets: Sequence[str] | None,
-) -> WarpPlan | None:
-    """The warp an ingest needs, or None where today's fast path applies unchanged.
-
-    STAC inputs, tiles on different grids, or any grid option (``crs``, ``resolution``,
-    ``bounds``, ``aoi``) take the warp path; aligned tiles without options do not.
-
-    Raises:
-        InputError: ``assets`` given for inputs that are not STAC, or a bad grid option.
-        StacError: The STAC document is unusable.
-        MissingInputError: An input or the AOI file does not exist.
-    """
-    stac = _stac_input(images)
-    if stac is None and assets:
-        raise InputError(
-            "--assets chooses bands of STAC items: the inputs are not a STAC Item or ItemCollection"
-        )
-    options = any(v is not None for v in grid_options.values()) or aoi is not None
-    if stac is None and not options and _one_grid(images):
-        return None
-    if stac is not None:
-        scenes = read_stac(stac, assets=list(assets) if assets else None)
-    else:
-        scenes = scenes_from_files(images)
-    area = read_aoi(aoi) if aoi is not None else None
-    grid = target_grid(scenes, aoi=area, **grid_options)
-    return WarpPlan(scenes, grid, area, None if aoi is None else str(aoi), resampling, order)
-
-
 def warp_attrs(warp: WarpPlan) -> dict[str, Any]:
     """What a warped store records beyond the fast path's attributes: scenes, dates, AOI."""
     starts = [s.start_datetime or s.datetime for s in warp.scenes.scenes]
@@ -196,8 +157,8 @@ def warp_attrs(warp: WarpPlan) -> dict[str, Any]:
     known_starts, known_ends = [t for t in starts if t], [t for t in ends if t]
     attrs: dict[str, Any] = {
         "warp": {
-            "resampling": warp.resampling,
-            "order": warp.order,
+            "resampling": warp.request.resampling,
+            "order": warp.request.order,
             "scenes": [s.id for s in warp.scenes.scenes],
             "source": warp.scenes.source,
         }
@@ -205,7 +166,7 @@ def warp_attrs(warp: WarpPlan) -> dict[str, Any]:
     if known_starts and known_ends:
         attrs["acquired"] = {"start": min(known_starts), "end": max(known_ends)}
     if warp.aoi is not None:
-        attrs["aoi"] = {"source": warp.aoi_path, "geometry": aoi_in_store_crs(warp)}
+        attrs["aoi"] = {"source": str(warp.request.aoi), "geometry": aoi_in_store_crs(warp)}
     return attrs
 
 
@@ -217,13 +178,29 @@ def aoi_in_store_crs(warp: WarpPlan) -> dict[str, Any] | None:
 def plan_warp(images: Sequence[str | Path] | str | Path, request: GridRequest) -> WarpPlan | None:
     """The warp an ingest needs, or None where the fast path applies unchanged.
 
+    STAC inputs, tiles on different grids, or any grid option (``crs``, ``resolution``,
+    ``bounds``, ``aoi``) take the warp path; aligned tiles without options do not.
+
     Raises:
         InputError: ``assets`` given for inputs that are not STAC, or a bad grid option.
         StacError: The STAC document is unusable.
         MissingInputError: An input or the AOI file does not exist.
     """
-    grid_options = {"crs": request.crs, "resolution": request.resolution, "bounds": request.bounds}
-    return _plan_from(images, grid_options, request.aoi, request.resampling, request.order, request.assets)
+    stac = _stac_input(images)
+    if stac is None and request.assets:
+        raise InputError(
+            "--assets chooses bands of STAC items: the inputs are not a STAC Item or ItemCollection"
+        )
+    if stac is None and not request.sets_grid and _one_grid(images):
+        return None
+    if stac is not None:
+        scenes = read_stac(stac, assets=list(request.assets) or None)
+    else:
+        scenes = scenes_from_files(images)
+    area = read_aoi(request.aoi) if request.aoi is not None else None
+    r = request
+    grid = target_grid(scenes, crs=r.crs, resolution=r.resolution, bounds=r.bounds, aoi=area)
+    return WarpPlan(scenes, grid, area, request)
 
 
 def store_fingerprint(
