@@ -339,7 +339,8 @@ def _drop_stale_sidecar(url: str) -> None:
     if not remote_exists(url):
         return
     fs = filesystem()
-    head = fs.cat_file(url, start=0, end=400).decode(errors="replace")
+    # Only a style is read (its first bytes): an .aux.xml goes whoever wrote it.
+    head = fs.cat_file(url, start=0, end=400).decode(errors="replace") if url.endswith(".qml") else ""
     if url.endswith(".qml") and not is_segpipe_style(head):
         return
     fs.rm(url)
