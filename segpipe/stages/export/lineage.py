@@ -15,7 +15,7 @@ from typing import Any
 
 import zarr
 
-from segpipe.io.remote import storage_options_for
+from segpipe.io.store import store_group
 
 __all__ = ["Lineage", "read_lineage"]
 
@@ -52,7 +52,7 @@ def _layer_model(group: zarr.Group, layer: str) -> str | None:
 def read_lineage(store: str | Path, layer: str) -> Lineage:
     """The lineage of ``layer`` of a region store (see the module doc)."""
     path = str(store)
-    group = zarr.open_group(path, mode="r", storage_options=storage_options_for(path), use_consolidated=False)
+    group = store_group(path)
     segpipe: dict[str, Any] = dict(group.attrs.get("segpipe", {}))  # type: ignore[arg-type]
     acquired: dict[str, Any] = dict(segpipe.get("acquired") or {})
     sources = tuple(str(s) for s in segpipe.get("sources") or ())
