@@ -1,7 +1,14 @@
-"""Networks and model packages."""
+"""Networks and model packages.
 
+Importing this package does not import torch: :func:`build_network` (the one name here
+that needs it at import) is loaded on first use, so the predict driver and idle workers
+stay light (see :mod:`segpipe.models.catalog`).
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from segpipe.models.catalog import ARCHITECTURES, ENCODERS, output_stride
 from segpipe.models.loading import load_verified, validate_package
-from segpipe.models.networks import ARCHITECTURES, ENCODERS, build_network, output_stride
 from segpipe.models.package import (
     RESOLUTION_TOLERANCE,
     ModelSpec,
@@ -31,3 +38,16 @@ __all__ = [
     "save_model",
     "validate_package",
 ]
+
+
+if TYPE_CHECKING:
+    from segpipe.models.networks import build_network
+
+
+def __getattr__(name: str) -> Any:
+    """``build_network`` on first use (it imports torch and segmentation-models-pytorch)."""
+    if name == "build_network":
+        from segpipe.models.networks import build_network
+
+        return build_network
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,14 +24,21 @@ function on the store block plus a halo, so the trees see the values prediction 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from segpipe.errors import ArchitectureError, InputError
+from segpipe.models.catalog import (
+    FOREST_ARCH,
+    FOREST_OPTIONS,
+    default_overlap,
+    feature_names,
+    features_per_band,
+)
 
 __all__ = [
     "FOREST_ARCH",
@@ -45,39 +52,12 @@ __all__ = [
     "from_sklearn",
 ]
 
-FOREST_ARCH: Final = "random_forest"
-# Required shapes; "context" is optional (packages written before it existed are per-pixel).
-FOREST_OPTIONS = ("n_trees", "max_nodes", "depth")
-
 # Log of a zero probability would be -inf, which softmax turns into NaN when a whole
 # row is -inf; exp(log(1e-30)) is 1e-30, far below any rounding that matters.
 _TINY = 1e-30
 # Pixels descended at once: calls this large amortise torch's per-op overhead (smaller
 # ones were measured slower), and a chunk's working tensors stay at a few MiB.
 _CHUNK = 1 << 16
-
-
-def features_per_band(context: int) -> int:
-    """Tree features per band: the value, plus its window mean and std when ``context`` > 1."""
-    return 3 if context > 1 else 1
-
-
-def feature_names(band_names: Sequence[str], context: int) -> list[str]:
-    """Names of the trees' features, in :func:`context_features` order."""
-    if context <= 1:
-        return list(band_names)
-    window = f"{context}x{context}"
-    return [*band_names, *(f"{b} {stat} {window}" for stat in ("mean", "std") for b in band_names)]
-
-
-def default_overlap(options: Mapping[str, Any]) -> int:
-    """Prediction window overlap a forest with these options needs by default.
-
-    A forest sees at most its context window's half-width of neighbours, so a few
-    pixels of overlap put each window's cut-off edge features under the blend's low
-    weights; a per-pixel forest needs none (overlap would only repeat work).
-    """
-    return 4 * (int(options.get("context", 1)) // 2)
 
 
 def context_features(x: torch.Tensor, context: int) -> torch.Tensor:

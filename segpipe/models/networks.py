@@ -13,20 +13,11 @@ from typing import Any
 from torch import nn
 
 from segpipe.errors import ArchitectureError
+from segpipe.models.catalog import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS, check_arch, output_stride
 
 __all__ = [
     "ARCHITECTURES", "CLASSICAL_ARCHITECTURES", "ENCODERS", "PixelHead", "build_network", "output_stride"
 ]
-
-ARCHITECTURES = ("unet", "pspnet", "deeplabv3", "deeplabv3plus")
-# Per-pixel classical models packaged like networks (segpipe.models.forest); kept apart
-# from ARCHITECTURES because they have no encoder and are not trained by gradient descent.
-CLASSICAL_ARCHITECTURES = ("random_forest",)
-ENCODERS = (
-    "resnet18", "resnet34", "resnet50", "resnet101",
-    "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-    "mobilenet_v2",
-)
 
 # U-Net's default decoder in smp (256..16 channels) costs 2x the encoder on CPU; a
 # lighter decoder keeps accuracy on multispectral scenes and doubles throughput.
@@ -67,19 +58,6 @@ class PixelHead(nn.Module):
         return self.network(x) + self.pixel(x)
 
 
-def _check_arch(arch: str) -> None:
-    if arch not in ARCHITECTURES:
-        raise ArchitectureError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
-
-
-def output_stride(arch: str) -> int:
-    """Input sizes must be multiples of this for the network to run (32 for all four, 1 per-pixel)."""
-    if arch in CLASSICAL_ARCHITECTURES:
-        return 1
-    _check_arch(arch)
-    return 32
-
-
 def build_network(
     arch: str,
     encoder: str,
@@ -113,7 +91,7 @@ def build_network(
         from segpipe.models.ensemble import build_ensemble
 
         return build_ensemble(in_channels, num_classes, options, build_network)  # members: in the options
-    _check_arch(arch)
+    check_arch(arch)
     if encoder not in ENCODERS:
         raise ArchitectureError(f"unknown encoder {encoder!r}: choose one of {', '.join(ENCODERS)}")
     extra = dict(options or {})

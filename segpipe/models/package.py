@@ -30,7 +30,6 @@ import numpy as np
 from segpipe.errors import BandMismatchError, InputError, ModelPackageError, ResolutionMismatchError
 from segpipe.models.fetch import hash_file, local_package
 from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write
-from segpipe.models.networks import build_network
 from segpipe.models.spec import (
     KNOWN_ARCHITECTURES,
     MODEL_SCHEMA,
@@ -184,6 +183,10 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
             f"model package {model_dir} holds its network as {ONNX_FILE}, not torch weights: prediction "
             "runs it with onnxruntime; training, combining and selecting need the torch package it came from"
         )
+    # Imported here, not at the top: reading and checking a package's description must
+    # not import torch (segpipe.models.catalog says why).
+    from segpipe.models.networks import build_network
+
     tensors = _read_weights(local / WEIGHTS_FILE, model_dir)
     try:
         net = build_network(spec.arch, spec.encoder, len(spec.band_names), len(spec.classes), spec.options)

@@ -19,8 +19,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from segpipe.errors import InputError, ModelPackageError
+from segpipe.models.catalog import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS
 from segpipe.models.files import SPEC_FILE
-from segpipe.models.networks import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS
 from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
 __all__ = [

@@ -36,10 +36,11 @@ from segpipe.io.outside import publish_metadata
 from segpipe.io.remote import is_remote
 from segpipe.io.runs import PROGRESS_LAYER, acquire_lock, finish_promotion, has_staged_progress
 from segpipe.io.store import RegionInfo, read_region_info
-from segpipe.models import check_bands, model_hash, read_spec, validate_package
-from segpipe.models.forest import default_overlap as forest_overlap
-from segpipe.models.networks import CLASSICAL_ARCHITECTURES
+from segpipe.models import check_bands, model_hash, read_spec
+from segpipe.models.catalog import CLASSICAL_ARCHITECTURES
+from segpipe.models.catalog import default_overlap as forest_overlap
 from segpipe.models.package import check_resolution
+from segpipe.models.verify import verify_package
 from segpipe.stages.predict.execute import (
     LOCAL_SCHEDULERS,
     cluster_layout,
@@ -237,13 +238,16 @@ def check_predict_inputs(
     probabilities: bool = False,
     output: str = DEFAULT_OUTPUT,
     allow_resolution_mismatch: bool = False,
+    load_here: bool | None = None,
 ) -> PredictInputs:
     """Check a predict run's inputs without writing anything or starting a cluster.
 
     The store must be readable, the model package valid in full (its weights are
-    loaded into the network, once per process and package), its bands those of the
-    image, its training pixel size within 25 % of the image's (unless
-    ``allow_resolution_mismatch``), and the window settings and output name usable.
+    loaded into the network, once per process and package: in this process if
+    ``load_here``, in a child process if not, by default here only if torch is already
+    imported; see :mod:`segpipe.models.verify`), its bands those of the image, its
+    training pixel size within 25 % of the image's (unless ``allow_resolution_mismatch``),
+    and the window settings and output name usable.
 
     Returns:
         The checked inputs.
@@ -262,7 +266,7 @@ def check_predict_inputs(
     store_s = _store_location(store)
     info = read_region_info(store_s)
     mdir = model_location(model_dir)
-    spec, mhash = validate_package(mdir)
+    spec, mhash = verify_package(mdir, load_here)
     check_bands(spec, info.band_names)
     check_resolution(spec, info.crs_wkt, info.transform, allow_resolution_mismatch, f"model {mdir}")
     tile, ov = window_settings(spec, tile_size, overlap, blend)
@@ -453,8 +457,11 @@ def predict(
         StoreBusyError: Another predict run holds the store.
     """
     t0 = time.perf_counter()
+    # Tasks run in this process with a local scheduler, so the weights are loaded here
+    # anyway; otherwise they are checked in a child and the driver stays without torch.
+    in_process = client is None and scheduler in LOCAL_SCHEDULERS
     inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities,
-                                  output, allow_resolution_mismatch)
+                                  output, allow_resolution_mismatch, True if in_process else None)
     with acquire_lock(inputs.store, inputs.key["model_hash"]) as lock, contextlib.ExitStack() as stack:
         finish_promotion(inputs.store)
         published = _published(inputs, force)
