@@ -36,7 +36,7 @@ import zarr
 import segpipe.stages.predict.execute as execute
 from segpipe.grid.plan import plan_superblocks
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, count_jobs, iter_jobs
-from segpipe.stages.predict.waves import in_flight_limit
+from segpipe.waves import in_flight_limit
 
 BLOCK = 512
 TILE, OVERLAP = 256, 64

@@ -24,7 +24,7 @@ from segpipe.stages.predict.jobs import (
     iter_groups,
     iter_jobs,
 )
-from segpipe.stages.predict.waves import in_flight_limit, submit_bounded, waves
+from segpipe.waves import in_flight_limit, submit_bounded, waves
 
 LAYOUT = ClusterLayout(2, False)
 JOB = JobSettings(store="s", model_dir="m", model_hash="h", tile=64, overlap=16, batch_size=2)

@@ -31,7 +31,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,7 @@ from segpipe.stages.ingest.plan import (
     warp_attrs,
 )
 from segpipe.types import ClassInfo, Grid, read_classes_file
+from segpipe.waves import block_spans
 
 __all__ = ["ingest"]
 
@@ -234,8 +235,9 @@ def _write_image(
         # Explicit None: without nodata, xarray must not invent a NaN fill value.
         "_FillValue": nodata,
     }
-    ds = var.to_dataset(name="image")
-    write = ds.to_zarr(
+    # Arrays, attributes and coordinates only: the pixels are written below in waves,
+    # so that no dask graph covers the whole region (segpipe.waves).
+    var.to_dataset(name="image").to_zarr(
         store,
         mode="w-",
         zarr_format=3,
@@ -244,26 +246,41 @@ def _write_image(
         storage_options=storage_options_for(store),
         compute=False,
     )
+    target = open_layer(store, "image", mode="r+")
     valid = _valid_mask(image, nodata)
+    count = 0
+    for ys, xs in _pixel_spans(int(var.sizes["y"]), int(var.sizes["x"]), block_size):
+        part = image.data[:, ys, xs]
+        # dask documents zarr arrays as targets; its annotation omits them.
+        write = da.store(part, target, regions=(slice(None), ys, xs), lock=False, compute=False)  # type: ignore[arg-type]
+        if valid is None or reread:
+            _compute(write)
+        else:
+            # One graph: the count reuses the blocks the write reads, so the image is read once.
+            count += int(_compute(write, valid[ys, xs].sum())[1])
     if valid is None:  # every pixel counts, and a mosaic has at least one
-        _compute(write)
         return
     if reread:
         # Counted from the written store: computed beside the write, the count would warp
         # every block a second time (dask fuses the source blocks into the write's tasks).
-        _compute(write)
-        stored = zarr.open_group(store, mode="r", storage_options=storage_options_for(store))["image"]
-        again = _valid_mask(da.from_zarr(stored, chunks=(nbands, block_size, block_size)), nodata)
+        stored = da.from_zarr(target, chunks=(nbands, block_size, block_size))
+        again = _valid_mask(stored, nodata)
         assert again is not None  # same dtype and nodata as ``valid``
-        (count,) = _compute(again.sum())
-    else:
-        # One graph: the count reuses the blocks the write reads, so the image is read once.
-        _, count = _compute(write, valid.sum())
-    if int(count) == 0:
+        count = sum(int(_compute(again[ys, xs].sum())[0]) for ys, xs in
+                    _pixel_spans(int(var.sizes["y"]), int(var.sizes["x"]), block_size))
+    if count == 0:
         raise InputError(
             f"image {sources} has no valid pixel (every pixel is nodata {nodata} or NaN in some band): "
             "check the files and their nodata value"
         )
+
+
+def _pixel_spans(height: int, width: int, block_size: int) -> Iterator[tuple[slice, slice]]:
+    """The region in waves of whole blocks (:func:`segpipe.waves.block_spans`), as pixel slices."""
+    rows, cols = -(-height // block_size), -(-width // block_size)
+    for r, c in block_spans(rows, cols):
+        yield (slice(r.start * block_size, min(height, r.stop * block_size)),
+               slice(c.start * block_size, min(width, c.stop * block_size)))
 
 
 def _label_block(
@@ -291,16 +308,18 @@ def _write_labels(
     """Fill the ``labels`` layer block by block; return the per-value pixel counts."""
     create_layer(store, "labels", "uint8", 0)
     block = delayed(_label_block, pure=True)
-    tasks = [
-        block(src, grid, store, y0, x0, block_size, aoi)
-        for y0 in range(0, grid.height, block_size)
-        for x0 in range(0, grid.width, block_size)
-    ]
-    results = _compute(*tasks)
-    for result in results:
-        if isinstance(result, LabelsError):
-            raise result
-    counts: np.ndarray = np.sum(results, axis=0)
+    counts = np.zeros(256, np.int64)
+    for ys, xs in _pixel_spans(grid.height, grid.width, block_size):
+        # One wave at a time (segpipe.waves): a region's worth of tasks is never one graph.
+        tasks = [
+            block(src, grid, store, y0, x0, block_size, aoi)
+            for y0 in range(ys.start, ys.stop, block_size)
+            for x0 in range(xs.start, xs.stop, block_size)
+        ]
+        for result in _compute(*tasks):
+            if isinstance(result, LabelsError):
+                raise result
+            counts += result
     return counts
 
 

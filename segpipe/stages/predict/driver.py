@@ -379,7 +379,7 @@ def _run_tasks(
         if progress is not None:
             progress(skipped + run.skipped + run.blocks, total)
 
-    # Jobs are made as they are submitted, a bounded number in flight (segpipe.stages.predict.waves).
+    # Jobs are made as they are submitted, a bounded number in flight (segpipe.waves).
     if isinstance(executor, str):
         run_in_process(jobs, executor, record, layout.slots)
     else:

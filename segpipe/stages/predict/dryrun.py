@@ -30,8 +30,8 @@ from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, blocks_box
 from segpipe.stages.predict.outputs import DEFAULT_OUTPUT
 from segpipe.stages.predict.pixels import prepare_pixels
 from segpipe.stages.predict.results import read_markers
-from segpipe.stages.predict.waves import in_flight_limit
 from segpipe.stages.predict.worker import cached_forward, usable_cores
+from segpipe.waves import in_flight_limit
 
 __all__ = ["PredictPlan", "calibrate_forward", "format_plan", "plan_predict", "task_windows"]
 

@@ -1,7 +1,7 @@
 """Where a predict run's tasks execute: on a Dask cluster, or in this process.
 
 On a cluster (:func:`run_on_cluster`) the tasks are submitted a bounded number at a
-time (:mod:`segpipe.stages.predict.waves`), with a ``GPU`` resource on GPU clusters. In
+time (:mod:`segpipe.waves`), with a ``GPU`` resource on GPU clusters. In
 this process (:func:`run_in_process`) dask's local scheduler runs them in waves,
 ``threads`` or ``synchronous`` (the random-forest baseline runs this way, inside a
 flow's task). Either way each task's stats are handed to a
@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout
-from segpipe.stages.predict.waves import in_flight_limit, submit_bounded, waves
 from segpipe.stages.predict.worker import run_block, usable_cores, worker_host
+from segpipe.waves import in_flight_limit, submit_bounded, waves
 
 if TYPE_CHECKING:
     import distributed
@@ -64,7 +64,7 @@ def run_on_cluster(
 ) -> int:
     """Run :func:`run_block` over the jobs on a cluster, a bounded number at a time; raise the first error.
 
-    At most :func:`segpipe.stages.predict.waves.in_flight_limit` ``(slots)`` tasks are
+    At most :func:`segpipe.waves.in_flight_limit` ``(slots)`` tasks are
     submitted and unfinished at once; the next jobs are pulled from ``jobs`` (a lazy
     generator on large regions) as earlier ones finish. On an error or an interrupted
     driver the queued tasks are cancelled; blocks already marked stay done.
@@ -87,7 +87,7 @@ def run_on_cluster(
 def run_in_process(jobs: Iterable[BlockJob], scheduler: str, record: Record, slots: int = 1) -> int:
     """Run the jobs in this process with dask's local ``scheduler``, in waves; raise the first task's error.
 
-    Each wave is :func:`segpipe.stages.predict.waves.in_flight_limit` ``(slots)`` jobs,
+    Each wave is :func:`segpipe.waves.in_flight_limit` ``(slots)`` jobs,
     pulled from ``jobs`` only when the previous wave has finished: the driver never
     holds a graph of the whole region.
 

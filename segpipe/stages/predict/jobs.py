@@ -4,7 +4,7 @@ Pure: no cluster and no store IO. The driver reads the done markers and asks the
 cluster its layout; :func:`iter_jobs` turns those into :class:`BlockJob` s lazily, small
 frozen values that ship cheaply in a task graph and tokenize deterministically. Only
 the markers array (one byte per block) spans the region; jobs are made as they are
-submitted (:mod:`segpipe.stages.predict.waves`).
+submitted (:mod:`segpipe.waves`).
 """
 
 from __future__ import annotations

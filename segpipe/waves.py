@@ -1,11 +1,14 @@
-"""Bounded submission: a run's tasks go to the cluster a few at a time, never as one graph.
+"""Bounded work: a run's tasks go to the cluster a few at a time, never as one graph.
 
 A whole region is 10^4-10^6 blocks. Mapping every task at once makes the driver hold a
-future per task and the scheduler a task state per task (hundreds of MB at a million);
-here at most :func:`in_flight_limit` tasks are submitted and unfinished at any time, and
-the next ones are pulled from a lazy job generator
-(:func:`segpipe.stages.predict.jobs.iter_jobs`) as earlier ones finish. Finished blocks
-are tracked by the workers' markers in the store, not by the driver.
+future per task and the scheduler a task state per task (hundreds of MB at a million).
+Prediction submits at most :func:`in_flight_limit` tasks at a time (:func:`submit_bounded`),
+pulling the next ones from a lazy job generator
+(:func:`segpipe.stages.predict.jobs.iter_jobs`) as earlier ones finish; finished blocks
+are tracked by the workers' markers in the store, not by the driver. Ingest and
+evaluate build dask graphs; they compute them one wave of at most :data:`WAVE_BLOCKS`
+blocks (or windows) at a time (:func:`block_spans`, :func:`waves`), so no graph grows
+with the region.
 """
 
 from __future__ import annotations
@@ -17,12 +20,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     import distributed
 
-__all__ = ["IN_FLIGHT_PER_SLOT", "MIN_IN_FLIGHT", "in_flight_limit", "submit_bounded", "waves"]
+__all__ = [
+    "IN_FLIGHT_PER_SLOT", "MIN_IN_FLIGHT", "WAVE_BLOCKS", "block_spans", "in_flight_limit", "submit_bounded",
+    "waves",
+]
 
 IN_FLIGHT_PER_SLOT = 4
 """Tasks in flight per task slot: enough queued that no slot idles while the driver refills."""
 MIN_IN_FLIGHT = 8
 """Fewest tasks in flight, whatever the cluster (a 1-slot cluster still pipelines)."""
+
+WAVE_BLOCKS = 1024
+"""Most blocks (or windows) one dask graph of ingest or evaluate covers: a few thousand
+tasks, enough that every slot of a large cluster is busy, small enough that the driver and
+the scheduler hold a wave, not the region. A wave waits for its slowest task before the
+next starts; at 1024 blocks that tail is about one task per slot in a thousand."""
 
 J = TypeVar("J")
 Record = Callable[[Any], None]
@@ -40,6 +52,28 @@ def waves(jobs: Iterable[J], size: int) -> Iterator[list[J]]:
     it = iter(jobs)
     while wave := list(islice(it, size)):
         yield wave
+
+
+def block_spans(rows: int, cols: int, most: int | None = None) -> Iterator[tuple[slice, slice]]:
+    """A grid of ``rows`` x ``cols`` blocks in rectangles of at most ``most`` blocks, row-major.
+
+    Whole block rows go together while they fit; a row longer than ``most`` is cut into
+    pieces of ``most`` blocks. Slices are in block units. ``most`` defaults to
+    :data:`WAVE_BLOCKS`, read when called.
+    """
+    most = WAVE_BLOCKS if most is None else most
+    if most < 1:
+        raise ValueError(f"wave size {most} must be at least 1")
+    if rows < 1 or cols < 1:
+        return
+    if cols <= most:
+        step = most // cols
+        for r0 in range(0, rows, step):
+            yield slice(r0, min(rows, r0 + step)), slice(0, cols)
+        return
+    for r0 in range(rows):
+        for c0 in range(0, cols, most):
+            yield slice(r0, r0 + 1), slice(c0, min(cols, c0 + most))
 
 
 def submit_bounded(
