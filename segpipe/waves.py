@@ -45,8 +45,12 @@ def in_flight_limit(slots: int) -> int:
     return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_SLOT * max(1, slots))
 
 
-def waves(jobs: Iterable[J], size: int) -> Iterator[list[J]]:
-    """The jobs in lists of at most ``size``, pulled from ``jobs`` only as each list is asked for."""
+def waves(jobs: Iterable[J], size: int | None = None) -> Iterator[list[J]]:
+    """The jobs in lists of at most ``size`` (default :data:`WAVE_BLOCKS`, read when called).
+
+    Jobs are pulled from ``jobs`` only as each list is asked for.
+    """
+    size = WAVE_BLOCKS if size is None else size
     if size < 1:
         raise ValueError(f"wave size {size} must be at least 1")
     it = iter(jobs)

@@ -14,6 +14,7 @@ import shapely
 import xarray as xr
 import zarr
 from affine import Affine
+from PIL import Image
 from rasterio.features import rasterize
 from rasterio.warp import transform as transform_points
 from rasterio.warp import transform_bounds
@@ -590,3 +591,30 @@ def test_write_outputs_without_a_preview(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "metrics.json", "report.md"]
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert "![preview](preview.png)" not in (tmp_path / "report.md").read_text()
+
+
+def test_waves_of_one_window_give_the_same_report(
+    scene: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows are computed a wave at a time (segpipe.waves); the merge keeps window order."""
+    import segpipe.waves
+
+    options = {"points": 800, "seed": 5, "window": 512}
+    one = evaluate(scene["store"], scene["ref_tif"], tmp_path / "one", **options)
+    graphs: list[int] = []
+    compute = ev.compute
+
+    def spy(*collections: object) -> tuple[object, ...]:
+        graphs.append(sum(len(c.__dask_graph__()) for c in collections))  # type: ignore[attr-defined]
+        return compute(*collections)
+
+    monkeypatch.setattr(segpipe.waves, "WAVE_BLOCKS", 1)
+    monkeypatch.setattr(ev, "compute", spy)
+    waved = evaluate(scene["store"], scene["ref_tif"], tmp_path / "waves", **options)
+    assert len(graphs) > 2 and max(graphs) == 1  # one window per graph
+    for key in ("confusion_matrix", "other_predictions", "pixels", "overall_accuracy", "assessment"):
+        assert waved[key] == one[key], key
+    np.testing.assert_array_equal(read_points(tmp_path / "waves" / "points.csv"),
+                                  read_points(tmp_path / "one" / "points.csv"))
+    previews = [np.asarray(Image.open(tmp_path / run / "preview.png")) for run in ("one", "waves")]
+    np.testing.assert_array_equal(*previews)

@@ -63,6 +63,7 @@ from segpipe.stages.evaluate.report import (
     write_report,
 )
 from segpipe.types import ClassInfo, Grid, default_colour
+from segpipe.waves import waves
 
 __all__ = ["EVAL_WINDOW", "PredictionSource", "evaluate", "open_prediction"]
 
@@ -200,10 +201,17 @@ def _tree_sum(parts: list[Delayed]) -> Delayed:
 def _full_pass(
     pred: PredictionSource, labels: LabelSource, grid: Grid, boxes: list[Box], step: int
 ) -> _PassResult:
-    """Every window's :func:`_window_pass` on the active dask scheduler, merged in window order."""
-    parts = [delayed(_window_pass)(pred, labels, grid, box, step) for box in boxes]
-    (result,) = compute(_tree_sum(parts))
-    return result  # type: ignore[no-any-return]
+    """Every window's :func:`_window_pass` on the active dask scheduler, merged in window order.
+
+    Computed one wave of windows at a time (:func:`segpipe.waves.waves`), so that neither
+    the driver nor the scheduler holds a graph of the whole region.
+    """
+    result: _PassResult | None = None
+    for wave in waves(boxes):
+        (part,) = compute(_tree_sum([delayed(_window_pass)(pred, labels, grid, box, step) for box in wave]))
+        result = part if result is None else _merge(result, part)
+    assert result is not None  # a grid has at least one window
+    return result
 
 
 def _check_labelled(hist: np.ndarray, prediction: str | Path, reference: str | Path) -> None:
@@ -304,8 +312,12 @@ def _sample_points(
     """Draw the points and read their values: ((n, 4) row/col/reference/prediction, per-stratum counts)."""
     targets = allocate(window_counts.sum(axis=0), request.n, request.sampling)
     picks = draw_ranks(window_counts, targets, request.seed)
-    tasks = [delayed(_window_points)(pred, labels, grid, boxes[i], picks[i]) for i in sorted(picks)]
-    found = compute(*tasks)
+    read = delayed(_window_points)
+    found = [
+        points
+        for wave in waves(sorted(picks))
+        for points in compute(*[read(pred, labels, grid, boxes[i], picks[i]) for i in wave])
+    ]
     points = np.concatenate(found) if found else np.zeros((0, 4), np.int64)
     return points, targets
 
