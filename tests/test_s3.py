@@ -391,3 +391,19 @@ def test_process_region_on_s3_resumes(s3: str, region, client, prefect_home, tmp
     assert "train" in [s["stage"] for s in first["stages"]]
     assert "train" not in [s["stage"] for s in third["stages"]]
     assert third["miou"] == first["miou"]
+
+
+def test_markers_on_s3_come_from_the_listing(s3: str) -> None:
+    from segpipe.io.remote import storage_options_for
+    from segpipe.io.store import marked_cells
+
+    url = f"{s3}/markers.zarr"
+    group = zarr.open_group(url, mode="w", storage_options=storage_options_for(url))
+    arr = group.create_array("_predict/progress_predict", shape=(5, 6), chunks=(1, 1), dtype="uint8",
+                             fill_value=0)
+    want = np.zeros((5, 6), bool)
+    want[[0, 2, 4], [5, 1, 5]] = True
+    for y, x in zip(*np.nonzero(want), strict=True):
+        arr[y, x] = 1
+    np.testing.assert_array_equal(marked_cells(arr), want)
+    assert not marked_cells(group.create_array("empty", shape=(2, 2), chunks=(1, 1), dtype="uint8")).any()

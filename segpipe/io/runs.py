@@ -406,16 +406,14 @@ def finish_promotion(store: str | Path) -> bool:
     Returns:
         Whether a staged result was published.
     """
-    import numpy as np
-
-    from segpipe.io.store import open_layer
+    from segpipe.io.store import marked_cells, open_layer
 
     s = store_location(store)
     if _exists(s, _REPLACED) and not _exists(s, f"{staged(PROGRESS_LAYER)}/zarr.json"):
         _remove(s, _REPLACED)  # the crash came after the last move: only the cleanup was left
     try:
         progress = open_layer(s, staged(PROGRESS_LAYER))
-        complete = bool(np.asarray(progress[...]).all())
+        complete = bool(marked_cells(progress).all())
         key = dict(progress.attrs)
     except (StoreError, OSError, ValueError):
         return False

@@ -44,6 +44,7 @@ __all__ = [
     "create_layer",
     "store_group",
     "has_layer",
+    "marked_cells",
     "open_layer",
     "open_region",
     "read_region_info",
@@ -348,6 +349,55 @@ def open_layer(store: str | Path, name: str, mode: str = "r", missing: str = "")
     if not isinstance(arr, zarr.Array):
         raise StoreError(f"'{name}' in region store {store} is not an array: re-run 'segpipe ingest'")
     return arr
+
+
+def marked_cells(markers: zarr.Array[Any]) -> np.ndarray:
+    """Which cells of a marker array (one chunk per cell, only ever set to 1) are set, as bools.
+
+    Read from the list of chunk keys stored, not from the chunks: a missing chunk is an
+    unset marker (zarr never stores a chunk equal to the fill value 0), so a region of a
+    million blocks costs one directory walk, or one listing of an object prefix, instead
+    of a million reads (about 10 minutes measured at 0.6 ms each). Other layouts, and
+    stores that cannot be listed, are read cell by cell.
+    """
+    encoding = getattr(markers.metadata, "chunk_key_encoding", None)
+    default = getattr(encoding, "name", "") == "default" and getattr(encoding, "separator", "") == "/"
+    keys = _chunk_keys(markers) if default and markers.chunks == (1, 1) else None
+    if keys is None:
+        return np.asarray(markers[...]).astype(bool)
+    out = np.zeros(markers.shape, dtype=bool)
+    for key in keys:
+        parts = key.rsplit("/", 3)
+        if len(parts) == 4 and parts[1] == "c" and parts[2].isdigit() and parts[3].isdigit():
+            y, x = int(parts[2]), int(parts[3])
+            if y < out.shape[0] and x < out.shape[1]:
+                out[y, x] = True
+    return out
+
+
+def _chunk_keys(array: zarr.Array[Any]) -> list[str] | None:
+    """Paths of the chunk objects an array has stored (``.../c/Y/X``), or None if not listable here."""
+    store = array.store
+    root = getattr(store, "root", None)
+    if isinstance(root, Path):  # a LocalStore
+        top = root / array.path / "c"
+        if not top.is_dir():
+            return []
+        return [f"{array.path}/c/{row.name}/{cell.name}"
+                for row in top.iterdir() if row.is_dir() for cell in row.iterdir()]
+    fs, path = getattr(store, "fs", None), getattr(store, "path", None)
+    if fs is None or path is None or "s3" not in fs.protocol:  # memory, or a store wrapped another way
+        return None
+    from segpipe.io.remote import filesystem
+
+    # zarr's own filesystem object is asynchronous and bound to zarr's event loop; the
+    # synchronous one segpipe uses everywhere else lists the same objects.
+    prefix = f"{str(path).rstrip('/')}/{array.path}/c"
+    try:
+        found = filesystem().find(prefix)
+    except FileNotFoundError:
+        return []
+    return [str(key) for key in found]
 
 
 def has_layer(store: str | Path, name: str) -> bool:

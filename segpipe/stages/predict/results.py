@@ -14,7 +14,7 @@ import zarr
 
 from segpipe.errors import StoreBusyError, StoreError
 from segpipe.io.runs import RunLock, promote
-from segpipe.io.store import NODATA_U8, create_layer, has_layer, open_layer
+from segpipe.io.store import NODATA_U8, create_layer, has_layer, marked_cells, open_layer
 from segpipe.stages.predict.outputs import DEFAULT_LAYERS, OutputLayers, legacy_progress
 from segpipe.types import class_flags, classes_to_json
 
@@ -47,7 +47,7 @@ def read_markers(
     made_with_key = all(a.attrs.get(k) == v for a in (progress, *data) for k, v in key.items())
     if progress.shape != blocks or not made_with_key:
         return None
-    return np.asarray(progress[...]).astype(bool)
+    return marked_cells(progress)
 
 
 def prepare_layers(
