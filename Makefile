@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist; whole files per process, so module fixtures are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint install clean
 
@@ -22,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check segpipe flows tests benchmarks deploy
 	$(BIN)/mypy segpipe flows
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check segpipe flows tests benchmarks deploy
