@@ -407,3 +407,24 @@ def test_markers_on_s3_come_from_the_listing(s3: str) -> None:
         arr[y, x] = 1
     np.testing.assert_array_equal(marked_cells(arr), want)
     assert not marked_cells(group.create_array("empty", shape=(2, 2), chunks=(1, 1), dtype="uint8")).any()
+
+
+def test_a_package_on_s3_is_checked_in_a_child_process(s3: str, model_dir: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                       monkeypatch) -> None:
+    """The child that loads the weights for a torch-free driver reads the package from the bucket too."""
+    from segpipe.errors import ModelPackageError
+    from segpipe.io.remote import upload
+    from segpipe.models import validate_package
+    from segpipe.models.verify import verify_package
+
+    monkeypatch.setenv("SEGPIPE_CACHE", str(tmp_path / "cache"))
+    url = f"{s3}/models/child-check"
+    for name in ("model.json", "weights.safetensors"):
+        upload(model_dir / name, f"{url}/{name}")
+    assert verify_package(url, here=False) == validate_package(model_dir)
+    weights = (model_dir / "weights.safetensors").read_bytes()
+    half = tmp_path / "half.safetensors"
+    half.write_bytes(weights[: len(weights) // 2])
+    upload(half, f"{url}/weights.safetensors")
+    with pytest.raises(ModelPackageError, match="safetensors"):
+        verify_package(url, here=False)
