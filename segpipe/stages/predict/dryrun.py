@@ -203,8 +203,9 @@ def plan_predict(
     """
     from segpipe.stages.predict.driver import MAX_TASK_PIXELS
 
+    # A calibrating dry run times forward calls here, so it loads the weights here anyway.
     inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities,
-                                  output, allow_resolution_mismatch)
+                                  output, allow_resolution_mismatch, load_here=True if calibrate else None)
     done = _done(inputs, force)
     layout = _layout(scheduler, slots)
     run, jobs = plan_tasks(inputs, inputs.layers, done, layout, max_task_pixels or MAX_TASK_PIXELS)
