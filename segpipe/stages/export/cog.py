@@ -340,7 +340,8 @@ def _drop_stale_sidecar(url: str) -> None:
         return
     fs = filesystem()
     # Only a style is read (its first bytes): an .aux.xml goes whoever wrote it.
-    head = fs.cat_file(url, start=0, end=400).decode(errors="replace") if url.endswith(".qml") else ""
-    if url.endswith(".qml") and not is_segpipe_style(head):
-        return
+    if url.endswith(".qml"):
+        head = fs.cat_file(url, start=0, end=400).decode(errors="replace")
+        if not is_segpipe_style(head):
+            return
     fs.rm(url)

@@ -249,7 +249,8 @@ def _write_image(
     target = open_layer(store, "image", mode="r+")
     valid = _valid_mask(image, nodata)
     count = 0
-    for ys, xs in _pixel_spans(int(var.sizes["y"]), int(var.sizes["x"]), block_size):
+    spans = list(_pixel_spans(int(var.sizes["y"]), int(var.sizes["x"]), block_size))
+    for ys, xs in spans:
         part = image.data[:, ys, xs]
         # dask documents zarr arrays as targets; its annotation omits them.
         write = da.store(part, target, regions=(slice(None), ys, xs), lock=False, compute=False)  # type: ignore[arg-type]
@@ -266,8 +267,7 @@ def _write_image(
         stored = da.from_zarr(target, chunks=(nbands, block_size, block_size))
         again = _valid_mask(stored, nodata)
         assert again is not None  # same dtype and nodata as ``valid``
-        count = sum(int(_compute(again[ys, xs].sum())[0]) for ys, xs in
-                    _pixel_spans(int(var.sizes["y"]), int(var.sizes["x"]), block_size))
+        count = sum(int(_compute(again[ys, xs].sum())[0]) for ys, xs in spans)
     if count == 0:
         raise InputError(
             f"image {sources} has no valid pixel (every pixel is nodata {nodata} or NaN in some band): "

@@ -198,8 +198,8 @@ def plan_warp(images: Sequence[str | Path] | str | Path, request: GridRequest) -
     else:
         scenes = scenes_from_files(images)
     area = read_aoi(request.aoi) if request.aoi is not None else None
-    r = request
-    grid = target_grid(scenes, crs=r.crs, resolution=r.resolution, bounds=r.bounds, aoi=area)
+    grid = target_grid(scenes, crs=request.crs, resolution=request.resolution, bounds=request.bounds,
+                       aoi=area)
     return WarpPlan(scenes, grid, area, request)
 
 
