@@ -58,11 +58,11 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def hash_uniform(iy: np.ndarray, ix: np.ndarray, seed: int, salt: int) -> np.ndarray:
-    """Uniform [0, 1) values hashed from integer lattice coordinates (splitmix64)."""
+def hash_bits(iy: np.ndarray, ix: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """Well-mixed uint64 bits hashed from integer lattice coordinates (splitmix64's finaliser)."""
     # Broadcastable (h, 1) and (1, w) coordinates are hashed as the full grid they span,
     # with the row and column terms computed once each; the mixing runs in place (one
-    # scratch array), as the per-pixel hashes are most of a synthetic scene's cost.
+    # scratch array), as the per-pixel hashes are a large part of a synthetic scene's cost.
     with np.errstate(over="ignore"):
         z = (iy.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
             (ix.astype(np.uint64) + np.uint64(0x632BE59BD9B4E019)) * np.uint64(0xD6E8FEB86659FD93)
@@ -74,38 +74,67 @@ def hash_uniform(iy: np.ndarray, ix: np.ndarray, seed: int, salt: int) -> np.nda
             z ^= scratch
             if mult is not None:
                 z *= mult
-        z >>= np.uint64(11)
+    return z
+
+
+def hash_uniform(iy: np.ndarray, ix: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """Uniform [0, 1) float64 values hashed from integer lattice coordinates (53 bits each)."""
+    z = hash_bits(iy, ix, seed, salt)
+    z >>= np.uint64(11)
     out = z.astype(np.float64)
     out *= 1.0 / (1 << 53)
     return out
 
 
+def _hash_normal(iy: np.ndarray, ix: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """Approximately Gaussian float32 values (mean 0, variance 1/4): a sum of three uniforms minus 1.5.
+
+    The three uniforms are three 21-bit fields of one hash, so a pixel costs one hash
+    rather than three (the noise's resolution, 2**-21, is far below a DN).
+    """
+    z = hash_bits(iy, ix, seed, salt)
+    mask = np.uint64((1 << 21) - 1)
+    total = z & mask
+    total += (z >> np.uint64(21)) & mask
+    total += (z >> np.uint64(42)) & mask
+    out = total.astype(np.float32)
+    out *= np.float32(1.0 / (1 << 21))
+    out -= np.float32(1.5)
+    return out
+
+
 def _value_noise(ys: np.ndarray, xs: np.ndarray, scale: float, seed: int, salt: int) -> np.ndarray:
-    """Smooth noise in [0, 1): hashed lattice values every ``scale`` px, smoothstep-interpolated.
+    """Smooth float32 noise in [0, 1): hashed lattice values every ``scale`` px, smoothstep-interpolated.
 
     Only the lattice points the window needs are hashed, then gathered: hashing
-    every pixel four times would dominate the cost of large scenes.
+    every pixel four times would dominate the cost of large scenes. The per-pixel
+    arithmetic runs in float32 (memory traffic is its cost; the fields only decide
+    which class wins where, and smooth noise has no use for 53 bits).
     """
     gy = ys / scale
     gx = xs / scale
     iy = np.floor(gy).astype(np.int64)
     ix = np.floor(gx).astype(np.int64)
-    fy = gy - iy
-    fx = gx - ix
-    fy = (fy * fy * (3 - 2 * fy))[:, None]
-    fx = (fx * fx * (3 - 2 * fx))[None, :]
+    ty = gy - iy
+    tx = gx - ix
+    fy = (ty * ty * (3 - 2 * ty)).astype(np.float32)[:, None]
+    fx = (tx * tx * (3 - 2 * tx)).astype(np.float32)[None, :]
     ly = np.arange(iy.min(), iy.max() + 2)
     lx = np.arange(ix.min(), ix.max() + 2)
     offset = 1 << 20  # keep lattice indices non-negative
-    lattice = hash_uniform((ly + offset)[:, None], (lx + offset)[None, :], seed, salt)
+    lattice = hash_uniform((ly + offset)[:, None], (lx + offset)[None, :], seed, salt).astype(np.float32)
     ry = iy - ly[0]
     rx = ix - lx[0]
-    # Interpolated along x once per lattice row, then rows are picked per pixel row: the
-    # same operations on the same values as interpolating each pixel's four corners.
+    # Interpolated along x once per lattice row (few rows), then each pixel row is its
+    # lattice row plus a share of the step to the next: two gathers and an in-place
+    # multiply-add over the window, rather than interpolating four corners per pixel.
     left = lattice[:, rx]
     rows = left + (lattice[:, rx + 1] - left) * fx
-    top = rows[ry]
-    return top + (rows[ry + 1] - top) * fy  # type: ignore[no-any-return]
+    steps = np.diff(rows, axis=0)
+    out: np.ndarray = steps[ry]
+    out *= fy
+    out += rows[ry]
+    return out
 
 
 def _coords(y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,16 +155,15 @@ def class_block(spec: SceneSpec, y0: int, x0: int, h: int, w: int) -> np.ndarray
     """Dense land-cover classes (values 1-6) of a window; 0 where the scene has no data."""
     ys, xs = _coords(y0, x0, h, w)
     s = spec.region_scale
-    fields = []
-    for k in range(len(SCENE_CLASSES)):
+    fields = np.empty((len(SCENE_CLASSES), h, w), dtype=np.float32)
+    for k, field in enumerate(fields):
         # Fractal sum of value noise: large patches with irregular, natural edges.
-        f = (
-            _value_noise(ys, xs, s, spec.seed, 100 + k)
-            + 0.45 * _value_noise(ys, xs, s / 3.0, spec.seed, 200 + k)
-            + 0.2 * _value_noise(ys, xs, s / 9.0, spec.seed, 300 + k)
-        )
-        fields.append(f)
-    classes: np.ndarray = (np.argmax(np.stack(fields), axis=0) + 1).astype(np.uint8)
+        field[...] = _value_noise(ys, xs, s, spec.seed, 100 + k)
+        for octave, weight, salt in ((3.0, 0.45, 200), (9.0, 0.2, 300)):
+            detail = _value_noise(ys, xs, s / octave, spec.seed, salt + k)
+            detail *= np.float32(weight)
+            field += detail
+    classes: np.ndarray = (np.argmax(fields, axis=0) + 1).astype(np.uint8)
     classes[nodata_block(spec, y0, x0, h, w)] = 0
     return classes
 
@@ -152,6 +180,9 @@ def _spectra(bands: int) -> np.ndarray:
     return np.stack([water, vegetation, vegetation, man_made, man_made, soil])
 
 
+_TEXTURED = (2, 3, 4, 5)  # the classes :func:`_texture` gives a pattern (paired classes)
+
+
 def _texture(spec: SceneSpec, k: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """A +-1 pattern for class value ``k``; pairs have the same 50/50 marginal."""
     yy = ys[:, None]
@@ -165,16 +196,20 @@ def _texture(spec: SceneSpec, k: int, ys: np.ndarray, xs: np.ndarray) -> np.ndar
     if k == 4:  # cropland: rows 8 px apart, one direction per 128 px parcel
         cy = (yy // 128).astype(np.int64)
         cx = (xx // 128).astype(np.int64)
-        # One hash per parcel, spread to its pixels (hashing every pixel gave the same values).
+        # One hash (and one cosine and sine) per parcel, spread to its pixels.
         py, px = np.unique(cy, return_inverse=True), np.unique(cx, return_inverse=True)
-        parcel = hash_uniform(py[0][:, None], px[0][None, :], spec.seed, 402)
-        angle = np.pi * parcel[py[1].reshape(-1)][:, px[1].reshape(-1)]
+        angle = np.pi * hash_uniform(py[0][:, None], px[0][None, :], spec.seed, 402)
+        rows, cols = py[1].reshape(-1), px[1].reshape(-1)
+        cos = np.cos(angle).astype(np.float32)[rows][:, cols]
+        sin = np.sin(angle).astype(np.float32)[rows][:, cols]
         # Local coordinates keep the rows straight: a direction that varies over global
         # coordinates would bend them into moire far from the origin.
-        phase = ((xx - cx * 128) * np.cos(angle) + (yy - cy * 128) * np.sin(angle)) / 8.0
+        cos *= ((xx - cx * 128) / 8.0).astype(np.float32)
+        sin *= ((yy - cy * 128) / 8.0).astype(np.float32)
+        phase = cos + sin
         return np.where((phase - np.floor(phase)) < 0.5, 1.0, -1.0)
     if k == 5:  # built-up: a checkerboard of 8 px blocks (coarser than the crop rows)
-        return np.where(((yy // 8) + (xx // 8)) % 2 == 0, 1.0, -1.0) * np.ones((h, w))
+        return np.broadcast_to(np.where(((yy // 8) + (xx // 8)) % 2 == 0, 1.0, -1.0), (h, w))
     return np.zeros((h, w))
 
 
@@ -191,22 +226,28 @@ def image_block(
     spectra = _spectra(spec.bands)
     # Slow illumination changes across the scene, so absolute levels are not a cue.
     light = 1.0 + 0.10 * (_value_noise(ys, xs, spec.region_scale * 4.0, spec.seed, 500) - 0.5)
-    out = np.zeros((spec.bands, h, w), dtype=np.float64)
-    for cls in SCENE_CLASSES:
-        k = cls.value
+    # Each pixel's texture factor (1 for untextured classes), then per band its class's
+    # mean looked up by class value: whole-window passes rather than one scatter per
+    # class and band.
+    factor = np.ones((h, w), dtype=np.float32)
+    for k in _TEXTURED:
         mask = classes == k
-        if not mask.any():
-            continue
-        # The class's pixels' texture factor, picked once for every band.
-        factor = (1.0 + 0.16 * _texture(spec, k, ys, xs))[mask]
-        for b in range(spec.bands):
-            out[b][mask] = spectra[k - 1, b] * factor
+        if mask.any():
+            factor[mask] = 1.0 + 0.16 * _texture(spec, k, ys, xs)[mask]
+    factor *= light
+    means = np.zeros((spec.bands, 256), dtype=np.float32)
+    means[:, 1 : len(SCENE_CLASSES) + 1] = spectra.T
+    out = means[:, classes]
+    out *= factor
     iy = ys[:, None].astype(np.int64)
     ix = xs[None, :].astype(np.int64)
     for b in range(spec.bands):
         # Sensor noise: approximately Gaussian (sum of 3 uniforms), band-independent.
-        u = sum(hash_uniform(iy, ix, spec.seed, 600 + 3 * b + j) for j in range(3)) - 1.5
-        out[b] = out[b] * light + u * 0.09 * spectra[:, b].mean()
-    image = np.clip(np.rint(out), 1, 65535).astype(np.uint16)
+        noise = _hash_normal(iy, ix, spec.seed, 600 + 3 * b)
+        noise *= np.float32(0.09 * spectra[:, b].mean())
+        out[b] += noise
+    np.rint(out, out=out)
+    np.clip(out, 1, 65535, out=out)
+    image = out.astype(np.uint16)
     image[:, classes == 0] = IMAGE_NODATA
     return image
