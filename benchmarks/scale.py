@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,8 @@ from typing import Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).parent))  # the benchmarks' own helpers (free_model, spy_profile)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 STAGES = ("synth", "ingest", "predict", "export", "evaluate", "io_floor")
@@ -45,11 +48,16 @@ MAX_SIZE = 32768
 
 
 class TreeRss:
-    """Peak RSS of one process (the driver) and of its descendants (the workers), sampled in a thread."""
+    """Peak RSS of one process (the driver) and of its descendants (the workers), sampled in a thread.
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    With ``wrapped`` the process is a wrapper (py-spy) and the driver is its first child;
+    the wrapper's own memory is not counted.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1, wrapped: bool = False) -> None:
         self.pid = pid
         self.interval = interval
+        self.wrapped = wrapped
         self.driver = self.workers = self.total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -63,10 +71,19 @@ class TreeRss:
         self.driver, self.workers = max(self.driver, driver), max(self.workers, workers)
         self.total = max(self.total, driver + workers)
 
+    def _driver(self) -> psutil.Process | None:
+        proc = psutil.Process(self.pid)
+        while self.wrapped and not self._stop.is_set():
+            children = proc.children()
+            if children:
+                return children[0]
+            time.sleep(0.01)
+        return None if self._stop.is_set() else proc
+
     def _run(self) -> None:
         with contextlib.suppress(psutil.Error):  # the child has ended
-            proc = psutil.Process(self.pid)
-            while not self._stop.is_set():
+            proc = self._driver()
+            while proc is not None and not self._stop.is_set():
                 self._sample(proc)
                 time.sleep(self.interval)
 
@@ -173,20 +190,36 @@ def run_stage(name: str, job_file: Path) -> None:
 # ---------------------------------------------------------------- driving (in the parent)
 
 
-def measure(name: str, job: dict[str, Any], work: Path, gdal_cache_mb: int) -> dict[str, Any]:
+def _spy_command(py_spy: str | None, name: str, work: Path, size: int) -> tuple[list[str], Path | None]:
+    """The py-spy prefix that samples predict's driver and workers, and its output file (none elsewhere)."""
+    if not py_spy or name != "predict":
+        return [], None
+    raw = work / f"{name}_{size}.spy.txt"
+    # 20 samples/s without pausing the processes: a cost of about 1 % of one core.
+    return [py_spy, "record", "--subprocesses", "--nonblocking", "-r", "20", "-f", "raw", "-o", str(raw),
+            "--"], raw
+
+
+def measure(name: str, job: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one stage in a child process; its result with wall seconds and peak RSS (MB)."""
     job_file = work / f"{name}_{job['size']}.job.json"
     job = {**job, "result": str(work / f"{name}_{job['size']}.result.json")}
     job_file.write_text(json.dumps(job))
-    env = {**os.environ, "GDAL_CACHEMAX": str(gdal_cache_mb)}
+    env = {**os.environ, "GDAL_CACHEMAX": str(args.gdal_cache_mb)}
+    spy, raw = _spy_command(args.py_spy, name, work, job["size"])
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--stage", name, "--job", str(job_file)], env=env)
-    with TreeRss(proc.pid) as rss:
+    command = [*spy, sys.executable, __file__, "--stage", name, "--job", str(job_file)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL if spy else None)
+    with TreeRss(proc.pid, wrapped=bool(spy)) as rss:
         code = proc.wait()
     wall = time.perf_counter() - start
     if code:
         raise RuntimeError(f"stage {name} at {job['size']} px failed (exit {code})")
     result: dict[str, Any] = json.loads(Path(job["result"]).read_text())
+    if raw is not None and raw.exists():
+        from spy_profile import summarise
+
+        result["profile"] = summarise(raw)
     mpx = job["size"] ** 2 / 1e6
     return {**result, "call_s": round(result["call_s"], 3), "process_s": round(wall, 3),
             "mpx_s": round(mpx / result["call_s"], 4), "driver_peak_mb": round(rss.driver / 2**20, 1),
@@ -208,7 +241,6 @@ def _store_statistics(store: str) -> tuple[list[float], list[float]]:
 
 def make_model(store: str, bands: list[str], out: Path, tile: int) -> str:
     """The free package for this store's bands and the synthetic scene's classes."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from free_model import free_package
 
     from segpipe.synth.scene import SCENE_CLASSES
@@ -232,8 +264,17 @@ def run_size(size: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     for name in STAGES:
         if name == "predict":
             make_model(job["store"], stages["ingest"]["bands"], Path(job["model"]), args.tile)
-        stages[name] = measure(name, job, folder, args.gdal_cache_mb)
+        stages[name] = measure(name, job, folder, args)
         print(f"  {size:>6} {name:<9} {stages[name]['call_s']:8.2f} s", flush=True)
+        if name == "ingest" and not args.keep_data:
+            # Nothing after ingest reads the image tiles (evaluate reads truth.tif): a
+            # 32768² region's tiles are 6 GB that the store holds again.
+            shutil.rmtree(Path(job["region"]) / "tiles")
+    if not args.keep_data:
+        shutil.rmtree(job["store"], ignore_errors=True)
+        shutil.rmtree(job["floor"], ignore_errors=True)
+        for path in folder.glob(Path(job["cog"]).stem + ".*"):  # the COG and its sidecars
+            path.unlink()
     row: dict[str, Any] = {"size": size, "mpx": round(size * size / 1e6, 6), "stages": stages}
     row["predict_over_io_floor"] = round(stages["predict"]["mpx_s"] / stages["io_floor"]["mpx_s"], 4)
     return row
@@ -291,6 +332,10 @@ def table(result: dict[str, Any]) -> str:
         ours, floor = row["stages"]["predict"]["mpx_s"], row["stages"]["io_floor"]["mpx_s"]
         lines.append(f"predict / IO floor at {row['size']}: {row['predict_over_io_floor']:.3f} "
                      f"({ours:.3f} vs {floor:.3f} Mpx/s)")
+        profile = row["stages"]["predict"].get("profile")
+        if profile:
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in list(profile["workers"].items())[:8])
+            lines.append(f"  predict workers' busy samples at {row['size']}: {shares}")
     return "\n".join(lines)
 
 
@@ -307,6 +352,11 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scheduler", default=None,
                         help="predict's scheduler (default: a local cluster, as segpipe predict)")
     parser.add_argument("--gdal-cache-mb", type=int, default=256, help="GDAL_CACHEMAX of every stage")
+    parser.add_argument("--py-spy", default=None,
+                        help="py-spy binary: sample predict's processes and record where their time goes")
+    parser.add_argument("--keep-data", action="store_true",
+                        help="keep each size's image tiles, store and outputs (default: delete them once "
+                             "no later stage reads them; a 32768² region is about 13 GB)")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -325,7 +375,6 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="segpipe-scale-"))
     load_before = os.getloadavg()
     rows = [run_size(size, work, args) for size in sorted(args.sizes)]
-    sys.path.insert(0, str(Path(__file__).parent))
     from free_model import forward_rates
 
     result = {
@@ -344,8 +393,6 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.work is None:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -26,7 +26,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path,
     # test past its time; the stages are otherwise those of the default run.
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--sizes", *map(str, SIZES), "--block-size", "256", "--tile", "128",
-         "--overlap", "32", "--scheduler", "threads", "--work", str(work), "--out", str(out)],
+         "--overlap", "32", "--scheduler", "threads", "--work", str(work), "--out", str(out), "--keep-data"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,3 +88,19 @@ def test_sizes_out_of_range_are_refused() -> None:
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 2
     assert "outside 256..32768" in proc.stderr
+
+
+def test_without_keep_data_only_the_figures_and_the_truth_stay(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "256", "--block-size", "256", "--tile", "128",
+         "--overlap", "32", "--scheduler", "threads", "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["rows"][0]["stages"]["evaluate"]["miou"] > 0
+    folder = tmp_path / "256"
+    gone = [folder / "region" / "tiles", folder / "region.zarr", folder / "floor.zarr",
+            folder / "classes.tif"]
+    assert [p for p in gone if p.exists()] == []
+    assert (folder / "region" / "truth.tif").exists() and (folder / "predict_256.result.json").exists()
