@@ -2,14 +2,12 @@
 
 The scale benchmark wants a network whose forward pass costs nothing, so that what
 prediction spends is the pipeline's: reading, normalising, stacking, blending, argmax,
-writing, scheduling. The natural choice is one 1 x 1 convolution (bands -> classes), but
-no architecture segpipe can rebuild from ``model.json`` is one
-(:data:`segpipe.models.networks.ARCHITECTURES` are smp networks;
-:data:`~segpipe.models.networks.CLASSICAL_ARCHITECTURES` is the forest). The cheapest
-package it can express is a ``random_forest`` of one tree with one split on one band,
-per pixel (no context window): :func:`free_package` writes it with segpipe's own writer,
-nothing patched. :func:`forward_rates` measures its forward pass against a plain 1 x 1
-convolution, so a run records how far from free the stand-in is.
+writing, scheduling. segpipe's ``linear`` architecture is one 1 x 1 convolution (bands
+-> classes, per-pixel logistic regression): :func:`free_package` writes one whose weights
+split the pixels on the last band (NIR in a 4-band scene) at 0 in normalised units, with
+segpipe's own writer, nothing patched. :func:`forward_rates` measures its forward pass, and
+the one-split random forest that stood in for it before ``linear`` existed, so a run
+records what the stand-in cost.
 """
 
 from __future__ import annotations
@@ -22,19 +20,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from segpipe.models import ModelSpec, save_model
+from segpipe.models import ModelSpec, build_network, save_model
 from segpipe.models.forest import ForestNet
 from segpipe.types import ClassInfo
 
-__all__ = ["free_network", "free_package", "forward_rates"]
+__all__ = ["free_network", "free_package", "forest_network", "forward_rates"]
 
 
-def free_network(n_bands: int, n_classes: int) -> ForestNet:
-    """One tree, one split: the last band (NIR in a 4-band scene) at 0 in normalised units.
+def free_network(n_bands: int, n_classes: int) -> nn.Module:
+    """segpipe's ``linear`` model set to one split: the last band at 0 in normalised units.
 
-    Left (dark) pixels get the first class, the others the second, so the class layer
-    is not constant and evaluation scores something.
+    Dark pixels (z <= 0) get the first class, the others the second (logits -z and +z;
+    every other class a logit of -1, below both), so the class layer is not constant and
+    evaluation scores something.
     """
+    net = build_network("linear", "none", n_bands, n_classes)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        weight, bias = net.weight, net.bias  # type: ignore[union-attr]
+        weight[0, n_bands - 1] = -1.0
+        weight[1 % n_classes, n_bands - 1] = 1.0
+        bias[2:] = -1.0
+    return net
+
+
+def forest_network(n_bands: int, n_classes: int) -> ForestNet:
+    """The same split as a one-tree forest: the stand-in used before segpipe had ``linear``."""
     net = ForestNet(n_bands, n_classes, n_trees=1, max_nodes=3, depth=1, context=1)
     with torch.no_grad():
         net.feature[0, 0] = n_bands - 1
@@ -55,7 +67,7 @@ def free_package(
     std: Sequence[float],
     chip_size: int = 256,
 ) -> Path:
-    """Write the one-split forest as a model package for a store with these bands and classes.
+    """Write the one-split ``linear`` model as a package for a store with these bands and classes.
 
     Args:
         path: Package directory to write.
@@ -69,9 +81,8 @@ def free_package(
         The package directory.
     """
     net = free_network(len(band_names), len(classes))
-    spec = ModelSpec("random_forest", "none", tuple(band_names), tuple(float(m) for m in mean),
-                     tuple(float(s) for s in std), tuple(classes), chip_size, options=net.options(),
-                     output_stride=1)
+    spec = ModelSpec("linear", "none", tuple(band_names), tuple(float(m) for m in mean),
+                     tuple(float(s) for s in std), tuple(classes), chip_size, output_stride=1)
     return save_model(path, spec, net)
 
 
@@ -89,18 +100,17 @@ def _rate(net: nn.Module, x: torch.Tensor, seconds: float) -> float:
 def forward_rates(
     n_bands: int, n_classes: int, tile: int, batch: int, seconds: float = 1.0
 ) -> dict[str, float]:
-    """Forward Mpx/s on one torch thread: the free package's network, and a 1 x 1 convolution.
+    """Forward Mpx/s on one torch thread: the free package's network, and the one-split forest.
 
     Returns:
-        ``{"free_model_mpx_s": ..., "conv1x1_mpx_s": ...}``.
+        ``{"free_model_mpx_s": ..., "forest_stand_in_mpx_s": ...}``.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread per task, as a worker runs it
     try:
         shape = (batch, n_bands, tile, tile)
         x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-        conv = nn.Conv2d(n_bands, n_classes, 1).eval()
         return {"free_model_mpx_s": _rate(free_network(n_bands, n_classes).eval(), x, seconds),
-                "conv1x1_mpx_s": _rate(conv, x, seconds)}
+                "forest_stand_in_mpx_s": _rate(forest_network(n_bands, n_classes).eval(), x, seconds)}
     finally:
         torch.set_num_threads(threads)

@@ -46,9 +46,11 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 ARCH_HELP = (
-    "Network: unet, pspnet, deeplabv3 or deeplabv3plus; or random_forest, the classical per-pixel "
-    "baseline (scikit-learn random forest on the band values, see --trees); or auto: the forest and "
-    "a U-Net within --budget, scored on the same held-out cells, the better one (or their ensemble) kept."
+    "Network: unet, pspnet, deeplabv3 or deeplabv3plus; linear, one 1 x 1 convolution (per-pixel "
+    "logistic regression on the bands, trained like the networks, --encoder unused); or random_forest, "
+    "the classical per-pixel baseline (scikit-learn random forest on the band values, see --trees); "
+    "or auto: the forest and a U-Net within --budget, scored on the same held-out cells, the better one "
+    "(or their ensemble) kept."
 )
 
 
@@ -596,7 +598,7 @@ def predict(
     probabilities: Annotated[
         bool, typer.Option(help="Also write the per-class probabilities layer (class, y, x), uint8 %.")
     ] = False,
-    task_size: Annotated[int, typer.Option(help="Largest task edge in pixels (whole blocks).")] = 2048,
+    task_size: Annotated[int, typer.Option(help="Largest task edge in pixels (whole blocks).")] = 4096,
     allow_resolution_mismatch: Annotated[
         bool, typer.Option(help="Predict even where the image's pixel size differs by more than 25 % "
                            "from the one the model was trained at.")

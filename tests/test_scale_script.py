@@ -60,7 +60,8 @@ def test_every_stage_has_its_figures_at_every_size(run: tuple[dict[str, Any], Pa
         slope = (large - small) / (result["rows"][1]["mpx"] - result["rows"][0]["mpx"])
         assert r["fixed_s"] == pytest.approx(small - slope * result["rows"][0]["mpx"], abs=0.02)
     assert result["settings"]["gdal_cachemax_mb"] == 256
-    assert result["forward"]["conv1x1_mpx_s"] > 0 and result["forward"]["free_model_mpx_s"] > 0
+    # The 1 x 1 convolution runs many times the rate of the one-tree forest it replaced.
+    assert result["forward"]["free_model_mpx_s"] > 3 * result["forward"]["forest_stand_in_mpx_s"] > 0
     assert "predict / IO floor at 512" in stdout
 
 

@@ -238,7 +238,7 @@ def test_refused_settings_name_the_setting_and_the_value():
         train_config(arch="random_forest", epoch=3)
     reason = unknown.value.reason
     assert unknown.value.unknown and "trees" in reason and "chip_size" not in reason
-    known = "unet, pspnet, deeplabv3, deeplabv3plus, random_forest"
+    known = "unet, pspnet, deeplabv3, deeplabv3plus, linear, random_forest"
     with pytest.raises(ArchitectureError, match=rf"'segformer': unknown architecture: choose one of {known}"):
         train_config(arch="segformer")
     assert unknown.value.in_file("t.yaml", "epoch").startswith("t.yaml: epoch: unknown setting")

@@ -19,17 +19,26 @@ __all__ = [
     "ENCODERS",
     "FOREST_ARCH",
     "FOREST_OPTIONS",
+    "LINEAR_ARCH",
+    "PER_PIXEL_ARCHITECTURES",
     "check_arch",
     "default_overlap",
     "feature_names",
     "features_per_band",
+    "has_encoder",
     "output_stride",
 ]
 
-ARCHITECTURES = ("unet", "pspnet", "deeplabv3", "deeplabv3plus")
+LINEAR_ARCH: Final = "linear"
+ARCHITECTURES = ("unet", "pspnet", "deeplabv3", "deeplabv3plus", LINEAR_ARCH)
 # Per-pixel classical models packaged like networks (segpipe.models.forest); kept apart
 # from ARCHITECTURES because they have no encoder and are not trained by gradient descent.
 CLASSICAL_ARCHITECTURES = ("random_forest",)
+# Models that see one pixel at a time: no encoder, any input size, no window overlap
+# needed. ``linear`` is one 1 x 1 convolution (multinomial logistic regression on the
+# bands, trained like the networks): the simplest baseline, and a model whose forward
+# pass costs almost nothing, so benchmarks of it measure the pipeline around it.
+PER_PIXEL_ARCHITECTURES = (LINEAR_ARCH, *CLASSICAL_ARCHITECTURES)
 ENCODERS = (
     "resnet18", "resnet34", "resnet50", "resnet101",
     "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
@@ -52,11 +61,16 @@ def check_arch(arch: str) -> None:
 
 
 def output_stride(arch: str) -> int:
-    """Input sizes must be multiples of this for the network to run (32 for all four, 1 per-pixel)."""
-    if arch in CLASSICAL_ARCHITECTURES:
+    """Input sizes must be multiples of this for the network to run (32 for encoder networks, 1 per-pixel)."""
+    if arch in PER_PIXEL_ARCHITECTURES:
         return 1
     check_arch(arch)
     return 32
+
+
+def has_encoder(arch: str) -> bool:
+    """Whether ``arch`` is built around one of :data:`ENCODERS` (all but the per-pixel architectures)."""
+    return arch in ARCHITECTURES and arch not in PER_PIXEL_ARCHITECTURES
 
 
 def features_per_band(context: int) -> int:

@@ -31,7 +31,7 @@ STAC_VERSION = "1.1.0"
 
 _ARCHITECTURES = {
     "unet": "U-Net", "pspnet": "PSPNet", "deeplabv3": "DeepLabV3", "deeplabv3plus": "DeepLabV3+",
-    "random_forest": "Random Forest", "ensemble": "Ensemble",
+    "random_forest": "Random Forest", "ensemble": "Ensemble", "linear": "Logistic Regression",
 }
 # The classification extension's class names allow these characters only.
 _NAME_CHARS = re.compile(r"[^0-9A-Za-z_-]+")

@@ -2,7 +2,8 @@
 
 segpipe does not hand-write architectures: smp's U-Net, PSPNet, DeepLabV3 and
 DeepLabV3+ are well tested. This module maps segpipe's small set of names and
-settings onto smp constructors, and never touches files.
+settings onto smp constructors, and never touches files. The one model it builds
+itself is ``linear``: a single 1 x 1 convolution (per-pixel logistic regression).
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from typing import Any
 from torch import nn
 
 from segpipe.errors import ArchitectureError
-from segpipe.models.catalog import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS, check_arch, output_stride
+from segpipe.models.catalog import (
+    ARCHITECTURES,
+    CLASSICAL_ARCHITECTURES,
+    ENCODERS,
+    LINEAR_ARCH,
+    check_arch,
+    output_stride,
+)
 
 __all__ = [
     "ARCHITECTURES", "CLASSICAL_ARCHITECTURES", "ENCODERS", "PixelHead", "build_network", "output_stride"
@@ -70,7 +78,7 @@ def build_network(
     Args:
         arch: One of :data:`ARCHITECTURES` or :data:`CLASSICAL_ARCHITECTURES`, or
             ``ensemble`` (members in ``options``, see :mod:`segpipe.models.ensemble`).
-        encoder: One of :data:`ENCODERS`.
+        encoder: One of :data:`ENCODERS` (not used by ``linear`` and the forest).
         in_channels: Number of image bands.
         num_classes: Number of output classes (logit channels).
         options: Extra smp keyword arguments (e.g. ``decoder_channels``), and
@@ -92,11 +100,16 @@ def build_network(
 
         return build_ensemble(in_channels, num_classes, options, build_network)  # members: in the options
     check_arch(arch)
-    if encoder not in ENCODERS:
-        raise ArchitectureError(f"unknown encoder {encoder!r}: choose one of {', '.join(ENCODERS)}")
     extra = dict(options or {})
     pixel_head = int(extra.pop("pixel_head", 0) or 0)
-    network = _smp_network(arch, encoder, in_channels, num_classes, extra)
+    if arch == LINEAR_ARCH:  # one 1 x 1 convolution; the encoder name is not used
+        if extra:
+            raise ArchitectureError(f"the {LINEAR_ARCH} model takes no options, got {sorted(extra)}")
+        network: nn.Module = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+    elif encoder not in ENCODERS:
+        raise ArchitectureError(f"unknown encoder {encoder!r}: choose one of {', '.join(ENCODERS)}")
+    else:
+        network = _smp_network(arch, encoder, in_channels, num_classes, extra)
     return PixelHead(network, in_channels, num_classes, pixel_head) if pixel_head else network
 
 

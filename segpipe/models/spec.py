@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from segpipe.errors import InputError, ModelPackageError
-from segpipe.models.catalog import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS
+from segpipe.models.catalog import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS, has_encoder
 from segpipe.models.files import SPEC_FILE
 from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
@@ -130,7 +130,7 @@ class SpecFile(BaseModel):
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, encoder: str, info: ValidationInfo) -> str:
-        if info.data.get("arch") in ARCHITECTURES and encoder not in ENCODERS:
+        if has_encoder(info.data.get("arch", "")) and encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}: this segpipe knows {', '.join(ENCODERS)}")
         return encoder
 
@@ -154,7 +154,7 @@ class SpecFile(BaseModel):
     @field_validator("output_stride")
     @classmethod
     def _stride_fits_the_network(cls, stride: int, info: ValidationInfo) -> int:
-        if info.data.get("arch") in ARCHITECTURES and stride % _NETWORK_STRIDE:
+        if has_encoder(info.data.get("arch", "")) and stride % _NETWORK_STRIDE:
             raise ValueError(f"{stride} is not a multiple of {_NETWORK_STRIDE}, the stride of "
                              f"{info.data.get('arch')} networks")
         return stride

@@ -129,7 +129,7 @@ def evaluated_name(metrics: dict[str, Any]) -> str:
     shown = f"{layer} of {name}" if layer and not name.endswith((".tif", ".tiff")) else name
     model = metrics.get("model") or {}
     if model.get("arch"):
-        encoder = f" {model['encoder']}" if model.get("encoder") and model["arch"] != "random_forest" else ""
+        encoder = f" {model['encoder']}" if model.get("encoder") not in (None, "", "none") else ""
         shown += f" ({model['arch']}{encoder})"
     return shown
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.io.store import RegionInfo
+from segpipe.models.catalog import has_encoder
 from segpipe.stages.train.config import CHIP_MULTIPLE, NetworkConfig, ResolvedNetworkConfig
 from segpipe.stages.train.sampling import Candidates
 
@@ -140,7 +141,7 @@ def resolve(cfg: NetworkConfig, facts: Facts) -> tuple[ResolvedNetworkConfig, di
     pick("epochs", *_epochs(facts, per_epoch))
     pick("lr", round(1e-3 * math.sqrt(batch / 16), 6), "1e-3 x sqrt(batch / 16)")
     _rare_classes(facts, pick)
-    pick("pixel_head", *_pixel_head(facts))
+    pick("pixel_head", *(_pixel_head(facts) if has_encoder(cfg.arch) else (0, "a per-pixel model")))
     update = {name: entry["value"] for name, entry in chosen.items()}
     return ResolvedNetworkConfig(**{**cfg.model_dump(), **update}), chosen
 

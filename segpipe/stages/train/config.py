@@ -56,7 +56,7 @@ CHIP_MULTIPLE = 32
 # window hint (a forest reads no chips).
 DEFAULT_CHIP_SIZE = 128
 
-NetworkArch = Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus"]
+NetworkArch = Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus", "linear"]
 # The same names as segpipe.models.ARCHITECTURES (a test holds them equal); spelled out
 # here because a Literal needs them written, and importing the models would load torch.
 NETWORK_ARCHITECTURES: tuple[str, ...] = get_args(NetworkArch)

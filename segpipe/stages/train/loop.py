@@ -217,7 +217,7 @@ def initial_network(
     net = build_network(cfg.arch, cfg.encoder, in_channels, num_classes, network_options(cfg))
     report = None
     if cfg.pretrained:
-        encoder = net.encoder
+        encoder = getattr(net, "encoder", None)
         if not isinstance(encoder, torch.nn.Module):
             raise InputError(f"--pretrained: the {cfg.arch} network has no encoder to load weights into")
         report = load_pretrained_encoder(encoder, cfg.pretrained)

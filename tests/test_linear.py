@@ -1,0 +1,75 @@
+"""The ``linear`` architecture: one 1 x 1 convolution, trained like the networks, predicted per pixel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from segpipe import api
+from segpipe.errors import InputError
+from segpipe.io.store import NODATA_U8, open_layer, valid_mask
+from segpipe.models import load_model, normalise
+from segpipe.models.catalog import has_encoder, output_stride
+from segpipe.stages.ingest.driver import ingest
+from segpipe.stages.train import train, train_config
+from segpipe.synth import synthesize
+
+SETTINGS = {"epochs": 2, "samples_per_epoch": 16, "chip_size": 64, "batch_size": 4, "valid_cell": 64}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("linear")
+    region = synthesize(root / "region", size=256, bands=4, tiles=2, seed=3)
+    store = root / "r.zarr"
+    ingest([region.image], store, labels=region.labels, classes=region.classes, block_size=128)
+    # An encoder named on the command line is not used by a 1 x 1 convolution, and not recorded.
+    train(store, root / "model", train_config(arch="linear", encoder="vgg11_bn", lr=0.05, **SETTINGS))
+    return store, root / "model"
+
+
+def test_the_package_is_one_convolution_without_encoder(trained: tuple[Path, Path]) -> None:
+    _, model = trained
+    data = json.loads((model / "model.json").read_text())
+    assert data["arch"] == "linear" and data["encoder"] == "none"
+    assert data["output_stride"] == 1 and data["options"] == {}
+    # 10 m pixels would give a network a per-pixel head; a per-pixel model gets none.
+    assert data["training"]["auto"]["pixel_head"] == {"value": 0, "rule": "a per-pixel model"}
+    weights = load_file(str(model / "weights.safetensors"))
+    n_classes = len(data["classes"])
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    assert shapes == {"weight": (n_classes, 4, 1, 1), "bias": (n_classes,)}
+    assert not has_encoder("linear") and output_stride("linear") == 1
+    assert data["training"]["history"][-1]["train_loss"] < data["training"]["history"][0]["train_loss"]
+
+
+def test_prediction_is_the_per_pixel_argmax_of_the_convolution(trained: tuple[Path, Path]) -> None:
+    store, model = trained
+    summary = api.predict(store, model, scheduler="synchronous", force=True)
+    assert summary.overlap == 0  # no context: overlapping windows would only repeat work
+    net, spec = load_model(model)
+    raw = np.asarray(open_layer(store, "image")[:])
+    valid = valid_mask(raw, spec.nodata)
+    z = normalise(raw, spec, valid).astype(np.float64)
+    weight = net.weight.detach().numpy()[:, :, 0, 0].astype(np.float64)
+    logits = np.einsum("kb,byx->kyx", weight, z) + net.bias.detach().numpy()[:, None, None]
+    values = np.array([c.value for c in spec.classes])
+    expected = np.where(valid, values[np.argmax(logits, axis=0)], NODATA_U8)
+    top2 = np.sort(logits, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-4  # float32 against float64: only near-ties may differ
+    classes = np.asarray(open_layer(store, "classes")[:])
+    assert clear.mean() > 0.99
+    assert np.array_equal(classes[clear], expected[clear])
+    assert len(np.unique(classes[valid])) >= 2
+
+
+def test_pretrained_encoder_weights_are_refused(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    store, _ = trained
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    with pytest.raises(InputError, match="no encoder"):
+        train(store, tmp_path / "m", train_config(arch="linear", pretrained=str(weights), **SETTINGS))
