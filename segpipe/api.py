@@ -339,7 +339,7 @@ def predict(
         blend: Blending of overlapping windows: ``cosine``, ``gaussian``, ``mean`` or ``crop``.
         tta: Average 8 flips and rotations per window (8x the compute).
         probabilities: Also write the per-class probabilities layer.
-        task_size: Largest task edge in pixels (whole blocks); default 2048.
+        task_size: Largest task edge in pixels (whole blocks); default 4096.
         progress: Called as ``progress(done, total)`` in blocks.
         allow_resolution_mismatch: Predict even where the image's pixel size differs by more
             than 25 % from the training pixel size the package records.

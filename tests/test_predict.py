@@ -236,6 +236,22 @@ def test_block_size_does_not_change_the_result(
     assert read_region_info(b).blocks == (3, 2)
 
 
+def test_tasks_of_many_block_rows_write_what_one_block_tasks_write(
+    tmp_path: Path, stub_model_dir: Path, client: Client
+) -> None:
+    # A task holds one block row of outputs at a time: tasks over several of the 200 x 170
+    # raster's block rows (4 rows of 64 px blocks, the last one short) must write every
+    # block as tasks of one block do, probabilities included.
+    small, whole = make_store(tmp_path / "a.zarr", block=64), make_store(tmp_path / "b.zarr", block=64)
+    one = predict(small, stub_model_dir, client=client, probabilities=True, **SETTINGS)
+    many = predict(whole, stub_model_dir, client=client, probabilities=True,
+                   **{**SETTINGS, "max_task_pixels": 256 * 256})
+    assert one.tasks == 12 and many.task_blocks[0] >= 2  # tasks of several block rows
+    for layer in ("classes", "confidence", "probabilities"):
+        np.testing.assert_array_equal(_read(small, layer), _read(whole, layer))
+    assert (_read(whole, "classes") != 255).any()
+
+
 def test_resume_skips_finished_blocks_and_force_recomputes(
     tmp_path: Path, stub_model_dir: Path, client: Client
 ) -> None:

@@ -37,7 +37,7 @@ from segpipe.io.remote import is_remote
 from segpipe.io.runs import PROGRESS_LAYER, acquire_lock, finish_promotion, has_staged_progress
 from segpipe.io.store import RegionInfo, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec
-from segpipe.models.catalog import CLASSICAL_ARCHITECTURES
+from segpipe.models.catalog import PER_PIXEL_ARCHITECTURES
 from segpipe.models.catalog import default_overlap as forest_overlap
 from segpipe.models.package import check_resolution
 from segpipe.models.verify import verify_package
@@ -73,8 +73,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Every task's output buffers are uint8 over its box; the float accumulator is rolling.
-MAX_TASK_PIXELS = 2048 * 2048
+# Windows straddling a task's border are computed by both tasks: at 32768² px, tasks of
+# 2048² px compute 18 % more windows than the image holds, tasks of 4096² px 8 %
+# (docs/benchmarks.md). A task holds a block row of uint8 outputs and a rolling float
+# accumulator (a window row of its width per class), so a larger task costs little memory.
+MAX_TASK_PIXELS = 4096 * 4096
 # Default windows per forward call. GPUs want large batches. On one CPU core the time
 # per 256 px window is flat from 2 to 7 windows per call (about 5 % more at 1, 30 % more
 # at 8, measured on U-Net/ResNet-18), so CPU calls stay small: a task's calls then spread
@@ -162,8 +165,9 @@ def window_settings(
             f"tile size {tile} is larger than {MAX_TILE} px: a window that large needs gigabytes per "
             "forward call and gains no context; use 256-1024"
         )
-    # A forest's need follows its context window; networks overlap a quarter of the tile.
-    default = forest_overlap(spec.options) if spec.arch in CLASSICAL_ARCHITECTURES else tile // 4
+    # A forest's need follows its context window (none for a per-pixel model); networks
+    # overlap a quarter of the tile.
+    default = forest_overlap(spec.options) if spec.arch in PER_PIXEL_ARCHITECTURES else tile // 4
     ov = default if overlap is None else overlap
     check_blend(tile, ov, blend)
     return tile, ov
@@ -180,7 +184,7 @@ def edge_margin(spec: ModelSpec, overlap: int) -> int:
     A forest's context features are cut at the raster's edge in training as in
     prediction, so it gets none.
     """
-    return 0 if spec.arch in CLASSICAL_ARCHITECTURES else overlap // 2
+    return 0 if spec.arch in PER_PIXEL_ARCHITECTURES else overlap // 2
 
 
 def _resume_key(mhash: str, tile: int, overlap: int, blend: str, tta: bool, margin: int) -> dict[str, Any]:

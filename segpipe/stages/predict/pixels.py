@@ -42,6 +42,22 @@ def percent(p: np.ndarray) -> np.ndarray:
     return out
 
 
+def _channel_argmax(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index (uint8) and value of the largest channel of (C, y, x) ``probs`` per pixel; ties go to the first.
+
+    One contiguous pass per channel: ``argmax(axis=0)`` walks the C values of each pixel
+    through a strided inner loop, several times slower on the blended bands (measured
+    in ``benchmarks/scale.py``'s profile).
+    """
+    top = probs[0].copy()
+    best = np.zeros(probs.shape[1:], dtype=np.uint8)
+    for c in range(1, probs.shape[0]):
+        higher = probs[c] > top
+        best[higher] = c
+        np.maximum(top, probs[c], out=top)
+    return best, top
+
+
 def encode_probabilities(
     probs: np.ndarray, valid: np.ndarray, values: np.ndarray, with_probabilities: bool = False
 ) -> dict[str, np.ndarray]:
@@ -57,12 +73,11 @@ def encode_probabilities(
         ``classes`` and ``confidence`` (y, x) uint8, and ``probabilities`` (class, y, x)
         uint8 when asked for.
     """
+    best, top = _channel_argmax(probs)
     out = {
-        "classes": np.full(valid.shape, NODATA_U8, dtype=np.uint8),
-        "confidence": np.full(valid.shape, NODATA_U8, dtype=np.uint8),
+        "classes": np.where(valid, values[best], NODATA_U8).astype(np.uint8, copy=False),
+        "confidence": np.where(valid, percent(top), NODATA_U8).astype(np.uint8, copy=False),
     }
-    out["classes"][valid] = values[probs.argmax(axis=0)][valid]
-    out["confidence"][valid] = percent(probs.max(axis=0))[valid]
     if with_probabilities:
         out["probabilities"] = np.full(probs.shape, NODATA_U8, dtype=np.uint8)
         out["probabilities"][:, valid] = percent(probs)[:, valid]

@@ -28,6 +28,7 @@ from segpipe.stages.predict.allocator import tune_allocator
 from segpipe.stages.predict.blend import BlendStats, RowBand, blend_rows, tta_forward
 from segpipe.stages.predict.jobs import BlockJob, Blocks, blocks_box
 from segpipe.stages.predict.pixels import encode_probabilities, prepare_pixels
+from segpipe.stages.predict.rows import RowSlab
 
 if TYPE_CHECKING:
     import torch
@@ -185,7 +186,10 @@ def _box_blocks(box: Box, block_size: int) -> Blocks:
 
 
 class _BlockWriter:
-    """A task's encoded rows; each block is written, then marked done, once its rows are all finished.
+    """A task's encoded rows, one block row at a time; each block is written, then marked done, once finished.
+
+    Only the block row in progress is held (a task's rows arrive top to bottom and its box
+    is whole blocks), so a task's output buffers do not grow with its height.
 
     Attributes:
         targets: The boxes of the blocks to write (the parts of the task's box needed).
@@ -204,7 +208,9 @@ class _BlockWriter:
         self.values = np.array([c.value for c in spec.classes], dtype=np.uint8)
         self.layers = {name: open_layer(s.store, path, mode="r+")
                        for name, path in s.layers.data(s.probabilities).items()}
-        self.out = {name: np.full((*layer.shape[:-2], job.box.h, job.box.w), NODATA_U8, dtype=np.uint8)
+        self._top = job.box.y0  # global row of the buffers' first row: a block row's top
+        rows = min(job.box.h, info.block_size)
+        self.out = {name: np.full((*layer.shape[:-2], rows, job.box.w), NODATA_U8, dtype=np.uint8)
                     for name, layer in self.layers.items()}
         raster = (info.height, info.width)
         boxes = [(block, blocks_box((block,), info.block_size, raster)) for block in blocks]
@@ -214,17 +220,25 @@ class _BlockWriter:
 
     def add(self, band: RowBand) -> None:
         """Encode finished rows; write and mark the blocks they complete."""
-        r0 = band.y0 - self.box.y0
-        r1 = r0 + band.valid.shape[0]
-        if band.probs is not None:
-            encoded = encode_probabilities(band.probs, band.valid, self.values, self.probabilities)
-            for name, rows in encoded.items():
-                self.out[name][..., r0:r1, :] = rows
-        while self._todo and self._todo[0][1].y1 <= self.box.y0 + r1:
-            self._write(*self._todo.pop(0))
+        start, end = band.y0, band.y0 + band.valid.shape[0]
+        while start < end:
+            stop = min(end, self._top + self.block_size)  # the part of the band in this block row
+            if band.probs is not None:
+                a, b = start - band.y0, stop - band.y0
+                encoded = encode_probabilities(band.probs[:, a:b], band.valid[a:b], self.values,
+                                               self.probabilities)
+                for name, rows in encoded.items():
+                    self.out[name][..., start - self._top : stop - self._top, :] = rows
+            while self._todo and self._todo[0][1].y1 <= stop:
+                self._write(*self._todo.pop(0))
+            if stop == self._top + self.block_size:  # the block row is complete: start the next
+                self._top = stop
+                for buffer in self.out.values():
+                    buffer.fill(NODATA_U8)
+            start = stop
 
     def _write(self, block: tuple[int, int], bb: Box) -> None:
-        sl = bb.within(self.box)
+        sl = (slice(bb.y0 - self._top, bb.y1 - self._top), slice(bb.x0 - self.box.x0, bb.x1 - self.box.x0))
         for name, layer in self.layers.items():
             write_block(layer, bb.y0, bb.x0, self.out[name][(Ellipsis, *sl)], self.block_size)
         self.progress[block] = 1  # after the data: a marker never stands over an unwritten block
@@ -246,9 +260,10 @@ def _predict_blocks(
     def read(box: Box) -> tuple[np.ndarray, np.ndarray]:
         return prepare_pixels(np.asarray(image[(slice(None), *box.slices)]), info.nodata, spec)
 
+    rows = RowSlab(read, image.chunks[1], info.height)
     writer = _BlockWriter(job, info, spec, blocks, progress)
     stats = BlendStats()
-    for band in blend_rows(read, forward, s.tile, s.overlap, (info.height, info.width), job.box, s.batch_size,
+    for band in blend_rows(rows, forward, s.tile, s.overlap, (info.height, info.width), job.box, s.batch_size,
                            True, s.blend, writer.targets, stats, streams, s.margin):
         writer.add(band)
     return {"pixels": writer.pixels, "valid": writer.valid, "windows": stats.windows, "slots": stats.slots}
