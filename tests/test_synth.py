@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pytest
 import rasterio
+import rasterio.features
+from affine import Affine
 
 from segpipe.errors import InputError
 from segpipe.io.labels import labels_window, open_labels
@@ -116,7 +118,7 @@ def test_tiles_and_windows_are_boxes_on_the_label_lattice():
         write._check_parameters(128, 65, 1)
 
 
-def test_window_data_and_tally():
+def test_window_data_and_tally(tmp_path):
     from segpipe.grid.box import Box
     from segpipe.synth import write
 
@@ -126,8 +128,29 @@ def test_window_data_and_tally():
     assert np.array_equal(dense, class_block(spec, 64, 128, 128, 128))
     assert labels.shape == (128, 128) and np.array_equal(labels[labels > 0], dense[labels > 0])
     seen = []
-    tally = write._Tally(2, lambda done, total: seen.append((done, total)))
+    layer = write._PolygonLayer(tmp_path / "labels.gpkg", Affine.identity())
+    tally = write._Tally(2, lambda done, total: seen.append((done, total)), layer)
     tally.add(labels, polys)
     tally.add(np.zeros((2, 2), np.uint8), [])
     assert seen == [(1, 2), (2, 2)]
-    assert tally.labelled == int(np.count_nonzero(labels)) and tally.polygons == polys
+    assert tally.labelled == int(np.count_nonzero(labels)) and layer.pending == polys
+
+
+def test_label_polygons_are_written_in_batches_and_moved_into_place(tmp_path, monkeypatch):
+    import geopandas as gpd
+
+    from segpipe.synth import write
+
+    monkeypatch.setattr(write, "_POLYGON_BATCH", 3)  # many appends for a small scene
+    region = synthesize(tmp_path / "r", size=512, bands=1, tiles=1, seed=5)
+    frame = gpd.read_file(region.labels_vector, layer="labels")
+    assert len(frame) > 9 and not list((tmp_path / "r").glob("*partial*"))
+    with rasterio.open(region.labels) as src:
+        burnt = rasterio.features.rasterize(
+            zip(frame.geometry, frame["class"], strict=True), out_shape=src.shape, transform=src.transform
+        )
+        assert np.array_equal(burnt, src.read(1))
+    # No polygon at all still gives the layer, empty.
+    empty = write._PolygonLayer(tmp_path / "empty.gpkg", Affine.identity())
+    empty.finish()
+    assert len(gpd.read_file(empty.path, layer="labels")) == 0

@@ -68,23 +68,69 @@ class SynthRegion:
     labelled_fraction: float
 
 
+# Label polygons are written to the GeoPackage in batches of this many, so a scene's
+# polygons (about 130,000 at 32768² px) are never all held at once.
+_POLYGON_BATCH = 20_000
+
+
 @dataclass
 class _Tally:
-    """What the windows written so far add up to, and the progress callback told of each."""
+    """What the windows written so far add up to, and the progress callback told of each.
+
+    Label polygons go to ``vector`` in batches as they come (see :class:`_PolygonLayer`).
+    """
 
     total: int
     progress: Callable[[int, int], None] | None
+    vector: _PolygonLayer
     done: int = 0
     labelled: int = 0
-    polygons: LabelPolygons = field(default_factory=list)
 
     def add(self, labels: np.ndarray, polygons: LabelPolygons) -> None:
         """Count one written window."""
         self.labelled += int(np.count_nonzero(labels))
-        self.polygons.extend(polygons)
+        self.vector.add(polygons)
         self.done += 1
         if self.progress:
             self.progress(self.done, self.total)
+
+
+@dataclass
+class _PolygonLayer:
+    """The GeoPackage layer ``labels`` of the sparse label polygons, appended batch by batch.
+
+    It is written under a temporary name and renamed by :meth:`finish`, so ``path`` is
+    either the whole layer or absent.
+    """
+
+    path: Path
+    transform: Affine
+    pending: LabelPolygons = field(default_factory=list)
+    written: int = 0
+
+    @property
+    def partial(self) -> Path:
+        """Where the layer is written until it is complete."""
+        return self.path.with_name(self.path.stem + ".partial.gpkg")
+
+    def add(self, polygons: LabelPolygons) -> None:
+        """Queue polygons (pixel coordinates); write a batch once enough are queued."""
+        self.pending.extend(polygons)
+        if len(self.pending) >= _POLYGON_BATCH:
+            self._flush()
+
+    def finish(self) -> None:
+        """Write what is queued (an empty layer when no polygon came) and move the layer into place."""
+        if self.pending or not self.written:
+            self._flush()
+        self.partial.replace(self.path)
+
+    def _flush(self) -> None:
+        if not self.written:
+            self.partial.unlink(missing_ok=True)
+        _write_polygons(self.pending, self.transform, self.partial, append=self.written > 0)
+        self.written += len(self.pending)
+        self.pending = []
 
 
 def _bounded_map(pool: Executor, fn: Callable[[T], R], items: list[T], ahead: int) -> Iterator[R]:
@@ -197,11 +243,11 @@ def synthesize(
     (root / "tiles").mkdir(parents=True, exist_ok=True)
     transform = Affine(PIXEL_SIZE, 0.0, ORIGIN[0], 0.0, -PIXEL_SIZE, ORIGIN[1])
     spec = SceneSpec(size=size, bands=bands, seed=seed)
-    tile_paths, tally = _write_rasters(root, spec, transform, _tile_edge(size, tiles), progress)
+    vector = _PolygonLayer(root / "labels_sparse.gpkg", transform)
+    tile_paths, tally = _write_rasters(root, spec, transform, _tile_edge(size, tiles), vector, progress)
     vrt = root / "image.vrt"
     vrt.write_text(mosaic_vrt_xml(tile_paths, relative_to=root))
-    vector = root / "labels_sparse.gpkg"
-    _write_polygons(tally.polygons, transform, vector)
+    vector.finish()
     classes = root / "classes.json"
     write_classes_file(classes, SCENE_CLASSES)
     return SynthRegion(
@@ -209,16 +255,21 @@ def synthesize(
         tiles=tuple(tile_paths),
         truth=root / "truth.tif",
         labels=root / "labels_sparse.tif",
-        labels_vector=vector,
+        labels_vector=vector.path,
         classes=classes,
         labelled_fraction=tally.labelled / float(size * size),
     )
 
 
 def _write_rasters(
-    root: Path, spec: SceneSpec, transform: Affine, edge: int, progress: Callable[[int, int], None] | None
+    root: Path,
+    spec: SceneSpec,
+    transform: Affine,
+    edge: int,
+    vector: _PolygonLayer,
+    progress: Callable[[int, int], None] | None,
 ) -> tuple[list[Path], _Tally]:
-    """Write the image tiles, ``truth.tif`` and ``labels_sparse.tif``, window by window.
+    """Write the image tiles, ``truth.tif`` and ``labels_sparse.tif`` by window; polygons to ``vector``.
 
     Windows are computed in a thread pool (numpy releases the GIL in its heavy loops)
     and written by the calling thread, at most two per worker in flight.
@@ -227,7 +278,7 @@ def _write_rasters(
         The tiles' paths, and what the windows added up to.
     """
     tile_boxes = list(iter_boxes(spec.size, spec.size, edge))
-    tally = _Tally(sum(len(_tile_windows(tile)) for tile in tile_boxes), progress)
+    tally = _Tally(sum(len(_tile_windows(tile)) for tile in tile_boxes), progress, vector)
     workers = max(1, min(4, os.cpu_count() or 1))
     dense = {**_profile(spec.size, spec.size, 1, "uint8", 0), "transform": transform}
     paths = []
@@ -271,8 +322,8 @@ def _write_tile(
         tally.add(labels, polys)
 
 
-def _write_polygons(polys: LabelPolygons, transform: Affine, path: Path) -> None:
-    """The label polygons, moved from pixel to map coordinates, as the GeoPackage layer ``labels``."""
+def _write_polygons(polys: LabelPolygons, transform: Affine, path: Path, append: bool = False) -> None:
+    """The label polygons, moved from pixel to map coordinates, into the GeoPackage layer ``labels``."""
     import geopandas as gpd
     from shapely import affinity
 
@@ -285,5 +336,4 @@ def _write_polygons(polys: LabelPolygons, transform: Affine, path: Path) -> None
         geometry=geoms,
         crs=CRS,
     )
-    path.unlink(missing_ok=True)
-    frame.to_file(path, driver="GPKG", layer="labels")
+    frame.to_file(path, driver="GPKG", layer="labels", mode="a" if append else "w")
