@@ -36,6 +36,8 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("stack windows", ("BatchQueue",)),
     ("read", ("_predict_blocks.<locals>.read", "read_grown", "mirrored")),
     ("other segpipe", ("segpipe/",)),
+    # zarr runs its codec pipeline on asyncio: its frames first, or they read as dask's.
+    ("zarr: other (chunk checks, store IO)", ("zarr/",)),
     ("dask scheduling and comms", ("distributed/", "tornado/", "asyncio/", "dask/")),
 )
 # Leaves where a thread waits rather than works (py-spy's --nonblocking mode samples idle
