@@ -19,7 +19,14 @@ of the workers and of both together, and the dask tasks run. The table then give
 stage, time per Mpx and peak RSS at the largest size over the smallest (targets 1.2 and
 1.3), and predict's rate over the IO floor (target at least 0.5).
 
+With ``--py-spy PATH`` (py-spy is not a segpipe dependency: ``pip download py-spy`` gives
+a static binary), predict's child runs under py-spy, and each row records where its
+driver's and workers' samples went, step by step (``benchmarks/spy_profile.py``). Each
+size's image tiles are deleted once ingested and its store once its row is done (a 32768²
+region is about 13 GB), unless ``--keep-data``.
+
     .venv/bin/python benchmarks/scale.py --sizes 4096 8192
+    .venv/bin/python benchmarks/scale.py --sizes 4096 8192 16384 32768 --py-spy ~/bin/py-spy
 """
 
 from __future__ import annotations
