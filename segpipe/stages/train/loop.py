@@ -21,6 +21,7 @@ from segpipe.errors import InputError, StoreError
 from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import has_layer, open_layer, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, read_spec
+from segpipe.models.catalog import has_encoder
 from segpipe.stages.evaluate import metrics
 from segpipe.stages.train import adapt
 from segpipe.stages.train import checkpoint as ckpt
@@ -235,7 +236,9 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
     gpu = _device(requested.device).type == "cuda"
     resolved, auto = adapt.resolve(requested, adapt.facts_of(info, cand, gpu))
     cfg, chip_note = resolved.fit_region(info.height, info.width)
-    spec = package_spec(store, info, cfg, cfg.arch, cfg.encoder, classes, network_options(cfg))
+    # A model without an encoder records none, as the forest does (its --encoder is unused).
+    encoder = cfg.encoder if has_encoder(cfg.arch) else "none"
+    spec = package_spec(store, info, cfg, cfg.arch, encoder, classes, network_options(cfg))
     split = plan_split(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
     split.log_warnings()
     valid_cells = split.valid_cells(cand)

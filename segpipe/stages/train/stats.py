@@ -257,7 +257,6 @@ def package_spec(
     """
     from segpipe.io.store import open_region
     from segpipe.models import ModelSpec, output_stride
-    from segpipe.models.catalog import has_encoder
     from segpipe.models.spec import grid_resolution
 
     fitted, note = cfg.fit_region(info.height, info.width)
@@ -275,7 +274,7 @@ def package_spec(
     pixel_size, units = grid_resolution(info.crs_wkt, info.transform)
     return ModelSpec(
         arch=arch,
-        encoder=encoder if has_encoder(arch) or arch == "ensemble" else "none",
+        encoder=encoder,
         band_names=info.band_names,
         mean=mean,
         std=std,
