@@ -47,7 +47,8 @@ console = Console(stderr=True)
 
 ARCH_HELP = (
     "Network: unet, pspnet, deeplabv3 or deeplabv3plus; linear, one 1 x 1 convolution (per-pixel "
-    "logistic regression on the bands, trained like the networks, --encoder unused); or random_forest, "
+    "logistic regression on the bands, fitted to convergence by L-BFGS on the training pixels in "
+    "seconds, --encoder unused); or random_forest, "
     "the classical per-pixel baseline (scikit-learn random forest on the band values, see --trees); "
     "or auto: the forest and a U-Net within --budget, scored on the same held-out cells, the better one "
     "(or their ensemble) kept."

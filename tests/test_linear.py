@@ -1,4 +1,4 @@
-"""The ``linear`` architecture: one 1 x 1 convolution, trained like the networks, predicted per pixel."""
+"""The ``linear`` architecture: one 1 x 1 convolution, fitted by L-BFGS on pixels, predicted per pixel."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("linear")
     region = synthesize(root / "region", size=256, bands=4, tiles=2, seed=3)
     store = root / "r.zarr"
-    ingest([region.image], store, labels=region.labels, classes=region.classes, block_size=128)
+    # Dense labels: enough pixels for a validation split and for the solver to be judged.
+    ingest([region.image], store, labels=region.truth, classes=region.classes, block_size=128)
     # An encoder named on the command line is not used by a 1 x 1 convolution, and not recorded.
-    train(store, root / "model", train_config(arch="linear", encoder="vgg11_bn", lr=0.05, **SETTINGS))
+    train(store, root / "model", train_config(arch="linear", encoder="vgg11_bn", **SETTINGS))
     return store, root / "model"
 
 
@@ -44,7 +45,9 @@ def test_the_package_is_one_convolution_without_encoder(trained: tuple[Path, Pat
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     assert shapes == {"weight": (n_classes, 4, 1, 1), "bias": (n_classes,)}
     assert not has_encoder("linear") and output_stride("linear") == 1
-    assert data["training"]["history"][-1]["train_loss"] < data["training"]["history"][0]["train_loss"]
+    solver = data["training"]["solver"]
+    assert solver["method"].startswith("L-BFGS") and 0 < solver["iterations"] < 500
+    assert solver["pixels"] > 1000 and np.isfinite(data["training"]["history"][0]["valid_miou"])
 
 
 def test_prediction_is_the_per_pixel_argmax_of_the_convolution(trained: tuple[Path, Path]) -> None:
@@ -73,3 +76,47 @@ def test_pretrained_encoder_weights_are_refused(trained: tuple[Path, Path], tmp_
     weights.write_bytes(b"")
     with pytest.raises(InputError, match="no encoder"):
         train(store, tmp_path / "m", train_config(arch="linear", pretrained=str(weights), **SETTINGS))
+
+
+def test_the_fit_is_scikit_learns_logistic_regression_on_the_training_pixels(
+    trained: tuple[Path, Path],
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from segpipe.stages.train.linear import _training_pixels
+    from segpipe.stages.train.loop import plan_training
+
+    store, model = trained
+    plan = plan_training(store, train_config(arch="linear", **SETTINGS))
+    x, y = _training_pixels(plan)
+    # scikit-learn's objective is C * sum(loss) + |w|^2 / 2: the same optimum when C = 1 / (n * l2).
+    x = x.astype(np.float64)  # scikit-learn fits in float32 when given it: less exactly than ours
+    reference = LogisticRegression(C=1.0 / (y.size * plan.cfg.weight_decay), tol=1e-10, max_iter=20000)
+    reference.fit(x, y)
+    net, _ = load_model(model)
+    logits = x @ net.weight.detach().numpy()[:, :, 0, 0].T + net.bias.detach().numpy()
+    ours = np.exp(logits - logits.max(axis=1, keepdims=True))
+    ours /= ours.sum(axis=1, keepdims=True)
+    assert np.abs(ours - reference.predict_proba(x)).max() < 1e-3
+
+
+def test_training_pixels_stay_out_of_the_held_out_cells(trained: tuple[Path, Path]) -> None:
+    from segpipe.stages.train import linear
+    from segpipe.stages.train.loop import plan_training
+    from segpipe.stages.train.sampling import find_candidates
+
+    store, _ = trained
+    plan = plan_training(store, train_config(arch="linear", **SETTINGS))
+    assert plan.valid_cells  # the fixture's split holds cells out
+    _, y = linear._training_pixels(plan)
+    labels = open_layer(store, "labels")
+    every = find_candidates(labels, plan.block_size, max_per_block=1 << 20, seed=0)
+    outside = ~plan.split.assign(every, plan.valid_cells)
+    # every labelled pixel outside the held-out cells (the fixture is under MAX_PIXELS), none inside
+    assert y.size == int(outside.sum()) < every.y.size
+
+
+def test_resume_is_refused_with_a_named_error(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    store, _ = trained
+    with pytest.raises(InputError, match="fitted in one pass"):
+        train(store, tmp_path / "m", train_config(arch="linear", **SETTINGS), resume=True)

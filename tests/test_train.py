@@ -167,7 +167,7 @@ def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch):
         k = len(spec.classes)
         return next(losses), np.eye(k, k + 1, dtype=np.int64)
 
-    monkeypatch.setattr(loop, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(loop, "evaluate_chips", fake_evaluate)
     spec = train(
         store,
         tmp_path / "m",

@@ -36,7 +36,7 @@ ARCHITECTURES = ("unet", "pspnet", "deeplabv3", "deeplabv3plus", LINEAR_ARCH)
 CLASSICAL_ARCHITECTURES = ("random_forest",)
 # Models that see one pixel at a time: no encoder, any input size, no window overlap
 # needed. ``linear`` is one 1 x 1 convolution (multinomial logistic regression on the
-# bands, trained like the networks): the simplest baseline, and a model whose forward
+# bands, fitted by L-BFGS: segpipe.stages.train.linear): the simplest baseline, and a model whose forward
 # pass costs almost nothing, so benchmarks of it measure the pipeline around it.
 PER_PIXEL_ARCHITECTURES = (LINEAR_ARCH, *CLASSICAL_ARCHITECTURES)
 ENCODERS = (

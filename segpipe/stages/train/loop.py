@@ -21,7 +21,7 @@ from segpipe.errors import InputError, StoreError
 from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import has_layer, open_layer, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, read_spec
-from segpipe.models.catalog import has_encoder
+from segpipe.models.catalog import LINEAR_ARCH, has_encoder
 from segpipe.stages.evaluate import metrics
 from segpipe.stages.train import adapt
 from segpipe.stages.train import checkpoint as ckpt
@@ -155,7 +155,7 @@ def chip_batch(
     return np.stack(images), np.stack(labels)
 
 
-def _evaluate(
+def evaluate_chips(
     net: Any,
     sampler: ChipSampler,
     windows: list[tuple[int, int]],
@@ -163,6 +163,7 @@ def _evaluate(
     device: Any,
     batch_size: int,
 ) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy over the labelled pixels of ``windows`` and their confusion matrix."""
     import torch
 
     values = [c.value for c in spec.classes]
@@ -343,6 +344,12 @@ def train_network(
             does not fit the settings.
     """
     cfg = plan.requested if plan is not None else config or NetworkConfig()
+    if cfg.arch == LINEAR_ARCH:
+        if resume:
+            raise InputError(f"--arch {LINEAR_ARCH} is fitted in one pass: leave out --resume")
+        from segpipe.stages.train.linear import fit_linear
+
+        return fit_linear(plan or plan_training(store, cfg), out, progress)
     if resume:  # before the costly preparation, so a wrong --resume fails at once
         ckpt.require_checkpoint(out, cfg.resume_key())
     plan = plan or plan_training(store, cfg)
@@ -462,7 +469,8 @@ class _RankLoop:
             self._save(epoch + 1, 0, 0.0)
         if self.rank != 0:
             return None
-        return _finish(self.net, self.plan, self.state, self.out, started, self.device.type, resumed_from)
+        device = self.device.type
+        return finish_package(self.net, self.plan, self.state, self.out, started, device, resumed_from)
 
     def _start(self, resume: bool) -> dict[str, int] | None:
         """Discard an old checkpoint, or continue from it; where the run resumed (None: afresh)."""
@@ -515,7 +523,7 @@ class _RankLoop:
         """Score the held-out chips into ``record``; keep the weights when the monitored score is the best."""
         cfg, plan, state = self.cfg, self.plan, self.state
         windows = list(plan.valid_windows)
-        v_loss, cm = _evaluate(self.net, self.valid_s, windows, plan.spec, self.device, cfg.batch_size)
+        v_loss, cm = evaluate_chips(self.net, self.valid_s, windows, plan.spec, self.device, cfg.batch_size)
         record.update(validation_scores(v_loss, cm, plan.spec.classes))
         sign = 1.0 if cfg.monitor == "valid_miou" else -1.0  # compared as "higher is better"
         value = sign * record[cfg.monitor]
@@ -546,7 +554,7 @@ class _RankLoop:
             )
 
 
-def _finish(
+def finish_package(
     net: Any,
     plan: TrainPlan,
     state: ckpt.TrainState,
@@ -554,14 +562,20 @@ def _finish(
     started: float,
     device: str,
     resumed_from: dict[str, int] | None,
+    extra: dict[str, Any] | None = None,
 ) -> ModelSpec:
-    """Best weights, metrics and plots into the package; then the checkpoint goes."""
+    """Best weights, metrics and plots into the package; then the checkpoint goes.
+
+    Also the end of :func:`segpipe.stages.train.linear.fit_linear`, whose one fit is its
+    one epoch, so both packages are written alike; ``extra`` adds entries to ``training``.
+    """
     if state.best_weights is not None:
         net.load_state_dict(state.best_weights)
     spec = dataclasses.replace(
         plan.spec,
         metrics=final_metrics(state.best_cm, plan.spec.classes),
-        training=_training_record(plan, state.history, time.perf_counter() - started, device, resumed_from),
+        training=_training_record(plan, state.history, time.perf_counter() - started, device, resumed_from)
+        | (extra or {}),
     )
     net = net.cpu().eval()
     out_dir = write_package(out, spec, net, state.history, state.best_cm)

@@ -1,0 +1,187 @@
+"""Fit ``--arch linear``, per-pixel multinomial logistic regression, by a convex solver.
+
+The model is one 1 x 1 convolution on the normalised bands. Its loss is convex, so it is
+fitted as statisticians fit it: full-batch L-BFGS on the labelled training pixels until
+the loss stops falling, not by a network's few hundred noisy optimiser steps (with a
+network's learning rate and chip budget those left nc-landsat7 at test mIoU 0.03-0.05,
+far from converged). The seed then only chooses the split and the sample of pixels.
+
+Everything else is a network's: the plan (split, settings, statistics), the validation
+on the plan's held-out chips, and the package (:func:`segpipe.stages.train.loop.finish_package`),
+so ``segpipe predict``, ``--arch auto`` and the forest baseline treat it like any network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segpipe.errors import LabelsError
+from segpipe.io.store import open_layer
+from segpipe.models import ModelSpec, build_network
+from segpipe.stages.train import checkpoint as ckpt
+from segpipe.stages.train.outputs import validation_scores
+from segpipe.stages.train.progress import TrainProgress
+from segpipe.stages.train.sampling import Candidates, find_candidates
+
+if TYPE_CHECKING:
+    from segpipe.stages.train.loop import TrainPlan
+
+__all__ = ["MAX_PIXELS", "fit_linear"]
+
+# Labelled training pixels fitted at most: a model of bands x classes weights is settled
+# long before this, and L-BFGS over it takes seconds.
+MAX_PIXELS = 200_000
+_MAX_ITERATIONS = 500
+_TOLERANCE = 1e-10  # change of the loss (or of a weight) at which L-BFGS stops
+_STEPS = 3  # progress reports: pixels read, fitted, validated
+
+
+def fit_linear(
+    plan: TrainPlan, out: str | Path, progress: Callable[[TrainProgress], None] | None = None
+) -> ModelSpec:
+    """Fit the logistic regression on the plan's training pixels and write its package.
+
+    Args:
+        plan: The training planned for ``arch: linear`` (its split, statistics, settings).
+        out: Model package directory to write.
+        progress: Called after reading the pixels, after the fit and after validation.
+
+    Returns:
+        The written model's description (``training.solver`` says how it was fitted).
+
+    Raises:
+        LabelsError: No labelled training pixel holds image data.
+    """
+    import torch
+
+    from segpipe.stages.train.loop import evaluate_chips, finish_package, plan_sampler
+
+    started = time.perf_counter()
+
+    def report(step: int, loss: float, record: dict[str, Any] | None = None) -> None:
+        if progress:
+            progress(TrainProgress(1, 1, step, _STEPS, loss, record))
+
+    x, y = _training_pixels(plan)
+    report(1, float("nan"))
+    weights = _class_weights(plan, y)
+    net, solver = _solve(plan, x, y, weights)
+    seconds = time.perf_counter() - started
+    record: dict[str, Any] = {"epoch": 1, "train_loss": solver["loss"], "seconds": seconds}
+    report(2, solver["loss"])
+    cm = None
+    if plan.valid_windows:
+        windows = list(plan.valid_windows)
+        loss, cm = evaluate_chips(
+            net, plan_sampler(plan, "valid"), windows, plan.spec, torch.device("cpu"), plan.cfg.batch_size
+        )
+        record.update(validation_scores(loss, cm, plan.spec.classes))
+    report(3, solver["loss"], record)
+    state = ckpt.TrainState(1, 0, 0.0, [record], None, None, cm, 0, {}, {}, {})
+    return finish_package(net, plan, state, str(out), started, "cpu", None, {"solver": solver})
+
+
+def _training_pixels(plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised band values (pixel, band) and class indices of the training part's pixels.
+
+    The plan's candidates are a network's sample (a few thousand per block): this takes
+    as many per block as :data:`MAX_PIXELS` allows, assigned to the plan's split, so the
+    held-out cells stay held out.
+    """
+    from segpipe.stages.train.forest import forest_features
+    from segpipe.stages.train.loop import IGNORE
+
+    labels = open_layer(plan.store, "labels")
+    n_blocks = -(-labels.shape[-2] // plan.block_size) * -(-labels.shape[-1] // plan.block_size)
+    per_block = max(1, -(-2 * MAX_PIXELS // n_blocks))
+    cand = find_candidates(labels, plan.block_size, max_per_block=per_block, seed=plan.cfg.seed)
+    train = cand.subset(~plan.split.assign(cand, plan.valid_cells))
+    train = train.subset(plan.lut[train.value] != IGNORE)  # a class the plan's sample never met
+    train = _subsample(train, MAX_PIXELS, np.random.default_rng(plan.cfg.seed))
+    if train.y.size:
+        image = open_layer(plan.store, "image")
+        x, valid = forest_features(image, plan.block_size, plan.spec, 1, train.y, train.x)
+        if valid.any():
+            return x, plan.lut[train.value[valid]].astype(np.int64)
+    raise LabelsError(
+        f"no labelled training pixel of {plan.store} holds image data (all nodata or all in "
+        "validation cells): check the labels' extent or lower --valid-fraction"
+    )
+
+
+def _subsample(cand: Candidates, limit: int, rng: np.random.Generator) -> Candidates:
+    """At most ``limit`` of the candidates, drawn without replacement."""
+    if cand.y.size <= limit:
+        return cand
+    keep = np.zeros(cand.y.size, dtype=bool)
+    keep[rng.choice(cand.y.size, limit, replace=False)] = True
+    return cand.subset(keep)
+
+
+def _class_weights(plan: TrainPlan, y: np.ndarray) -> np.ndarray | None:
+    """Loss weight per class: the plan's, or equal classes where a network would balance its chips.
+
+    Balanced chips (the rule for a rare foreground) show every class equally often; for
+    single pixels the same is weighting each class by the inverse of its share.
+    """
+    if plan.class_weights is not None:
+        return np.asarray(plan.class_weights, dtype=np.float32)
+    if not plan.cfg.balanced_sampling:
+        return None
+    counts = np.bincount(y, minlength=len(plan.spec.classes)).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1.0) / np.count_nonzero(counts), 0.0)
+    return weights.astype(np.float32)
+
+
+def _solve(
+    plan: TrainPlan, x: np.ndarray, y: np.ndarray, weights: np.ndarray | None
+) -> tuple[Any, dict[str, Any]]:
+    """The fitted 1 x 1 convolution and what the solver did.
+
+    Minimises the (weighted) mean cross-entropy plus ``weight_decay / 2`` times the
+    squared weights (not the biases), as scikit-learn's ``LogisticRegression`` does
+    with ``C = 1 / (n * weight_decay)``.
+    """
+    import torch
+
+    spec, cfg = plan.spec, plan.cfg
+    net = build_network(cfg.arch, cfg.encoder, len(spec.band_names), len(spec.classes), spec.options)
+    assert isinstance(net, torch.nn.Conv2d)  # what build_network makes of arch linear
+    w = torch.zeros(len(spec.classes), x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(spec.classes), dtype=torch.float64, requires_grad=True)
+    xt, yt = torch.from_numpy(x).double(), torch.from_numpy(y)
+    wt = None if weights is None else torch.from_numpy(weights).double()
+    opt = torch.optim.LBFGS(
+        [w, b], max_iter=_MAX_ITERATIONS, tolerance_change=_TOLERANCE, line_search_fn="strong_wolfe"
+    )
+
+    def objective() -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(xt @ w.T + b, yt, weight=wt)
+        return loss + 0.5 * cfg.weight_decay * (w * w).sum()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        final = float(objective())
+        net.weight.copy_(w.float()[:, :, None, None])
+        assert net.bias is not None  # nn.Conv2d has one unless bias=False
+        net.bias.copy_(b.float())
+    iterations = int(opt.state[w].get("n_iter", 0))
+    return net, {
+        "method": "L-BFGS, full batch (convex: converges to the one optimum)",
+        "pixels": int(y.size),
+        "iterations": iterations,
+        "loss": final,
+        "l2": cfg.weight_decay,
+        "class_weights": None if weights is None else [float(v) for v in weights],
+    }
