@@ -120,3 +120,12 @@ def test_resume_is_refused_with_a_named_error(trained: tuple[Path, Path], tmp_pa
     store, _ = trained
     with pytest.raises(InputError, match="fitted in one pass"):
         train(store, tmp_path / "m", train_config(arch="linear", **SETTINGS), resume=True)
+
+
+def test_settings_of_optimiser_steps_are_named_as_unused(
+    trained: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, _ = trained
+    spec = train(store, tmp_path / "m", train_config(arch="linear", lr=0.5, **SETTINGS))
+    (note,) = [w for w in spec.training["warnings"] if "not used by --arch linear" in w]
+    assert note.startswith("epochs, samples_per_epoch, lr:") and note in caplog.text

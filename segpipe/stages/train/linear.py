@@ -13,6 +13,7 @@ so ``segpipe predict``, ``--arch auto`` and the forest baseline treat it like an
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from segpipe.errors import LabelsError
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec, build_network
 from segpipe.stages.train import checkpoint as ckpt
+from segpipe.stages.train.config import NetworkConfig
 from segpipe.stages.train.outputs import validation_scores
 from segpipe.stages.train.progress import TrainProgress
 from segpipe.stages.train.sampling import Candidates, find_candidates
@@ -39,6 +41,12 @@ MAX_PIXELS = 200_000
 _MAX_ITERATIONS = 500
 _TOLERANCE = 1e-10  # change of the loss (or of a weight) at which L-BFGS stops
 _STEPS = 3  # progress reports: pixels read, fitted, validated
+# Settings that steer a network's optimiser steps: the solver reads none of them.
+_STEP_SETTINGS = (
+    "epochs", "samples_per_epoch", "lr", "loss", "focal_gamma", "dice_weight", "patience", "monitor",
+    "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device", "devices",
+)
+log = logging.getLogger(__name__)
 
 
 def fit_linear(
@@ -83,7 +91,22 @@ def fit_linear(
         record.update(validation_scores(loss, cm, plan.spec.classes))
     report(3, solver["loss"], record)
     state = ckpt.TrainState(1, 0, 0.0, [record], None, None, cm, 0, {}, {}, {})
-    return finish_package(net, plan, state, str(out), started, "cpu", None, {"solver": solver})
+    extra = {"solver": solver, "warnings": [*plan.warnings, *_unused(plan.requested)]}
+    return finish_package(net, plan, state, str(out), started, "cpu", None, extra)
+
+
+def _unused(requested: NetworkConfig) -> list[str]:
+    """A warning (logged, and returned for the package) naming step settings given for nothing."""
+    defaults = NetworkConfig()
+    given = [n for n in _STEP_SETTINGS if getattr(requested, n) != getattr(defaults, n)]
+    if not given:
+        return []
+    note = (
+        f"{', '.join(given)}: not used by --arch linear, which is fitted to convergence by L-BFGS "
+        "(no optimiser steps, on the CPU)"
+    )
+    log.warning("%s", note)
+    return [note]
 
 
 def _training_pixels(plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
