@@ -68,6 +68,7 @@ CONFIGS: dict[str, list[str]] = {
 # ``--arch auto`` keeps its candidates in ``<model>/candidates/<name>``: each is also
 # predicted and scored, as config ``auto/<name>``, so one run shows what auto chose from.
 CANDIDATES = "candidates"
+ENSEMBLE = "ensemble"
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ def run_segpipe(
         compared = selection.get("models", {}).get(name, {})
         rows.append(
             {"config": f"{config}/{name}", "train_cpu_s": None, "train_wall_s": compared.get("seconds")}
-            | {"valid_miou": compared.get("valid_miou")}
+            | {"valid_miou": compared.get("valid_miou"), "kept": name == selection.get("kept")}
             | row
         )
     row = score_package(prep, model, tag, timeout)  # last: the store's classes layer is the kept model's
@@ -292,11 +293,21 @@ def run_segpipe(
 
 
 def _candidates(model: Path) -> list[tuple[str, Path]]:
-    """The candidate packages ``--arch auto`` kept beside its choice (none for other configs)."""
+    """The candidate packages ``--arch auto`` kept beside its choice (none for other configs).
+
+    Auto writes the forest and network's ensemble only when it keeps it; the ensemble is
+    made here otherwise (``candidates/ensemble``, as auto would have made it), so every
+    seed shows all three on the test part and selection rules can be judged afterwards.
+    """
     folder = model / CANDIDATES
     if not folder.is_dir():
         return []
-    return [(p.name, p) for p in sorted(folder.iterdir()) if (p / "model.json").exists()]
+    found = [p for p in sorted(folder.iterdir()) if (p / "model.json").exists()]
+    if len(found) == 2 and ENSEMBLE not in {p.name for p in found}:
+        from segpipe.models.combine import make_ensemble
+
+        found.append(make_ensemble(found, folder / ENSEMBLE))
+    return [(p.name, p) for p in sorted(found)]
 
 
 def score_package(prep: Prepared, model: Path, tag: str, timeout: float) -> dict[str, Any]:
