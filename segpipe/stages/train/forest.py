@@ -112,14 +112,6 @@ def forest_features(
     return np.ascontiguousarray(out[:, valid].T), valid
 
 
-def _subsample(cand: Candidates, limit: int, rng: np.random.Generator) -> Candidates:
-    if cand.y.size <= limit:
-        return cand
-    keep = np.zeros(cand.y.size, dtype=bool)
-    keep[rng.choice(cand.y.size, limit, replace=False)] = True
-    return cand.subset(keep)
-
-
 def _pixels(
     image: Any, block: int, cand: Candidates, spec: ModelSpec, lut: np.ndarray, context: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -245,8 +237,8 @@ def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:
     classes, lut = label_classes(np.unique(cand.value), info.classes)
     spec = package_spec(store, info, cfg, FOREST_ARCH, "none", classes)
     split, in_valid = _split(labels, info.block_size, cand if per_block == PER_BLOCK else None, cand, cfg)
-    train_c = _subsample(cand.subset(~in_valid), cfg.max_train_pixels, rng)
-    valid_c = _subsample(cand.subset(in_valid), cfg.max_train_pixels, rng)
+    train_c = cand.subset(~in_valid).at_most(cfg.max_train_pixels, rng)
+    valid_c = cand.subset(in_valid).at_most(cfg.max_train_pixels, rng)
     x_train, y_train = _pixels(image, info.block_size, train_c, spec, lut, cfg.forest_context)
     x_valid, y_valid = _pixels(image, info.block_size, valid_c, spec, lut, cfg.forest_context)
     if y_train.size == 0:

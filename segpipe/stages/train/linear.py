@@ -28,7 +28,7 @@ from segpipe.stages.train import checkpoint as ckpt
 from segpipe.stages.train.config import NetworkConfig
 from segpipe.stages.train.outputs import validation_scores
 from segpipe.stages.train.progress import TrainProgress
-from segpipe.stages.train.sampling import Candidates, find_candidates
+from segpipe.stages.train.sampling import find_candidates
 
 if TYPE_CHECKING:
     from segpipe.stages.train.loop import TrainPlan
@@ -125,7 +125,7 @@ def _training_pixels(plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
     cand = find_candidates(labels, plan.block_size, max_per_block=per_block, seed=plan.cfg.seed)
     train = cand.subset(~plan.split.assign(cand, plan.valid_cells))
     train = train.subset(plan.lut[train.value] != IGNORE)  # a class the plan's sample never met
-    train = _subsample(train, MAX_PIXELS, np.random.default_rng(plan.cfg.seed))
+    train = train.at_most(MAX_PIXELS, np.random.default_rng(plan.cfg.seed))
     if train.y.size:
         image = open_layer(plan.store, "image")
         x, valid = forest_features(image, plan.block_size, plan.spec, 1, train.y, train.x)
@@ -135,15 +135,6 @@ def _training_pixels(plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
         f"no labelled training pixel of {plan.store} holds image data (all nodata or all in "
         "validation cells): check the labels' extent or lower --valid-fraction"
     )
-
-
-def _subsample(cand: Candidates, limit: int, rng: np.random.Generator) -> Candidates:
-    """At most ``limit`` of the candidates, drawn without replacement."""
-    if cand.y.size <= limit:
-        return cand
-    keep = np.zeros(cand.y.size, dtype=bool)
-    keep[rng.choice(cand.y.size, limit, replace=False)] = True
-    return cand.subset(keep)
 
 
 def _class_weights(plan: TrainPlan, y: np.ndarray) -> np.ndarray | None:

@@ -103,6 +103,14 @@ class Candidates:
         """The candidates where ``keep`` is True."""
         return Candidates(self.y[keep], self.x[keep], self.value[keep], self.counts)
 
+    def at_most(self, limit: int, rng: np.random.Generator) -> Candidates:
+        """At most ``limit`` of the candidates, drawn without replacement (in their order)."""
+        if self.y.size <= limit:
+            return self
+        keep = np.zeros(self.y.size, dtype=bool)
+        keep[rng.choice(self.y.size, limit, replace=False)] = True
+        return self.subset(keep)
+
 
 def _block_candidates(
     labels: _Sliceable, y0: int, x0: int, h: int, w: int, limit: int, seed: int
