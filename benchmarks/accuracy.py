@@ -430,7 +430,8 @@ def merge_rows(new: list[dict[str, Any]], path: Path, fresh: bool) -> list[dict[
 
 def _mean(values: list[float | None]) -> float | None:
     """The mean, or None when a value is missing (an auto candidate's CPU seconds are not its own)."""
-    return None if any(v is None for v in values) else float(np.mean(values))
+    known = [v for v in values if v is not None]
+    return None if len(known) < len(values) else float(np.mean(known))
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -477,9 +478,54 @@ def auto_summary(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {name} | {','.join(map(str, by['auto']))} | {_fmt(means['auto'])} "
             f"| {_fmt(min(auto))}-{_fmt(max(auto))} | {_fmt(means['forest'])} | {_fmt(means['default'])} "
-            f"| {_signed(means['auto'] - better)} | {_signed(min(gaps))} |"
+            f"| {_signed(float(np.mean(auto)) - better)} | {_signed(min(gaps))} |"
         )
     return "\n".join(lines)
+
+
+# Selection rules judged on auto's candidates: (name, the rule's pick from valid mIoU by candidate).
+RULES: tuple[tuple[str, Any], ...] = (
+    ("always the forest", lambda v: "random_forest"),
+    ("always the network", lambda v: next(k for k in v if k not in ("random_forest", ENSEMBLE))),
+    ("always the ensemble", lambda v: ENSEMBLE),
+    ("best single; ensemble if +0.01 (auto)", lambda v: _pick(v, ensemble_margin=0.01)),
+    ("ensemble unless a single is +0.02", lambda v: _pick(v, ensemble_margin=-0.02)),
+)
+
+
+def _pick(valid: dict[str, float], ensemble_margin: float) -> str:
+    """The best single candidate by validation mIoU, or the ensemble when it is within the margin."""
+    singles = {k: v for k, v in valid.items() if k != ENSEMBLE}
+    best = max(singles, key=lambda k: singles[k])
+    return ENSEMBLE if valid[ENSEMBLE] >= singles[best] + ensemble_margin else best
+
+
+def rules_summary(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per data set and selection rule, the test mIoU of what the rule picks from auto's candidates.
+
+    Uses the seeds whose three candidates (forest, network, ensemble) were all scored;
+    the rule sees only their validation mIoU, as ``--arch auto`` does.
+    """
+    lines = ["| data set | seeds | rule | test mIoU mean | min-max |", "| --- | --- | --- | --- | --- |"]
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        seeds = _candidate_seeds(rows, name)
+        for label, rule in RULES if seeds else ():
+            picked = [seeds[s][rule({k: v[0] for k, v in seeds[s].items()})][1] for s in sorted(seeds)]
+            lines.append(
+                f"| {name} | {','.join(map(str, sorted(seeds)))} | {label} | {_fmt(float(np.mean(picked)))} "
+                f"| {_fmt(min(picked))}-{_fmt(max(picked))} |"
+            )
+    return "\n".join(lines)
+
+
+def _candidate_seeds(rows: list[dict[str, Any]], name: str) -> dict[int, dict[str, tuple[float, float]]]:
+    """Per seed, each auto candidate's (validation mIoU, test mIoU), where all three were scored."""
+    found: dict[int, dict[str, tuple[float, float]]] = {}
+    for r in rows:
+        parent, _, candidate = r["config"].partition("/")
+        if r["dataset"] == name and parent == "auto" and candidate and r.get("valid_miou") is not None:
+            found.setdefault(int(r["seed"]), {})[candidate] = (float(r["valid_miou"]), float(r["test_miou"]))
+    return {s: c for s, c in found.items() if len(c) == 3 and ENSEMBLE in c and "random_forest" in c}
 
 
 def _by_seed(rows: list[dict[str, Any]], name: str, config: str) -> dict[int, float]:
@@ -545,7 +591,12 @@ def section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "candidate auto trained and compared, on the test part."
     )
     body = [wrap.fill(how), "", wrap.fill(when), "", table(rows)]
-    body += ["", wrap.fill(versus), "", auto_summary(rows)]
+    rules = (
+        "What `--arch auto` could keep, judged on the test part: each selection rule sees the "
+        "candidates' validation mIoU only (as auto does), on the seeds where the forest, the network "
+        "and their ensemble were all scored."
+    )
+    body += ["", wrap.fill(versus), "", auto_summary(rows), "", wrap.fill(rules), "", rules_summary(rows)]
     return "\n".join([START, heading, "", *body, END])
 
 

@@ -139,3 +139,38 @@ def test_every_data_set_has_its_readme_split(acc: ModuleType) -> None:
     splits = {name: acc.split_x(acc.DATA / ds.folder) for name, ds in acc.DATASETS.items()}
     assert splits["nc-landsat7-dense"] == splits["nc-landsat7-polygons"] == 293
     assert splits["spacenet4-atlanta"] == 540 and splits["s2-brandenburg"] == 461
+
+
+def candidate(seed: int, name: str, valid: float, test: float) -> dict[str, Any]:
+    return row("nc-landsat7-dense", f"auto/{name}", seed, test, valid_miou=valid, test_iou={})
+
+
+def test_selection_rules_pick_from_validation_and_score_on_test(acc: ModuleType) -> None:
+    rows = [
+        # seed 0: the forest wins validation by 0.01 but the network wins the test part
+        candidate(0, "random_forest", 0.30, 0.22), candidate(0, "unet", 0.29, 0.26),
+        candidate(0, "ensemble", 0.295, 0.25),
+        # seed 1: the network is clearly better on both
+        candidate(1, "random_forest", 0.20, 0.21), candidate(1, "unet", 0.35, 0.28),
+        candidate(1, "ensemble", 0.32, 0.27),
+        # seed 2 lacks its ensemble: left out of every rule
+        candidate(2, "random_forest", 0.2, 0.2), candidate(2, "unet", 0.3, 0.3),
+    ]
+    lines = {line.split(" | ")[2]: line for line in acc.rules_summary(rows).splitlines()[2:]}
+    assert "| 0,1 |" in lines["always the forest"] and "| 0.215 | 0.210-0.220 |" in lines["always the forest"]
+    assert "| 0.270 | 0.260-0.280 |" in lines["always the network"]
+    assert "| 0.260 | 0.250-0.270 |" in lines["always the ensemble"]
+    # auto's rule keeps the forest on seed 0 (0.22) and the network on seed 1 (0.28)
+    assert "| 0.250 | 0.220-0.280 |" in lines["best single; ensemble if +0.01 (auto)"]
+    # the hedge keeps the ensemble on seed 0 (within 0.02) and the network on seed 1 (+0.03)
+    assert "| 0.265 | 0.250-0.280 |" in lines["ensemble unless a single is +0.02"]
+
+
+def test_auto_is_compared_with_the_better_of_forest_and_network(acc: ModuleType) -> None:
+    rows = [
+        row("s2-brandenburg", "default", 0, 0.24), row("s2-brandenburg", "default", 1, 0.22),
+        row("s2-brandenburg", "forest", 0, 0.29), row("s2-brandenburg", "forest", 1, 0.28),
+        row("s2-brandenburg", "auto", 0, 0.28), row("s2-brandenburg", "auto", 1, 0.29),
+    ]
+    (line,) = acc.auto_summary(rows).splitlines()[2:]
+    assert line == "| s2-brandenburg | 0,1 | 0.285 | 0.280-0.290 | 0.285 | 0.230 | +0.000 | -0.010 |"
