@@ -129,3 +129,11 @@ def test_settings_of_optimiser_steps_are_named_as_unused(
     spec = train(store, tmp_path / "m", train_config(arch="linear", lr=0.5, **SETTINGS))
     (note,) = [w for w in spec.training["warnings"] if "not used by --arch linear" in w]
     assert note.startswith("epochs, samples_per_epoch, lr:") and note in caplog.text
+
+
+def test_classes_are_weighted_only_when_asked(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    store, model = trained
+    assert json.loads((model / "model.json").read_text())["training"]["solver"]["class_weights"] is None
+    spec = train(store, tmp_path / "m", train_config(arch="linear", class_balancing=True, **SETTINGS))
+    weights = spec.training["solver"]["class_weights"]
+    assert len(weights) == len(spec.classes) and max(weights) > min(weights)
