@@ -426,8 +426,9 @@ def train(
     Each training setting comes from its option when given, else from the --config
     file, else its default. Settings shown without a default are chosen from the data
     (the package records what was chosen, and why, under training.auto). The split
-    holds out whole cells (chosen so that at least 40 hold labels) and never leaves a
-    class with less than 70 % of its labelled pixels for training.
+    holds out whole cells (chosen so that at least 40 hold labels), or whole patches where
+    the labels are separate polygons, and never leaves a class with less than 70 % of its
+    labelled pixels for training.
     """
     # The settings arrive through ctx, by name; the parameters above declare the options.
     given = _given_settings(ctx)

@@ -177,6 +177,45 @@ def test_split_of_a_small_scene_keeps_the_labels_for_training():
     assert alone.scheme == "none" and not alone.in_valid.any() and alone.warnings
 
 
+def _polygons(n: int, rng: np.random.Generator) -> tuple[Candidates, np.ndarray]:
+    """``n`` separate 6-14 px squares of 3 classes on a 600 px scene, and each pixel's polygon."""
+    ys, xs, values, which = [], [], [], []
+    for i in range(n):
+        y0, x0 = (i // 6) * 100 + rng.integers(0, 80), (i % 6) * 100 + rng.integers(0, 80)
+        h, w = rng.integers(6, 15, 2)
+        yy, xx = np.mgrid[y0 : y0 + h, x0 : x0 + w]
+        ys.append(yy.ravel())
+        xs.append(xx.ravel())
+        values.append(np.full(yy.size, 1 + i % 3))
+        which.append(np.full(yy.size, i))
+    cand = Candidates(np.concatenate(ys), np.concatenate(xs), np.concatenate(values))
+    return cand, np.concatenate(which)
+
+
+def test_sparse_polygons_are_held_out_whole():
+    # Issue 18: 24 px cells (chosen to give 40 of them) cut polygons in two, so validation
+    # pixels had training pixels of the same polygon beside them.
+    for seed in range(10):
+        cand, polygon = _polygons(36, np.random.default_rng(seed))
+        split = plan_split(cand, None, 0.15, seed)
+        assert split.scheme == "spatial-patches" and split.cell == 8, seed
+        assert split.in_valid.any()
+        for i in range(36):
+            held = split.in_valid[polygon == i]
+            assert held.all() or not held.any(), (seed, i)
+        # the chip samplers' cells agree: every validation pixel's cell holds no training pixel
+        cells = split.valid_cells(cand)
+        assert split.assign(cand, cells).tolist() == split.in_valid.tolist()
+        for v in (1, 2, 3):
+            assert np.mean(~split.in_valid[cand.value == v]) >= min_train_share(0.15)
+    # a cell given by the user is kept; dense labels are one patch and keep square cells
+    cand, _ = _polygons(36, np.random.default_rng(0))
+    assert plan_split(cand, 64, 0.15, 0).scheme == "spatial-cells"
+    yy, xx = np.mgrid[0:320, 0:320]
+    dense = Candidates(yy.ravel(), xx.ravel(), np.where(xx < 160, 1, 2).ravel())
+    assert plan_split(dense, None, 0.15, 0).scheme == "spatial-cells"
+
+
 def test_color_jitter_changes_valid_pixels_only():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(3, 8, 8)).astype(np.float32)

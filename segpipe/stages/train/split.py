@@ -1,7 +1,7 @@
 """The train/validation split: spatially disjoint, and never at the cost of a class.
 
 The region is cut into square cells, each wholly train or wholly validation, so that
-validation pixels are never the neighbours of training pixels. Three rules keep the split
+validation pixels are never the neighbours of training pixels. Four rules keep the split
 from hurting the model it is meant to judge (issue 18: a fixed 256 px cell on a 300 px
 scene put 50-85 % of the labels, and every pixel of a rare class, in validation):
 
@@ -13,7 +13,14 @@ scene put 50-85 % of the labels, and every pixel of a rare class, in validation)
    back to training, largest share of the class first, until each class has at least
    :func:`min_train_share` of its labelled pixels in training. Moves only ever go from
    validation to training, so securing one class never undoes another.
-3. **A class that cannot be held out is kept for training.** A class found in a single
+3. **Sparse labels are held out a patch at a time.** Where the labels are separate
+   patches (training polygons: many connected pieces, none holding a large share), the
+   units drawn are the patches, not square cells: a cell small enough to give
+   :data:`MIN_CELLS` of them cut most polygons in two, and on nc-landsat7's 33 polygons
+   53-100 % of the validation pixels then lay in polygons partly in training (a U-Net
+   scored 0.41 validation mIoU there and 0.15 on the test part). Patches are found on
+   :data:`PATCH_GRID` px cells, so labels closer than that are one patch.
+4. **A class that cannot be held out is kept for training.** A class found in a single
    cell stays wholly in training and is named in a warning: its validation score is not
    measured. Where nothing is left for validation at all (a zero fraction, or labels in
    one cell), the scheme is ``none``: networks train without validation and a random
@@ -44,7 +51,18 @@ MIN_CELLS = 40
 log = logging.getLogger(__name__)
 _SAID: set[str] = set()
 
+# Sparse labels: patches are the connected pieces of the labelled PATCH_GRID px cells
+# (8-neighbours); the labels count as patches when there are at least MIN_PATCHES of them
+# and none holds more than MAX_PATCH_SHARE of the candidates (a dense map is one piece).
+PATCH_GRID = 8
+MIN_PATCHES = 10
+MAX_PATCH_SHARE = 0.25
+# Fine cells over which patches are found at most (beyond: labels spread over a huge
+# region, where square cells serve).
+_MAX_PATCH_CELLS = 50_000_000
+
 SPATIAL = "spatial-cells"
+PATCHES = "spatial-patches"
 NONE = "none"
 
 
@@ -135,8 +153,9 @@ def plan_split(cand: Candidates, cell: int | None, fraction: float, seed: int) -
     Returns:
         The split, with the warnings to show.
     """
-    edge = choose_cell(cand, cell)
-    n_cells, inverse = _cell_index(cand, edge)
+    patches = _patch_index(cand) if cell is None else None
+    edge = PATCH_GRID if patches is not None else choose_cell(cand, cell)
+    n_cells, inverse = patches if patches is not None else _cell_index(cand, edge)
     values, klass = np.unique(cand.value, return_inverse=True)
     counts = np.zeros((n_cells, values.size), dtype=np.int64)
     np.add.at(counts, (inverse, klass.ravel()), 1)
@@ -145,20 +164,21 @@ def plan_split(cand: Candidates, cell: int | None, fraction: float, seed: int) -
     _secure_training(counts, is_valid, share)
     train_only = _restore_validation(counts, is_valid, share)
     in_valid = is_valid[inverse]
-    scheme = SPATIAL if in_valid.any() else NONE
+    scheme = (PATCHES if patches is not None else SPATIAL) if in_valid.any() else NONE
     held = counts[is_valid].sum(axis=0)
     pixels = {int(v): (int(counts[:, k].sum() - held[k]), int(held[k])) for k, v in enumerate(values)}
     only = tuple(int(values[k]) for k in train_only)
-    return Split(in_valid, edge, scheme, only, _warnings(scheme, fraction, edge, only), pixels)
+    unit = "patches of labels" if patches is not None else f"{edge} px cells"
+    return Split(in_valid, edge, scheme, only, _warnings(scheme, fraction, unit, only), pixels)
 
 
-def _warnings(scheme: str, fraction: float, cell: int, train_only: tuple[int, ...]) -> tuple[str, ...]:
+def _warnings(scheme: str, fraction: float, unit: str, train_only: tuple[int, ...]) -> tuple[str, ...]:
     """What the user should hear about the split."""
     notes = []
     if train_only:
         named = ", ".join(str(v) for v in train_only)
         notes.append(
-            f"label value(s) {named} lie in too few {cell} px cells to hold any out without taking "
+            f"label value(s) {named} lie in too few {unit} to hold any out without taking "
             "most of their pixels from training: kept wholly for training, so their validation "
             "scores are not measured"
         )
@@ -175,6 +195,30 @@ def _cell_index(cand: Candidates, cell: int) -> tuple[int, np.ndarray]:
     key = (cand.y // cell).astype(np.int64) * (int(cand.x.max(initial=0)) // cell + 1) + cand.x // cell
     _, inverse = np.unique(key, return_inverse=True)
     return int(inverse.max(initial=-1)) + 1, inverse.ravel()
+
+
+def _patch_index(cand: Candidates) -> tuple[int, np.ndarray] | None:
+    """The number of patches and each candidate's patch, when the labels are separate patches.
+
+    None for labels that are not (a dense map is one patch) or that spread over more than
+    :data:`_MAX_PATCH_CELLS` fine cells.
+    """
+    from scipy import ndimage
+
+    if cand.y.size == 0:
+        return None
+    gy, gx = cand.y // PATCH_GRID, cand.x // PATCH_GRID
+    y0, x0 = int(gy.min()), int(gx.min())
+    shape = (int(gy.max()) - y0 + 1, int(gx.max()) - x0 + 1)
+    if shape[0] * shape[1] > _MAX_PATCH_CELLS:
+        return None
+    grid = np.zeros(shape, dtype=bool)
+    grid[gy - y0, gx - x0] = True
+    pieces, n = ndimage.label(grid, structure=np.ones((3, 3), dtype=bool))
+    patch = pieces[gy - y0, gx - x0] - 1
+    if n < MIN_PATCHES or np.bincount(patch).max() > MAX_PATCH_SHARE * cand.y.size:
+        return None
+    return int(n), patch.astype(np.int64)
 
 
 def _draw(counts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
