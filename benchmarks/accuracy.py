@@ -490,13 +490,20 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("always the ensemble", lambda v: ENSEMBLE),
     ("best single; ensemble if +0.01 (auto)", lambda v: _pick(v, ensemble_margin=0.01)),
     ("ensemble unless a single is +0.02", lambda v: _pick(v, ensemble_margin=-0.02)),
+    ("... or the other single is 0.1 behind", lambda v: _pick(v, ensemble_margin=-0.02, dominant=0.1)),
 )
 
 
-def _pick(valid: dict[str, float], ensemble_margin: float) -> str:
-    """The best single candidate by validation mIoU, or the ensemble when it is within the margin."""
+def _pick(valid: dict[str, float], ensemble_margin: float, dominant: float | None = None) -> str:
+    """The best single candidate by validation mIoU, or the ensemble when it is within the margin.
+
+    With ``dominant``, a single model that leads the other by that much is kept alone.
+    """
     singles = {k: v for k, v in valid.items() if k != ENSEMBLE}
     best = max(singles, key=lambda k: singles[k])
+    lead = singles[best] - min(singles.values())
+    if dominant is not None and lead >= dominant:
+        return best
     return ENSEMBLE if valid[ENSEMBLE] >= singles[best] + ensemble_margin else best
 
 
