@@ -5,9 +5,9 @@ U-Net for as many epochs as fit the rest of the time budget (measured on a few s
 before training; no epoch starts after 90 % of the budget, for a machine slower than
 measured), scores both, and their mean-probability ensemble, on the same held-out
 chips (the split is the same for both families: :mod:`segpipe.stages.train.split`), and
-keeps the best; an ensemble only when it beats the best single model by
-:data:`ENSEMBLE_MARGIN`. The comparison table is printed and recorded in the kept
-package's ``training.selection``; the candidates stay beside it in ``candidates/``.
+keeps their ensemble unless a single model beats it by :data:`SINGLE_MARGIN`. The
+comparison table is printed and recorded in the kept package's ``training.selection``;
+the candidates stay beside it in ``candidates/``.
 
 A single network's training is compared with the forest the same way
 (:func:`compare_with_forest`), so a user whose network lost to a baseline that trains in
@@ -39,10 +39,19 @@ from segpipe.stages.train.progress import TrainProgress
 if TYPE_CHECKING:
     from segpipe.stages.train.loop import TrainPlan
 
-__all__ = ["AUTO_ARCH", "ENSEMBLE_MARGIN", "compare_with_forest", "train_auto"]
+__all__ = ["AUTO_ARCH", "SINGLE_MARGIN", "compare_with_forest", "train_auto"]
 
-# An ensemble predicts as slowly as its members together: it must earn that.
-ENSEMBLE_MARGIN = 0.01
+# A single model is kept over the forest and network's ensemble only when it beats the
+# ensemble by this much validation mIoU. Validation over a few dozen held-out cells or
+# patches is noisy (on nc-landsat7 it ranked the forest over the U-Net where the test part
+# ranked them the other way by 0.02), and averaging the stable forest with the
+# seed-dependent network hedges both the choice and the network's seed spread. Against the
+# former rule (the ensemble only when it wins by 0.01) on the same candidates of four real
+# scenes, it gained 0.004-0.046 test mIoU on four seeds and lost 0.014 on one, where the
+# forest led the ensemble by 0.018 (benchmarks/accuracy.py, "selection rules"). A clear
+# winner (the U-Net on buildings, where the forest finds none) still stands alone. The
+# ensemble predicts as slowly as its members together.
+SINGLE_MARGIN = 0.02
 # Share of the network's time budget planned for steps; the rest absorbs validation,
 # the package's plots and a slower-than-measured machine.
 _STEP_SHARE = 0.75
@@ -229,13 +238,13 @@ def _summary(score: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _choose(table: Mapping[str, Mapping[str, Any]]) -> str:
-    """The best candidate by held-out mIoU; the ensemble only by a margin; the forest without scores."""
+    """The ensemble unless a single model beats it by a margin; the forest without scores."""
     singles = {k: v for k, v in table.items() if k != "ensemble" and v.get("valid_miou") is not None}
     if not singles:  # nothing held out to compare on: the forest is the safe, cheap choice
         return FOREST_ARCH
     best = max(singles, key=lambda k: float(singles[k]["valid_miou"]))
     ensemble = table.get("ensemble", {}).get("valid_miou")
-    if ensemble is not None and ensemble >= float(singles[best]["valid_miou"]) + ENSEMBLE_MARGIN:
+    if ensemble is not None and float(singles[best]["valid_miou"]) < ensemble + SINGLE_MARGIN:
         return "ensemble"
     return best
 
