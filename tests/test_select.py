@@ -66,7 +66,29 @@ def _options(settings: dict[str, object]) -> list[str]:
     return [part for k, v in settings.items() for part in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def test_arch_auto_trains_both_compares_them_on_the_same_pixels_and_keeps_the_best(store, tmp_path):
+@pytest.fixture(scope="module")
+def dense_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Dense labels: enough held-out pixels (MIN_HELD_OUT) for auto to train and compare a network.
+    return tiny_store(tmp_path_factory.mktemp("select_dense"), dense=True)
+
+
+def test_arch_auto_with_few_held_out_pixels_keeps_the_forest_without_training_a_network(store, tmp_path):
+    out = tmp_path / "auto"
+    settings = {**TINY, "epochs": 2, "samples_per_epoch": 8, "chip_size": 64, "trees": 8, "threads": 1,
+                "valid_fraction": 0.3}
+    command = ["train", str(store), "--out", str(out), "--arch", "auto", *_options(settings)]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "no network: only" in text and "so the forest is kept" in text
+    selection = json.loads((out / "model.json").read_text())["training"]["selection"]
+    assert selection["kept"] == "random_forest" and set(selection["models"]) == {"random_forest"}
+    assert selection["models"]["random_forest"]["valid_pixels"] < MIN_HELD_OUT
+    assert selection["warning"].startswith("only ")
+
+
+def test_arch_auto_trains_both_compares_them_on_the_same_pixels_and_keeps_the_best(dense_store, tmp_path):
+    store = dense_store
     out = tmp_path / "auto"
     # What a SIGKILLed selection left (its process is gone) goes; a running one's stays.
     killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -156,7 +178,8 @@ def test_held_out_scores_are_one_definition_for_every_family(store, tmp_path):
     assert (tmp_path / "late" / "model.json").exists()
 
 
-def test_the_python_api_selects_too(store, tmp_path):
+def test_the_python_api_selects_too(dense_store, tmp_path):
+    store = dense_store
     import segpipe
 
     settings = {**TINY, "epochs": 2, "samples_per_epoch": 8, "chip_size": 64, "trees": 8, "threads": 1}

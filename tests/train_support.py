@@ -18,9 +18,10 @@ TINY = {
 }
 
 
-def tiny_store(root: Path, seed: int = 1, bands: int = 4) -> Path:
-    """A 128 x 128 px, 4-band labelled region store in 64 px blocks."""
+def tiny_store(root: Path, seed: int = 1, bands: int = 4, dense: bool = False) -> Path:
+    """A 128 x 128 px, 4-band labelled region store in 64 px blocks (sparse labels, or the dense truth)."""
     region = synthesize(root / f"region{seed}", size=128, bands=bands, tiles=1, seed=seed)
-    out = root / f"r{seed}.zarr"
-    ingest([region.image], out, labels=region.labels, classes=region.classes, block_size=64)
+    out = root / f"r{seed}{'_dense' if dense else ''}.zarr"
+    labels = region.truth if dense else region.labels
+    ingest([region.image], out, labels=labels, classes=region.classes, block_size=64)
     return out

@@ -121,6 +121,9 @@ def train_auto(
         plan = plan_training(store, network_cfg)
         left = budget_minutes * 60.0 - (time.monotonic() - started)
         epochs, why = _epochs_in_budget(plan, left, given=network_cfg.epochs is not None)
+        held = _held_out_count(plan)
+        if held < MIN_HELD_OUT and plan.valid_windows:  # the forest would be kept whatever the network did
+            epochs, why = 0, f"no network: {_too_few(held)}"
         say(why)
         if epochs:
             clock = time.monotonic()
@@ -260,15 +263,25 @@ def too_few_held_out(table: Mapping[str, Mapping[str, Any]]) -> bool:
     return bool(pixels) and max(pixels) < MIN_HELD_OUT
 
 
+def _held_out_count(plan: TrainPlan) -> int:
+    """Labelled pixels the candidates would be scored on."""
+    from segpipe.stages.train.heldout import held_out_pixels
+
+    return int(held_out_pixels(plan).keys.size)
+
+
+def _too_few(pixels: int) -> str:
+    return (
+        f"only {pixels} labelled pixels held out (under {MIN_HELD_OUT}): too few to choose a network "
+        "over the forest, so the forest is kept; label more (or larger) areas to let a network compete"
+    )
+
+
 def _small_validation(table: Mapping[str, Mapping[str, Any]]) -> str | None:
     """What to tell the user when the held-out pixels are too few to choose by (else None)."""
     if not too_few_held_out(table):
         return None
-    pixels = max(int(v["valid_pixels"]) for v in table.values() if v.get("valid_pixels") is not None)
-    return (
-        f"only {pixels} labelled pixels held out (under {MIN_HELD_OUT}): too few to choose a network "
-        f"over the forest, so the forest is kept; label more (or larger) areas to let a network compete"
-    )
+    return _too_few(max(int(v["valid_pixels"]) for v in table.values() if v.get("valid_pixels") is not None))
 
 
 def _choose(table: Mapping[str, Mapping[str, Any]]) -> str:
