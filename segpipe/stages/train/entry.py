@@ -1,6 +1,7 @@
 """The one way in to training: the settings' family chooses the trainer.
 
-A :class:`NetworkConfig` trains a network (:mod:`segpipe.stages.train.loop`), a
+A :class:`NetworkConfig` trains a network (:mod:`segpipe.stages.train.loop`; ``linear``
+is fitted by :mod:`segpipe.stages.train.linear`), a
 :class:`ForestConfig` the per-pixel random forest (:mod:`segpipe.stages.train.forest`),
 and an :class:`AutoConfig` both, keeping the better (:mod:`segpipe.stages.train.select`).
 The command line, the Python API, the flows and a dask worker all train through here,
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from segpipe.models.catalog import LINEAR_ARCH
 from segpipe.stages.train.config import AutoConfig, ForestConfig, NetworkConfig, TrainConfig
 from segpipe.stages.train.progress import TrainProgress
 
@@ -59,6 +61,10 @@ def train(
         from segpipe.stages.train.select import train_auto
 
         return train_auto(store, out, cfg, progress, resume=resume)
+    if cfg.arch == LINEAR_ARCH:  # a network's plan and package, fitted by a convex solver
+        from segpipe.stages.train.linear import train_linear
+
+        return train_linear(store, out, cfg, progress, resume, plan)
     from segpipe.stages.train.loop import train_network
 
     return train_network(store, out, cfg, progress, resume, plan)

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.errors import LabelsError
+from segpipe.errors import InputError, LabelsError
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec, build_network
+from segpipe.models.catalog import LINEAR_ARCH
 from segpipe.stages.train import checkpoint as ckpt
 from segpipe.stages.train.config import NetworkConfig
 from segpipe.stages.train.outputs import validation_scores
@@ -33,7 +34,7 @@ from segpipe.stages.train.sampling import find_candidates
 if TYPE_CHECKING:
     from segpipe.stages.train.loop import TrainPlan
 
-__all__ = ["MAX_PIXELS", "fit_linear"]
+__all__ = ["MAX_PIXELS", "fit_linear", "train_linear"]
 
 # Labelled training pixels fitted at most: a model of bands x classes weights is settled
 # long before this, and L-BFGS over it takes seconds.
@@ -47,6 +48,38 @@ _STEP_SETTINGS = (
     "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device", "devices",
 )
 log = logging.getLogger(__name__)
+
+
+def train_linear(
+    store: str | Path,
+    out: str | Path,
+    config: NetworkConfig,
+    progress: Callable[[TrainProgress], None] | None = None,
+    resume: bool = False,
+    plan: TrainPlan | None = None,
+) -> ModelSpec:
+    """Plan ``arch: linear`` as a network (split, statistics, settings) and fit it.
+
+    Args:
+        store: Region store with ``image`` and ``labels`` layers.
+        out: Model package directory to write.
+        config: The settings (``arch`` linear).
+        progress: As for :func:`fit_linear`.
+        resume: Refused: the fit is one pass.
+        plan: The training already planned by :func:`segpipe.stages.train.loop.plan_training`.
+
+    Returns:
+        The written model's description.
+
+    Raises:
+        InputError: ``resume`` given.
+        SegpipeError: As planning raises it (no labels, a damaged store...).
+    """
+    from segpipe.stages.train.loop import plan_training
+
+    if resume:
+        raise InputError(f"--arch {LINEAR_ARCH} is fitted in one pass: leave out --resume")
+    return fit_linear(plan or plan_training(store, config), out, progress)
 
 
 def fit_linear(

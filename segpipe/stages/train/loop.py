@@ -21,7 +21,7 @@ from segpipe.errors import InputError, StoreError
 from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import has_layer, open_layer, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, read_spec
-from segpipe.models.catalog import LINEAR_ARCH, has_encoder
+from segpipe.models.catalog import has_encoder
 from segpipe.stages.evaluate import metrics
 from segpipe.stages.train import adapt
 from segpipe.stages.train import checkpoint as ckpt
@@ -344,12 +344,6 @@ def train_network(
             does not fit the settings.
     """
     cfg = plan.requested if plan is not None else config or NetworkConfig()
-    if cfg.arch == LINEAR_ARCH:
-        if resume:
-            raise InputError(f"--arch {LINEAR_ARCH} is fitted in one pass: leave out --resume")
-        from segpipe.stages.train.linear import fit_linear
-
-        return fit_linear(plan or plan_training(store, cfg), out, progress)
     if resume:  # before the costly preparation, so a wrong --resume fails at once
         ckpt.require_checkpoint(out, cfg.resume_key())
     plan = plan or plan_training(store, cfg)
