@@ -49,7 +49,7 @@ from segpipe.stages.train.sampling import PER_BLOCK, Candidates, find_candidates
 from segpipe.stages.train.split import Split, plan_split
 from segpipe.stages.train.stats import package_spec
 
-__all__ = ["forest_features", "train_forest"]
+__all__ = ["forest_features", "labelled_features", "train_forest"]
 
 
 # In-sample loss and accuracy are reported on at most this many training pixels: they
@@ -112,10 +112,10 @@ def forest_features(
     return np.ascontiguousarray(out[:, valid].T), valid
 
 
-def _pixels(
+def labelled_features(
     image: Any, block: int, cand: Candidates, spec: ModelSpec, lut: np.ndarray, context: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features and class indices of the candidates that hold data."""
+    """Features (n, feature) and class indices (``lut`` of the values) of the candidates holding data."""
     if cand.y.size == 0:
         n_features = len(spec.band_names) * features_per_band(context)
         return np.zeros((0, n_features), np.float32), np.zeros(0, np.int64)
@@ -239,8 +239,8 @@ def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:
     split, in_valid = _split(labels, info.block_size, cand if per_block == PER_BLOCK else None, cand, cfg)
     train_c = cand.subset(~in_valid).at_most(cfg.max_train_pixels, rng)
     valid_c = cand.subset(in_valid).at_most(cfg.max_train_pixels, rng)
-    x_train, y_train = _pixels(image, info.block_size, train_c, spec, lut, cfg.forest_context)
-    x_valid, y_valid = _pixels(image, info.block_size, valid_c, spec, lut, cfg.forest_context)
+    x_train, y_train = labelled_features(image, info.block_size, train_c, spec, lut, cfg.forest_context)
+    x_valid, y_valid = labelled_features(image, info.block_size, valid_c, spec, lut, cfg.forest_context)
     if y_train.size == 0:
         raise LabelsError(
             "no labelled training pixel holds image data (all nodata or all in validation cells): "

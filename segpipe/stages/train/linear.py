@@ -149,7 +149,7 @@ def _training_pixels(plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
     as many per block as :data:`MAX_PIXELS` allows, assigned to the plan's split, so the
     held-out cells stay held out.
     """
-    from segpipe.stages.train.forest import forest_features
+    from segpipe.stages.train.forest import labelled_features
     from segpipe.stages.train.loop import IGNORE
 
     labels = open_layer(plan.store, "labels")
@@ -159,11 +159,10 @@ def _training_pixels(plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
     train = cand.subset(~plan.split.assign(cand, plan.valid_cells))
     train = train.subset(plan.lut[train.value] != IGNORE)  # a class the plan's sample never met
     train = train.at_most(MAX_PIXELS, np.random.default_rng(plan.cfg.seed))
-    if train.y.size:
-        image = open_layer(plan.store, "image")
-        x, valid = forest_features(image, plan.block_size, plan.spec, 1, train.y, train.x)
-        if valid.any():
-            return x, plan.lut[train.value[valid]].astype(np.int64)
+    image = open_layer(plan.store, "image")
+    x, y = labelled_features(image, plan.block_size, train, plan.spec, plan.lut, 1)
+    if y.size:
+        return x, y
     raise LabelsError(
         f"no labelled training pixel of {plan.store} holds image data (all nodata or all in "
         "validation cells): check the labels' extent or lower --valid-fraction"
