@@ -116,7 +116,10 @@ def _forest_probabilities(net: Any, plan: TrainPlan, held: HeldOut) -> np.ndarra
 
 
 def held_out_scores(
-    plan: TrainPlan, nets: Mapping[str, Any], ensembles: Mapping[str, Sequence[str]] | None = None
+    plan: TrainPlan,
+    nets: Mapping[str, Any],
+    ensembles: Mapping[str, Sequence[str]] | None = None,
+    held: HeldOut | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Scores of each module, and of each named mean of members, on the same held-out pixels.
 
@@ -124,11 +127,12 @@ def held_out_scores(
         plan: The plan whose validation chips define the pixels.
         nets: Modules by name (networks and forests).
         ensembles: Name -> member names, scored on the members' mean probabilities.
+        held: The plan's :func:`held_out_pixels`, when the caller read them already.
 
     Returns:
         By name: the scores of :func:`segpipe.stages.train.outputs.class_scores`.
     """
-    held = held_out_pixels(plan)
+    held = held if held is not None else held_out_pixels(plan)
     probs = {name: probabilities(net, plan, held) for name, net in nets.items()}
     for name, members in (ensembles or {}).items():
         probs[name] = np.mean([probs[m] for m in members], axis=0)

@@ -37,6 +37,7 @@ from segpipe.stages.train.config import (
 from segpipe.stages.train.progress import TrainProgress
 
 if TYPE_CHECKING:
+    from segpipe.stages.train.heldout import HeldOut
     from segpipe.stages.train.loop import TrainPlan
 
 __all__ = [
@@ -104,6 +105,7 @@ def train_auto(
         InputError: ``resume`` given.
     """
     from segpipe.stages.train.forest import train_forest
+    from segpipe.stages.train.heldout import held_out_pixels
     from segpipe.stages.train.loop import plan_training, train_network
 
     if resume:
@@ -121,9 +123,9 @@ def train_auto(
         plan = plan_training(store, network_cfg)
         left = budget_minutes * 60.0 - (time.monotonic() - started)
         epochs, why = _epochs_in_budget(plan, left, given=network_cfg.epochs is not None)
-        held = _held_out_count(plan)
-        if held < MIN_HELD_OUT and plan.valid_windows:  # the forest would be kept whatever the network did
-            epochs, why = 0, f"no network: {_too_few(held)}"
+        held = held_out_pixels(plan)  # read once: also the pixels every candidate is scored on
+        if held.keys.size < MIN_HELD_OUT and plan.valid_windows:  # the forest is kept whatever a network did
+            epochs, why = 0, f"no network: {_too_few(held.keys.size)}"
         say(why)
         if epochs:
             clock = time.monotonic()
@@ -133,7 +135,7 @@ def train_auto(
             fitted = _fitted(plan, epochs, why, None if network_cfg.epochs is not None else deadline)
             train_network(store, staging / network_cfg.arch, progress=progress, plan=fitted)
             seconds[network_cfg.arch] = time.monotonic() - clock
-        table = _compare(plan, staging, seconds)
+        table = _compare(plan, staging, seconds, held)
         chosen, warning = _choose(table), _small_validation(table)
         selection = {
             "budget_minutes": budget_minutes,
@@ -234,7 +236,9 @@ def _seconds_per_chip(plan: TrainPlan) -> float:
     return float(min(timings[1:]) / cfg.batch_size)
 
 
-def _compare(plan: TrainPlan, staging: Path, seconds: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+def _compare(
+    plan: TrainPlan, staging: Path, seconds: Mapping[str, float], held: HeldOut
+) -> dict[str, dict[str, Any]]:
     """Every candidate's held-out scores (and their ensemble's when there are two), with seconds."""
     from segpipe.models import load_model
     from segpipe.stages.train.heldout import held_out_scores
@@ -243,7 +247,7 @@ def _compare(plan: TrainPlan, staging: Path, seconds: Mapping[str, float]) -> di
     ensembles = {"ensemble": list(nets)} if len(nets) == 2 else {}
     if not plan.valid_windows:
         return {name: {"seconds": seconds.get(name)} for name in [*nets, *ensembles]}
-    scores = held_out_scores(plan, nets, ensembles)
+    scores = held_out_scores(plan, nets, ensembles, held)
     return {name: {**_summary(scores[name]), "seconds": seconds.get(name)} for name in scores}
 
 
@@ -261,13 +265,6 @@ def too_few_held_out(table: Mapping[str, Mapping[str, Any]]) -> bool:
     """Whether the candidates were scored on fewer than :data:`MIN_HELD_OUT` pixels."""
     pixels = [int(v["valid_pixels"]) for v in table.values() if v.get("valid_pixels") is not None]
     return bool(pixels) and max(pixels) < MIN_HELD_OUT
-
-
-def _held_out_count(plan: TrainPlan) -> int:
-    """Labelled pixels the candidates would be scored on."""
-    from segpipe.stages.train.heldout import held_out_pixels
-
-    return int(held_out_pixels(plan).keys.size)
 
 
 def _too_few(pixels: int) -> str:
