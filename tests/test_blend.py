@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from segpipe.errors import InputError
 from segpipe.grid.box import Box
-from segpipe.grid.tiling import BLEND_MODES, halo_bounds
+from segpipe.grid.tiling import BLEND_MODES, halo_bounds, mirror_index, take_runs
 from segpipe.stages.predict.blend import (
     BatchQueue,
     BlendStats,
@@ -255,3 +255,21 @@ def test_batch_queue_streams_keep_the_order_and_check_shapes() -> None:
     cropped = BatchQueue[int](lambda b: b[:, :, :2], 4, 1)
     with cropped as queue, pytest.raises(InputError, match="forward returned"):
         queue.put(0, np.zeros((1, 4, 4), np.float32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(1, 40), start=st.integers(-90, 40), size=st.integers(1, 120),
+       axis=st.integers(0, 2))
+def test_take_runs_gathers_a_mirrored_index_as_np_take(length: int, start: int, size: int, axis: int) -> None:
+    shape = [3, 4, 5]
+    shape[axis] = length
+    array = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    index = mirror_index(start, start + size, length)
+    assert np.array_equal(take_runs(array, index, axis), np.take(array, index, axis=axis))
+
+
+@settings(max_examples=200, deadline=None)
+@given(index=st.lists(st.integers(0, 9), min_size=1, max_size=30))
+def test_take_runs_gathers_any_index_as_np_take(index: list[int]) -> None:
+    array = np.arange(2 * 10 * 3).reshape(2, 10, 3)
+    assert np.array_equal(take_runs(array, np.array(index), 1), np.take(array, index, axis=1))

@@ -318,12 +318,15 @@ def normalise(image: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = Non
     """
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    pixels = image.astype(np.float32)
+    # One float32 copy, then every step in place: prediction normalises every pixel it
+    # reads, and each temporary would be another pass over the window rows.
+    out: np.ndarray = image.astype(np.float32)
     if spec.clip_low is not None and spec.clip_high is not None:
         low = np.asarray(spec.clip_low, dtype=np.float32)[:, None, None]
         high = np.asarray(spec.clip_high, dtype=np.float32)[:, None, None]
-        pixels = np.clip(pixels, low, high)
-    out = (pixels - mean) / np.maximum(std, 1e-6)
+        np.clip(out, low, high, out=out)
+    out -= mean
+    out /= np.maximum(std, np.float32(1e-6))
     if valid is not None:
-        out *= valid[None].astype(np.float32)
+        out *= valid[None]
     return out

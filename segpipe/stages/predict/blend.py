@@ -33,6 +33,7 @@ from segpipe.grid.tiling import (
     halo_bounds,
     mirror_index,
     pad_to_multiple,
+    take_runs,
     window_count,
 )
 
@@ -447,10 +448,11 @@ def mirrored(read: Reader, raster: tuple[int, int], margin: int) -> Reader:
         cols = mirror_index(inside.x0, inside.x1, raster[1])
         src = Box(int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
         image, valid = read(src)
-        iy, ix = (rows - src.y0)[:, None], (cols - src.x0)[None, :]
-        return np.ascontiguousarray(image[:, iy, ix]), valid[iy, ix]
+        rows, cols = rows - src.y0, cols - src.x0
+        return take_runs(take_runs(image, rows, 1), cols, 2), take_runs(take_runs(valid, rows, 0), cols, 1)
 
     return read_grown
+
 
 
 def blend_rows(
