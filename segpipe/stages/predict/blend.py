@@ -376,8 +376,11 @@ class RowAccumulator:
             band = RowBand(self._base, None, valid)
         else:
             covered = (self._wsum[:n] > 0) & valid
-            out = np.zeros((self._acc.shape[0], n, box.w), np.float32)
-            probs = np.divide(self._acc[:, :n], self._wsum[:n], out=out, where=covered[None])
+            # Dividing by infinity zeroes the rest: an unmasked division, twice as fast as
+            # one with ``where=`` and bitwise the same where a window reached.
+            weights = np.where(covered, self._wsum[:n], np.float32(np.inf))
+            out = np.empty((self._acc.shape[0], n, box.w), np.float32)
+            probs = np.divide(self._acc[:, :n], weights, out=out)
             band = RowBand(self._base, probs, valid)
             self._acc = self._acc[:, n:].copy()
         self._wsum = self._wsum[n:].copy()
