@@ -216,6 +216,25 @@ def test_sparse_polygons_are_held_out_whole():
     assert plan_split(dense, None, 0.15, 0).scheme == "spatial-cells"
 
 
+
+def test_pixels_the_sample_missed_stay_with_their_held_out_polygon():
+    # The split is planned on a sample of the labels (at most 4,096 per block for a
+    # network); the forest, the linear fit and the chip samplers place every other labelled
+    # pixel by its cell. A held-out polygon's edge pixel whose cell no sampled pixel fell
+    # in must not train.
+    for seed in range(10):
+        every, polygon = _polygons(36, np.random.default_rng(seed))
+        keep = np.random.default_rng(seed + 100).random(every.y.size) < 0.2
+        sample = every.subset(keep)
+        split = plan_split(sample, None, 0.15, seed)
+        assert split.scheme == "spatial-patches", seed
+        cells = split.valid_cells(sample)
+        placed = split.assign(every, cells)
+        assert placed[keep].tolist() == split.in_valid.tolist()  # the sample's own pixels do not move
+        for i in np.unique(polygon[keep][split.in_valid]):
+            assert placed[polygon == i].all(), (seed, i)
+
+
 def test_color_jitter_changes_valid_pixels_only():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(3, 8, 8)).astype(np.float32)

@@ -19,7 +19,8 @@ scene put 50-85 % of the labels, and every pixel of a rare class, in validation)
    :data:`MIN_CELLS` of them cut most polygons in two, and on nc-landsat7's 33 polygons
    53-100 % of the validation pixels then lay in polygons partly in training (a U-Net
    scored 0.41 validation mIoU there and 0.15 on the test part). Patches are found on
-   :data:`PATCH_GRID` px cells, so labels closer than that are one patch.
+   :data:`PATCH_GRID` px cells, so labels closer than that are one patch, and the cells
+   held out include a ring of one cell around each held-out patch (:meth:`Split.valid_cells`).
 4. **A class that cannot be held out is kept for training.** A class found in a single
    cell stays wholly in training and is named in a warning: its validation score is not
    measured. Where nothing is left for validation at all (a zero fraction, or labels in
@@ -87,10 +88,22 @@ class Split:
     pixels: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def valid_cells(self, cand: Candidates) -> frozenset[tuple[int, int]]:
-        """The (row, column) cells held out, as :class:`ChipSampler` takes them."""
+        """The (row, column) cells held out, as :class:`ChipSampler` takes them.
+
+        With patches, also the cells around each held-out patch: ``cand`` is a sample of
+        the labels, so a held-out polygon's edge may have labelled pixels in a cell no
+        sampled pixel fell in, which would otherwise train. Those neighbours hold no
+        sampled pixel of another patch (it would have joined the patch), so nothing the
+        sample put in training moves.
+        """
         c = self.cell
         held = self.in_valid
-        return frozenset(zip((cand.y[held] // c).tolist(), (cand.x[held] // c).tolist(), strict=True))
+        cells = np.unique(np.stack([cand.y[held] // c, cand.x[held] // c], axis=1).astype(np.int64), axis=0)
+        if self.scheme == PATCHES and cells.size:
+            ring = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=np.int64)
+            cells = np.unique((cells[:, None, :] + ring[None]).reshape(-1, 2), axis=0)
+            cells = cells[(cells >= 0).all(axis=1)]
+        return frozenset(zip(cells[:, 0].tolist(), cells[:, 1].tolist(), strict=True))
 
     def assign(self, cand: Candidates, valid_cells: frozenset[tuple[int, int]]) -> np.ndarray:
         """Which of other candidates of the same labels fall in ``valid_cells`` (True = validation).
