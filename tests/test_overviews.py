@@ -14,6 +14,7 @@ import rasterio
 from rasterio.enums import Resampling
 
 from segpipe.grid.box import Box, iter_boxes
+from segpipe.stages.export import overviews
 from segpipe.stages.export.geotiff import open_overview_level
 from segpipe.stages.export.overviews import (
     BandFeed,
@@ -59,6 +60,21 @@ def test_mode2x2_against_brute_force(shape: tuple[int, int]) -> None:
     for _ in range(20):
         a = rng.choice(np.array([1, 2, 3, 255], np.uint8), size=shape)
         np.testing.assert_array_equal(mode2x2(a, 255), brute_mode(a))
+
+
+
+@pytest.mark.parametrize("shape", [(9, 23), (6, 16), (5, 7)])
+def test_mode_in_strips_equals_the_whole_band(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]
+) -> None:
+    # Bands are computed STRIP output columns at a time (memory); strips of 1-3 columns,
+    # odd widths included (GDAL's spans overlap there), give the same pixels.
+    rng = np.random.default_rng(shape[1])
+    a = rng.choice(np.array([1, 2, 3, 255], np.uint8), size=shape)
+    expected = brute_mode(a)
+    for strip in (1, 2, 3):
+        monkeypatch.setattr(overviews, "STRIP", strip)
+        np.testing.assert_array_equal(mode2x2(a, 255), expected)
 
 
 def test_ties_go_to_the_value_that_reached_the_top_count_first() -> None:
