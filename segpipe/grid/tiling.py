@@ -37,8 +37,8 @@ __all__ = [
     "grown",
     "halo_bounds",
     "mirror_index",
-    "take_runs",
     "pad_to_multiple",
+    "take_runs",
     "window_count",
     "window_starts",
 ]

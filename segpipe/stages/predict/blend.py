@@ -457,7 +457,6 @@ def mirrored(read: Reader, raster: tuple[int, int], margin: int) -> Reader:
     return read_grown
 
 
-
 def blend_rows(
     read: Reader,
     forward: Forward,
