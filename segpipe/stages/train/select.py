@@ -121,11 +121,12 @@ def train_auto(
         train_forest(store, staging / FOREST_ARCH, forest_cfg, progress)
         seconds[FOREST_ARCH] = time.monotonic() - started
         plan = plan_training(store, network_cfg)
-        left = budget_minutes * 60.0 - (time.monotonic() - started)
-        epochs, why = _epochs_in_budget(plan, left, given=network_cfg.epochs is not None)
         held = held_out_pixels(plan)  # read once: also the pixels every candidate is scored on
         if held.keys.size < MIN_HELD_OUT and plan.valid_windows:  # the forest is kept whatever a network did
             epochs, why = 0, f"no network: {_too_few(held.keys.size)}"
+        else:  # only now time the network's steps: no use measuring a network that cannot be chosen
+            left = budget_minutes * 60.0 - (time.monotonic() - started)
+            epochs, why = _epochs_in_budget(plan, left, given=network_cfg.epochs is not None)
         say(why)
         if epochs:
             clock = time.monotonic()
@@ -151,7 +152,7 @@ def train_auto(
         raise
     for line in format_table(table, chosen):
         say(line)
-    if warning:
+    if warning and network_cfg.arch in table:  # else the note above said it already
         say(warning)
     return spec
 
@@ -261,10 +262,16 @@ def _summary(score: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _scored_pixels(table: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """The held-out pixels the candidates were scored on (None: none was scored)."""
+    pixels = [int(v["valid_pixels"]) for v in table.values() if v.get("valid_pixels") is not None]
+    return max(pixels) if pixels else None
+
+
 def too_few_held_out(table: Mapping[str, Mapping[str, Any]]) -> bool:
     """Whether the candidates were scored on fewer than :data:`MIN_HELD_OUT` pixels."""
-    pixels = [int(v["valid_pixels"]) for v in table.values() if v.get("valid_pixels") is not None]
-    return bool(pixels) and max(pixels) < MIN_HELD_OUT
+    pixels = _scored_pixels(table)
+    return pixels is not None and pixels < MIN_HELD_OUT
 
 
 def _too_few(pixels: int) -> str:
@@ -276,9 +283,8 @@ def _too_few(pixels: int) -> str:
 
 def _small_validation(table: Mapping[str, Mapping[str, Any]]) -> str | None:
     """What to tell the user when the held-out pixels are too few to choose by (else None)."""
-    if not too_few_held_out(table):
-        return None
-    return _too_few(max(int(v["valid_pixels"]) for v in table.values() if v.get("valid_pixels") is not None))
+    pixels = _scored_pixels(table)
+    return _too_few(pixels) if pixels is not None and pixels < MIN_HELD_OUT else None
 
 
 def _choose(table: Mapping[str, Mapping[str, Any]]) -> str:
