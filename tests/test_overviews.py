@@ -62,7 +62,6 @@ def test_mode2x2_against_brute_force(shape: tuple[int, int]) -> None:
         np.testing.assert_array_equal(mode2x2(a, 255), brute_mode(a))
 
 
-
 @pytest.mark.parametrize("shape", [(9, 23), (6, 16), (5, 7)])
 def test_mode_in_strips_equals_the_whole_band(
     monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]

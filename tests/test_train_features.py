@@ -216,7 +216,6 @@ def test_sparse_polygons_are_held_out_whole():
     assert plan_split(dense, None, 0.15, 0).scheme == "spatial-cells"
 
 
-
 def test_pixels_the_sample_missed_stay_with_their_held_out_polygon():
     # The split is planned on a sample of the labels (at most 4,096 per block for a
     # network); the forest, the linear fit and the chip samplers place every other labelled
