@@ -48,7 +48,6 @@ import zarr
 from affine import Affine
 
 from segpipe.io.store import create_layer, open_layer, write_block
-from segpipe.stages.export.cog import GDAL_CACHE_MB
 from segpipe.stages.export.geotiff import WINDOW
 from segpipe.synth.scene import SCENE_CLASSES, SceneSpec, class_block
 from segpipe.types import classes_to_json
@@ -56,6 +55,8 @@ from segpipe.types import classes_to_json
 BLOCK = 1024
 COARSE = 4  # class_block resolution divisor
 RESULTS = Path(__file__).parent / "results" / "export.json"
+# GDAL_CACHEMAX of the gdal_translate reference, in MB (GDAL's option reads small numbers as MB).
+GDAL_CACHE_MB = 256
 
 
 def make_store(path: Path, size: int) -> None:

@@ -214,7 +214,6 @@ def test_band_feed_of_streamed_windows_equals_pushing_whole_bands(tmp_path: Path
     feed = BandFeed(fed, height, width, rows=256)
     for box in iter_boxes(height, width, 256):  # row-major windows, cut short at the edges
         feed.add(box, base[box.slices])
-    feed.finish()
     feed.close()
     whole = ModePyramid(
         level_paths(tmp_path / "whole.tif", len(shapes)), shapes, 255, open_overview_level, base=base.shape
@@ -227,21 +226,39 @@ def test_band_feed_of_streamed_windows_equals_pushing_whole_bands(tmp_path: Path
             np.testing.assert_array_equal(fa.read(1), fb.read(1))
 
 
-def test_band_feed_close_waits_for_the_band_in_flight(tmp_path: Path) -> None:
-    class Slow(ModePyramid):
+def test_band_feed_raises_a_level_error_at_the_window_that_completes_the_band(tmp_path: Path) -> None:
+    class Failing(ModePyramid):
         def push(self, rows: np.ndarray, last: bool, level: int = 0) -> None:
-            import time
-
-            time.sleep(0.2)
             raise OSError("disk full")
 
         def close(self) -> None:
             closed.append(True)
 
     closed: list[bool] = []
-    feed = BandFeed(Slow([], [], 255, open_overview_level, base=(10, 10)), 10, 10, rows=10)
-    feed.add(Box(0, 0, 10, 10), np.ones((10, 10), np.uint8))
-    feed.close()  # waits, keeps the band's error for finish, closes the levels
-    assert closed == [True]
+    feed = BandFeed(Failing([], [], 255, open_overview_level, base=(10, 20)), 10, 20, rows=10)
+    feed.add(Box(0, 0, 10, 10), np.ones((10, 10), np.uint8))  # half a band: nothing pushed yet
     with pytest.raises(OSError, match="disk full"):
-        feed.finish()
+        feed.add(Box(0, 10, 10, 20), np.ones((10, 10), np.uint8))
+    feed.close()
+    assert closed == [True]
+
+
+def test_the_stream_cache_is_set_in_bytes_and_holds_the_open_tile_rows(tmp_path: Path) -> None:
+    """rasterio reads GDAL_CACHEMAX as bytes: 256 meant as MB once gave GDAL a 256-byte cache."""
+    import ctypes
+    import glob
+
+    import rasterio.env
+
+    from segpipe.stages.export.cog import COPY_CACHE_BYTES
+    from segpipe.stages.export.geotiff import stream_cache_bytes
+
+    assert stream_cache_bytes(4096) == 16 * 2**20 and stream_cache_bytes(131072) == 64 * 2**20
+    assert COPY_CACHE_BYTES >= 2**20
+    libs = glob.glob(str(Path(rasterio.__file__).parent.parent / "rasterio.libs" / "libgdal*"))
+    if not libs:
+        pytest.skip("rasterio's bundled GDAL library not found")
+    gdal = ctypes.CDLL(libs[0])
+    gdal.GDALGetCacheMax64.restype = ctypes.c_int64
+    with rasterio.env.Env(GDAL_CACHEMAX=stream_cache_bytes(32768)):
+        assert gdal.GDALGetCacheMax64() == 16 * 2**20

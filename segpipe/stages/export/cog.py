@@ -71,13 +71,15 @@ from segpipe.stages.export.legend import (
 from segpipe.stages.export.lineage import read_lineage
 from segpipe.stages.export.stac import file_fields, stac_bands, stac_item, stac_item_path, stac_json
 
-__all__ = ["COMPRESSIONS", "GDAL_CACHE_MB", "write_cog"]
+__all__ = ["COMPRESSIONS", "COPY_CACHE_BYTES", "write_cog"]
 
 COMPRESSIONS = ("DEFLATE", "ZSTD")
-# GDAL's block cache during the conversion. Its default (5 % of RAM, 1.2 GB here) lets the
-# COG driver's overview pass fill the cache and dominates peak RSS; 256 MB measured no
-# slower on 32,768^2 (docs/benchmarks.md).
-GDAL_CACHE_MB = 256
+# GDAL's block cache during the conversion, in bytes (as rasterio takes it). The COG driver
+# reads every block of the streamed GeoTIFF and its levels once, in order, so a cache buys
+# nothing: at 32,768^2 a real 256 MB one raised export's peak RSS from 252 to 522 MB for the
+# same time. (Until session 15 this was written GDAL_CACHEMAX=256, meant as MB: rasterio
+# read 256 bytes, which is what the measurements since then ran with.)
+COPY_CACHE_BYTES = 2**20
 
 
 def write_cog(
@@ -215,7 +217,7 @@ def _convert(
     cog = _temporary(dest, token, "cog.tif")
     on_block = counts.add if spec.name == "classes" else None
     source = write_geotiff_layer(store, stream, spec.name, info=info, overviews=True, on_block=on_block)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+    with rasterio.Env(GDAL_CACHEMAX=COPY_CACHE_BYTES):
         rasterio.shutil.copy(
             source,
             cog,

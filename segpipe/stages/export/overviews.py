@@ -18,14 +18,13 @@ level above only if that one is wider, else from the base (a raster one pixel wi
 Checked against GDAL 3.10 and 3.6 in tests/test_overviews.py.
 
 :class:`BandFeed` joins the streamed windows into those row bands and computes the levels
-in a worker thread while GDAL compresses the next band.
+of each band as soon as its last window is in.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -242,9 +241,11 @@ class BandFeed:
     """Joins streamed windows into full-width row bands and pushes each into a :class:`ModePyramid`.
 
     Windows arrive row-major, as :func:`segpipe.grid.box.iter_boxes` cuts them, all ``rows``
-    tall except the last row of windows. A band's levels are computed in a worker thread
-    (numpy releases the GIL) while the caller writes the next band; one band in flight
-    bounds the memory to two full-width bands.
+    tall except the last row of windows. One band is held, and its levels are computed in
+    the caller's thread once its last window is in. Computing them in a worker thread while
+    the next band filled needed a second full-width band (32 MB at 32,768 px wide) and was
+    not faster on 2 cores, where reading, compressing and the levels already share both
+    (export at 32,768^2: 42 MB less peak RSS, the stream no slower; docs/benchmarks.md).
     """
 
     def __init__(self, pyramid: ModePyramid, height: int, width: int, rows: int) -> None:
@@ -252,30 +253,15 @@ class BandFeed:
         self.height = height
         self.width = width
         self._band = np.empty((min(rows, height), width), np.uint8)
-        self._pool = ThreadPoolExecutor(1)
-        self._pushed: Future[None] | None = None
 
     def add(self, box: Box, block: np.ndarray) -> None:
         """Place one window; the band goes to the pyramid once its last window is in."""
         self._band[: box.h, box.x0 : box.x1] = block
         if box.x1 == self.width:
-            self.finish()
-            self._pushed = self._pool.submit(self.pyramid.push, self._band[: box.h], box.y1 == self.height)
-            self._band = np.empty_like(self._band)
-
-    def finish(self) -> None:
-        """Wait for the band in flight, raising its error."""
-        if self._pushed is not None:
-            self._pushed.result()
+            self.pyramid.push(self._band[: box.h], box.y1 == self.height)
 
     def close(self) -> None:
-        """Wait for the band in flight (its error is the caller's to raise), then close the level files.
-
-        The levels must not be closed while a band is being written into them.
-        """
-        if self._pushed is not None:
-            self._pushed.exception()
-        self._pool.shutdown()
+        """Close the level files."""
         self.pyramid.close()
 
 
