@@ -205,6 +205,47 @@ def test_small_raster_and_store_without_classes(tmp_path: Path) -> None:
         assert src.colormap(1)[2][:3] == ClassInfo(2, "x", "#e8c547").rgb  # default palette
 
 
+def _gdal_cache_max() -> int | None:
+    """GDAL's block cache size in bytes now (None where rasterio's bundled GDAL is not found)."""
+    import ctypes
+    import glob
+
+    libs = glob.glob(str(Path(rasterio.__file__).parent.parent / "rasterio.libs" / "libgdal*"))
+    if not libs:
+        return None
+    gdal = ctypes.CDLL(libs[0])
+    gdal.GDALGetCacheMax64.restype = ctypes.c_int64
+    return int(gdal.GDALGetCacheMax64())
+
+
+def test_every_step_of_an_export_runs_under_a_cache_set_in_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rasterio reads GDAL_CACHEMAX as bytes: 256 meant as MB once gave GDAL a 256-byte cache,
+    and the steps without one ran under GDAL's default, 5 % of RAM (1.2 GB at 32,768^2)."""
+    assert geotiff.stream_cache_bytes(4096) == 16 * 2**20 and geotiff.stream_cache_bytes(131072) == 64 * 2**20
+    if _gdal_cache_max() is None:
+        pytest.skip("rasterio's bundled GDAL library not found")
+    seen: dict[str, int | None] = {}
+
+    def spy(name: str, fn):
+        def run(*a, **k):
+            seen[name] = _gdal_cache_max()
+            return fn(*a, **k)
+        return run
+
+    monkeypatch.setattr(cog.rasterio.shutil, "copy", spy("copy", cog.rasterio.shutil.copy))
+    monkeypatch.setattr(cog, "_check_survived", spy("check", cog._check_survived))
+    monkeypatch.setattr(geotiff, "read_ahead", spy("stream", geotiff.read_ahead))
+    store = tmp_path / "s.zarr"
+    make_store(store, 100, 70, block=64, classes=())
+    fill_layer(store, "classes", np.full((100, 70), 2, np.uint8))
+    before = _gdal_cache_max()
+    write_cog(store, tmp_path / "c.tif")
+    assert seen == {"stream": 16 * 2**20, "copy": cog.COPY_CACHE_BYTES, "check": cog.READ_CACHE_BYTES}
+    assert _gdal_cache_max() == before  # the process's own cache is given back
+
+
 def _old_file(path: Path) -> bytes:
     path.write_bytes(b"previous export")
     return path.read_bytes()

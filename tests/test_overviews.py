@@ -241,24 +241,3 @@ def test_band_feed_raises_a_level_error_at_the_window_that_completes_the_band(tm
         feed.add(Box(0, 10, 10, 20), np.ones((10, 10), np.uint8))
     feed.close()
     assert closed == [True]
-
-
-def test_the_stream_cache_is_set_in_bytes_and_holds_the_open_tile_rows(tmp_path: Path) -> None:
-    """rasterio reads GDAL_CACHEMAX as bytes: 256 meant as MB once gave GDAL a 256-byte cache."""
-    import ctypes
-    import glob
-
-    import rasterio.env
-
-    from segpipe.stages.export.cog import COPY_CACHE_BYTES
-    from segpipe.stages.export.geotiff import stream_cache_bytes
-
-    assert stream_cache_bytes(4096) == 16 * 2**20 and stream_cache_bytes(131072) == 64 * 2**20
-    assert COPY_CACHE_BYTES >= 2**20
-    libs = glob.glob(str(Path(rasterio.__file__).parent.parent / "rasterio.libs" / "libgdal*"))
-    if not libs:
-        pytest.skip("rasterio's bundled GDAL library not found")
-    gdal = ctypes.CDLL(libs[0])
-    gdal.GDALGetCacheMax64.restype = ctypes.c_int64
-    with rasterio.env.Env(GDAL_CACHEMAX=stream_cache_bytes(32768)):
-        assert gdal.GDALGetCacheMax64() == 16 * 2**20
