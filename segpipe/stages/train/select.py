@@ -270,8 +270,7 @@ def _scored_pixels(table: Mapping[str, Mapping[str, Any]]) -> int | None:
 
 def too_few_held_out(table: Mapping[str, Mapping[str, Any]]) -> bool:
     """Whether the candidates were scored on fewer than :data:`MIN_HELD_OUT` pixels."""
-    pixels = _scored_pixels(table)
-    return pixels is not None and pixels < MIN_HELD_OUT
+    return _small_validation(table) is not None
 
 
 def _too_few(pixels: int) -> str:
