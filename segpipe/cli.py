@@ -284,7 +284,10 @@ _Encoder = Annotated[str, typer.Option(help="Encoder, e.g. resnet18, resnet34, v
 # Settings without a default are chosen from the data (segpipe.stages.train.adapt); the help
 # says how, and the package records what was chosen (training.auto).
 _Epochs = Annotated[
-    int | None, typer.Option(help="Epochs (auto: 1,024 chips in all on a CPU, 16,384 on a GPU; 4-60).")
+    int | None,
+    typer.Option(
+        help="Epochs (auto: 1,024 chips in all on a CPU, 16,384 on a GPU, 4x for a rare foreground; 4-64)."
+    ),
 ]
 _SamplesPerEpoch = Annotated[
     int | None, typer.Option(help="Chips per epoch (auto: the labelled extent twice over, 64-512).")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from segpipe.cli import app
 from segpipe.stages.train import NetworkConfig
-from segpipe.stages.train.adapt import AUTO_SETTINGS, CPU_CHIPS, Facts, resolve
+from segpipe.stages.train.adapt import AUTO_SETTINGS, CPU_CHIPS, FOREGROUND_CHIPS, Facts, resolve
 from segpipe.stages.train.select import MIN_HELD_OUT, _choose, _small_validation
 
 runner = CliRunner()
@@ -46,10 +46,13 @@ def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
     assert not balanced.class_balancing and not balanced.balanced_sampling and balanced.dice_weight == 0
     foreground, chosen = resolve(NetworkConfig(), _facts(counts=(96_000, 4_000)))  # buildings: 4 %
     assert foreground.balanced_sampling and foreground.dice_weight == 0.5
+    # A foreground is learnt late: it trains on 4x the chips (64 of 64 chips), land cover does not.
+    assert foreground.epochs == FOREGROUND_CHIPS * CPU_CHIPS // 64 == 64 and "4x" in chosen["epochs"]["rule"]
     assert not foreground.class_balancing  # on top of balanced chips, loss weights over-correct
     assert "4.0%" in chosen["dice_weight"]["rule"]
     many, _ = resolve(NetworkConfig(), _facts(counts=(40_000, 30_000, 20_000, 9_000, 200)))
     assert not many.balanced_sampling and not many.class_balancing and many.dice_weight == 0.3
+    assert many.epochs == CPU_CHIPS // 64  # a rare class among many is not a foreground task
     # What the user gives is never changed, and is not reported as chosen.
     given = NetworkConfig(chip_size=64, balanced_sampling=False, dice_weight=0.1)
     kept, chosen = resolve(given, _facts(counts=(96_000, 4_000)))
