@@ -58,9 +58,10 @@ CPU_CHIPS = 1024
 GPU_CHIPS = 16384
 RARE_SHARE = 0.05
 # A rare foreground is learnt after the background: on the SpaceNet building scene (4 %
-# buildings) the default U-Net's test building IoU was 0.13-0.24 at 1,024 chips and
-# 0.28 at 4,096 (benchmarks/accuracy.py, docs/benchmarks.md), while land cover gains
-# nothing measurable from more chips; so only a foreground task pays for them.
+# buildings) the default U-Net's test building IoU over five seeds was 0.13-0.24 at
+# 1,024 chips and 0.22-0.33 at 4,096 (benchmarks/accuracy.py, docs/benchmarks.md), while
+# land cover gained nothing measurable from 4x the steps (nc-landsat7, 64 px chips of the
+# same pixels, session 15); so only a foreground task pays for them.
 FOREGROUND_CHIPS = 4
 _MAX_EPOCHS = 64
 # Settings that default to None and are chosen here.
