@@ -46,7 +46,7 @@ def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
     assert not balanced.class_balancing and not balanced.balanced_sampling and balanced.dice_weight == 0
     foreground, chosen = resolve(NetworkConfig(), _facts(counts=(96_000, 4_000)))  # buildings: 4 %
     assert foreground.balanced_sampling and foreground.dice_weight == 0.5
-    # A foreground is learnt late: it trains on 4x the chips (64 of 64 chips), land cover does not.
+    # A foreground is learnt late: 4x the chips (64 epochs of 64 chips); land cover keeps 1x (below).
     assert foreground.epochs == FOREGROUND_CHIPS * CPU_CHIPS // 64 == 64 and "4x" in chosen["epochs"]["rule"]
     assert not foreground.class_balancing  # on top of balanced chips, loss weights over-correct
     assert "4.0%" in chosen["dice_weight"]["rule"]

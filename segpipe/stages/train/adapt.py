@@ -194,14 +194,11 @@ def _per_epoch(facts: Facts, chip: int) -> tuple[int, str]:
 
 
 def _epochs(facts: Facts, per_epoch: int) -> tuple[int, str]:
-    device = "GPU" if facts.gpu else "CPU"
-    total = GPU_CHIPS if facts.gpu else CPU_CHIPS
-    why = f"{total} chips in all on a {device}"
-    if _foreground(facts):
-        total *= FOREGROUND_CHIPS
-        why = f"{total} chips in all on a {device} ({FOREGROUND_CHIPS}x for a rare foreground)"
+    factor = FOREGROUND_CHIPS if _foreground(facts) else 1
+    total = (GPU_CHIPS if facts.gpu else CPU_CHIPS) * factor
+    extra = f" ({factor}x for a rare foreground)" if factor > 1 else ""
     n = int(np.clip(round(total / per_epoch), 4, _MAX_EPOCHS))
-    return n, f"{why}, 4-{_MAX_EPOCHS} epochs"
+    return n, f"{total} chips in all on a {'GPU' if facts.gpu else 'CPU'}{extra}, 4-{_MAX_EPOCHS} epochs"
 
 
 def _pixel_head(facts: Facts) -> tuple[int, str]:
