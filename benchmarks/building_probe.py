@@ -119,19 +119,20 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, dice: float) -> torch.Tens
     return (1 - dice) * ce + dice * (1 - overlap.mean())
 
 
-def _building_probability(net: torch.nn.Module, image: np.ndarray, views: int) -> np.ndarray:
-    """Building probability of the whole image: the mean over the first ``views`` of the 8 flips/rotations."""
+def _building_probability(net: torch.nn.Module, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Building probability of the whole image: the network as is, and its mean over 8 flips/rotations."""
     net.eval()
     pad = [(0, -n % 32) for n in image.shape]
     x = torch.from_numpy(np.pad(image, pad, mode="reflect"))[None, None]
-    total = torch.zeros_like(x)
+    views = []
     with torch.no_grad():
-        for k in range(views):
+        for k in range(8):
             view = torch.rot90(x, k % 4, (2, 3)).flip(3) if k >= 4 else torch.rot90(x, k % 4, (2, 3))
             p = net(view).softmax(1)[:, 1:2]
-            total += torch.rot90(p.flip(3) if k >= 4 else p, -(k % 4), (2, 3))
+            views.append(torch.rot90(p.flip(3) if k >= 4 else p, -(k % 4), (2, 3)))
     net.train()
-    return (total / views)[0, 0].numpy()[: image.shape[0], : image.shape[1]]
+    h, w = image.shape
+    return views[0][0, 0, :h, :w].numpy(), torch.stack(views).mean(0)[0, 0, :h, :w].numpy()
 
 
 def _building_iou(prob: np.ndarray, full: np.ndarray, scale: int, threshold: float) -> float:
@@ -144,7 +145,7 @@ def _building_iou(prob: np.ndarray, full: np.ndarray, scale: int, threshold: flo
 
 def _scores(net: torch.nn.Module, image: np.ndarray, full: np.ndarray, scale: int) -> dict[str, Any]:
     """Building IoU at one half, and by threshold of the network alone and of its 8-view mean."""
-    single, tta = _building_probability(net, image, 1), _building_probability(net, image, 8)
+    single, tta = _building_probability(net, image)
     return {
         "building_iou": round(_building_iou(single, full, scale, 0.5), 3),
         "thresholds": {f"{t:g}": round(_building_iou(single, full, scale, t), 3) for t in THRESHOLDS},
