@@ -347,13 +347,6 @@ _PixelHead = Annotated[
     typer.Option(help="Width of a per-pixel path added to the network, 0 = none (auto: 32 at 10 m+ pixels)."),
 ]
 _Devices = Annotated[int, typer.Option(help="Data-parallel processes (one per GPU; gloo on CPU).")]
-_Calibrate = Annotated[
-    bool,
-    typer.Option(
-        help="Per-class decision offsets tuned to the held-out mIoU, kept only when they also help "
-        "out of fold (training.calibration)."
-    ),
-]
 _Trees = Annotated[int, typer.Option(help="Trees of --arch random_forest.")]
 _MinSamplesLeaf = Annotated[int, typer.Option(help="--arch random_forest: fewest training pixels in a leaf.")]
 _MaxDepth = Annotated[
@@ -409,7 +402,6 @@ def train(
     checkpoint_seconds: _CheckpointSeconds = _DEFAULTS["checkpoint_seconds"],
     pixel_head: _PixelHead = _DEFAULTS["pixel_head"],
     devices: _Devices = _DEFAULTS["devices"],
-    calibrate: _Calibrate = _DEFAULTS["calibrate"],
     trees: _Trees = _DEFAULTS["trees"],
     min_samples_leaf: _MinSamplesLeaf = _DEFAULTS["min_samples_leaf"],
     max_depth: _MaxDepth = _DEFAULTS["max_depth"],

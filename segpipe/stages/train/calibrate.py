@@ -40,7 +40,6 @@ class Calibration:
     Attributes:
         offsets: Per class (in the package's class order), added to its logit; zeros when
             not applied.
-        tuned: The offsets tuned on every held-out pixel, applied or not.
         applied: Whether the offsets went into the network.
         pixels: Held-out pixels the offsets were tuned on.
         miou_before: Held-out mean IoU at the plain argmax.
@@ -50,7 +49,6 @@ class Calibration:
     """
 
     offsets: tuple[float, ...]
-    tuned: tuple[float, ...]
     applied: bool
     pixels: int
     miou_before: float
@@ -60,7 +58,7 @@ class Calibration:
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready record."""
-        return asdict(self) | {"offsets": list(self.offsets), "tuned": list(self.tuned)}
+        return asdict(self) | {"offsets": list(self.offsets)}
 
 
 def mean_iou(scores: np.ndarray, target: np.ndarray, offsets: np.ndarray) -> float:
@@ -138,7 +136,7 @@ def calibrate(probs: np.ndarray, target: np.ndarray, rows: np.ndarray, cols: np.
     applied = bool(offsets.any()) and gain is not None and gain >= MIN_GAIN
     kept = offsets if applied else plain
     return Calibration(
-        tuple(float(v) for v in kept), tuple(float(v) for v in offsets), applied, int(target.size), before,
+        tuple(float(v) for v in kept), applied, int(target.size), before,
         after if applied else before, gain, reason,
     )
 
