@@ -209,9 +209,6 @@ class _NetworkSettings(_Shared):
             imagery, where features one to three pixels wide blur in the encoder.
         devices: Processes training data-parallel on this machine (one per GPU; on the
             CPU they share its cores, useful for testing).
-        calibrate: Tune one offset per class on the held-out pixels' log probabilities
-            to maximise their mean IoU, kept (added to the last layer's bias) only when it
-            also helps out of fold (see :mod:`segpipe.stages.train.calibrate`).
     """
 
     encoder: str = "resnet18"
@@ -235,7 +232,6 @@ class _NetworkSettings(_Shared):
     checkpoint_seconds: float = Field(default=300.0, ge=0)
     pixel_head: int | None = Field(default=None, ge=0)
     devices: int = Field(default=1, ge=1)
-    calibrate: bool = True
 
 
 class NetworkConfig(_NetworkSettings):

@@ -565,44 +565,17 @@ def finish_package(
     """
     if state.best_weights is not None:
         net.load_state_dict(state.best_weights)
-    calibration, cm = _calibrate(net, plan, state.best_cm)
     spec = dataclasses.replace(
         plan.spec,
-        metrics=final_metrics(cm, plan.spec.classes),
+        metrics=final_metrics(state.best_cm, plan.spec.classes),
         training=_training_record(plan, state.history, time.perf_counter() - started, device, resumed_from)
-        | {"calibration": calibration}
         | (extra or {}),
     )
     net = net.cpu().eval()
-    out_dir = write_package(out, spec, net, state.history, cm)
+    out_dir = write_package(out, spec, net, state.history, state.best_cm)
     _plot_samples(net, plan, out_dir / "samples.png")
     ckpt.remove_checkpoint(out)
     return spec
-
-
-def _calibrate(
-    net: Any, plan: TrainPlan, cm: np.ndarray | None
-) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    """Tune the decision offsets and bake them into ``net`` (see :mod:`~segpipe.stages.train.calibrate`).
-
-    Returns:
-        ``training.calibration`` (None: not asked for, or no held-out chips) and the
-        held-out confusion matrix of the network as packaged.
-    """
-    from segpipe.stages.train.calibrate import bake, calibrate, logit_bias
-    from segpipe.stages.train.heldout import held_out_pixels, probabilities
-
-    if not plan.cfg.calibrate or not plan.valid_windows or logit_bias(net) is None:
-        return None, cm
-    held = held_out_pixels(plan)
-    rows, cols = np.divmod(held.keys, held.width)
-    result = calibrate(probabilities(net, plan, held), held.target, rows, cols)
-    if result.applied:
-        bake(net, np.asarray(result.offsets))
-        device = next(net.parameters()).device
-        valid = plan_sampler(plan, "valid")
-        _, cm = evaluate_chips(net, valid, list(plan.valid_windows), plan.spec, device, plan.cfg.batch_size)
-    return result.record(), cm
 
 
 def _training_record(
