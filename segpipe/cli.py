@@ -286,7 +286,8 @@ _Encoder = Annotated[str, typer.Option(help="Encoder, e.g. resnet18, resnet34, v
 _Epochs = Annotated[
     int | None,
     typer.Option(
-        help="Epochs (auto: 1,024 chips in all on a CPU, 16,384 on a GPU, 4x for a rare foreground; 4-64)."
+        help="Epochs (auto: 2,048 chips in all on a CPU, 16,384 on a GPU; a rare foreground 4,096 and "
+        "65,536; 4-64)."
     ),
 ]
 _SamplesPerEpoch = Annotated[

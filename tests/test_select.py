@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from segpipe.cli import app
 from segpipe.stages.train import NetworkConfig
-from segpipe.stages.train.adapt import AUTO_SETTINGS, CPU_CHIPS, FOREGROUND_CHIPS, Facts, resolve
+from segpipe.stages.train.adapt import AUTO_SETTINGS, CPU_CHIPS, FOREGROUND_CPU_CHIPS, Facts, resolve
 from segpipe.stages.train.select import MIN_HELD_OUT, _choose, _small_validation
 
 runner = CliRunner()
@@ -29,7 +29,7 @@ def test_auto_settings_follow_the_scene_and_the_device():
     small, chosen = resolve(NetworkConfig(), _facts(320))
     assert set(chosen) == set(AUTO_SETTINGS) and all("rule" in v for v in chosen.values())
     assert (small.chip_size, small.batch_size, small.lr) == (128, 16, 0.001)
-    # 320 px of labels is 6.25 chips: twice that, at least 64 chips an epoch, 1024 chips in all.
+    # 320 px of labels is 6.25 chips: twice that, at least 64 chips an epoch, 2048 chips in all.
     assert small.samples_per_epoch == 64 and small.epochs == CPU_CHIPS // 64
     tiny, _ = resolve(NetworkConfig(), _facts(100))
     assert tiny.chip_size == 96  # a scene under the chip: the largest multiple of 32 inside it
@@ -46,13 +46,13 @@ def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
     assert not balanced.class_balancing and not balanced.balanced_sampling and balanced.dice_weight == 0
     foreground, chosen = resolve(NetworkConfig(), _facts(counts=(96_000, 4_000)))  # buildings: 4 %
     assert foreground.balanced_sampling and foreground.dice_weight == 0.5
-    # A foreground is learnt late: 4x the chips (64 epochs of 64 chips); land cover keeps 1x (below).
-    assert foreground.epochs == FOREGROUND_CHIPS * CPU_CHIPS // 64 == 64 and "4x" in chosen["epochs"]["rule"]
+    # A foreground is learnt late: 4,096 chips (64 epochs of 64); land cover 2,048 (below).
+    assert foreground.epochs == FOREGROUND_CPU_CHIPS // 64 == 64 and "foreground" in chosen["epochs"]["rule"]
     assert not foreground.class_balancing  # on top of balanced chips, loss weights over-correct
     assert "4.0%" in chosen["dice_weight"]["rule"]
     many, _ = resolve(NetworkConfig(), _facts(counts=(40_000, 30_000, 20_000, 9_000, 200)))
     assert not many.balanced_sampling and not many.class_balancing and many.dice_weight == 0.3
-    assert many.epochs == CPU_CHIPS // 64  # a rare class among many is not a foreground task
+    assert many.epochs == CPU_CHIPS // 64 == 32  # a rare class among many is not a foreground task
     # What the user gives is never changed, and is not reported as chosen.
     given = NetworkConfig(chip_size=64, balanced_sampling=False, dice_weight=0.1)
     kept, chosen = resolve(given, _facts(counts=(96_000, 4_000)))

@@ -13,10 +13,10 @@ The rules (also in ``segpipe train --help`` and the README):
 - ``batch_size``: 16 chips of 128 px or less, 8 of larger chips.
 - ``samples_per_epoch``: enough chips to cover the labelled extent about twice (chip
   area against the bounding box of the labels), between 64 and 512.
-- ``epochs``: a total of :data:`CPU_CHIPS` chips on a CPU (about 3 CPU-minutes of a
+- ``epochs``: a total of :data:`CPU_CHIPS` chips on a CPU (about 7 CPU-minutes of a
   ResNet-18 U-Net at 128 px on 2 cores) or :data:`GPU_CHIPS` on a GPU, spread over epochs
   of ``samples_per_epoch``, between 4 and 64 epochs; a rare foreground (below) gets
-  :data:`FOREGROUND_CHIPS` times as many, because it is learnt late.
+  :data:`FOREGROUND_CPU_CHIPS` or :data:`FOREGROUND_GPU_CHIPS`, because it is learnt late.
 - ``lr``: 1e-3 at 16 chips a batch, scaled by the square root of the batch size.
 - rare classes: when a class holds under :data:`RARE_SHARE` of the labelled pixels and
   there are at most three classes (a foreground task: buildings on background),
@@ -45,7 +45,8 @@ from segpipe.stages.train.sampling import Candidates
 __all__ = [
     "AUTO_SETTINGS",
     "CPU_CHIPS",
-    "FOREGROUND_CHIPS",
+    "FOREGROUND_CPU_CHIPS",
+    "FOREGROUND_GPU_CHIPS",
     "GPU_CHIPS",
     "RARE_SHARE",
     "Facts",
@@ -54,15 +55,18 @@ __all__ = [
     "resolve",
 ]
 
-CPU_CHIPS = 1024
+# On a CPU, 1,024 chips left land cover still rising at the last epoch: on s2-brandenburg
+# the default U-Net's test mIoU over five seeds was 0.206-0.257 (mean 0.233) at 1,024 and
+# 0.236-0.301 (mean 0.271) at 2,048, every seed higher (benchmarks/accuracy.py, session 17).
+CPU_CHIPS = 2048
 GPU_CHIPS = 16384
 RARE_SHARE = 0.05
 # A rare foreground is learnt after the background: on the SpaceNet building scene (4 %
 # buildings) the default U-Net's test building IoU over five seeds was 0.13-0.24 at
-# 1,024 chips and 0.22-0.33 at 4,096 (benchmarks/accuracy.py, docs/benchmarks.md), while
-# land cover gained nothing measurable from 4x the steps (nc-landsat7, 64 px chips of the
-# same pixels, session 15); so only a foreground task pays for them.
-FOREGROUND_CHIPS = 4
+# 1,024 chips and 0.22-0.33 at 4,096 (benchmarks/accuracy.py, docs/benchmarks.md); so a
+# foreground task gets four times the chips land cover once had, on either device.
+FOREGROUND_CPU_CHIPS = 4096
+FOREGROUND_GPU_CHIPS = 65536
 _MAX_EPOCHS = 64
 # Settings that default to None and are chosen here.
 AUTO_SETTINGS = (
@@ -194,9 +198,12 @@ def _per_epoch(facts: Facts, chip: int) -> tuple[int, str]:
 
 
 def _epochs(facts: Facts, per_epoch: int) -> tuple[int, str]:
-    factor = FOREGROUND_CHIPS if _foreground(facts) else 1
-    total = (GPU_CHIPS if facts.gpu else CPU_CHIPS) * factor
-    extra = f" ({factor}x for a rare foreground)" if factor > 1 else ""
+    foreground = _foreground(facts)
+    if foreground:
+        total = FOREGROUND_GPU_CHIPS if facts.gpu else FOREGROUND_CPU_CHIPS
+    else:
+        total = GPU_CHIPS if facts.gpu else CPU_CHIPS
+    extra = " (a rare foreground)" if foreground else ""
     n = int(np.clip(round(total / per_epoch), 4, _MAX_EPOCHS))
     return n, f"{total} chips in all on a {'GPU' if facts.gpu else 'CPU'}{extra}, 4-{_MAX_EPOCHS} epochs"
 
