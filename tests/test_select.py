@@ -50,9 +50,14 @@ def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
     assert foreground.epochs == FOREGROUND_CPU_CHIPS // 64 == 64 and "foreground" in chosen["epochs"]["rule"]
     assert not foreground.class_balancing  # on top of balanced chips, loss weights over-correct
     assert "4.0%" in chosen["dice_weight"]["rule"]
-    many, _ = resolve(NetworkConfig(), _facts(counts=(40_000, 30_000, 20_000, 9_000, 200)))
+    many, many_rules = resolve(NetworkConfig(), _facts(counts=(40_000, 30_000, 20_000, 9_000, 200)))
     assert not many.balanced_sampling and not many.class_balancing and many.dice_weight == 0.3
     assert many.epochs == CPU_CHIPS // 64 == 32  # a rare class among many is not a foreground task
+    assert "foreground" not in many_rules["epochs"]["rule"]
+    # On a GPU (512 chips an epoch at 8000 px) land cover's 16,384 chips are 32 epochs, a
+    # foreground's 65,536 reach the 64-epoch cap.
+    assert resolve(NetworkConfig(), _facts(8000, gpu=True))[0].epochs == 32
+    assert resolve(NetworkConfig(), _facts(8000, counts=(96_000, 4_000), gpu=True))[0].epochs == 64
     # What the user gives is never changed, and is not reported as chosen.
     given = NetworkConfig(chip_size=64, balanced_sampling=False, dice_weight=0.1)
     kept, chosen = resolve(given, _facts(counts=(96_000, 4_000)))
