@@ -323,6 +323,10 @@ _ClassBalancing = Annotated[
 ]
 _Patience = Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")]
 _Monitor = Annotated[str, typer.Option(help="valid_miou or valid_loss.")]
+_Keep = Annotated[
+    str,
+    typer.Option(help="Weights kept: best (held-out score) or last (final epoch, unless stopped early)."),
+]
 _Schedule = Annotated[str, typer.Option(help="Learning-rate schedule: onecycle or cosine.")]
 _Pretrained = Annotated[
     str | None, typer.Option(help="Local encoder weights (.safetensors/.pth), e.g. torchvision ResNet.")
@@ -394,6 +398,7 @@ def train(
     class_balancing: _ClassBalancing = _DEFAULTS["class_balancing"],
     patience: _Patience = _DEFAULTS["patience"],
     monitor: _Monitor = _DEFAULTS["monitor"],
+    keep: _Keep = _DEFAULTS["keep"],
     schedule: _Schedule = _DEFAULTS["schedule"],
     pretrained: _Pretrained = _DEFAULTS["pretrained"],
     clip_percentiles: _ClipPercentiles = _DEFAULTS["clip_percentiles"],
@@ -442,7 +447,10 @@ def train(
         _train_auto(store, out, cfg, resume)
         return
     spec, plan = _run_training(store, out, cfg, resume, scheduler)
-    console.print(f"wrote {out} (valid mIoU {spec.metrics.get('miou', float('nan')):.3f})", soft_wrap=True)
+    kept = spec.training.get("kept_epoch")
+    which = f", the weights of epoch {kept}" if kept else ""
+    miou = spec.metrics.get("miou", float("nan"))
+    console.print(f"wrote {out} (valid mIoU {miou:.3f}{which})", soft_wrap=True)
     if baseline and isinstance(cfg, NetworkConfig) and scheduler is None:
         from segpipe.stages.train.select import compare_with_forest
 

@@ -197,7 +197,7 @@ def settings_seen(monkeypatch):
 
     def fake_run(store, out, cfg, resume, scheduler):
         seen.update(cfg=cfg, resume=resume, scheduler=scheduler)
-        return type("Spec", (), {"metrics": {"miou": 0.5}})(), None
+        return type("Spec", (), {"metrics": {"miou": 0.5}, "training": {"kept_epoch": 2}})(), None
 
     monkeypatch.setattr(cli, "_run_training", fake_run)
     # The fake training writes no package for the forest baseline to be scored beside.
@@ -218,6 +218,7 @@ def test_options_override_the_config_file(tmp_path, settings_seen):
     result, cfg = settings_seen("--config", config, "--epochs", "5", "--seed", "0")
     assert result.exit_code == 0, result.output
     assert (cfg.epochs, cfg.chip_size, cfg.loss, cfg.seed) == (5, 64, "focal", 0)
+    assert "valid mIoU 0.500, the weights of epoch 2" in result.output
     assert cfg.clip_percentiles == (2.0, 98.0)
     # An option left at its default does not hide the file's value.
     config.write_text("arch: random_forest\ntrees: 7\n")

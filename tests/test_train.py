@@ -178,6 +178,49 @@ def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch):
     assert history[-1]["early_stop"] and "early_stop" not in history[2]
     weights = spec.training["class_weights"]
     assert len(weights) == len(spec.classes) and min(weights) > 0
+    assert spec.training["kept_epoch"] == 2
+
+
+def test_a_run_stopped_early_keeps_its_best_epoch_under_keep_last(store, tmp_path, monkeypatch):
+    import segpipe.stages.train.loop as loop
+
+    losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])
+
+    def fake_evaluate(net, sampler, windows, spec, device, batch_size):
+        k = len(spec.classes)
+        return next(losses), np.eye(k, k + 1, dtype=np.int64)
+
+    monkeypatch.setattr(loop, "evaluate_chips", fake_evaluate)
+    cfg = train_config(**{**TINY, "epochs": 6}, patience=2, monitor="valid_loss", keep="last")
+    spec = train(store, tmp_path / "m", cfg)
+    assert [r["epoch"] for r in spec.training["history"]] == [1, 2, 3, 4]
+    assert spec.training["kept_epoch"] == 2
+
+
+@pytest.mark.parametrize(("keep", "kept"), [("last", 4), ("best", 2)])
+def test_the_package_keeps_the_last_epoch_or_the_best(store, tmp_path, monkeypatch, keep, kept):
+    import segpipe.stages.train.loop as loop
+    from segpipe.stages.train.outputs import final_metrics
+
+    losses = iter([0.5, 0.4, 0.45, 0.6])  # best at epoch 2; the run ends at epoch 4
+    matrices = []
+
+    def fake_evaluate(net, sampler, windows, spec, device, batch_size):
+        k = len(spec.classes)
+        cm = np.eye(k, k + 1, dtype=np.int64) * 10
+        cm[0, 1] = len(matrices)  # each epoch's matrix, and so its mIoU, differs
+        matrices.append(cm)
+        return next(losses), cm
+
+    monkeypatch.setattr(loop, "evaluate_chips", fake_evaluate)
+    cfg = train_config(**{**TINY, "epochs": 4}, monitor="valid_loss", keep=keep)
+    spec = train(store, tmp_path / "m", cfg)
+    history = spec.training["history"]
+    assert spec.training["kept_epoch"] == kept
+    assert [r["epoch"] for r in history if r.get("kept")] == [kept]
+    assert spec.metrics["miou"] == pytest.approx(final_metrics(matrices[kept - 1], spec.classes)["miou"])
+    scores = [final_metrics(cm, spec.classes)["miou"] for cm in matrices]
+    assert scores[1] != scores[3]
 
 
 def test_train_config_chooses_the_family_by_arch():

@@ -51,8 +51,9 @@ class TrainState:
         running: Running training loss of the epoch so far.
         history: Finished epochs' records.
         best_score: Best monitored score so far (higher is better), or None.
-        best_weights: Weights at the best score, or None.
-        best_cm: Validation confusion matrix at the best score, or None.
+        best_weights: Weights the package will keep (the best score's, or the final
+            epoch's under ``keep="last"``), or None.
+        best_cm: Validation confusion matrix of those weights, or None.
         stale: Epochs without improvement since the best.
         network: Current weights.
         optimizer: Optimiser state.

@@ -192,7 +192,12 @@ class _NetworkSettings(_Shared):
         focal_gamma: Focusing exponent of the focal loss.
         dice_weight: Fraction of soft-Dice loss mixed in (0-1).
         patience: Stop after this many epochs without improvement (None = never).
-        monitor: What "improvement" and the kept checkpoint refer to.
+        monitor: What "improvement" (``patience``) and ``keep="best"`` refer to.
+        keep: Weights the package keeps: ``best``, the best monitored epoch's, or ``last``,
+            the final epoch's when the run reaches the end of its learning-rate schedule
+            (the best epoch's when it stops early). ``last`` suits a few thousand held-out
+            pixels, whose best of many epochs is partly their noise; ``best`` guards
+            against late overfitting where the held-out part is large (docs/benchmarks.md).
         schedule: Learning-rate schedule: ``onecycle`` (warm-up then cosine decay) or
             ``cosine`` (cosine decay from ``lr`` without warm-up, e.g. for fine-tuning).
         pretrained: Local encoder weights file (.safetensors, .pth, .pt) to start from,
@@ -224,6 +229,7 @@ class _NetworkSettings(_Shared):
     dice_weight: float | None = Field(default=None, ge=0, le=1)
     patience: int | None = Field(default=None, ge=1)
     monitor: Literal["valid_miou", "valid_loss"] = "valid_miou"
+    keep: Literal["best", "last"] = "best"
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     pretrained: str | None = None
     balanced_sampling: bool | None = None

@@ -45,7 +45,7 @@ _STEPS = 3  # progress reports: pixels read, fitted, validated
 # Settings that steer a network's optimiser steps: the solver reads none of them.
 _STEP_SETTINGS = (
     "epochs", "samples_per_epoch", "lr", "loss", "focal_gamma", "dice_weight", "patience", "monitor",
-    "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device", "devices",
+    "keep", "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device", "devices",
 )
 log = logging.getLogger(__name__)
 

@@ -318,8 +318,9 @@ def train_network(
     """Train a network on the store's labels and write a model package to ``out``.
 
     Chips are drawn where labels exist; class 0 is ignored by the loss. Validation
-    uses spatially held-out cells; the weights with the best monitored score are
-    kept. The run checkpoints into ``out/checkpoint/`` after every epoch and every
+    uses spatially held-out cells; the package keeps the best monitored epoch's weights,
+    or the final epoch's (``keep="last"``, unless the run stopped early). The run
+    checkpoints into ``out/checkpoint/`` after every epoch and every
     ``checkpoint_every`` steps; the checkpoint is removed once the package is written.
 
     Args:
@@ -514,18 +515,28 @@ class _RankLoop:
         return ddp.average(loss.item(), device)
 
     def _validate(self, record: dict[str, Any]) -> None:
-        """Score the held-out chips into ``record``; keep the weights when the monitored score is the best."""
+        """Score the held-out chips into ``record``; keep the weights that ``keep`` asks for.
+
+        The best monitored epoch's weights are kept as the run goes (what a run stopped early
+        keeps); under ``keep="last"`` the final epoch's replace them, where the schedule
+        has annealed (which of the two scores better depends on the held-out part's size:
+        docs/benchmarks.md, session 18).
+        """
         cfg, plan, state = self.cfg, self.plan, self.state
         windows = list(plan.valid_windows)
         v_loss, cm = evaluate_chips(self.net, self.valid_s, windows, plan.spec, self.device, cfg.batch_size)
         record.update(validation_scores(v_loss, cm, plan.spec.classes))
         sign = 1.0 if cfg.monitor == "valid_miou" else -1.0  # compared as "higher is better"
         value = sign * record[cfg.monitor]
-        if state.best_score is None or value > state.best_score:
-            state.best_score, state.best_cm, state.stale = value, cm, 0
+        improved = state.best_score is None or value > state.best_score
+        state.stale = 0 if improved else state.stale + 1
+        state.best_score = value if improved else state.best_score
+        if improved or (cfg.keep == "last" and record["epoch"] == cfg.epochs):
+            state.best_cm = cm
             state.best_weights = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
-        else:
-            state.stale += 1
+            for earlier in state.history:
+                earlier.pop("kept", None)
+            record["kept"] = True
 
     def _save(self, epoch: int, step: int, running: float) -> None:
         """Checkpoint the run at ``epoch``/``step`` (every rank's random state; rank 0 writes)."""
@@ -593,6 +604,7 @@ def _training_record(
         "auto": plan.auto,
         "class_weights": None if weights is None else [float(w) for w in weights],
         "history": metrics.json_ready(history),
+        "kept_epoch": next((r["epoch"] for r in reversed(history) if r.get("kept")), None),
         "split": plan.split.record(plan.cfg.valid_fraction),
         "train_pixels_sampled": int(plan.train.y.size),
         "valid_pixels_sampled": plan.valid_pixels,
