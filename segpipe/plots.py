@@ -109,7 +109,8 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
 
     Args:
         history: One record per epoch, e.g. ``{"epoch": 1, "train_loss": .., "valid_loss": ..,
-            "valid_miou": ..}``; missing or None values are skipped.
+            "valid_miou": ..}``; missing or None values are skipped. The epoch marked
+            ``"kept": True`` (its weights are the package's) gets a dashed line.
         path: PNG file to write.
 
     Returns:
@@ -124,8 +125,6 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
         ax_loss.set_xlabel("epoch")
         ax_loss.set_ylabel("loss")
         ax_loss.set_title("Loss")
-        if ax_loss.get_legend_handles_labels()[0]:
-            ax_loss.legend()
         xs, ys = _series(history, "valid_miou")
         if xs:
             ax_miou.plot(xs, ys, marker="o", markersize=3, color="tab:green")
@@ -133,9 +132,14 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
         ax_miou.set_xlabel("epoch")
         ax_miou.set_ylabel("mIoU")
         ax_miou.set_title("Validation mIoU")
+        kept = [r["epoch"] for r in history if r.get("kept")]
         for ax in (ax_loss, ax_miou):
+            if kept:
+                ax.axvline(kept[-1], color="0.4", linestyle="--", linewidth=1, label="kept")
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax_loss.get_legend_handles_labels()[0]:
+            ax_loss.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     finally:
