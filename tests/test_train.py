@@ -158,7 +158,8 @@ def test_losses_ignore_unlabelled_pixels_and_focal_reduces_to_ce():
     assert make_loss("ce", dice_weight=1.0)(perfect.float(), target) < 1e-3
 
 
-def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch, keep):
     import segpipe.stages.train.loop as loop
 
     losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])  # best at epoch 2, then worse
@@ -168,33 +169,15 @@ def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch):
         return next(losses), np.eye(k, k + 1, dtype=np.int64)
 
     monkeypatch.setattr(loop, "evaluate_chips", fake_evaluate)
-    spec = train(
-        store,
-        tmp_path / "m",
-        train_config(**{**TINY, "epochs": 6}, patience=2, monitor="valid_loss", class_balancing=True),
-    )
+    settings = {**TINY, "epochs": 6, "patience": 2, "monitor": "valid_loss", "keep": keep}
+    cfg = train_config(settings, class_balancing=True)
+    spec = train(store, tmp_path / "m", cfg)
     history = spec.training["history"]
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert history[-1]["early_stop"] and "early_stop" not in history[2]
     weights = spec.training["class_weights"]
     assert len(weights) == len(spec.classes) and min(weights) > 0
-    assert spec.training["kept_epoch"] == 2
-
-
-def test_a_run_stopped_early_keeps_its_best_epoch_under_keep_last(store, tmp_path, monkeypatch):
-    import segpipe.stages.train.loop as loop
-
-    losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])
-
-    def fake_evaluate(net, sampler, windows, spec, device, batch_size):
-        k = len(spec.classes)
-        return next(losses), np.eye(k, k + 1, dtype=np.int64)
-
-    monkeypatch.setattr(loop, "evaluate_chips", fake_evaluate)
-    cfg = train_config(**{**TINY, "epochs": 6}, patience=2, monitor="valid_loss", keep="last")
-    spec = train(store, tmp_path / "m", cfg)
-    assert [r["epoch"] for r in spec.training["history"]] == [1, 2, 3, 4]
-    assert spec.training["kept_epoch"] == 2
+    assert spec.training["kept_epoch"] == 2  # stopped early: the best epoch, whatever ``keep`` says
 
 
 @pytest.mark.parametrize(("keep", "kept"), [("last", 4), ("best", 2)])
