@@ -296,6 +296,9 @@ def test_resume_key_leaves_out_what_changes_no_result():
     key = json.loads(train_config(threads=3, checkpoint_every=5, checkpoint_seconds=9.0).resume_key())
     assert key == json.loads(NetworkConfig().resume_key())
     assert "threads" not in key and key["lr"] is None and "trees" not in key  # lr: auto
+    # keep came later: at its default (the behaviour before it) a run checkpointed without it
+    # resumes; set to "last" it is part of the key.
+    assert "keep" not in key and json.loads(train_config(keep="last").resume_key())["keep"] == "last"
 
 
 def test_validation_scores_and_package_metrics_are_one_definition():

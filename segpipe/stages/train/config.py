@@ -240,6 +240,11 @@ class _NetworkSettings(_Shared):
     devices: int = Field(default=1, ge=1)
 
 
+# Settings added after checkpoints were first written, whose defaults behave as segpipe did
+# before them (see NetworkConfig.resume_key).
+_LATER_SETTINGS = ("keep",)
+
+
 class NetworkConfig(_NetworkSettings):
     """A segmentation network's training settings (see :class:`_NetworkSettings`).
 
@@ -267,9 +272,13 @@ class NetworkConfig(_NetworkSettings):
     def resume_key(self) -> str:
         """The settings a resumed run must share with the checkpoint, as JSON.
 
-        Threads and checkpoint frequency change no result, so they may differ.
+        Threads and checkpoint frequency change no result, so they may differ. A setting
+        added after checkpoints existed is left out while at its default, so that a run
+        checkpointed by an earlier segpipe still resumes.
         """
-        return self.model_dump_json(exclude={"threads", "checkpoint_every", "checkpoint_seconds"})
+        fields = type(self).model_fields
+        later = {name for name in _LATER_SETTINGS if getattr(self, name) == fields[name].default}
+        return self.model_dump_json(exclude={"threads", "checkpoint_every", "checkpoint_seconds", *later})
 
 
 class ResolvedNetworkConfig(NetworkConfig):
