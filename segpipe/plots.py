@@ -104,14 +104,16 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
     return xs, ys
 
 
-def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def plot_loss_curve(
+    history: Sequence[Mapping[str, Any]], path: str | Path, kept_epoch: int | None = None
+) -> Path:
     """Plot training and validation loss, and validation mIoU, per epoch.
 
     Args:
         history: One record per epoch, e.g. ``{"epoch": 1, "train_loss": .., "valid_loss": ..,
-            "valid_miou": ..}``; missing or None values are skipped. The epoch marked
-            ``"kept": True`` (its weights are the package's) gets a dashed line.
+            "valid_miou": ..}``; missing or None values are skipped.
         path: PNG file to write.
+        kept_epoch: The epoch whose weights the package kept, marked by a dashed line.
 
     Returns:
         The written path.
@@ -132,10 +134,9 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
         ax_miou.set_xlabel("epoch")
         ax_miou.set_ylabel("mIoU")
         ax_miou.set_title("Validation mIoU")
-        kept = [r["epoch"] for r in history if r.get("kept")]
         for ax in (ax_loss, ax_miou):
-            if kept:
-                ax.axvline(kept[-1], color="0.4", linestyle="--", linewidth=1, label="kept")
+            if kept_epoch is not None:
+                ax.axvline(kept_epoch, color="0.4", linestyle="--", linewidth=1, label="kept")
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax_loss.get_legend_handles_labels()[0]:

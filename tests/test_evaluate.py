@@ -289,8 +289,7 @@ def test_loss_curve_plot(tmp_path: Path) -> None:
     path = plot_loss_curve(history, tmp_path / "loss.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     # The kept epoch is marked: the same curves with epoch 3 kept draw something more.
-    history[2]["kept"] = True
-    marked = plot_loss_curve(history, tmp_path / "kept.png")
+    marked = plot_loss_curve(history, tmp_path / "kept.png", kept_epoch=3)
     assert marked.read_bytes() != path.read_bytes()
 
 

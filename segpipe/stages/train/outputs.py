@@ -54,7 +54,7 @@ def write_package(
     from segpipe.plots import plot_confusion_matrix, plot_loss_curve
 
     out_dir = save_model(out, spec, net)
-    plot_loss_curve(history, out_dir / "loss_curve.png")
+    plot_loss_curve(history, out_dir / "loss_curve.png", spec.training.get("kept_epoch"))
     if cm is not None:
         plot_confusion_matrix(
             cm[:, : len(spec.classes)],
