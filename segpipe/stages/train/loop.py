@@ -529,8 +529,10 @@ class _RankLoop:
         sign = 1.0 if cfg.monitor == "valid_miou" else -1.0  # compared as "higher is better"
         value = sign * record[cfg.monitor]
         improved = state.best_score is None or value > state.best_score
-        state.stale = 0 if improved else state.stale + 1
-        state.best_score = value if improved else state.best_score
+        if improved:
+            state.best_score, state.stale = value, 0
+        else:
+            state.stale += 1
         if improved or (cfg.keep == "last" and record["epoch"] == cfg.epochs):
             state.best_cm = cm
             state.best_weights = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
