@@ -243,6 +243,19 @@ def test_option_of_the_other_family_over_a_file_is_named_as_an_option(tmp_path, 
     assert str(result.exception).startswith("--trees 0: Input should be greater than or equal to 1")
 
 
+def test_keep_reaches_the_settings_and_a_wrong_value_is_named(settings_seen):
+    from segpipe.errors import InputError
+
+    result, cfg = settings_seen("--keep", "last")
+    assert result.exit_code == 0, result.output
+    assert cfg.keep == "last"
+    result, _ = settings_seen("--keep", "sideways")
+    assert isinstance(result.exception, InputError)
+    assert str(result.exception).startswith("--keep 'sideways': Input should be 'best' or 'last'")
+    result, _ = settings_seen("--arch", "random_forest", "--keep", "last")
+    assert str(result.exception).startswith("--arch random_forest does not use keep='last'")
+
+
 def test_old_option_names_still_work_but_the_help_shows_the_settings(settings_seen):
     from segpipe.cli import _DEFAULTS
 
