@@ -13,7 +13,8 @@ Run, for instance (each takes 5-20 CPU-minutes on 2 cores):
     .venv/bin/python benchmarks/building_probe.py --steps 400 --scale 2 --threads 1
 
 Chips are 128 px, half of them centred on a building pixel (segpipe's balanced chips), each
-flipped or rotated at random (``--aug strong`` also jitters gain, offset and noise); the loss
+flipped or rotated at random (``--aug strong`` also jitters gain, offset and noise; ``--zoom Z``
+cuts each chip at a random scale within [1/Z, Z] and resizes it to ``--chip``); the loss
 is half cross-entropy, half soft Dice (segpipe's foreground rule); AdamW with a one-cycle
 schedule. Each report also gives the building IoU when a pixel is called building above
 other probabilities than one half (``thresholds``), of the network alone and of the mean of
@@ -55,6 +56,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--aug", choices=("flip", "strong"), default="flip",
                         help="strong: also gain x0.7-1.4, offset N(0, 0.3) and, half the time, noise")
+    parser.add_argument("--zoom", type=float, default=1.0,
+                        help="chips cut at a random scale in [1/zoom, zoom] and resized to --chip (1: none)")
+    parser.add_argument("--encoder", default="resnet18", help="smp encoder (no pretrained weights)")
     return parser.parse_args()
 
 
@@ -82,10 +86,11 @@ def _batch(
     image: np.ndarray, labels: np.ndarray, args: argparse.Namespace, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chips of the training part, ``args.balanced`` of them centred on a building pixel."""
-    height, train_w, chip = image.shape[0], SPLIT_X // args.scale, args.chip
+    height, train_w = image.shape[0], SPLIT_X // args.scale
     ys, xs = np.nonzero(labels[:, :train_w])
     chips, targets = [], []
     for _ in range(args.batch):
+        chip = _zoomed_edge(args, rng, min(height, train_w))
         if rng.random() < args.balanced:
             i = rng.integers(ys.size)
             y0 = int(np.clip(ys[i] - rng.integers(chip), 0, height - chip))
@@ -93,6 +98,8 @@ def _batch(
         else:
             y0, x0 = int(rng.integers(height - chip + 1)), int(rng.integers(train_w - chip + 1))
         a, b = image[y0 : y0 + chip, x0 : x0 + chip], labels[y0 : y0 + chip, x0 : x0 + chip]
+        if chip != args.chip:
+            a, b = _resized(a, b, args.chip)
         if args.aug == "strong":
             a = _jitter(a, rng)
         k = int(rng.integers(8))
@@ -101,6 +108,23 @@ def _batch(
         chips.append(np.rot90(a, k % 4).copy())
         targets.append(np.rot90(b, k % 4).copy())
     return torch.from_numpy(np.stack(chips)[:, None]), torch.from_numpy(np.stack(targets))
+
+
+def _zoomed_edge(args: argparse.Namespace, rng: np.random.Generator, limit: int) -> int:
+    """The edge of the window to cut: ``--chip`` at a log-uniform scale within ``--zoom``."""
+    if args.zoom <= 1.0:
+        return int(args.chip)
+    factor = float(np.exp(rng.uniform(-np.log(args.zoom), np.log(args.zoom))))
+    return int(min(limit, max(16, round(args.chip * factor))))
+
+
+def _resized(a: np.ndarray, b: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image window resized bilinearly and its labels by nearest neighbour to ``size`` px."""
+    x = F.interpolate(torch.from_numpy(np.ascontiguousarray(a))[None, None], size=(size, size),
+                      mode="bilinear", align_corners=False)
+    y = F.interpolate(torch.from_numpy(np.ascontiguousarray(b)).float()[None, None], size=(size, size),
+                      mode="nearest")
+    return x[0, 0].numpy(), y[0, 0].numpy().astype(np.int64)
 
 
 def _jitter(chip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -162,7 +186,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     image, labels, full = _scene(args.scale, args.norm)
-    net = smp.Unet("resnet18", encoder_weights=None, in_channels=1, classes=2, decoder_channels=DECODER)
+    net = smp.Unet(args.encoder, encoder_weights=None, in_channels=1, classes=2, decoder_channels=DECODER)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     started, history = time.process_time(), []
