@@ -352,6 +352,10 @@ _PixelHead = Annotated[
     typer.Option(help="Width of a per-pixel path added to the network, 0 = none (auto: 32 at 10 m+ pixels)."),
 ]
 _Devices = Annotated[int, typer.Option(help="Data-parallel processes (one per GPU; gloo on CPU).")]
+_Members = Annotated[
+    int,
+    typer.Option(help="Networks trained from different seeds on one split and averaged (each costs a run)."),
+]
 _Trees = Annotated[int, typer.Option(help="Trees of --arch random_forest.")]
 _MinSamplesLeaf = Annotated[int, typer.Option(help="--arch random_forest: fewest training pixels in a leaf.")]
 _MaxDepth = Annotated[
@@ -408,6 +412,7 @@ def train(
     checkpoint_seconds: _CheckpointSeconds = _DEFAULTS["checkpoint_seconds"],
     pixel_head: _PixelHead = _DEFAULTS["pixel_head"],
     devices: _Devices = _DEFAULTS["devices"],
+    members: _Members = _DEFAULTS["members"],
     trees: _Trees = _DEFAULTS["trees"],
     min_samples_leaf: _MinSamplesLeaf = _DEFAULTS["min_samples_leaf"],
     max_depth: _MaxDepth = _DEFAULTS["max_depth"],
@@ -544,7 +549,9 @@ def _run_training(
         # A network's epochs may be auto: the bar learns the total from the first report.
         task = bar.add_task("train", total=None, info="")
         plan = plan_training(store, cfg) if isinstance(cfg, NetworkConfig) and not resume else None
-        return run(store, out, cfg, progress=_train_report(bar, task), resume=resume, plan=plan), plan
+        announce = lambda line: console.print(f"  {line}")  # noqa: E731
+        report = _train_report(bar, task)
+        return run(store, out, cfg, progress=report, resume=resume, plan=plan, announce=announce), plan
 
 
 def _train_report(bar: Progress | _LineProgress, task: TaskID) -> Callable[[TrainProgress], None]:

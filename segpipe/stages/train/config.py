@@ -55,6 +55,9 @@ CHIP_MULTIPLE = 32
 # A network's chip edge by default; a forest's package records it as the prediction
 # window hint (a forest reads no chips).
 DEFAULT_CHIP_SIZE = 128
+# Networks one --members ensemble may average: each costs a whole training and its share
+# of every prediction, and the measured gains level off well before this.
+MAX_MEMBERS = 16
 
 NetworkArch = Literal["unet", "pspnet", "deeplabv3", "deeplabv3plus", "linear"]
 # The same names as segpipe.models.ARCHITECTURES (a test holds them equal); spelled out
@@ -214,6 +217,9 @@ class _NetworkSettings(_Shared):
             imagery, where features one to three pixels wide blur in the encoder.
         devices: Processes training data-parallel on this machine (one per GPU; on the
             CPU they share its cores, useful for testing).
+        members: Networks trained from different seeds on the same split and averaged
+            into one ensemble package (see :mod:`segpipe.stages.train.members`); each
+            costs a network's training and prediction.
     """
 
     encoder: str = "resnet18"
@@ -238,11 +244,12 @@ class _NetworkSettings(_Shared):
     checkpoint_seconds: float = Field(default=300.0, ge=0)
     pixel_head: int | None = Field(default=None, ge=0)
     devices: int = Field(default=1, ge=1)
+    members: int = Field(default=1, ge=1, le=MAX_MEMBERS)
 
 
 # Settings added after checkpoints were first written, whose defaults behave as segpipe did
 # before them (see NetworkConfig.resume_key).
-_LATER_SETTINGS = ("keep",)
+_LATER_SETTINGS = ("keep", "members")
 
 
 class NetworkConfig(_NetworkSettings):
@@ -366,6 +373,13 @@ class AutoConfig(_NetworkSettings, _ForestSettings):
 
     arch: Literal["auto"] = "auto"
     budget_minutes: float = Field(default=5.0, gt=0)
+
+    @field_validator("members")
+    @classmethod
+    def _one_network(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("--arch auto trains one network beside the forest: leave out --members")
+        return value
 
     def families(self) -> tuple[NetworkConfig, ForestConfig]:
         """The U-Net's settings and the forest's, each with the shared ones."""

@@ -3,7 +3,9 @@
 A :class:`NetworkConfig` trains a network (:mod:`segpipe.stages.train.loop`; ``linear``
 is fitted by :mod:`segpipe.stages.train.linear`), a
 :class:`ForestConfig` the per-pixel random forest (:mod:`segpipe.stages.train.forest`),
-and an :class:`AutoConfig` both, keeping the better (:mod:`segpipe.stages.train.select`).
+and an :class:`AutoConfig` both, keeping the better (:mod:`segpipe.stages.train.select`);
+a network with ``members`` above 1 is several networks averaged
+(:mod:`segpipe.stages.train.members`).
 The command line, the Python API, the flows and a dask worker all train through here,
 so every family runs wherever training runs.
 """
@@ -32,6 +34,7 @@ def train(
     progress: Callable[[TrainProgress], None] | None = None,
     resume: bool = False,
     plan: TrainPlan | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> ModelSpec:
     """Train the model ``config`` describes on the store's labels; write its package to ``out``.
 
@@ -44,6 +47,8 @@ def train(
             ``--arch auto``; a forest trains in one pass and has nothing to resume).
         plan: A network's training already planned
             (:func:`segpipe.stages.train.loop.plan_training`); its settings replace ``config``.
+        announce: Receives the lines worth showing beside the progress (``--arch auto``'s
+            comparison, each member of ``members`` as it starts).
 
     Returns:
         The written model's description.
@@ -60,11 +65,15 @@ def train(
     if isinstance(cfg, AutoConfig):
         from segpipe.stages.train.select import train_auto
 
-        return train_auto(store, out, cfg, progress, resume=resume)
+        return train_auto(store, out, cfg, progress, announce, resume=resume)
     if cfg.arch == LINEAR_ARCH:  # a network's plan and package, fitted by a convex solver
         from segpipe.stages.train.linear import train_linear
 
         return train_linear(store, out, cfg, progress, resume, plan)
+    if cfg.members > 1:
+        from segpipe.stages.train.members import train_members
+
+        return train_members(store, out, cfg, progress, announce, resume, plan)
     from segpipe.stages.train.loop import train_network
 
     return train_network(store, out, cfg, progress, resume, plan)

@@ -46,6 +46,7 @@ _STEPS = 3  # progress reports: pixels read, fitted, validated
 _STEP_SETTINGS = (
     "epochs", "samples_per_epoch", "lr", "loss", "focal_gamma", "dice_weight", "patience", "monitor",
     "keep", "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device", "devices",
+    "members",
 )
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from segpipe.stages.train.config import (
     ResolvedNetworkConfig,
     forest_of,
 )
+from segpipe.stages.train.keeping import keep_package
 from segpipe.stages.train.progress import TrainProgress
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ __all__ = [
     "MIN_HELD_OUT",
     "SINGLE_MARGIN",
     "compare_with_forest",
+    "held_out_summary",
     "too_few_held_out",
     "train_auto",
 ]
@@ -249,10 +251,10 @@ def _compare(
     if not plan.valid_windows:
         return {name: {"seconds": seconds.get(name)} for name in [*nets, *ensembles]}
     scores = held_out_scores(plan, nets, ensembles, held)
-    return {name: {**_summary(scores[name]), "seconds": seconds.get(name)} for name in scores}
+    return {name: {**held_out_summary(scores[name]), "seconds": seconds.get(name)} for name in scores}
 
 
-def _summary(score: Mapping[str, Any]) -> dict[str, Any]:
+def held_out_summary(score: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers of a held-out score that the table shows and the package keeps."""
     return {
         "valid_miou": float(score["miou"]),
@@ -300,32 +302,17 @@ def _choose(table: Mapping[str, Mapping[str, Any]]) -> str:
 
 def _keep(out: str | Path, staging: Path, chosen: str, selection: dict[str, Any]) -> ModelSpec:
     """Write the chosen package to ``out`` (file by file, atomically) and move the candidates into it."""
-    from segpipe.models import load_model, read_spec, save_model
+    from segpipe.models import read_spec
     from segpipe.models.combine import make_ensemble
 
-    target = Path(out)
     if chosen == "ensemble":
         members = [staging / name for name in selection["models"] if name != "ensemble"]
         make_ensemble(members, staging / "ensemble")
-    net, spec = load_model(staging / chosen)
     # Every candidate trained on the same store: its inputs stand for the kept package's
     # (an ensemble's record has none of its own), so a flow can tell it is up to date.
     inputs = read_spec(staging / FOREST_ARCH).training.get("store_inputs")
-    training = {**spec.training, "store_inputs": inputs, "selection": selection}
-    spec = dataclasses.replace(spec, training=training)
-    target.mkdir(parents=True, exist_ok=True)
-    plots = {p.name: p for p in (staging / chosen).glob("*.png")}
-    for stale in target.glob("*.png"):  # an earlier package's plots must not pass for the new one's
-        if stale.name not in plots:
-            stale.unlink()
-    for name, plot in plots.items():
-        tmp = target / f".{name}.tmp"
-        shutil.copyfile(plot, tmp)
-        tmp.replace(target / name)
-    save_model(target, spec, net)
-    shutil.rmtree(target / _CANDIDATES, ignore_errors=True)
-    staging.replace(target / _CANDIDATES)
-    return spec
+    training = {"store_inputs": inputs, "selection": selection}
+    return keep_package(out, staging / chosen, training, staging, _CANDIDATES)
 
 
 def format_table(table: Mapping[str, Mapping[str, Any]], chosen: str) -> list[str]:
@@ -383,7 +370,7 @@ def compare_with_forest(
         train_forest(store, Path(tmp) / FOREST_ARCH, forest_cfg)
         nets = {cfg.arch: load_model(network)[0], FOREST_ARCH: load_model(Path(tmp) / FOREST_ARCH)[0]}
         scores = held_out_scores(plan, nets)
-    table = {name: _summary(score) for name, score in scores.items()}
+    table = {name: held_out_summary(score) for name, score in scores.items()}
     if table[FOREST_ARCH]["valid_miou"] > table[cfg.arch]["valid_miou"]:
         for line in format_table(table, ""):
             announce(line)

@@ -1,0 +1,150 @@
+"""``--members N``: networks of one split trained from several seeds and averaged (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from train_support import TINY, tiny_store
+from typer.testing import CliRunner
+
+import segpipe.stages.train.loop as loop
+from segpipe.cli import app
+from segpipe.errors import InputError, MissingInputError
+from segpipe.models import load_model
+from segpipe.stages.train import train, train_config
+from segpipe.stages.train.checkpoint import checkpoint_path
+from segpipe.stages.train.members import MEMBERS, PARTIAL, member_seed
+
+runner = CliRunner()
+# One thread: CPU kernels sum in an order that depends on the thread count, and the tests
+# compare weights bit for bit. A checkpoint after every step, so a kill leaves one.
+SETTINGS = {**TINY, "epochs": 2, "samples_per_epoch": 4, "valid_fraction": 0.3, "threads": 1,
+            "checkpoint_every": 1, "seed": 3}
+
+
+@pytest.fixture(autouse=True)
+def few_valid_chips(monkeypatch):
+    monkeypatch.setattr(loop, "_MAX_VALID_CHIPS", 4)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tmp_path_factory.mktemp("members"), dense=True)
+
+
+@pytest.fixture(scope="module")
+def single(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "m"
+    train(store, out, train_config(**SETTINGS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def averaged(store, tmp_path_factory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("averaged") / "m"
+    lines: list[str] = []
+    train(store, out, train_config(**SETTINGS, members=2), announce=lines.append)
+    return out, lines
+
+
+def _weights(package: Path) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in load_file(str(package / "weights.safetensors")).items()}
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_members_share_the_split_member_zero_is_the_seeds_own_network(single, averaged):
+    out, lines = averaged
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["arch"] == "ensemble" and len(spec["options"]["members"]) == 2
+    record = spec["training"]["averaged"]
+    assert record["count"] == 2 and record["seeds"] == [3, member_seed(3, 1)] == [3, 1003]
+    assert set(record["scores"]) == {"0", "1", "ensemble"}
+    # The package's metrics are the ensemble's held-out scores, on the pixels each member had.
+    assert spec["metrics"]["miou"] == pytest.approx(record["scores"]["ensemble"]["valid_miou"])
+    pixels = {s["valid_pixels"] for s in record["scores"].values()}
+    assert len(pixels) == 1 and pixels.pop() > 0
+    members = out / MEMBERS
+    assert sorted(p.name for p in members.iterdir()) == ["0", "1", "ensemble"]
+    assert not (out / PARTIAL).exists()
+    # Member 0 is, bit for bit, the network the seed alone trains; member 1 is another.
+    assert _same(_weights(members / "0"), _weights(single))
+    assert not _same(_weights(members / "1"), _weights(single))
+    member_split = [json.loads((members / n / "model.json").read_text())["training"]["split"] for n in "01"]
+    single_split = json.loads((single / "model.json").read_text())["training"]["split"]
+    assert member_split[0] == member_split[1] == single_split == spec["training"]["split"]
+    assert spec["training"]["config"]["members"] == 2
+    starts = [line.split(":")[0] for line in lines[:2]]
+    assert starts == ["member 1 of 2 (seed 3)", "member 2 of 2 (seed 1003)"]
+    assert lines[-1].startswith("held-out mIoU of the members ")
+    net, _ = load_model(out)  # predicts as one model: the mean of the members' probabilities
+    import torch
+
+    probs = net(torch.zeros(1, 4, 32, 32)).exp().sum(dim=1)
+    assert torch.allclose(probs, torch.ones_like(probs), atol=1e-4)
+
+
+class KilledError(Exception):
+    """Stands for a kill: raised from the progress callback, it ends the run mid-member."""
+
+
+def test_a_run_killed_in_its_second_member_resumes_keeping_the_first(store, averaged, single, tmp_path):
+    out = tmp_path / "m"
+    shutil.copytree(single, out)  # an earlier complete result in out
+    before = (out / "model.json").read_bytes()
+    second = []
+
+    def report(p):
+        if second and p.step == 2:
+            raise KilledError
+
+    def announce(line):
+        second.extend(["yes"] if line.startswith("member 2 of 2") else [])
+
+    cfg = train_config(**SETTINGS, members=2)
+    with pytest.raises(KilledError):
+        train(store, out, cfg, progress=report, announce=announce)
+    assert (out / "model.json").read_bytes() == before  # untouched until the ensemble is whole
+    partial = out / PARTIAL
+    assert (partial / "0" / "model.json").is_file() and checkpoint_path(partial / "1").is_file()
+    finished = (partial / "0" / "model.json").stat().st_mtime_ns
+
+    with pytest.raises(InputError, match="other settings"):
+        train(store, out, train_config(**{**SETTINGS, "lr": 0.5}, members=2), resume=True)
+    lines: list[str] = []
+    train(store, out, cfg, resume=True, announce=lines.append)
+    assert lines[0].endswith("finished before, kept") and lines[1].endswith("resuming")
+    assert (out / MEMBERS / "0" / "model.json").stat().st_mtime_ns == finished
+    # The resumed ensemble is the unbroken one, bit for bit.
+    assert _same(_weights(out), _weights(averaged[0]))
+    assert not partial.exists()
+
+
+def test_members_are_refused_where_they_mean_nothing(store, tmp_path):
+    with pytest.raises(MissingInputError, match="no interrupted --members run"):
+        train(store, tmp_path / "none", train_config(**SETTINGS, members=2), resume=True)
+    base = ["train", str(store), "--out", str(tmp_path / "m"), "--members", "2"]
+    for extra, says in ((["--arch", "auto"], "--members 2: --arch auto trains one network beside the "
+                         "forest: leave out --members"),
+                        (["--arch", "random_forest"], "does not use members=2"),
+                        (["--members", "0"], "--members 0: ")):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code != 0 and says in f"{result.output} {result.exception}", extra
+    linear = train(store, tmp_path / "lin", train_config(**{**SETTINGS, "arch": "linear"}, members=2))
+    assert linear.arch == "linear" and any("members" in w for w in linear.training["warnings"])
