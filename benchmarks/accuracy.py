@@ -64,6 +64,7 @@ CONFIGS: dict[str, list[str]] = {
     "forest": ["--arch", "random_forest"],
     "auto": ["--arch", "auto"],
     "linear": ["--arch", "linear"],
+    "members2": ["--members", "2"],
 }
 # ``--arch auto`` keeps its candidates in ``<model>/candidates/<name>``: each is also
 # predicted and scored, as config ``auto/<name>``, so one run shows what auto chose from.
