@@ -148,3 +148,17 @@ def test_members_are_refused_where_they_mean_nothing(store, tmp_path):
         assert result.exit_code != 0 and says in f"{result.output} {result.exception}", extra
     linear = train(store, tmp_path / "lin", train_config(**{**SETTINGS, "arch": "linear"}, members=2))
     assert linear.arch == "linear" and any("members" in w for w in linear.training["warnings"])
+
+
+def test_the_command_line_names_each_member_and_compares_the_mean_with_the_forest(store, tmp_path):
+    out = tmp_path / "m"
+    options = [part for k, v in SETTINGS.items() for part in (f"--{k.replace('_', '-')}", str(v))]
+    result = runner.invoke(app, ["train", str(store), "--out", str(out), "--members", "2", *options])
+    assert result.exit_code == 0, f"{result.output} {result.exception}"
+    text = " ".join(result.output.split())
+    assert "member 1 of 2 (seed 3): training" in text and "member 2 of 2 (seed 1003): training" in text
+    miou = json.loads((out / "model.json").read_text())["metrics"]["miou"]
+    assert f"wrote {out} (valid mIoU {miou:.3f})" in text
+    assert "scoring the per-pixel forest on the same held-out cells" in text
+    if "beat" in text:  # the forest's lead is reported under the ensemble's name
+        assert "the per-pixel random forest beat 2 x unet" in text

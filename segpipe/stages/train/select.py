@@ -366,16 +366,17 @@ def compare_with_forest(
     forest_cfg = forest_of(settings)
     if not plan.valid_windows:
         return None
+    name = cfg.arch if settings.members == 1 else f"{settings.members} x {cfg.arch}"
     with tempfile.TemporaryDirectory(prefix=".segpipe-baseline-", dir=Path(network).parent) as tmp:
         train_forest(store, Path(tmp) / FOREST_ARCH, forest_cfg)
-        nets = {cfg.arch: load_model(network)[0], FOREST_ARCH: load_model(Path(tmp) / FOREST_ARCH)[0]}
+        nets = {name: load_model(network)[0], FOREST_ARCH: load_model(Path(tmp) / FOREST_ARCH)[0]}
         scores = held_out_scores(plan, nets)
-    table = {name: held_out_summary(score) for name, score in scores.items()}
-    if table[FOREST_ARCH]["valid_miou"] > table[cfg.arch]["valid_miou"]:
+    table = {key: held_out_summary(score) for key, score in scores.items()}
+    if table[FOREST_ARCH]["valid_miou"] > table[name]["valid_miou"]:
         for line in format_table(table, ""):
             announce(line)
         announce(
-            f"the per-pixel random forest beat {cfg.arch} on the same held-out cells: try --arch auto "
+            f"the per-pixel random forest beat {name} on the same held-out cells: try --arch auto "
             "(keeps the better of both, or their ensemble) or --arch random_forest"
         )
     return table
