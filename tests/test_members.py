@@ -90,6 +90,8 @@ def test_members_share_the_split_member_zero_is_the_seeds_own_network(single, av
     single_split = json.loads((single / "model.json").read_text())["training"]["split"]
     assert member_split[0] == member_split[1] == single_split == spec["training"]["split"]
     assert spec["training"]["config"]["members"] == 2
+    asked = train_config(**SETTINGS, members=2).model_dump(mode="json")
+    assert spec["training"]["requested"] == asked  # what a flow compares to reuse the package
     starts = [line.split(":")[0] for line in lines[:2]]
     assert starts == ["member 1 of 2 (seed 3)", "member 2 of 2 (seed 1003)"]
     assert lines[-1].startswith("held-out mIoU of the members ")
@@ -134,6 +136,16 @@ def test_a_run_killed_in_its_second_member_resumes_keeping_the_first(store, aver
     # The resumed ensemble is the unbroken one, bit for bit.
     assert _same(_weights(out), _weights(averaged[0]))
     assert not partial.exists()
+
+
+def test_a_run_stopped_before_anything_resumable_leaves_nothing(store, tmp_path):
+    def report(p):
+        raise KilledError  # at the first step, before the first checkpoint
+
+    out = tmp_path / "m"
+    with pytest.raises(KilledError):
+        train(store, out, train_config(**SETTINGS, members=2), progress=report)
+    assert not (out / PARTIAL).exists()
 
 
 def test_members_are_refused_where_they_mean_nothing(store, tmp_path):

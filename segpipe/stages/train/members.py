@@ -90,12 +90,25 @@ def train_members(
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    paths = [_train_member(store, partial, plan, i, progress, say, resume) for i in range(config.members)]
+    try:
+        paths = [_train_member(store, partial, plan, i, progress, say, resume) for i in range(config.members)]
+    except BaseException:
+        if not _resumable(partial):  # nothing a --resume could continue: leave nothing behind
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     record, metrics = _scores(plan, paths)
     record["seconds"] = time.monotonic() - started
-    spec = _keep(out, partial, paths, record, metrics)
+    spec = _keep(out, plan, paths, record, metrics)
     say(_summary_line(record))
     return spec
+
+
+def _resumable(partial: Path) -> bool:
+    """Whether an interrupted members run left a finished member or a checkpoint to continue from."""
+    from segpipe.stages.train import checkpoint as ckpt
+
+    members = [p for p in partial.iterdir() if p.is_dir()] if partial.is_dir() else []
+    return any((p / "model.json").is_file() or ckpt.checkpoint_path(p).is_file() for p in members)
 
 
 def _member_plan(plan: TrainPlan, index: int) -> TrainPlan:
@@ -176,20 +189,20 @@ def _scores(plan: TrainPlan, paths: list[Path]) -> tuple[dict[str, Any], dict[st
 
 
 def _keep(
-    out: str | Path, partial: Path, paths: list[Path], record: dict[str, Any], metrics: dict[str, Any]
+    out: str | Path, plan: TrainPlan, paths: list[Path], record: dict[str, Any], metrics: dict[str, Any]
 ) -> ModelSpec:
     """The members' ensemble written to ``out``, the members moved to ``out/members``."""
     from segpipe.models import read_spec
     from segpipe.models.combine import make_ensemble
 
+    partial = paths[0].parent
     ensemble = make_ensemble(paths, partial / ENSEMBLE)
-    first, count = read_spec(paths[0]).training, len(paths)
+    first = read_spec(paths[0]).training
     training = {
-        # Every member read the same store, split and settings (member 0 with the run's own
-        # seed): its record stands for the ensemble's, with the count of members.
+        # Every member read the same store and split: the first's record of them stands for all.
         **{key: first.get(key) for key in ("store_inputs", "split", "auto", "warnings")},
-        "config": {**first["config"], "members": count},
-        "requested": {**first["requested"], "members": count},
+        "config": json.loads(plan.cfg.model_dump_json()),
+        "requested": json.loads(plan.requested.model_dump_json()),
         "averaged": record,
     }
     return keep_package(out, ensemble, training, partial, MEMBERS, metrics)
