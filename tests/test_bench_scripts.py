@@ -162,3 +162,24 @@ def test_gpu_check_table_names_every_figure(gpu_check: ModuleType) -> None:
     assert [ln.split(" |")[0] for ln in lines[-4:]] == ["fp32 vs fp32", "bf16 vs fp32", "fp16 vs fp32",
                                                         "pytest -m gpu"]
     assert lines[5] == "ideal / efficiency | 2.5 Mpx/s / 0.007"  # 0.016 Mpx/s end to end over 10 / 4
+
+
+def test_seed_ensembles_scores_each_run_of_seeds_through_the_cli(tmp_path):
+    from train_support import TINY
+
+    from segpipe.stages.train import train, train_config
+    from segpipe.synth import synthesize
+
+    bench = _load("seed_ensembles")
+    folder = tmp_path / "scene"
+    region = synthesize(tmp_path / "region", size=128, bands=4, tiles=1, seed=1)
+    ingest = ["ingest", str(region.image), "--labels", str(region.labels), "--out", f"{folder}/store.zarr"]
+    subprocess.run([bench.SEGPIPE, *ingest, "--block-size", "64"], check=True, capture_output=True)
+    (folder / "reference_test.tif").symlink_to(region.truth)
+    for seed in (0, 1):
+        train(folder / "store.zarr", folder / f"model_default_s{seed}",
+              train_config(**{**TINY, "valid_fraction": 0.0, "threads": 1, "seed": seed}))
+    row = bench.score(folder, (0, 1))
+    assert row["seeds"] == [0, 1] and 0.0 <= row["test_miou"] <= 1.0 and row["test_iou"]
+    spec = (folder / "seed_ensemble_0_1" / "model.json").read_text()
+    assert '"arch": "ensemble"' in spec
