@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from train_support import TINY, tiny_store
+from train_support import TINY, few_valid_chips, keep_torch_threads, tiny_store  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
-import segpipe.stages.train.loop as loop
 from segpipe.cli import app
 from segpipe.errors import InputError, MissingInputError
 from segpipe.models import load_model
@@ -27,18 +26,7 @@ SETTINGS = {**TINY, "epochs": 2, "samples_per_epoch": 4, "valid_fraction": 0.3, 
             "checkpoint_every": 1, "seed": 3}
 
 
-@pytest.fixture(autouse=True)
-def few_valid_chips(monkeypatch):
-    monkeypatch.setattr(loop, "_MAX_VALID_CHIPS", 4)
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("few_valid_chips", "keep_torch_threads")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from train_support import TINY, tiny_store
+from train_support import TINY, few_valid_chips, keep_torch_threads, tiny_store  # noqa: F401 (fixtures)
 
-import segpipe.stages.train.loop as loop
 from segpipe.errors import InputError, MissingInputError
 from segpipe.models import load_model, read_spec
 from segpipe.stages.train import train, train_config
@@ -45,18 +44,7 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def few_valid_chips(monkeypatch):
-    monkeypatch.setattr(loop, "_MAX_VALID_CHIPS", 4)
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # a run with ``threads`` set changes the process's count
+pytestmark = pytest.mark.usefixtures("few_valid_chips", "keep_torch_threads")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+import segpipe.stages.train.loop as loop
 from segpipe.stages.ingest.driver import ingest
 from segpipe.synth import synthesize
 
@@ -25,3 +29,19 @@ def tiny_store(root: Path, seed: int = 1, bands: int = 4, dense: bool = False) -
     labels = region.truth if dense else region.labels
     ingest([region.image], out, labels=labels, classes=region.classes, block_size=64)
     return out
+
+
+@pytest.fixture
+def few_valid_chips(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four validation chips an epoch: tiny runs validate in a moment (used with autouse below)."""
+    monkeypatch.setattr(loop, "_MAX_VALID_CHIPS", 4)
+
+
+@pytest.fixture
+def keep_torch_threads() -> Iterator[None]:
+    """The process's torch thread count restored after a run that set ``threads``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
