@@ -268,6 +268,8 @@ def train(
     ``arch="auto"`` trains the forest and a U-Net within ``budget_minutes`` and keeps the
     better on the same held-out pixels, or their ensemble
     (:func:`segpipe.stages.train.select.train_auto`); it trains from the start.
+    ``members=3`` trains three networks of one split from three seeds and keeps their
+    average as one package (:func:`segpipe.stages.train.members.train_members`).
 
     Args:
         store: Region store with labels.
