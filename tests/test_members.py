@@ -70,6 +70,9 @@ def test_members_share_the_split_member_zero_is_the_seeds_own_network(single, av
     assert len(pixels) == 1 and pixels.pop() > 0
     members = out / MEMBERS
     assert sorted(p.name for p in members.iterdir()) == ["0", "1", "ensemble"]
+    # The recorded member packages are where they lie now, not in the folder they were made in.
+    recorded = [Path(m["package"]) for m in spec["training"]["members"]]
+    assert recorded == [(members / "0").resolve(), (members / "1").resolve()]
     assert not (out / PARTIAL).exists()
     # Member 0 is, bit for bit, the network the seed alone trains; member 1 is another.
     assert _same(_weights(members / "0"), _weights(single))

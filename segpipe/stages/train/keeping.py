@@ -46,7 +46,8 @@ def keep_package(
     target = Path(out)
     net, spec = load_model(chosen)
     scores = dict(metrics if metrics is not None else spec.metrics)
-    spec = dataclasses.replace(spec, training={**spec.training, **training}, metrics=scores)
+    record = _moved_members({**spec.training, **training}, folder, target / name)
+    spec = dataclasses.replace(spec, training=record, metrics=scores)
     target.mkdir(parents=True, exist_ok=True)
     plots = {p.name: p for p in chosen.glob("*.png")}
     for stale in target.glob("*.png"):  # an earlier package's plots must not pass for the new one's
@@ -60,3 +61,22 @@ def keep_package(
     shutil.rmtree(target / name, ignore_errors=True)
     folder.replace(target / name)
     return spec
+
+
+def _moved_members(training: dict[str, Any], folder: Path, moved_to: Path) -> dict[str, Any]:
+    """``training`` with an ensemble's member packages named where they will lie, inside ``out``.
+
+    An ensemble records each member's absolute path (``segpipe.models.combine``); the members
+    were made inside ``folder``, which moves to ``moved_to``, so the recorded paths would
+    otherwise name a folder that no longer exists.
+    """
+    members = training.get("members")
+    if not isinstance(members, list):
+        return training
+    old, new = str(folder.resolve()), str(moved_to.resolve())
+    renamed = [
+        {**m, "package": new + m["package"][len(old):]}
+        if isinstance(m, dict) and str(m.get("package", "")).startswith(old + "/") else m
+        for m in members
+    ]
+    return {**training, "members": renamed}

@@ -4,8 +4,9 @@ Trained from different seeds, networks of one configuration disagree where a few
 leave the answer open: on s2-brandenburg the default U-Net learns wetland on three seeds of
 five and not on the other two, and its test mIoU spans 0.06 over the seeds. The mean of
 several members' class probabilities keeps what any of them learnt and hinges less on one
-seed (figures in ``docs/benchmarks.md``, "Members"). Each member costs a network's training
-and its share of every prediction, so one member is the default.
+seed (figures in ``docs/benchmarks.md``, "Session 19: several networks averaged"). Each
+member costs a network's training and its share of every prediction, so one member is the
+default.
 
 Member ``i`` trains with the seed ``seed + 1000 * i`` (initialisation, chip sampling and
 augmentation) on the split, statistics and settings that ``seed`` chose, so member 0 is the
