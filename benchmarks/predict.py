@@ -56,13 +56,13 @@ import numpy as np
 import psutil
 
 from segpipe.cluster import describe_cluster, get_client
+from segpipe.cores import usable_cores
 from segpipe.grid.tiling import pad_to_multiple, window_starts
 from segpipe.io.store import open_layer, read_region_info, valid_mask
 from segpipe.models import load_model, normalise, read_spec
 from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.predict.allocator import tune_allocator
 from segpipe.stages.predict.driver import predict
-from segpipe.stages.predict.worker import usable_cores
 from segpipe.stages.train import NetworkConfig, train
 from segpipe.synth import synthesize
 

@@ -17,7 +17,6 @@ windows of an evaluation) can run on the same cluster without a deadlock.
 # No `from __future__ import annotations`: modules in flows/ keep evaluated annotations
 # (Prefect builds parameter models from them in served deployments).
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from segpipe.cluster import in_dask_worker, release_worker_thread
+from segpipe.cores import usable_cores
 from segpipe.errors import TransientError
 from segpipe.stages.train import TrainConfig, TrainProgress
 
@@ -81,7 +81,7 @@ def _torch_threads_in_worker(config: TrainConfig) -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(usable_cores())
     try:
         yield
     finally:

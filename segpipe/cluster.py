@@ -28,6 +28,8 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from segpipe.cores import usable_cores
+
 if TYPE_CHECKING:
     import distributed
     from distributed.deploy.cluster import Cluster
@@ -131,13 +133,6 @@ def gpu_present() -> bool:
     touched by the workers.
     """
     return shutil.which("nvidia-smi") is not None and importlib.util.find_spec("dask_cuda") is not None
-
-
-def _cores() -> int:
-    try:  # the affinity mask: what taskset or a cgroup leaves this process
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -304,7 +299,7 @@ def _local_cluster(
 
     threads = max(1, threads_per_worker)
     return LocalCluster(
-        n_workers=n_workers or max(1, _cores() // threads),
+        n_workers=n_workers or max(1, usable_cores() // threads),
         threads_per_worker=threads,
         processes=processes,
         dashboard_address=dashboard_address,

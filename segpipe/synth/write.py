@@ -7,7 +7,6 @@ releases the GIL in its heavy loops) and written by the calling thread.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -23,6 +22,7 @@ from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 from shapely.geometry import Polygon
 
+from segpipe.cores import usable_cores
 from segpipe.errors import InputError
 from segpipe.grid.box import Box, iter_boxes
 from segpipe.io.mosaic import mosaic_vrt_xml
@@ -282,7 +282,7 @@ def _write_rasters(
     """
     tile_boxes = list(iter_boxes(spec.size, spec.size, edge))
     tally = _Tally(sum(len(_tile_windows(tile)) for tile in tile_boxes), progress, vector)
-    workers = max(1, min(4, os.cpu_count() or 1))
+    workers = min(4, usable_cores())
     dense = {**_profile(spec.size, spec.size, 1, "uint8", 0), "transform": transform}
     paths = []
     with (

@@ -46,6 +46,7 @@ from dask.base import compute, get_scheduler
 from dask.delayed import delayed
 from rasterio.features import geometry_mask
 
+from segpipe.cores import usable_cores
 from segpipe.errors import InputError, LabelsError, StoreError
 from segpipe.io.labels import (
     LabelSource,
@@ -161,7 +162,7 @@ def _compute(*collections: Any) -> tuple[Any, ...]:
     if scheduler is not dask.threaded.get:
         results = compute(*collections)  # synchronous or user-chosen
         return results
-    pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="segpipe-ingest")
+    pool = ThreadPoolExecutor(usable_cores(), thread_name_prefix="segpipe-ingest")
     try:
         results = compute(*collections, scheduler="threads", pool=pool)
         return results

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segpipe.cores import usable_cores
 from segpipe.grid.box import Box
 from segpipe.grid.tiling import blend_weights, grown
 from segpipe.stages.predict.blend import window_rows
@@ -30,7 +31,7 @@ from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, blocks_box
 from segpipe.stages.predict.outputs import DEFAULT_OUTPUT
 from segpipe.stages.predict.pixels import prepare_pixels
 from segpipe.stages.predict.results import read_markers
-from segpipe.stages.predict.worker import cached_forward, usable_cores
+from segpipe.stages.predict.worker import cached_forward
 from segpipe.waves import in_flight_limit
 
 __all__ = ["PredictPlan", "calibrate_forward", "format_plan", "plan_predict", "task_windows"]

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from segpipe.cores import usable_cores
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout
-from segpipe.stages.predict.worker import run_block, usable_cores, worker_host
+from segpipe.stages.predict.worker import run_block, worker_host
 from segpipe.waves import in_flight_limit, submit_bounded, waves
 
 if TYPE_CHECKING:

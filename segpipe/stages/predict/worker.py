@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -44,17 +43,8 @@ __all__ = [
     "onnx_forward",
     "run_block",
     "torch_forward",
-    "usable_cores",
     "worker_host",
 ]
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a cgroup)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def worker_host(address: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.cores import usable_cores
 from segpipe.errors import InputError, StoreError
 from segpipe.io.fingerprint import store_inputs
 from segpipe.io.store import has_layer, open_layer, read_region_info
@@ -382,14 +383,14 @@ def _run(
 
 def _use_threads(device: Any, threads: int, world: int) -> None:
     """Put the rank on its GPU, or give it its share of the CPU threads."""
-    import os
-
     import torch
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif threads or world > 1:  # ranks on one CPU share its cores instead of oversubscribing
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+    elif threads or world > 1 or torch.get_num_threads() > usable_cores():
+        # Ranks on one CPU share its cores instead of oversubscribing them, and torch's
+        # default (every visible core) is cut to a container's CPU quota.
+        torch.set_num_threads(threads or max(1, usable_cores() // world))
 
 
 def _parallel(net: Any, device: Any, world: int) -> Any:
