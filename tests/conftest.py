@@ -13,6 +13,19 @@ if TYPE_CHECKING:
     from distributed import Client
 
 
+def pytest_report_header() -> str:
+    """The cores the tests may use against those the machine shows, atop the run's output.
+
+    A CPU quota below the visible count is where pools sized by the visible count
+    oversubscribe: a slow or stuck run on another machine is read with this line.
+    """
+    import os
+
+    from segpipe.cores import usable_cores
+
+    return f"cores: {usable_cores()} usable, {os.cpu_count()} visible"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch
