@@ -65,6 +65,7 @@ CONFIGS: dict[str, list[str]] = {
     "auto": ["--arch", "auto"],
     "linear": ["--arch", "linear"],
     "members2": ["--members", "2"],
+    "balanced": ["--balanced-sampling"],
 }
 # ``--arch auto`` keeps its candidates in ``<model>/candidates/<name>``: each is also
 # predicted and scored, as config ``auto/<name>``, so one run shows what auto chose from.
