@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from distributed import Client
 
 
-def pytest_report_header() -> str:
-    """The cores the tests may use against those the machine shows, atop the run's output.
+def _cores_line() -> str:
+    """The cores the tests may use against those the machine shows.
 
     A CPU quota below the visible count is where pools sized by the visible count
     oversubscribe: a slow or stuck run on another machine is read with this line.
@@ -24,6 +24,18 @@ def pytest_report_header() -> str:
     from segpipe.cores import usable_cores
 
     return f"cores: {usable_cores()} usable, {os.cpu_count()} visible"
+
+
+def pytest_report_header() -> str:
+    """The cores line atop a verbose run's output."""
+    return _cores_line()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The cores line atop a quiet run (``-q``, as ``make test`` runs), which hides the header."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0:
+        reporter.write_line(_cores_line())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
