@@ -27,7 +27,7 @@ def _cores_line() -> str:
 
 
 def pytest_report_header() -> str:
-    """The cores line atop a verbose run's output."""
+    """The cores line in pytest's header (shown unless the run is quiet)."""
     return _cores_line()
 
 
