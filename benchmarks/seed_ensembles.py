@@ -35,13 +35,17 @@ def _cli(*args: str) -> None:
     subprocess.run([SEGPIPE, *args], check=True, capture_output=True)
 
 
-def score(folder: Path, seeds: tuple[int, ...]) -> dict[str, Any]:
-    """Test mIoU and IoU by class of the ensemble of the default models of ``seeds``."""
+def score(folder: Path, seeds: tuple[int, ...], scheduler: str | None = None) -> dict[str, Any]:
+    """Test mIoU and IoU by class of the ensemble of the default models of ``seeds``.
+
+    ``scheduler`` is predict's ``--scheduler`` (default: its own, a local cluster).
+    """
     tag = "_".join(map(str, seeds))
     members = [str(folder / f"model_default_s{s}") for s in seeds]
     model = folder / f"seed_ensemble_{tag}"
     _cli("ensemble", *members, "--out", str(model))
-    _cli("predict", str(folder / "store.zarr"), "--model", str(model), "--force")
+    where = ["--scheduler", scheduler] if scheduler else []
+    _cli("predict", str(folder / "store.zarr"), "--model", str(model), "--force", *where)
     report = folder / f"report_seed_ensemble_{tag}"
     _cli("evaluate", str(folder / "store.zarr"), "--reference", str(folder / "reference_test.tif"),
          "--out", str(report))
@@ -58,11 +62,13 @@ def main() -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--size", type=int, default=2, help="members per ensemble (2 or more)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--scheduler", default=None,
+                        help="predict's scheduler: an address, or threads (default: a local cluster)")
     args = parser.parse_args()
     folder, seeds = args.work / args.dataset, args.seeds
     rows = []
     for i in range(len(seeds)):
-        row = score(folder, tuple(seeds[(i + k) % len(seeds)] for k in range(args.size)))
+        row = score(folder, tuple(seeds[(i + k) % len(seeds)] for k in range(args.size)), args.scheduler)
         rows.append(row)
         ious = {k: round(v, 2) for k, v in row["test_iou"].items()}
         print(f"seeds {row['seeds']}: test mIoU {row['test_miou']:.3f} {ious}", flush=True)

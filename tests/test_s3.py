@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -33,6 +34,9 @@ from segpipe.stages.export.cog import write_cog
 from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.predict.driver import predict
 from segpipe.synth import synthesize
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 BUCKET = "segpipe-test"
 BLOCK = 128
@@ -85,6 +89,19 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(10)
         log.close()
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def client(s3: str) -> Iterator[Client]:
+    """A cluster of this module's own, started once the AWS variables point at the moto server.
+
+    Its workers read S3 from their own environment, which the session's cluster (started
+    before them) lacks.
+    """
+    from conftest import two_worker_cluster
+
+    with two_worker_cluster() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ def test_every_stage_has_its_figures_at_every_size(run: tuple[dict[str, Any], Pa
         assert row["stages"]["predict"]["blocks"] == blocks
         floor = row["stages"]["predict"]["mpx_s"] / row["stages"]["io_floor"]["mpx_s"]
         assert row["predict_over_io_floor"] == pytest.approx(floor, rel=0.01)
+        assert row["stages"]["evaluate"]["miou"] > 0
     assert set(result["ratios"]) == set(STAGES)
     assert all(r["time_per_mpx"] > 0 and r["peak_rss"] > 0 for r in result["ratios"].values())
     # Two sizes: the line runs through both points.
@@ -91,17 +92,35 @@ def test_sizes_out_of_range_are_refused() -> None:
     assert "outside 256..32768" in proc.stderr
 
 
-def test_without_keep_data_only_the_figures_and_the_truth_stay(tmp_path: Path) -> None:
-    out = tmp_path / "scale.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--sizes", "256", "--block-size", "256", "--tile", "128",
-         "--overlap", "32", "--scheduler", "threads", "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(out.read_text())["rows"][0]["stages"]["evaluate"]["miou"] > 0
+def _fake_stage(name: str, job: dict[str, Any], work: Path, args: Any) -> dict[str, Any]:
+    """Stand-in for ``measure``: the files the real stage leaves, and figures of the right form."""
+    region, folder = Path(job["region"]), Path(job["cog"]).parent
+    made = {"synth": [region / "tiles" / "t0.tif", region / "truth.tif"],
+            "ingest": [Path(job["store"]) / "zarr.json"], "io_floor": [Path(job["floor"]) / "zarr.json"],
+            "export": [Path(job["cog"]), Path(job["cog"]).with_suffix(".stac.json")]}
+    for path in made.get(name, []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    (folder / f"{name}_{job['size']}.result.json").write_text("{}")
+    return {"call_s": 1.0, "mpx_s": 2.0, "bands": ["b1"]}
+
+
+def test_without_keep_data_only_the_figures_and_the_truth_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean-up of a size's folder, in-process (the stages themselves run in the fixture's run)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import scale
+
+    monkeypatch.setattr(scale, "measure", _fake_stage)
+    monkeypatch.setattr(scale, "make_model", lambda *a: None)
+    args = scale._arguments(["--sizes", "256", "--work", str(tmp_path)])
+    kept = scale._arguments(["--sizes", "256", "--keep-data"])
+    gone = ["region/tiles", "region.zarr", "floor.zarr", "classes.tif", "classes.stac.json"]
+    row = scale.run_size(256, tmp_path / "a", kept)
+    assert [p for p in gone if not (tmp_path / "a" / str(256) / p).exists()] == []
+    row = scale.run_size(256, tmp_path, args)
     folder = tmp_path / "256"
-    gone = [folder / "region" / "tiles", folder / "region.zarr", folder / "floor.zarr",
-            folder / "classes.tif"]
-    assert [p for p in gone if p.exists()] == []
+    assert [p for p in gone if (folder / p).exists()] == []
     assert (folder / "region" / "truth.tif").exists() and (folder / "predict_256.result.json").exists()
+    assert row["predict_over_io_floor"] == 1.0
