@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,30 +79,16 @@ def stub_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return stub_package(tmp_path_factory.mktemp("stub"))
 
 
-@contextlib.contextmanager
-def two_worker_cluster() -> Iterator[Client]:
-    """A real multi-process dask cluster: two single-threaded worker processes.
-
-    Its client is not made dask's default scheduler, so plain ``dask.compute`` calls
-    elsewhere in the session still run where they would without it.
-    """
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-        Client(cluster, set_as_default=False) as c,
-    ):
-        yield c
-
-
 @pytest.fixture(scope="session")
 def client() -> Iterator[Client]:
-    """:func:`two_worker_cluster`, one per test process for the whole session.
+    """``cluster_support.two_worker_cluster``, one per test process for the whole session.
 
     A worker's first network task imports torch and the models' library (about 5
     CPU-seconds each), which a cluster per module paid again in every module. A module
     whose workers need an environment of their own (test_s3's AWS variables) overrides
     this fixture with a cluster of its own.
     """
+    from cluster_support import two_worker_cluster
+
     with two_worker_cluster() as c:
         yield c

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
+from script_support import load_script
 
 from segpipe.stages.evaluate.metrics import confusion_matrix, scores
 
@@ -21,12 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 
 @pytest.fixture(scope="module")
 def acc() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("accuracy_script", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "accuracy_script")
 
 
 CLASSES = ((1, "a", "#000000"), (2, "b", "#111111"), (3, "c", "#222222"))

@@ -8,7 +8,6 @@ run on a 200 x 170 store against segpipe's own prediction of it.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import rasterio
 import torch
 from predict_support import HEIGHT, WIDTH, make_store
 from rasterio.transform import from_origin
+from script_support import load_script
 
 from segpipe.grid.tiling import window_count
 from segpipe.io.store import open_layer, read_region_info, valid_mask
@@ -31,12 +31,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_bench_script", BENCH / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / f"{name}.py", f"{name}_bench_script")
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """Every deployment file parses, and every entrypoint it names imports as a Prefect flow."""
 
 import ast
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from script_support import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -15,10 +15,7 @@ DEPLOY = ROOT / "deploy"
 
 def load_entrypoint(entrypoint):
     path, name = entrypoint.split(":")
-    spec = importlib.util.spec_from_file_location(f"entry_{Path(path).stem}", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
+    return getattr(load_script(ROOT / path, f"entry_{Path(path).stem}"), name)
 
 
 @pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.yaml")), ids=lambda p: str(p.relative_to(DEPLOY)))
@@ -303,10 +300,7 @@ def test_readme_certificates_make_a_tls_handshake_dask_accepts(tmp_path):
 
 
 def _start_cluster_module():
-    spec = importlib.util.spec_from_file_location("start_cluster", DEPLOY / "slurm" / "start_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DEPLOY / "slurm" / "start_cluster.py", "start_cluster")
 
 
 def test_slurm_cluster_starts_with_tls_only(monkeypatch, tmp_path, capsys):

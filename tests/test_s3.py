@@ -98,7 +98,7 @@ def client(s3: str) -> Iterator[Client]:
     Its workers read S3 from their own environment, which the session's cluster (started
     before them) lacks.
     """
-    from conftest import two_worker_cluster
+    from cluster_support import two_worker_cluster
 
     with two_worker_cluster() as c:
         yield c

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
+from script_support import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "scale.py"
@@ -109,15 +110,13 @@ def test_without_keep_data_only_the_figures_and_the_truth_stay(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The clean-up of a size's folder, in-process (the stages themselves run in the fixture's run)."""
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import scale
-
+    scale = load_script(SCRIPT, "scale_bench_script")
     monkeypatch.setattr(scale, "measure", _fake_stage)
     monkeypatch.setattr(scale, "make_model", lambda *a: None)
     args = scale._arguments(["--sizes", "256", "--work", str(tmp_path)])
     kept = scale._arguments(["--sizes", "256", "--keep-data"])
     gone = ["region/tiles", "region.zarr", "floor.zarr", "classes.tif", "classes.stac.json"]
-    row = scale.run_size(256, tmp_path / "a", kept)
+    scale.run_size(256, tmp_path / "a", kept)
     assert [p for p in gone if not (tmp_path / "a" / str(256) / p).exists()] == []
     row = scale.run_size(256, tmp_path, args)
     folder = tmp_path / "256"
