@@ -66,6 +66,7 @@ CONFIGS: dict[str, list[str]] = {
     "linear": ["--arch", "linear"],
     "members2": ["--members", "2"],
     "balanced": ["--balanced-sampling"],
+    "linear_start": ["--linear-start"],
 }
 # ``--arch auto`` keeps its candidates in ``<model>/candidates/<name>``: each is also
 # predicted and scored, as config ``auto/<name>``, so one run shows what auto chose from.

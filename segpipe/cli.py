@@ -356,6 +356,10 @@ _Members = Annotated[
     int,
     typer.Option(help="Networks trained from different seeds on one split and averaged (each costs a run)."),
 ]
+_LinearStart = Annotated[
+    bool,
+    typer.Option(help="Start from a logistic regression fitted per pixel; the network learns the rest."),
+]
 _Trees = Annotated[int, typer.Option(help="Trees of --arch random_forest.")]
 _MinSamplesLeaf = Annotated[int, typer.Option(help="--arch random_forest: fewest training pixels in a leaf.")]
 _MaxDepth = Annotated[
@@ -413,6 +417,7 @@ def train(
     pixel_head: _PixelHead = _DEFAULTS["pixel_head"],
     devices: _Devices = _DEFAULTS["devices"],
     members: _Members = _DEFAULTS["members"],
+    linear_start: _LinearStart = _DEFAULTS["linear_start"],
     trees: _Trees = _DEFAULTS["trees"],
     min_samples_leaf: _MinSamplesLeaf = _DEFAULTS["min_samples_leaf"],
     max_depth: _MaxDepth = _DEFAULTS["max_depth"],

@@ -24,7 +24,14 @@ from segpipe.models.catalog import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "CLASSICAL_ARCHITECTURES", "ENCODERS", "PixelHead", "build_network", "output_stride"
+    "ARCHITECTURES",
+    "CLASSICAL_ARCHITECTURES",
+    "ENCODERS",
+    "LinearPath",
+    "PixelHead",
+    "build_network",
+    "output_stride",
+    "zero_output_layers",
 ]
 
 # U-Net's default decoder in smp (256..16 channels) costs 2x the encoder on CPU; a
@@ -66,6 +73,52 @@ class PixelHead(nn.Module):
         return self.network(x) + self.pixel(x)
 
 
+class LinearPath(nn.Module):
+    """A network whose logits get those of a per-pixel logistic regression added.
+
+    Trained with ``linear_start``, the 1 x 1 convolution starts as the logistic
+    regression fitted to the training pixels and the network's output layers at zero,
+    so training starts from the convex per-pixel model (the same for every seed) and
+    learns what spatial context adds to it.
+    """
+
+    def __init__(self, network: nn.Module, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.network = network
+        self.linear = nn.Conv2d(in_channels, num_classes, 1)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The wrapped network's encoder (where pretrained weights go)."""
+        encoder = self.network.encoder
+        assert isinstance(encoder, nn.Module)
+        return encoder
+
+    def forward(self, x: Any) -> Any:
+        """Logits (N, classes, H, W): the network's plus the logistic regression's."""
+        return self.network(x) + self.linear(x)
+
+
+def zero_output_layers(net: nn.Module) -> None:
+    """Zero the last convolution of every logit path inside ``net`` (not a :class:`LinearPath`'s own).
+
+    What ``linear_start`` does before training, so that the wrapped network first
+    outputs exactly the logistic regression's logits.
+    """
+    import torch
+
+    with torch.no_grad():
+        for module in net.modules():
+            head = getattr(module, "segmentation_head", None)  # smp's networks
+            if isinstance(module, PixelHead):
+                head = module.pixel
+            if isinstance(head, nn.Sequential):
+                last = [m for m in head if isinstance(m, nn.Conv2d)][-1]
+                last.weight.zero_()
+                if last.bias is not None:
+                    last.bias.zero_()
+
+
 def build_network(
     arch: str,
     encoder: str,
@@ -83,7 +136,7 @@ def build_network(
         num_classes: Number of output classes (logit channels).
         options: Extra smp keyword arguments (e.g. ``decoder_channels``), and
             ``pixel_head``: hidden width of a :class:`PixelHead` around the network
-            (0 or absent: none).
+            (0 or absent: none); ``linear_path``: a :class:`LinearPath` around it.
 
     Returns:
         The network, producing logits of shape (N, num_classes, H, W).
@@ -102,6 +155,7 @@ def build_network(
     check_arch(arch)
     extra = dict(options or {})
     pixel_head = int(extra.pop("pixel_head", 0) or 0)
+    linear_path = bool(extra.pop("linear_path", False))
     if arch == LINEAR_ARCH:  # one 1 x 1 convolution; the encoder name is not used
         if extra:
             raise ArchitectureError(f"the {LINEAR_ARCH} model takes no options, got {sorted(extra)}")
@@ -110,7 +164,9 @@ def build_network(
         raise ArchitectureError(f"unknown encoder {encoder!r}: choose one of {', '.join(ENCODERS)}")
     else:
         network = _smp_network(arch, encoder, in_channels, num_classes, extra)
-    return PixelHead(network, in_channels, num_classes, pixel_head) if pixel_head else network
+    if pixel_head:
+        network = PixelHead(network, in_channels, num_classes, pixel_head)
+    return LinearPath(network, in_channels, num_classes) if linear_path else network
 
 
 def _smp_network(

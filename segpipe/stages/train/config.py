@@ -220,6 +220,10 @@ class _NetworkSettings(_Shared):
         members: Networks trained from different seeds on the same split and averaged
             into one ensemble package (see :mod:`segpipe.stages.train.members`); each
             costs a network's training and prediction.
+        linear_start: Add a per-pixel logistic regression to the network's logits, fitted
+            to the training pixels before the first step, with the network's output
+            layers starting at zero: training starts from the convex per-pixel model,
+            the same for every seed (see :class:`segpipe.models.networks.LinearPath`).
     """
 
     encoder: str = "resnet18"
@@ -245,11 +249,12 @@ class _NetworkSettings(_Shared):
     pixel_head: int | None = Field(default=None, ge=0)
     devices: int = Field(default=1, ge=1)
     members: int = Field(default=1, ge=1, le=MAX_MEMBERS)
+    linear_start: bool = False
 
 
 # Settings added after checkpoints were first written, whose defaults behave as segpipe did
 # before them (see NetworkConfig.resume_key).
-_LATER_SETTINGS = ("keep", "members")
+_LATER_SETTINGS = ("keep", "members", "linear_start")
 
 
 class NetworkConfig(_NetworkSettings):

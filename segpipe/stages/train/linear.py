@@ -34,7 +34,7 @@ from segpipe.stages.train.sampling import find_candidates
 if TYPE_CHECKING:
     from segpipe.stages.train.loop import TrainPlan
 
-__all__ = ["MAX_PIXELS", "fit_linear", "train_linear"]
+__all__ = ["MAX_PIXELS", "fit_linear", "linear_start", "solve_logistic", "start_state", "train_linear"]
 
 # Labelled training pixels fitted at most: a model of bands x classes weights is settled
 # long before this, and L-BFGS over it takes seconds.
@@ -46,7 +46,7 @@ _STEPS = 3  # progress reports: pixels read, fitted, validated
 _STEP_SETTINGS = (
     "epochs", "samples_per_epoch", "lr", "loss", "focal_gamma", "dice_weight", "patience", "monitor",
     "keep", "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device", "devices",
-    "members",
+    "members", "linear_start",
 )
 log = logging.getLogger(__name__)
 
@@ -184,19 +184,37 @@ def _class_weights(plan: TrainPlan) -> np.ndarray | None:
 def _solve(
     plan: TrainPlan, x: np.ndarray, y: np.ndarray, weights: np.ndarray | None
 ) -> tuple[Any, dict[str, Any]]:
-    """The fitted 1 x 1 convolution and what the solver did.
-
-    Minimises the (weighted) mean cross-entropy plus ``weight_decay / 2`` times the
-    squared weights (not the biases), as scikit-learn's ``LogisticRegression`` does
-    with ``C = 1 / (n * weight_decay)``.
-    """
+    """The fitted 1 x 1 convolution and what the solver did (see :func:`solve_logistic`)."""
     import torch
 
     spec, cfg = plan.spec, plan.cfg
     net = build_network(cfg.arch, cfg.encoder, len(spec.band_names), len(spec.classes), spec.options)
     assert isinstance(net, torch.nn.Conv2d)  # what build_network makes of arch linear
-    w = torch.zeros(len(spec.classes), x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(len(spec.classes), dtype=torch.float64, requires_grad=True)
+    solver = solve_logistic(net, x, y, weights, cfg.weight_decay)
+    return net, solver
+
+
+def solve_logistic(
+    conv: Any, x: np.ndarray, y: np.ndarray, weights: np.ndarray | None, weight_decay: float
+) -> dict[str, Any]:
+    """Fit ``conv`` (a 1 x 1 convolution) as a logistic regression; what the solver did.
+
+    Minimises the (weighted) mean cross-entropy plus ``weight_decay / 2`` times the
+    squared weights (not the biases), as scikit-learn's ``LogisticRegression`` does
+    with ``C = 1 / (n * weight_decay)``.
+
+    Args:
+        conv: The convolution whose weights and bias are overwritten.
+        x: Normalised band values (pixel, band).
+        y: Class indices (pixel,).
+        weights: Loss weight per class, or None.
+        weight_decay: L2 strength on the weights.
+    """
+    import torch
+
+    n_classes = int(conv.out_channels)
+    w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     xt, yt = torch.from_numpy(x).double(), torch.from_numpy(y)
     wt = None if weights is None else torch.from_numpy(weights).double()
     opt = torch.optim.LBFGS(
@@ -205,7 +223,7 @@ def _solve(
 
     def objective() -> torch.Tensor:
         loss = torch.nn.functional.cross_entropy(xt @ w.T + b, yt, weight=wt)
-        return loss + 0.5 * cfg.weight_decay * (w * w).sum()
+        return loss + 0.5 * weight_decay * (w * w).sum()
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -216,15 +234,45 @@ def _solve(
     opt.step(closure)  # type: ignore[no-untyped-call]
     with torch.no_grad():
         final = float(objective())
-        net.weight.copy_(w.float()[:, :, None, None])
-        assert net.bias is not None  # nn.Conv2d has one unless bias=False
-        net.bias.copy_(b.float())
+        conv.weight.copy_(w.float()[:, :, None, None])
+        assert conv.bias is not None  # nn.Conv2d has one unless bias=False
+        conv.bias.copy_(b.float())
     iterations = int(opt.state[w].get("n_iter", 0))
-    return net, {
+    return {
         "method": "L-BFGS, full batch (convex: converges to the one optimum)",
         "pixels": int(y.size),
         "iterations": iterations,
         "loss": final,
-        "l2": cfg.weight_decay,
+        "l2": weight_decay,
         "class_weights": None if weights is None else [float(v) for v in weights],
     }
+
+
+def linear_start(plan: TrainPlan) -> TrainPlan:
+    """The plan with its initial network starting as the logistic regression (``linear_start``).
+
+    The :class:`~segpipe.models.networks.LinearPath`'s convolution is fitted to the plan's
+    training pixels, as ``--arch linear`` is, and the network's output layers are zeroed,
+    so the first step starts from the per-pixel model's logits.
+    """
+    import dataclasses
+
+    from segpipe.models.networks import LinearPath
+
+    net = build_network(plan.cfg.arch, plan.cfg.encoder, len(plan.spec.band_names), len(plan.spec.classes),
+                        plan.spec.options)
+    assert isinstance(net, LinearPath)  # what the option linear_path builds
+    net.load_state_dict(plan.initial)
+    x, y = _training_pixels(plan)
+    solver = solve_logistic(net.linear, x, y, _class_weights(plan), plan.cfg.weight_decay)
+    log.info("linear start: logistic regression on %d pixels, loss %.4f", solver["pixels"], solver["loss"])
+    return dataclasses.replace(plan, initial=start_state(net, net.state_dict()))
+
+
+def start_state(net: Any, fitted: dict[str, Any]) -> dict[str, Any]:
+    """``net``'s weights with the fitted linear path of ``fitted`` and its output layers at zero."""
+    from segpipe.models.networks import zero_output_layers
+
+    zero_output_layers(net.network)
+    net.linear.load_state_dict({"weight": fitted["linear.weight"], "bias": fitted["linear.bias"]})
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}

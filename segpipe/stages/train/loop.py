@@ -193,7 +193,8 @@ def evaluate_chips(
 
 def network_options(cfg: NetworkConfig) -> dict[str, Any]:
     """Constructor options recorded in the package, so prediction rebuilds the same network."""
-    return {"pixel_head": cfg.pixel_head} if cfg.pixel_head else {}
+    options: dict[str, Any] = {"pixel_head": cfg.pixel_head} if cfg.pixel_head else {}
+    return options | ({"linear_path": True} if cfg.linear_start and has_encoder(cfg.arch) else {})
 
 
 def initial_network(
@@ -254,7 +255,7 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
     if cfg.class_balancing and cand.counts is not None:
         weights = balanced_class_weights(cand.counts[present])
     net, report = initial_network(cfg, len(info.band_names), len(classes))
-    return TrainPlan(
+    plan = TrainPlan(
         store=str(store),
         cfg=cfg,
         requested=requested,
@@ -272,6 +273,11 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
         valid_pixels=int(valid_c.y.size),
         warnings=(*((chip_note,) if chip_note else ()), *split.warnings),
     )
+    if "linear_path" not in spec.options:
+        return plan
+    from segpipe.stages.train.linear import linear_start
+
+    return linear_start(plan)
 
 
 def _sampler(
