@@ -67,6 +67,7 @@ CONFIGS: dict[str, list[str]] = {
     "members2": ["--members", "2"],
     "balanced": ["--balanced-sampling"],
     "linear_start": ["--linear-start"],
+    "linear_start_lr3": ["--linear-start", "--lr", "0.0003"],
 }
 # ``--arch auto`` keeps its candidates in ``<model>/candidates/<name>``: each is also
 # predicted and scored, as config ``auto/<name>``, so one run shows what auto chose from.
