@@ -39,7 +39,28 @@ __all__ = [
 _UNET_DECODER = (128, 64, 32, 16, 16)
 
 
-class PixelHead(nn.Module):
+class _AddedPath(nn.Module):
+    """A wrapped segmentation network whose logits get those of a per-pixel path added."""
+
+    network: nn.Module
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The wrapped network's encoder (where pretrained weights go)."""
+        encoder = self.network.encoder
+        assert isinstance(encoder, nn.Module)
+        return encoder
+
+    def path(self, x: Any) -> Any:
+        """The added path's logits (N, classes, H, W)."""
+        raise NotImplementedError
+
+    def forward(self, x: Any) -> Any:
+        """Logits (N, classes, H, W): the network's plus the added path's."""
+        return self.network(x) + self.path(x)
+
+
+class PixelHead(_AddedPath):
     """A segmentation network whose logits get those of a per-pixel MLP on the bands added.
 
     At medium resolution (Landsat's 30 m) ponds, rivers and roads are one to three pixels
@@ -61,19 +82,12 @@ class PixelHead(nn.Module):
             nn.Conv2d(hidden, num_classes, 1),
         )
 
-    @property
-    def encoder(self) -> nn.Module:
-        """The wrapped network's encoder (where pretrained weights go)."""
-        encoder = self.network.encoder
-        assert isinstance(encoder, nn.Module)
-        return encoder
-
-    def forward(self, x: Any) -> Any:
-        """Logits (N, classes, H, W): the network's plus the per-pixel path's."""
-        return self.network(x) + self.pixel(x)
+    def path(self, x: Any) -> Any:
+        """The per-pixel MLP's logits."""
+        return self.pixel(x)
 
 
-class LinearPath(nn.Module):
+class LinearPath(_AddedPath):
     """A network whose logits get those of a per-pixel logistic regression added.
 
     Trained with ``linear_start``, the 1 x 1 convolution starts as the logistic
@@ -87,16 +101,9 @@ class LinearPath(nn.Module):
         self.network = network
         self.linear = nn.Conv2d(in_channels, num_classes, 1)
 
-    @property
-    def encoder(self) -> nn.Module:
-        """The wrapped network's encoder (where pretrained weights go)."""
-        encoder = self.network.encoder
-        assert isinstance(encoder, nn.Module)
-        return encoder
-
-    def forward(self, x: Any) -> Any:
-        """Logits (N, classes, H, W): the network's plus the logistic regression's."""
-        return self.network(x) + self.linear(x)
+    def path(self, x: Any) -> Any:
+        """The logistic regression's logits."""
+        return self.linear(x)
 
 
 def zero_output_layers(net: nn.Module) -> None:
