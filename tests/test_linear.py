@@ -83,12 +83,12 @@ def test_the_fit_is_scikit_learns_logistic_regression_on_the_training_pixels(
 ) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from segpipe.stages.train.linear import _training_pixels
+    from segpipe.stages.train.logistic import training_pixels
     from segpipe.stages.train.loop import plan_training
 
     store, model = trained
     plan = plan_training(store, train_config(arch="linear", **SETTINGS))
-    x, y = _training_pixels(plan)
+    x, y = training_pixels(plan)
     # scikit-learn's objective is C * sum(loss) + |w|^2 / 2: the same optimum when C = 1 / (n * l2).
     x = x.astype(np.float64)  # scikit-learn fits in float32 when given it: less exactly than ours
     reference = LogisticRegression(C=1.0 / (y.size * plan.cfg.weight_decay), tol=1e-10, max_iter=20000)
@@ -101,14 +101,14 @@ def test_the_fit_is_scikit_learns_logistic_regression_on_the_training_pixels(
 
 
 def test_training_pixels_stay_out_of_the_held_out_cells(trained: tuple[Path, Path]) -> None:
-    from segpipe.stages.train import linear
+    from segpipe.stages.train import logistic
     from segpipe.stages.train.loop import plan_training
     from segpipe.stages.train.sampling import find_candidates
 
     store, _ = trained
     plan = plan_training(store, train_config(arch="linear", **SETTINGS))
     assert plan.valid_cells  # the fixture's split holds cells out
-    _, y = linear._training_pixels(plan)
+    _, y = logistic.training_pixels(plan)
     labels = open_layer(store, "labels")
     every = find_candidates(labels, plan.block_size, max_per_block=1 << 20, seed=0)
     outside = ~plan.split.assign(every, plan.valid_cells)

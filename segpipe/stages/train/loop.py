@@ -33,6 +33,7 @@ from segpipe.stages.train.outputs import final_metrics, validation_scores, write
 from segpipe.stages.train.pretrained import PretrainedReport, load_pretrained_encoder
 from segpipe.stages.train.progress import TrainProgress
 from segpipe.stages.train.sampling import (
+    IGNORE,
     Candidates,
     CentreSampler,
     ChipSampler,
@@ -44,8 +45,6 @@ from segpipe.stages.train.stats import package_spec
 
 __all__ = ["TrainPlan", "chip_batch", "initial_network", "plan_sampler", "plan_training", "train_network"]
 
-
-IGNORE = 255
 _MAX_VALID_CHIPS = 192
 _SAMPLE_CHIPS = 4
 
@@ -275,9 +274,9 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
     )
     if "linear_path" not in spec.options:
         return plan
-    from segpipe.stages.train.linear import linear_start
+    from segpipe.stages.train.logistic import linear_start
 
-    return linear_start(plan)
+    return dataclasses.replace(plan, initial=linear_start(plan))
 
 
 def _sampler(

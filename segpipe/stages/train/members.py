@@ -122,7 +122,7 @@ def _member_plan(plan: TrainPlan, index: int) -> TrainPlan:
     net, _ = initial_network(cfg, len(plan.spec.band_names), len(plan.spec.classes))
     initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if "linear_path" in plan.spec.options:  # every member starts from the one fitted logistic regression
-        from segpipe.stages.train.linear import start_state
+        from segpipe.stages.train.logistic import start_state
 
         initial = start_state(net, plan.initial)
     return dataclasses.replace(plan, cfg=cfg, requested=requested, initial=initial)

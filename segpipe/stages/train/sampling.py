@@ -25,6 +25,7 @@ from segpipe.stages.train.config import CHIP_MULTIPLE
 from segpipe.types import ClassInfo, default_colour
 
 __all__ = [
+    "IGNORE",
     "BlockReader",
     "Candidates",
     "CentreSampler",
@@ -126,6 +127,9 @@ def _block_candidates(
 
 # Labelled positions a network samples per store block (a forest may take more).
 PER_BLOCK = 4096
+# Class index of a pixel no loss or score counts: unlabelled, in the other part, or of a
+# class the sample never met.
+IGNORE = 255
 
 
 def find_candidates(
