@@ -68,6 +68,7 @@ CONFIGS: dict[str, list[str]] = {
     "balanced": ["--balanced-sampling"],
     "linear_start": ["--linear-start"],
     "linear_start_lr3": ["--linear-start", "--lr", "0.0003"],
+    "linear_start_lr3_last": ["--linear-start", "--lr", "0.0003", "--keep", "last"],
 }
 # ``--arch auto`` keeps its candidates in ``<model>/candidates/<name>``: each is also
 # predicted and scored, as config ``auto/<name>``, so one run shows what auto chose from.
