@@ -20,13 +20,12 @@ import numpy as np
 from segpipe.io.store import open_layer
 from segpipe.stages.evaluate import metrics
 from segpipe.stages.train.outputs import class_scores
+from segpipe.stages.train.sampling import IGNORE
 
 if TYPE_CHECKING:
     from segpipe.stages.train.loop import TrainPlan
 
 __all__ = ["HeldOut", "held_out_pixels", "held_out_scores", "probabilities"]
-
-_IGNORE = 255
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def _windows(plan: TrainPlan) -> list[list[tuple[int, int]]]:
 
 def _chip_keys(y0: int, x0: int, labels: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
     """Flat positions, in-chip rows and columns of a chip's labelled (validation) pixels."""
-    rows, cols = np.nonzero(labels != _IGNORE)
+    rows, cols = np.nonzero(labels != IGNORE)
     return (rows + y0) * width + cols + x0, rows, cols
 
 

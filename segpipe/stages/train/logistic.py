@@ -14,7 +14,7 @@ import numpy as np
 
 from segpipe.errors import LabelsError
 from segpipe.io.store import open_layer
-from segpipe.models import ModelSpec, build_network
+from segpipe.models import ModelSpec
 from segpipe.stages.train.config import ResolvedNetworkConfig
 from segpipe.stages.train.sampling import IGNORE, find_candidates
 from segpipe.stages.train.split import Split
@@ -48,8 +48,6 @@ class Planned(Protocol):
     def valid_cells(self) -> frozenset[tuple[int, int]]: ...
     @property
     def class_weights(self) -> np.ndarray | None: ...
-    @property
-    def initial(self) -> dict[str, Any]: ...
 
 
 def training_pixels(plan: Planned) -> tuple[np.ndarray, np.ndarray]:
@@ -143,19 +141,16 @@ def solve_logistic(
     }
 
 
-def linear_start(plan: Planned) -> dict[str, Any]:
-    """The plan's initial weights with the network starting as the logistic regression (``linear_start``).
+def linear_start(plan: Planned, net: Any) -> dict[str, Any]:
+    """Initial weights of ``net`` (a :class:`~segpipe.models.networks.LinearPath`) starting as the regression.
 
-    The :class:`~segpipe.models.networks.LinearPath`'s convolution is fitted to the plan's
-    training pixels, as ``--arch linear`` is, and the network's output layers are zeroed,
-    so the first step starts from the per-pixel model's logits.
+    Its convolution is fitted to the plan's training pixels, as ``--arch linear`` is, and
+    the network's output layers are zeroed, so the first step starts from the per-pixel
+    model's logits.
     """
     from segpipe.models.networks import LinearPath
 
-    net = build_network(plan.cfg.arch, plan.cfg.encoder, len(plan.spec.band_names), len(plan.spec.classes),
-                        plan.spec.options)
     assert isinstance(net, LinearPath)  # what the option linear_path builds
-    net.load_state_dict(plan.initial)
     x, y = training_pixels(plan)
     solver = solve_logistic(net.linear, x, y, class_weights(plan), plan.cfg.weight_decay)
     log.info("linear start: logistic regression on %d pixels, loss %.4f", solver["pixels"], solver["loss"])

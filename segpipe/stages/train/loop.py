@@ -276,7 +276,7 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
         return plan
     from segpipe.stages.train.logistic import linear_start
 
-    return dataclasses.replace(plan, initial=linear_start(plan))
+    return dataclasses.replace(plan, initial=linear_start(plan, net))
 
 
 def _sampler(

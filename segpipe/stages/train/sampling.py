@@ -260,13 +260,13 @@ class ChipSampler:
             # Reflected, as prediction mirrors the raster's edge: raw zeros would become
             # -mean/std outliers after normalisation (or nodata where nodata is 0).
             image = np.pad(image, ((0, 0), (0, c - h), (0, c - w)), mode="reflect")
-            labels = np.pad(labels, ((0, c - h), (0, c - w)), constant_values=255)
-        labels = np.where(self._part_mask(y0, x0), labels, 255).astype(np.uint8)
+            labels = np.pad(labels, ((0, c - h), (0, c - w)), constant_values=IGNORE)
+        labels = np.where(self._part_mask(y0, x0), labels, IGNORE).astype(np.uint8)
         return image, labels
 
 
 def label_classes(
-    present: np.ndarray, known: tuple[ClassInfo, ...], ignore: int = 255
+    present: np.ndarray, known: tuple[ClassInfo, ...], ignore: int = IGNORE
 ) -> tuple[tuple[ClassInfo, ...], np.ndarray]:
     """The classes a model learns (the label values present) and the label -> output-index table.
 
