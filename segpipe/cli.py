@@ -317,6 +317,10 @@ _DiceWeight = Annotated[
     float | None,
     typer.Option(help="Soft-Dice share, 0-1 (auto: a class under 5 %: 0.5 if <= 3 classes, else 0.3)."),
 ]
+_OverlapLoss = Annotated[
+    str,
+    typer.Option(help="Overlap loss of --dice-weight: dice or lovasz (Lovasz-softmax, IoU's surrogate)."),
+]
 _ClassBalancing = Annotated[
     bool | None,
     typer.Option(help="Weight classes by label frequency (a network's loss, a forest's trees) (auto: off)."),
@@ -403,6 +407,7 @@ def train(
     loss: _Loss = _DEFAULTS["loss"],
     focal_gamma: _FocalGamma = _DEFAULTS["focal_gamma"],
     dice_weight: _DiceWeight = _DEFAULTS["dice_weight"],
+    overlap_loss: _OverlapLoss = _DEFAULTS["overlap_loss"],
     class_balancing: _ClassBalancing = _DEFAULTS["class_balancing"],
     patience: _Patience = _DEFAULTS["patience"],
     monitor: _Monitor = _DEFAULTS["monitor"],

@@ -158,6 +158,36 @@ def test_losses_ignore_unlabelled_pixels_and_focal_reduces_to_ce():
     assert make_loss("ce", dice_weight=1.0)(perfect.float(), target) < 1e-3
 
 
+def test_lovasz_is_one_minus_iou_at_hard_predictions_and_ignores_unlabelled():
+    import torch
+
+    from segpipe.stages.train.losses import make_loss
+
+    gen = torch.Generator().manual_seed(1)
+    target = torch.randint(0, 3, (2, 16, 16), generator=gen)
+    target[0, :3] = 255
+    guess = torch.randint(0, 3, (2, 16, 16), generator=gen)
+    # Logits this large make the softmax one-hot: the Lovasz extension then equals the
+    # Jaccard loss itself, class by class over the labelled pixels of the batch.
+    logits = torch.nn.functional.one_hot(guess, 3).permute(0, 3, 1, 2).float() * 100.0
+    lovasz = make_loss("ce", dice_weight=1.0, overlap="lovasz")
+    labelled = target != 255
+    ious = []
+    for c in range(3):
+        truth, pred = (target == c) & labelled, (guess == c) & labelled
+        ious.append((truth & pred).sum().item() / (truth | pred).sum().item())
+    assert lovasz(logits, target).item() == pytest.approx(1.0 - np.mean(ious), abs=1e-5)
+    changed = logits.clone()
+    changed[0, :, :3] = -logits[0, :, :3]  # unlabelled pixels may hold anything
+    assert torch.allclose(lovasz(changed, target), lovasz(logits, target))
+    soft = torch.randn(2, 3, 16, 16, generator=gen, requires_grad=True)
+    lovasz(soft, target).backward()
+    assert soft.grad is not None and soft.grad.abs().sum() > 0
+    assert soft.grad[0, :, :3].abs().sum() == 0
+    with pytest.raises(ValueError, match="overlap"):
+        make_loss("ce", overlap="tversky")
+
+
 @pytest.mark.parametrize("keep", ["best", "last"])
 def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch, keep):
     import segpipe.stages.train.loop as loop

@@ -193,7 +193,9 @@ class _NetworkSettings(_Shared):
         device: ``auto`` (GPU when present), ``cpu`` or ``cuda``.
         loss: ``ce`` (cross-entropy) or ``focal``; class 0 is always ignored.
         focal_gamma: Focusing exponent of the focal loss.
-        dice_weight: Fraction of soft-Dice loss mixed in (0-1).
+        dice_weight: Fraction of the overlap loss mixed in (0-1).
+        overlap_loss: The overlap loss ``dice_weight`` mixes in: ``dice`` (soft Dice) or
+            ``lovasz`` (Lovasz-softmax, a convex surrogate of the IoU itself).
         patience: Stop after this many epochs without improvement (None = never).
         monitor: What "improvement" (``patience``) and ``keep="best"`` refer to.
         keep: Weights the package keeps: ``best``, the best monitored epoch's, or ``last``,
@@ -237,6 +239,7 @@ class _NetworkSettings(_Shared):
     loss: Literal["ce", "focal"] = "ce"
     focal_gamma: float = Field(default=2.0, ge=0)
     dice_weight: float | None = Field(default=None, ge=0, le=1)
+    overlap_loss: Literal["dice", "lovasz"] = "dice"
     patience: int | None = Field(default=None, ge=1)
     monitor: Literal["valid_miou", "valid_loss"] = "valid_miou"
     keep: Literal["best", "last"] = "best"
@@ -254,7 +257,7 @@ class _NetworkSettings(_Shared):
 
 # Settings added after checkpoints were first written, whose defaults behave as segpipe did
 # before them (see NetworkConfig.resume_key).
-_LATER_SETTINGS = ("keep", "members", "linear_start")
+_LATER_SETTINGS = ("keep", "members", "linear_start", "overlap_loss")
 
 
 class NetworkConfig(_NetworkSettings):

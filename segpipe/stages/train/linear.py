@@ -38,9 +38,9 @@ __all__ = ["MAX_PIXELS", "fit_linear", "train_linear"]
 _STEPS = 3  # progress reports: pixels read, fitted, validated
 # Settings that steer a network's optimiser steps: the solver reads none of them.
 _STEP_SETTINGS = (
-    "epochs", "samples_per_epoch", "lr", "loss", "focal_gamma", "dice_weight", "patience", "monitor",
-    "keep", "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device", "devices",
-    "members", "linear_start",
+    "epochs", "samples_per_epoch", "lr", "loss", "focal_gamma", "dice_weight", "overlap_loss", "patience",
+    "monitor", "keep", "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device",
+    "devices", "members", "linear_start",
 )
 log = logging.getLogger(__name__)
 

@@ -431,7 +431,9 @@ class _RankLoop:
         self.per_rank = max(1, -(-cfg.batch_size // world))
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = _schedule(self.opt, cfg, self.steps * cfg.epochs)
-        self.loss_fn = make_loss(cfg.loss, IGNORE, plan.class_weights, cfg.focal_gamma, cfg.dice_weight)
+        self.loss_fn = make_loss(
+            cfg.loss, IGNORE, plan.class_weights, cfg.focal_gamma, cfg.dice_weight, cfg.overlap_loss
+        )
         self.train_s = plan_sampler(plan, "train")
         self.valid_s = plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
