@@ -72,8 +72,12 @@ CONFIGS: dict[str, list[str]] = {
     "linear_start_lr5_last": ["--linear-start", "--lr", "0.0005", "--keep", "last"],
     "linear_start_lr5": ["--linear-start", "--lr", "0.0005"],
     "lovasz": ["--overlap-loss", "lovasz"],
+    "linear_start_clip1": ["--linear-start", "--clip-grad-norm", "1.0"],
     "linear_start_lr3_last_e48": ["--linear-start", "--lr", "0.0003", "--keep", "last", "--epochs", "48"],
-    "linear_start_lr3_last_all": ["--linear-start", "--lr", "0.0003", "--keep", "last", "--valid-fraction", "0"],
+    "linear_start_lr3_last_e64": ["--linear-start", "--lr", "0.0003", "--keep", "last", "--epochs", "64"],
+    "linear_start_lr3_last_all": [
+        "--linear-start", "--lr", "0.0003", "--keep", "last", "--valid-fraction", "0",
+    ],
 }
 # ``--arch auto`` keeps its candidates in ``<model>/candidates/<name>``: each is also
 # predicted and scored, as config ``auto/<name>``, so one run shows what auto chose from.

@@ -364,6 +364,9 @@ _LinearStart = Annotated[
     bool,
     typer.Option(help="Start from a logistic regression fitted per pixel; the network learns the rest."),
 ]
+_ClipGradNorm = Annotated[
+    float, typer.Option(help="Scale a step's gradient down to this norm when larger (0 = off).")
+]
 _Trees = Annotated[int, typer.Option(help="Trees of --arch random_forest.")]
 _MinSamplesLeaf = Annotated[int, typer.Option(help="--arch random_forest: fewest training pixels in a leaf.")]
 _MaxDepth = Annotated[
@@ -423,6 +426,7 @@ def train(
     devices: _Devices = _DEFAULTS["devices"],
     members: _Members = _DEFAULTS["members"],
     linear_start: _LinearStart = _DEFAULTS["linear_start"],
+    clip_grad_norm: _ClipGradNorm = _DEFAULTS["clip_grad_norm"],
     trees: _Trees = _DEFAULTS["trees"],
     min_samples_leaf: _MinSamplesLeaf = _DEFAULTS["min_samples_leaf"],
     max_depth: _MaxDepth = _DEFAULTS["max_depth"],

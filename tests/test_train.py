@@ -188,6 +188,25 @@ def test_lovasz_is_one_minus_iou_at_hard_predictions_and_ignores_unlabelled():
         make_loss("ce", overlap="tversky")
 
 
+def test_clip_grad_norm_bounds_every_step_and_is_recorded(store, tmp_path, monkeypatch):
+    import torch
+
+    norms: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        norms.append(float(clip(parameters, max_norm, *args, **kwargs)))
+        return norms[-1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    spec = train(store, tmp_path / "off", train_config(TINY))
+    assert norms == []  # off by default
+    spec = train(store, tmp_path / "on", train_config(TINY, clip_grad_norm=1e-3))
+    assert len(norms) == 2  # one per step: 8 chips in batches of 4
+    assert all(n > 1e-3 for n in norms)  # so every step was scaled down to the bound
+    assert spec.training["config"]["clip_grad_norm"] == 1e-3
+
+
 @pytest.mark.parametrize("keep", ["best", "last"])
 def test_early_stopping_and_class_balancing(store, tmp_path, monkeypatch, keep):
     import segpipe.stages.train.loop as loop

@@ -222,6 +222,9 @@ class _NetworkSettings(_Shared):
         members: Networks trained from different seeds on the same split and averaged
             into one ensemble package (see :mod:`segpipe.stages.train.members`); each
             costs a network's training and prediction.
+        clip_grad_norm: Largest norm of the gradient of all weights at a step, scaled down
+            to it when larger (0 = off): one batch's outlying gradient cannot throw the
+            weights far, as one did in a one-cycle warm-up (docs/benchmarks.md).
         linear_start: Add a per-pixel logistic regression to the network's logits, fitted
             to the training pixels before the first step, with the network's output
             layers starting at zero: training starts from the convex per-pixel model,
@@ -253,11 +256,12 @@ class _NetworkSettings(_Shared):
     devices: int = Field(default=1, ge=1)
     members: int = Field(default=1, ge=1, le=MAX_MEMBERS)
     linear_start: bool = False
+    clip_grad_norm: float = Field(default=0.0, ge=0)
 
 
 # Settings added after checkpoints were first written, whose defaults behave as segpipe did
 # before them (see NetworkConfig.resume_key).
-_LATER_SETTINGS = ("keep", "members", "linear_start", "overlap_loss")
+_LATER_SETTINGS = ("keep", "members", "linear_start", "overlap_loss", "clip_grad_norm")
 
 
 class NetworkConfig(_NetworkSettings):

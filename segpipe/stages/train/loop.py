@@ -518,6 +518,8 @@ class _RankLoop:
         loss = self.loss_fn(logits, yt)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.cfg.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
         self.opt.step()
         self.sched.step()
         return ddp.average(loss.item(), device)
