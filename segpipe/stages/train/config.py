@@ -222,13 +222,14 @@ class _NetworkSettings(_Shared):
         members: Networks trained from different seeds on the same split and averaged
             into one ensemble package (see :mod:`segpipe.stages.train.members`); each
             costs a network's training and prediction.
-        clip_grad_norm: Largest norm of the gradient of all weights at a step, scaled down
-            to it when larger (0 = off): one batch's outlying gradient cannot throw the
-            weights far, as one did in a one-cycle warm-up (docs/benchmarks.md).
         linear_start: Add a per-pixel logistic regression to the network's logits, fitted
             to the training pixels before the first step, with the network's output
             layers starting at zero: training starts from the convex per-pixel model,
             the same for every seed (see :class:`segpipe.models.networks.LinearPath`).
+        clip_grad_norm: Largest norm of the gradient of all weights at a step, scaled down
+            to it when larger (0 = off). It bounds one batch's outlying gradient, but with
+            AdamW, which divides each step by the gradient's running scale, it did not stop
+            a one-cycle warm-up from throwing the weights off (docs/benchmarks.md).
     """
 
     encoder: str = "resnet18"

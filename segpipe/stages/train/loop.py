@@ -519,7 +519,7 @@ class _RankLoop:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip_grad_norm)
         self.opt.step()
         self.sched.step()
         return ddp.average(loss.item(), device)
