@@ -134,10 +134,12 @@ def _demo_region(out: Path, region: SynthRegion, epochs: int, seed: int) -> Regi
         classes=str(region.classes),
         model=str(out / "model"),
         # 96 px chips: enough context for the scene's textures at half the cost of 128 px.
-        # The per-pixel head and Dice share are pinned off, as when the demo's targets were
-        # measured (the synthetic 10 m pixels would switch the head on); what the automatic
-        # choices do on real scenes is measured by benchmarks/accuracy.py.
-        train=NetworkConfig(epochs=epochs, chip_size=96, seed=seed, pixel_head=0, dice_weight=0.0),
+        # The per-pixel head, the linear start and the Dice share are pinned off, as when the
+        # demo's targets were measured (the synthetic 10 m pixels would switch the first two
+        # on); what the automatic choices do on real scenes is measured by benchmarks/accuracy.py.
+        train=NetworkConfig(
+            epochs=epochs, chip_size=96, seed=seed, pixel_head=0, dice_weight=0.0, linear_start=False
+        ),
         export_dir=str(out / "cog"),
         reference=str(region.truth),
         report_dir=str(out / "report"),

@@ -287,7 +287,7 @@ _Epochs = Annotated[
     int | None,
     typer.Option(
         help="Epochs (auto: 2,048 chips in all on a CPU, 16,384 on a GPU; a rare foreground 4,096 and "
-        "65,536; 4-64)."
+        "65,536; a linear start 4,096 on a CPU; 4-64)."
     ),
 ]
 _SamplesPerEpoch = Annotated[
@@ -298,7 +298,10 @@ _ChipSize = Annotated[
     typer.Option(help="Chip edge, a multiple of 32 px (auto: 128 on a CPU, 256 on a GPU, <= the region)."),
 ]
 _BatchSize = Annotated[int | None, typer.Option(help="Chips per step (auto: 16, or 8 above 128 px).")]
-_Lr = Annotated[float | None, typer.Option(help="Peak learning rate (auto: 1e-3 x sqrt(batch / 16)).")]
+_Lr = Annotated[
+    float | None,
+    typer.Option(help="Peak learning rate (auto: 1e-3, or 3e-4 from a linear start, x sqrt(batch / 16))."),
+]
 _WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
 _ValidFraction = Annotated[
     float,
@@ -328,8 +331,11 @@ _ClassBalancing = Annotated[
 _Patience = Annotated[int | None, typer.Option(help="Stop after N epochs without improvement.")]
 _Monitor = Annotated[str, typer.Option(help="valid_miou or valid_loss.")]
 _Keep = Annotated[
-    str,
-    typer.Option(help="Weights kept: best (held-out score) or last (final epoch, unless stopped early)."),
+    str | None,
+    typer.Option(
+        help="Weights kept: best (held-out score) or last (final epoch, unless stopped early); "
+        "auto: last from a linear start, else best."
+    ),
 ]
 _Schedule = Annotated[str, typer.Option(help="Learning-rate schedule: onecycle or cosine.")]
 _Pretrained = Annotated[
@@ -361,8 +367,11 @@ _Members = Annotated[
     typer.Option(help="Networks trained from different seeds on one split and averaged (each costs a run)."),
 ]
 _LinearStart = Annotated[
-    bool,
-    typer.Option(help="Start from a logistic regression fitted per pixel; the network learns the rest."),
+    bool | None,
+    typer.Option(
+        help="Start from a logistic regression fitted per pixel; the network learns the rest "
+        "(auto: on at pixels of 10 m or coarser)."
+    ),
 ]
 _ClipGradNorm = Annotated[
     float, typer.Option(help="Scale a step's gradient down to this norm when larger (0 = off).")

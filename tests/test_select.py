@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 
 from segpipe.cli import app
 from segpipe.stages.train import NetworkConfig
-from segpipe.stages.train.adapt import AUTO_SETTINGS, CPU_CHIPS, FOREGROUND_CPU_CHIPS, Facts, resolve
+from segpipe.stages.train.adapt import (
+    AUTO_SETTINGS,
+    CPU_CHIPS,
+    FOREGROUND_CPU_CHIPS,
+    LINEAR_START_CPU_CHIPS,
+    Facts,
+    resolve,
+)
 from segpipe.stages.train.select import MIN_HELD_OUT, _choose, _small_validation
 
 runner = CliRunner()
@@ -39,6 +46,25 @@ def test_auto_settings_follow_the_scene_and_the_device():
     # Coarse pixels get the per-pixel path; fine or unknown ones do not.
     assert resolve(NetworkConfig(), _facts(metres=30.0))[0].pixel_head == 32
     assert resolve(NetworkConfig(), _facts(metres=None))[0].pixel_head == 0
+
+
+def test_coarse_pixels_start_from_the_per_pixel_model_at_a_fine_tuning_rate():
+    fine, chosen = resolve(NetworkConfig(), _facts(metres=0.5))
+    assert (fine.linear_start, fine.lr, fine.keep, fine.epochs) == (False, 0.001, "best", CPU_CHIPS // 64)
+    assert chosen["linear_start"]["rule"] == "0.5 m pixels (< 10 m)"
+    coarse, chosen = resolve(NetworkConfig(), _facts(metres=10.0))
+    assert (coarse.linear_start, coarse.lr, coarse.keep) == (True, 0.0003, "last")
+    assert coarse.epochs == LINEAR_START_CPU_CHIPS // 64 == 64 and "linear start" in chosen["epochs"]["rule"]
+    assert not resolve(NetworkConfig(), _facts(metres=None))[0].linear_start  # unknown: as fine pixels
+    # The rate, the epochs and the weights kept follow the start the user asks for, either way.
+    asked, _ = resolve(NetworkConfig(linear_start=True), _facts(metres=0.5))
+    assert (asked.lr, asked.keep, asked.epochs) == (0.0003, "last", 64)
+    refused, chosen = resolve(NetworkConfig(linear_start=False, keep="last"), _facts(metres=30.0))
+    assert (refused.lr, refused.keep, refused.epochs) == (0.001, "last", 32)
+    assert not {"linear_start", "keep"} & set(chosen)
+    # A per-pixel model has no network to start; a GPU keeps its own (larger) chip total.
+    assert not resolve(NetworkConfig(arch="linear"), _facts(metres=30.0))[0].linear_start
+    assert resolve(NetworkConfig(), _facts(8000, gpu=True, metres=30.0))[0].epochs == 32
 
 
 def test_rare_classes_get_a_loss_and_sampling_that_learn_them():

@@ -246,7 +246,7 @@ class _NetworkSettings(_Shared):
     overlap_loss: Literal["dice", "lovasz"] = "dice"
     patience: int | None = Field(default=None, ge=1)
     monitor: Literal["valid_miou", "valid_loss"] = "valid_miou"
-    keep: Literal["best", "last"] = "best"
+    keep: Literal["best", "last"] | None = None
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     pretrained: str | None = None
     balanced_sampling: bool | None = None
@@ -256,7 +256,7 @@ class _NetworkSettings(_Shared):
     pixel_head: int | None = Field(default=None, ge=0)
     devices: int = Field(default=1, ge=1)
     members: int = Field(default=1, ge=1, le=MAX_MEMBERS)
-    linear_start: bool = False
+    linear_start: bool | None = None
     clip_grad_norm: float = Field(default=0.0, ge=0)
 
 
@@ -313,6 +313,8 @@ class ResolvedNetworkConfig(NetworkConfig):
     balanced_sampling: bool
     dice_weight: float = Field(ge=0, le=1)
     pixel_head: int = Field(ge=0)
+    linear_start: bool
+    keep: Literal["best", "last"]
 
     def fit_region(self, height: int, width: int) -> tuple[ResolvedNetworkConfig, str | None]:
         """These settings with the chip clamped to the region (see :meth:`NetworkConfig.fit_region`)."""
