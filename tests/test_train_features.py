@@ -310,7 +310,8 @@ def test_export_chips_writes_georeferenced_pairs(store, tmp_path):
 def test_the_pieces_of_a_rank_loop(store, tmp_path):
     from segpipe.stages.train.checkpoint import checkpoint_path
 
-    cfg = NetworkConfig(**{**TINY, "epochs": 2, "threads": 1, "valid_fraction": 0.3})  # 4 steps in all
+    # 4 steps in all; the best epoch kept, whose bookkeeping (stale epochs) is checked below.
+    cfg = NetworkConfig(**{**TINY, "epochs": 2, "threads": 1, "valid_fraction": 0.3, "keep": "best"})
     plan = loop.plan_training(store, cfg)
     assert plan.valid_windows
     # Given settings pass unchanged; those left at auto are chosen and recorded.

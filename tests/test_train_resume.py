@@ -214,3 +214,20 @@ def test_package_alone_predicts_elsewhere(tmp_path):
     classes = np.asarray(open_layer(other, "classes")[:])
     known = {c.value for c in read_spec(moved).classes} | {255}
     assert set(np.unique(classes)) <= known and (classes != 255).any()
+
+
+def test_a_checkpoint_of_other_automatic_choices_is_refused_by_name(store, tmp_path):
+    # An earlier segpipe wrote its checkpoints without linear_start (then always off); at these
+    # 10 m pixels the setting left at auto now starts from the regression, another network.
+    import torch
+
+    out = tmp_path / "m"
+    with pytest.raises(KilledError):
+        train(store, out, train_config(**RESUMABLE, linear_start=False), progress=kill_at(2, 1))
+    path = checkpoint_path(out)
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    config = json.loads(data["config"])
+    assert config.pop("linear_start") is False
+    torch.save({**data, "config": json.dumps(config, separators=(",", ":"))}, path)
+    with pytest.raises(InputError, match="holds a network of other settings than this segpipe chooses"):
+        train(store, out, train_config(**RESUMABLE), resume=True)

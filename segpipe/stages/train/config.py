@@ -203,6 +203,7 @@ class _NetworkSettings(_Shared):
             (the best epoch's when it stops early). ``last`` suits a few thousand held-out
             pixels, whose best of many epochs is partly their noise; ``best`` guards
             against late overfitting where the held-out part is large (docs/benchmarks.md).
+            Auto (None): ``last`` from a linear start, else ``best``.
         schedule: Learning-rate schedule: ``onecycle`` (warm-up then cosine decay) or
             ``cosine`` (cosine decay from ``lr`` without warm-up, e.g. for fine-tuning).
         pretrained: Local encoder weights file (.safetensors, .pth, .pt) to start from,
@@ -226,6 +227,8 @@ class _NetworkSettings(_Shared):
             to the training pixels before the first step, with the network's output
             layers starting at zero: training starts from the convex per-pixel model,
             the same for every seed (see :class:`segpipe.models.networks.LinearPath`).
+            Auto (None): on at pixels of 10 m or coarser; the rate, the chip total and
+            ``keep`` left at auto then follow it (:mod:`segpipe.stages.train.adapt`).
         clip_grad_norm: Largest norm of the gradient of all weights at a step, scaled down
             to it when larger (0 = off). It bounds one batch's outlying gradient, but with
             AdamW, which divides each step by the gradient's running scale, it did not stop

@@ -482,7 +482,15 @@ class _RankLoop:
         state = ckpt.load_checkpoint(self.out, self.key) if resume else None
         if state is None:
             return None
-        self.net.load_state_dict(state.network)
+        try:
+            self.net.load_state_dict(state.network)
+        except RuntimeError as exc:
+            # The settings left at auto are not part of the key, and an earlier segpipe chose
+            # them differently (no linear start at 10 m pixels before that became automatic).
+            raise InputError(
+                f"--resume: the checkpoint in {self.out} holds a network of other settings than this "
+                f"segpipe chooses ({str(exc).splitlines()[0]}): run without --resume to start afresh"
+            ) from exc
         self.opt.load_state_dict(state.optimizer)
         self.sched.load_state_dict(state.scheduler)
         if len(state.rng) == self.world:
