@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -95,7 +96,8 @@ def test_run_killed_mid_epoch_resumes_where_it_stopped(store, unbroken, tmp_path
 
     with pytest.raises(InputError, match="other training settings") as refused:
         train(store, out, train_config(**{**RESUMABLE, "lr": 0.5}), resume=True)
-    assert "lr: auto there, 0.5 now" in str(refused.value)  # says what to change back
+    # Says what to change back: the rate the checkpoint trained at (chosen, so not "auto").
+    assert re.search(r"lr: 0\.\d+ there, 0\.5 now", str(refused.value))
 
     seen = []
     spec = train(store, out, cfg, progress=lambda p: seen.append((p.epoch, p.step)), resume=True)
@@ -228,6 +230,34 @@ def test_a_checkpoint_of_other_automatic_choices_is_refused_by_name(store, tmp_p
     data = torch.load(path, map_location="cpu", weights_only=True)
     config = json.loads(data["config"])
     assert config.pop("linear_start") is False
+    del data["chosen"]  # nor the settings as chosen
     torch.save({**data, "config": json.dumps(config, separators=(",", ":"))}, path)
     with pytest.raises(InputError, match="holds a network of other settings than this segpipe chooses"):
         train(store, out, train_config(**RESUMABLE), resume=True)
+
+
+def test_a_checkpoint_whose_automatic_choices_changed_is_refused_with_them(
+    store, unbroken, tmp_path, monkeypatch
+):
+    # Settings left at auto are chosen anew on resume: on a GPU node where the run began on a
+    # CPU, or by a later segpipe, they can differ from those the checkpoint trained with.
+    from segpipe.stages.train import adapt
+
+    out = tmp_path / "m"
+    with pytest.raises(KilledError):
+        train(store, out, train_config(**RESUMABLE), progress=kill_at(2, 1))
+    chosen = json.loads(load_checkpoint(out, train_config(**RESUMABLE).resume_key()).chosen)
+    monkeypatch.setattr(adapt, "_lr", lambda batch, start: (0.05, "another rule"))
+    with pytest.raises(InputError, match="other training settings") as refused:
+        train(store, out, train_config(**RESUMABLE), resume=True)
+    assert f"lr: {chosen['lr']!r} there, 0.05 now" in str(refused.value)
+    assert checkpoint_path(out).is_file()  # the refusal keeps the run to resume
+    with pytest.raises(InputError, match="seed: 0 there, 5 now"):  # given in both: refused before planning
+        train(store, out, train_config(**RESUMABLE, seed=5), resume=True)
+
+    # Given as the checkpoint chose it, the setting resumes the run to the unbroken run's end.
+    spec = train(store, out, train_config(**RESUMABLE, lr=chosen["lr"]), resume=True)
+    assert spec.training["resumed_from"] == {"epoch": 2, "step": 0}  # the kill came before step 1's save
+    a = load_file(str(out / "weights.safetensors"))
+    b = load_file(str(unbroken[0] / "weights.safetensors"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)

@@ -4,7 +4,11 @@ A checkpoint lives in ``<package>/checkpoint/state.pt`` while a run is under way
 first checkpoint creates the package folder) and is removed once the package is
 complete. It holds everything needed to continue exactly where the run stopped:
 weights, optimiser and schedule, the random generators of every rank, the history,
-the best state so far and the position (epoch, step). It is read with
+the best state so far and the position (epoch, step), and the settings twice: as given
+and as chosen (every setting left at auto resolved). A resumed run must train with the
+checkpoint's chosen settings, since a GPU node or a later segpipe may choose other ones
+for the same given settings (a CPU checkpoint's schedule and optimiser do not fit a GPU's
+batch); the refusal names each difference with the checkpoint's value. It is read with
 ``torch.load(weights_only=True)``: plain containers and tensors only, so a tampered
 checkpoint cannot run code.
 """
@@ -59,7 +63,10 @@ class TrainState:
         optimizer: Optimiser state.
         scheduler: Learning-rate schedule state.
         rng: Per-rank random states: numpy Generator state and torch CPU RNG state.
-        config: The training settings, as JSON (a resumed run must use the same).
+        config: The training settings as given, as JSON.
+        chosen: The settings as the run trained with them (every one left at auto chosen),
+            as JSON: a resumed run must train with the same. Empty in checkpoints of an
+            earlier segpipe, whose ``config`` is compared instead.
     """
 
     epoch: int
@@ -75,6 +82,7 @@ class TrainState:
     scheduler: dict[str, Any]
     rng: list[dict[str, Any]] = field(default_factory=list)
     config: str = ""
+    chosen: str = ""
 
 
 def checkpoint_path(out: str | Path) -> Path:
@@ -130,8 +138,14 @@ def save_checkpoint(out: str | Path, state: TrainState) -> Path:
     return path
 
 
-def _read(path: Path, config: str, mmap: bool = False) -> dict[str, Any]:
-    """The checkpoint's payload, checked for format and settings."""
+def _read(path: Path, config: str, chosen: str | None = None, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's payload, checked for format and settings.
+
+    With ``chosen`` (the resumed run's settings with every auto one chosen) the checkpoint's
+    own choices must equal it. Without, the settings given in both runs must agree: what can
+    be checked before the settings left at auto are chosen (a chip given in both runs is
+    compared as given, since the region may have clamped it).
+    """
     try:
         # mmap leaves the tensors on disk: enough to check the settings cheaply.
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -139,24 +153,34 @@ def _read(path: Path, config: str, mmap: bool = False) -> dict[str, Any]:
         raise InputError(f"cannot read checkpoint {path} ({exc}): delete it to start afresh") from exc
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         raise InputError(f"checkpoint {path} has an unknown format: delete it to start afresh")
-    if data.get("config") != config:
-        changed = _differences(data.get("config"), config)
+    if data.get("chosen") and chosen is not None:
+        changed = _differences(data["chosen"], chosen)
+    else:  # before planning, or a checkpoint of an earlier segpipe (it holds the given ones only)
+        changed = _differences(data.get("config"), config, both_given=bool(data.get("chosen")))
+    if changed:
         raise InputError(
             f"checkpoint {path} was written with other training settings ({changed}): "
-            "resume with the same settings, or run without --resume to start afresh"
+            "resume with the same settings (give those segpipe now chooses otherwise as the "
+            "checkpoint has them), or run without --resume to start afresh"
         )
     return data
 
 
-def _differences(saved: Any, now: str) -> str:
-    """The settings that differ, as ``name: saved -> now`` (what the user must change back)."""
+def _differences(saved: Any, now: str, both_given: bool = False) -> str:
+    """The settings that differ, as ``name: saved there, now now`` (empty when none do).
+
+    ``both_given`` compares only the settings neither run left at auto.
+    """
+    if saved == now:
+        return ""
     try:
         old, new = json.loads(saved), json.loads(now)
     except (TypeError, ValueError):
         return "unreadable settings"
-    names = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    changed = (f"{k}: {_setting(old.get(k))} there, {_setting(new.get(k))} now" for k in names)
-    return ", ".join(changed) or "none"
+    names = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if both_given:
+        names = [k for k in names if old.get(k) is not None and new.get(k) is not None]
+    return ", ".join(f"{k}: {_setting(old.get(k))} there, {_setting(new.get(k))} now" for k in names)
 
 
 def _setting(value: Any) -> str:
@@ -190,12 +214,14 @@ def require_checkpoint(out: str | Path, config: str) -> None:
     _read(path, config, mmap=True)
 
 
-def load_checkpoint(out: str | Path, config: str) -> TrainState | None:
+def load_checkpoint(out: str | Path, config: str, chosen: str | None = None) -> TrainState | None:
     """The checkpoint of ``out``, or None when there is none.
 
     Args:
         out: Package directory.
-        config: The resumed run's settings as JSON; they must equal the checkpoint's.
+        config: The resumed run's settings as given, as JSON.
+        chosen: The resumed run's settings with every auto one chosen, as JSON; they must
+            equal the checkpoint's (its ``config`` must equal ``config`` where it has none).
 
     Raises:
         InputError: The checkpoint is unreadable or was written with other settings.
@@ -203,8 +229,8 @@ def load_checkpoint(out: str | Path, config: str) -> TrainState | None:
     path = checkpoint_path(out)
     if not path.is_file():
         return None
-    data = _read(path, config)
-    fields = {k: data[k] for k in TrainState.__dataclass_fields__}
+    data = _read(path, config, chosen)
+    fields = {k: data[k] for k in TrainState.__dataclass_fields__ if k in data}
     fields["history"] = json.loads(data["history"])
     fields["best_cm"] = None if data["best_cm"] is None else data["best_cm"].numpy()
     return TrainState(**fields)

@@ -438,6 +438,7 @@ class _RankLoop:
         self.valid_s = plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
         self.key = plan.requested.resume_key()
+        self.chosen = cfg.resume_key()
         self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
         self.pace: _Pace  # its clock starts with the loop, after a checkpoint is loaded
 
@@ -479,7 +480,7 @@ class _RankLoop:
         """Discard an old checkpoint, or continue from it; where the run resumed (None: afresh)."""
         if self.rank == 0 and not resume:
             ckpt.remove_checkpoint(self.out)
-        state = ckpt.load_checkpoint(self.out, self.key) if resume else None
+        state = ckpt.load_checkpoint(self.out, self.key, self.chosen) if resume else None
         if state is None:
             return None
         try:
@@ -575,6 +576,7 @@ class _RankLoop:
                     scheduler=self.sched.state_dict(),
                     rng=rngs,
                     config=self.key,
+                    chosen=self.chosen,
                 ),
             )
 
