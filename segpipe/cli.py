@@ -103,7 +103,9 @@ class _LineProgress:
     """Progress as plain lines for a log file or a pipe, where a live bar shows nothing.
 
     A task's first report prints at once, later ones at most once per ``interval``
-    seconds, and every task's final state when the block ends.
+    seconds, and every task's final state when the block ends; a block ended by an error
+    prints only where the tasks that had reported stopped, so that bad input, refused
+    before any work, stays the one line that names it.
     """
 
     def __init__(self, out: Console, interval: float) -> None:
@@ -114,8 +116,10 @@ class _LineProgress:
     def __enter__(self) -> _LineProgress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         for task in self._tasks:
+            if kind is not None and task.printed is None:
+                continue
             if task.printed != (task.completed, task.total, task.info):
                 self._print(task)
 

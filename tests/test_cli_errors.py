@@ -264,6 +264,23 @@ def test_progress_prints_every_report_past_the_interval():
     assert "train: 0.25/2 (12%) epoch 1/2 loss 1.000" in lines[0]
 
 
+def test_an_error_ends_progress_lines_where_they_stopped_and_adds_none_for_silent_tasks():
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    with pytest.raises(ValueError), cli._LineProgress(Console(file=out, width=80), interval=3600) as bar:
+        started = bar.add_task("predict", total=None, info="blocks")
+        bar.add_task("export", total=None, info="")  # refused before it reported anything
+        bar.update(started, completed=1, total=64)
+        bar.update(started, completed=5)
+        raise ValueError("bad input")
+    lines = out.getvalue().splitlines()
+    shown = [line.split(",")[0] for line in lines]
+    assert shown == ["  predict: 1/64 (2%) blocks", "  predict: 5/64 (8%) blocks"]
+
+
 def test_progress_is_lines_when_stderr_is_not_a_terminal():
     # Under pytest stderr is captured: not a terminal, as in `segpipe ... 2> log`.
     assert isinstance(cli._progress(), cli._LineProgress)

@@ -501,7 +501,8 @@ def _(w: World, tmp: Path) -> Case:
     def rename(spec: dict) -> None:
         spec["band_names"] = ["coastal", "swir1", "swir2"]
 
-    return predict_case(w, tmp, edit_model_json(w, tmp, rename), "swir1")
+    model = edit_model_json(w, tmp, rename)
+    return predict_case(w, tmp, model, f"differ from model {model}'s ['coastal', 'swir1'")
 
 
 @case("predict: truncated weights")

@@ -214,22 +214,38 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
     return net.eval(), spec
 
 
-def check_bands(spec: ModelSpec, band_names: tuple[str, ...] | list[str]) -> None:
+def check_bands(
+    spec: ModelSpec,
+    band_names: tuple[str, ...] | list[str],
+    image: str = "the image",
+    model: str = "the model",
+) -> None:
     """Refuse an image whose bands differ from the model's.
 
+    Args:
+        spec: The model's description.
+        band_names: The image's band names, in order.
+        image: What the message calls the image (``store X``).
+        model: What the message calls the model (``model DIR``).
+
     Raises:
-        BandMismatchError: Band count or names differ; the message shows both.
+        BandMismatchError: Band count or names differ; the message shows both and the fix.
     """
     names = tuple(band_names)
+    fix = "predict an image of the bands the model was trained on, in that order, or train a model on these"
     if len(names) != len(spec.band_names):
         raise BandMismatchError(
-            f"the image has {len(names)} bands {list(names)} but the model was trained on "
-            f"{len(spec.band_names)} bands {list(spec.band_names)}"
+            f"{image} has {_bands(len(names))} {list(names)} but {model} was trained on "
+            f"{_bands(len(spec.band_names))} {list(spec.band_names)}: {fix}"
         )
     if names != spec.band_names:
         raise BandMismatchError(
-            f"the image's bands {list(names)} differ from the model's {list(spec.band_names)}"
+            f"{image}'s bands {list(names)} differ from {model}'s {list(spec.band_names)}: {fix}"
         )
+
+
+def _bands(n: int) -> str:
+    return f"{n} band" if n == 1 else f"{n} bands"
 
 
 # Most relative difference between the image's pixel size and the model's, per axis.

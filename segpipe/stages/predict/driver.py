@@ -271,7 +271,7 @@ def check_predict_inputs(
     info = read_region_info(store_s)
     mdir = model_location(model_dir)
     spec, mhash = verify_package(mdir, load_here)
-    check_bands(spec, info.band_names)
+    check_bands(spec, info.band_names, f"store {store_s}", f"model {mdir}")
     check_resolution(spec, info.crs_wkt, info.transform, allow_resolution_mismatch, f"model {mdir}")
     tile, ov = window_settings(spec, tile_size, overlap, blend)
     margin = edge_margin(spec, ov)
