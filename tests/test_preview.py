@@ -96,8 +96,12 @@ def test_bad_inputs_are_refused_by_name_and_keep_an_earlier_preview(tmp_path: Pa
         write_preview(tmp_path / "notes.tif", good)
     with pytest.raises(InputError, match=r"ending in \.png"):
         write_preview(tmp_path / "classes.tif", tmp_path / "look.jpg")
+    (tmp_path / "s.zarr").mkdir()  # a region store given in place of its exported layer
+    (tmp_path / "s.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    with pytest.raises(InputError, match=r"s\.zarr is a folder .*segpipe export"):
+        write_preview(tmp_path / "s.zarr", good)
     assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
-        "classes.tif", "look.png", "notes.tif"]
+        "classes.tif", "look.png", "notes.tif", "s.zarr"]
 
 
 def test_the_command_writes_the_png_and_refuses_in_one_line(tmp_path: Path) -> None:

@@ -70,8 +70,15 @@ def read_quicklook(cog: str | Path, max_size: int = DEFAULT_MAX_SIZE) -> Quicklo
         raise InputError(f"--max-size {max_size}: give at least 16 pixels")
     if not Path(cog).exists() and "://" not in str(cog):
         raise MissingInputError(f"{cog} does not exist: give the COG that 'segpipe export' wrote")
+    if Path(cog).is_dir():  # GDAL opens a region store (Zarr) as a raster of no band
+        raise InputError(
+            f"{cog} is a folder (a region store?), not a raster: export its layer first "
+            f"('segpipe export {cog} --layer classes --out classes.tif') and preview that COG"
+        )
     try:
         with rasterio.open(cog) as src:
+            if src.count == 0:
+                raise InputError(f"{cog} holds no raster band: give a GeoTIFF of the layer to draw")
             return _read(src, max_size)
     except rasterio.errors.RasterioIOError as exc:
         raise InputError(f"{cog} is not a raster GDAL can read: give a GeoTIFF ({exc})") from exc
