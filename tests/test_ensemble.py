@@ -74,6 +74,10 @@ def test_members_that_do_not_fit_are_refused_by_name(tmp_path: Path, model_dir: 
     with pytest.raises(ModelPackageError, match="at least two"):
         make_ensemble([model_dir], tmp_path / "e4")
     assert not any((tmp_path / f"e{i}").exists() for i in range(1, 5))  # nothing half-written
+    before = {p.name: p.read_bytes() for p in scaled.iterdir()}
+    with pytest.raises(ModelPackageError, match=r"--out .*n is one of the members: .*write it elsewhere"):
+        make_ensemble([model_dir, scaled], scaled)
+    assert {p.name: p.read_bytes() for p in scaled.iterdir()} == before  # the member is untouched
 
 
 def test_an_ensemble_of_one_model_twice_predicts_like_the_model(
@@ -97,6 +101,9 @@ def test_cli_writes_an_ensemble_and_exits_2_on_a_misfit(tmp_path: Path, model_di
     ok = runner.invoke(app, ["ensemble", str(model_dir), str(other), "--out", str(tmp_path / "e")])
     assert ok.exit_code == 0, ok.output
     assert read_spec(tmp_path / "e").arch == "ensemble"
+    (tmp_path / "e" / "loss_curve.png").write_bytes(b"a plot of an earlier package there")
+    again = runner.invoke(app, ["ensemble", str(model_dir), str(other), "--out", str(tmp_path / "e")])
+    assert again.exit_code == 0 and not (tmp_path / "e" / "loss_curve.png").exists()
     misfit = _package(tmp_path / "m", dataclasses.replace(SPEC, mean=(1.0,) * 3))
     import subprocess
     import sys

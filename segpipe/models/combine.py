@@ -39,10 +39,14 @@ def make_ensemble(
     Raises:
         ModelPackageError: Fewer than two members, an unreadable member, or members that
             differ in bands, classes or normalisation (the message names the member and
-            what differs), or bad weights.
+            what differs), or bad weights, or ``out`` is one of the members.
     """
     if len(members) < 2:
         raise ModelPackageError(f"an ensemble needs at least two member packages, got {len(members)}")
+    if any(Path(out).resolve() == Path(m).resolve() for m in members):  # an s3:// member never matches
+        raise ModelPackageError(
+            f"--out {out} is one of the members: the ensemble would replace that model; write it elsewhere"
+        )
     loaded = [load_model(m) for m in members]
     first = loaded[0][1]
     for path, (_, spec) in zip(members[1:], loaded[1:], strict=True):
@@ -50,7 +54,10 @@ def make_ensemble(
         if problems:
             raise ModelPackageError(f"member {path} does not fit {members[0]}: " + "; ".join(problems))
     net = EnsembleNet([n for n, _ in loaded], weights)
-    return save_model(out, _ensemble_spec(members, [s for _, s in loaded], net.weights), net)
+    spec = _ensemble_spec(members, [s for _, s in loaded], net.weights)
+    for stale in Path(out).glob("*.png"):  # an earlier package's plots must not pass for the ensemble's
+        stale.unlink()
+    return save_model(out, spec, net)
 
 
 def _misfits(spec: ModelSpec, first: ModelSpec) -> list[str]:
