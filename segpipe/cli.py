@@ -352,6 +352,11 @@ _ClipPercentiles = Annotated[
 _BalancedSampling = Annotated[
     bool | None, typer.Option(help="Centre chips on each class equally (auto: <= 3 classes, one under 5 %).")
 ]
+_CopyPaste = Annotated[
+    float | None,
+    typer.Option(help="Share of chips given 1-3 objects of the rarest class pasted in (auto: 0.5 for a "
+                 "rare foreground, <= 3 classes, one under 5 %; else 0)."),
+]
 _ColorJitter = Annotated[
     float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")
 ]
@@ -432,6 +437,7 @@ def train(
     pretrained: _Pretrained = _DEFAULTS["pretrained"],
     clip_percentiles: _ClipPercentiles = _DEFAULTS["clip_percentiles"],
     balanced_sampling: _BalancedSampling = _DEFAULTS["balanced_sampling"],
+    copy_paste: _CopyPaste = _DEFAULTS["copy_paste"],
     color_jitter: _ColorJitter = _DEFAULTS["color_jitter"],
     checkpoint_every: _CheckpointEvery = _DEFAULTS["checkpoint_every"],
     checkpoint_seconds: _CheckpointSeconds = _DEFAULTS["checkpoint_seconds"],

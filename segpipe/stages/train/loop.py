@@ -30,6 +30,7 @@ from segpipe.stages.train import distributed as ddp
 from segpipe.stages.train.config import NetworkConfig, ResolvedNetworkConfig
 from segpipe.stages.train.losses import balanced_class_weights, make_loss
 from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
+from segpipe.stages.train.paste import ObjectBank, rarest_class
 from segpipe.stages.train.pretrained import PretrainedReport, load_pretrained_encoder
 from segpipe.stages.train.progress import TrainProgress
 from segpipe.stages.train.sampling import (
@@ -47,6 +48,8 @@ __all__ = ["TrainPlan", "chip_batch", "initial_network", "plan_sampler", "plan_t
 
 _MAX_VALID_CHIPS = 192
 _SAMPLE_CHIPS = 4
+# The object bank's random stream, apart from the ranks' ([seed, rank]): it changes none of theirs.
+_BANK_STREAM = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -136,10 +139,12 @@ def chip_batch(
     spec: ModelSpec,
     rng: np.random.Generator | None,
     jitter: float = 0.0,
+    bank: ObjectBank | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalised image chips (N, band, c, c) and class-index chips (N, c, c) at ``windows``.
 
-    With ``rng``, each chip is flipped or rotated at random (and jittered by ``jitter``).
+    With ``rng``, each chip may be given objects of ``bank``, is flipped or rotated at
+    random (and jittered by ``jitter``).
     """
     images, labels = [], []
     for y0, x0 in windows:
@@ -147,6 +152,8 @@ def chip_batch(
         valid = None if spec.nodata is None else (raw != spec.nodata).all(axis=0)
         img = normalise(raw, spec, valid)
         if rng is not None:
+            if bank is not None:
+                img, lab = bank.maybe_paste(img, lab, rng)
             if jitter > 0:
                 img = _jitter(img, valid, jitter, rng)
             img, lab = _dihedral(img, lab, int(rng.integers(8)))
@@ -305,6 +312,18 @@ def plan_sampler(plan: TrainPlan, part: str) -> ChipSampler:
     return _sampler(plan.store, plan.block_size, plan.cfg, plan.lut, plan.split.cell, plan.valid_cells, part)
 
 
+def _object_bank(plan: TrainPlan, sampler: ChipSampler) -> ObjectBank | None:
+    """The objects to paste into training chips (None under ``copy_paste`` 0 or without a class).
+
+    Cut from a generator of its own, so that every rank, and a resumed run, cuts the same.
+    """
+    target = rarest_class(plan.train, plan.lut)
+    if plan.cfg.copy_paste <= 0 or target is None:
+        return None
+    rng = np.random.default_rng([plan.cfg.seed, _BANK_STREAM])
+    return ObjectBank.cut(sampler, plan.train, plan.lut, target, plan.spec, plan.cfg.copy_paste, rng)
+
+
 def _schedule(opt: Any, cfg: ResolvedNetworkConfig, total: int) -> Any:
     import torch
 
@@ -437,6 +456,7 @@ class _RankLoop:
         self.train_s = plan_sampler(plan, "train")
         self.valid_s = plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
+        self.bank = _object_bank(plan, self.train_s)
         self.key = plan.requested.resume_key()
         self.chosen = cfg.resume_key()
         self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
@@ -519,7 +539,7 @@ class _RankLoop:
         plan, rng, device = self.plan, self.rng, self.device
         idx = self.centres.draw(rng, self.per_rank)
         windows = [self.train_s.window_for(int(plan.train.y[i]), int(plan.train.x[i]), rng) for i in idx]
-        x, y = chip_batch(self.train_s, windows, plan.spec, rng, self.cfg.color_jitter)
+        x, y = chip_batch(self.train_s, windows, plan.spec, rng, self.cfg.color_jitter, self.bank)
         xt = torch.from_numpy(x).to(device)
         yt = torch.from_numpy(y.astype(np.int64)).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
