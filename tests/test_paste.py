@@ -91,3 +91,15 @@ def test_training_with_and_without_pasting(store: Path, tmp_path: Path) -> None:
     plain = train(store, tmp_path / "n", train_config(**TINY, copy_paste=0.0))
     assert "copy_paste" not in plain.training["auto"]
     assert pasted.training["history"][0]["train_loss"] != plain.training["history"][0]["train_loss"]
+
+
+def test_a_bank_keeps_a_random_draw_of_its_most_objects(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import segpipe.stages.train.paste as paste
+
+    _plan, whole = _bank(store)
+    monkeypatch.setattr(paste, "_MAX_OBJECTS", 3)
+    monkeypatch.setattr(paste, "_TRIES_PER_OBJECT", 1000)  # every position still visited
+    _plan, kept = _bank(store)
+    assert len(kept.objects) == 3 < len(whole.objects)
+    found = [o.image.tobytes() for o in whole.objects]
+    assert all(o.image.tobytes() in found for o in kept.objects)

@@ -75,12 +75,20 @@ class ObjectBank:
         share: float,
         rng: np.random.Generator,
     ) -> ObjectBank:
-        """Cut up to 256 objects of class ``target`` around its training positions ``cand``."""
+        """Cut up to 256 objects of class ``target`` around its training positions ``cand``.
+
+        At most 1,024 positions drawn at random are visited, block by block (a stable sort
+        keeps the draw's order within a block), so that each block is decoded once however
+        large the region; a draw of the objects found keeps 256 when there are more.
+        """
         at = np.flatnonzero(lut[cand.value] == target)
         rng.shuffle(at)
+        tried = at[: _MAX_OBJECTS * _TRIES_PER_OBJECT]
+        block = sampler.image.block
+        tried = tried[np.lexsort((cand.x[tried] // block, cand.y[tried] // block))]
         objects: list[_Object] = []
         boxes: list[tuple[int, int, int, int]] = []
-        for i in at[: _MAX_OBJECTS * _TRIES_PER_OBJECT]:
+        for i in tried:
             y, x = int(cand.y[i]), int(cand.x[i])
             if any(y0 <= y < y1 and x0 <= x < x1 for y0, x0, y1, x1 in boxes):
                 continue  # a pixel of an object already in the bank
@@ -88,8 +96,8 @@ class ObjectBank:
             if found is not None:
                 objects.append(found[0])
                 boxes.append(found[1])
-                if len(objects) == _MAX_OBJECTS:
-                    break
+        if len(objects) > _MAX_OBJECTS:
+            objects = [objects[i] for i in np.sort(rng.choice(len(objects), _MAX_OBJECTS, replace=False))]
         return cls(objects, share)
 
     def maybe_paste(
