@@ -63,7 +63,7 @@ CONFIGS: dict[str, list[str]] = {
     "default": [],
     "forest": ["--arch", "random_forest"],
     "auto": ["--arch", "auto"],
-    "no_paste": ["--copy-paste", "0"],
+    "copy_paste": ["--copy-paste", "0.5"],
     "linear": ["--arch", "linear"],
     "members2": ["--members", "2"],
     "balanced": ["--balanced-sampling"],

@@ -353,9 +353,9 @@ _BalancedSampling = Annotated[
     bool | None, typer.Option(help="Centre chips on each class equally (auto: <= 3 classes, one under 5 %).")
 ]
 _CopyPaste = Annotated[
-    float | None,
-    typer.Option(help="Share of chips given 1-3 objects of the rarest class pasted in (auto: 0.5 for a "
-                 "rare foreground, <= 3 classes, one under 5 %; else 0)."),
+    float,
+    typer.Option(help="Share of chips given 1-3 objects of the rarest class, cut from the training part, "
+                 "pasted in turned and flipped (0 = off)."),
 ]
 _ColorJitter = Annotated[
     float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")

@@ -46,7 +46,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _bank(store: Path, share: float = 1.0) -> tuple[loop.TrainPlan, ObjectBank]:
-    plan = loop.plan_training(store, NetworkConfig(**TINY))
+    plan = loop.plan_training(store, NetworkConfig(**TINY, copy_paste=share))
     target = rarest_class(plan.train, plan.lut)
     assert target == int(plan.lut[2])  # the building class, the rarest
     rng = np.random.default_rng(0)
@@ -54,9 +54,8 @@ def _bank(store: Path, share: float = 1.0) -> tuple[loop.TrainPlan, ObjectBank]:
                                 share, rng)
 
 
-def test_a_rare_foreground_is_pasted_by_default_and_each_training_object_is_cut_once(store: Path) -> None:
+def test_each_training_object_of_the_rarest_class_is_cut_once(store: Path) -> None:
     plan, bank = _bank(store)
-    assert plan.cfg.copy_paste == 0.5 and plan.auto["copy_paste"]["value"] == 0.5
     building = int(plan.lut[2])
     # Every building whose pixels are all in training cells, and none of the held-out ones.
     held_out = {(y, x) for y, x in CORNERS if (y // 32, x // 32) in plan.valid_cells}
@@ -86,10 +85,9 @@ def test_pasted_objects_keep_their_pixels_and_labels(store: Path) -> None:
 
 
 def test_training_with_and_without_pasting(store: Path, tmp_path: Path) -> None:
-    pasted = train(store, tmp_path / "p", train_config(**TINY))
-    assert pasted.training["auto"]["copy_paste"]["value"] == 0.5
-    plain = train(store, tmp_path / "n", train_config(**TINY, copy_paste=0.0))
-    assert "copy_paste" not in plain.training["auto"]
+    plain = train(store, tmp_path / "n", train_config(**TINY))  # off by default
+    assert loop._object_bank(loop.plan_training(store, NetworkConfig(**TINY)), None) is None  # type: ignore[arg-type]
+    pasted = train(store, tmp_path / "p", train_config(**TINY, copy_paste=0.5))
     assert pasted.training["history"][0]["train_loss"] != plain.training["history"][0]["train_loss"]
 
 

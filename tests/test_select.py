@@ -72,14 +72,12 @@ def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
     assert not balanced.class_balancing and not balanced.balanced_sampling and balanced.dice_weight == 0
     foreground, chosen = resolve(NetworkConfig(), _facts(counts=(96_000, 4_000)))  # buildings: 4 %
     assert foreground.balanced_sampling and foreground.dice_weight == 0.5
-    assert foreground.copy_paste == 0.5 and balanced.copy_paste == 0.0  # objects pasted for a foreground
     # A foreground is learnt late: 4,096 chips (64 epochs of 64); land cover 2,048 (below).
     assert foreground.epochs == FOREGROUND_CPU_CHIPS // 64 == 64 and "foreground" in chosen["epochs"]["rule"]
     assert not foreground.class_balancing  # on top of balanced chips, loss weights over-correct
     assert "4.0%" in chosen["dice_weight"]["rule"]
     many, many_rules = resolve(NetworkConfig(), _facts(counts=(40_000, 30_000, 20_000, 9_000, 200)))
     assert not many.balanced_sampling and not many.class_balancing and many.dice_weight == 0.3
-    assert many.copy_paste == 0.0
     assert many.epochs == CPU_CHIPS // 64 == 32  # a rare class among many is not a foreground task
     assert "foreground" not in many_rules["epochs"]["rule"]
     # On a GPU (512 chips an epoch at 8000 px) land cover's 16,384 chips are 32 epochs, a

@@ -211,8 +211,8 @@ class _NetworkSettings(_Shared):
         balanced_sampling: Centre chips on each class equally often.
         copy_paste: Share of training chips given 1-3 objects of the rarest class, cut from
             the training part and turned and flipped at random (0 = off; see
-            :mod:`segpipe.stages.train.paste`). Auto (None): 0.5 for a rare foreground (a
-            class under 5 % of the labels among at most three), else 0.
+            :mod:`segpipe.stages.train.paste`). Off by default: on the SpaceNet building
+            scene 0.5 left the five-seed mean where it was (docs/benchmarks.md, session 26).
         color_jitter: Strength of random brightness/contrast changes of valid pixels
             (in normalised units; 0 = off).
         checkpoint_every: Also checkpoint every N steps, counted over the whole run
@@ -257,7 +257,7 @@ class _NetworkSettings(_Shared):
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     pretrained: str | None = None
     balanced_sampling: bool | None = None
-    copy_paste: float | None = Field(default=None, ge=0, le=1)
+    copy_paste: float = Field(default=0.0, ge=0, le=1)
     color_jitter: float = Field(default=0.0, ge=0, le=1)
     checkpoint_every: int = Field(default=50, ge=0)
     checkpoint_seconds: float = Field(default=300.0, ge=0)
@@ -319,7 +319,6 @@ class ResolvedNetworkConfig(NetworkConfig):
     lr: float = Field(gt=0)
     class_balancing: bool
     balanced_sampling: bool
-    copy_paste: float = Field(ge=0, le=1)
     dice_weight: float = Field(ge=0, le=1)
     pixel_head: int = Field(ge=0)
     linear_start: bool
