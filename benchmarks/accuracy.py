@@ -64,6 +64,7 @@ CONFIGS: dict[str, list[str]] = {
     "forest": ["--arch", "random_forest"],
     "auto": ["--arch", "auto"],
     "copy_paste": ["--copy-paste", "0.5"],
+    "copy_paste_lr2_last": ["--copy-paste", "0.5", "--lr", "0.002", "--keep", "last"],
     "linear": ["--arch", "linear"],
     "members2": ["--members", "2"],
     "balanced": ["--balanced-sampling"],
