@@ -16,6 +16,7 @@ from segpipe.stages.ingest.driver import ingest
 from segpipe.stages.train import train, train_config
 from segpipe.stages.train.config import NetworkConfig
 from segpipe.stages.train.paste import RING, ObjectBank, rarest_class
+from segpipe.stages.train.progress import TrainProgress
 from segpipe.types import ClassInfo
 
 SIZE = 192
@@ -101,3 +102,26 @@ def test_a_bank_keeps_a_random_draw_of_its_most_objects(store: Path, monkeypatch
     assert len(kept.objects) == 3 < len(whole.objects)
     found = [o.image.tobytes() for o in whole.objects]
     assert all(o.image.tobytes() in found for o in kept.objects)
+
+
+def test_a_run_that_pastes_resumes_to_the_unbroken_runs_weights(store: Path, tmp_path: Path) -> None:
+    # The bank is cut again on resume from a stream of its own; the pasting draws come from
+    # the rank's generator, which the checkpoint restores.
+    from safetensors.torch import load_file
+
+    settings = {**TINY, "epochs": 2, "checkpoint_every": 1, "valid_fraction": 0.0, "copy_paste": 1.0}
+
+    class KilledError(Exception):
+        pass
+
+    def kill(p: TrainProgress) -> None:
+        if (p.epoch, p.step) == (2, 1):
+            raise KilledError
+
+    train(store, tmp_path / "whole", train_config(**settings))
+    with pytest.raises(KilledError):
+        train(store, tmp_path / "cut", train_config(**settings), progress=kill)
+    spec = train(store, tmp_path / "cut", train_config(**settings), resume=True)
+    assert spec.training["resumed_from"] is not None
+    a, b = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("whole", "cut"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
