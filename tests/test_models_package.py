@@ -86,3 +86,41 @@ def test_model_hash_follows_rewritten_packages(tmp_path):
     (tmp_path / "weights.safetensors").unlink()
     with pytest.raises(ModelPackageError, match=r"weights\.safetensors is missing"):
         model_hash(tmp_path)
+
+
+@pytest.mark.parametrize("cut_at", [1, 2, 3])
+def test_a_kill_while_a_package_is_replaced_leaves_one_package_whole(tmp_path, monkeypatch, cut_at):
+    # The three renames of a replacement: staged weights, staged description, then the
+    # weights in (the commit); a kill after any of them, stood for by an error at the next.
+    import os
+
+    import numpy as np
+    import torch
+
+    from segpipe.models import build_network, load_model, save_model
+    from segpipe.models import files as package_files
+
+    spec = _spec()
+    torch.manual_seed(1)
+    old_net, new_net = (build_network("unet", "resnet18", 2, 2) for _ in range(2))
+    save_model(tmp_path, spec, old_net)
+    real, calls = os.replace, []
+
+    def cut(src, dst):
+        calls.append(dst)
+        if len(calls) > cut_at:
+            raise KeyboardInterrupt  # stands for the kill
+        return real(src, dst)
+
+    monkeypatch.setattr(package_files.os, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tmp_path, spec, new_net)
+    monkeypatch.setattr(package_files.os, "replace", real)
+    net, _spec_read = load_model(tmp_path)  # the reader finishes a committed write
+    expected = new_net if cut_at == 3 else old_net
+    loaded = net.state_dict()
+    assert all(np.array_equal(loaded[k].numpy(), v.numpy()) for k, v in expected.state_dict().items())
+    if cut_at < 3:  # the write never committed: the next one removes its staged files
+        save_model(tmp_path, spec, new_net)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".staged")]
+

@@ -33,7 +33,7 @@ from typing import Any
 
 from segpipe.errors import MissingInputError, StorageError
 from segpipe.io.remote import as_url, filesystem, is_remote, join, remote_errors, remote_exists, remote_info
-from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE
+from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, settle_package
 
 __all__ = ["CACHE_ENV", "cache_root", "check_private", "local_package"]
 
@@ -173,6 +173,7 @@ def local_package(model_dir: str | Path) -> Path:
         StorageError: The cache folder is not private to this user.
     """
     if not is_remote(model_dir):
+        settle_package(Path(model_dir))  # a write cut between its two renames is finished first
         return Path(model_dir)
 
     url = as_url(str(model_dir)).rstrip("/")

@@ -5,12 +5,20 @@ Shared by the package, its fetcher, its ONNX form and its STAC MLM description.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["ONNX_FILE", "SPEC_FILE", "WEIGHTS_FILE", "atomic_write"]
+__all__ = [
+    "ONNX_FILE",
+    "SPEC_FILE",
+    "WEIGHTS_FILE",
+    "atomic_write",
+    "replace_package_files",
+    "settle_package",
+]
 
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -44,3 +52,47 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+
+
+def _staged(folder: Path, name: str) -> Path:
+    return folder / f".{name}.staged"
+
+
+def replace_package_files(folder: Path, weights_name: str, weights: bytes, spec: bytes) -> None:
+    """Replace a package's weights and ``model.json`` so that a kill leaves one whole package.
+
+    Both are staged beside their targets (weights first), then the weights are renamed in,
+    which commits the package, then the description. A kill before that rename leaves the
+    earlier package whole (the staged files are removed by the next write); a kill after it
+    leaves the new weights and a staged description alone, which :func:`settle_package`
+    (run by every reader of a local package) renames in.
+    """
+    settle_package(folder, discard=True)
+    atomic_write(_staged(folder, weights_name), weights)
+    atomic_write(_staged(folder, SPEC_FILE), spec)
+    os.replace(_staged(folder, weights_name), folder / weights_name)
+    try:
+        os.replace(_staged(folder, SPEC_FILE), folder / SPEC_FILE)
+    except FileNotFoundError:  # a reader rolled it forward in the moment between the renames
+        if not (folder / SPEC_FILE).is_file():
+            raise
+
+
+def settle_package(folder: Path, discard: bool = False) -> None:
+    """Finish a package write that a kill cut between its two renames (a no-op otherwise).
+
+    A staged ``model.json`` without a staged weights file means the weights were committed:
+    it is renamed in. With ``discard`` (a writer about to write), staged files of a write
+    that never committed are removed; readers leave them, as a writer may be at work.
+    """
+    spec = _staged(folder, SPEC_FILE)
+    staged_weights = [_staged(folder, n) for n in (WEIGHTS_FILE, ONNX_FILE) if _staged(folder, n).exists()]
+    if staged_weights:
+        if discard:
+            for path in (*staged_weights, spec):
+                path.unlink(missing_ok=True)
+        return
+    if spec.is_file():
+        # Another reader may be first, or the copy read-only: the next write settles it then.
+        with contextlib.suppress(OSError):
+            os.replace(spec, folder / SPEC_FILE)

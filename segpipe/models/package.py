@@ -29,7 +29,7 @@ import numpy as np
 
 from segpipe.errors import BandMismatchError, InputError, ModelPackageError, ResolutionMismatchError
 from segpipe.models.fetch import hash_file, local_package
-from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write
+from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, replace_package_files
 from segpipe.models.spec import (
     KNOWN_ARCHITECTURES,
     MODEL_SCHEMA,
@@ -129,7 +129,10 @@ def model_hash(model_dir: str | Path) -> str:
 
 
 def save_model(model_dir: str | Path, spec: ModelSpec, network: nn.Module) -> Path:
-    """Write a package: weights first, then ``model.json``, each atomically, then its STAC MLM ``mlm.json``.
+    """Write a package: weights and ``model.json`` as one, then its STAC MLM ``mlm.json``.
+
+    A kill leaves the earlier package or the new one whole
+    (:func:`segpipe.models.files.replace_package_files`).
 
     ``mlm.json`` (:mod:`segpipe.models.mlm`) describes the package to STAC tools; it is
     not part of the package's hash and nothing in segpipe reads it.
@@ -145,8 +148,8 @@ def save_model(model_dir: str | Path, spec: ModelSpec, network: nn.Module) -> Pa
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    atomic_write(out / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
-    atomic_write(out / SPEC_FILE, (json.dumps(spec.to_json(), indent=2) + "\n").encode())
+    description = (json.dumps(spec.to_json(), indent=2) + "\n").encode()
+    replace_package_files(out, WEIGHTS_FILE, save(state, metadata={"format": "pt"}), description)
     from segpipe.models.mlm import write_mlm  # it reads this module's names
 
     write_mlm(out, spec)
