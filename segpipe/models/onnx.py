@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segpipe.errors import EnvironmentFaultError, ModelPackageError
-from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE, atomic_write
+from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE, atomic_write, replace_package_files
 from segpipe.models.package import ONNX_FILE, load_model
 from segpipe.models.spec import ModelSpec
 
@@ -329,8 +328,9 @@ def write_onnx_package(
 ) -> Path:
     """Write an ONNX package folder: ``model.onnx``, ``model.json`` (format ``onnx``) and ``mlm.json``.
 
-    The ONNX file is copied first and the description written last, so a folder whose
-    ``model.json`` names ONNX weights always holds them.
+    The ONNX file and the description are replaced as one
+    (:func:`segpipe.models.files.replace_package_files`), so a folder whose ``model.json``
+    names ONNX weights always holds them, and a kill leaves an earlier package whole.
 
     Args:
         package: The folder (created if needed).
@@ -350,12 +350,12 @@ def write_onnx_package(
     _refuse_torch_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     source, dest = Path(onnx_file), folder / ONNX_FILE
-    if source.resolve() != dest.resolve():
-        tmp = folder / f".{ONNX_FILE}.partial"
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
     onnx_spec = replace(spec, weights_format="onnx")
-    atomic_write(folder / SPEC_FILE, (json.dumps(onnx_spec.to_json(), indent=2) + "\n").encode())
+    description = (json.dumps(onnx_spec.to_json(), indent=2) + "\n").encode()
+    if source.resolve() != dest.resolve():  # a kill leaves the earlier package or this one whole
+        replace_package_files(folder, ONNX_FILE, source.read_bytes(), description)
+    else:
+        atomic_write(folder / SPEC_FILE, description)
     write_mlm(folder, onnx_spec, window)
     return folder
 
