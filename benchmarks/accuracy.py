@@ -65,6 +65,7 @@ CONFIGS: dict[str, list[str]] = {
     "auto": ["--arch", "auto"],
     "copy_paste": ["--copy-paste", "0.5"],
     "copy_paste_lr2_last": ["--copy-paste", "0.5", "--lr", "0.002", "--keep", "last"],
+    "lr2_last": ["--lr", "0.002", "--keep", "last"],
     "linear": ["--arch", "linear"],
     "members2": ["--members", "2"],
     "balanced": ["--balanced-sampling"],
