@@ -8,6 +8,7 @@ from pathlib import Path
 
 from segpipe.errors import ModelPackageError
 from segpipe.models.ensemble import ENSEMBLE_ARCH, EnsembleNet
+from segpipe.models.files import remove_stale_plots
 from segpipe.models.package import ModelSpec, load_model, model_hash, save_model
 
 __all__ = ["make_ensemble"]
@@ -55,8 +56,7 @@ def make_ensemble(
             raise ModelPackageError(f"member {path} does not fit {members[0]}: " + "; ".join(problems))
     net = EnsembleNet([n for n, _ in loaded], weights)
     spec = _ensemble_spec(members, [s for _, s in loaded], net.weights)
-    for stale in Path(out).glob("*.png"):  # an earlier package's plots must not pass for the ensemble's
-        stale.unlink()
+    remove_stale_plots(Path(out))  # an ensemble has no plots of its own
     return save_model(out, spec, net)
 
 

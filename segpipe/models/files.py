@@ -9,6 +9,7 @@ import contextlib
 import os
 import tempfile
 import threading
+from collections.abc import Collection
 from pathlib import Path
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "SPEC_FILE",
     "WEIGHTS_FILE",
     "atomic_write",
+    "remove_stale_plots",
     "replace_package_files",
     "settle_package",
 ]
@@ -52,6 +54,15 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_plots(folder: Path, keep: Collection[str] = ()) -> None:
+    """Delete the PNG plots in ``folder`` not named in ``keep``.
+
+    An earlier package's plots (loss curve, confusion matrix) must not pass for those of
+    the package written over it.
+    """
+    for stale in folder.glob("*.png"):
+        if stale.name not in keep:
+            stale.unlink()
 
 
 def _staged(folder: Path, name: str) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.models import ModelSpec
+from segpipe.models.files import remove_stale_plots
 
 __all__ = ["keep_package"]
 
@@ -50,9 +51,7 @@ def keep_package(
     spec = dataclasses.replace(spec, training=record, metrics=scores)
     target.mkdir(parents=True, exist_ok=True)
     plots = {p.name: p for p in chosen.glob("*.png")}
-    for stale in target.glob("*.png"):  # an earlier package's plots must not pass for the new one's
-        if stale.name not in plots:
-            stale.unlink()
+    remove_stale_plots(target, plots)
     for plot_name, plot in plots.items():
         tmp = target / f".{plot_name}.tmp"
         shutil.copyfile(plot, tmp)

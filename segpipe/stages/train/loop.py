@@ -317,8 +317,10 @@ def _object_bank(plan: TrainPlan, sampler: ChipSampler) -> ObjectBank | None:
 
     Cut from a generator of its own, so that every rank, and a resumed run, cuts the same.
     """
+    if plan.cfg.copy_paste <= 0:
+        return None
     target = rarest_class(plan.train, plan.lut)
-    if plan.cfg.copy_paste <= 0 or target is None:
+    if target is None:
         return None
     rng = np.random.default_rng([plan.cfg.seed, _BANK_STREAM])
     return ObjectBank.cut(sampler, plan.train, plan.lut, target, plan.spec, plan.cfg.copy_paste, rng)
