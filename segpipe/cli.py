@@ -304,7 +304,10 @@ _ChipSize = Annotated[
 _BatchSize = Annotated[int | None, typer.Option(help="Chips per step (auto: 16, or 8 above 128 px).")]
 _Lr = Annotated[
     float | None,
-    typer.Option(help="Peak learning rate (auto: 1e-3, or 3e-4 from a linear start, x sqrt(batch / 16))."),
+    typer.Option(
+        help="Peak learning rate (auto: 1e-3, 3e-4 from a linear start, 2e-3 for a rare foreground; "
+        "x sqrt(batch / 16))."
+    ),
 ]
 _WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
 _ValidFraction = Annotated[
@@ -338,7 +341,7 @@ _Keep = Annotated[
     str | None,
     typer.Option(
         help="Weights kept: best (held-out score) or last (final epoch, unless stopped early); "
-        "auto: last from a linear start, else best."
+        "auto: last from a linear start or for a rare foreground, else best."
     ),
 ]
 _Schedule = Annotated[str, typer.Option(help="Learning-rate schedule: onecycle or cosine.")]
@@ -353,9 +356,9 @@ _BalancedSampling = Annotated[
     bool | None, typer.Option(help="Centre chips on each class equally (auto: <= 3 classes, one under 5 %).")
 ]
 _CopyPaste = Annotated[
-    float,
+    float | None,
     typer.Option(help="Share of chips given 1-3 objects of the rarest class, cut from the training part, "
-                 "pasted in turned and flipped (0 = off)."),
+                 "pasted in turned and flipped (0 = off; auto: 0.5 for a rare foreground, else 0)."),
 ]
 _ColorJitter = Annotated[
     float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")

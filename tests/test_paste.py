@@ -86,9 +86,11 @@ def test_pasted_objects_keep_their_pixels_and_labels(store: Path) -> None:
 
 
 def test_training_with_and_without_pasting(store: Path, tmp_path: Path) -> None:
-    plain = train(store, tmp_path / "n", train_config(**TINY))  # off by default
-    assert loop._object_bank(loop.plan_training(store, NetworkConfig(**TINY)), None) is None  # type: ignore[arg-type]
-    pasted = train(store, tmp_path / "p", train_config(**TINY, copy_paste=0.5))
+    plain = train(store, tmp_path / "n", train_config(**TINY, copy_paste=0.0))
+    off = NetworkConfig(**TINY, copy_paste=0.0)
+    assert loop._object_bank(loop.plan_training(store, off), None) is None  # type: ignore[arg-type]
+    pasted = train(store, tmp_path / "p", train_config(**TINY))  # a rare foreground: pasted by default
+    assert pasted.training["auto"]["copy_paste"]["value"] == 0.5
     assert pasted.training["history"][0]["train_loss"] != plain.training["history"][0]["train_loss"]
 
 

@@ -72,12 +72,20 @@ def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
     assert not balanced.class_balancing and not balanced.balanced_sampling and balanced.dice_weight == 0
     foreground, chosen = resolve(NetworkConfig(), _facts(counts=(96_000, 4_000)))  # buildings: 4 %
     assert foreground.balanced_sampling and foreground.dice_weight == 0.5
+    # Its objects pasted into half the chips, at twice the rate, the last epoch kept.
+    assert (foreground.copy_paste, foreground.lr, foreground.keep) == (0.5, 0.002, "last")
+    assert chosen["keep"]["rule"] == "a rare foreground" and "foreground" in chosen["lr"]["rule"]
+    assert balanced.copy_paste == 0 and (balanced.lr, balanced.keep) == (0.001, "best")
+    # At 10 m a linear start sets the rate (a fine-tuning's); the objects are pasted still.
+    coarse, _ = resolve(NetworkConfig(), _facts(counts=(96_000, 4_000), metres=10.0))
+    assert (coarse.copy_paste, coarse.lr, coarse.keep) == (0.5, 0.0003, "last")
     # A foreground is learnt late: 4,096 chips (64 epochs of 64); land cover 2,048 (below).
     assert foreground.epochs == FOREGROUND_CPU_CHIPS // 64 == 64 and "foreground" in chosen["epochs"]["rule"]
     assert not foreground.class_balancing  # on top of balanced chips, loss weights over-correct
     assert "4.0%" in chosen["dice_weight"]["rule"]
     many, many_rules = resolve(NetworkConfig(), _facts(counts=(40_000, 30_000, 20_000, 9_000, 200)))
     assert not many.balanced_sampling and not many.class_balancing and many.dice_weight == 0.3
+    assert many.copy_paste == 0 and (many.lr, many.keep) == (0.001, "best")
     assert many.epochs == CPU_CHIPS // 64 == 32  # a rare class among many is not a foreground task
     assert "foreground" not in many_rules["epochs"]["rule"]
     # On a GPU (512 chips an epoch at 8000 px) land cover's 16,384 chips are 32 epochs, a
@@ -85,10 +93,10 @@ def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
     assert resolve(NetworkConfig(), _facts(8000, gpu=True))[0].epochs == 32
     assert resolve(NetworkConfig(), _facts(8000, counts=(96_000, 4_000), gpu=True))[0].epochs == 64
     # What the user gives is never changed, and is not reported as chosen.
-    given = NetworkConfig(chip_size=64, balanced_sampling=False, dice_weight=0.1)
+    given = NetworkConfig(chip_size=64, balanced_sampling=False, dice_weight=0.1, copy_paste=0.0)
     kept, chosen = resolve(given, _facts(counts=(96_000, 4_000)))
-    assert (kept.chip_size, kept.balanced_sampling, kept.dice_weight) == (64, False, 0.1)
-    assert not {"chip_size", "balanced_sampling", "dice_weight"} & set(chosen)
+    assert (kept.chip_size, kept.balanced_sampling, kept.dice_weight, kept.copy_paste) == (64, False, 0.1, 0)
+    assert not {"chip_size", "balanced_sampling", "dice_weight", "copy_paste"} & set(chosen)
 
 
 @pytest.fixture(scope="module")

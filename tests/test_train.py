@@ -348,6 +348,9 @@ def test_resume_key_leaves_out_what_changes_no_result():
     # keep came later: at its default (the behaviour before it) a run checkpointed without it
     # resumes; set to "last" it is part of the key.
     assert "keep" not in key and json.loads(train_config(keep="last").resume_key())["keep"] == "last"
+    # copy_paste was 0 by default before it became auto: 0, given or chosen, behaves as before.
+    assert "copy_paste" not in json.loads(train_config(copy_paste=0.0).resume_key())
+    assert json.loads(train_config(copy_paste=0.5).resume_key())["copy_paste"] == 0.5
 
 
 def test_validation_scores_and_package_metrics_are_one_definition():

@@ -14,7 +14,7 @@ import segpipe.stages.train.loop as loop
 from segpipe.errors import MissingInputError, PretrainedWeightsError
 from segpipe.io.store import open_layer, read_region_info
 from segpipe.models import normalise, read_spec
-from segpipe.stages.train import NetworkConfig, adapt, train, train_config
+from segpipe.stages.train import NetworkConfig, adapt, augment, train, train_config
 from segpipe.stages.train.pretrained import adapt_first_conv
 from segpipe.stages.train.sampling import Candidates, CentreSampler
 from segpipe.stages.train.split import min_train_share, plan_split, split_cells
@@ -240,7 +240,7 @@ def test_color_jitter_changes_valid_pixels_only():
     valid = np.ones((8, 8), dtype=bool)
     valid[:2] = False
     image[:, ~valid] = 0.0
-    out = loop._jitter(image, valid, 0.2, rng)
+    out = augment.jitter(image, valid, 0.2, rng)
     assert np.all(out[:, ~valid] == 0.0)
     # One affine change for the whole chip: out = a * image + b on valid pixels.
     a, b = np.polyfit(image[:, valid].ravel(), out[:, valid].ravel(), 1)

@@ -247,7 +247,7 @@ def test_a_checkpoint_whose_automatic_choices_changed_is_refused_with_them(
     with pytest.raises(KilledError):
         train(store, out, train_config(**RESUMABLE), progress=kill_at(2, 1))
     chosen = json.loads(load_checkpoint(out, train_config(**RESUMABLE).resume_key()).chosen)
-    monkeypatch.setattr(adapt, "_lr", lambda batch, start: (0.05, "another rule"))
+    monkeypatch.setattr(adapt, "_lr", lambda *_args: (0.05, "another rule"))
     with pytest.raises(InputError, match="other training settings") as refused:
         train(store, out, train_config(**RESUMABLE), resume=True)
     assert f"lr: {chosen['lr']!r} there, 0.05 now" in str(refused.value)

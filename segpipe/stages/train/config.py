@@ -211,8 +211,8 @@ class _NetworkSettings(_Shared):
         balanced_sampling: Centre chips on each class equally often.
         copy_paste: Share of training chips given 1-3 objects of the rarest class, cut from
             the training part and turned and flipped at random (0 = off; see
-            :mod:`segpipe.stages.train.paste`). Off by default: on the SpaceNet building
-            scene 0.5 left the five-seed mean where it was (docs/benchmarks.md, session 26).
+            :mod:`segpipe.stages.train.paste`). None: 0.5 for a rare foreground, else 0
+            (:mod:`segpipe.stages.train.adapt`).
         color_jitter: Strength of random brightness/contrast changes of valid pixels
             (in normalised units; 0 = off).
         checkpoint_every: Also checkpoint every N steps, counted over the whole run
@@ -257,7 +257,7 @@ class _NetworkSettings(_Shared):
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     pretrained: str | None = None
     balanced_sampling: bool | None = None
-    copy_paste: float = Field(default=0.0, ge=0, le=1)
+    copy_paste: float | None = Field(default=None, ge=0, le=1)
     color_jitter: float = Field(default=0.0, ge=0, le=1)
     checkpoint_every: int = Field(default=50, ge=0)
     checkpoint_seconds: float = Field(default=300.0, ge=0)
@@ -269,8 +269,10 @@ class _NetworkSettings(_Shared):
 
 
 # Settings added after checkpoints were first written, whose defaults behave as segpipe did
-# before them (see NetworkConfig.resume_key).
+# before them (see NetworkConfig.resume_key), and the values that also do: copy_paste was
+# 0 by default before it became auto.
 _LATER_SETTINGS = ("keep", "members", "linear_start", "overlap_loss", "clip_grad_norm", "copy_paste")
+_AS_BEFORE: dict[str, Any] = {"copy_paste": 0.0}
 
 
 class NetworkConfig(_NetworkSettings):
@@ -305,7 +307,11 @@ class NetworkConfig(_NetworkSettings):
         checkpointed by an earlier segpipe still resumes.
         """
         fields = type(self).model_fields
-        later = {name for name in _LATER_SETTINGS if getattr(self, name) == fields[name].default}
+        later = {
+            name
+            for name in _LATER_SETTINGS
+            if getattr(self, name) in (fields[name].default, _AS_BEFORE.get(name, fields[name].default))
+        }
         return self.model_dump_json(exclude={"threads", "checkpoint_every", "checkpoint_seconds", *later})
 
 
@@ -323,6 +329,7 @@ class ResolvedNetworkConfig(NetworkConfig):
     pixel_head: int = Field(ge=0)
     linear_start: bool
     keep: Literal["best", "last"]
+    copy_paste: float = Field(ge=0, le=1)
 
     def fit_region(self, height: int, width: int) -> tuple[ResolvedNetworkConfig, str | None]:
         """These settings with the chip clamped to the region (see :meth:`NetworkConfig.fit_region`)."""

@@ -24,7 +24,7 @@ from segpipe.io.store import has_layer, open_layer, read_region_info
 from segpipe.models import ModelSpec, build_network, normalise, read_spec
 from segpipe.models.catalog import has_encoder
 from segpipe.stages.evaluate import metrics
-from segpipe.stages.train import adapt
+from segpipe.stages.train import adapt, augment
 from segpipe.stages.train import checkpoint as ckpt
 from segpipe.stages.train import distributed as ddp
 from segpipe.stages.train.config import NetworkConfig, ResolvedNetworkConfig
@@ -101,30 +101,6 @@ class _Pace:
         self.last = time.monotonic()
 
 
-def _dihedral(image: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """One of the 8 flips/rotations; land cover has no preferred orientation."""
-    if k >= 4:
-        image, labels = image[..., ::-1], labels[..., ::-1]
-    return np.rot90(image, k % 4, axes=(-2, -1)), np.rot90(labels, k % 4, axes=(-2, -1))
-
-
-def _jitter(
-    image: np.ndarray, valid: np.ndarray | None, strength: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Random contrast and brightness of a normalised chip; invalid pixels stay 0.
-
-    In normalised units a brightness shift of ``strength`` is that many standard
-    deviations, the same for every band, so the change is a plausible illumination
-    change rather than a colour shift.
-    """
-    contrast = 1.0 + float(rng.uniform(-strength, strength))
-    brightness = float(rng.uniform(-strength, strength))
-    out = image * np.float32(contrast) + np.float32(brightness)
-    if valid is not None:
-        out *= valid[None].astype(np.float32)
-    return out
-
-
 def _device(choice: str, rank: int = 0) -> Any:
     import torch
 
@@ -155,8 +131,8 @@ def chip_batch(
             if bank is not None:
                 img, lab = bank.maybe_paste(img, lab, rng)
             if jitter > 0:
-                img = _jitter(img, valid, jitter, rng)
-            img, lab = _dihedral(img, lab, int(rng.integers(8)))
+                img = augment.jitter(img, valid, jitter, rng)
+            img, lab = augment.dihedral((img, lab), int(rng.integers(8)))
         images.append(np.ascontiguousarray(img))
         labels.append(np.ascontiguousarray(lab))
     return np.stack(images), np.stack(labels)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segpipe.models import ModelSpec, normalise
+from segpipe.stages.train.augment import dihedral
 from segpipe.stages.train.sampling import IGNORE, Candidates, ChipSampler
 
 __all__ = ["RING", "ObjectBank", "rarest_class"]
@@ -139,10 +140,7 @@ def _cut_one(
 
 def _paste(obj: _Object, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> None:
     """Paste ``obj``, turned and flipped at random, at a random place of the chip (in place)."""
-    k = int(rng.integers(8))
-    img, lab, mask = (np.rot90(a, k % 4, axes=(-2, -1)) for a in (obj.image, obj.labels, obj.mask))
-    if k >= 4:
-        img, lab, mask = img[..., ::-1], lab[..., ::-1], mask[..., ::-1]
+    img, lab, mask = dihedral((obj.image, obj.labels, obj.mask), int(rng.integers(8)))
     h, w = min(mask.shape[0], labels.shape[0]), min(mask.shape[1], labels.shape[1])
     y0, x0 = int(rng.integers(labels.shape[0] - h + 1)), int(rng.integers(labels.shape[1] - w + 1))
     m = mask[:h, :w]
