@@ -358,7 +358,8 @@ _BalancedSampling = Annotated[
 _CopyPaste = Annotated[
     float | None,
     typer.Option(help="Share of chips given 1-3 objects of the rarest class, cut from the training part, "
-                 "pasted in turned and flipped (0 = off; auto: 0.5 for a rare foreground, else 0)."),
+                 "pasted in turned and flipped (0 = off; auto: 0.5 for a rare foreground, a class under 5 % "
+                 "among <= 3 classes, else 0)."),
 ]
 _ColorJitter = Annotated[
     float, typer.Option(help="Random brightness/contrast strength (normalised units; 0 = off).")
