@@ -63,9 +63,14 @@ CONFIGS: dict[str, list[str]] = {
     "default": [],
     "forest": ["--arch", "random_forest"],
     "auto": ["--arch", "auto"],
-    "copy_paste": ["--copy-paste", "0.5"],
+    # A rare foreground's defaults before session 27 (no pasting, 1e-3, the best epoch kept).
+    "no_paste_lr1_best": ["--copy-paste", "0", "--lr", "0.001", "--keep", "best"],
+    "auto_no_paste_lr1_best": ["--arch", "auto", "--copy-paste", "0", "--lr", "0.001", "--keep", "best"],
+    # Each option given, so that the rows mean the same whichever defaults a later segpipe has.
+    "copy_paste": ["--copy-paste", "0.5", "--lr", "0.001", "--keep", "best"],
     "copy_paste_lr2_last": ["--copy-paste", "0.5", "--lr", "0.002", "--keep", "last"],
-    "lr2_last": ["--lr", "0.002", "--keep", "last"],
+    "lr2_last": ["--copy-paste", "0", "--lr", "0.002", "--keep", "last"],
+    "chips8k": ["--samples-per-epoch", "128"],  # a foreground's 64 epochs: 8,192 chips, twice the default
     "linear": ["--arch", "linear"],
     "members2": ["--members", "2"],
     "balanced": ["--balanced-sampling"],
