@@ -91,9 +91,9 @@ FOREGROUND_GPU_CHIPS = 65536
 LINEAR_START_LR = 3e-4
 # A rare foreground pasted into half the chips (copy_paste 0.5) trains at twice the rate and
 # keeps its last epoch: on the SpaceNet building scene, five seeds through the CLI, test mIoU
-# 0.618 -> 0.655 and building IoU 0.270 -> 0.339; pasting alone (at 1e-3, best epoch kept)
+# 0.618 -> 0.662 and building IoU 0.270 -> 0.352; pasting alone (at 1e-3, best epoch kept)
 # left both where they were, and the faster rate alone overfit the 23 training buildings
-# (0.611, building 0.254; docs/benchmarks.md, session 26).
+# (0.611, building 0.254; docs/benchmarks.md, sessions 26-27).
 FOREGROUND_LR = 2e-3
 LINEAR_START_CPU_CHIPS = 4096
 _MAX_EPOCHS = 64
