@@ -70,7 +70,7 @@ CONFIGS: dict[str, list[str]] = {
     "copy_paste": ["--copy-paste", "0.5", "--lr", "0.001", "--keep", "best"],
     "copy_paste_lr2_last": ["--copy-paste", "0.5", "--lr", "0.002", "--keep", "last"],
     "lr2_last": ["--copy-paste", "0", "--lr", "0.002", "--keep", "last"],
-    "chips8k": ["--samples-per-epoch", "128"],  # a foreground's 64 epochs: 8,192 chips, twice the default
+    "chips8k": ["--samples-per-epoch", "128", "--epochs", "64"],  # 8,192 chips, twice a foreground's
     "linear": ["--arch", "linear"],
     "members2": ["--members", "2"],
     "balanced": ["--balanced-sampling"],
