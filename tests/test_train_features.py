@@ -248,6 +248,20 @@ def test_color_jitter_changes_valid_pixels_only():
     assert np.allclose(out[:, valid], a * image[:, valid] + b, atol=1e-5)
 
 
+def test_the_eight_turns_are_distinct_and_the_same_for_every_array():
+    image = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)  # no symmetry of its own
+    labels = (image[0] % 7).astype(np.uint8)
+    views = [augment.dihedral((image, labels), k) for k in range(8)]
+    assert np.array_equal(views[0][0], image)  # k = 0 leaves a chip as it is
+    assert len({v[0].tobytes() for v in views}) == 8  # every flip and rotation once
+    for k, (img, lab) in enumerate(views):
+        assert img.shape == image.shape and lab.shape == labels.shape
+        # The labels turn with the image: a pixel keeps its label wherever it lands.
+        assert np.array_equal((img[0] % 7).astype(np.uint8), lab), k
+    # k >= 4 flips before it turns: chips and pasted objects share this one mapping.
+    assert np.array_equal(views[5][0], np.rot90(image[..., ::-1], 1, axes=(-2, -1)))
+
+
 def test_schedules(store, tmp_path):
     params = [torch.nn.Parameter(torch.zeros(1))]
     for name, first_is_peak in (("cosine", True), ("onecycle", False)):
