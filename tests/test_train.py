@@ -348,9 +348,21 @@ def test_resume_key_leaves_out_what_changes_no_result():
     # keep came later: at its default (the behaviour before it) a run checkpointed without it
     # resumes; set to "last" it is part of the key.
     assert "keep" not in key and json.loads(train_config(keep="last").resume_key())["keep"] == "last"
-    # copy_paste was 0 by default before it became auto: 0, given or chosen, behaves as before.
-    assert "copy_paste" not in json.loads(train_config(copy_paste=0.0).resume_key())
-    assert json.loads(train_config(copy_paste=0.5).resume_key())["copy_paste"] == 0.5
+    assert json.loads(train_config(copy_paste=0.0).resume_key())["copy_paste"] == 0.0  # auto: left out
+
+
+def test_a_checkpoint_chosen_before_copy_paste_was_chosen_resumes_at_zero():
+    # Such a checkpoint's chosen settings lack copy_paste (0 was its default, left out).
+    from segpipe.stages.train.adapt import Facts, resolve
+    from segpipe.stages.train.checkpoint import _CHOSEN_BEFORE, _differences
+
+    land_cover = Facts(320, 320, 0.5, (320, 320), np.array([5000, 4000, 3000]), False)
+    now = resolve(NetworkConfig(), land_cover)[0]
+    assert now.copy_paste == 0.0
+    saved = now.model_dump_json(exclude={"copy_paste"})
+    assert _differences(saved, now.model_dump_json(), before=_CHOSEN_BEFORE) == ""
+    pasting = now.model_copy(update={"copy_paste": 0.5}).model_dump_json()
+    assert _differences(saved, pasting, before=_CHOSEN_BEFORE) == "copy_paste: 0.0 there, 0.5 now"
 
 
 def test_validation_scores_and_package_metrics_are_one_definition():

@@ -138,6 +138,11 @@ def save_checkpoint(out: str | Path, state: TrainState) -> Path:
     return path
 
 
+# Settings a checkpoint's chosen ones may lack, and the value its run trained with: before
+# copy_paste was chosen (0.5 for a rare foreground), its default 0 was left out of the key.
+_CHOSEN_BEFORE: dict[str, Any] = {"copy_paste": 0.0}
+
+
 def _read(path: Path, config: str, chosen: str | None = None, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint's payload, checked for format and settings.
 
@@ -154,7 +159,7 @@ def _read(path: Path, config: str, chosen: str | None = None, mmap: bool = False
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         raise InputError(f"checkpoint {path} has an unknown format: delete it to start afresh")
     if data.get("chosen") and chosen is not None:
-        changed = _differences(data["chosen"], chosen)
+        changed = _differences(data["chosen"], chosen, before=_CHOSEN_BEFORE)
     else:  # before planning, or a checkpoint of an earlier segpipe (it holds the given ones only)
         changed = _differences(data.get("config"), config, both_given=bool(data.get("chosen")))
     if changed:
@@ -166,15 +171,16 @@ def _read(path: Path, config: str, chosen: str | None = None, mmap: bool = False
     return data
 
 
-def _differences(saved: Any, now: str, both_given: bool = False) -> str:
+def _differences(saved: Any, now: str, both_given: bool = False, before: dict[str, Any] | None = None) -> str:
     """The settings that differ, as ``name: saved there, now now`` (empty when none do).
 
-    ``both_given`` compares only the settings neither run left at auto.
+    ``both_given`` compares only the settings neither run left at auto; ``before`` gives
+    the value a setting missing from ``saved`` had.
     """
     if saved == now:
         return ""
     try:
-        old, new = json.loads(saved), json.loads(now)
+        old, new = {**(before or {}), **json.loads(saved)}, json.loads(now)
     except (TypeError, ValueError):
         return "unreadable settings"
     names = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]

@@ -269,10 +269,8 @@ class _NetworkSettings(_Shared):
 
 
 # Settings added after checkpoints were first written, whose defaults behave as segpipe did
-# before them (see NetworkConfig.resume_key), and the values that also do: copy_paste was
-# 0 by default before it became auto.
+# before them (see NetworkConfig.resume_key).
 _LATER_SETTINGS = ("keep", "members", "linear_start", "overlap_loss", "clip_grad_norm", "copy_paste")
-_AS_BEFORE: dict[str, Any] = {"copy_paste": 0.0}
 
 
 class NetworkConfig(_NetworkSettings):
@@ -307,11 +305,7 @@ class NetworkConfig(_NetworkSettings):
         checkpointed by an earlier segpipe still resumes.
         """
         fields = type(self).model_fields
-        later = {
-            name
-            for name in _LATER_SETTINGS
-            if getattr(self, name) in (fields[name].default, _AS_BEFORE.get(name, fields[name].default))
-        }
+        later = {name for name in _LATER_SETTINGS if getattr(self, name) == fields[name].default}
         return self.model_dump_json(exclude={"threads", "checkpoint_every", "checkpoint_seconds", *later})
 
 
