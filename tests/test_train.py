@@ -348,7 +348,9 @@ def test_resume_key_leaves_out_what_changes_no_result():
     # keep came later: at its default (the behaviour before it) a run checkpointed without it
     # resumes; set to "last" it is part of the key.
     assert "keep" not in key and json.loads(train_config(keep="last").resume_key())["keep"] == "last"
-    assert json.loads(train_config(copy_paste=0.0).resume_key())["copy_paste"] == 0.0  # auto: left out
+    # copy_paste left at auto is left out, like keep; given, even as 0, it is part of the key.
+    assert "copy_paste" not in key
+    assert json.loads(train_config(copy_paste=0.0).resume_key())["copy_paste"] == 0.0
 
 
 def test_a_checkpoint_chosen_before_copy_paste_was_chosen_resumes_at_zero():

@@ -186,8 +186,9 @@ def resolve(cfg: NetworkConfig, facts: Facts) -> tuple[ResolvedNetworkConfig, di
     batch = pick("batch_size", 16 if chip <= 128 else 8, "16 chips of <= 128 px, else 8")
     per_epoch = pick("samples_per_epoch", *_per_epoch(facts, chip))
     pick("epochs", *_epochs(facts, per_epoch, start))
-    pick("lr", *_lr(batch, start, _foreground(facts)))
-    pick("keep", *_keep(start, _foreground(facts)))
+    foreground = _foreground(facts)
+    pick("lr", *_lr(batch, start, foreground))
+    pick("keep", *_keep(start, foreground))
     _rare_classes(facts, pick)
     pick("pixel_head", *(_pixel_head(facts) if network else (0, "a per-pixel model")))
     update = {name: entry["value"] for name, entry in chosen.items()}
