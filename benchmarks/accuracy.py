@@ -43,6 +43,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ CONFIGS: dict[str, list[str]] = {
     "linear_start_clip1": ["--linear-start", "--clip-grad-norm", "1.0"],
     "linear_start_lr3_last_e48": ["--linear-start", "--lr", "0.0003", "--keep", "last", "--epochs", "48"],
     "linear_start_lr3_last_e64": ["--linear-start", "--lr", "0.0003", "--keep", "last", "--epochs", "64"],
+    "all_labels": ["--valid-fraction", "0"],
     "linear_start_lr3_last_all": [
         "--linear-start", "--lr", "0.0003", "--keep", "last", "--valid-fraction", "0",
     ],
@@ -332,12 +334,20 @@ def _candidates(model: Path) -> list[tuple[str, Path]]:
     return [(p.name, p) for p in sorted(found)]
 
 
-def score_package(prep: Prepared, model: Path, tag: str, timeout: float) -> dict[str, Any]:
-    """Predict the store with ``model`` and score its test part: mIoU, IoU by class, accuracy."""
+def score_package(
+    prep: Prepared, model: Path, tag: str, timeout: float, predict_args: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Predict the store with ``model`` (and ``predict_args``) and score its test part.
+
+    Returns:
+        mIoU, IoU by class, overall accuracy, segpipe's own mIoU and predict's wall seconds.
+    """
     report, logs = prep.work / f"report_{tag}", prep.work / "logs"
     shutil.rmtree(report, ignore_errors=True)
     _, predict_wall = run_cli(
-        ["predict", str(prep.store), "--model", str(model), "--force"], logs / f"predict_{tag}.log", timeout
+        ["predict", str(prep.store), "--model", str(model), "--force", *predict_args],
+        logs / f"predict_{tag}.log",
+        timeout,
     )
     run_cli(
         ["evaluate", str(prep.store), "--reference", str(prep.reference), "--out", str(report)],

@@ -179,7 +179,7 @@ def _cluster_predict(store: str, model: str) -> dict[str, Any]:
         workers = client.scheduler_info(n_workers=-1)["workers"]
         gpus = len(workers) if cuda_cluster else 1
         predict(store, model, client=client, force=True)  # warm: model loaded, kernels chosen
-        runs = [predict(store, model, client=client, force=True) for _ in range(2)]
+        runs = [predict(store, model, client=client, force=True, tta=False) for _ in range(2)]
         cluster = describe_cluster(client)
     s = runs[-1]
     return {"cluster": cluster, "local_cuda_cluster": cuda_cluster, "cluster_start_s": round(start_s, 1),

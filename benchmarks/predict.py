@@ -321,7 +321,7 @@ def previews(store: str, model: str, client: Any, out_dir: Path) -> dict[str, fl
     b = info.block_size
     scores = {}
     for blend in ("cosine", "gaussian", "mean", "crop"):
-        s = predict(store, model, client=client, force=True, blend=blend, max_task_pixels=b * b)
+        s = predict(store, model, client=client, force=True, blend=blend, max_task_pixels=b * b, tta=False)
         classes = np.asarray(open_layer(store, "classes")[: 4 * b, : 4 * b])
         conf = np.asarray(open_layer(store, "confidence")[: 4 * b, : 4 * b])
         scores[blend] = seam_score(conf, s.tile_size, s.overlap)
@@ -401,11 +401,11 @@ def _measure(
     # Memory is sampled in a run of its own: the sampler's /proc walks every 50 ms
     # take CPU from the 2 cores (the 1x run took 1.98 s sampled, 1.67 s not).
     with PeakRss() as rss:
-        s = predict(store, model, client=client, force=True)
+        s = predict(store, model, client=client, force=True, tta=False)
     tile, ov = s.tile_size, s.overlap
     seconds, fwd_runs = [], []
     for _ in range(2):
-        seconds.append(predict(store, model, client=client, force=True).seconds)
+        seconds.append(predict(store, model, client=client, force=True, tta=False).seconds)
         fwd_runs.append(workers_rate(client, model, tile, s.batch_size))
     px, sec = forward_rate(model, tile, s.batch_size, cores)
     fwd_single = px / sec / 1e6
@@ -479,7 +479,7 @@ def main() -> None:
         # (A warm-up predict alone warms only the workers its tasks land on: at 1x that
         # left the measured run loading the model on the other worker.)
         client.run(_warm_worker, model, 256, 2)
-        predict(stores[args.factors[0]][1], model, client=client, force=True)
+        predict(stores[args.factors[0]][1], model, client=client, force=True, tta=False)
         for f in args.factors:
             rows.append(_measure(client, f, *stores[f], model, args.work, peer_threads))
             print(json.dumps(rows[-1]), flush=True)

@@ -116,7 +116,7 @@ def run_predict(setup: str, store: str, model: str) -> dict[str, Any]:
     if setup == "torch everywhere":
         code = _TORCH_FIRST
         env["DASK_DISTRIBUTED__WORKER__PRELOAD"] = '["torch"]'
-    cmd = [sys.executable, "-c", code, "predict", store, "--model", model, "--force"]
+    cmd = [sys.executable, "-c", code, "predict", store, "--model", model, "--force", "--no-tta"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with ProcessPeaks(proc.pid) as peaks:

@@ -317,7 +317,7 @@ def predict(
     client: distributed.Client | None = None,
     force: bool = False,
     blend: str = "cosine",
-    tta: bool = False,
+    tta: bool | None = None,
     probabilities: bool = False,
     task_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -339,7 +339,8 @@ def predict(
         client: A connected dask client to use instead.
         force: Recompute finished blocks.
         blend: Blending of overlapping windows: ``cosine``, ``gaussian``, ``mean`` or ``crop``.
-        tta: Average 8 flips and rotations per window (8x the compute).
+        tta: Average 8 flips and rotations per window (8x the forward calls); default: a
+            network does on a region of at most 4096 x 4096 px, a per-pixel model never.
         probabilities: Also write the per-class probabilities layer.
         task_size: Largest task edge in pixels (whole blocks); default 4096.
         progress: Called as ``progress(done, total)`` in blocks.

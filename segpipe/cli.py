@@ -652,7 +652,12 @@ def predict(
     blend: Annotated[
         str, typer.Option(help="Blending of overlapping windows: cosine, gaussian, mean or crop.")
     ] = "cosine",
-    tta: Annotated[bool, typer.Option(help="Average 8 flips/rotations per window (8x compute).")] = False,
+    tta: Annotated[
+        bool | None,
+        typer.Option("--tta/--no-tta", help="Average 8 flips/rotations per window (8x the forward calls). "
+                     "Default: a network does on a region of at most 4096 x 4096 px, a per-pixel model "
+                     "never."),
+    ] = None,
     probabilities: Annotated[
         bool, typer.Option(help="Also write the per-class probabilities layer (class, y, x), uint8 %.")
     ] = False,
@@ -699,9 +704,10 @@ def predict(
             max_task_pixels=task_size * task_size,
             allow_resolution_mismatch=allow_resolution_mismatch,
         )
+    views = ", 8 views a window (--no-tta: one)" if summary.tta else ""
     console.print(
         f"predicted {summary.blocks_done} blocks ({summary.blocks_skipped} already done) "
-        f"in {summary.tasks} tasks, {summary.seconds:.1f} s"
+        f"in {summary.tasks} tasks{views}, {summary.seconds:.1f} s"
     )
 
 

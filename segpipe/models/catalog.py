@@ -17,6 +17,7 @@ __all__ = [
     "ARCHITECTURES",
     "CLASSICAL_ARCHITECTURES",
     "ENCODERS",
+    "ENSEMBLE_ARCH",
     "FOREST_ARCH",
     "FOREST_OPTIONS",
     "LINEAR_ARCH",
@@ -39,6 +40,8 @@ CLASSICAL_ARCHITECTURES = ("random_forest",)
 # bands, fitted by L-BFGS: segpipe.stages.train.linear): the simplest baseline, and a model whose forward
 # pass costs almost nothing, so benchmarks of it measure the pipeline around it.
 PER_PIXEL_ARCHITECTURES = (LINEAR_ARCH, *CLASSICAL_ARCHITECTURES)
+# Several packages averaged (segpipe.models.ensemble); named here, where no torch is imported.
+ENSEMBLE_ARCH: Final = "ensemble"
 ENCODERS = (
     "resnet18", "resnet34", "resnet50", "resnet101",
     "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",

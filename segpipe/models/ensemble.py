@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from segpipe.errors import ModelPackageError
+from segpipe.models.catalog import ENSEMBLE_ARCH
 
 __all__ = ["ENSEMBLE_ARCH", "EnsembleNet", "MemberBuilder", "build_ensemble"]
-
-ENSEMBLE_ARCH = "ensemble"
 
 MemberBuilder = Callable[[str, str, int, int, Mapping[str, Any] | None], nn.Module]
 """Builds a member network: (arch, encoder, bands, classes, options) -> module."""

@@ -35,6 +35,7 @@ from segpipe.stages.predict.driver import (
     window_settings,
 )
 from segpipe.stages.predict.pixels import encode_probabilities, prepare_pixels
+from segpipe.stages.predict.views import choose_tta
 from segpipe.stages.predict.worker import cached_forward
 from segpipe.types import classes_to_json
 
@@ -275,7 +276,7 @@ def _outputs(
 @overload
 def classify(
     data: xr.DataArray, model: str | Path, *, tile_size: int | None = None, overlap: int | None = None,
-    blend: str = "cosine", tta: bool = False, probabilities: Literal[False] = False,
+    blend: str = "cosine", tta: bool | None = None, probabilities: Literal[False] = False,
     batch_size: int | None = None,
 ) -> xr.DataArray: ...
 
@@ -283,14 +284,16 @@ def classify(
 @overload
 def classify(
     data: xr.DataArray, model: str | Path, *, tile_size: int | None = None, overlap: int | None = None,
-    blend: str = "cosine", tta: bool = False, probabilities: Literal[True], batch_size: int | None = None,
+    blend: str = "cosine", tta: bool | None = None, probabilities: Literal[True],
+    batch_size: int | None = None,
 ) -> xr.Dataset: ...
 
 
 @overload
 def classify(
     data: xr.DataArray, model: str | Path, *, tile_size: int | None = None, overlap: int | None = None,
-    blend: str = "cosine", tta: bool = False, probabilities: bool = False, batch_size: int | None = None,
+    blend: str = "cosine", tta: bool | None = None, probabilities: bool = False,
+    batch_size: int | None = None,
 ) -> xr.DataArray | xr.Dataset: ...
 
 
@@ -301,7 +304,7 @@ def classify(
     tile_size: int | None = None,
     overlap: int | None = None,
     blend: str = "cosine",
-    tta: bool = False,
+    tta: bool | None = None,
     probabilities: bool = False,
     batch_size: int | None = None,
 ) -> xr.DataArray | xr.Dataset:
@@ -330,7 +333,8 @@ def classify(
         overlap: Overlap between windows; default as predict (a quarter of the tile; for a
             random forest what its context window needs).
         blend: ``cosine`` (default), ``gaussian``, ``mean`` or ``crop``.
-        tta: Average each window over its 8 flips and rotations (8x the compute).
+        tta: Average each window over its 8 flips and rotations (8x the forward calls);
+            default as predict (a network does on at most 4096 x 4096 px of ``data``).
         probabilities: Return a Dataset of every predict layer instead of the classes alone.
         batch_size: Most windows per forward call; default as predict (8 on a GPU, 2 on a CPU).
 
@@ -354,7 +358,8 @@ def classify(
     spec, mhash = validate_package(location)
     tile, ov, n_windows, margin = _check(data, spec, tile_size, overlap, blend, batch_size)
     height, width = int(data.shape[1]), int(data.shape[2])
-    job = _Job(location, mhash, (height, width), tile, ov, blend, tta, _nodata(data), batch_size,
+    views = choose_tta(tta, spec, height, width)[0]
+    job = _Job(location, mhash, (height, width), tile, ov, blend, views, _nodata(data), batch_size,
                n_windows, probabilities, margin)
     stack = _lazy(data, job, 2 + len(spec.classes) if probabilities else 1)
     return _outputs(data, stack, spec, job, probabilities)

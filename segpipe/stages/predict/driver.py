@@ -51,6 +51,7 @@ from segpipe.stages.predict.execute import (
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, count_jobs, iter_jobs
 from segpipe.stages.predict.outputs import DEFAULT_LAYERS, DEFAULT_OUTPUT, OutputLayers, output_layers
 from segpipe.stages.predict.results import prepare_layers, publish, read_markers
+from segpipe.stages.predict.views import choose_tta
 
 if TYPE_CHECKING:
     import distributed
@@ -108,6 +109,7 @@ class PredictSummary:
         batch_size: Windows per forward call used.
         task_blocks: Blocks per task along (y, x) chosen by the plan.
         valid_pixels: Pixels with data written by this run (the others hold 255).
+        tta: Whether each window was averaged over its 8 flips and rotations.
     """
 
     blocks_total: int
@@ -123,6 +125,7 @@ class PredictSummary:
     batch_size: int = 0
     task_blocks: tuple[int, int] = (1, 1)
     valid_pixels: int = 0
+    tta: bool = False
 
 
 def choose_batch_size(n_windows: int, most: int) -> int:
@@ -238,7 +241,7 @@ def check_predict_inputs(
     overlap: int | None = None,
     batch_size: int | None = None,
     blend: str = "cosine",
-    tta: bool = False,
+    tta: bool | None = None,
     probabilities: bool = False,
     output: str = DEFAULT_OUTPUT,
     allow_resolution_mismatch: bool = False,
@@ -251,7 +254,8 @@ def check_predict_inputs(
     ``load_here``, in a child process if not, by default here only if torch is already
     imported; see :mod:`segpipe.models.verify`), its bands those of the image, its
     training pixel size within 25 % of the image's (unless ``allow_resolution_mismatch``),
-    and the window settings and output name usable.
+    and the window settings and output name usable. ``tta`` left at None is decided by
+    :func:`segpipe.stages.predict.views.choose_tta` (and logged); the key holds the decision.
 
     Returns:
         The checked inputs.
@@ -278,7 +282,9 @@ def check_predict_inputs(
     n_global = window_count(grown((info.height, info.width), margin), tile, tile - ov)
     if batch_size is not None:
         choose_batch_size(n_global, batch_size)  # a bad value fails before any write
-    key = _resume_key(mhash, tile, ov, blend, tta, margin)
+    views, why = choose_tta(tta, spec, info.height, info.width)
+    log.info("test-time augmentation %s (%s)", "on, 8 views a window" if views else "off", why)
+    key = _resume_key(mhash, tile, ov, blend, views, margin)
     return PredictInputs(store_s, info, spec, mdir, key, tile, ov, n_global, batch_size, probabilities,
                          layers, margin)
 
@@ -401,7 +407,7 @@ def predict(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     blend: str = "cosine",
-    tta: bool = False,
+    tta: bool | None = None,
     probabilities: bool = False,
     max_task_pixels: int = MAX_TASK_PIXELS,
     scheduler: str | None = None,
@@ -437,7 +443,9 @@ def predict(
         force: Recompute every block even if marked finished.
         progress: Called as ``progress(done, total)`` in blocks after each task.
         blend: ``cosine`` (default), ``gaussian``, ``mean`` or ``crop``.
-        tta: Average each window over its 8 flips and rotations (8x the compute).
+        tta: Average each window over its 8 flips and rotations (8x the forward calls);
+            default: a network does on a region of at most 4096 x 4096 px
+            (:mod:`segpipe.stages.predict.views`).
         probabilities: Also write the ``probabilities`` layer.
         max_task_pixels: Largest area one task covers.
         scheduler: Scheduler address to join when no ``client`` is given (default:
@@ -497,7 +505,8 @@ def _summary(inputs: PredictInputs, done: np.ndarray, run: _Run, seconds: float)
     log.info("predicted %d blocks in %d tasks (%d skipped) in %.1f s",
              run.blocks, run.tasks, skipped, seconds)
     return PredictSummary(int(done.size), run.blocks, skipped, run.pixels, seconds, run.windows, inputs.tile,
-                          inputs.overlap, run.slots, run.tasks, run.batch_size, run.plan, run.valid)
+                          inputs.overlap, run.slots, run.tasks, run.batch_size, run.plan, run.valid,
+                          bool(inputs.key["tta"]))
 
 
 def pending_blocks(
@@ -506,7 +515,7 @@ def pending_blocks(
     tile_size: int | None = None,
     overlap: int | None = None,
     blend: str = "cosine",
-    tta: bool = False,
+    tta: bool | None = None,
     probabilities: bool = False,
     output: str = DEFAULT_OUTPUT,
 ) -> tuple[int, int]:
@@ -540,7 +549,8 @@ def pending_blocks(
     info = read_region_info(store_s)
     spec = read_spec(model_dir)
     tile, ov = window_settings(spec, tile_size, overlap)
-    key = _resume_key(model_hash(model_location(model_dir)), tile, ov, blend, tta, edge_margin(spec, ov))
+    views = choose_tta(tta, spec, info.height, info.width)[0]
+    key = _resume_key(model_hash(model_location(model_dir)), tile, ov, blend, views, edge_margin(spec, ov))
     total = int(info.blocks[0] * info.blocks[1])
     if has_staged_progress(store_s):  # perhaps a publication cut short: finish it, as predict would
         with contextlib.suppress(StoreBusyError), acquire_lock(store_s, key["model_hash"]):

@@ -161,7 +161,7 @@ def plan_predict(
     batch_size: int | None = None,
     force: bool = False,
     blend: str = "cosine",
-    tta: bool = False,
+    tta: bool | None = None,
     probabilities: bool = False,
     max_task_pixels: int | None = None,
     scheduler: str | None = None,
