@@ -57,6 +57,8 @@ class RegionRun(BaseModel):
             default, or ``random_forest``); None to use an existing model package.
         tile_size: Prediction window edge (default: from the model).
         overlap: Prediction window overlap (default: a quarter of the window).
+        tta: Average each window's 8 flips and rotations (default: a network does on a
+            region of at most 4096 x 4096 px; see ``segpipe.stages.predict.views``).
         allow_resolution_mismatch: Predict even where the pixel size differs by more than
             25 % from the model's.
         scheduler: Dask scheduler address (``tcp://host:8786``) for prediction, and for
@@ -93,6 +95,7 @@ class RegionRun(BaseModel):
     train: TrainConfigField | None = Field(default_factory=NetworkConfig)
     tile_size: int | None = None
     overlap: int | None = None
+    tta: bool | None = None
     allow_resolution_mismatch: bool = False
     scheduler: str | None = None
     task_runner: TaskRunnerName = "local"
@@ -149,7 +152,7 @@ def process_region(run: RegionRun) -> dict[str, Any]:
         stages.append(train_stage.submit(run.store, run.model, run.train).result())
     stages.append(
         predict_stage.submit(run.store, run.model, run.tile_size, run.overlap, run.scheduler,
-                             run.allow_resolution_mismatch).result()
+                             run.allow_resolution_mismatch, run.tta).result()
     )
     tail = _submit_readers(run)
     wait(tail)  # every parallel stage ends before the first failure is raised

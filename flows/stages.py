@@ -61,6 +61,7 @@ def predict_flow(
     overlap: int | None = None,
     scheduler: str | None = None,
     allow_resolution_mismatch: bool = False,
+    tta: bool | None = None,
 ) -> dict[str, Any]:
     """Classify every pixel of a store on a Dask cluster.
 
@@ -72,8 +73,9 @@ def predict_flow(
         scheduler: Dask scheduler address; None starts a local cluster.
         allow_resolution_mismatch: Predict even where the pixel size differs by more than
             25 % from the model's.
+        tta: Average each window's 8 flips and rotations (default: as ``segpipe predict``).
     """
-    return predict_stage(store, model, tile_size, overlap, scheduler, allow_resolution_mismatch)
+    return predict_stage(store, model, tile_size, overlap, scheduler, allow_resolution_mismatch, tta)
 
 
 @flow(name="export")

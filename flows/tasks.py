@@ -205,7 +205,7 @@ def train_stage(store: str, model: str, config: TrainConfig) -> dict[str, Any]:
 @task(name="predict", retries=2, retry_condition_fn=_retry_transient)
 def predict_stage(
     store: str, model: str, tile_size: int | None, overlap: int | None, scheduler: str | None,
-    allow_resolution_mismatch: bool = False,
+    allow_resolution_mismatch: bool = False, tta: bool | None = None,
 ) -> dict[str, Any]:
     """Classify every pixel on a Dask cluster (local by default), unless every block is finished."""
     from segpipe.cluster import describe_cluster, get_client
@@ -216,9 +216,9 @@ def predict_stage(
     output = f"{store} (classes, confidence)"
     # Checked before any cluster is started or joined: a bad package or setting fails at
     # once (its weights are loaded here, once), and a finished region costs nothing.
-    check_predict_inputs(store, model, tile_size, overlap,
+    check_predict_inputs(store, model, tile_size, overlap, tta=tta,
                          allow_resolution_mismatch=allow_resolution_mismatch)
-    pending, total = pending_blocks(store, model, tile_size, overlap)
+    pending, total = pending_blocks(store, model, tile_size, overlap, tta=tta)
     if pending == 0:
         log.info("predict: all %d blocks are finished for this model and settings; skipped", total)
         return _skipped("predict", started, output=output, blocks=total, blocks_skipped=total)
@@ -232,7 +232,7 @@ def predict_stage(
                 log.info("predict: %d/%d blocks", done, total)
 
         summary = predict(store, model, tile_size=tile_size, overlap=overlap, client=client, progress=report,
-                          allow_resolution_mismatch=allow_resolution_mismatch)
+                          tta=tta, allow_resolution_mismatch=allow_resolution_mismatch)
     if summary.blocks_skipped:
         log.info(
             "predict: %d of %d blocks were already finished; skipped",
@@ -246,6 +246,7 @@ def predict_stage(
         output=output,
         blocks=summary.blocks_total,
         blocks_skipped=summary.blocks_skipped,
+        tta=summary.tta,
     )
 
 
