@@ -85,10 +85,16 @@ CONFIGS: dict[str, list[str]] = {
     "linear_start_lr3_last_e48": ["--linear-start", "--lr", "0.0003", "--keep", "last", "--epochs", "48"],
     "linear_start_lr3_last_e64": ["--linear-start", "--lr", "0.0003", "--keep", "last", "--epochs", "64"],
     "all_labels": ["--valid-fraction", "0"],
+    "one_view": [],  # the default training, predicted once a window (PREDICT_OPTIONS)
+    "auto_one_view": ["--arch", "auto"],
     "linear_start_lr3_last_all": [
         "--linear-start", "--lr", "0.0003", "--keep", "last", "--valid-fraction", "0",
     ],
 }
+# Options of ``segpipe predict`` by config (none: predict's defaults).
+PREDICT_OPTIONS: dict[str, list[str]] = {"one_view": ["--no-tta"], "auto_one_view": ["--no-tta"]}
+# ``--arch auto`` against the default network predicted alike: (auto's config, the network's, how).
+AUTO_PAIRS = (("auto", "default", "predict's default"), ("auto_one_view", "one_view", "`--no-tta`"))
 # ``--arch auto`` keeps its candidates in ``<model>/candidates/<name>``: each is also
 # predicted and scored, as config ``auto/<name>``, so one run shows what auto chose from.
 CANDIDATES = "candidates"
@@ -311,7 +317,8 @@ def run_segpipe(
             | {"valid_miou": compared.get("valid_miou"), "kept": name == selection.get("kept")}
             | row
         )
-    row = score_package(prep, model, tag, timeout)  # last: the store's classes layer is the kept model's
+    # last: the store's classes layer is the kept model's
+    row = score_package(prep, model, tag, timeout, PREDICT_OPTIONS.get(config, []))
     first = {"train_cpu_s": train_cpu, "train_wall_s": train_wall, "kept": selection.get("kept")}
     return [first | row, *rows], read_classes_layer(prep.store)
 
@@ -491,28 +498,37 @@ def auto_summary(rows: list[dict[str, Any]]) -> str:
     over each config's seeds; the worst seed compares seeds that ran both sides.
     """
     lines = [
-        "| data set | auto seeds | auto mean | min-max | forest mean | default network mean "
+        "| data set | predicted with | auto seeds | auto mean | min-max | forest mean | default network mean "
         "| auto - better | worst seed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in dict.fromkeys(r["dataset"] for r in rows):
-        by = {c: _by_seed(rows, name, c) for c in ("auto", "forest", "default")}
-        if not by["auto"] or not (by["forest"] or by["default"]):
-            continue
-        means = {c: float(np.mean(list(v.values()))) if v else None for c, v in by.items()}
-        better = max(m for c, m in means.items() if c != "auto" and m is not None)
-        gaps = [
-            v - max(by[c][seed] for c in ("forest", "default") if seed in by[c])
-            for seed, v in by["auto"].items()
-            if any(seed in by[c] for c in ("forest", "default"))
-        ]
-        auto = list(by["auto"].values())
-        lines.append(
-            f"| {name} | {','.join(map(str, by['auto']))} | {_fmt(means['auto'])} "
-            f"| {_fmt(min(auto))}-{_fmt(max(auto))} | {_fmt(means['forest'])} | {_fmt(means['default'])} "
-            f"| {_signed(float(np.mean(auto)) - better)} | {_signed(min(gaps))} |"
-        )
+        for auto_config, network, how in AUTO_PAIRS:
+            line = _auto_line(rows, name, auto_config, network)
+            if line:
+                lines.append(f"| {name} | {how} | {line} |")
     return "\n".join(lines)
+
+
+def _auto_line(rows: list[dict[str, Any]], name: str, auto_config: str, network: str) -> str | None:
+    """One data set's auto row: seeds, means, and auto less the better of forest and network."""
+    by = {c: _by_seed(rows, name, c) for c in (auto_config, "forest", network)}
+    if not by[auto_config] or not (by["forest"] or by[network]):
+        return None
+    means = {c: float(np.mean(list(v.values()))) if v else None for c, v in by.items()}
+    better = max(m for c, m in means.items() if c != auto_config and m is not None)
+    gaps = [
+        v - max(by[c][seed] for c in ("forest", network) if seed in by[c])
+        for seed, v in by[auto_config].items()
+        if any(seed in by[c] for c in ("forest", network))
+    ]
+    auto = list(by[auto_config].values())
+    lead = float(np.mean(auto)) - better
+    return (
+        f"{','.join(map(str, by[auto_config]))} | {_fmt(means[auto_config])} "
+        f"| {_fmt(min(auto))}-{_fmt(max(auto))} | {_fmt(means['forest'])} | {_fmt(means[network])} "
+        f"| {_signed(lead)} | {_signed(min(gaps))}"
+    )
 
 
 # Selection rules judged on auto's candidates: (name, the rule's pick from valid mIoU by candidate).
@@ -545,24 +561,30 @@ def rules_summary(rows: list[dict[str, Any]]) -> str:
     Uses the seeds whose three candidates (forest, network, ensemble) were all scored;
     the rule sees only their validation mIoU, as ``--arch auto`` does.
     """
-    lines = ["| data set | seeds | rule | test mIoU mean | min-max |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| data set | predicted with | seeds | rule | test mIoU mean | min-max |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name in dict.fromkeys(r["dataset"] for r in rows):
-        seeds = _candidate_seeds(rows, name)
-        for label, rule in RULES if seeds else ():
-            picked = [seeds[s][rule({k: v[0] for k, v in seeds[s].items()})][1] for s in sorted(seeds)]
-            lines.append(
-                f"| {name} | {','.join(map(str, sorted(seeds)))} | {label} | {_fmt(float(np.mean(picked)))} "
-                f"| {_fmt(min(picked))}-{_fmt(max(picked))} |"
-            )
+        for auto_config, _, how in AUTO_PAIRS:
+            seeds = _candidate_seeds(rows, name, auto_config)
+            for label, rule in RULES if seeds else ():
+                picked = [seeds[s][rule({k: v[0] for k, v in seeds[s].items()})][1] for s in sorted(seeds)]
+                lines.append(
+                    f"| {name} | {how} | {','.join(map(str, sorted(seeds)))} | {label} "
+                    f"| {_fmt(float(np.mean(picked)))} | {_fmt(min(picked))}-{_fmt(max(picked))} |"
+                )
     return "\n".join(lines)
 
 
-def _candidate_seeds(rows: list[dict[str, Any]], name: str) -> dict[int, dict[str, tuple[float, float]]]:
+def _candidate_seeds(
+    rows: list[dict[str, Any]], name: str, auto_config: str = "auto"
+) -> dict[int, dict[str, tuple[float, float]]]:
     """Per seed, each auto candidate's (validation mIoU, test mIoU), where all three were scored."""
     found: dict[int, dict[str, tuple[float, float]]] = {}
     for r in rows:
         parent, _, candidate = r["config"].partition("/")
-        if r["dataset"] == name and parent == "auto" and candidate and r.get("valid_miou") is not None:
+        if r["dataset"] == name and parent == auto_config and candidate and r.get("valid_miou") is not None:
             found.setdefault(int(r["seed"]), {})[candidate] = (float(r["valid_miou"]), float(r["test_miou"]))
     return {s: c for s, c in found.items() if len(c) == 3 and ENSEMBLE in c and "random_forest" in c}
 
@@ -605,12 +627,20 @@ def _table_row(name: str, config: str, group: list[dict[str, Any]]) -> str:
     )
 
 
+def _options(config: str) -> str:
+    """A config's options as the table's header states them: train's, then predict's."""
+    train, predict = CONFIGS[config], PREDICT_OPTIONS.get(config, [])
+    text = f"`{' '.join(train)}`" if train else "no option"
+    return f"{text}, predicted with `{' '.join(predict)}`" if predict else text
+
+
 def section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The marked section of docs/benchmarks.md: how it was made, then the table."""
-    configs = "; ".join(f"`{k}` = " + (f"`{' '.join(v)}`" if v else "no option") for k, v in CONFIGS.items())
+    configs = "; ".join(f"`{k}` = {_options(k)}" for k in CONFIGS)
     how = (
         "Written by `benchmarks/accuracy.py` (do not edit by hand). Each data set goes through the CLI "
-        "(`segpipe ingest`, `segpipe train --seed S` plus the config's options, `predict`, `evaluate`) "
+        "(`segpipe ingest`, `segpipe train --seed S` plus the config's options, `predict` with its "
+        "defaults unless the config says otherwise, `evaluate`) "
         "with the left/right split of its README; `sklearn_rf` is a plain `RandomForestClassifier("
         "n_estimators=100, n_jobs=-1, random_state=seed)` on the band values of the same training pixels. "
         "mIoU: mean IoU over the classes present in the reference's test part (0 excluded). Configs: "

@@ -150,7 +150,8 @@ def test_selection_rules_pick_from_validation_and_score_on_test(acc: ModuleType)
         # seed 2 lacks its ensemble: left out of every rule
         candidate(2, "random_forest", 0.2, 0.2), candidate(2, "unet", 0.3, 0.3),
     ]
-    lines = {line.split(" | ")[2]: line for line in acc.rules_summary(rows).splitlines()[2:]}
+    lines = {line.split(" | ")[3]: line for line in acc.rules_summary(rows).splitlines()[2:]}
+    assert all(line.startswith("| nc-landsat7-dense | predict's default | ") for line in lines.values())
     assert "| 0,1 |" in lines["always the forest"] and "| 0.215 | 0.210-0.220 |" in lines["always the forest"]
     assert "| 0.270 | 0.260-0.280 |" in lines["always the network"]
     assert "| 0.260 | 0.250-0.270 |" in lines["always the ensemble"]
@@ -167,4 +168,11 @@ def test_auto_is_compared_with_the_better_of_forest_and_network(acc: ModuleType)
         row("s2-brandenburg", "auto", 0, 0.28), row("s2-brandenburg", "auto", 1, 0.29),
     ]
     (line,) = acc.auto_summary(rows).splitlines()[2:]
-    assert line == "| s2-brandenburg | 0,1 | 0.285 | 0.280-0.290 | 0.285 | 0.230 | +0.000 | -0.010 |"
+    assert line == (
+        "| s2-brandenburg | predict's default | 0,1 | 0.285 | 0.280-0.290 | 0.285 | 0.230 | +0.000 | -0.010 |"
+    )
+    # auto and the network predicted once a window are compared with each other, not with the default's
+    once = [{**r, "config": {"auto": "auto_one_view", "default": "one_view"}.get(r["config"], r["config"])}
+            for r in rows]
+    (line,) = acc.auto_summary(once).splitlines()[2:]
+    assert line.startswith("| s2-brandenburg | `--no-tta` | 0,1 | 0.285 |")
