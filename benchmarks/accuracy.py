@@ -656,8 +656,8 @@ def section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     wrap = textwrap.TextWrapper(width=92, break_on_hyphens=False, break_long_words=False)
     versus = (
         "`--arch auto` against the better of the forest (`--arch random_forest`) and the default "
-        "network, per data set (the issue's bar: within 0.02); `auto/<name>` rows above score each "
-        "candidate auto trained and compared, on the test part."
+        "network predicted alike, per data set (the issue's bar: within 0.02); `auto/<name>` and "
+        "`auto_one_view/<name>` rows above score each candidate auto trained and compared, on the test part."
     )
     body = [wrap.fill(how), "", wrap.fill(when), "", table(rows)]
     rules = (

@@ -7,7 +7,7 @@ one. Averaging the views takes out what a network learnt of one orientation alon
 differs from seed to seed: on the SpaceNet building scene the five default networks
 scored 0.630-0.683 test mIoU (mean 0.662, building IoU 0.352) predicted once and
 0.650-0.687 (0.672, 0.369) averaged over the views, at 1.4x predict's wall time on its
-900 x 900 px; on s2-brandenburg 0.320 -> 0.323, no seed lower (docs/benchmarks.md, session 28).
+900 x 900 px; on s2-brandenburg 0.320 -> 0.324, no seed lower (docs/benchmarks.md, session 28).
 The forward calls cost 8x, which on a small region is seconds and on a whole region
 hours, hence the bound; ``tta=True`` or ``False`` (``--tta`` / ``--no-tta``) decides
 either way. A per-pixel model (a random forest, the linear model, an ensemble of them)
