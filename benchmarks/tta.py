@@ -51,10 +51,10 @@ def rescore(prep: accuracy.Prepared, config: str, seed: int, timeout: float) -> 
     return row
 
 
-def _fg(scores: dict[str, Any]) -> str:
-    """The rarest named class's IoU (the foreground of a two-class scene), else '-'."""
-    ious = scores["test_iou"]
-    return f"{min(ious.values()):.3f}" if len(ious) == 2 else "-"
+def _fg(name: str, scores: dict[str, Any]) -> str:
+    """The data set's foreground class's IoU (accuracy.py's), else '-'."""
+    iou = scores["test_iou"].get(accuracy._foreground(name) or "")
+    return "-" if iou is None else f"{iou:.3f}"
 
 
 def main() -> None:
@@ -66,8 +66,9 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         p, t = r["plain"], r["tta"]
+        fg = _fg(args.dataset, p), _fg(args.dataset, t)
         print(
-            f"| {r['seed']} | {p['test_miou']:.3f} | {t['test_miou']:.3f} | {_fg(p)} | {_fg(t)} "
+            f"| {r['seed']} | {p['test_miou']:.3f} | {t['test_miou']:.3f} | {fg[0]} | {fg[1]} "
             f"| {p['predict_wall_s']:.0f} | {t['predict_wall_s']:.0f} |"
         )
     args.results.write_text(json.dumps({"provenance": accuracy.provenance(), "rows": rows}, indent=2) + "\n")

@@ -19,7 +19,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from segpipe.errors import InputError, ModelPackageError
-from segpipe.models.catalog import ARCHITECTURES, CLASSICAL_ARCHITECTURES, ENCODERS, has_encoder
+from segpipe.models.catalog import (
+    ARCHITECTURES,
+    CLASSICAL_ARCHITECTURES,
+    ENCODERS,
+    ENSEMBLE_ARCH,
+    has_encoder,
+)
 from segpipe.models.files import SPEC_FILE
 from segpipe.types import ClassInfo, classes_from_json, classes_to_json
 
@@ -37,9 +43,8 @@ MODEL_SCHEMA = 2
 _READABLE_SCHEMAS = (1, 2)
 # The weights file of an ONNX package (a torch package's is files.WEIGHTS_FILE).
 WEIGHTS_FORMATS = ("safetensors", "onnx")
-# Every ``arch`` a package may name; ``ensemble`` is segpipe.models.ensemble.ENSEMBLE_ARCH
-# (not imported: the ensemble module imports this one).
-KNOWN_ARCHITECTURES = (*ARCHITECTURES, *CLASSICAL_ARCHITECTURES, "ensemble")
+# Every ``arch`` a package may name.
+KNOWN_ARCHITECTURES = (*ARCHITECTURES, *CLASSICAL_ARCHITECTURES, ENSEMBLE_ARCH)
 # Networks' inputs must be multiples of this (segpipe.models.networks.output_stride).
 _NETWORK_STRIDE = 32
 

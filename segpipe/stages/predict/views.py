@@ -19,7 +19,7 @@ from __future__ import annotations
 from segpipe.models import ModelSpec
 from segpipe.models.catalog import ENSEMBLE_ARCH, PER_PIXEL_ARCHITECTURES
 
-__all__ = ["TTA_AUTO_PIXELS", "choose_tta"]
+__all__ = ["TTA_AUTO_PIXELS", "choose_tta", "per_pixel"]
 
 # 4096 x 4096 px: 8 views of a ResNet-18 U-Net cost a few CPU-minutes there on 2 cores.
 TTA_AUTO_PIXELS = 4096 * 4096
