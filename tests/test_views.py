@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from segpipe.cli import app
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec
+from segpipe.stages.predict.driver import check_predict_inputs, predict
 from segpipe.stages.predict.views import TTA_AUTO_PIXELS, choose_tta, per_pixel
 
 UNET = ModelSpec("unet", "resnet18", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64)
@@ -65,3 +67,17 @@ def test_predict_says_it_averaged_views_and_keys_the_result_by_it(tmp_path: Path
     assert second.exit_code == 0, second.output
     assert "views" not in second.output and "(0 already done)" in second.output  # a new key: all again
     assert open_layer(str(store), "classes").attrs["tta"] is False
+
+
+def test_the_decision_is_logged_once_by_the_run_not_by_each_check(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The flow checks its inputs before it predicts: only the run says what it decided."""
+    store = make_store(tmp_path / "s.zarr", block=128)
+    caplog.set_level(logging.INFO, logger="segpipe.stages.predict.driver")
+    inputs = check_predict_inputs(store, model_dir)
+    assert inputs.key["tta"] is True and "within" in inputs.views_why
+    assert not [r for r in caplog.records if "test-time augmentation" in r.getMessage()]
+    predict(store, model_dir, scheduler="synchronous")
+    said = [r.getMessage() for r in caplog.records if "test-time augmentation" in r.getMessage()]
+    assert said == [f"test-time augmentation on, 8 views a window ({inputs.views_why})"]

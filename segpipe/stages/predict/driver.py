@@ -218,6 +218,7 @@ class PredictInputs:
         probabilities: Whether the ``probabilities`` layer is wanted.
         layers: The result's published layers (``classes``... or a named output's).
         margin: Mirrored pixels around the raster that the window grid covers (:func:`edge_margin`).
+        views_why: Why test-time augmentation is on or off (``key["tta"]`` holds which).
     """
 
     store: str
@@ -232,6 +233,12 @@ class PredictInputs:
     probabilities: bool
     layers: OutputLayers = DEFAULT_LAYERS
     margin: int = 0
+    views_why: str = ""
+
+    def log_views(self) -> None:
+        """Log the test-time augmentation decision (once per run: the check may run more often)."""
+        on = "on, 8 views a window" if self.key["tta"] else "off"
+        log.info("test-time augmentation %s (%s)", on, self.views_why)
 
 
 def check_predict_inputs(
@@ -255,7 +262,9 @@ def check_predict_inputs(
     imported; see :mod:`segpipe.models.verify`), its bands those of the image, its
     training pixel size within 25 % of the image's (unless ``allow_resolution_mismatch``),
     and the window settings and output name usable. ``tta`` left at None is decided by
-    :func:`segpipe.stages.predict.views.choose_tta` (and logged); the key holds the decision.
+    :func:`segpipe.stages.predict.views.choose_tta`; the key holds the decision, ``views_why``
+    the reason (logged by :func:`predict` and the dry run, not here, as callers such as
+    the flow check before they predict).
 
     Returns:
         The checked inputs.
@@ -283,10 +292,9 @@ def check_predict_inputs(
     if batch_size is not None:
         choose_batch_size(n_global, batch_size)  # a bad value fails before any write
     views, why = choose_tta(tta, spec, info.height, info.width)
-    log.info("test-time augmentation %s (%s)", "on, 8 views a window" if views else "off", why)
     key = _resume_key(mhash, tile, ov, blend, views, margin)
     return PredictInputs(store_s, info, spec, mdir, key, tile, ov, n_global, batch_size, probabilities,
-                         layers, margin)
+                         layers, margin, why)
 
 
 def _published(inputs: PredictInputs, force: bool) -> np.ndarray | None:
@@ -474,6 +482,7 @@ def predict(
     in_process = client is None and scheduler in LOCAL_SCHEDULERS
     inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities,
                                   output, allow_resolution_mismatch, True if in_process else None)
+    inputs.log_views()
     with acquire_lock(inputs.store, inputs.key["model_hash"]) as lock, contextlib.ExitStack() as stack:
         finish_promotion(inputs.store)
         published = _published(inputs, force)

@@ -207,6 +207,7 @@ def plan_predict(
     # A calibrating dry run times forward calls here, so it loads the weights here anyway.
     inputs = check_predict_inputs(store, model_dir, tile_size, overlap, batch_size, blend, tta, probabilities,
                                   output, allow_resolution_mismatch, load_here=True if calibrate else None)
+    inputs.log_views()
     done = _done(inputs, force)
     layout = _layout(scheduler, slots)
     run, jobs = plan_tasks(inputs, inputs.layers, done, layout, max_task_pixels or MAX_TASK_PIXELS)
