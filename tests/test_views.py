@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from segpipe.cli import app
 from segpipe.io.store import open_layer
 from segpipe.models import ModelSpec
-from segpipe.stages.predict.driver import check_predict_inputs, predict
+from segpipe.stages.predict.driver import check_predict_inputs, edge_margin, predict, window_settings
 from segpipe.stages.predict.views import TTA_AUTO_PIXELS, choose_tta, per_pixel
 
 UNET = ModelSpec("unet", "resnet18", ("b1", "b2", "b3"), (700.0,) * 3, (300.0,) * 3, CLASSES, 64)
@@ -81,3 +81,17 @@ def test_the_decision_is_logged_once_by_the_run_not_by_each_check(
     predict(store, model_dir, scheduler="synchronous")
     said = [r.getMessage() for r in caplog.records if "test-time augmentation" in r.getMessage()]
     assert said == [f"test-time augmentation on, 8 views a window ({inputs.views_why})"]
+
+
+def test_an_ensemble_of_per_pixel_models_overlaps_like_its_widest_forest_not_like_a_network() -> None:
+    members = [
+        {"arch": "random_forest", "encoder": "none", "options": {"context": 5}, "weight": 1.0},
+        {"arch": "linear", "encoder": "none", "options": {}, "weight": 1.0},
+    ]
+    spec = dataclasses.replace(UNET, arch="ensemble", encoder="random_forest+linear",
+                               options={"members": members})
+    tile, overlap = window_settings(spec, None, None)
+    assert overlap == 8 and edge_margin(spec, overlap) == 0  # 4 * (5 // 2): the forest's context
+    network = _ensemble("random_forest", "unet")
+    tile, overlap = window_settings(network, None, None)
+    assert overlap == tile // 4 and edge_margin(network, overlap) == overlap // 2

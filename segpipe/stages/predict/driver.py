@@ -37,7 +37,7 @@ from segpipe.io.remote import is_remote
 from segpipe.io.runs import PROGRESS_LAYER, acquire_lock, finish_promotion, has_staged_progress
 from segpipe.io.store import RegionInfo, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec
-from segpipe.models.catalog import PER_PIXEL_ARCHITECTURES
+from segpipe.models.catalog import ENSEMBLE_ARCH
 from segpipe.models.catalog import default_overlap as forest_overlap
 from segpipe.models.package import check_resolution
 from segpipe.models.verify import verify_package
@@ -51,7 +51,7 @@ from segpipe.stages.predict.execute import (
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, count_jobs, iter_jobs
 from segpipe.stages.predict.outputs import DEFAULT_LAYERS, DEFAULT_OUTPUT, OutputLayers, output_layers
 from segpipe.stages.predict.results import prepare_layers, publish, read_markers
-from segpipe.stages.predict.views import choose_tta
+from segpipe.stages.predict.views import choose_tta, per_pixel
 
 if TYPE_CHECKING:
     import distributed
@@ -168,12 +168,17 @@ def window_settings(
             f"tile size {tile} is larger than {MAX_TILE} px: a window that large needs gigabytes per "
             "forward call and gains no context; use 256-1024"
         )
-    # A forest's need follows its context window (none for a per-pixel model); networks
-    # overlap a quarter of the tile.
-    default = forest_overlap(spec.options) if spec.arch in PER_PIXEL_ARCHITECTURES else tile // 4
-    ov = default if overlap is None else overlap
+    ov = _default_overlap(spec, tile) if overlap is None else overlap
     check_blend(tile, ov, blend)
     return tile, ov
+
+
+def _default_overlap(spec: ModelSpec, tile: int) -> int:
+    """A network's quarter of the tile; a per-pixel model's context (an ensemble's widest member's)."""
+    if not per_pixel(spec):
+        return tile // 4
+    members = spec.options.get("members", []) if spec.arch == ENSEMBLE_ARCH else [{"options": spec.options}]
+    return max(forest_overlap(m.get("options") or {}) for m in members)
 
 
 def edge_margin(spec: ModelSpec, overlap: int) -> int:
@@ -185,9 +190,9 @@ def edge_margin(spec: ModelSpec, overlap: int) -> int:
     measures it on a real Landsat scene). Mirroring half the overlap
     puts the outermost pixels as deep inside a window as the crop blend keeps any pixel.
     A forest's context features are cut at the raster's edge in training as in
-    prediction, so it gets none.
+    prediction, so it gets none, nor does an ensemble of per-pixel models.
     """
-    return 0 if spec.arch in PER_PIXEL_ARCHITECTURES else overlap // 2
+    return 0 if per_pixel(spec) else overlap // 2
 
 
 def _resume_key(mhash: str, tile: int, overlap: int, blend: str, tta: bool, margin: int) -> dict[str, Any]:
@@ -443,7 +448,8 @@ def predict(
         tile_size: Window size; default: the model's chip size rounded up to a multiple
             of 32, at least 256.
         overlap: Overlap between windows; default: a quarter of the tile; for a
-            random_forest none, or with a context window K, 4 * (K // 2) pixels.
+            per-pixel model (a forest, a linear model, an ensemble of them) none, or with a
+            context window K, 4 * (K // 2) pixels.
         batch_size: Most windows per forward call (see :func:`choose_batch_size`);
             default 8 on GPU workers, 2 on CPU workers.
         client: Dask client; default: a cluster from :func:`segpipe.cluster.get_client`
