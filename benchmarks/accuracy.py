@@ -90,6 +90,7 @@ CONFIGS: dict[str, list[str]] = {
     "linear_start_lr3_last_all": [
         "--linear-start", "--lr", "0.0003", "--keep", "last", "--valid-fraction", "0",
     ],
+    "ema99": ["--ema", "0.99"],  # the default with a moving average of the weights kept
 }
 # Options of ``segpipe predict`` by config (none: predict's defaults).
 PREDICT_OPTIONS: dict[str, list[str]] = {"one_view": ["--no-tta"], "auto_one_view": ["--no-tta"]}

@@ -389,6 +389,13 @@ _LinearStart = Annotated[
 _ClipGradNorm = Annotated[
     float, typer.Option(help="Scale a step's gradient down to this norm when larger (0 = off).")
 ]
+_Ema = Annotated[
+    float,
+    typer.Option(
+        help="Keep an exponential moving average of the weights with this decay, scored and kept "
+        "instead of the last step's (0 = off; 0.99: about the last 100 steps)."
+    ),
+]
 _Trees = Annotated[int, typer.Option(help="Trees of --arch random_forest.")]
 _MinSamplesLeaf = Annotated[int, typer.Option(help="--arch random_forest: fewest training pixels in a leaf.")]
 _MaxDepth = Annotated[
@@ -450,6 +457,7 @@ def train(
     members: _Members = _DEFAULTS["members"],
     linear_start: _LinearStart = _DEFAULTS["linear_start"],
     clip_grad_norm: _ClipGradNorm = _DEFAULTS["clip_grad_norm"],
+    ema: _Ema = _DEFAULTS["ema"],
     trees: _Trees = _DEFAULTS["trees"],
     min_samples_leaf: _MinSamplesLeaf = _DEFAULTS["min_samples_leaf"],
     max_depth: _MaxDepth = _DEFAULTS["max_depth"],

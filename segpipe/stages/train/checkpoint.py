@@ -67,6 +67,8 @@ class TrainState:
         chosen: The settings as the run trained with them (every one left at auto chosen),
             as JSON: a resumed run must train with the same. Empty in checkpoints of an
             earlier segpipe, whose ``config`` is compared instead.
+        averaged: The weight average's state (``ema``; see
+            :class:`segpipe.stages.train.averaging.WeightAverage`), or None.
     """
 
     epoch: int
@@ -83,6 +85,7 @@ class TrainState:
     rng: list[dict[str, Any]] = field(default_factory=list)
     config: str = ""
     chosen: str = ""
+    averaged: dict[str, Any] | None = None
 
 
 def checkpoint_path(out: str | Path) -> Path:

@@ -237,6 +237,10 @@ class _NetworkSettings(_Shared):
             to it when larger (0 = off). It bounds one batch's outlying gradient, but with
             AdamW, which divides each step by the gradient's running scale, it did not stop
             a one-cycle warm-up from throwing the weights off (docs/benchmarks.md).
+        ema: Decay of an exponential moving average of the weights (and BatchNorm
+            statistics) updated after every step; validation scores it and the package
+            keeps it (0 = off; 0.99 averages over about the last 100 steps; see
+            :mod:`segpipe.stages.train.averaging`).
     """
 
     encoder: str = "resnet18"
@@ -266,11 +270,12 @@ class _NetworkSettings(_Shared):
     members: int = Field(default=1, ge=1, le=MAX_MEMBERS)
     linear_start: bool | None = None
     clip_grad_norm: float = Field(default=0.0, ge=0)
+    ema: float = Field(default=0.0, ge=0, lt=1)
 
 
 # Settings added after checkpoints were first written, whose defaults behave as segpipe did
 # before them (see NetworkConfig.resume_key).
-_LATER_SETTINGS = ("keep", "members", "linear_start", "overlap_loss", "clip_grad_norm", "copy_paste")
+_LATER_SETTINGS = ("keep", "members", "linear_start", "overlap_loss", "clip_grad_norm", "copy_paste", "ema")
 
 
 class NetworkConfig(_NetworkSettings):

@@ -8,6 +8,7 @@ training (:mod:`segpipe.stages.train.distributed`). The loop is the same in both
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from segpipe.stages.evaluate import metrics
 from segpipe.stages.train import adapt, augment
 from segpipe.stages.train import checkpoint as ckpt
 from segpipe.stages.train import distributed as ddp
+from segpipe.stages.train.averaging import WeightAverage
 from segpipe.stages.train.config import NetworkConfig, ResolvedNetworkConfig
 from segpipe.stages.train.losses import balanced_class_weights, make_loss
 from segpipe.stages.train.outputs import final_metrics, validation_scores, write_package
@@ -435,6 +437,7 @@ class _RankLoop:
         self.valid_s = plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
         self.bank = _object_bank(plan, self.train_s)
+        self.average = WeightAverage(self.net, cfg.ema) if cfg.ema > 0 else None
         self.key = plan.requested.resume_key()
         self.chosen = cfg.resume_key()
         self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
@@ -472,6 +475,8 @@ class _RankLoop:
         if self.rank != 0:
             return None
         device = self.device.type
+        if self.average is not None and self.state.best_weights is None:  # nothing held out: the average
+            self.net.load_state_dict(self.average.weights)
         return finish_package(self.net, self.plan, self.state, self.out, started, device, resumed_from)
 
     def _start(self, resume: bool) -> dict[str, int] | None:
@@ -492,6 +497,8 @@ class _RankLoop:
             ) from exc
         self.opt.load_state_dict(state.optimizer)
         self.sched.load_state_dict(state.scheduler)
+        if self.average is not None and state.averaged is not None:
+            self.average.load(state.averaged)
         if len(state.rng) == self.world:
             ckpt.restore_rng(self.rng, state.rng[self.rank])
         self.state = state
@@ -529,6 +536,8 @@ class _RankLoop:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip_grad_norm)
         self.opt.step()
         self.sched.step()
+        if self.average is not None:
+            self.average.update(self.net)
         return ddp.average(loss.item(), device)
 
     def _validate(self, record: dict[str, Any]) -> None:
@@ -537,8 +546,17 @@ class _RankLoop:
         The best monitored epoch's weights are kept as the run goes (what a run stopped early
         keeps); under ``keep="last"`` the final epoch's replace them, where the schedule
         has annealed (which of the two scores better depends on the held-out part's size:
-        docs/benchmarks.md, session 18).
+        docs/benchmarks.md, session 18). With ``ema`` both are the weight average's.
         """
+        with self._averaged():  # what the package would keep is what is scored
+            self._score(record)
+
+    def _averaged(self) -> contextlib.AbstractContextManager[None]:
+        """The network with its weight average in place (``ema``), or as it is."""
+        return self.average.applied(self.net) if self.average is not None else contextlib.nullcontext()
+
+    def _score(self, record: dict[str, Any]) -> None:
+        """:meth:`_validate` with the weights to score and keep in the network."""
         cfg, plan, state = self.cfg, self.plan, self.state
         windows = list(plan.valid_windows)
         v_loss, cm = evaluate_chips(self.net, self.valid_s, windows, plan.spec, self.device, cfg.batch_size)
@@ -575,6 +593,7 @@ class _RankLoop:
                     rng=rngs,
                     config=self.key,
                     chosen=self.chosen,
+                    averaged=None if self.average is None else self.average.state(),
                 ),
             )
 
