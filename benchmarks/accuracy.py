@@ -537,8 +537,9 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("always the forest", lambda v: "random_forest"),
     ("always the network", lambda v: next(k for k in v if k not in ("random_forest", ENSEMBLE))),
     ("always the ensemble", lambda v: ENSEMBLE),
-    ("best single; ensemble if +0.01 (auto)", lambda v: _pick(v, ensemble_margin=0.01)),
-    ("ensemble unless a single is +0.02", lambda v: _pick(v, ensemble_margin=-0.02)),
+    ("best single; ensemble if +0.01 (auto's earlier rule)", lambda v: _pick(v, ensemble_margin=0.01)),
+    # segpipe.stages.train.select.SINGLE_MARGIN: the rule --arch auto applies now.
+    ("ensemble unless a single is +0.02 (auto)", lambda v: _pick(v, ensemble_margin=-0.02)),
     ("... or the other single is 0.1 behind", lambda v: _pick(v, ensemble_margin=-0.02, dominant=0.1)),
 )
 
