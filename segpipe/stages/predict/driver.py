@@ -37,7 +37,6 @@ from segpipe.io.remote import is_remote
 from segpipe.io.runs import PROGRESS_LAYER, acquire_lock, finish_promotion, has_staged_progress
 from segpipe.io.store import RegionInfo, read_region_info
 from segpipe.models import check_bands, model_hash, read_spec
-from segpipe.models.catalog import ENSEMBLE_ARCH
 from segpipe.models.catalog import default_overlap as forest_overlap
 from segpipe.models.package import check_resolution
 from segpipe.models.verify import verify_package
@@ -51,7 +50,7 @@ from segpipe.stages.predict.execute import (
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout, JobSettings, count_jobs, iter_jobs
 from segpipe.stages.predict.outputs import DEFAULT_LAYERS, DEFAULT_OUTPUT, OutputLayers, output_layers
 from segpipe.stages.predict.results import prepare_layers, publish, read_markers
-from segpipe.stages.predict.views import choose_tta, per_pixel
+from segpipe.stages.predict.views import choose_tta, parts, per_pixel
 
 if TYPE_CHECKING:
     import distributed
@@ -177,8 +176,7 @@ def _default_overlap(spec: ModelSpec, tile: int) -> int:
     """A network's quarter of the tile; a per-pixel model's context (an ensemble's widest member's)."""
     if not per_pixel(spec):
         return tile // 4
-    members = spec.options.get("members", []) if spec.arch == ENSEMBLE_ARCH else [{"options": spec.options}]
-    return max(forest_overlap(m.get("options") or {}) for m in members)
+    return max(forest_overlap(m.get("options") or {}) for m in parts(spec))
 
 
 def edge_margin(spec: ModelSpec, overlap: int) -> int:

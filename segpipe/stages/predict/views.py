@@ -16,10 +16,12 @@ gives every view the same answer, so it never averages them unless asked.
 
 from __future__ import annotations
 
+from typing import Any
+
 from segpipe.models import ModelSpec
 from segpipe.models.catalog import ENSEMBLE_ARCH, PER_PIXEL_ARCHITECTURES
 
-__all__ = ["TTA_AUTO_PIXELS", "choose_tta", "per_pixel"]
+__all__ = ["TTA_AUTO_PIXELS", "choose_tta", "parts", "per_pixel"]
 
 # 4096 x 4096 px: 8 views of a ResNet-18 U-Net cost a few CPU-minutes there on 2 cores.
 TTA_AUTO_PIXELS = 4096 * 4096
@@ -47,9 +49,14 @@ def choose_tta(tta: bool | None, spec: ModelSpec, height: int, width: int) -> tu
     return within, f"a network on {bound}"
 
 
+def parts(spec: ModelSpec) -> list[dict[str, Any]]:
+    """The models a package combines (``arch`` and ``options`` each): an ensemble's members, else itself."""
+    if spec.arch == ENSEMBLE_ARCH:
+        return list((spec.options or {}).get("members", []))
+    return [{"arch": spec.arch, "options": spec.options}]
+
+
 def per_pixel(spec: ModelSpec) -> bool:
     """Whether the package classifies each pixel from its own values (and a fixed context) alone."""
-    if spec.arch == ENSEMBLE_ARCH:
-        members = (spec.options or {}).get("members", [])
-        return bool(members) and all(m.get("arch") in PER_PIXEL_ARCHITECTURES for m in members)
-    return spec.arch in PER_PIXEL_ARCHITECTURES
+    models = parts(spec)
+    return bool(models) and all(m.get("arch") in PER_PIXEL_ARCHITECTURES for m in models)

@@ -66,9 +66,8 @@ class WeightAverage:
             net.load_state_dict(own)
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint stores (the weights on the CPU)."""
-        weights = {k: v.detach().cpu().clone() for k, v in self.weights.items()}
-        return {"steps": self.steps, "weights": weights}
+        """What a checkpoint stores: the tensors themselves, as for the network's (saving copies them)."""
+        return {"steps": self.steps, "weights": self.weights}
 
     def load(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state`'s output (a resumed run)."""

@@ -437,7 +437,8 @@ class _RankLoop:
         self.valid_s = plan_sampler(plan, "valid")
         self.centres = CentreSampler(plan.train, cfg.balanced_sampling)
         self.bank = _object_bank(plan, self.train_s)
-        self.average = WeightAverage(self.net, cfg.ema) if cfg.ema > 0 else None
+        # Rank 0 alone validates and writes, so only its network keeps an average.
+        self.average = WeightAverage(self.net, cfg.ema) if cfg.ema > 0 and rank == 0 else None
         self.key = plan.requested.resume_key()
         self.chosen = cfg.resume_key()
         self.state = ckpt.TrainState(1, 0, 0.0, [], None, None, None, 0, {}, {}, {})
