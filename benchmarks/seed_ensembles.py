@@ -1,12 +1,12 @@
 """Would averaging networks of several seeds narrow the seed spread? Scored through the CLI.
 
-Takes the default models that ``benchmarks/accuracy.py`` left in its work folder
-(``<work>/<data set>/model_default_s<seed>``), combines each run of ``--size`` consecutive
-seeds (cyclically: 0+1, 1+2, ..., 4+0) with ``segpipe ensemble``, predicts the data set's
-store with ``segpipe predict`` and scores the test part with ``segpipe evaluate``, as
-``accuracy.py`` scores every model. Each member trained on its own seed's split, where
-``segpipe train --members`` shares one split among its members, so this estimates what
-``--members`` brings without training anything new.
+Takes the models that ``benchmarks/accuracy.py`` left in its work folder
+(``<work>/<data set>/model_<config>_s<seed>``; ``--config``, ``default`` unless given),
+combines each run of ``--size`` consecutive seeds (cyclically: 0+1, 1+2, ..., 4+0) with
+``segpipe ensemble``, predicts the data set's store with ``segpipe predict`` and scores the
+test part with ``segpipe evaluate``, as ``accuracy.py`` scores every model. Each member
+trained on its own seed's split, where ``segpipe train --members`` shares one split among
+its members, so this estimates what ``--members`` brings without training anything new.
 
 Run, for instance (a minute or two per ensemble on 2 cores):
 
@@ -35,18 +35,20 @@ def _cli(*args: str) -> None:
     subprocess.run([SEGPIPE, *args], check=True, capture_output=True)
 
 
-def score(folder: Path, seeds: tuple[int, ...], scheduler: str | None = None) -> dict[str, Any]:
-    """Test mIoU and IoU by class of the ensemble of the default models of ``seeds``.
+def score(
+    folder: Path, seeds: tuple[int, ...], scheduler: str | None = None, config: str = "default"
+) -> dict[str, Any]:
+    """Test mIoU and IoU by class of the ensemble of the ``config`` models of ``seeds``.
 
     ``scheduler`` is predict's ``--scheduler`` (default: its own, a local cluster).
     """
     tag = "_".join(map(str, seeds))
-    members = [str(folder / f"model_default_s{s}") for s in seeds]
-    model = folder / f"seed_ensemble_{tag}"
+    members = [str(folder / f"model_{config}_s{s}") for s in seeds]
+    model = folder / f"seed_ensemble_{config}_{tag}"
     _cli("ensemble", *members, "--out", str(model))
     where = ["--scheduler", scheduler] if scheduler else []
     _cli("predict", str(folder / "store.zarr"), "--model", str(model), "--force", *where)
-    report = folder / f"report_seed_ensemble_{tag}"
+    report = folder / f"report_seed_ensemble_{config}_{tag}"
     _cli("evaluate", str(folder / "store.zarr"), "--reference", str(folder / "reference_test.tif"),
          "--out", str(report))
     per_class = json.loads((report / "metrics.json").read_text())["per_class"]
@@ -62,20 +64,22 @@ def main() -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--size", type=int, default=2, help="members per ensemble (2 or more)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--config", default="default", help="accuracy.py's configuration of the models")
     parser.add_argument("--scheduler", default=None,
                         help="predict's scheduler: an address, or threads (default: a local cluster)")
     args = parser.parse_args()
     folder, seeds = args.work / args.dataset, args.seeds
     rows = []
     for i in range(len(seeds)):
-        row = score(folder, tuple(seeds[(i + k) % len(seeds)] for k in range(args.size)), args.scheduler)
+        run = tuple(seeds[(i + k) % len(seeds)] for k in range(args.size))
+        row = score(folder, run, args.scheduler, args.config)
         rows.append(row)
         ious = {k: round(v, 2) for k, v in row["test_iou"].items()}
         print(f"seeds {row['seeds']}: test mIoU {row['test_miou']:.3f} {ious}", flush=True)
     values = [r["test_miou"] for r in rows]
     print(f"{args.size} members: mean {sum(values) / len(values):.3f}, {min(values):.3f}-{max(values):.3f}, "
           f"spread {max(values) - min(values):.3f}")
-    out = args.work / f"seed_ensembles_{args.dataset}_{args.size}.json"
+    out = args.work / f"seed_ensembles_{args.dataset}_{args.config}_{args.size}.json"
     out.write_text(json.dumps(rows, indent=1))
 
 

@@ -255,6 +255,32 @@ def test_the_package_keeps_the_last_epoch_or_the_best(store, tmp_path, monkeypat
     assert scores[1] != scores[3]
 
 
+EVERY_OTHER = [2, 4, 6, 8, 10, 12, 14, 16, 17]
+
+
+@pytest.mark.parametrize(("keep", "scored"), [("last", EVERY_OTHER), ("best", list(range(1, 18)))])
+def test_held_out_scores_that_choose_nothing_make_the_curve_and_the_end(store, tmp_path, keep, scored):
+    # Under keep="last" the held-out cells choose no weights: 16 points of the curve (every
+    # second of 17 epochs) and the last epoch are enough; under "best" every epoch counts.
+    cfg = train_config(**{**TINY, "epochs": 17, "samples_per_epoch": 4, "chip_size": 32}, keep=keep)
+    history = train(store, tmp_path / "m", cfg).training["history"]
+    assert [r["epoch"] for r in history if "valid_miou" in r] == scored
+    assert len(history) == 17 and (keep == "best" or history[-1]["kept"])
+
+
+def test_a_run_the_time_budget_ends_is_scored_where_it_ends(store, tmp_path):
+    import dataclasses
+    import time
+
+    from segpipe.stages.train.loop import plan_training
+
+    cfg = train_config(**{**TINY, "epochs": 17, "samples_per_epoch": 4, "chip_size": 32}, keep="last")
+    plan = dataclasses.replace(plan_training(store, cfg), deadline=time.time())  # spent already
+    history = train(store, tmp_path / "m", plan=plan).training["history"]
+    assert len(history) == 1 and history[0]["stopped_by"] == "time budget"
+    assert "valid_miou" in history[0] and history[0]["kept"]
+
+
 def test_train_config_chooses_the_family_by_arch():
     from segpipe.stages.train import ForestConfig, TrainConfig
 
