@@ -47,7 +47,15 @@ from segpipe.stages.train.sampling import (
 from segpipe.stages.train.split import Split, plan_split
 from segpipe.stages.train.stats import package_spec
 
-__all__ = ["TrainPlan", "chip_batch", "initial_network", "plan_sampler", "plan_training", "train_network"]
+__all__ = [
+    "TrainPlan",
+    "chip_batch",
+    "initial_network",
+    "plan_sampler",
+    "plan_training",
+    "score_every",
+    "train_network",
+]
 
 _MAX_VALID_CHIPS = 192
 # Held-out scorings in a run whose held-out cells choose nothing (``keep="last"``, no
@@ -290,6 +298,17 @@ def _sampler(
     )
 
 
+def score_every(cfg: ResolvedNetworkConfig) -> int:
+    """Every how many epochs a run scores its held-out chips (its last epoch is always scored).
+
+    Every epoch when the scores choose the weights (``keep="best"``) or stop the run
+    (``patience``); else at :data:`_CURVE_POINTS` epochs spread over the run.
+    """
+    if cfg.keep != "last" or cfg.patience is not None:
+        return 1
+    return math.ceil(cfg.epochs / _CURVE_POINTS)
+
+
 def plan_sampler(plan: TrainPlan, part: str) -> ChipSampler:
     """The chip sampler of one part (``train`` or ``valid``) of the plan's split."""
     return _sampler(plan.store, plan.block_size, plan.cfg, plan.lut, plan.split.cell, plan.valid_cells, part)
@@ -492,16 +511,12 @@ class _RankLoop:
         return deadline is not None and epoch < self.cfg.epochs and time.time() >= deadline
 
     def _scores(self, epoch: int, out_of_time: bool) -> bool:
-        """Whether ``epoch`` is scored on the held-out chips.
+        """Whether ``epoch`` is scored on the held-out chips (:func:`score_every`).
 
-        Every epoch when the scores choose the weights (``keep="best"``) or stop the run
-        (``patience``); else :data:`_CURVE_POINTS` epochs evenly and the run's last (the
-        one the time budget ends it at, whose weights a run stopped early may then keep).
+        The run's last epoch always is, also the one the time budget ends it at (a run
+        stopped early keeps its best scored epoch).
         """
-        cfg = self.cfg
-        if cfg.keep != "last" or cfg.patience is not None or epoch == cfg.epochs or out_of_time:
-            return True
-        return epoch % math.ceil(cfg.epochs / _CURVE_POINTS) == 0
+        return epoch % score_every(self.cfg) == 0 or epoch == self.cfg.epochs or out_of_time
 
     def _start(self, resume: bool) -> dict[str, int] | None:
         """Discard an old checkpoint, or continue from it; where the run resumed (None: afresh)."""

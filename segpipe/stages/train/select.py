@@ -199,10 +199,12 @@ def _alive(pid: int) -> bool:
 
 def _epochs_in_budget(plan: TrainPlan, seconds: float, given: bool) -> tuple[int, str]:
     """How many epochs of the network fit ``seconds`` (all it asks when ``given``), and why."""
+    from segpipe.stages.train.loop import score_every
+
     cfg = plan.cfg
     per_chip = _seconds_per_chip(plan)
-    # Validation runs forward only (about a third of a training step) on every epoch.
-    per_epoch = per_chip * (cfg.samples_per_epoch + len(plan.valid_windows) / 3.0)
+    # Validation runs forward only (about a third of a training step) on every epoch it scores.
+    per_epoch = per_chip * (cfg.samples_per_epoch + len(plan.valid_windows) / 3.0 / score_every(cfg))
     fits = int(_STEP_SHARE * seconds // per_epoch) if per_epoch > 0 else cfg.epochs
     epochs = cfg.epochs if given else min(cfg.epochs, fits)
     if epochs < _MIN_EPOCHS and not given:  # the epochs asked for are trained, however few
