@@ -487,7 +487,7 @@ class _RankLoop:
                 "seconds": time.perf_counter() - started,
             }
             out_of_time = self._out_of_time(epoch)
-            if self.rank == 0 and self.plan.valid_windows and self._scores(epoch, out_of_time):
+            if self.rank == 0 and self.plan.valid_windows and self._scored(epoch, out_of_time):
                 self._validate(record)
             history.append(record)
             if report:
@@ -510,7 +510,7 @@ class _RankLoop:
         deadline = self.plan.deadline
         return deadline is not None and epoch < self.cfg.epochs and time.time() >= deadline
 
-    def _scores(self, epoch: int, out_of_time: bool) -> bool:
+    def _scored(self, epoch: int, out_of_time: bool) -> bool:
         """Whether ``epoch`` is scored on the held-out chips (:func:`score_every`).
 
         The run's last epoch always is, also the one the time budget ends it at (a run
