@@ -379,6 +379,13 @@ _Members = Annotated[
     int,
     typer.Option(help="Networks trained from different seeds on one split and averaged (each costs a run)."),
 ]
+_Refit = Annotated[
+    bool,
+    typer.Option(
+        help="With --members 2+: members after the first train on every labelled pixel, held-out "
+        "cells included; the first's held-out scores are the package's."
+    ),
+]
 _LinearStart = Annotated[
     bool | None,
     typer.Option(
@@ -455,6 +462,7 @@ def train(
     pixel_head: _PixelHead = _DEFAULTS["pixel_head"],
     devices: _Devices = _DEFAULTS["devices"],
     members: _Members = _DEFAULTS["members"],
+    refit: _Refit = _DEFAULTS["refit"],
     linear_start: _LinearStart = _DEFAULTS["linear_start"],
     clip_grad_norm: _ClipGradNorm = _DEFAULTS["clip_grad_norm"],
     ema: _Ema = _DEFAULTS["ema"],

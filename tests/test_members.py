@@ -165,3 +165,32 @@ def test_the_command_line_names_each_member_and_compares_the_mean_with_the_fores
     assert "scoring the per-pixel forest on the same held-out cells" in text
     if "beat" in text:  # the forest's lead is reported under the ensemble's name
         assert "the per-pixel random forest beat 2 x unet" in text
+
+
+def test_refit_trains_the_members_after_the_first_on_every_label(store, single, tmp_path):
+    out, lines = tmp_path / "m", []
+    train(store, out, train_config(**SETTINGS, members=2, refit=True), announce=lines.append)
+    spec = json.loads((out / "model.json").read_text())
+    record = spec["training"]["averaged"]
+    assert record["refit"] and set(record["scores"]) == {"0"}
+    # The package reports member 0's held-out scores: the only member that never saw those cells.
+    assert spec["metrics"]["miou"] == pytest.approx(record["scores"]["0"]["valid_miou"])
+    members = out / MEMBERS
+    assert _same(_weights(members / "0"), _weights(single))  # member 0: the seed's own network
+    refit = json.loads((members / "1" / "model.json").read_text())["training"]
+    first = json.loads((members / "0" / "model.json").read_text())["training"]
+    assert refit["config"]["valid_fraction"] == 0.0 and first["config"]["valid_fraction"] == 0.3
+    assert refit["config"]["seed"] == member_seed(3, 1) and not refit["config"]["refit"]
+    # Same settings as member 0 resolved, on every labelled pixel (no held-out scores of its own).
+    same = ("epochs", "samples_per_epoch", "chip_size", "lr", "keep", "linear_start")
+    assert all(refit["config"][k] == first["config"][k] for k in same)
+    assert "valid_miou" not in refit["history"][-1]
+    assert lines[-1].startswith("held-out mIoU of member 1 (trained without the held-out cells)")
+
+
+def test_refit_is_refused_without_members_and_for_auto(store, tmp_path):
+    base = ["train", str(store), "--out", str(tmp_path / "m"), "--refit"]
+    for extra, says in (([], "give --members 2+"),
+                        (["--arch", "auto"], "leave out --refit")):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code != 0 and says in f"{result.output} {result.exception}", extra

@@ -227,6 +227,9 @@ class _NetworkSettings(_Shared):
         members: Networks trained from different seeds on the same split and averaged
             into one ensemble package (see :mod:`segpipe.stages.train.members`); each
             costs a network's training and prediction.
+        refit: With ``members`` of 2 or more, every member after the first trains on every
+            labelled pixel, the held-out cells included; the first trains on the split
+            and its held-out scores are the package's (the others' cannot be scored there).
         linear_start: Add a per-pixel logistic regression to the network's logits, fitted
             to the training pixels before the first step, with the network's output
             layers starting at zero: training starts from the convex per-pixel model,
@@ -268,14 +271,23 @@ class _NetworkSettings(_Shared):
     pixel_head: int | None = Field(default=None, ge=0)
     devices: int = Field(default=1, ge=1)
     members: int = Field(default=1, ge=1, le=MAX_MEMBERS)
+    refit: bool = False
     linear_start: bool | None = None
     clip_grad_norm: float = Field(default=0.0, ge=0)
     ema: float = Field(default=0.0, ge=0, lt=1)
 
+    @model_validator(mode="after")
+    def _refit_needs_members(self) -> _NetworkSettings:
+        if self.refit and self.members < 2:
+            raise ValueError("--refit trains the members after the first on every label: give --members 2+")
+        return self
+
 
 # Settings added after checkpoints were first written, whose defaults behave as segpipe did
 # before them (see NetworkConfig.resume_key).
-_LATER_SETTINGS = ("keep", "members", "linear_start", "overlap_loss", "clip_grad_norm", "copy_paste", "ema")
+_LATER_SETTINGS = (
+    "keep", "members", "linear_start", "overlap_loss", "clip_grad_norm", "copy_paste", "ema", "refit"
+)
 
 
 class NetworkConfig(_NetworkSettings):
@@ -408,6 +420,13 @@ class AutoConfig(_NetworkSettings, _ForestSettings):
     def _one_network(cls, value: int) -> int:
         if value != 1:
             raise ValueError("--arch auto trains one network beside the forest: leave out --members")
+        return value
+
+    @field_validator("refit")
+    @classmethod
+    def _no_refit(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("--arch auto scores every candidate on the held-out cells: leave out --refit")
         return value
 
     def families(self) -> tuple[NetworkConfig, ForestConfig]:

@@ -40,7 +40,7 @@ _STEPS = 3  # progress reports: pixels read, fitted, validated
 _STEP_SETTINGS = (
     "epochs", "samples_per_epoch", "lr", "loss", "focal_gamma", "dice_weight", "overlap_loss", "patience",
     "monitor", "keep", "schedule", "color_jitter", "checkpoint_every", "checkpoint_seconds", "device",
-    "devices", "members", "linear_start", "clip_grad_norm", "copy_paste", "ema",
+    "devices", "members", "linear_start", "clip_grad_norm", "copy_paste", "ema", "refit",
 )
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,11 @@ default.
 Member ``i`` trains with the seed ``seed + 1000 * i`` (initialisation, chip sampling and
 augmentation) on the split, statistics and settings that ``seed`` chose, so member 0 is the
 network the seed alone trains, and every member and the ensemble are scored on the same
-held-out pixels. Members train into ``out/members.partial/<i>`` (an earlier package in
+held-out pixels. Under ``refit`` every member after the first trains with those settings
+on every labelled pixel, the held-out cells included (which seed holds out which cells
+moves a small scene's scores as much as the network's seed does: docs/benchmarks.md,
+session 30); only member 0 can then be scored on the held-out pixels, and its scores are
+the package's. Members train into ``out/members.partial/<i>`` (an earlier package in
 ``out`` stays whole meanwhile; ``--resume`` continues there: finished members are kept, the
 interrupted one resumes from its checkpoint); at the end ``out`` holds their ensemble, with
 each member's held-out scores and the ensemble's under ``training.averaged``, and the
@@ -113,10 +117,17 @@ def _resumable(partial: Path) -> bool:
 
 
 def _member_plan(plan: TrainPlan, index: int) -> TrainPlan:
-    """The plan of member ``index``: the same split and settings, its own seed and initial weights."""
-    from segpipe.stages.train.loop import initial_network
+    """The plan of member ``index``: the same split and settings, its own seed and initial weights.
+
+    Under ``refit`` members after the first plan afresh on every labelled pixel, with the
+    settings member 0 resolved (its held-out cells are then training cells).
+    """
+    from segpipe.stages.train.loop import initial_network, plan_training
 
     seed = member_seed(plan.cfg.seed, index)
+    if plan.cfg.refit and index > 0:
+        every = {"seed": seed, "members": 1, "refit": False, "valid_fraction": 0.0}
+        return plan_training(plan.store, plan.cfg.model_copy(update=every))
     cfg = plan.cfg.model_copy(update={"seed": seed, "members": 1})
     requested = plan.requested.model_copy(update={"seed": seed, "members": 1})
     net, _ = initial_network(cfg, len(plan.spec.band_names), len(plan.spec.classes))
@@ -184,9 +195,13 @@ def _scores(plan: TrainPlan, paths: list[Path]) -> tuple[dict[str, Any], dict[st
 
     names = [str(i) for i in range(len(paths))]
     seeds = [member_seed(plan.cfg.seed, i) for i in range(len(paths))]
-    record: dict[str, Any] = {"count": len(paths), "seeds": seeds, "scores": None}
+    record: dict[str, Any] = {"count": len(paths), "seeds": seeds, "scores": None, "refit": plan.cfg.refit}
     if not plan.valid_windows:
         return record, {}
+    if plan.cfg.refit:  # the other members trained on the held-out pixels: member 0 alone is scored
+        scores = held_out_scores(plan, {"0": load_model(paths[0])[0]})
+        record["scores"] = {"0": held_out_summary(scores["0"])}
+        return record, json_ready(scores["0"])
     nets = {name: load_model(path)[0] for name, path in zip(names, paths, strict=True)}
     scores = held_out_scores(plan, nets, {ENSEMBLE: names})
     record["scores"] = {name: held_out_summary(score) for name, score in scores.items()}
@@ -218,5 +233,11 @@ def _summary_line(record: dict[str, Any]) -> str:
     scores = record["scores"]
     if scores is None:
         return f"{record['count']} members averaged (no held-out chips to score them on)"
+    if record.get("refit"):
+        first, others = scores["0"]["valid_miou"], record["count"] - 1
+        return (
+            f"held-out mIoU of member 1 (trained without the held-out cells) {first:.3f}; the other "
+            f"{others} trained on every labelled pixel (--refit), so they are not scored there"
+        )
     each = ", ".join(f"{scores[str(i)]['valid_miou']:.3f}" for i in range(record["count"]))
     return f"held-out mIoU of the members {each}; of their mean {scores[ENSEMBLE]['valid_miou']:.3f}"

@@ -369,9 +369,14 @@ def compare_with_forest(
     if not plan.valid_windows:
         return None
     name = cfg.arch if settings.members == 1 else f"{settings.members} x {cfg.arch}"
+    scored = Path(network)
+    if settings.refit:  # the other members trained on the held-out cells: the first alone compares
+        from segpipe.stages.train.members import MEMBERS
+
+        name, scored = f"{cfg.arch} (member 1)", scored / MEMBERS / "0"
     with tempfile.TemporaryDirectory(prefix=".segpipe-baseline-", dir=Path(network).parent) as tmp:
         train_forest(store, Path(tmp) / FOREST_ARCH, forest_cfg)
-        nets = {name: load_model(network)[0], FOREST_ARCH: load_model(Path(tmp) / FOREST_ARCH)[0]}
+        nets = {name: load_model(scored)[0], FOREST_ARCH: load_model(Path(tmp) / FOREST_ARCH)[0]}
         scores = held_out_scores(plan, nets)
     table = {key: held_out_summary(score) for key, score in scores.items()}
     if table[FOREST_ARCH]["valid_miou"] > table[name]["valid_miou"]:
