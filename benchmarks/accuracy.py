@@ -91,6 +91,8 @@ CONFIGS: dict[str, list[str]] = {
         "--linear-start", "--lr", "0.0003", "--keep", "last", "--valid-fraction", "0",
     ],
     "ema99": ["--ema", "0.99"],  # the default with a moving average of the weights kept
+    # two networks averaged: one on the split (the package's held-out scores), one on every label
+    "refit2": ["--members", "2", "--refit"],
 }
 # Options of ``segpipe predict`` by config (none: predict's defaults).
 PREDICT_OPTIONS: dict[str, list[str]] = {"one_view": ["--no-tta"], "auto_one_view": ["--no-tta"]}
