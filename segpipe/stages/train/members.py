@@ -237,7 +237,8 @@ def _summary_line(record: dict[str, Any]) -> str:
         first, others = scores["0"]["valid_miou"], record["count"] - 1
         return (
             f"held-out mIoU of member 1 (trained without the held-out cells) {first:.3f}; the other "
-            f"{others} trained on every labelled pixel (--refit), so they are not scored there"
+            f"{others} member{'s' if others > 1 else ''} trained on every labelled pixel (--refit), "
+            "so not scored there"
         )
     each = ", ".join(f"{scores[str(i)]['valid_miou']:.3f}" for i in range(record["count"]))
     return f"held-out mIoU of the members {each}; of their mean {scores[ENSEMBLE]['valid_miou']:.3f}"
