@@ -186,6 +186,12 @@ def test_refit_trains_the_members_after_the_first_on_every_label(store, single, 
     assert all(refit["config"][k] == first["config"][k] for k in same)
     assert "valid_miou" not in refit["history"][-1]
     assert lines[-1].startswith("held-out mIoU of member 1 (trained without the held-out cells)")
+    # The forest baseline is compared with that member too, on the same held-out pixels.
+    from segpipe.stages.train.select import compare_with_forest
+
+    table = compare_with_forest(store, out, train_config(**SETTINGS, members=2, refit=True), lines.append)
+    assert table is not None and set(table) == {"unet (member 1)", "random_forest"}
+    assert table["unet (member 1)"]["valid_miou"] == pytest.approx(record["scores"]["0"]["valid_miou"])
 
 
 def test_refit_is_refused_without_members_and_for_auto(store, tmp_path):

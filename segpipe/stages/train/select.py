@@ -371,9 +371,8 @@ def compare_with_forest(
     name = cfg.arch if settings.members == 1 else f"{settings.members} x {cfg.arch}"
     scored = Path(network)
     if settings.refit:  # the other members trained on the held-out cells: the first alone compares
-        from segpipe.stages.train.members import MEMBERS
-
-        name, scored = f"{cfg.arch} (member 1)", scored / MEMBERS / "0"
+        first = read_spec(network).training["members"][0]["package"]
+        name, scored = f"{cfg.arch} (member 1)", Path(first)
     with tempfile.TemporaryDirectory(prefix=".segpipe-baseline-", dir=Path(network).parent) as tmp:
         train_forest(store, Path(tmp) / FOREST_ARCH, forest_cfg)
         nets = {name: load_model(scored)[0], FOREST_ARCH: load_model(Path(tmp) / FOREST_ARCH)[0]}
