@@ -177,5 +177,6 @@ def test_seed_ensembles_scores_each_run_of_seeds_through_the_cli(tmp_path):
     # Predict in the command's own process: a local cluster's start is beside the point here.
     row = bench.score(folder, (0, 1), scheduler="threads")
     assert row["seeds"] == [0, 1] and 0.0 <= row["test_miou"] <= 1.0 and row["test_iou"]
-    spec = (folder / "seed_ensemble_0_1" / "model.json").read_text()
+    assert row["members"] == ["default_s0", "default_s1"]
+    spec = (folder / "seed_ensemble_default_s0+default_s1" / "model.json").read_text()
     assert '"arch": "ensemble"' in spec
