@@ -376,14 +376,17 @@ _PixelHead = Annotated[
 ]
 _Devices = Annotated[int, typer.Option(help="Data-parallel processes (one per GPU; gloo on CPU).")]
 _Members = Annotated[
-    int,
-    typer.Option(help="Networks trained from different seeds on one split and averaged (each costs a run)."),
+    int | None,
+    typer.Option(
+        help="Networks trained from different seeds and averaged, each costing a run (auto: 2 with "
+        "--refit where the split holds out under 20 cells or patches, else 1)."
+    ),
 ]
 _Refit = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         help="With --members 2+: members after the first train on every labelled pixel, held-out "
-        "cells included; the first's held-out scores are the package's."
+        "cells included; the first's held-out scores are the package's (auto: with auto --members 2)."
     ),
 ]
 _LinearStart = Annotated[

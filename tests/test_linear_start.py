@@ -20,7 +20,8 @@ from segpipe.stages.train.loop import plan_training
 from segpipe.synth import synthesize
 
 SETTINGS = {
-    "epochs": 1, "samples_per_epoch": 8, "chip_size": 64, "batch_size": 4, "valid_cell": 64, "seed": 2
+    "members": 1, "epochs": 1, "samples_per_epoch": 8, "chip_size": 64, "batch_size": 4, "valid_cell": 64,
+    "seed": 2,
 }
 
 

@@ -45,7 +45,7 @@ def single(store, tmp_path_factory) -> Path:
 def averaged(store, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("averaged") / "m"
     lines: list[str] = []
-    train(store, out, train_config(**SETTINGS, members=2), announce=lines.append)
+    train(store, out, train_config(**{**SETTINGS, "members": 2}), announce=lines.append)
     return out, lines
 
 
@@ -81,7 +81,7 @@ def test_members_share_the_split_member_zero_is_the_seeds_own_network(single, av
     single_split = json.loads((single / "model.json").read_text())["training"]["split"]
     assert member_split[0] == member_split[1] == single_split == spec["training"]["split"]
     assert spec["training"]["config"]["members"] == 2
-    asked = train_config(**SETTINGS, members=2).model_dump(mode="json")
+    asked = train_config(**{**SETTINGS, "members": 2}).model_dump(mode="json")
     assert spec["training"]["requested"] == asked  # what a flow compares to reuse the package
     starts = [line.split(":")[0] for line in lines[:2]]
     assert starts == ["member 1 of 2 (seed 3)", "member 2 of 2 (seed 1003)"]
@@ -110,7 +110,7 @@ def test_a_run_killed_in_its_second_member_resumes_keeping_the_first(store, aver
     def announce(line):
         second.extend(["yes"] if line.startswith("member 2 of 2") else [])
 
-    cfg = train_config(**SETTINGS, members=2)
+    cfg = train_config(**{**SETTINGS, "members": 2})
     with pytest.raises(KilledError):
         train(store, out, cfg, progress=report, announce=announce)
     assert (out / "model.json").read_bytes() == before  # untouched until the ensemble is whole
@@ -119,7 +119,7 @@ def test_a_run_killed_in_its_second_member_resumes_keeping_the_first(store, aver
     finished = (partial / "0" / "model.json").stat().st_mtime_ns
 
     with pytest.raises(InputError, match="other settings"):
-        train(store, out, train_config(**{**SETTINGS, "lr": 0.5}, members=2), resume=True)
+        train(store, out, train_config(**{**SETTINGS, "lr": 0.5, "members": 2}), resume=True)
     lines: list[str] = []
     train(store, out, cfg, resume=True, announce=lines.append)
     assert lines[0].endswith("finished before, kept") and lines[1].endswith("resuming")
@@ -135,13 +135,13 @@ def test_a_run_stopped_before_anything_resumable_leaves_nothing(store, tmp_path)
 
     out = tmp_path / "m"
     with pytest.raises(KilledError):
-        train(store, out, train_config(**SETTINGS, members=2), progress=report)
+        train(store, out, train_config(**{**SETTINGS, "members": 2}), progress=report)
     assert not (out / PARTIAL).exists()
 
 
 def test_members_are_refused_where_they_mean_nothing(store, tmp_path):
     with pytest.raises(MissingInputError, match="no interrupted --members run"):
-        train(store, tmp_path / "none", train_config(**SETTINGS, members=2), resume=True)
+        train(store, tmp_path / "none", train_config(**{**SETTINGS, "members": 2}), resume=True)
     base = ["train", str(store), "--out", str(tmp_path / "m"), "--members", "2"]
     for extra, says in ((["--arch", "auto"], "--members 2: --arch auto trains one network beside the "
                          "forest: leave out --members"),
@@ -149,14 +149,15 @@ def test_members_are_refused_where_they_mean_nothing(store, tmp_path):
                         (["--members", "0"], "--members 0: ")):
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code != 0 and says in f"{result.output} {result.exception}", extra
-    linear = train(store, tmp_path / "lin", train_config(**{**SETTINGS, "arch": "linear"}, members=2))
+    linear = train(store, tmp_path / "lin", train_config(**{**SETTINGS, "arch": "linear", "members": 2}))
     assert linear.arch == "linear" and any("members" in w for w in linear.training["warnings"])
 
 
 def test_the_command_line_names_each_member_and_compares_the_mean_with_the_forest(store, tmp_path):
     out = tmp_path / "m"
     options = [part for k, v in SETTINGS.items() for part in (f"--{k.replace('_', '-')}", str(v))]
-    result = runner.invoke(app, ["train", str(store), "--out", str(out), "--members", "2", *options])
+    # The last --members wins over SETTINGS' one network.
+    result = runner.invoke(app, ["train", str(store), "--out", str(out), *options, "--members", "2"])
     assert result.exit_code == 0, f"{result.output} {result.exception}"
     text = " ".join(result.output.split())
     assert "member 1 of 2 (seed 3): training" in text and "member 2 of 2 (seed 1003): training" in text
@@ -169,7 +170,7 @@ def test_the_command_line_names_each_member_and_compares_the_mean_with_the_fores
 
 def test_refit_trains_the_members_after_the_first_on_every_label(store, single, tmp_path):
     out, lines = tmp_path / "m", []
-    train(store, out, train_config(**SETTINGS, members=2, refit=True), announce=lines.append)
+    train(store, out, train_config(**{**SETTINGS, "members": 2, "refit": True}), announce=lines.append)
     spec = json.loads((out / "model.json").read_text())
     record = spec["training"]["averaged"]
     assert record["refit"] and set(record["scores"]) == {"0"}
@@ -189,14 +190,56 @@ def test_refit_trains_the_members_after_the_first_on_every_label(store, single, 
     # The forest baseline is compared with that member too, on the same held-out pixels.
     from segpipe.stages.train.select import compare_with_forest
 
-    table = compare_with_forest(store, out, train_config(**SETTINGS, members=2, refit=True), lines.append)
+    asked = train_config(**{**SETTINGS, "members": 2, "refit": True})
+    table = compare_with_forest(store, out, asked, lines.append)
     assert table is not None and set(table) == {"unet (member 1)", "random_forest"}
     assert table["unet (member 1)"]["valid_miou"] == pytest.approx(record["scores"]["0"]["valid_miou"])
 
 
 def test_refit_is_refused_without_members_and_for_auto(store, tmp_path):
     base = ["train", str(store), "--out", str(tmp_path / "m"), "--refit"]
-    for extra, says in (([], "give --members 2+"),
+    for extra, says in ((["--members", "1"], "give --members 2+"),
                         (["--arch", "auto"], "leave out --refit")):
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code != 0 and says in f"{result.output} {result.exception}", extra
+
+
+# SETTINGS with members (and refit) left at auto.
+AUTO = {k: v for k, v in SETTINGS.items() if k != "members"}
+
+
+@pytest.fixture(scope="module")
+def auto_pair(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("auto_pair") / "m"
+    train(store, out, train_config(**AUTO))
+    return out
+
+
+def test_auto_members_refit_a_second_network_where_few_cells_are_held_out(store, single, auto_pair):
+    """Left at auto, a split holding out few cells gets the refit pair; the first is the seed's own."""
+    spec = load_model(auto_pair)[1]
+    held = spec.training["split"]["held_out_units"]
+    assert 0 < held < 20 and spec.arch == "ensemble"
+    assert spec.training["auto"]["members"]["value"] == 2 and spec.training["auto"]["refit"]["value"] is True
+    assert f"{held} held-out cells or patches" in spec.training["auto"]["members"]["rule"]
+    assert spec.training["averaged"]["refit"] and spec.training["config"]["members"] == 2
+    assert _same(_weights(auto_pair / MEMBERS / "0"), _weights(single))
+    # The settings as asked keep members at auto: a flow reusing the package compares those.
+    assert spec.training["requested"]["members"] is None
+
+
+def test_an_auto_pair_killed_in_its_second_member_resumes_to_the_unbroken_pair(store, auto_pair, tmp_path):
+    out, second = tmp_path / "m", []
+
+    def report(p):
+        if second and p.step == 2:
+            raise KilledError
+
+    def announce(line):
+        second.extend(["yes"] if line.startswith("member 2 of 2") else [])
+
+    with pytest.raises(KilledError):
+        train(store, out, train_config(**AUTO), progress=report, announce=announce)
+    assert checkpoint_path(out / PARTIAL / "1").is_file() and not (out / "model.json").exists()
+    train(store, out, train_config(**AUTO), resume=True)
+    assert _same(_weights(out), _weights(auto_pair)) and not (out / PARTIAL).exists()

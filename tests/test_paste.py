@@ -22,7 +22,7 @@ from segpipe.types import ClassInfo
 SIZE = 192
 # Nine 6 x 6 px "buildings" (value 2, bright) on background (value 1): 2.9 % of the pixels.
 CORNERS = [(y, x) for y in (20, 90, 160) for x in (20, 90, 160)]
-TINY = {"epochs": 1, "samples_per_epoch": 8, "chip_size": 32, "batch_size": 4, "valid_cell": 32,
+TINY = {"members": 1, "epochs": 1, "samples_per_epoch": 8, "chip_size": 32, "batch_size": 4, "valid_cell": 32,
         "device": "cpu", "threads": 1}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,9 +21,11 @@ from segpipe.stages.train.adapt import (
     CPU_CHIPS,
     FOREGROUND_CPU_CHIPS,
     LINEAR_START_CPU_CHIPS,
+    REFIT_UNITS,
     Facts,
     resolve,
 )
+from segpipe.stages.train.config import AutoConfig
 from segpipe.stages.train.select import MIN_HELD_OUT, _choose, _small_validation
 
 runner = CliRunner()
@@ -65,6 +68,26 @@ def test_coarse_pixels_start_from_the_per_pixel_model_at_a_fine_tuning_rate():
     # A per-pixel model has no network to start; a GPU keeps its own (larger) chip total.
     assert not resolve(NetworkConfig(arch="linear"), _facts(metres=30.0))[0].linear_start
     assert resolve(NetworkConfig(), _facts(8000, gpu=True, metres=30.0))[0].epochs == 32
+
+
+def test_few_held_out_cells_add_a_refit_second_network():
+    def members(cfg: NetworkConfig, held: int) -> tuple[int, bool, dict]:
+        resolved, chosen = resolve(cfg, dataclasses.replace(_facts(), held_units=held))
+        return resolved.members, resolved.refit, chosen
+
+    few = members(NetworkConfig(), 6)
+    assert few[:2] == (2, True) and few[2]["members"]["rule"] == "6 held-out cells or patches (1-19)"
+    for held in (0, REFIT_UNITS, 2000):  # nothing held out to draw, or a draw of many cells
+        assert members(NetworkConfig(), held)[:2] == (1, False)
+    # What the user gives wins; a given member count keeps its members on the split.
+    assert members(NetworkConfig(members=1), 6)[:2] == (1, False)
+    assert members(NetworkConfig(members=3), 6)[:2] == (3, False)
+    assert members(NetworkConfig(refit=False), 6)[:2] == (1, False)
+    assert members(NetworkConfig(refit=True), 2000)[:2] == (2, True)
+    assert members(NetworkConfig(arch="linear"), 6)[:2] == (1, False)  # a per-pixel model
+    # --arch auto compares one network with the forest: never a pair.
+    network, _ = AutoConfig().families()
+    assert (network.members, network.refit) == (1, False)
 
 
 def test_rare_classes_get_a_loss_and_sampling_that_learn_them():

@@ -13,7 +13,7 @@ from segpipe.stages.train.sampling import BlockReader, Candidates
 from segpipe.stages.train.split import split_cells
 from segpipe.synth import synthesize
 
-TINY = {"epochs": 1, "samples_per_epoch": 8, "chip_size": 64, "batch_size": 4, "valid_cell": 64}
+TINY = {"members": 1, "epochs": 1, "samples_per_epoch": 8, "chip_size": 64, "batch_size": 4, "valid_cell": 64}
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,11 @@ import segpipe.stages.train.loop as loop
 from segpipe.stages.ingest.driver import ingest
 from segpipe.synth import synthesize
 
-# Chips of 32 px, two per step, a few steps: enough to exercise every path.
+# Chips of 32 px, two per step, a few steps: enough to exercise every path. One network:
+# a tiny store holds out few cells, where members would otherwise be auto's refit pair
+# (tests/test_members.py tests that rule).
 TINY = {
+    "members": 1,
     "epochs": 1,
     "samples_per_epoch": 4,
     "chip_size": 32,

@@ -39,6 +39,14 @@ The rules (also in ``segpipe train --help`` and the README):
   spread 0.065 -> 0.035; nc-landsat7 dense 0.275 -> 0.264; docs/benchmarks.md); off for finer
   pixels, where one band's values tell little (the building scene's regression finds no
   building). Every setting above that follows it follows the resolved value, given or not.
+- ``members`` and ``refit``: a second network, trained on every labelled pixel (held-out
+  cells included) and averaged with the first, where the split holds out fewer than
+  :data:`REFIT_UNITS` cells or patches; else one network. With so few held-out units, which
+  of them a seed draws moves what the network learns (a seed's whole-polygon or 23-building
+  draw), and one network's start moves it as much on a small scene: the second member
+  evens out both, while the first, which never saw the held-out cells, still gives the
+  package's honest held-out scores (:mod:`segpipe.stages.train.members`). It doubles the
+  training and each window's forward pass; ``--members 1`` turns it off.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ __all__ = [
     "LINEAR_START_CPU_CHIPS",
     "LINEAR_START_LR",
     "RARE_SHARE",
+    "REFIT_UNITS",
     "Facts",
     "facts_of",
     "pixel_metres",
@@ -97,6 +106,10 @@ LINEAR_START_LR = 3e-4
 FOREGROUND_LR = 2e-3
 LINEAR_START_CPU_CHIPS = 4096
 _MAX_EPOCHS = 64
+# Held-out cells (or patches) under which a refit second member is added. The scenes of
+# benchmarks/accuracy.py (287-900 px) hold out 5-10; a 3,000 px dense map holds out about 20
+# of its 256 px cells, and a region of 30,000 px thousands, where a draw of cells averages out.
+REFIT_UNITS = 20
 # Settings that default to None and are chosen here.
 AUTO_SETTINGS = (
     "chip_size",
@@ -111,6 +124,8 @@ AUTO_SETTINGS = (
     "linear_start",
     "keep",
     "copy_paste",
+    "members",
+    "refit",
 )
 _COARSE_METRES = 10.0
 # At most this many classes with a rare one: a foreground task (buildings on background).
@@ -128,6 +143,7 @@ class Facts:
         extent: Labelled bounding box as (rows, columns).
         class_pixels: Labelled pixels per class present.
         gpu: Training runs on a GPU.
+        held_units: Cells (or patches) the split holds out (0: none, all labels train).
     """
 
     height: int
@@ -136,6 +152,7 @@ class Facts:
     extent: tuple[int, int]
     class_pixels: np.ndarray
     gpu: bool
+    held_units: int = 0
 
     @property
     def rarest_share(self) -> float:
@@ -144,12 +161,12 @@ class Facts:
         return float(self.class_pixels.min()) / total if total else 1.0
 
 
-def facts_of(info: RegionInfo, cand: Candidates, gpu: bool) -> Facts:
-    """The facts of a region store and its labelled candidates."""
+def facts_of(info: RegionInfo, cand: Candidates, gpu: bool, held_units: int = 0) -> Facts:
+    """The facts of a region store, its labelled candidates and the split's held-out units."""
     present = np.unique(cand.value)
     counts = cand.counts[present] if cand.counts is not None else np.bincount(cand.value)[present]
     extent = (int(np.ptp(cand.y)) + 1, int(np.ptp(cand.x)) + 1) if cand.y.size else (0, 0)
-    return Facts(info.height, info.width, pixel_metres(info), extent, counts, gpu)
+    return Facts(info.height, info.width, pixel_metres(info), extent, counts, gpu, held_units)
 
 
 def pixel_metres(info: RegionInfo) -> float | None:
@@ -191,6 +208,8 @@ def resolve(cfg: NetworkConfig, facts: Facts) -> tuple[ResolvedNetworkConfig, di
     pick("keep", *_keep(start, foreground))
     _rare_classes(facts, pick)
     pick("pixel_head", *(_pixel_head(facts) if network else (0, "a per-pixel model")))
+    members = pick("members", *(_members(cfg.refit, facts) if network else (1, "a per-pixel model")))
+    pick("refit", members > 1 and cfg.members is None, _refit_rule(cfg.members, members))
     update = {name: entry["value"] for name, entry in chosen.items()}
     return ResolvedNetworkConfig(**{**cfg.model_dump(), **update}), chosen
 
@@ -261,6 +280,22 @@ def _keep(start: bool, foreground: bool) -> tuple[str, str]:
     if start or foreground:
         return "last", "a linear start" if start else "a rare foreground"
     return "best", "no linear start, no rare foreground"
+
+
+def _members(refit: bool | None, facts: Facts) -> tuple[int, str]:
+    """Two members (the second refitted on every label) where few cells are held out, else one."""
+    if refit is not None:
+        return (2, "--refit asks for a second member") if refit else (1, "--no-refit: one network")
+    held = facts.held_units
+    few = 0 < held < REFIT_UNITS
+    span = f"{'' if few else 'not '}1-{REFIT_UNITS - 1}"
+    return (2 if few else 1), f"{held} held-out cells or patches ({span})"
+
+
+def _refit_rule(given: int | None, members: int) -> str:
+    if given is not None:
+        return "--members given: its members share the split"
+    return "the second member trains on every label" if members > 1 else "one network"
 
 
 def _coarse(facts: Facts) -> tuple[bool, str]:

@@ -226,10 +226,13 @@ class _NetworkSettings(_Shared):
             CPU they share its cores, useful for testing).
         members: Networks trained from different seeds on the same split and averaged
             into one ensemble package (see :mod:`segpipe.stages.train.members`); each
-            costs a network's training and prediction.
+            costs a network's training and prediction. Auto (None): 2 with ``refit``
+            where the split holds out only a few cells or patches (a seed's draw of them
+            moves the result), else 1 (:mod:`segpipe.stages.train.adapt`).
         refit: With ``members`` of 2 or more, every member after the first trains on every
             labelled pixel, the held-out cells included; the first trains on the split
             and its held-out scores are the package's (the others' cannot be scored there).
+            Auto (None): on where ``members`` is auto and the rule above chose 2.
         linear_start: Add a per-pixel logistic regression to the network's logits, fitted
             to the training pixels before the first step, with the network's output
             layers starting at zero: training starts from the convex per-pixel model,
@@ -270,15 +273,15 @@ class _NetworkSettings(_Shared):
     checkpoint_seconds: float = Field(default=300.0, ge=0)
     pixel_head: int | None = Field(default=None, ge=0)
     devices: int = Field(default=1, ge=1)
-    members: int = Field(default=1, ge=1, le=MAX_MEMBERS)
-    refit: bool = False
+    members: int | None = Field(default=None, ge=1, le=MAX_MEMBERS)
+    refit: bool | None = None
     linear_start: bool | None = None
     clip_grad_norm: float = Field(default=0.0, ge=0)
     ema: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _refit_needs_members(self) -> _NetworkSettings:
-        if self.refit and self.members < 2:
+        if self.refit and self.members is not None and self.members < 2:
             raise ValueError("--refit trains the members after the first on every label: give --members 2+")
         return self
 
@@ -288,6 +291,9 @@ class _NetworkSettings(_Shared):
 _LATER_SETTINGS = (
     "keep", "members", "linear_start", "overlap_loss", "clip_grad_norm", "copy_paste", "ema", "refit"
 )
+# Values of later settings that behave as segpipe did before them besides their defaults:
+# one network on the split was the default before ``members`` and ``refit`` became auto.
+_EARLIER_VALUES = {"members": 1, "refit": False}
 
 
 class NetworkConfig(_NetworkSettings):
@@ -322,7 +328,11 @@ class NetworkConfig(_NetworkSettings):
         checkpointed by an earlier segpipe still resumes.
         """
         fields = type(self).model_fields
-        later = {name for name in _LATER_SETTINGS if getattr(self, name) == fields[name].default}
+        later = {
+            name
+            for name in _LATER_SETTINGS
+            if getattr(self, name) in (fields[name].default, _EARLIER_VALUES.get(name, fields[name].default))
+        }
         return self.model_dump_json(exclude={"threads", "checkpoint_every", "checkpoint_seconds", *later})
 
 
@@ -341,6 +351,8 @@ class ResolvedNetworkConfig(NetworkConfig):
     linear_start: bool
     keep: Literal["best", "last"]
     copy_paste: float = Field(ge=0, le=1)
+    members: int = Field(ge=1, le=MAX_MEMBERS)
+    refit: bool
 
     def fit_region(self, height: int, width: int) -> tuple[ResolvedNetworkConfig, str | None]:
         """These settings with the chip clamped to the region (see :meth:`NetworkConfig.fit_region`)."""
@@ -417,14 +429,14 @@ class AutoConfig(_NetworkSettings, _ForestSettings):
 
     @field_validator("members")
     @classmethod
-    def _one_network(cls, value: int) -> int:
-        if value != 1:
+    def _one_network(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
             raise ValueError("--arch auto trains one network beside the forest: leave out --members")
         return value
 
     @field_validator("refit")
     @classmethod
-    def _no_refit(cls, value: bool) -> bool:
+    def _no_refit(cls, value: bool | None) -> bool | None:
         if value:
             raise ValueError("--arch auto scores every candidate on the held-out cells: leave out --refit")
         return value
@@ -433,7 +445,8 @@ class AutoConfig(_NetworkSettings, _ForestSettings):
         """The U-Net's settings and the forest's, each with the shared ones."""
         values = self.model_dump(exclude={"arch", "budget_minutes"})
         network = {k: v for k, v in values.items() if k in NetworkConfig.model_fields}
-        return NetworkConfig(**network), forest_of(self)
+        # One network, scored on the held-out cells beside the forest: auto compares, not averages.
+        return NetworkConfig(**{**network, "members": 1, "refit": False}), forest_of(self)
 
 
 def forest_of(settings: _Shared) -> ForestConfig:

@@ -4,7 +4,8 @@ A :class:`NetworkConfig` trains a network (:mod:`segpipe.stages.train.loop`; ``l
 is fitted by :mod:`segpipe.stages.train.linear`), a
 :class:`ForestConfig` the per-pixel random forest (:mod:`segpipe.stages.train.forest`),
 and an :class:`AutoConfig` both, keeping the better (:mod:`segpipe.stages.train.select`);
-a network with ``members`` above 1 is several networks averaged
+a network with ``members`` above 1 (given, or chosen from the split's held-out cells by
+:mod:`segpipe.stages.train.adapt`) is several networks averaged
 (:mod:`segpipe.stages.train.members`).
 The command line, the Python API, the flows and a dask worker all train through here,
 so every family runs wherever training runs.
@@ -70,10 +71,23 @@ def train(
         from segpipe.stages.train.linear import train_linear
 
         return train_linear(store, out, cfg, progress, resume, plan)
-    if cfg.members > 1:
+    from segpipe.stages.train.loop import train_network
+
+    if cfg.members is None:  # auto members follow the split: the plan decides
+        plan = plan or _plan(store, out, cfg, resume)
+    if (plan.cfg.members if plan is not None else cfg.members or 1) > 1:
         from segpipe.stages.train.members import train_members
 
         return train_members(store, out, cfg, progress, announce, resume, plan)
-    from segpipe.stages.train.loop import train_network
-
     return train_network(store, out, cfg, progress, resume, plan)
+
+
+def _plan(store: str | Path, out: str | Path, cfg: NetworkConfig, resume: bool) -> TrainPlan:
+    """The plan of a network with auto members; a ``resume`` with nothing to continue fails first."""
+    from segpipe.stages.train import checkpoint as ckpt
+    from segpipe.stages.train.loop import plan_training
+    from segpipe.stages.train.members import PARTIAL
+
+    if resume and not (Path(out) / PARTIAL).is_dir():
+        ckpt.require_checkpoint(out, cfg.resume_key())
+    return plan_training(store, cfg)

@@ -234,13 +234,14 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
     present = np.unique(cand.value)
     classes, lut = label_classes(present, info.classes, IGNORE)
     gpu = _device(requested.device).type == "cuda"
-    resolved, auto = adapt.resolve(requested, adapt.facts_of(info, cand, gpu))
+    # Drawn first: how many cells it holds out is one of the facts the settings follow.
+    split = plan_split(cand, requested.valid_cell, requested.valid_fraction, requested.seed)
+    split.log_warnings()
+    resolved, auto = adapt.resolve(requested, adapt.facts_of(info, cand, gpu, split.held_units))
     cfg, chip_note = resolved.fit_region(info.height, info.width)
     # A model without an encoder records none, as the forest does (its --encoder is unused).
     encoder = cfg.encoder if has_encoder(cfg.arch) else "none"
     spec = package_spec(store, info, cfg, cfg.arch, encoder, classes, network_options(cfg))
-    split = plan_split(cand, cfg.valid_cell, cfg.valid_fraction, cfg.seed)
-    split.log_warnings()
     valid_cells = split.valid_cells(cand)
     train_c, valid_c = cand.subset(~split.in_valid), cand.subset(split.in_valid)
     valid_s = _sampler(store, info.block_size, cfg, lut, split.cell, valid_cells, "valid")

@@ -66,12 +66,12 @@ def train_members(
     resume: bool = False,
     plan: TrainPlan | None = None,
 ) -> ModelSpec:
-    """Train ``config.members`` networks on one split and write their ensemble to ``out``.
+    """Train ``plan.cfg.members`` networks on one split and write their ensemble to ``out``.
 
     Args:
         store: Region store with ``image`` and ``labels`` layers.
         out: Package directory to write (the ensemble; ``out/members/`` holds the members).
-        config: The network's settings, ``members`` above 1.
+        config: The network's settings (``members`` above 1, or auto and chosen so by ``plan``).
         progress: Called with each member's training progress.
         announce: Receives a line as each member starts and the scores at the end.
         resume: Continue the members run interrupted in ``out``.
@@ -96,7 +96,8 @@ def train_members(
     partial.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        paths = [_train_member(store, partial, plan, i, progress, say, resume) for i in range(config.members)]
+        count = plan.cfg.members
+        paths = [_train_member(store, partial, plan, i, progress, say, resume) for i in range(count)]
     except BaseException:
         if not _resumable(partial):  # nothing a --resume could continue: leave nothing behind
             shutil.rmtree(partial, ignore_errors=True)
@@ -128,8 +129,8 @@ def _member_plan(plan: TrainPlan, index: int) -> TrainPlan:
     if plan.cfg.refit and index > 0:
         every = {"seed": seed, "members": 1, "refit": False, "valid_fraction": 0.0}
         return plan_training(plan.store, plan.cfg.model_copy(update=every))
-    cfg = plan.cfg.model_copy(update={"seed": seed, "members": 1})
-    requested = plan.requested.model_copy(update={"seed": seed, "members": 1})
+    one = {"seed": seed, "members": 1, "refit": False}
+    cfg, requested = plan.cfg.model_copy(update=one), plan.requested.model_copy(update=one)
     net, _ = initial_network(cfg, len(plan.spec.band_names), len(plan.spec.classes))
     initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if "linear_path" in plan.spec.options:  # every member starts from the one fitted logistic regression

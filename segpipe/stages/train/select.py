@@ -368,9 +368,9 @@ def compare_with_forest(
     forest_cfg = forest_of(settings)
     if not plan.valid_windows:
         return None
-    name = cfg.arch if settings.members == 1 else f"{settings.members} x {cfg.arch}"
+    name = cfg.arch if cfg.members == 1 else f"{cfg.members} x {cfg.arch}"
     scored = Path(network)
-    if settings.refit:  # the other members trained on the held-out cells: the first alone compares
+    if cfg.refit:  # the other members trained on the held-out cells: the first alone compares
         first = read_spec(network).training["members"][0]["package"]
         name, scored = f"{cfg.arch} (member 1)", Path(first)
     with tempfile.TemporaryDirectory(prefix=".segpipe-baseline-", dir=Path(network).parent) as tmp:

@@ -78,6 +78,8 @@ class Split:
         train_only: Label values kept wholly in training (not validated).
         warnings: What the user should hear about (logged and recorded).
         pixels: Per label value, the (train, validation) candidates.
+        held_units: Cells (or patches) held out: few of them make which ones a seed
+            draws matter (:mod:`segpipe.stages.train.adapt` adds a refit member then).
     """
 
     in_valid: np.ndarray
@@ -86,6 +88,7 @@ class Split:
     train_only: tuple[int, ...] = ()
     warnings: tuple[str, ...] = ()
     pixels: dict[int, tuple[int, int]] = field(default_factory=dict)
+    held_units: int = 0
 
     def valid_cells(self, cand: Candidates) -> frozenset[tuple[int, int]]:
         """The (row, column) cells held out, as :class:`ChipSampler` takes them.
@@ -131,6 +134,7 @@ class Split:
             "valid_fraction": fraction,
             "min_train_share": min_train_share(fraction),
             "train_only_classes": list(self.train_only),
+            "held_out_units": self.held_units,
             "candidates": {str(v): {"train": t, "valid": h} for v, (t, h) in sorted(self.pixels.items())},
         }
 
@@ -182,7 +186,8 @@ def plan_split(cand: Candidates, cell: int | None, fraction: float, seed: int) -
     pixels = {int(v): (int(counts[:, k].sum() - held[k]), int(held[k])) for k, v in enumerate(values)}
     only = tuple(int(values[k]) for k in train_only)
     unit = "patches of labels" if patches is not None else f"{edge} px cells"
-    return Split(in_valid, edge, scheme, only, _warnings(scheme, fraction, unit, only), pixels)
+    notes = _warnings(scheme, fraction, unit, only)
+    return Split(in_valid, edge, scheme, only, notes, pixels, int(is_valid.sum()))
 
 
 def _warnings(scheme: str, fraction: float, unit: str, train_only: tuple[int, ...]) -> tuple[str, ...]:
