@@ -107,7 +107,7 @@ FOREGROUND_LR = 2e-3
 LINEAR_START_CPU_CHIPS = 4096
 _MAX_EPOCHS = 64
 # Held-out cells (or patches) under which a refit second member is added. The scenes of
-# benchmarks/accuracy.py (287-900 px) hold out 5-10; a 3,000 px dense map holds out about 20
+# benchmarks/accuracy.py (384-900 px) hold out 2-9 (seeds 0-4); a 3,000 px dense map about 20
 # of its 256 px cells, and a region of 30,000 px thousands, where a draw of cells averages out.
 REFIT_UNITS = 20
 # Settings that default to None and are chosen here.
