@@ -93,6 +93,8 @@ CONFIGS: dict[str, list[str]] = {
     "ema99": ["--ema", "0.99"],  # the default with a moving average of the weights kept
     # two networks averaged: one on the split (the package's held-out scores), one on every label
     "refit2": ["--members", "2", "--refit"],
+    # the refit pair and one more network on every label (a third training)
+    "refit3": ["--members", "3", "--refit"],
 }
 # Options of ``segpipe predict`` by config (none: predict's defaults).
 PREDICT_OPTIONS: dict[str, list[str]] = {"one_view": ["--no-tta"], "auto_one_view": ["--no-tta"]}
