@@ -378,7 +378,7 @@ _Devices = Annotated[int, typer.Option(help="Data-parallel processes (one per GP
 _Members = Annotated[
     int | None,
     typer.Option(
-        help="Networks trained from different seeds and averaged, each costing a run (auto: 2 with "
+        help="Networks trained from different seeds and averaged, each costing a run (auto: 3 with "
         "--refit where the split holds out under 20 cells or patches, else 1)."
     ),
 ]
@@ -386,7 +386,7 @@ _Refit = Annotated[
     bool | None,
     typer.Option(
         help="With --members 2+: members after the first train on every labelled pixel, held-out "
-        "cells included; the first's held-out scores are the package's (auto: with auto --members 2)."
+        "cells included; the first's held-out scores are the package's (auto: with auto --members 3)."
     ),
 ]
 _LinearStart = Annotated[

@@ -209,26 +209,26 @@ AUTO = {k: v for k, v in SETTINGS.items() if k != "members"}
 
 
 @pytest.fixture(scope="module")
-def auto_pair(store, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("auto_pair") / "m"
+def auto_members(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("auto_members") / "m"
     train(store, out, train_config(**AUTO))
     return out
 
 
-def test_auto_members_refit_a_second_network_where_few_cells_are_held_out(store, single, auto_pair):
-    """Left at auto, a split holding out few cells gets the refit pair; the first is the seed's own."""
-    spec = load_model(auto_pair)[1]
+def test_auto_members_refit_two_more_networks_where_few_cells_are_held_out(store, single, auto_members):
+    """Left at auto, a split holding out few cells gets three members; the first is the seed's own."""
+    spec = load_model(auto_members)[1]
     held = spec.training["split"]["held_out_units"]
     assert 0 < held < 20 and spec.arch == "ensemble"
-    assert spec.training["auto"]["members"]["value"] == 2 and spec.training["auto"]["refit"]["value"] is True
+    assert spec.training["auto"]["members"]["value"] == 3 and spec.training["auto"]["refit"]["value"] is True
     assert f"{held} held-out cells or patches" in spec.training["auto"]["members"]["rule"]
-    assert spec.training["averaged"]["refit"] and spec.training["config"]["members"] == 2
-    assert _same(_weights(auto_pair / MEMBERS / "0"), _weights(single))
+    assert spec.training["averaged"]["refit"] and spec.training["config"]["members"] == 3
+    assert _same(_weights(auto_members / MEMBERS / "0"), _weights(single))
     # The settings as asked keep members at auto: a flow reusing the package compares those.
     assert spec.training["requested"]["members"] is None
 
 
-def test_an_auto_pair_killed_in_its_second_member_resumes_to_the_unbroken_pair(store, auto_pair, tmp_path):
+def test_auto_members_killed_in_the_second_resume_to_the_unbroken_ensemble(store, auto_members, tmp_path):
     out, second = tmp_path / "m", []
 
     def report(p):
@@ -236,10 +236,10 @@ def test_an_auto_pair_killed_in_its_second_member_resumes_to_the_unbroken_pair(s
             raise KilledError
 
     def announce(line):
-        second.extend(["yes"] if line.startswith("member 2 of 2") else [])
+        second.extend(["yes"] if line.startswith("member 2 of 3") else [])
 
     with pytest.raises(KilledError):
         train(store, out, train_config(**AUTO), progress=report, announce=announce)
     assert checkpoint_path(out / PARTIAL / "1").is_file() and not (out / "model.json").exists()
     train(store, out, train_config(**AUTO), resume=True)
-    assert _same(_weights(out), _weights(auto_pair)) and not (out / PARTIAL).exists()
+    assert _same(_weights(out), _weights(auto_members)) and not (out / PARTIAL).exists()

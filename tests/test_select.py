@@ -76,14 +76,14 @@ def test_few_held_out_cells_add_a_refit_second_network():
         return resolved.members, resolved.refit, chosen
 
     few = members(NetworkConfig(), 6)
-    assert few[:2] == (2, True) and few[2]["members"]["rule"] == "6 held-out cells or patches (1-19)"
+    assert few[:2] == (3, True) and few[2]["members"]["rule"] == "6 held-out cells or patches (1-19)"
     for held in (0, REFIT_UNITS, 2000):  # nothing held out to draw, or a draw of many cells
         assert members(NetworkConfig(), held)[:2] == (1, False)
     # What the user gives wins; a given member count keeps its members on the split.
     assert members(NetworkConfig(members=1), 6)[:2] == (1, False)
     assert members(NetworkConfig(members=3), 6)[:2] == (3, False)
     assert members(NetworkConfig(refit=False), 6)[:2] == (1, False)
-    assert members(NetworkConfig(refit=True), 2000)[:2] == (2, True)
+    assert members(NetworkConfig(refit=True), 2000)[:2] == (3, True)
     assert members(NetworkConfig(arch="linear"), 6)[:2] == (1, False)  # a per-pixel model
     # --arch auto compares one network with the forest: never a pair.
     network, _ = AutoConfig().families()

@@ -12,7 +12,7 @@ from segpipe.stages.ingest.driver import ingest
 from segpipe.synth import synthesize
 
 # Chips of 32 px, two per step, a few steps: enough to exercise every path. One network:
-# a tiny store holds out few cells, where members would otherwise be auto's refit pair
+# a tiny store holds out few cells, where members would otherwise be auto's three refitted ones
 # (tests/test_members.py tests that rule).
 TINY = {
     "members": 1,

@@ -39,14 +39,14 @@ The rules (also in ``segpipe train --help`` and the README):
   spread 0.065 -> 0.035; nc-landsat7 dense 0.275 -> 0.264; docs/benchmarks.md); off for finer
   pixels, where one band's values tell little (the building scene's regression finds no
   building). Every setting above that follows it follows the resolved value, given or not.
-- ``members`` and ``refit``: a second network, trained on every labelled pixel (held-out
-  cells included) and averaged with the first, where the split holds out fewer than
-  :data:`REFIT_UNITS` cells or patches; else one network. With so few held-out units, which
-  of them a seed draws moves what the network learns (a seed's whole-polygon or 23-building
-  draw), and one network's start moves it as much on a small scene: the second member
-  evens out both, while the first, which never saw the held-out cells, still gives the
-  package's honest held-out scores (:mod:`segpipe.stages.train.members`). It doubles the
-  training and each window's forward pass; ``--members 1`` turns it off.
+- ``members`` and ``refit``: :data:`REFIT_MEMBERS` networks averaged, all but the first
+  trained on every labelled pixel (held-out cells included), where the split holds out
+  fewer than :data:`REFIT_UNITS` cells or patches; else one network. With so few held-out
+  units, which of them a seed draws moves what the network learns (a seed's whole-polygon
+  or 23-building draw), and one network's start moves it as much on a small scene: the
+  refitted members even out both, while the first, which never saw the held-out cells,
+  still gives the package's honest held-out scores (:mod:`segpipe.stages.train.members`).
+  It triples the training and each window's forward pass; ``--members 1`` turns it off.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ __all__ = [
     "LINEAR_START_CPU_CHIPS",
     "LINEAR_START_LR",
     "RARE_SHARE",
+    "REFIT_MEMBERS",
     "REFIT_UNITS",
     "Facts",
     "facts_of",
@@ -106,10 +107,15 @@ LINEAR_START_LR = 3e-4
 FOREGROUND_LR = 2e-3
 LINEAR_START_CPU_CHIPS = 4096
 _MAX_EPOCHS = 64
-# Held-out cells (or patches) under which a refit second member is added. The scenes of
+# Held-out cells (or patches) under which refitted members are added. The scenes of
 # benchmarks/accuracy.py (384-900 px) hold out 2-9 (seeds 0-4); a 3,000 px dense map about 20
 # of its 256 px cells, and a region of 30,000 px thousands, where a draw of cells averages out.
 REFIT_UNITS = 20
+# Members there: the split's network and two refitted on every label. A refit pair left
+# s2-brandenburg's test mIoU spread over five seeds at 0.032 (mean 0.336); three members, 0.029
+# (0.340), and spacenet4-atlanta's 0.021 -> 0.012 (0.672 -> 0.676), at 1.5 times the training
+# (docs/benchmarks.md, sessions 33-34).
+REFIT_MEMBERS = 3
 # Settings that default to None and are chosen here.
 AUTO_SETTINGS = (
     "chip_size",
@@ -283,19 +289,21 @@ def _keep(start: bool, foreground: bool) -> tuple[str, str]:
 
 
 def _members(refit: bool | None, facts: Facts) -> tuple[int, str]:
-    """Two members (the second refitted on every label) where few cells are held out, else one."""
+    """Three members (the others refitted on every label) where few cells are held out, else one."""
     if refit is not None:
-        return (2, "--refit asks for a second member") if refit else (1, "--no-refit: one network")
+        if not refit:
+            return 1, "--no-refit: one network"
+        return REFIT_MEMBERS, "--refit asks for refitted members"
     held = facts.held_units
     few = 0 < held < REFIT_UNITS
     span = f"{'' if few else 'not '}1-{REFIT_UNITS - 1}"
-    return (2 if few else 1), f"{held} held-out cells or patches ({span})"
+    return (REFIT_MEMBERS if few else 1), f"{held} held-out cells or patches ({span})"
 
 
 def _refit_rule(given: int | None, members: int) -> str:
     if given is not None:
         return "--members given: its members share the split"
-    return "the second member trains on every label" if members > 1 else "one network"
+    return "the members after the first train on every label" if members > 1 else "one network"
 
 
 def _coarse(facts: Facts) -> tuple[bool, str]:

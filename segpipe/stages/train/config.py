@@ -226,13 +226,14 @@ class _NetworkSettings(_Shared):
             CPU they share its cores, useful for testing).
         members: Networks trained from different seeds on the same split and averaged
             into one ensemble package (see :mod:`segpipe.stages.train.members`); each
-            costs a network's training and prediction. Auto (None): 2 with ``refit``
+            costs a network's training and prediction. Auto (None): 3 with ``refit``
             where the split holds out only a few cells or patches (a seed's draw of them
             moves the result), else 1 (:mod:`segpipe.stages.train.adapt`).
         refit: With ``members`` of 2 or more, every member after the first trains on every
             labelled pixel, the held-out cells included; the first trains on the split
             and its held-out scores are the package's (the others' cannot be scored there).
-            Auto (None): on where ``members`` is auto and the rule above chose 2.
+            Auto (None): on where ``members`` is auto and the rule above chose 3; alone,
+            it asks for 3 members.
         linear_start: Add a per-pixel logistic regression to the network's logits, fitted
             to the training pixels before the first step, with the network's output
             layers starting at zero: training starts from the convex per-pixel model,

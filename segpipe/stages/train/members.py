@@ -6,8 +6,8 @@ five and not on the other two, and its test mIoU spans 0.06 over the seeds. The 
 several members' class probabilities keeps what any of them learnt and hinges less on one
 seed (figures in ``docs/benchmarks.md``, "Session 19: several networks averaged"). Each
 member costs a network's training and its share of every prediction, so one member is the
-default, except where the split holds out few cells: there a refit pair is (``refit`` below;
-the rule in :mod:`segpipe.stages.train.adapt`).
+default, except where the split holds out few cells: there three members with ``refit``
+(below) are (the rule in :mod:`segpipe.stages.train.adapt`).
 
 Member ``i`` trains with the seed ``seed + 1000 * i`` (initialisation, chip sampling and
 augmentation) on the split, statistics and settings that ``seed`` chose, so member 0 is the
