@@ -70,7 +70,7 @@ def test_coarse_pixels_start_from_the_per_pixel_model_at_a_fine_tuning_rate():
     assert resolve(NetworkConfig(), _facts(8000, gpu=True, metres=30.0))[0].epochs == 32
 
 
-def test_few_held_out_cells_add_a_refit_second_network():
+def test_few_held_out_cells_add_refitted_networks():
     def members(cfg: NetworkConfig, held: int) -> tuple[int, bool, dict]:
         resolved, chosen = resolve(cfg, dataclasses.replace(_facts(), held_units=held))
         return resolved.members, resolved.refit, chosen
