@@ -95,6 +95,10 @@ CONFIGS: dict[str, list[str]] = {
     "refit2": ["--members", "2", "--refit"],
     # the refit pair and one more network on every label (a third training)
     "refit3": ["--members", "3", "--refit"],
+    # one network, today's other defaults: the control for other networks on the building scene
+    "single": ["--members", "1"],
+    "deeplabv3plus_single": ["--arch", "deeplabv3plus", "--members", "1"],
+    "resnet34_single": ["--encoder", "resnet34", "--members", "1"],
 }
 # Options of ``segpipe predict`` by config (none: predict's defaults).
 PREDICT_OPTIONS: dict[str, list[str]] = {"one_view": ["--no-tta"], "auto_one_view": ["--no-tta"]}
