@@ -21,6 +21,7 @@ from segpipe.stages.train.adapt import (
     CPU_CHIPS,
     FOREGROUND_CPU_CHIPS,
     LINEAR_START_CPU_CHIPS,
+    REFIT_MEMBERS,
     REFIT_UNITS,
     Facts,
     resolve,
@@ -88,6 +89,15 @@ def test_few_held_out_cells_add_refitted_networks():
     # --arch auto compares one network with the forest: never a pair.
     network, _ = AutoConfig().families()
     assert (network.members, network.refit) == (1, False)
+
+
+def test_members_help_names_the_rule_adapt_applies():
+    # The CLI spells the numbers out (importing adapt there would load numpy for every command).
+    from segpipe import cli
+
+    members, refit = (opt.__metadata__[0].help for opt in (cli._Members, cli._Refit))
+    assert f"auto: {REFIT_MEMBERS} with --refit" in members and f"under {REFIT_UNITS} cells" in members
+    assert f"auto --members {REFIT_MEMBERS}" in refit
 
 
 def test_rare_classes_get_a_loss_and_sampling_that_learn_them():
