@@ -99,6 +99,7 @@ CONFIGS: dict[str, list[str]] = {
     "single": ["--members", "1"],
     "deeplabv3plus_single": ["--arch", "deeplabv3plus", "--members", "1"],
     "resnet34_single": ["--encoder", "resnet34", "--members", "1"],
+    "deeplabv3plus": ["--arch", "deeplabv3plus"],  # with the default members (three on small splits)
 }
 # Options of ``segpipe predict`` by config (none: predict's defaults).
 PREDICT_OPTIONS: dict[str, list[str]] = {"one_view": ["--no-tta"], "auto_one_view": ["--no-tta"]}
