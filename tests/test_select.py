@@ -14,6 +14,7 @@ import pytest
 from train_support import TINY, tiny_store
 from typer.testing import CliRunner
 
+from segpipe import cli
 from segpipe.cli import app
 from segpipe.stages.train import NetworkConfig
 from segpipe.stages.train.adapt import (
@@ -86,15 +87,13 @@ def test_few_held_out_cells_add_refitted_networks():
     assert members(NetworkConfig(refit=False), 6)[:2] == (1, False)
     assert members(NetworkConfig(refit=True), 2000)[:2] == (3, True)
     assert members(NetworkConfig(arch="linear"), 6)[:2] == (1, False)  # a per-pixel model
-    # --arch auto compares one network with the forest: never a pair.
+    # --arch auto compares one network with the forest: never several.
     network, _ = AutoConfig().families()
     assert (network.members, network.refit) == (1, False)
 
 
 def test_members_help_names_the_rule_adapt_applies():
     # The CLI spells the numbers out (importing adapt there would load numpy for every command).
-    from segpipe import cli
-
     members, refit = (opt.__metadata__[0].help for opt in (cli._Members, cli._Refit))
     assert f"auto: {REFIT_MEMBERS} with --refit" in members and f"under {REFIT_UNITS} cells" in members
     assert f"auto --members {REFIT_MEMBERS}" in refit
