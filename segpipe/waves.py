@@ -9,11 +9,18 @@ are tracked by the workers' markers in the store, not by the driver. Ingest and
 evaluate build dask graphs; they compute them one wave of at most :data:`WAVE_BLOCKS`
 blocks (or windows) at a time (:func:`block_spans`, :func:`waves`), so no graph grows
 with the region.
+
+A run that fails stops cleanly: its queued tasks are cancelled, and the driver raises only
+once its tasks already running have left the workers (:func:`drain`; a cancelled task
+stops at its next block, see :func:`task_cancelled`). Until then the run still holds its
+store, so no task of a failed run writes beside the next run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,9 +28,11 @@ if TYPE_CHECKING:
     import distributed
 
 __all__ = [
-    "IN_FLIGHT_PER_SLOT", "MIN_IN_FLIGHT", "WAVE_BLOCKS", "block_spans", "in_flight_limit", "submit_bounded",
-    "waves",
+    "DRAIN_SECONDS", "IN_FLIGHT_PER_SLOT", "MIN_IN_FLIGHT", "WAVE_BLOCKS", "block_spans", "drain",
+    "in_flight_limit", "submit_bounded", "task_cancelled", "waves",
 ]
+
+log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_SLOT = 4
 """Tasks in flight per task slot: enough queued that no slot idles while the driver refills."""
@@ -35,6 +44,11 @@ WAVE_BLOCKS = 1024
 tasks, enough that every slot of a large cluster is busy, small enough that the driver and
 the scheduler hold a wave, not the region. A wave waits for its slowest task before the
 next starts; at 1024 blocks that tail is about one task per slot in a thousand."""
+
+DRAIN_SECONDS = 600.0
+"""Longest a failed run waits for its running tasks to stop before it raises anyway."""
+DRAIN_POLL_SECONDS = 0.2
+"""How often :func:`drain` asks the workers what still runs."""
 
 J = TypeVar("J")
 Record = Callable[[Any], None]
@@ -137,5 +151,62 @@ def submit_bounded(
                 submit(limit - len(live))
     except BaseException:
         client.cancel(list(live))
+        # A cancelled task keeps running on its worker; raising now would let it write
+        # after this run has let go of its store (a rerun, or another run, in between).
+        drain(client, live)
         raise
     return count
+
+
+def task_cancelled() -> bool:
+    """Whether the Dask task calling this was cancelled (False outside a worker's task).
+
+    Python cannot stop a thread from outside, so a cancelled task runs on until it
+    returns; a long task asks this between its writes and stops early, writing nothing
+    more.
+    """
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except (ImportError, ValueError, KeyError):  # not in a worker's task (dask's local schedulers)
+        return False
+    state = worker.state.tasks.get(key)
+    return state is not None and state.state == "cancelled"
+
+
+def _running_keys(keys: list[Any], dask_worker: Any = None) -> list[Any]:
+    """The ``keys`` whose task occupies a thread of this worker (run on each worker)."""
+    wanted = set(keys)
+    return [ts.key for ts in dask_worker.state.all_running_tasks if ts.key in wanted]
+
+
+def drain(client: distributed.Client, futures: Collection[Any], timeout: float | None = None) -> bool:
+    """Wait until none of the (cancelled) ``futures`` still runs on a worker.
+
+    Args:
+        client: The cluster's client.
+        futures: The tasks to wait for (their futures, cancelled or not).
+        timeout: Most seconds to wait; default :data:`DRAIN_SECONDS`, read when called.
+
+    Returns:
+        Whether they all stopped; False after the timeout, or when the workers cannot be
+        asked (the cluster itself failed), with a warning logged.
+    """
+    keys = [f.key for f in futures]
+    deadline = time.monotonic() + (DRAIN_SECONDS if timeout is None else timeout)
+    while keys:
+        try:
+            running: dict[str, list[Any]] = client.run(_running_keys, keys)
+        except Exception as exc:
+            log.warning("could not ask the workers which tasks still run (%s); not waiting for them", exc)
+            return False
+        keys = [key for found in running.values() for key in found]
+        if keys and time.monotonic() > deadline:
+            log.warning("%d tasks of the failed run still run on the workers; raising without them",
+                        len(keys))
+            return False
+        if keys:
+            time.sleep(DRAIN_POLL_SECONDS)
+    return True

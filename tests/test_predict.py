@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -381,6 +382,10 @@ def test_a_failing_block_fails_the_run_and_a_rerun_resumes(
     shard.write_bytes(b"not a shard" * 10)
     with pytest.raises(Exception):  # noqa: B017  (the codec's own error, re-raised)
         predict(store, stub_model_dir, client=client, **SETTINGS)
+    # predict raised once its running tasks stopped: none of them writes any more.
+    staged = {path: path.stat().st_mtime_ns for path in (store / STAGING).rglob("*")}
+    time.sleep(0.5)
+    assert {path: path.stat().st_mtime_ns for path in (store / STAGING).rglob("*")} == staged
     # A new result is staged until complete: its markers are in the hidden group.
     assert _read(store, f"{STAGING}/{PROGRESS_LAYER}")[2, 2] == 0
     shard.write_bytes(good)

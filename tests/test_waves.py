@@ -12,9 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
-from predict_support import SETTINGS, make_store
+from predict_support import SETTINGS, block_job, make_store
 
+from segpipe.grid.box import Box
 from segpipe.io.store import open_layer
+from segpipe.models import model_hash, read_spec
+from segpipe.stages.predict import worker
 from segpipe.stages.predict.driver import PROGRESS_LAYER, predict
 from segpipe.stages.predict.dryrun import format_plan, plan_predict
 from segpipe.stages.predict.jobs import (
@@ -24,7 +27,9 @@ from segpipe.stages.predict.jobs import (
     iter_groups,
     iter_jobs,
 )
-from segpipe.waves import in_flight_limit, submit_bounded, waves
+from segpipe.stages.predict.results import prepare_layers
+from segpipe.stages.predict.worker import run_block
+from segpipe.waves import drain, in_flight_limit, submit_bounded, task_cancelled, waves
 
 LAYOUT = ClusterLayout(2, False)
 JOB = JobSettings(store="s", model_dir="m", model_hash="h", tile=64, overlap=16, batch_size=2)
@@ -162,6 +167,64 @@ def test_the_first_error_cancels_the_queue_and_pulls_no_more(thread_client: Clie
     while thread_client.processing() and any(thread_client.processing().values()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def _fail_first_or_write_late(job: tuple[str, int]) -> int:
+    """Job 0 fails at once; every other job sleeps, then writes a file named after itself."""
+    folder, i = job
+    if i == 0:
+        time.sleep(0.1)
+        raise RuntimeError("task 0 failed")
+    time.sleep(1.0)
+    (Path(folder) / str(i)).write_text("written")
+    return i
+
+
+def test_a_failed_run_raises_only_once_its_running_tasks_have_stopped(
+    thread_client: Client, tmp_path: Path
+) -> None:
+    jobs = [(str(tmp_path), i) for i in range(50)]
+    with pytest.raises(RuntimeError, match="task 0 failed"):
+        submit_bounded(thread_client, _fail_first_or_write_late, jobs, 8, lambda _: None)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written  # job 1 was running beside job 0 when it failed: the driver waited for it
+    time.sleep(1.5)  # longer than a job: a task still running would have written by now
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
+    assert drain(thread_client, []) is True
+
+
+def _wait_for_cancel(job: tuple[str, int]) -> int:
+    """Job 0 fails; job 1 polls :func:`task_cancelled` for up to 30 s and writes what it saw."""
+    folder, i = job
+    if i == 0:
+        time.sleep(0.2)
+        raise RuntimeError("task 0 failed")
+    deadline = time.monotonic() + 30
+    while not task_cancelled() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (Path(folder) / str(i)).write_text("cancelled" if task_cancelled() else "never told")
+    return i
+
+
+def test_a_running_task_learns_that_it_was_cancelled(thread_client: Client, tmp_path: Path) -> None:
+    assert task_cancelled() is False  # not inside a worker's task
+    with pytest.raises(RuntimeError, match="task 0 failed"):
+        submit_bounded(thread_client, _wait_for_cancel, [(str(tmp_path), 0), (str(tmp_path), 1)], 2,
+                       lambda _: None)
+    assert (tmp_path / "1").read_text() == "cancelled"  # and the driver waited for it to stop
+
+
+def test_a_cancelled_predict_task_writes_no_further_block(
+    tmp_path: Path, stub_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(tmp_path / "a.zarr", block=64)
+    prepare_layers(str(store), read_spec(stub_model_dir), (4, 3), {"model_hash": model_hash(stub_model_dir)},
+                   force=True)
+    monkeypatch.setattr(worker, "task_cancelled", lambda: True)
+    stats = run_block(block_job(store, stub_model_dir, Box(0, 0, 128, 128)))
+    assert stats["cancelled"] == 1
+    assert not open_layer(store, PROGRESS_LAYER)[...].any()
+    assert np.all(open_layer(store, "classes")[...] == 255)
 
 
 def _tree(store: Path) -> dict[str, tuple[int, bytes]]:

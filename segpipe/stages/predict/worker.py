@@ -28,6 +28,7 @@ from segpipe.stages.predict.blend import BlendStats, RowBand, blend_rows, tta_fo
 from segpipe.stages.predict.jobs import BlockJob, Blocks, blocks_box
 from segpipe.stages.predict.pixels import encode_probabilities, prepare_pixels
 from segpipe.stages.predict.rows import RowSlab
+from segpipe.waves import task_cancelled
 
 if TYPE_CHECKING:
     import torch
@@ -175,6 +176,10 @@ def _box_blocks(box: Box, block_size: int) -> Blocks:
     return tuple((by, bx) for by in rows for bx in cols)
 
 
+class _CancelledError(Exception):
+    """The task was cancelled (its run failed or stopped): it writes no further block."""
+
+
 class _BlockWriter:
     """A task's encoded rows, one block row at a time; each block is written, then marked done, once finished.
 
@@ -230,6 +235,8 @@ class _BlockWriter:
             start = stop
 
     def _write(self, block: tuple[int, int], bb: Box) -> None:
+        if task_cancelled():  # the run that sent this task has failed: write nothing more
+            raise _CancelledError
         sl = (slice(bb.y0 - self._top, bb.y1 - self._top), slice(bb.x0 - self.box.x0, bb.x1 - self.box.x0))
         for name, layer in self.layers.items():
             write_block(layer, bb.y0, bb.x0, self.out[name][(Ellipsis, *sl)], self.block_size)
@@ -287,6 +294,9 @@ def run_block(job: BlockJob) -> dict[str, float]:
     blocks = _unfinished(progress, planned)
     done = {"pixels": 0, "valid": 0, "windows": 0, "slots": 0}
     if blocks:
-        done = _predict_blocks(job, info, blocks, progress)
+        try:
+            done = _predict_blocks(job, info, blocks, progress)
+        except _CancelledError:  # nobody reads a cancelled task's stats: stop quietly
+            return {"cancelled": 1, "seconds": time.perf_counter() - t0}
     return {**done, "blocks": len(blocks), "skipped": len(planned) - len(blocks),
             "seconds": time.perf_counter() - t0}
