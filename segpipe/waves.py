@@ -153,7 +153,7 @@ def submit_bounded(
         client.cancel(list(live))
         # A cancelled task keeps running on its worker; raising now would let it write
         # after this run has let go of its store (a rerun, or another run, in between).
-        drain(client, live)
+        drain(client, [future.key for future in live])
         raise
     return count
 
@@ -176,37 +176,48 @@ def task_cancelled() -> bool:
     return state is not None and state.state == "cancelled"
 
 
-def _running_keys(keys: list[Any], dask_worker: Any = None) -> list[Any]:
-    """The ``keys`` whose task occupies a thread of this worker (run on each worker)."""
-    wanted = set(keys)
-    return [ts.key for ts in dask_worker.state.all_running_tasks if ts.key in wanted]
+def _running_keys(dask_worker: Any = None) -> list[Any]:
+    """The keys of the tasks occupying a thread of this worker (run on each worker)."""
+    return [ts.key for ts in dask_worker.state.all_running_tasks]
 
 
-def drain(client: distributed.Client, futures: Collection[Any], timeout: float | None = None) -> bool:
-    """Wait until none of the (cancelled) ``futures`` still runs on a worker.
+def _same(key: Any) -> Any:
+    return key
+
+
+def drain(
+    client: distributed.Client,
+    keys: Collection[Any],
+    timeout: float | None = None,
+    identify: Callable[[Any], Any] = _same,
+) -> bool:
+    """Wait until no task of ``keys`` (cancelled or not) still runs on a worker.
 
     Args:
         client: The cluster's client.
-        futures: The tasks to wait for (their futures, cancelled or not).
+        keys: The tasks' keys (a future's ``key``).
         timeout: Most seconds to wait; default :data:`DRAIN_SECONDS`, read when called.
+        identify: What two keys share when they are the same task (default the key
+            itself; a graph whose optimisation renames fused tasks matches on the
+            name's token instead).
 
     Returns:
         Whether they all stopped; False after the timeout, or when the workers cannot be
         asked (the cluster itself failed), with a warning logged.
     """
-    keys = [f.key for f in futures]
+    wanted = {identify(key) for key in keys}
     deadline = time.monotonic() + (DRAIN_SECONDS if timeout is None else timeout)
-    while keys:
+    while wanted:
         try:
-            running: dict[str, list[Any]] = client.run(_running_keys, keys)
-        except Exception as exc:
+            running: dict[str, list[Any]] = client.run(_running_keys)
+        except Exception as exc:  # a broken cluster runs nothing more of ours
             log.warning("could not ask the workers which tasks still run (%s); not waiting for them", exc)
             return False
-        keys = [key for found in running.values() for key in found]
-        if keys and time.monotonic() > deadline:
-            log.warning("%d tasks of the failed run still run on the workers; raising without them",
-                        len(keys))
+        still = sum(identify(key) in wanted for found in running.values() for key in found)
+        if not still:
+            return True
+        if time.monotonic() > deadline:
+            log.warning("%d tasks of the failed run still run on the workers; raising without them", still)
             return False
-        if keys:
-            time.sleep(DRAIN_POLL_SECONDS)
+        time.sleep(DRAIN_POLL_SECONDS)
     return True

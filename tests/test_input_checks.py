@@ -10,6 +10,7 @@ tests with a write that fails with ENOSPC or EROFS cover them everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 import rasterio
 import zarr.storage._local as zarr_local
+from distributed import Client, LocalCluster
 from rasterio.transform import from_origin
 
 import segpipe.stages.export.cog as cog
@@ -103,16 +105,23 @@ def test_empty_or_text_file_named_tif(tmp_path: Path, content: bytes) -> None:
     assert hidden(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize("on_cluster", [False, True], ids=["threads", "cluster"])
 def test_truncated_tile_in_the_middle_of_a_mosaic_is_named(
-    tmp_path: Path, earlier: tuple[Path, dict[str, bytes]]
+    tmp_path: Path, earlier: tuple[Path, dict[str, bytes]], on_cluster: bool
 ) -> None:
     store, before = earlier
     tiles = [write_tif(tmp_path / f"t{i}.tif", image(seed=i), x0=500000.0 + 640 * i) for i in range(3)]
     size = tiles[1].stat().st_size
     with open(tiles[1], "r+b") as f:
         f.truncate(size // 2)  # header intact, pixels cut: only reading the pixels fails
-    with pytest.raises(InputError, match=TRUNCATED) as err:
-        ingest(tiles, store, block_size=32, overwrite=True)
+    with contextlib.ExitStack() as stack:
+        if on_cluster:  # dask's default scheduler becomes this cluster: ingest waits for its tasks there
+            cluster = stack.enter_context(LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                                       dashboard_address=":0"))
+            stack.enter_context(Client(cluster))
+        with pytest.raises(InputError, match=TRUNCATED) as err:
+            ingest(tiles, store, block_size=32, overwrite=True)
+        time.sleep(0.3)  # a task of the failed run still running would write by now
     assert "\n" not in str(err.value)
     assert snapshot(store) == before
     assert hidden(store.parent) == []

@@ -30,7 +30,6 @@ import secrets
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,7 +95,7 @@ from segpipe.stages.ingest.plan import (
     warp_attrs,
 )
 from segpipe.types import ClassInfo, Grid, read_classes_file
-from segpipe.waves import block_spans
+from segpipe.waves import block_spans, drain
 
 __all__ = ["ingest"]
 
@@ -108,36 +107,16 @@ Progress = Callable[[str], None]
 
 # How long a failed ingest waits for a cluster's running tasks before cleaning up anyway.
 _SETTLE_TIMEOUT_S = 120.0
-_BUSY_STATES = ("executing", "long-running", "cancelled", "resumed")
 
 
 def _key_token(key: Any) -> str:
-    """The token of a dask key's name (``('store-map-<token>', 0, 1)`` -> ``<token>``)."""
+    """The token of a dask key's name (``('store-map-<token>', 0, 1)`` -> ``<token>``).
+
+    A failed ingest waits for its tasks by token, not key: graph optimisation may rename
+    fused tasks, which keep the token of one of their layers.
+    """
     name = str(key[0] if isinstance(key, tuple) else key)
     return name.rsplit("-", 1)[-1]
-
-
-def _running_tokens(dask_worker: Any) -> list[str]:
-    """Name tokens of the tasks whose code still runs on this worker (through ``client.run``)."""
-    return [_key_token(ts.key) for ts in dask_worker.state.tasks.values() if ts.state in _BUSY_STATES]
-
-
-def _settle_cluster(client: Any, collections: Sequence[Any]) -> None:
-    """Return once no task of ``collections`` runs on the cluster (or after a timeout).
-
-    Matched by name token, not key: graph optimisation may rename fused tasks, which
-    keep the token of one of their layers.
-    """
-    tokens = {_key_token(k) for c in collections for k in c.__dask_graph__()}
-    deadline = time.monotonic() + _SETTLE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            running = client.run(_running_tokens)
-        except Exception:  # a worker gone is a worker that no longer writes
-            return
-        if not any(t in tokens for ts in running.values() for t in ts):
-            return
-        time.sleep(0.1)
 
 
 def _compute(*collections: Any) -> tuple[Any, ...]:
@@ -156,7 +135,8 @@ def _compute(*collections: Any) -> tuple[Any, ...]:
             return tuple(client.gather(futures))
         except BaseException:
             client.cancel(futures)
-            _settle_cluster(client, collections)
+            keys = [k for c in collections for k in c.__dask_graph__()]
+            drain(client, keys, _SETTLE_TIMEOUT_S, _key_token)
             raise
     results: tuple[Any, ...]
     if scheduler is not dask.threaded.get:
