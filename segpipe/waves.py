@@ -12,8 +12,10 @@ with the region.
 
 A run that fails stops cleanly: its queued tasks are cancelled, and the driver raises only
 once its tasks already running have left the workers (:func:`drain`; a cancelled task
-stops at its next block, see :func:`task_cancelled`). Until then the run still holds its
-store, so no task of a failed run writes beside the next run.
+stops at its next block, see :func:`task_cancelled`); in this process, dask's threaded
+scheduler runs in a pool of the call's own, shut down waiting (:func:`compute_in_threads`).
+Until then the run still holds its store, so no task of a failed run writes beside the
+next run.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ if TYPE_CHECKING:
     import distributed
 
 __all__ = [
-    "DRAIN_SECONDS", "IN_FLIGHT_PER_SLOT", "MIN_IN_FLIGHT", "WAVE_BLOCKS", "block_spans", "drain",
-    "in_flight_limit", "submit_bounded", "task_cancelled", "waves",
+    "DRAIN_SECONDS", "IN_FLIGHT_PER_SLOT", "MIN_IN_FLIGHT", "WAVE_BLOCKS", "block_spans",
+    "compute_in_threads", "drain", "in_flight_limit", "submit_bounded", "task_cancelled", "waves",
 ]
 
 log = logging.getLogger(__name__)
@@ -221,3 +223,30 @@ def drain(
             return False
         time.sleep(DRAIN_POLL_SECONDS)
     return True
+
+
+def compute_in_threads(*collections: Any, threads: int, **kwargs: Any) -> tuple[Any, ...]:
+    """``dask.compute`` on dask's threaded scheduler that returns or raises only once none of its tasks runs.
+
+    Dask's local scheduler raises at the first failed task while the others carry on in
+    its shared pool; here they run in a pool of this call's own, shut down waiting for
+    them, so a failed run's caller cleans up (or unlocks) after its last write.
+
+    Args:
+        *collections: What to compute.
+        threads: Threads of the pool (at least 1).
+        **kwargs: Passed on to ``dask.compute`` (callbacks, for instance).
+
+    Returns:
+        The computed values, as ``dask.compute`` returns them.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dask.base import compute
+
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="segpipe-compute")
+    try:
+        results: tuple[Any, ...] = compute(*collections, scheduler="threads", pool=pool, **kwargs)
+        return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -29,7 +29,7 @@ from segpipe.stages.predict.jobs import (
 )
 from segpipe.stages.predict.results import prepare_layers
 from segpipe.stages.predict.worker import run_block
-from segpipe.waves import drain, in_flight_limit, submit_bounded, task_cancelled, waves
+from segpipe.waves import compute_in_threads, drain, in_flight_limit, submit_bounded, task_cancelled, waves
 
 LAYOUT = ClusterLayout(2, False)
 JOB = JobSettings(store="s", model_dir="m", model_hash="h", tile=64, overlap=16, batch_size=2)
@@ -191,6 +191,16 @@ def test_a_failed_run_raises_only_once_its_running_tasks_have_stopped(
     time.sleep(1.5)  # longer than a job: a task still running would have written by now
     assert sorted(p.name for p in tmp_path.iterdir()) == written
     assert drain(thread_client, []) is True
+
+
+def test_a_failed_local_compute_raises_only_once_its_running_tasks_have_stopped(tmp_path: Path) -> None:
+    from dask.delayed import delayed
+
+    tasks = [delayed(_fail_first_or_write_late, pure=False)((str(tmp_path), i)) for i in range(2)]
+    with pytest.raises(RuntimeError, match="task 0 failed"):
+        compute_in_threads(*tasks, threads=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["1"]  # written before the error surfaced
+    assert compute_in_threads(delayed(sum)([1, 2]), threads=1) == (3,)
 
 
 def _wait_for_cancel(job: tuple[str, int]) -> int:

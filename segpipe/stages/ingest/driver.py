@@ -31,7 +31,6 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +94,7 @@ from segpipe.stages.ingest.plan import (
     warp_attrs,
 )
 from segpipe.types import ClassInfo, Grid, read_classes_file
-from segpipe.waves import block_spans, drain
+from segpipe.waves import block_spans, compute_in_threads, drain
 
 __all__ = ["ingest"]
 
@@ -142,13 +141,7 @@ def _compute(*collections: Any) -> tuple[Any, ...]:
     if scheduler is not dask.threaded.get:
         results = compute(*collections)  # synchronous or user-chosen
         return results
-    pool = ThreadPoolExecutor(usable_cores(), thread_name_prefix="segpipe-ingest")
-    try:
-        results = compute(*collections, scheduler="threads", pool=pool)
-        return results
-    finally:
-        # wait=True: on failure, the tasks still running finish before the caller cleans up
-        pool.shutdown(wait=True, cancel_futures=True)
+    return compute_in_threads(*collections, threads=usable_cores())
 
 
 def _grid(image: xr.DataArray) -> Grid:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from segpipe.cores import usable_cores
 from segpipe.stages.predict.jobs import BlockJob, ClusterLayout
 from segpipe.stages.predict.worker import run_block, worker_host
-from segpipe.waves import in_flight_limit, submit_bounded, waves
+from segpipe.waves import compute_in_threads, in_flight_limit, submit_bounded, waves
 
 if TYPE_CHECKING:
     import distributed
@@ -103,13 +103,17 @@ def run_in_process(jobs: Iterable[BlockJob], scheduler: str, record: Record, slo
     """
     count = 0
     for wave in waves(jobs, in_flight_limit(slots)):
-        _compute_wave(wave, scheduler, record)
+        _compute_wave(wave, scheduler, record, slots)
         count += len(wave)
     return count
 
 
-def _compute_wave(jobs: list[BlockJob], scheduler: str, record: Record) -> None:
-    """Run one wave of jobs with dask's local ``scheduler``, handing each task's stats to ``record``."""
+def _compute_wave(jobs: list[BlockJob], scheduler: str, record: Record, slots: int) -> None:
+    """Run one wave of jobs with dask's local ``scheduler``, handing each task's stats to ``record``.
+
+    On ``threads`` the wave has a pool of its own (``slots`` threads): a failed wave raises
+    only once its other tasks have stopped writing.
+    """
     from dask.base import compute
     from dask.delayed import delayed
 
@@ -123,5 +127,8 @@ def _compute_wave(jobs: list[BlockJob], scheduler: str, record: Record) -> None:
 
     # A callback of this computation only (start, start_state, pretask, posttask, finish):
     # dask's global Callback registry would see other threads' computations too.
-    compute(*tasks, scheduler=scheduler,  # dask.base.compute is untyped
-            callbacks=[(None, None, None, finished, None)])
+    callbacks = [(None, None, None, finished, None)]
+    if scheduler == "threads":
+        compute_in_threads(*tasks, threads=slots, callbacks=callbacks)
+    else:
+        compute(*tasks, scheduler=scheduler, callbacks=callbacks)  # dask.base.compute is untyped
