@@ -6,11 +6,26 @@ enough (the first start also creates its database), and the flow died with "Time
 out while attempting to connect to ephemeral Prefect API server". segpipe starts the
 engine itself, before the first flow, with a longer timeout and one retry, and ends
 with a one-line :class:`~segpipe.errors.EngineError` if it still does not answer.
+
+The server runs in a process group of its own, tied to this process's life (on Linux
+it gets SIGTERM when segpipe dies, even by SIGKILL). Ctrl-C in a terminal, or a SIGTERM
+to segpipe's process group, then reaches segpipe alone: its flow records the crash and
+cleans up while the server still answers, and segpipe stops the server as it exits.
+Sharing segpipe's group, the server died first and every later API call (the crash's
+state, the last log lines) was retried against a dead port for about 2.5 minutes.
 """
 
+import ctypes
+import functools
 import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
+import types
 from pathlib import Path
+from typing import Any
 
 from segpipe.errors import EngineError, InputError
 
@@ -61,6 +76,50 @@ def use_local_engine(home: Path | None = None, start: bool = True) -> None:
         start_local_engine()
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(prctl: Any) -> None:
+    """In the server's child, between fork and exec: SIGTERM when the starting thread ends."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _launch_options() -> dict[str, Any]:
+    """Popen options that put the server in a group of its own, dying with this process."""
+    options: dict[str, Any] = {"process_group": 0}
+    # The parent-death signal follows the thread that forks: only the main thread lives as
+    # long as the process.
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+        options["preexec_fn"] = functools.partial(_die_with_parent, prctl)
+    return options
+
+
+@functools.cache
+def _server_class() -> type[Any]:
+    """Prefect's ephemeral server class, launching its process with :func:`_launch_options`."""
+    import prefect.server.api.server as server_module
+
+    class GroupedServer(server_module.SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect builds the command and its environment; only the Popen it calls
+            # changes, and only in its server module, for this one call.
+            popen = functools.partial(subprocess.Popen, **_launch_options())
+            server_module.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})  # type: ignore[assignment]
+            try:
+                process: subprocess.Popen[Any] = super()._run_uvicorn_command()
+            finally:
+                server_module.subprocess = subprocess
+            return process
+
+    return GroupedServer
+
+
+def _new_server() -> Any:
+    """A fresh ephemeral server (Prefect's one instance, if one is already running)."""
+    return _server_class()()
+
+
 def start_local_engine(timeout: int | None = None, attempts: int = START_ATTEMPTS) -> None:
     """Start Prefect's ephemeral API server now, retrying once, unless an API is configured.
 
@@ -74,7 +133,6 @@ def start_local_engine(timeout: int | None = None, attempts: int = START_ATTEMPT
     Raises:
         EngineError: No start answered within the timeout.
     """
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
     seconds = timeout or _start_timeout()  # a bad setting is named even where unused
@@ -82,7 +140,7 @@ def start_local_engine(timeout: int | None = None, attempts: int = START_ATTEMPT
         return
     cause: BaseException | None = None
     for attempt in range(1, attempts + 1):
-        server = SubprocessASGIServer()  # a stopped server is forgotten: this is a fresh one
+        server = _new_server()  # a stopped server is forgotten: this is a fresh one
         try:
             server.start(timeout=seconds)
             return

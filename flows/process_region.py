@@ -17,6 +17,7 @@ from prefect.futures import PrefectFuture, wait
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.runners import TaskRunnerName, task_runner
+from flows.signals import relays_signals
 from flows.tasks import (
     BASELINE_LAYER,
     baseline_stage,
@@ -120,6 +121,7 @@ def _join(folder: str, name: str) -> str:
 
 
 @flow(name="process-region", log_prints=True)
+@relays_signals
 def process_region(run: RegionRun) -> dict[str, Any]:
     """Process one region end to end.
 

@@ -23,6 +23,7 @@ from prefect.futures import wait
 
 from flows.manifest import Manifest
 from flows.process_region import RegionRun, run_region
+from flows.signals import relays_signals
 from segpipe.boundary import one_line
 from segpipe.cluster import SCHEDULER_ENV, get_client, scheduler_address
 from segpipe.errors import BatchError
@@ -75,6 +76,7 @@ def _write_collection(out: str, results: dict[str, Any], log: Any) -> None:
 
 
 @flow(name="process-regions", log_prints=True)
+@relays_signals
 def process_regions(manifest: Manifest) -> dict[str, Any]:
     """Process every region of a manifest, ``manifest.concurrency`` at a time.
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.signals import relays_signals
 from flows.tasks import evaluate_stage, export_stage, ingest_stage, predict_stage, train_stage
 from segpipe.stages.train import NetworkConfig, TrainConfigField
 
@@ -17,6 +18,7 @@ __all__ = ["evaluate_flow", "export_flow", "ingest_flow", "predict_flow", "train
 
 
 @flow(name="ingest")
+@relays_signals
 def ingest_flow(
     images: list[str],
     store: str,
@@ -42,6 +44,7 @@ def ingest_flow(
 
 
 @flow(name="train")
+@relays_signals
 def train_flow(store: str, model: str, config: TrainConfigField | None = None) -> dict[str, Any]:
     """Train a model package from a store's labels.
 
@@ -54,6 +57,7 @@ def train_flow(store: str, model: str, config: TrainConfigField | None = None) -
 
 
 @flow(name="predict")
+@relays_signals
 def predict_flow(
     store: str,
     model: str,
@@ -79,6 +83,7 @@ def predict_flow(
 
 
 @flow(name="export")
+@relays_signals
 def export_flow(store: str, out: str, layer: str = "classes") -> dict[str, Any]:
     """Export a store layer as a Cloud-Optimized GeoTIFF.
 
@@ -91,6 +96,7 @@ def export_flow(store: str, out: str, layer: str = "classes") -> dict[str, Any]:
 
 
 @flow(name="evaluate")
+@relays_signals
 def evaluate_flow(store: str, reference: str, report_dir: str, layer: str = "classes") -> dict[str, Any]:
     """Evaluate a store layer against reference labels.
 

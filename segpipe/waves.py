@@ -26,6 +26,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from segpipe.stop import check_stop
+
 if TYPE_CHECKING:
     import distributed
 
@@ -71,6 +73,7 @@ def waves(jobs: Iterable[J], size: int | None = None) -> Iterator[list[J]]:
         raise ValueError(f"wave size {size} must be at least 1")
     it = iter(jobs)
     while wave := list(islice(it, size)):
+        check_stop()  # a signal stops a run in a flow's thread between waves
         yield wave
 
 
@@ -86,6 +89,12 @@ def block_spans(rows: int, cols: int, most: int | None = None) -> Iterator[tuple
         raise ValueError(f"wave size {most} must be at least 1")
     if rows < 1 or cols < 1:
         return
+    for span in _spans(rows, cols, most):
+        check_stop()  # a signal stops a run in a flow's thread between waves
+        yield span
+
+
+def _spans(rows: int, cols: int, most: int) -> Iterator[tuple[slice, slice]]:
     if cols <= most:
         step = most // cols
         for r0 in range(0, rows, step):
@@ -146,6 +155,7 @@ def submit_bounded(
     try:
         submit(limit)
         for future, result in pending:
+            check_stop()  # a signal stops a run in a flow's thread at its next finished task
             live.discard(future)
             count += 1
             record(result)

@@ -357,15 +357,16 @@ class _FakeServer:
 
 @pytest.fixture
 def fake_engine(monkeypatch):
-    import prefect.server.api.server
     import prefect.settings
+
+    import flows.engine
 
     class NoApi:
         def value(self):
             return None
 
     monkeypatch.setattr(prefect.settings, "PREFECT_API_URL", NoApi())
-    monkeypatch.setattr(prefect.server.api.server, "SubprocessASGIServer", _FakeServer)
+    monkeypatch.setattr(flows.engine, "_new_server", _FakeServer)
     _FakeServer.starts, _FakeServer.stops = [], 0
     return _FakeServer
 

@@ -46,6 +46,7 @@ from segpipe.stages.train.sampling import (
 )
 from segpipe.stages.train.split import Split, plan_split
 from segpipe.stages.train.stats import package_spec
+from segpipe.stop import check_stop
 
 __all__ = [
     "TrainPlan",
@@ -550,6 +551,7 @@ class _RankLoop:
         resuming = epoch == state.epoch
         running = state.running if resuming else 0.0
         for step in range((state.step if resuming else 0) + 1, steps + 1):
+            check_stop()  # a signal stops a training in a flow's thread at its next step
             running += (self._step() - running) / step
             if report and step < steps:
                 report(TrainProgress(epoch, self.cfg.epochs, step, steps, running))
