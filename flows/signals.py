@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from segpipe.boundary import Terminated
-from segpipe.stop import request_stop
+from segpipe.stop import clear_stop, request_stop
 
 __all__ = ["relay_signals", "relays_signals"]
 
@@ -28,6 +28,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_depth = 0  # flows running inside one another in this process (main thread only)
 
 
 def _relay(previous: dict[int, Any]) -> Callable[[int, Any], None]:
@@ -53,14 +54,19 @@ def relay_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _depth
+    if _depth == 0:  # a request left by an earlier flow of this process (a notebook's) is over
+        clear_stop()
     previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     relay = _relay(previous)
     for sig, handler in previous.items():
         if handler is not signal.SIG_IGN and handler is not None:
             signal.signal(sig, relay)
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
         for sig, handler in previous.items():
             if handler is not signal.SIG_IGN and handler is not None:
                 signal.signal(sig, handler)

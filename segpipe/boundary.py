@@ -37,11 +37,7 @@ class Terminated(BaseException):
 
 
 def catch_sigterm() -> None:
-    """Turn SIGTERM into :class:`Terminated` in this (main) thread, and tell the other threads.
-
-    SIGTERM and Ctrl-C (unless the shell had it ignored) also request a stop
-    (:func:`segpipe.stop.request_stop`) that a worker thread's long loop raises in turn
-    at its next :func:`segpipe.stop.check_stop`.
+    """Turn SIGTERM into :class:`Terminated` in this (main) thread.
 
     A signal's exception can land in a ``__del__`` (or a weakref callback), where Python
     drops it; the unraisable hook then has the signal sent again a moment later from a
@@ -52,17 +48,8 @@ def catch_sigterm() -> None:
     import signal
     import threading
 
-    from segpipe.stop import clear_stop, request_stop
-
-    clear_stop()
-
     def terminate(signum: int, frame: object) -> None:
-        request_stop(Terminated)
         raise Terminated
-
-    def interrupt(signum: int, frame: object) -> None:
-        request_stop(KeyboardInterrupt)
-        raise KeyboardInterrupt
 
     chained = sys.unraisablehook
 
@@ -76,8 +63,6 @@ def catch_sigterm() -> None:
 
     sys.unraisablehook = redeliver
     signal.signal(signal.SIGTERM, terminate)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a shell ignores it
-        signal.signal(signal.SIGINT, interrupt)
 
 # What to do about each OS error a destination can raise; the file is named in front.
 # The destination faults segpipe maps where they happen, plus a name already taken.

@@ -3,8 +3,8 @@
 Python runs signal handlers in the main thread only. Inside a flow the work runs in a
 task runner's thread, which the main thread joins on its way out: told nothing, that
 thread carried on, and a SIGTERM (or Ctrl-C) during ``segpipe demo``'s training ended the
-process only when the whole training had finished. The CLI's handlers
-(:func:`segpipe.boundary.catch_sigterm`) call :func:`request_stop`; long loops call
+process only when the whole training had finished. The signal relay every flow runs
+in (:mod:`flows.signals`) calls :func:`request_stop`; long loops call
 :func:`check_stop` between their steps (a training step, a wave of blocks, a finished
 task), which raises the signal's exception in their own thread, so their ``finally``
 blocks clean up as the main thread's do.
@@ -26,7 +26,7 @@ def request_stop(kind: type[BaseException]) -> None:
 
 
 def clear_stop() -> None:
-    """Forget an earlier request (a new command in this process starts afresh)."""
+    """Forget an earlier request (a new flow in this process starts afresh)."""
     global _requested
     _requested = None
 

@@ -117,3 +117,33 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+def test_a_new_flow_forgets_the_stop_an_earlier_one_was_asked_for() -> None:
+    import threading
+
+    from flows.signals import relay_signals
+    from segpipe.stop import check_stop, request_stop
+
+    raised: list[BaseException] = []
+
+    def step() -> None:
+        try:
+            check_stop()
+        except BaseException as exc:  # recorded for the assertion
+            raised.append(exc)
+
+    request_stop(KeyboardInterrupt)  # a notebook's Ctrl-C during an earlier flow
+    with relay_signals():
+        thread = threading.Thread(target=step)
+        thread.start()
+        thread.join()
+    assert raised == []
+    request_stop(KeyboardInterrupt)
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+    assert len(raised) == 1 and isinstance(raised[0], KeyboardInterrupt)
+    from segpipe.stop import clear_stop
+
+    clear_stop()
