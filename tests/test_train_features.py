@@ -16,7 +16,7 @@ from segpipe.io.store import open_layer, read_region_info
 from segpipe.models import normalise, read_spec
 from segpipe.stages.train import NetworkConfig, adapt, augment, train, train_config
 from segpipe.stages.train.pretrained import adapt_first_conv
-from segpipe.stages.train.sampling import Candidates, CentreSampler
+from segpipe.stages.train.sampling import PER_BLOCK, Candidates, CentreSampler, find_candidates
 from segpipe.stages.train.split import min_train_share, plan_split, split_cells
 from segpipe.stages.train.stats import band_percentiles
 
@@ -214,6 +214,36 @@ def test_sparse_polygons_are_held_out_whole():
     yy, xx = np.mgrid[0:320, 0:320]
     dense = Candidates(yy.ravel(), xx.ravel(), np.where(xx < 160, 1, 2).ravel())
     assert plan_split(dense, None, 0.15, 0).scheme == "spatial-cells"
+
+
+def test_a_thinly_sampled_dense_map_keeps_square_cells_and_thinned_polygons_stay_whole():
+    # A network samples at most 4,096 labelled pixels a block, so on a dense 1,024 px map
+    # most 8 px cells held no sampled pixel: the map broke into some 170 "patches", each
+    # held out with an 8 px ring, beside training pixels (a split that is spatial in name).
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    dense = (1 + (yy // 200 + xx // 300) % 3).astype(np.uint8)
+    cand = find_candidates(dense, 1024)
+    assert cand.y.size == PER_BLOCK
+    for seed in range(3):
+        split = plan_split(cand, None, 0.15, seed)
+        assert split.scheme == "spatial-cells" and split.cell >= 64, seed
+    # 36 polygons of 40 x 40 px, 60 px apart, thinned alike: still held out whole
+    polygons = np.zeros((1024, 1024), dtype=np.uint8)
+    which = np.full(polygons.shape, -1)
+    for i in range(36):
+        y0, x0 = 20 + (i // 6) * 100, 20 + (i % 6) * 100
+        polygons[y0 : y0 + 40, x0 : x0 + 40] = 1 + i % 3
+        which[y0 : y0 + 40, x0 : x0 + 40] = i
+    cand = find_candidates(polygons, 1024)
+    assert cand.y.size == PER_BLOCK < int((polygons > 0).sum())
+    polygon = which[cand.y, cand.x]
+    for seed in range(3):
+        split = plan_split(cand, None, 0.15, seed)
+        assert split.scheme == "spatial-patches" and split.cell == 16, seed
+        assert split.in_valid.any()
+        for i in range(36):
+            held = split.in_valid[polygon == i]
+            assert held.all() or not held.any(), (seed, i)
 
 
 def test_pixels_the_sample_missed_stay_with_their_held_out_polygon():

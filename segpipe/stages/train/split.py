@@ -19,8 +19,9 @@ scene put 50-85 % of the labels, and every pixel of a rare class, in validation)
    :data:`MIN_CELLS` of them cut most polygons in two, and on nc-landsat7's 33 polygons
    53-100 % of the validation pixels then lay in polygons partly in training (a U-Net
    scored 0.41 validation mIoU there and 0.15 on the test part). Patches are found on
-   :data:`PATCH_GRID` px cells, so labels closer than that are one patch, and the cells
-   held out include a ring of one cell around each held-out patch (:meth:`Split.valid_cells`).
+   :data:`PATCH_GRID` px cells (coarser where the sample is thinned: :func:`patch_grid`),
+   so labels closer than that are one patch, and the cells held out include a ring of one
+   cell around each held-out patch (:meth:`Split.valid_cells`).
 4. **A class that cannot be held out is kept for training.** A class found in a single
    cell stays wholly in training and is named in a warning: its validation score is not
    measured. Where nothing is left for validation at all (a zero fraction, or labels in
@@ -40,7 +41,10 @@ import numpy as np
 
 from segpipe.stages.train.sampling import Candidates
 
-__all__ = ["CELL_SIZES", "MIN_CELLS", "Split", "choose_cell", "min_train_share", "plan_split", "split_cells"]
+__all__ = [
+    "CELL_SIZES", "MIN_CELLS", "Split", "choose_cell", "min_train_share", "patch_grid", "plan_split",
+    "split_cells",
+]
 
 # Cell edges tried, largest first; a cell under 16 px would hold out little more than
 # single pixels, which measures nothing about spatial generalisation.
@@ -56,6 +60,12 @@ _SAID: set[str] = set()
 # (8-neighbours); the labels count as patches when there are at least MIN_PATCHES of them
 # and none holds more than MAX_PATCH_SHARE of the candidates (a dense map is one piece).
 PATCH_GRID = 8
+# A network samples at most 4,096 labelled pixels a block, so inside a dense map an 8 px
+# cell often holds none: a 900 px dense map left 59 % of them empty and broke into 98
+# "patches", each held out with an 8 px ring, next to training pixels. Where the sample is
+# thinned the grid grows until a labelled cell is left empty with a chance under 1 %
+# (exp(-(edge / spacing)^2) <= 0.01, spacing = sqrt(labelled pixels / sampled ones)).
+_EMPTY_CELL_EDGE = float(np.sqrt(np.log(100.0)))
 MIN_PATCHES = 10
 MAX_PATCH_SHARE = 0.25
 # Fine cells over which patches are found at most (beyond: labels spread over a huge
@@ -170,8 +180,9 @@ def plan_split(cand: Candidates, cell: int | None, fraction: float, seed: int) -
     Returns:
         The split, with the warnings to show.
     """
-    patches = _patch_index(cand) if cell is None else None
-    edge = PATCH_GRID if patches is not None else choose_cell(cand, cell)
+    grid = patch_grid(cand)
+    patches = _patch_index(cand, grid) if cell is None else None
+    edge = grid if patches is not None else choose_cell(cand, cell)
     n_cells, inverse = patches if patches is not None else _cell_index(cand, edge)
     values, klass = np.unique(cand.value, return_inverse=True)
     counts = np.zeros((n_cells, values.size), dtype=np.int64)
@@ -215,24 +226,37 @@ def _cell_index(cand: Candidates, cell: int) -> tuple[int, np.ndarray]:
     return int(inverse.max(initial=-1)) + 1, inverse.ravel()
 
 
-def _patch_index(cand: Candidates) -> tuple[int, np.ndarray] | None:
+def patch_grid(cand: Candidates) -> int:
+    """Cell edge on which patches are found: :data:`PATCH_GRID`, or coarser for a thinned sample.
+
+    The sample is thinned where the labels (``cand.counts``, all their pixels) hold more
+    labelled pixels than ``cand`` has positions; unknown counts count as a full sample.
+    """
+    if cand.counts is None or cand.y.size == 0:
+        return PATCH_GRID
+    spacing = float(np.sqrt(max(int(cand.counts[1:].sum()), 1) / cand.y.size))
+    cells = int(np.ceil(_EMPTY_CELL_EDGE * spacing / PATCH_GRID))
+    return PATCH_GRID * max(cells, 1)
+
+
+def _patch_index(cand: Candidates, grid: int = PATCH_GRID) -> tuple[int, np.ndarray] | None:
     """The number of patches and each candidate's patch, when the labels are separate patches.
 
     None for labels that are not (a dense map is one patch) or that spread over more than
-    :data:`_MAX_PATCH_CELLS` fine cells.
+    :data:`_MAX_PATCH_CELLS` cells of ``grid`` px.
     """
     from scipy import ndimage
 
     if cand.y.size == 0:
         return None
-    gy, gx = cand.y // PATCH_GRID, cand.x // PATCH_GRID
+    gy, gx = cand.y // grid, cand.x // grid
     y0, x0 = int(gy.min()), int(gx.min())
     shape = (int(gy.max()) - y0 + 1, int(gx.max()) - x0 + 1)
     if shape[0] * shape[1] > _MAX_PATCH_CELLS:
         return None
-    grid = np.zeros(shape, dtype=bool)
-    grid[gy - y0, gx - x0] = True
-    pieces, n = ndimage.label(grid, structure=np.ones((3, 3), dtype=bool))
+    occupied = np.zeros(shape, dtype=bool)
+    occupied[gy - y0, gx - x0] = True
+    pieces, n = ndimage.label(occupied, structure=np.ones((3, 3), dtype=bool))
     patch = pieces[gy - y0, gx - x0] - 1
     if n < MIN_PATCHES or np.bincount(patch).max() > MAX_PATCH_SHARE * cand.y.size:
         return None
