@@ -61,7 +61,7 @@ _SAID: set[str] = set()
 # and none holds more than MAX_PATCH_SHARE of the candidates (a dense map is one piece).
 PATCH_GRID = 8
 # A network samples at most 4,096 labelled pixels a block, so inside a dense map an 8 px
-# cell often holds none: a 900 px dense map left 59 % of them empty and broke into 98
+# cell often holds none: a 900 px dense map left 73 % of them empty and broke into 98
 # "patches", each held out with an 8 px ring, next to training pixels. Where the sample is
 # thinned the grid grows until a labelled cell is left empty with a chance under 1 %
 # (exp(-(edge / spacing)^2) <= 0.01, spacing = sqrt(labelled pixels / sampled ones)).
