@@ -58,18 +58,18 @@ def relay_signals() -> Iterator[None]:
     if _depth == 0:  # a request left by an earlier flow of this process (a notebook's) is over
         clear_stop()
     previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    # An ignored signal stays ignored; None is a handler not set from Python: left alone.
+    relayed = [sig for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)]
     relay = _relay(previous)
-    for sig, handler in previous.items():
-        if handler is not signal.SIG_IGN and handler is not None:
-            signal.signal(sig, relay)
+    for sig in relayed:
+        signal.signal(sig, relay)
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
-        for sig, handler in previous.items():
-            if handler is not signal.SIG_IGN and handler is not None:
-                signal.signal(sig, handler)
+        for sig in relayed:
+            signal.signal(sig, previous[sig])
 
 
 def relays_signals(fn: Callable[P, R]) -> Callable[P, R]:

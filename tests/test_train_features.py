@@ -192,6 +192,13 @@ def _polygons(n: int, rng: np.random.Generator) -> tuple[Candidates, np.ndarray]
     return cand, np.concatenate(which)
 
 
+def _assert_held_whole(in_valid: np.ndarray, polygon: np.ndarray, seed: int) -> None:
+    """Every polygon's candidates are all held out or all kept for training."""
+    for i in np.unique(polygon):
+        held = in_valid[polygon == i]
+        assert held.all() or not held.any(), (seed, i)
+
+
 def test_sparse_polygons_are_held_out_whole():
     # Issue 18: 24 px cells (chosen to give 40 of them) cut polygons in two, so validation
     # pixels had training pixels of the same polygon beside them.
@@ -200,9 +207,7 @@ def test_sparse_polygons_are_held_out_whole():
         split = plan_split(cand, None, 0.15, seed)
         assert split.scheme == "spatial-patches" and split.cell == 8, seed
         assert split.in_valid.any()
-        for i in range(36):
-            held = split.in_valid[polygon == i]
-            assert held.all() or not held.any(), (seed, i)
+        _assert_held_whole(split.in_valid, polygon, seed)
         # the chip samplers' cells agree: every validation pixel's cell holds no training pixel
         cells = split.valid_cells(cand)
         assert split.assign(cand, cells).tolist() == split.in_valid.tolist()
@@ -241,9 +246,7 @@ def test_a_thinly_sampled_dense_map_keeps_square_cells_and_thinned_polygons_stay
         split = plan_split(cand, None, 0.15, seed)
         assert split.scheme == "spatial-patches" and split.cell == 16, seed
         assert split.in_valid.any()
-        for i in range(36):
-            held = split.in_valid[polygon == i]
-            assert held.all() or not held.any(), (seed, i)
+        _assert_held_whole(split.in_valid, polygon, seed)
 
 
 def test_pixels_the_sample_missed_stay_with_their_held_out_polygon():

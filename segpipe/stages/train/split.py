@@ -239,7 +239,7 @@ def patch_grid(cand: Candidates) -> int:
     return PATCH_GRID * max(cells, 1)
 
 
-def _patch_index(cand: Candidates, grid: int = PATCH_GRID) -> tuple[int, np.ndarray] | None:
+def _patch_index(cand: Candidates, grid: int) -> tuple[int, np.ndarray] | None:
     """The number of patches and each candidate's patch, when the labels are separate patches.
 
     None for labels that are not (a dense map is one patch) or that spread over more than
