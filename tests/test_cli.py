@@ -142,7 +142,8 @@ def test_train_reports_progress_within_the_first_epoch_to_a_pipe(tmp_path):
         [
             *(sys.executable, "-m", "segpipe.cli", "train", str(store), "--out", str(tmp_path / "m")),
             *("--epochs", "1", "--samples-per-epoch", "8", "--chip-size", "32", "--batch-size", "2"),
-            *("--device", "cpu", "--valid-fraction", "0.3"),
+            # One network: this small scene would otherwise train three (tests/test_members.py).
+            *("--device", "cpu", "--valid-fraction", "0.3", "--members", "1"),
         ],
         capture_output=True,
         text=True,
