@@ -16,15 +16,19 @@ Chips are 128 px, half of them centred on a building pixel (segpipe's balanced c
 flipped or rotated at random (``--aug strong`` also jitters gain, offset and noise; ``--zoom Z``
 cuts each chip at a random scale within [1/Z, Z] and resizes it to ``--chip``); the loss
 is half cross-entropy, half soft Dice (segpipe's foreground rule); AdamW with a one-cycle
-schedule. Each report also gives the building IoU when a pixel is called building above
-other probabilities than one half (``thresholds``), of the network alone and of the mean of
-its 8 flips and rotations (``tta``): what a tuned decision rule or test-time augmentation
-would add (read on the test part, so an upper bound for either).
+schedule. ``--unlabelled N`` adds N chips a step from the part without labels (x >= 540:
+its image, never its labels), taught by a mean teacher (an average of the network's own
+weights) wherever the teacher is confident (``--tau``): semi-supervised self-training on
+the very pixels a user wants mapped. Each report also gives the building IoU when a pixel
+is called building above other probabilities than one half (``thresholds``), of the network
+alone and of the mean of its 8 flips and rotations (``tta``): what a tuned decision rule or
+test-time augmentation would add (read on the test part, so an upper bound for either).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -61,6 +65,13 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--encoder", default="resnet18", help="smp encoder (no pretrained weights)")
     parser.add_argument("--paste", type=float, default=0.0,
                         help="share of chips given 1-3 training buildings pasted at random (copy-paste)")
+    parser.add_argument("--unlabelled", type=int, default=0,
+                        help="chips a step from the unlabelled part (x >= 540), taught by a mean teacher")
+    parser.add_argument("--tau", type=float, default=0.9, help="the teacher's confidence a pixel must reach")
+    parser.add_argument("--tau-building", type=float, default=None,
+                        help="the same for a pixel the teacher calls building (default: --tau)")
+    parser.add_argument("--unlabelled-weight", type=float, default=1.0,
+                        help="the unlabelled chips' loss weight, reached linearly by 30 %% of the steps")
     return parser.parse_args()
 
 
@@ -178,6 +189,51 @@ def _jitter(chip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return chip.astype(np.float32)
 
 
+def _turned(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips and turns of the last two axes (flip first, then turn)."""
+    return torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, (-2, -1))
+
+
+def _ema(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """The teacher moved towards the student: an exponential average of its weights, its buffers copied."""
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+        for tb, sb in zip(teacher.buffers(), student.buffers(), strict=True):
+            tb.copy_(sb)
+
+
+def _unlabelled_loss(
+    net: torch.nn.Module, teacher: torch.nn.Module, image: np.ndarray, args: argparse.Namespace,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Self-training on chips of the unlabelled part: the teacher's confident classes teach the student.
+
+    The teacher (an exponential average of the student's weights, in eval mode) sees each chip
+    as it is; the student sees it flipped or turned at random with a little noise, and is taught
+    the teacher's class wherever the teacher's probability reaches ``--tau`` (``--tau-building``
+    where it calls a building, so that a high ``--tau`` leaves doubtful background untaught
+    without dropping the buildings found). Each class the
+    teacher names weighs the same, so the background that fills most chips does not drown the
+    buildings found in them.
+    """
+    chip, (height, width) = args.chip, image.shape
+    x0s = rng.integers(SPLIT_X // args.scale, width - chip + 1, args.unlabelled)
+    y0s = rng.integers(0, height - chip + 1, args.unlabelled)
+    x = torch.from_numpy(np.stack([image[y : y + chip, c : c + chip] for y, c in zip(y0s, x0s, strict=True)]))
+    with torch.no_grad():
+        confidence, target = teacher(x[:, None]).softmax(1).max(1)
+    tau_building = args.tau if args.tau_building is None else args.tau_building
+    # -100: cross_entropy's ignore_index.
+    target[confidence < torch.where(target == 1, tau_building, args.tau)] = -100
+    k = int(rng.integers(8))
+    view = _turned(x, k) + 0.1 * torch.randn(x.shape[0], chip, chip)
+    logits, target = net(view[:, None].contiguous()), _turned(target, k)
+    losses = F.cross_entropy(logits, target, ignore_index=-100, reduction="none")
+    per_class = [losses[target == c].mean() for c in (0, 1) if (target == c).any()]
+    return torch.stack(per_class).mean() if per_class else logits.sum() * 0.0
+
+
 def _loss(logits: torch.Tensor, target: torch.Tensor, dice: float) -> torch.Tensor:
     ce = F.cross_entropy(logits, target)
     probs = logits.softmax(1)
@@ -233,14 +289,20 @@ def main() -> None:
     net = smp.Unet(args.encoder, encoder_weights=None, in_channels=1, classes=2, decoder_channels=DECODER)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    teacher = copy.deepcopy(net).eval() if args.unlabelled else None
     started, history = time.process_time(), []
     for step in range(1, args.steps + 1):
         x, y = _batch(image, labels, args, rng)
         loss = _loss(net(x), y, args.dice)
+        if teacher is not None:
+            ramp = args.unlabelled_weight * min(1.0, step / (0.3 * args.steps))
+            loss = loss + ramp * _unlabelled_loss(net, teacher, image, args, rng)
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         schedule.step()
+        if teacher is not None:
+            _ema(teacher, net, 0.99)
         if step % max(args.steps // 5, 1) == 0:
             row: dict[str, Any] = {"step": step, "loss": round(float(loss.detach()), 3)}
             row.update(_scores(net, image, full, args.scale), cpu_s=round(time.process_time() - started))
