@@ -213,9 +213,8 @@ def _unlabelled_loss(
     as it is; the student sees it flipped or turned at random with a little noise, and is taught
     the teacher's class wherever the teacher's probability reaches ``--tau`` (``--tau-building``
     where it calls a building, so that a high ``--tau`` leaves doubtful background untaught
-    without dropping the buildings found). Each class the
-    teacher names weighs the same, so the background that fills most chips does not drown the
-    buildings found in them.
+    without dropping the buildings found). Each class the teacher names weighs the same, so
+    the background that fills most chips does not drown the buildings found in them.
     """
     chip, (height, width) = args.chip, image.shape
     x0s = rng.integers(SPLIT_X // args.scale, width - chip + 1, args.unlabelled)
