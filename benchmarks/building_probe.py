@@ -194,6 +194,12 @@ def _turned(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, (-2, -1))
 
 
+def _turned_back(x: torch.Tensor, k: int) -> torch.Tensor:
+    """What :func:`_turned` with the same ``k`` did, undone."""
+    x = torch.rot90(x, -(k % 4), (-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
 def _ema(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """The teacher moved towards the student: an exponential average of its weights, its buffers copied."""
     with torch.no_grad():
@@ -249,9 +255,7 @@ def _building_probability(net: torch.nn.Module, image: np.ndarray) -> tuple[np.n
     views = []
     with torch.no_grad():
         for k in range(8):
-            view = torch.rot90(x, k % 4, (2, 3)).flip(3) if k >= 4 else torch.rot90(x, k % 4, (2, 3))
-            p = net(view).softmax(1)[:, 1:2]
-            views.append(torch.rot90(p.flip(3) if k >= 4 else p, -(k % 4), (2, 3)))
+            views.append(_turned_back(net(_turned(x, k)).softmax(1)[:, 1:2], k))
     net.train()
     h, w = image.shape
     return views[0][0, 0, :h, :w].numpy(), torch.stack(views).mean(0)[0, 0, :h, :w].numpy()
