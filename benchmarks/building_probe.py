@@ -72,6 +72,9 @@ def _arguments() -> argparse.Namespace:
                         help="the same for a pixel the teacher calls building (default: --tau)")
     parser.add_argument("--unlabelled-weight", type=float, default=1.0,
                         help="the unlabelled chips' loss weight, reached linearly by 30 %% of the steps")
+    parser.add_argument("--pretext", type=int, default=0,
+                        help="steps of masked inpainting on the whole image before training (0: none)")
+    parser.add_argument("--mask-ratio", type=float, default=0.5, help="share of 16-px squares hidden")
     return parser.parse_args()
 
 
@@ -239,6 +242,55 @@ def _unlabelled_loss(
     return torch.stack(per_class).mean() if per_class else logits.sum() * 0.0
 
 
+def _inpainting_step(
+    net: torch.nn.Module, image: np.ndarray, args: argparse.Namespace, rng: np.random.Generator
+) -> torch.Tensor:
+    """The inpainting loss of one batch: chips of the whole image with 16-px squares hidden.
+
+    Chips come from anywhere in the image, the part without labels included (its imagery,
+    never its labels), each flipped or turned at random. A share ``--mask-ratio`` of 16-px
+    squares is set to the image's mean (0 after normalising), and the network must give back
+    the hidden pixels: to fill a square it has to carry roof edges, shadows and street lines in
+    from around it, the shapes that tell buildings apart here.
+    """
+    chip, (height, width) = args.chip, image.shape
+    y0s, x0s = rng.integers(0, height - chip + 1, args.batch), rng.integers(0, width - chip + 1, args.batch)
+    x = np.stack([image[y : y + chip, c : c + chip] for y, c in zip(y0s, x0s, strict=True)])
+    k = int(rng.integers(8))
+    x = _turned(torch.from_numpy(x), k).contiguous()
+    hidden = rng.random((args.batch, chip // 16, chip // 16)) < args.mask_ratio
+    mask = torch.from_numpy(np.kron(hidden, np.ones((16, 16), dtype=bool)))
+    out = net(torch.where(mask, 0.0, x)[:, None])[:, 0]
+    return ((out - x) ** 2)[mask].mean()
+
+
+def _pretrained(args: argparse.Namespace, image: np.ndarray) -> dict[str, Any]:
+    """Encoder and decoder weights from ``--pretext`` steps of inpainting (its head left out).
+
+    Its chips come from a generator of their own, so the training after it draws the very
+    chips a run without ``--pretext`` draws: the two differ in their starting weights only.
+    """
+    import segmentation_models_pytorch as smp
+
+    rng = np.random.default_rng(args.seed + 1)
+
+    net = smp.Unet(args.encoder, encoder_weights=None, in_channels=1, classes=1, decoder_channels=DECODER)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.pretext, pct_start=0.1)
+    started = time.process_time()
+    for step in range(1, args.pretext + 1):
+        loss = _inpainting_step(net, image, args, rng)
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        schedule.step()
+        if step % max(args.pretext // 5, 1) == 0:
+            row = {"pretext_step": step, "loss": round(float(loss.detach()), 4),
+                   "cpu_s": round(time.process_time() - started)}
+            print(json.dumps(row), flush=True)
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("segmentation_head")}
+
+
 def _loss(logits: torch.Tensor, target: torch.Tensor, dice: float) -> torch.Tensor:
     ce = F.cross_entropy(logits, target)
     probs = logits.softmax(1)
@@ -290,6 +342,8 @@ def main() -> None:
     image, labels, full = _scene(args.scale, args.norm)
     args.instances = _instances(image, labels, SPLIT_X // args.scale) if args.paste else []
     net = smp.Unet(args.encoder, encoder_weights=None, in_channels=1, classes=2, decoder_channels=DECODER)
+    if args.pretext:
+        net.load_state_dict(_pretrained(args, image), strict=False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     teacher = copy.deepcopy(net).eval() if args.unlabelled else None

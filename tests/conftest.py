@@ -36,8 +36,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     Every process otherwise sizes torch's threads and its clusters' workers by all the
     usable cores, so two processes on two cores run four or more busy threads that wait
-    on each other: pinned, the same files took 4:14 instead of 5:15 (x86_64, 2 cores),
-    with a fifth less CPU time. Children (CLI subprocesses, dask workers) inherit the pin.
+    on each other: pinned, the suite took 10:40 instead of 12:58 (x86_64, 2 cores; see
+    docs/benchmarks.md). Children (CLI subprocesses, dask workers) inherit the pin.
     """
     import os
 
