@@ -19,10 +19,14 @@ is half cross-entropy, half soft Dice (segpipe's foreground rule); AdamW with a 
 schedule. ``--unlabelled N`` adds N chips a step from the part without labels (x >= 540:
 its image, never its labels), taught by a mean teacher (an average of the network's own
 weights) wherever the teacher is confident (``--tau``): semi-supervised self-training on
-the very pixels a user wants mapped. Each report also gives the building IoU when a pixel
-is called building above other probabilities than one half (``thresholds``), of the network
-alone and of the mean of its 8 flips and rotations (``tta``): what a tuned decision rule or
-test-time augmentation would add (read on the test part, so an upper bound for either).
+the very pixels a user wants mapped. ``--pretext N`` first trains the same network for N
+steps to fill in hidden 16-px squares of chips from the whole image (masked inpainting, the
+unlabelled part's imagery included) and starts the training from its encoder and decoder:
+a network pretrained on the scene itself, where no pretrained weights may be downloaded.
+Each report also gives the building IoU when a pixel is called building above other
+probabilities than one half (``thresholds``), of the network alone and of the mean of its 8
+flips and rotations (``tta``): what a tuned decision rule or test-time augmentation would
+add (read on the test part, so an upper bound for either).
 """
 
 from __future__ import annotations
@@ -255,13 +259,13 @@ def _inpainting_step(
     """
     chip, (height, width) = args.chip, image.shape
     y0s, x0s = rng.integers(0, height - chip + 1, args.batch), rng.integers(0, width - chip + 1, args.batch)
-    x = np.stack([image[y : y + chip, c : c + chip] for y, c in zip(y0s, x0s, strict=True)])
-    k = int(rng.integers(8))
-    x = _turned(torch.from_numpy(x), k).contiguous()
+    chips = np.stack([image[y : y + chip, c : c + chip] for y, c in zip(y0s, x0s, strict=True)])
+    x = _turned(torch.from_numpy(chips), int(rng.integers(8))).contiguous()
     hidden = rng.random((args.batch, chip // 16, chip // 16)) < args.mask_ratio
     mask = torch.from_numpy(np.kron(hidden, np.ones((16, 16), dtype=bool)))
-    out = net(torch.where(mask, 0.0, x)[:, None])[:, 0]
-    return ((out - x) ** 2)[mask].mean()
+    out = net(x.masked_fill(mask, 0.0)[:, None])[:, 0]
+    loss: torch.Tensor = ((out - x) ** 2)[mask].mean()
+    return loss
 
 
 def _pretrained(args: argparse.Namespace, image: np.ndarray) -> dict[str, Any]:
