@@ -41,15 +41,17 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     import os
 
+    from pin_support import process_cores
+
     from segpipe.cores import usable_cores
 
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not (worker and count and hasattr(os, "sched_setaffinity")):
         return
-    cores, n, k = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
-    share = max(1, min(len(cores), usable_cores()) // k)
-    if len(cores) >= k:  # fewer cores than processes: nothing to split
-        os.sched_setaffinity(0, cores[n * share : (n + 1) * share])
+    n = int(worker.removeprefix("gw"))
+    cores = process_cores(sorted(os.sched_getaffinity(0)), n, int(count), usable_cores())
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

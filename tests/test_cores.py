@@ -38,3 +38,24 @@ def test_training_threads_fit_the_quota(one_core_quota):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_test_process_gets_its_own_share_of_the_usable_cores():
+    from pin_support import process_cores
+
+    assert [process_cores([0, 1], n, 2, 2) for n in (0, 1)] == [[0], [1]]
+    # 16 cores shown, a quota of 4: two each, none shared.
+    assert [process_cores(list(range(16)), n, 2, 4) for n in (0, 1)] == [[0, 1], [2, 3]]
+    assert [process_cores([0, 1, 2], n, 2, 3) for n in (0, 1)] == [[0], [1]]
+    assert process_cores([0], 0, 2, 1) is None  # fewer cores than processes: left alone
+
+
+def test_this_process_runs_on_its_share_under_xdist():
+    import os
+
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    visible = os.cpu_count() or 1
+    if not (worker and count and hasattr(os, "sched_getaffinity")) or visible < int(count):
+        pytest.skip("not a test process of an xdist run with a core for each process")
+    # Unpinned, a process of two on two cores would run on both.
+    assert len(os.sched_getaffinity(0)) <= max(1, visible // int(count))
