@@ -207,6 +207,20 @@ def _turned_back(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.flip(-1) if k >= 4 else x
 
 
+def _cut(image: np.ndarray, y0s: np.ndarray, x0s: np.ndarray, chip: int) -> torch.Tensor:
+    """The square chips of ``image`` whose top-left corners are (``y0s``, ``x0s``), as one batch."""
+    chips = [image[y : y + chip, x : x + chip] for y, x in zip(y0s, x0s, strict=True)]
+    return torch.from_numpy(np.stack(chips))
+
+
+def _optimiser(
+    net: torch.nn.Module, lr: float, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW under a one-cycle schedule of ``steps`` steps peaking at ``lr`` (pretext and training alike)."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
 def _ema(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """The teacher moved towards the student: an exponential average of its weights, its buffers copied."""
     with torch.no_grad():
@@ -232,7 +246,7 @@ def _unlabelled_loss(
     chip, (height, width) = args.chip, image.shape
     x0s = rng.integers(SPLIT_X // args.scale, width - chip + 1, args.unlabelled)
     y0s = rng.integers(0, height - chip + 1, args.unlabelled)
-    x = torch.from_numpy(np.stack([image[y : y + chip, c : c + chip] for y, c in zip(y0s, x0s, strict=True)]))
+    x = _cut(image, y0s, x0s, chip)
     with torch.no_grad():
         confidence, target = teacher(x[:, None]).softmax(1).max(1)
     tau_building = args.tau if args.tau_building is None else args.tau_building
@@ -259,8 +273,7 @@ def _inpainting_step(
     """
     chip, (height, width) = args.chip, image.shape
     y0s, x0s = rng.integers(0, height - chip + 1, args.batch), rng.integers(0, width - chip + 1, args.batch)
-    chips = np.stack([image[y : y + chip, c : c + chip] for y, c in zip(y0s, x0s, strict=True)])
-    x = _turned(torch.from_numpy(chips), int(rng.integers(8))).contiguous()
+    x = _turned(_cut(image, y0s, x0s, chip), int(rng.integers(8))).contiguous()
     hidden = rng.random((args.batch, chip // 16, chip // 16)) < args.mask_ratio
     mask = torch.from_numpy(np.kron(hidden, np.ones((16, 16), dtype=bool)))
     out = net(x.masked_fill(mask, 0.0)[:, None])[:, 0]
@@ -277,10 +290,8 @@ def _pretrained(args: argparse.Namespace, image: np.ndarray) -> dict[str, Any]:
     import segmentation_models_pytorch as smp
 
     rng = np.random.default_rng(args.seed + 1)
-
     net = smp.Unet(args.encoder, encoder_weights=None, in_channels=1, classes=1, decoder_channels=DECODER)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.pretext, pct_start=0.1)
+    opt, schedule = _optimiser(net, args.lr, args.pretext)
     started = time.process_time()
     for step in range(1, args.pretext + 1):
         loss = _inpainting_step(net, image, args, rng)
@@ -348,8 +359,7 @@ def main() -> None:
     net = smp.Unet(args.encoder, encoder_weights=None, in_channels=1, classes=2, decoder_channels=DECODER)
     if args.pretext:
         net.load_state_dict(_pretrained(args, image), strict=False)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    opt, schedule = _optimiser(net, args.lr, args.steps)
     teacher = copy.deepcopy(net).eval() if args.unlabelled else None
     started, history = time.process_time(), []
     for step in range(1, args.steps + 1):
