@@ -41,13 +41,13 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     import os
 
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and count and hasattr(os, "sched_setaffinity")):
+        return
     from pin_support import process_cores
 
     from segpipe.cores import usable_cores
 
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not (worker and count and hasattr(os, "sched_setaffinity")):
-        return
     n = int(worker.removeprefix("gw"))
     cores = process_cores(sorted(os.sched_getaffinity(0)), n, int(count), usable_cores())
     if cores is not None:
