@@ -178,6 +178,7 @@ def _local_cuda_cluster(host: str, dashboard_address: str) -> Any | None:
             dashboard_address=dashboard_address,
             silence_logs=logging.WARNING,
             resources={"GPU": 1},
+            preload=_worker_preload(),
         )
     except Exception as exc:  # NVML errors without a driver, missing CUDA libraries
         log.warning("no GPU cluster (%s); falling back to a CPU cluster", exc)
@@ -305,8 +306,20 @@ def _local_cluster(
         dashboard_address=dashboard_address,
         silence_logs=logging.WARNING,
         # In-process clusters talk over inproc://, which takes no host.
-        **({"host": host, "worker_class": _patient_nanny()} if processes else {}),
+        **(
+            {"host": host, "worker_class": _patient_nanny(), "preload": _worker_preload()}
+            if processes else {}
+        ),
     )
+
+
+def _worker_preload() -> list[str]:
+    """The preloads of a local cluster's workers: the user's (dask config), then segpipe's own."""
+    import dask
+
+    from segpipe.worker_setup import PRELOAD
+
+    return [*(dask.config.get("distributed.worker.preload") or []), PRELOAD]
 
 
 def scheduler_address(client: distributed.Client) -> str:

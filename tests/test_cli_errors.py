@@ -337,6 +337,30 @@ def test_local_cluster_listens_on_localhost_and_closes_cleanly(caplog, monkeypat
     assert "still alive" not in caplog.text
 
 
+def _fail_a_task(x):
+    raise ValueError(f"task {x} failed on purpose")
+
+
+def _sigint_handler():
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_local_cluster_workers_leave_errors_and_ctrl_c_to_the_driver(capfd, monkeypatch):
+    """A failed task is one error in the driver, not also a worker's traceback; workers ignore Ctrl-C."""
+    from segpipe.cluster import get_client
+
+    monkeypatch.delenv("SEGPIPE_SCHEDULER", raising=False)
+    monkeypatch.setattr("segpipe.cluster.gpu_present", lambda: False)
+    with get_client(n_workers=1) as client:
+        assert client.submit(_sigint_handler).result() is True
+        with pytest.raises(ValueError, match="on purpose"):
+            client.submit(_fail_a_task, 7).result()
+    err = capfd.readouterr().err
+    assert "Compute Failed" not in err and "Traceback" not in err, err
+
+
 class _FakeServer:
     """Stands for Prefect's SubprocessASGIServer: fails its first ``failures`` starts."""
 
