@@ -21,7 +21,16 @@ from typing import Any
 
 from segpipe.errors import STORAGE_HINTS, SegpipeError, exit_code
 
-__all__ = ["INTERRUPTED", "TERMINATED", "Terminated", "Verdict", "classify", "catch_sigterm", "one_line"]
+__all__ = [
+    "INTERRUPTED",
+    "TERMINATED",
+    "Terminated",
+    "Verdict",
+    "catch_sigterm",
+    "classify",
+    "one_line",
+    "one_line_warnings",
+]
 
 INTERRUPTED = 130
 TERMINATED = 143  # 128 + SIGTERM, as shells report it
@@ -177,6 +186,21 @@ def classify(exc: BaseException) -> Verdict:
     return Verdict(
         f"internal error: {type(exc).__name__}: {_flat(exc)} (rerun with --debug for the traceback)", 1
     )
+
+
+def one_line_warnings() -> None:
+    """Print every warning as one ``warning:`` line on stderr, without Python's source line.
+
+    Python's own format names the module and repeats the line of code that warned, over
+    several lines (rasterio's NotGeoreferencedWarning, segpipe's SingleClassWarning); a
+    user needs what the warning says. ``--debug`` keeps Python's format.
+    """
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        sys.stderr.write(f"warning: {_flat(message)} ({category.__name__})\n")
+
+    warnings.showwarning = show
 
 
 def one_line(exc: BaseException) -> str:

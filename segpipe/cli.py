@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.text import Text
 
 from segpipe import __version__
-from segpipe.boundary import INTERRUPTED, catch_sigterm, classify
+from segpipe.boundary import INTERRUPTED, catch_sigterm, classify, one_line_warnings
 from segpipe.stages.train.config import AutoConfig, ForestConfig, NetworkConfig, TrainConfig
 from segpipe.stages.train.config_file import read_mapping
 
@@ -1064,6 +1064,8 @@ def main() -> None:
     args = sys.argv[1:]
     debug = _take_debug_flag(args)
     catch_sigterm()  # a scheduler's kill cleans up like Ctrl-C
+    if not debug:
+        one_line_warnings()
     # GDAL's block cache defaults to 5 % of RAM per process: ingest's memory followed it
     # (892 MB at 8192 px, 411 MB at 64 MB). A bound for this process and the local
     # cluster's workers, which inherit the environment; a value the user set wins.

@@ -102,6 +102,31 @@ def test_segpipe_debug_environment_variable(tmp_path):
     assert len(error_lines(debug.stderr)) == 1
 
 
+def _single_class_inputs(folder):
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    profile = {"driver": "GTiff", "width": 32, "height": 32, "crs": "EPSG:32617",
+               "transform": from_origin(500000.0, 4000000.0, 10, 10)}
+    with rasterio.open(folder / "image.tif", "w", count=2, dtype="uint16", **profile) as dst:
+        dst.write(np.arange(2 * 32 * 32, dtype="uint16").reshape(2, 32, 32))
+    with rasterio.open(folder / "mask.tif", "w", count=1, dtype="uint8", **profile) as dst:
+        dst.write(np.ones((1, 32, 32), dtype="uint8"))
+    return folder / "image.tif", folder / "mask.tif"
+
+
+def test_a_warning_is_one_line_and_debug_keeps_pythons_format(tmp_path):
+    image, mask = _single_class_inputs(tmp_path)
+    plain = run("ingest", image, "--out", tmp_path / "a.zarr", "--labels", mask)
+    assert plain.returncode == 0, plain.stderr
+    warned = [ln for ln in plain.stderr.splitlines() if "single class" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "mask.tif" in warned[0], plain.stderr
+    assert warned[0].endswith("(SingleClassWarning)") and ".py:" not in plain.stderr, plain.stderr
+    debug = run("--debug", "ingest", image, "--out", tmp_path / "b.zarr", "--labels", mask)
+    assert "SingleClassWarning: labels" in debug.stderr, debug.stderr
+
+
 def test_help_piped_shows_whole_option_names():
     result = run("train", "--help")  # stdout is a pipe
     assert result.returncode == 0, result.stderr
