@@ -592,15 +592,18 @@ def _run_training(
         The package's description, and a network's plan when it trained here (the
         forest baseline scores on the same split without planning it again).
     """
+    from segpipe.io.store import damaged_chunks
+
     if scheduler:
         from segpipe.stages.train.remote import train_on_scheduler
 
         announce = lambda line: console.print(f"  {line}")  # noqa: E731
-        return train_on_scheduler(scheduler, store, out, cfg, resume, announce=announce), None
+        with damaged_chunks(store):
+            return train_on_scheduler(scheduler, store, out, cfg, resume, announce=announce), None
     from segpipe.stages.train.entry import train as run
     from segpipe.stages.train.loop import plan_training
 
-    with _progress() as bar:
+    with _progress() as bar, damaged_chunks(store):
         # A forest is fitted in one pass: its progress reports count as one epoch.
         # A network's epochs may be auto: the bar learns the total from the first report.
         task = bar.add_task("train", total=None, info="")
@@ -635,9 +638,11 @@ def export_chips(
     balanced: Annotated[bool, typer.Option(help="Centre chips on each class equally often.")] = False,
 ) -> None:
     """Export image/label chip GeoTIFFs plus index.csv and dataset.json, drawn like training chips."""
+    from segpipe.io.store import damaged_chunks
     from segpipe.stages.train.chips import export_chips as run
 
-    result = run(store, out, chip_size=chip_size, count=count, seed=seed, balanced=balanced)
+    with damaged_chunks(store):
+        result = run(store, out, chip_size=chip_size, count=count, seed=seed, balanced=balanced)
     console.print(f"wrote {result.count} chip pairs to {result.out} (index {result.index})", soft_wrap=True)
 
 
@@ -705,8 +710,10 @@ def predict(
 
     # The store, the whole package and the settings are checked before any cluster
     # starts; the cluster's address and dashboard are then logged as it comes up.
+    from segpipe.io.store import damaged_chunks
+
     _show_cluster_log()
-    with _progress() as bar:
+    with _progress() as bar, damaged_chunks(store):
         task = bar.add_task("predict", total=None, info="blocks")
         summary = run(
             store,
@@ -771,13 +778,17 @@ def export(
         raise InputError("--min-area, --simplify and --scheduler apply to --vector: add --vector OUT.gpkg")
     if out is None and vector is None:
         raise InputError("give --out OUT.tif (a COG), --vector OUT.gpkg (polygons), or both")
-    if out is not None:
-        from segpipe.api import export as run
+    from segpipe.io.store import damaged_chunks
 
-        for written in run(store, out, layer=layer, compress=compress, stac=stac).files:
+    with damaged_chunks(store):
+        if out is not None:
+            from segpipe.api import export as run
+
+            for written in run(store, out, layer=layer, compress=compress, stac=stac).files:
+                console.print(f"wrote {written}", soft_wrap=True)
+        if vector is not None:
+            written = _export_vector(store, vector, min_area, simplify, scheduler)
             console.print(f"wrote {written}", soft_wrap=True)
-    if vector is not None:
-        console.print(f"wrote {_export_vector(store, vector, min_area, simplify, scheduler)}", soft_wrap=True)
 
 
 def _export_vector(
@@ -869,18 +880,12 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the point draw.")] = 0,
 ) -> None:
     """Compare a prediction with a reference: confusion matrix, accuracy, per-class scores, mIoU, report."""
+    from segpipe.io.store import damaged_chunks
     from segpipe.stages.evaluate.assess import evaluate as run
 
-    result = run(
-        prediction,
-        reference,
-        out,
-        reference_field=reference_field,
-        layer=layer,
-        points=points,
-        sampling=sampling,
-        seed=seed,
-    )
+    with damaged_chunks(prediction):
+        result = run(prediction, reference, out, reference_field=reference_field, layer=layer, points=points,
+                     sampling=sampling, seed=seed)
     console.print(
         f"overall accuracy {result['overall_accuracy']:.3f}, mIoU {result['miou']:.3f}; "
         f"wrote metrics.json and report.md to {out}"

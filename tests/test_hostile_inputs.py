@@ -209,6 +209,13 @@ def predict_case(w: World, tmp: Path, model: Path, culprit: str, *extra: str) ->
                 culprit=culprit, protected=[store])
 
 
+def cut_chunk(store: Path, layer: str) -> Path:
+    """Cut the layer's first chunk file to half its bytes (a disk or a copy that lost its end)."""
+    chunk = min(p for p in (store / layer / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    return store
+
+
 def weights(model: Path) -> Path:
     return model / "weights.safetensors"
 
@@ -440,6 +447,21 @@ def _(w: World, tmp: Path) -> Case:
                 culprit=str(tmp / "m"), protected=[tmp / "m"])
 
 
+@case("train: --out is a region store")
+def _(w: World, tmp: Path) -> Case:
+    store = Path(shutil.copytree(w.store, tmp / "other.zarr"))
+    return Case(["train", str(w.store), "--out", str(store), "--arch", "random_forest"], culprit="other.zarr",
+                protected=[store])
+
+
+@case("train: a network's --out is a file, refused before training")
+def _(w: World, tmp: Path) -> Case:
+    (tmp / "m").write_text("mine")
+    # Thousands of epochs: the case would run for hours if the refusal came after training.
+    return Case(["train", str(w.store), "--out", str(tmp / "m"), "--arch", "unet", "--epochs", "5000"],
+                culprit="m", protected=[tmp / "m"])
+
+
 @case("train: a band constant inside the labelled area")
 def _(w: World, tmp: Path) -> Case:
     from segpipe.stages.ingest.driver import ingest
@@ -457,6 +479,14 @@ def _(w: World, tmp: Path) -> Case:
 
 
 # ---------------------------------------------------------------- predict over an earlier complete result
+
+
+@case("predict: a chunk of the image cut short")
+def _(w: World, tmp: Path) -> Case:
+    store = cut_chunk(predicted_copy(w, tmp), "image")
+    # The earlier prediction's layers stay; the run's staging is kept for a resume, as on any failure.
+    return Case(["predict", str(store), "--model", str(w.model), "--scheduler", w.scheduler, "--force"],
+                culprit="predicted.zarr", protected=[store / "classes", store / "confidence"])
 
 
 @case("predict: the model package does not exist")
@@ -610,6 +640,13 @@ def _(w: World, tmp: Path) -> Case:
                 absent=[tmp / "c.tif"])
 
 
+@case("export: a chunk of the classes layer cut short, over an earlier COG")
+def _(w: World, tmp: Path) -> Case:
+    store = cut_chunk(predicted_copy(w, tmp), "classes")
+    cog = Path(shutil.copy(w.cog, tmp / "classes.tif"))
+    return Case(["export", str(store), "--out", str(cog)], culprit="predicted.zarr", protected=[cog])
+
+
 # ---------------------------------------------------------------- evaluate
 
 
@@ -629,6 +666,13 @@ def _(w: World, tmp: Path) -> Case:
 def _(w: World, tmp: Path) -> Case:
     return Case(["evaluate", str(w.predicted), "--reference", str(w.labels), "--out", str(tmp / "report"),
                  "--points", "50", "--sampling", "lucky"], culprit="lucky", absent=[tmp / "report"])
+
+
+@case("evaluate: a chunk of the classes layer cut short")
+def _(w: World, tmp: Path) -> Case:
+    store = cut_chunk(predicted_copy(w, tmp), "classes")
+    return Case(["evaluate", str(store), "--reference", str(w.labels), "--out", str(tmp / "report")],
+                culprit="predicted.zarr", absent=[tmp / "report"])
 
 
 # ---------------------------------------------------------------- region files and manifests

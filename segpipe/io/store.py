@@ -42,6 +42,7 @@ __all__ = [
     "STORE_SCHEMA",
     "RegionInfo",
     "create_layer",
+    "damaged_chunks",
     "store_group",
     "has_layer",
     "marked_cells",
@@ -127,6 +128,33 @@ def _intact(store: str | Path, what: str = "") -> Iterator[None]:
         raise StoreError(
             f"{what}region store {store_location(store)} is damaged or not a segpipe store "
             f"({type(exc).__name__}: {detail}): rebuild it with 'segpipe ingest'"
+        ) from exc
+
+
+# What zarr's codecs raise on a chunk or shard whose bytes were cut or changed after it was
+# written (every layer carries crc32c checksums, so a damaged chunk fails its check).
+_DAMAGE_SIGNS = ("checksum", "decompress", "corrupt")
+
+
+@contextlib.contextmanager
+def damaged_chunks(store: str | Path) -> Iterator[None]:
+    """Turn a chunk that fails its checksum, anywhere in the work inside, into a StoreError.
+
+    Reads happen deep inside stages and on dask workers, where zarr's ValueError names no
+    file; the command knows which store it was reading.
+
+    Args:
+        store: The store being read (named in the message).
+    """
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:
+        if isinstance(exc, SegpipeError) or not any(s in str(exc).lower() for s in _DAMAGE_SIGNS):
+            raise
+        detail = " ".join(str(exc).split())[:120]
+        raise StoreError(
+            f"region store {store_location(store)} holds a damaged chunk file ({detail}): rebuild the "
+            "store with 'segpipe ingest', or rerun the stage that wrote the damaged layer with --force"
         ) from exc
 
 

@@ -13,10 +13,12 @@ so every family runs wherever training runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from segpipe.errors import InputError, StorageError
 from segpipe.models.catalog import LINEAR_ARCH
 from segpipe.stages.train.config import AutoConfig, ForestConfig, NetworkConfig, TrainConfig
 from segpipe.stages.train.progress import TrainProgress
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from segpipe.models import ModelSpec
     from segpipe.stages.train.loop import TrainPlan
 
-__all__ = ["train"]
+__all__ = ["check_destination", "train"]
 
 
 def train(
@@ -58,6 +60,7 @@ def train(
         SegpipeError: As the family's trainer raises it: no labels, a store that is
             missing or damaged, nothing to resume, a setting that does not fit.
     """
+    check_destination(out)
     cfg = plan.requested if plan is not None else config or NetworkConfig()
     if isinstance(cfg, ForestConfig):
         from segpipe.stages.train.forest import train_forest
@@ -80,6 +83,32 @@ def train(
 
         return train_members(store, out, cfg, progress, announce, resume, plan)
     return train_network(store, out, cfg, progress, resume, plan)
+
+
+def check_destination(out: str | Path) -> None:
+    """Refuse a package folder that cannot be written, before any training time is spent.
+
+    Without this, a file in the way or a folder without write permission failed only when
+    the finished package was written, minutes or hours in; and a region store named as the
+    destination took the package's files among its layers.
+
+    Raises:
+        InputError: ``out`` is a file, or a region store (a folder with ``zarr.json``).
+        StorageError: ``out``, or the nearest folder above it that exists, is not writable.
+    """
+    if "://" in str(out):  # object storage: its own errors, named where the package is written
+        return
+    path = Path(out)
+    if path.is_file():
+        raise InputError(f"model package folder {path} is a file: name a folder for the package")
+    if (path / "zarr.json").is_file():
+        raise InputError(f"{path} is a region store, not a model package folder: name another folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot make model package folder {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write model package {path}: {existing} is not writable: choose a "
+                           "writable destination or fix its permissions")
 
 
 def _plan(store: str | Path, out: str | Path, cfg: NetworkConfig, resume: bool) -> TrainPlan:
