@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -92,23 +93,89 @@ def class_flags(classes: Sequence[ClassInfo]) -> dict[str, Any]:
     }
 
 
-def classes_from_json(items: Iterable[dict[str, Any]]) -> list[ClassInfo]:
+_VALUE_RULE = "class values are integers 1-254 (0 means unlabelled and 255 is nodata)"
+_ENTRY_EXAMPLE = '{"value": 1, "name": "water", "colour": "#1f77b4"}'
+
+
+def _shown(item: object) -> str:
+    """An entry as the user wrote it (JSON), cut short so the message stays one readable line."""
+    try:
+        text = json.dumps(item, ensure_ascii=False)
+    except (TypeError, ValueError):  # not JSON-able (from an API caller): Python's repr will do
+        text = repr(item)
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def _class_value(raw: object) -> int | None:
+    """``raw`` as a class value 1-254, or None when it is not one.
+
+    Integral numbers (``2``, ``2.0``) and decimal strings (``"2"``) are accepted, as
+    ``int()`` accepted them before; booleans and fractions are not, since ``int()``
+    would silently turn ``true`` or ``1.5`` into class 1.
+    """
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    if isinstance(raw, str) and raw.strip().isdecimal():
+        raw = int(raw)
+    if not isinstance(raw, numbers.Integral):  # numpy integers too, from API callers
+        return None
+    value = int(raw)
+    return value if 1 <= value <= 254 else None
+
+
+def _class_entry(item: object, where: str) -> ClassInfo:
+    """One ``{value, name, colour}`` entry; ``where`` names it (file and position) in every message."""
+    if not isinstance(item, dict):
+        raise InputError(f"{where} ({_shown(item)}) is not an object: write each class as {_ENTRY_EXAMPLE}")
+    if "value" not in item:
+        raise InputError(f'{where} ({_shown(item)}) has no "value": give each class a value; {_VALUE_RULE}')
+    value = _class_value(item["value"])
+    if value is None:
+        raise InputError(f"{where} ({_shown(item)}) has value {_shown(item['value'])}: {_VALUE_RULE}")
+    colour = item.get("colour", item.get("color")) or default_colour(value)
+    if not isinstance(colour, str) or not _HEX.match(colour):
+        raise InputError(
+            f"{where} ({_shown(item)}) has colour {_shown(colour)}: write it as '#rrggbb' "
+            "(e.g. '#1f77b4') or leave it out for a default colour"
+        )
+    name = item.get("name")
+    return ClassInfo(value, f"class {value}" if name is None else str(name), colour)
+
+
+def classes_from_json(items: Iterable[Any], source: str | None = None) -> list[ClassInfo]:
     """Parse classes from dicts; ``color`` is accepted as well as ``colour``.
 
+    Args:
+        items: ``{value, name, colour}`` dicts; ``name`` and ``colour`` are optional.
+        source: What the entries come from (``classes file x.json``), named at the head
+            of every message; None for callers that name it themselves.
+
+    Returns:
+        The classes, sorted by value.
+
     Raises:
-        InputError: A value is missing, duplicated or out of range.
+        InputError: An entry is not a dict, or its value is missing, not an integer
+            1-254 or repeated, or its colour is not ``#rrggbb``; the message names the
+            entry (and ``source``) and says what to write instead.
     """
-    out: list[ClassInfo] = []
-    for item in items:
-        if "value" not in item:
-            raise InputError(f"class entry {item!r} has no 'value'")
-        value = int(item["value"])
-        colour = item.get("colour", item.get("color")) or default_colour(value)
-        out.append(ClassInfo(value, str(item.get("name", f"class {value}")), str(colour)))
-    values = [c.value for c in out]
-    if len(set(values)) != len(values):
-        raise InputError(f"class values repeat: {sorted(values)}")
+    head = f"{source}: " if source else ""
+    out = [_class_entry(item, f"{head}class entry {n}") for n, item in enumerate(items, 1)]
+    _check_unique(out, head)
     return sorted(out, key=lambda c: c.value)
+
+
+def _check_unique(classes: Sequence[ClassInfo], head: str) -> None:
+    """Refuse two entries of one value, naming the first such pair (entries count from 1)."""
+    first: dict[int, int] = {}
+    for n, c in enumerate(classes, 1):
+        if c.value in first:
+            raise InputError(
+                f"{head}class entries {first[c.value]} and {n} both have value {c.value}: "
+                "give each class a value of its own"
+            )
+        first[c.value] = n
 
 
 def read_classes_file(path: str | Path) -> list[ClassInfo]:
@@ -116,20 +183,23 @@ def read_classes_file(path: str | Path) -> list[ClassInfo]:
 
     Raises:
         MissingInputError: The file does not exist.
-        InputError: The file is not valid JSON of that shape.
+        InputError: The file is not valid JSON of that shape, or an entry is unusable
+            (see :func:`classes_from_json`); the message names the file.
     """
     p = Path(path)
     if not p.is_file():
         raise MissingInputError(f"classes file {p} does not exist")
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(p.read_bytes())
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for a binary file
         raise InputError(f"classes file {p} is not valid JSON: {exc}") from exc
     if isinstance(data, dict):
         data = data.get("classes", [])
     if not isinstance(data, list) or not data:
-        raise InputError(f"classes file {p} holds no list of classes")
-    return classes_from_json(data)
+        raise InputError(
+            f'classes file {p} holds no list of classes: write {{"classes": [{_ENTRY_EXAMPLE}, ...]}}'
+        )
+    return classes_from_json(data, f"classes file {p}")
 
 
 def write_classes_file(path: str | Path, classes: Sequence[ClassInfo]) -> None:

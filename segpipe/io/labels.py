@@ -135,6 +135,23 @@ def _layer_names(p: str) -> tuple[list[str], int]:
     return spatial, len(listed)
 
 
+def _no_polygons(where: str) -> LabelsError:
+    """The one message for labels without a feature, whichever format or check finds it."""
+    return LabelsError(
+        f"labels {where} hold no polygons (no features): add the labelled polygons, "
+        "or pass the file or layer that holds them"
+    )
+
+
+def _unreadable(p: str, exc: Exception) -> LabelsError:
+    """GDAL's reason a vector file cannot be read, on one line, with the file named in front."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return LabelsError(
+        f"labels {p} cannot be read as polygons: {reason} "
+        "(is it a complete GeoPackage/Shapefile/GeoJSON? re-export it)"
+    )
+
+
 def _names(values: Iterable[object]) -> str:
     return ", ".join(str(v) for v in values) or "none"
 
@@ -181,6 +198,10 @@ def _pick_field(
     """Polygons of one layer, classed by ``field`` (or the first candidate field present)."""
     where = p if layer is None else f"{p} (layer {layer!r})"
     info = pyogrio.read_info(vector_path(p), layer=layer)
+    # Before the fields: an empty GeoJSON has no fields either, and "no class field"
+    # would send the user looking for the wrong fault. -1 is an unknown count.
+    if info["features"] == 0:
+        raise _no_polygons(where)
     fields = [str(f) for f in info["fields"]]
     dtypes = {str(f): str(d) for f, d in zip(info["fields"], info["dtypes"], strict=True)}
     chosen = _choose_field(p, where, fields, dtypes, field)
@@ -266,7 +287,8 @@ def open_labels(
         MissingInputError: The file does not exist.
         LabelsError: Polygons lack the field or the layer, a value is not an integer
             0-254 or missing, a raster has several bands, or a field or layer was
-            given for a raster; the message names the file and its fields or layers.
+            given for a raster, polygons have no feature, or GDAL cannot read the
+            file; the message names the file and its fields or layers.
     """
     if is_remote(path):
         p = as_url(path)
@@ -276,7 +298,10 @@ def open_labels(
             raise MissingInputError(f"labels {Path(path)} do not exist")
         p = str(Path(path).resolve())
     if _is_vector(p):
-        return _open_vector(p, field, layer, background_value)
+        try:
+            return _open_vector(p, field, layer, background_value)
+        except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
+            raise _unreadable(p, exc) from exc
     try:
         with gdal_env(p), rasterio.open(gdal_path(p)) as ds:
             count = ds.count
@@ -650,7 +675,7 @@ def _extents(src: LabelSource) -> list[tuple[CRS | None, tuple[float, ...]]]:
         if info["features"]:
             out.append((_crs(info["crs"]), tuple(float(b) for b in info["total_bounds"])))
     if not out:
-        raise LabelsError(f"labels {src.path} hold no polygons")
+        raise _no_polygons(src.path)
     return out
 
 
