@@ -17,13 +17,16 @@ With ``points``, a second pass reads only the windows holding a drawn point
 
 Prediction and reference may be ``s3://`` URLs (a store prefix, or a raster or polygons
 read through ``/vsis3/``); an ``s3://`` report folder is written locally and uploaded
-when complete, ``metrics.json`` last.
+when complete, ``metrics.json`` last. A local report folder is written beside ``out``
+and swapped in whole (:mod:`segpipe.stages.evaluate.swap`): a kill leaves the earlier
+report or the new one, never a mix of both.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -62,6 +65,7 @@ from segpipe.stages.evaluate.report import (
     preview_step,
     write_report,
 )
+from segpipe.stages.evaluate.swap import recover, staged_report
 from segpipe.types import ClassInfo, Grid, default_colour
 from segpipe.waves import waves
 
@@ -115,7 +119,8 @@ def evaluate(
         MissingInputError: The prediction, its layer or the reference does not exist.
         LabelsError: The reference does not overlap the prediction, or holds no labelled
             pixel where the prediction has data.
-        InputError: Bad ``points`` or ``sampling``, or ``out_dir`` is a file.
+        InputError: Bad ``points`` or ``sampling``, or ``out_dir`` is a file or holds the
+            current folder.
         StorageError: The report cannot be written (full disk, read-only, no permission).
     """
     request = PointRequest(points, sampling, seed) if points is not None else None
@@ -129,9 +134,7 @@ def evaluate(
     _check_labelled(hist, prediction, reference)
     classes = _evaluated_classes(pred_classes, labels, hist)
     _check_predicted(hist, classes, prediction, reference)
-    # A local folder is written in place; an s3:// one is uploaded once complete,
-    # metrics.json last (its presence is what marks a finished report).
-    with storage_errors(out_dir, "evaluation report"), staged_dir(out_dir, last=("metrics.json",)) as out:
+    with storage_errors(out_dir, "evaluation report"), _report_folder(out_dir) as out:
         if request is None:
             cm, assessment = confusion_from_histogram(hist, [c.value for c in classes]), {"mode": "pixels"}
         else:
@@ -145,18 +148,35 @@ def evaluate(
 
 
 def _check_request(out_dir: str | Path, request: PointRequest | None) -> None:
-    """Refuse a bad point request or a report folder that is a file, before the long pass.
+    """Refuse a bad point request or report folder, before the long pass; recover an interrupted swap.
 
     Raises:
-        InputError: Bad ``points`` or ``sampling``, or ``out_dir`` is a file.
+        InputError: Bad ``points`` or ``sampling``, or ``out_dir`` is a file or holds the
+            current folder.
         MissingInputError: The ``s3://`` bucket of ``out_dir`` does not exist.
     """
-    if request is not None:
-        allocate(np.ones(ALL + 1, np.int64), request.n, request.sampling)
     if is_remote(out_dir):
         check_bucket(as_url(out_dir))
     elif Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise InputError(f"--out {out_dir} is a file: name a folder for the report")
+    else:
+        # Before the long pass: a run that fails on its inputs still restores a report
+        # whose swap a kill interrupted.
+        with storage_errors(out_dir, "evaluation report"):
+            recover(out_dir)
+    if request is not None:
+        allocate(np.ones(ALL + 1, np.int64), request.n, request.sampling)
+
+
+def _report_folder(out_dir: str | Path) -> AbstractContextManager[Path]:
+    """The local folder the report is written into, published as ``out_dir`` when the block ends.
+
+    A local report is staged beside ``out_dir`` and swapped in whole; an ``s3://`` one is
+    uploaded once complete, ``metrics.json`` last (its presence marks a finished report).
+    """
+    if is_remote(out_dir):
+        return staged_dir(out_dir, last=("metrics.json",))
+    return staged_report(out_dir)
 
 
 # ---- the window pass: one joint histogram per window, summed in a tree -----------------------

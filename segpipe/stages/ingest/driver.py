@@ -14,7 +14,9 @@ root ``zarr.json``, so they see either no store or the complete one, never a hal
 Replacing a store (``overwrite``) first deletes the old root ``zarr.json``, then the old
 objects: for the length of the copy there is no store at ``out``, never a mix of two.
 A killed ingest can leave a hidden ``.NAME.tmp-*`` prefix behind, never a store at ``out``; the
-next local ingest to the same place removes trees whose process is gone.
+next local ingest to the same place removes trees whose process is gone, and puts back a
+store that a kill between the two renames of a replacement left aside
+(:mod:`segpipe.io.swap`).
 
 A failed ingest (a damaged tile, a full disk) removes its hidden tree only once no task
 of it still runs: dask's schedulers raise at the first failed task while the others keep
@@ -25,10 +27,7 @@ into NaN statistics and weights.
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -71,7 +70,6 @@ from segpipe.io.remote import (
     url_name,
     url_parent,
 )
-from segpipe.io.runs import pid_alive
 from segpipe.io.store import (
     INNER_CHUNK,
     STORE_SCHEMA,
@@ -82,6 +80,7 @@ from segpipe.io.store import (
     set_region_classes,
     write_block,
 )
+from segpipe.io.swap import recover, run_tag, staging_path, swap_in
 from segpipe.io.warp import open_warped
 from segpipe.stages.ingest.plan import (
     GridRequest,
@@ -332,19 +331,9 @@ def _discard(path: str | Path) -> None:
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool, tag: str) -> None:
     """Rename the finished store to ``out``; an old one is removed only after that."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not overwrite:
+    if out.exists() and not overwrite:
         raise StoreError(f"{out} exists; pass --overwrite to replace it")
-    old = out.parent / f".{out.name}.old-{tag}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    _discard(old)
+    swap_in(tmp, out, tag)
 
 
 def _publish_remote(tmp: str, out: str, overwrite: bool) -> None:
@@ -471,20 +460,6 @@ def ingest(
     return read_region_info(out_s)
 
 
-def _sweep_killed(out: Path) -> None:
-    """Remove hidden trees that killed ingests of ``out`` on this machine left behind.
-
-    A SIGKILL gives an ingest no chance to clean up; its tree is named
-    ``.NAME.tmp-HOST-PID-TAG``, so one whose process is gone on this host is garbage.
-    Trees of live processes, of other hosts, or of an older naming are left alone.
-    """
-    host = socket.gethostname()
-    for path in out.parent.glob(f".{out.name}.tmp-{host}-*"):
-        pid = path.name.removeprefix(f".{out.name}.tmp-{host}-").split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            _discard(path)
-
-
 def _staging(out_s: str, tag: str) -> tuple[str, Path | None]:
     """Where the store is built before it is published, and where the mosaic's VRT goes.
 
@@ -496,8 +471,10 @@ def _staging(out_s: str, tag: str) -> tuple[str, Path | None]:
         return join(url_parent(out_s), f".{url_name(out_s)}.tmp-{tag}"), None
     local_out = Path(out_s)
     local_out.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_killed(local_out)
-    hidden = local_out.parent / f".{local_out.name}.tmp-{tag}"
+    # A SIGKILL gives an ingest no chance to clean up: its hidden trees (and a store it
+    # had renamed aside when it died) are dealt with by the next ingest to the same place.
+    recover(local_out)
+    hidden = staging_path(local_out, tag)
     return str(hidden), hidden.with_name(f"{hidden.name}.vrt")
 
 
@@ -564,8 +541,7 @@ def _build(
     warp: WarpPlan | None = None,
 ) -> None:
     """Write the store under a hidden sibling, then publish it at ``out_s`` (see module doc)."""
-    # Host and pid in the name let a later ingest tell a killed run's leftovers from a live one.
-    tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tag = run_tag()
     tmp, vrt = _staging(out_s, tag)
     try:
         _write_store(images, tmp, vrt, src, given, block_size, fingerprint, say, warp)

@@ -1,0 +1,106 @@
+"""Publish a finished folder whole: a kill leaves the earlier folder or the new one, never a mix.
+
+A stage builds its result (a region store, an evaluation report) in a hidden sibling of
+its destination ``out``, ``.NAME.tmp-TAG``, on the same filesystem so that renames are
+atomic, and :func:`swap_in` publishes it with two renames: ``out`` to ``.NAME.old-TAG``,
+then the sibling to ``out``; the earlier folder is removed last. ``TAG`` is
+``HOST-PID-TOKEN`` (:func:`run_tag`), so a later run can tell a killed run's leftovers
+from a live one's.
+
+:func:`recover`, run before a stage writes to ``out``: a run killed between the two
+renames left no ``out`` but its ``.old-`` folder, which holds the whole earlier result;
+it is renamed back (the killed run never finished, so the earlier result stands). Then
+the ``.tmp-`` and ``.old-`` leftovers of killed runs (this host, process gone) are
+removed; those of live processes and of other hosts are left alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import socket
+from pathlib import Path
+
+from segpipe.io.runs import pid_alive
+
+__all__ = ["recover", "run_tag", "staging_path", "swap_in"]
+
+
+def run_tag() -> str:
+    """``HOST-PID-TOKEN``: names this run's hidden folders."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def staging_path(out: Path, tag: str) -> Path:
+    """The hidden sibling of ``out`` a run with ``tag`` builds its result in."""
+    return out.with_name(f".{out.name}.tmp-{tag}")
+
+
+def _remove(path: Path) -> None:
+    """Remove a leftover folder or file, best effort (a staging VRT is a file)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _leftovers(out: Path, kind: str) -> tuple[list[Path], bool]:
+    """Hidden ``kind`` entries of ``out`` whose process is gone, and whether a live one holds any.
+
+    Only this host's are judged: a pid says nothing about another machine's processes.
+    """
+    prefix = f".{out.name}.{kind}-{socket.gethostname()}-"
+    dead, live = [], False
+    for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name.removeprefix(prefix).split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if pid_alive(int(pid)):
+            live = True
+        else:
+            dead.append(path)
+    return dead, live
+
+
+def recover(out: Path) -> None:
+    """Restore an earlier folder whose swap a kill interrupted; remove killed runs' leftovers.
+
+    Args:
+        out: The destination (local).
+    """
+    old, swapping = _leftovers(out, "old")
+    staging, _ = _leftovers(out, "tmp")
+    # No "out" but a killed run's ".old-" folder: that run died between its two renames.
+    # Not while a live run holds an ".old-" folder: it is between its own renames now.
+    if old and not swapping and not os.path.lexists(out):
+        newest = max(old, key=lambda p: p.stat().st_ctime)  # a rename sets ctime
+        os.replace(newest, out)
+        old.remove(newest)
+    for path in old + staging:
+        _remove(path)
+
+
+def swap_in(staging: Path, out: Path, tag: str) -> None:
+    """Rename ``out`` aside, ``staging`` to ``out``, then remove the earlier folder.
+
+    Between the two renames ``out`` is missing; :func:`recover` renames the earlier one
+    back if a kill strikes there, and an error there puts it back at once.
+
+    Args:
+        staging: The finished result.
+        out: Where it is published.
+        tag: This run's :func:`run_tag` (names the earlier folder while it is aside).
+    """
+    if not os.path.lexists(out):
+        os.replace(staging, out)
+        return
+    old = out.with_name(f".{out.name}.old-{tag}")
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    _remove(old)
