@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import rasterio
+from cli_support import Outcome, run_inprocess
 from rasterio.transform import from_origin
 
 if TYPE_CHECKING:
@@ -98,32 +99,6 @@ def snapshot(path: Path) -> dict[str, str]:
     """Every file under ``path`` (or the file itself), with a hash of its bytes."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-@dataclass
-class Outcome:
-    code: int
-    stderr: str
-
-    @property
-    def errors(self) -> list[str]:
-        return [ln for ln in self.stderr.splitlines() if ln.lower().startswith("error:")]
-
-
-def run_inprocess(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> Outcome:
-    from segpipe.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["segpipe", *args])
-    monkeypatch.delenv("SEGPIPE_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return Outcome(code, capsys.readouterr().err)
 
 
 def console_script() -> str:

@@ -7,7 +7,6 @@ command in-process to check exit code 2, one ``error:`` line and no traceback.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from cli_support import run_inprocess
 from rasterio.transform import from_origin
 
 from segpipe.errors import InputError, LabelsError
@@ -53,17 +53,8 @@ def run_cli(
     args: list[object], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> tuple[int, str]:
     """Run ``segpipe`` in-process: its exit code and stderr."""
-    from segpipe.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["segpipe", *map(str, args)])
-    monkeypatch.delenv("SEGPIPE_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
+    outcome = run_inprocess([str(a) for a in args], capsys, monkeypatch)
+    return outcome.code, outcome.stderr
 
 
 def assert_one_error_line(code: int, stderr: str, culprit: str) -> str:
