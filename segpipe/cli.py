@@ -778,6 +778,10 @@ def export(
         raise InputError("--min-area, --simplify and --scheduler apply to --vector: add --vector OUT.gpkg")
     if out is None and vector is None:
         raise InputError("give --out OUT.tif (a COG), --vector OUT.gpkg (polygons), or both")
+    if vector is not None:  # before the COG is written: a bad option must not replace an earlier one
+        from segpipe.stages.export.vector import check_vector_request
+
+        check_vector_request(vector, min_area, simplify)
     from segpipe.io.store import damaged_chunks
 
     with damaged_chunks(store):

@@ -622,6 +622,15 @@ def _(w: World, tmp: Path) -> Case:
     return Case(["export", str(store), "--out", str(cog)], culprit="predicted.zarr", protected=[cog])
 
 
+@case("export: a negative --min-area over an earlier COG")
+def _(w: World, tmp: Path) -> Case:
+    # The confidence layer's COG would differ from the earlier (classes) one it must not replace.
+    cog = Path(shutil.copy(w.cog, tmp / "classes.tif"))
+    return Case(["export", str(w.predicted), "--out", str(cog), "--layer", "confidence", "--vector",
+                 str(tmp / "c.gpkg"), "--min-area", "-3"], culprit="--min-area", protected=[cog],
+                absent=[tmp / "c.gpkg"])
+
+
 # ---------------------------------------------------------------- evaluate
 
 

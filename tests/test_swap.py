@@ -59,6 +59,24 @@ def test_recover_leaves_live_runs_and_a_published_folder_alone(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["result", live.name])
 
 
+def test_a_killed_process_not_yet_reaped_is_dead() -> None:
+    """``kill -9`` under ``timeout`` leaves a zombie until init reaps it: its leftovers are garbage."""
+    import time
+
+    from segpipe.io.runs import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        assert not pid_alive(child.pid)
+        assert pid_alive(os.getpid())
+    finally:
+        child.wait()
+
+
 def test_ingest_puts_back_a_store_a_kill_left_aside(tmp_path: Path) -> None:
     from segpipe.stages.ingest.driver import ingest
     from segpipe.synth import synthesize

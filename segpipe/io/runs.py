@@ -137,14 +137,28 @@ def read_lock(store: str | Path) -> dict[str, Any] | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (another user's counts as running)."""
+    """Whether process ``pid`` runs on this machine (another user's counts as running).
+
+    A killed process that its parent has not reaped yet (a zombie) is dead: ``kill -9``
+    under ``timeout`` leaves one until init reaps it, and its leftovers are garbage now.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has ended but is not reaped (Linux's /proc; False where there is none)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (command) state ...": the command may hold spaces and parentheses.
+    return stat[stat.rfind(")") + 1 :].split()[:1] == ["Z"]
 
 
 def _stale(record: dict[str, Any] | None, created: float | None) -> bool:

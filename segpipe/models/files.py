@@ -6,7 +6,9 @@ Shared by the package, its fetcher, its ONNX form and its STAC MLM description.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Collection
@@ -37,6 +39,9 @@ def _umask() -> int:
 
 
 _UMASK_LOCK = threading.Lock()
+
+# What mkstemp adds to atomic_write's prefix: 8 of these characters (tempfile's name sequence).
+_MKSTEMP_PART = re.compile(r"[a-z0-9_]{8}")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -69,14 +74,35 @@ def _staged(folder: Path, name: str) -> Path:
     return folder / f".{name}.staged"
 
 
+def _write_temporaries(path: Path) -> list[Path]:
+    """The temporaries :func:`atomic_write` leaves beside ``path`` when killed mid-write."""
+    prefix = f".{path.name}."
+    return [tmp for tmp in path.parent.glob(glob.escape(prefix) + "*")
+            if _MKSTEMP_PART.fullmatch(tmp.name[len(prefix):])]
+
+
+def _remove_write_temporaries(folder: Path) -> None:
+    """Delete what killed writes of a package left of the files they write through :func:`atomic_write`.
+
+    Only a writer calls this (see :func:`settle_package`): a package has one writer at a
+    time, so none of these can belong to a write still at work.
+    """
+    from segpipe.models.mlm import MLM_FILE  # mlm imports this module
+
+    names = (WEIGHTS_FILE, ONNX_FILE, SPEC_FILE)
+    for path in (*(_staged(folder, n) for n in names), folder / SPEC_FILE, folder / MLM_FILE):
+        for tmp in _write_temporaries(path):
+            tmp.unlink(missing_ok=True)
+
+
 def replace_package_files(folder: Path, weights_name: str, weights: bytes, spec: bytes) -> None:
     """Replace a package's weights and ``model.json`` so that a kill leaves one whole package.
 
     Both are staged beside their targets (weights first), then the weights are renamed in,
     which commits the package, then the description. A kill before that rename leaves the
-    earlier package whole (the staged files are removed by the next write); a kill after it
-    leaves the new weights and a staged description alone, which :func:`settle_package`
-    (run by every reader of a local package) renames in.
+    earlier package whole (the staged files and the temporaries of their writing are removed
+    by the next write); a kill after it leaves the new weights and a staged description
+    alone, which :func:`settle_package` (run by every reader of a local package) renames in.
     """
     settle_package(folder, discard=True)
     atomic_write(_staged(folder, weights_name), weights)
@@ -94,8 +120,12 @@ def settle_package(folder: Path, discard: bool = False) -> None:
 
     A staged ``model.json`` without a staged weights file means the weights were committed:
     it is renamed in. With ``discard`` (a writer about to write), staged files of a write
-    that never committed are removed; readers leave them, as a writer may be at work.
+    that never committed are removed, and so are the temporaries :func:`atomic_write` left
+    of a package's files (a kill mid-write leaves one as big as the weights); readers leave
+    both, as a writer may be at work.
     """
+    if discard:
+        _remove_write_temporaries(folder)
     spec = _staged(folder, SPEC_FILE)
     staged_weights = [_staged(folder, n) for n in (WEIGHTS_FILE, ONNX_FILE) if _staged(folder, n).exists()]
     if staged_weights:

@@ -56,6 +56,7 @@ from segpipe.io.remote import (
     url_name,
     url_parent,
 )
+from segpipe.io.runs import pid_alive
 from segpipe.io.store import RegionInfo, read_region_info, same_nodata
 from segpipe.stages.export.band_stats import band_statistics
 from segpipe.stages.export.geotiff import WINDOW, write_geotiff_layer
@@ -71,7 +72,7 @@ from segpipe.stages.export.legend import (
 from segpipe.stages.export.lineage import read_lineage
 from segpipe.stages.export.stac import file_fields, stac_bands, stac_item, stac_item_path, stac_json
 
-__all__ = ["COMPRESSIONS", "COPY_CACHE_BYTES", "READ_CACHE_BYTES", "write_cog"]
+__all__ = ["COMPRESSIONS", "COPY_CACHE_BYTES", "READ_CACHE_BYTES", "remove_stale_temporaries", "write_cog"]
 
 COMPRESSIONS = ("DEFLATE", "ZSTD")
 # GDAL's block cache during the conversion, in bytes (as rasterio takes it). The COG driver
@@ -136,7 +137,7 @@ def write_cog(
     # Each step sets its own cache inside this one (the stream, the conversion).
     with storage_errors(dest, "COG"), rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(dest)
+        remove_stale_temporaries(dest)
         with _staging(dest) as token:
             counts = PixelCounts()
             cog = _convert(store, dest, token, info, spec, compress, counts)
@@ -166,19 +167,17 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
             break
 
 
-def _remove_stale_temporaries(dest: Path) -> None:
-    """Delete temporaries of earlier exports to ``dest`` whose process no longer runs."""
+def remove_stale_temporaries(dest: Path) -> None:
+    """Delete temporaries of earlier exports to ``dest`` (``.NAME.PID-HEX.*``) whose process has ended.
+
+    The COG's, its legend's and the polygons' temporaries share that form, so one sweep
+    serves every export.
+    """
     pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(\d+)-[0-9a-f]{{8}}\.")
     for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.*"):
         match = pattern.match(tmp.name)
-        if not match or int(match.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # another user's live process
 
 
 @contextlib.contextmanager

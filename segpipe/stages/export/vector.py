@@ -18,7 +18,10 @@ without that layer), in the store's CRS. It never holds the whole raster:
 
 Block work runs on a dask cluster when a client is given, else in this process. The file
 is written under a hidden temporary name beside the destination and renamed over it only
-when complete, so an error never leaves a partial file nor destroys an earlier one.
+when complete, so an error never leaves a partial file nor destroys an earlier one. The
+temporary carries the writing process's id, as the COG export's do: a kill leaves only
+hidden temporaries, and the next export to the same destination removes those of dead
+processes with the COG export's own sweep.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from segpipe.errors import InputError, VectorFormatError
 from segpipe.grid.box import Box, iter_boxes
 from segpipe.io.remote import is_remote, storage_errors
 from segpipe.io.store import RegionInfo, has_layer, open_layer, read_region_info
+from segpipe.stages.export.cog import remove_stale_temporaries
 from segpipe.stages.export.vector_blocks import BlockPolygons, polygonize_block, sieve_facts
 from segpipe.stages.export.vector_merge import Patches, RowMerger
 from segpipe.stages.export.vector_parquet import GeoParquetSink
@@ -53,6 +57,7 @@ __all__ = [
     "LAYER_NAME",
     "VECTOR_FORMATS",
     "VectorFormatError",
+    "check_vector_request",
     "sieve_threshold",
     "vector_driver",
     "write_vector",
@@ -79,6 +84,39 @@ def vector_driver(out: str | Path) -> str:
     return VECTOR_FORMATS[suffix]
 
 
+def check_vector_request(
+    out: str | Path, min_area: float | None = None, simplify: float | None = None, overwrite: bool = True
+) -> tuple[Path, str]:
+    """Refuse a polygon export's destination or settings before anything is read or written.
+
+    The command checks these before it writes the COG of the same run, so a bad
+    ``--min-area`` cannot leave a new COG over an earlier one and no polygons.
+
+    Returns:
+        The destination and its format (:func:`vector_driver`).
+
+    Raises:
+        VectorFormatError: ``out`` is neither ``.gpkg`` nor ``.parquet``.
+        InputError: ``out`` is a folder, on ``s3://``, or exists without ``overwrite``; a
+            negative or non-finite ``min_area`` or ``simplify``.
+    """
+    if is_remote(out):
+        raise InputError(f"--vector {out}: write polygons to a local file, then upload it")
+    dest = Path(out)
+    _check_destination(dest, overwrite)
+    driver = vector_driver(dest)
+    if simplify is not None and (not math.isfinite(simplify) or simplify < 0):
+        raise InputError(f"--simplify {simplify} must be a tolerance in map units, 0 or more")
+    _check_min_area(min_area)
+    return dest, driver
+
+
+def _check_min_area(min_area: float | None) -> None:
+    """Refuse a minimum mapping unit that is negative or not a number (the one check of it)."""
+    if min_area is not None and (not math.isfinite(min_area) or min_area < 0):
+        raise InputError(f"--min-area {min_area} must be a number of map units squared, 0 or more")
+
+
 def sieve_threshold(min_area: float | None, info: RegionInfo) -> int:
     """The sieve's size in pixels for a minimum mapping unit in map units squared (0: no sieve).
 
@@ -89,8 +127,7 @@ def sieve_threshold(min_area: float | None, info: RegionInfo) -> int:
     """
     if min_area is None:
         return 0
-    if not math.isfinite(min_area) or min_area < 0:
-        raise InputError(f"--min-area {min_area} must be a number of map units squared, 0 or more")
+    _check_min_area(min_area)
     a, b, _, d, e, _ = info.transform
     pixel_area = abs(a * e - b * d)
     # The tolerance keeps e.g. 900 m2 on 30 m pixels at one pixel despite float rounding.
@@ -193,7 +230,11 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def _staged(dest: Path) -> Iterator[Path]:
-    """A hidden temporary beside ``dest`` (same filesystem: the rename is atomic), always removed."""
+    """A hidden temporary beside ``dest`` (same filesystem: the rename is atomic), always removed.
+
+    Its name, ``.<name>.<pid>-<8 hex>.<suffix>``, is the COG export's temporaries' form, which
+    its sweep of dead processes' leftovers (``cog.remove_stale_temporaries``) recognises.
+    """
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{dest.suffix}")
     try:
         yield tmp
@@ -261,13 +302,7 @@ def write_vector(
         MissingLayerError: The store has no ``classes`` layer (run ``segpipe predict``).
         StorageError: ``out`` cannot be written; an earlier ``out`` is left as it was.
     """
-    if is_remote(out):
-        raise InputError(f"--vector {out}: write polygons to a local file, then upload it")
-    dest = Path(out)
-    _check_destination(dest, overwrite)
-    driver = vector_driver(dest)
-    if simplify is not None and (not math.isfinite(simplify) or simplify < 0):
-        raise InputError(f"--simplify {simplify} must be a tolerance in map units, 0 or more")
+    dest, driver = check_vector_request(out, min_area, simplify, overwrite)
     open_layer(store, "classes", missing="run 'segpipe predict' first")
     info = read_region_info(store)
     threshold = sieve_threshold(min_area, info)
@@ -276,6 +311,7 @@ def write_vector(
     boxes = list(iter_boxes(info.height, info.width, info.block_size))
     with storage_errors(dest, "polygons"):
         dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(dest)  # a killed export's partial files (any format, and their journals)
         with _staged(dest) as tmp:
             luts = _lookup_tables(location, info, boxes, threshold, start)
             writer = _Writer(tmp, driver, info, simplify, has_layer(store, "confidence"))
