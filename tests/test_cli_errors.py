@@ -127,6 +127,19 @@ def test_a_warning_is_one_line_and_debug_keeps_pythons_format(tmp_path):
     assert "SingleClassWarning: labels" in debug.stderr, debug.stderr
 
 
+def test_an_image_without_georeferencing_is_warned_about_once_by_name(tmp_path):
+    import numpy as np
+    import rasterio
+
+    image = tmp_path / "scan.tif"
+    with rasterio.open(image, "w", driver="GTiff", width=32, height=32, count=1, dtype="uint16") as dst:
+        dst.write(np.arange(32 * 32, dtype="uint16").reshape(1, 32, 32))
+    result = run("ingest", image, "--out", tmp_path / "s.zarr")
+    assert result.returncode == 0, result.stderr
+    warned = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "scan.tif has no georeferencing" in warned[0], result.stderr
+
+
 def test_help_piped_shows_whole_option_names():
     result = run("train", "--help")  # stdout is a pipe
     assert result.returncode == 0, result.stderr

@@ -15,6 +15,7 @@ or process runs it (rioxarray's reader would run without it there).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import rioxarray
 import xarray as xr
 from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from segpipe.errors import InputError, MissingInputError, TileMismatchError
 from segpipe.io.remote import as_url, filesystem, gdal_env, gdal_path, is_remote, posix_suffix, remote_errors
@@ -53,6 +54,10 @@ _GDAL_TYPES = {
     "float32": "Float32",
     "float64": "Float64",
 }
+
+# rasterio warns on every open of a raster without georeferencing, naming no file, from
+# each thread that reads it; open_mosaic warns once per image, by name.
+warnings.filterwarnings("ignore", message="Dataset has no geotransform", category=NotGeoreferencedWarning)
 
 
 @dataclass(frozen=True)
@@ -432,6 +437,15 @@ def open_mosaic(
     # Headers first, also for a single file: an empty or text file, or a VRT without
     # pixels or sources, is refused by name here rather than as GDAL's error in a task.
     tiles = [_read_tile(f) for f in files]
+    for name, tile in zip(files, tiles, strict=True):
+        if tile.crs is None and tile.transform == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0):
+            warnings.warn(
+                f"image {name} has no georeferencing (no CRS, no geotransform): the store and every "
+                "map, polygon and STAC Item made from it are in pixel coordinates; georeference it "
+                "(gdal_translate -a_srs ... -a_ullr ...) for outputs that line up with other data",
+                NotGeoreferencedWarning,
+                stacklevel=2,
+            )
     source = _mosaic_source(files, tiles, vrt_path, remote)
     with gdal_env(*files):
         with rasterio.open(source) as ds:
