@@ -16,6 +16,7 @@ __all__ = [
     "ClassInfo",
     "Grid",
     "class_flags",
+    "classes_from_bytes",
     "classes_from_json",
     "classes_to_json",
     "default_colour",
@@ -189,17 +190,27 @@ def read_classes_file(path: str | Path) -> list[ClassInfo]:
     p = Path(path)
     if not p.is_file():
         raise MissingInputError(f"classes file {p} does not exist")
+    return classes_from_bytes(p.read_bytes(), str(p))
+
+
+def classes_from_bytes(text: bytes, name: str) -> list[ClassInfo]:
+    """Parse the bytes of a classes file (read from a disk or object storage) named ``name`` in messages.
+
+    Raises:
+        InputError: Not valid JSON of the classes file's shape, or an entry is unusable
+            (see :func:`classes_from_json`); the message names ``name``.
+    """
     try:
-        data = json.loads(p.read_bytes())
+        data = json.loads(text)
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for a binary file
-        raise InputError(f"classes file {p} is not valid JSON: {exc}") from exc
+        raise InputError(f"classes file {name} is not valid JSON: {exc}") from exc
     if isinstance(data, dict):
         data = data.get("classes", [])
     if not isinstance(data, list) or not data:
         raise InputError(
-            f'classes file {p} holds no list of classes: write {{"classes": [{_ENTRY_EXAMPLE}, ...]}}'
+            f'classes file {name} holds no list of classes: write {{"classes": [{_ENTRY_EXAMPLE}, ...]}}'
         )
-    return classes_from_json(data, f"classes file {p}")
+    return classes_from_json(data, f"classes file {name}")
 
 
 def write_classes_file(path: str | Path, classes: Sequence[ClassInfo]) -> None:

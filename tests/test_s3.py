@@ -23,7 +23,7 @@ import rasterio
 import zarr
 from rio_cogeo.cogeo import cog_validate
 
-from segpipe.errors import MissingInputError, StoreError, TransientError
+from segpipe.errors import InputError, MissingInputError, StoreError, TransientError
 from segpipe.io.fingerprint import files_fingerprint, store_inputs
 from segpipe.io.labels import open_labels
 from segpipe.io.mosaic import open_mosaic
@@ -294,6 +294,10 @@ def test_missing_objects_name_the_url(s3: str, region) -> None:  # type: ignore[
         open_labels(f"{s3}/inputs/none.gpkg")
     with pytest.raises(MissingInputError, match=re.escape("no-such-bucket")):
         ingest(list(region.tiles), "s3://no-such-bucket/r.zarr", block_size=BLOCK)
+    bad_classes = f"{s3}/inputs/bad-classes.json"
+    filesystem().pipe_file(bad_classes, b'{"classes": [{"value": 1.5}]}')
+    with pytest.raises(InputError, match=re.escape(f"classes file {bad_classes}: class entry 1")):
+        ingest(list(region.tiles), f"{s3}/stores/never.zarr", classes=bad_classes, block_size=BLOCK)
     assert not filesystem().exists(f"{s3}/stores/never.zarr")
 
 

@@ -28,7 +28,6 @@ into NaN statistics and weights.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,7 +91,7 @@ from segpipe.stages.ingest.plan import (
     store_fingerprint,
     warp_attrs,
 )
-from segpipe.types import ClassInfo, Grid, read_classes_file
+from segpipe.types import ClassInfo, Grid, classes_from_bytes, read_classes_file
 from segpipe.waves import block_spans, compute_in_threads, drain
 
 __all__ = ["ingest"]
@@ -161,10 +160,7 @@ def _resolve_classes(classes: Sequence[ClassInfo] | str | Path | None) -> list[C
         url = as_url(classes)
         with remote_errors(url, "classes file"):
             text = filesystem().cat_file(url)
-        with tempfile.TemporaryDirectory(prefix="segpipe-classes-") as tmp:
-            local = Path(tmp) / url_name(url)
-            local.write_bytes(text)
-            return read_classes_file(local)
+        return classes_from_bytes(text, url)
     if isinstance(classes, str | Path):
         return read_classes_file(classes)
     return sorted(classes, key=lambda c: c.value) or None
