@@ -231,6 +231,12 @@ def test_predict_export_evaluate_on_s3(s3: str, region, client, stub_model_dir: 
     stored = json.loads(filesystem().cat_file(f"{report}/metrics.json"))
     assert stored["confusion_matrix"] == metrics["confusion_matrix"]
     assert filesystem().exists(f"{report}/report.md")
+    # A point assessment, then a full one over it: the new report carries no points.csv.
+    evaluate(store, reference, report, preview=False, points=50)
+    assert filesystem().exists(f"{report}/points.csv")
+    evaluate(store, reference, report, preview=False)
+    names = sorted(k.rsplit("/", 1)[-1] for k in filesystem().ls(report, refresh=True))
+    assert names == ["confusion_matrix.png", "metrics.json", "report.md"], names
     # the exported COG on S3 as the prediction, a local report folder
     local = evaluate(cog, reference, tmp_path / "report", preview=False)
     assert local["confusion_matrix"] == metrics["confusion_matrix"]

@@ -328,22 +328,38 @@ def remove_tree(url: str) -> None:
         filesystem().rm(as_url(url), recursive=True)
 
 
-def _upload_dir(local: Path, url: str, last: Iterable[str]) -> None:
+def _upload_dir(local: Path, url: str, last: Iterable[str], owned: Iterable[str]) -> None:
     files = sorted(p for p in local.rglob("*") if p.is_file())
     late = set(last)
+    _withdraw(url, late, set(owned) - {f.relative_to(local).as_posix() for f in files})
     # Files a consumer checks for completeness (e.g. metrics.json) go up after the rest.
     for f in sorted(files, key=lambda p: (p.name in late, str(p))):
         upload(f, join(url, f.relative_to(local).as_posix()))
 
 
+def _withdraw(url: str, late: set[str], stale: set[str]) -> None:
+    """Remove the earlier run's completion marks, then its files that this run does not write.
+
+    Marks first: from then until the new ones are uploaded, a reader sees no finished
+    result, never the new files beside an earlier run's (a points.csv beside a full report).
+    """
+    fs = filesystem()
+    for name in [*sorted(late), *sorted(stale - late)]:
+        key = join(url, name)
+        if fs.exists(key):
+            fs.rm_file(key)
+
+
 @contextlib.contextmanager
-def staged_dir(dest: str | Path, last: Iterable[str] = ()) -> Iterator[Path]:
+def staged_dir(dest: str | Path, last: Iterable[str] = (), owned: Iterable[str] = ()) -> Iterator[Path]:
     """A local folder standing for ``dest`` while the block writes into it.
 
     For a local ``dest`` it is ``dest`` itself (created). For a URL it is a temporary
     folder whose files are uploaded under ``dest`` once the block ends without error,
-    the files named in ``last`` after all others; on error nothing is uploaded. The
-    temporary folder is always removed.
+    the files named in ``last`` after all others; before that, the earlier run's ``last``
+    files, then those of ``owned`` (the names such a run may write) that this run did not
+    write, are removed. On error nothing is uploaded or removed. The temporary folder is
+    always removed.
     """
     if not is_remote(dest):
         out = Path(dest)
@@ -353,7 +369,7 @@ def staged_dir(dest: str | Path, last: Iterable[str] = ()) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="segpipe-stage-"))
     try:
         yield tmp
-        _upload_dir(tmp, as_url(dest), last)
+        _upload_dir(tmp, as_url(dest), last, owned)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -65,7 +65,7 @@ from segpipe.stages.evaluate.report import (
     preview_step,
     write_report,
 )
-from segpipe.stages.evaluate.swap import recover, staged_report
+from segpipe.stages.evaluate.swap import REPORT_FILES, recover, staged_report
 from segpipe.types import ClassInfo, Grid, default_colour
 from segpipe.waves import waves
 
@@ -172,10 +172,12 @@ def _report_folder(out_dir: str | Path) -> AbstractContextManager[Path]:
     """The local folder the report is written into, published as ``out_dir`` when the block ends.
 
     A local report is staged beside ``out_dir`` and swapped in whole; an ``s3://`` one is
-    uploaded once complete, ``metrics.json`` last (its presence marks a finished report).
+    uploaded once complete, ``metrics.json`` last (its presence marks a finished report),
+    after the earlier report's ``metrics.json`` and its files this run does not write
+    (a ``points.csv``) are removed.
     """
     if is_remote(out_dir):
-        return staged_dir(out_dir, last=("metrics.json",))
+        return staged_dir(out_dir, last=("metrics.json",), owned=REPORT_FILES)
     return staged_report(out_dir)
 
 
