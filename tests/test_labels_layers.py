@@ -209,3 +209,14 @@ def test_ingest_layers_and_single_class_warning(tmp_path: Path) -> None:
     with pytest.warns(SingleClassWarning, match="single class"):
         one = ingest([image], tmp_path / "m.zarr", labels=write_mask(tmp_path / "m.tif", mask), block_size=32)
     assert [c.value for c in one.classes] == [1]
+
+
+def test_training_on_a_single_class_warns_naming_the_store() -> None:
+    from segpipe.stages.train.sampling import label_classes as training_classes
+
+    with pytest.warns(SingleClassWarning, match=r"region store s\.zarr hold a single class \(4\)"):
+        classes, _ = training_classes(np.array([4]), (), store="s.zarr")
+    assert [c.value for c in classes] == [4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SingleClassWarning)
+        training_classes(np.array([1, 4]), (), store="s.zarr")

@@ -234,7 +234,7 @@ def _read_pixels(store: str | Path, cfg: ForestConfig) -> _Pixels:
     n_blocks = info.blocks[0] * info.blocks[1]
     per_block = max(PER_BLOCK, -(-2 * cfg.max_train_pixels // n_blocks))
     cand = find_candidates(labels, info.block_size, max_per_block=per_block, seed=cfg.seed)
-    classes, lut = label_classes(np.unique(cand.value), info.classes)
+    classes, lut = label_classes(np.unique(cand.value), info.classes, store=str(store))
     spec = package_spec(store, info, cfg, FOREST_ARCH, "none", classes)
     split, in_valid = _split(labels, info.block_size, cand if per_block == PER_BLOCK else None, cand, cfg)
     train_c = cand.subset(~in_valid).at_most(cfg.max_train_pixels, rng)

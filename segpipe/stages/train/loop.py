@@ -233,7 +233,7 @@ def plan_training(store: str | Path, requested: NetworkConfig) -> TrainPlan:
         raise StoreError(f"region store {store} has no labels: ingest it with --labels")
     cand = find_candidates(open_layer(store, "labels"), info.block_size, seed=requested.seed)
     present = np.unique(cand.value)
-    classes, lut = label_classes(present, info.classes, IGNORE)
+    classes, lut = label_classes(present, info.classes, IGNORE, str(store))
     gpu = _device(requested.device).type == "cuda"
     # Drawn first: how many cells it holds out is one of the facts the settings follow.
     split = plan_split(cand, requested.valid_cell, requested.valid_fraction, requested.seed)

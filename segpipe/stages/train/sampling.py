@@ -13,6 +13,7 @@ class-balanced; training and ``export-chips`` share it, so both draw the same ch
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ import dask
 import numpy as np
 
 from segpipe.errors import LabelsError
+from segpipe.io.labels import SingleClassWarning
 from segpipe.stages.train.config import CHIP_MULTIPLE
 from segpipe.types import ClassInfo, default_colour
 
@@ -266,19 +268,31 @@ class ChipSampler:
 
 
 def label_classes(
-    present: np.ndarray, known: tuple[ClassInfo, ...], ignore: int = IGNORE
+    present: np.ndarray, known: tuple[ClassInfo, ...], ignore: int = IGNORE, store: str | None = None
 ) -> tuple[tuple[ClassInfo, ...], np.ndarray]:
     """The classes a model learns (the label values present) and the label -> output-index table.
+
+    Warns (:class:`~segpipe.io.labels.SingleClassWarning`) when a single class is present:
+    ingest warned already, but a training on it ends with a perfect and meaningless score.
 
     Args:
         present: Sorted label values found in the labels (0 excluded).
         known: Classes the region store describes (names, colours); values it does not
             describe get a generic name and colour.
         ignore: Table entry of every value not present (ignored by losses and metrics).
+        store: The store, named in the warning.
 
     Returns:
         The classes in output order and a 256-entry uint8 lookup table.
     """
+    if len(present) == 1:
+        warnings.warn(
+            f"the labels of region store {store or '(given)'} hold a single class ({int(present[0])}): the "
+            "model learns nothing and its scores of 1.0 mean nothing; label a second class (or ingest "
+            "a 0/1 mask with --background-value 0)",
+            SingleClassWarning,
+            stacklevel=2,
+        )
     by_value = {c.value: c for c in known}
     classes = tuple(
         by_value.get(int(v), ClassInfo(int(v), f"class {int(v)}", default_colour(int(v)))) for v in present
