@@ -402,3 +402,27 @@ def load_checkpoint_state(out, cfg):
     from segpipe.stages.train.checkpoint import load_checkpoint
 
     return load_checkpoint(out, cfg.resume_key())
+
+
+def test_export_chips_replaces_the_folder_whole(store, tmp_path, monkeypatch):
+    """A smaller export leaves only its own chips; a failed one leaves the earlier folder as it was."""
+    from segpipe.stages.train import chips
+    from segpipe.stages.train.chips import export_chips
+
+    out = tmp_path / "chips"
+    export_chips(store, out, chip_size=32, count=12, seed=4)
+    (out / "notes.txt").write_text("mine")
+    export_chips(store, out, chip_size=32, count=3, seed=4)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["dataset.json", "index.csv", "notes.txt",
+                            *(f"{k}_{n:04d}.tif" for k in ("image", "label") for n in range(3))])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(folder, rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(chips, "_write_index", broken)
+    with pytest.raises(OSError):
+        export_chips(store, out, chip_size=16, count=20, seed=5)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".chips")) == []

@@ -1,6 +1,6 @@
 """Publish a finished folder whole: a kill leaves the earlier folder or the new one, never a mix.
 
-A stage builds its result (a region store, an evaluation report) in a hidden sibling of
+A stage builds its result (a region store, an evaluation report, exported chips) in a hidden sibling of
 its destination ``out``, ``.NAME.tmp-TAG``, on the same filesystem so that renames are
 atomic, and :func:`swap_in` publishes it with two renames: ``out`` to ``.NAME.old-TAG``,
 then the sibling to ``out``; the earlier folder is removed last. ``TAG`` is
@@ -16,16 +16,19 @@ removed; those of live processes and of other hosts are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
 import shutil
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from segpipe.errors import InputError
 from segpipe.io.runs import pid_alive
 
-__all__ = ["recover", "run_tag", "staging_path", "swap_in"]
+__all__ = ["recover", "run_tag", "staged_folder", "staging_path", "swap_in", "target_folder"]
 
 
 def run_tag() -> str:
@@ -104,3 +107,76 @@ def swap_in(staging: Path, out: Path, tag: str) -> None:
         os.replace(old, out)
         raise
     _remove(old)
+
+
+def target_folder(out: str | Path, what: str) -> Path:
+    """``out`` as an absolute path with links resolved: the real folder is swapped, not a link to it.
+
+    Args:
+        out: The destination as the user gave it.
+        what: What it holds ("report folder"), for the message.
+
+    Raises:
+        InputError: ``out`` is the current folder or holds it (it cannot be replaced whole).
+    """
+    target = Path(os.path.realpath(out))
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        raise InputError(
+            f"--out {out} is or holds the current folder: a {what} is replaced whole, so name a folder "
+            "of its own"
+        )
+    return target
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path, owned: Callable[[str], bool], what: str) -> Iterator[Path]:
+    """A hidden staging folder for a stage's files; swapped in as ``out`` when the block ends without error.
+
+    Entries of an earlier ``out`` that the stage does not write (``owned`` is False for
+    their names: a user's notes, say) are carried into the staging folder as hard links
+    (copies where the filesystem has none) just before the swap, so they survive it and the
+    earlier folder stays whole until it is swapped out; the stage's own files of an earlier
+    run never are. On error (or when the swap itself fails) the staging folder is removed
+    and ``out`` is left as it was.
+
+    Raises:
+        InputError: ``out`` is or holds the current folder.
+    """
+    target = target_folder(out, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
+    tag = run_tag()
+    staging = staging_path(target, tag)
+    staging.mkdir()
+    try:
+        yield staging
+        _carry_over(target, staging, owned)
+        swap_in(staging, target, tag)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _link(src: str, dst: str) -> str:
+    """Hard-link ``src`` to ``dst`` (no bytes copied), or copy it where links are refused."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+    return dst
+
+
+def _carry_over(target: Path, staging: Path, owned: Callable[[str], bool]) -> None:
+    """Bring the entries of ``target`` the stage does not own into ``staging``; ``target`` stays whole."""
+    if not target.is_dir():
+        return
+    shutil.copymode(target, staging)  # the folder keeps its permissions across the swap
+    for entry in target.iterdir():
+        dst = staging / entry.name
+        if owned(entry.name) or os.path.lexists(dst):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dst, symlinks=True, copy_function=_link)
+        else:
+            _link(str(entry), str(dst))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,15 @@ from affine import Affine
 
 from segpipe.errors import InputError, StoreError
 from segpipe.io.store import RegionInfo, open_layer, read_region_info
+from segpipe.io.swap import staged_folder
 from segpipe.stages.train.sampling import Candidates, CentreSampler, ChipSampler, find_candidates
 from segpipe.types import classes_to_json
 
 __all__ = ["ChipExport", "export_chips"]
+
+INDEX_FILE = "index.csv"
+DATASET_FILE = "dataset.json"
+_CHIP_FILE = re.compile(r"(image|label)_\d+\.tif")
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,8 @@ def export_chips(
 
     Args:
         store: Region store with ``image`` and ``labels``.
-        out: Folder to write (created; existing chips with the same names are replaced).
+        out: Folder to write, replaced whole once every chip is written (files in it that
+            export-chips does not write are kept).
         chip_size: Chip edge in pixels (at most the region's smaller edge).
         count: Number of chips.
         seed: Seed of the draw (same seed, same chips).
@@ -96,19 +103,25 @@ def export_chips(
     cand, sampler = _chip_source(store, info, chip_size, seed)
     rng = np.random.default_rng(seed)
     picks = CentreSampler(cand, balanced).draw(rng, count)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt else None
     width = max(4, len(str(count - 1)))
-    rows = []
-    for n, i in enumerate(picks):
-        y0, x0 = sampler.window_for(int(cand.y[i]), int(cand.x[i]), rng)
-        chip = _Chip(f"{n:0{width}d}", y0, x0, int(cand.value[i]))
-        rows.append(_write_chip(folder, chip, sampler, info, crs))
-    index = _write_index(folder, rows)
-    settings = {"chip_size": chip_size, "count": count, "seed": seed, "balanced": balanced}
-    (folder / "dataset.json").write_text(json.dumps(_dataset(store, info, settings), indent=2) + "\n")
-    return ChipExport(folder, count, index)
+    # Written beside ``out`` and swapped in whole: a kill leaves the earlier chips or the
+    # new ones, never a mix, and no chip of an earlier, larger export stays beside the index.
+    with staged_folder(out, _owned, "chip folder") as folder:
+        rows = []
+        for n, i in enumerate(picks):
+            y0, x0 = sampler.window_for(int(cand.y[i]), int(cand.x[i]), rng)
+            chip = _Chip(f"{n:0{width}d}", y0, x0, int(cand.value[i]))
+            rows.append(_write_chip(folder, chip, sampler, info, crs))
+        _write_index(folder, rows)
+        settings = {"chip_size": chip_size, "count": count, "seed": seed, "balanced": balanced}
+        (folder / "dataset.json").write_text(json.dumps(_dataset(store, info, settings), indent=2) + "\n")
+    return ChipExport(Path(out), count, Path(out) / INDEX_FILE)
+
+
+def _owned(name: str) -> bool:
+    """Whether ``name`` is a file export-chips writes (an earlier export's is never kept)."""
+    return name in (INDEX_FILE, DATASET_FILE) or _CHIP_FILE.fullmatch(name) is not None
 
 
 def _check_request(info: RegionInfo, chip_size: int, count: int) -> None:
@@ -179,7 +192,7 @@ def _write_chip(
 
 def _write_index(folder: Path, rows: list[dict[str, object]]) -> Path:
     """``index.csv``: one row per chip."""
-    index = folder / "index.csv"
+    index = folder / INDEX_FILE
     with index.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
