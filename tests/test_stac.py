@@ -214,3 +214,9 @@ def test_collection_of_a_batch(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no STAC Item"):
         write_collection([], tmp_path / "c2.json")
     assert not (tmp_path / "c2.json").exists()
+    item_bytes = items[0].read_bytes()
+    with pytest.raises(InputError, match="is one of the Items"):  # it would overwrite its own input
+        write_collection(items, items[0])
+    assert items[0].read_bytes() == item_bytes
+    with pytest.raises(InputError, match="give a list"):  # iterated letter by letter before
+        write_collection(str(items[0]), tmp_path / "c3.json")

@@ -58,7 +58,8 @@ def collection_of(
     """The Collection of some Item files, with links relative to ``out``.
 
     Raises:
-        InputError: No Item given, or a file is not a STAC Item.
+        InputError: No Item given, one path instead of a list, ``out`` among the Items, or
+            a file is not a STAC Item.
         MissingInputError: An Item file does not exist.
     """
     if not item_files:
@@ -99,10 +100,16 @@ def write_collection(
         The file written.
 
     Raises:
-        InputError: No Item given, or a file is not a STAC Item.
+        InputError: No Item given, one path instead of a list, ``out`` among the Items, or
+            a file is not a STAC Item.
         MissingInputError: An Item file does not exist.
     """
     dest = Path(out)
+    if isinstance(item_files, str | Path):  # one path given where a list belongs (the API)
+        raise InputError(f"item_files {str(item_files)!r}: give a list of .stac.json paths")
+    for item in item_files:
+        if Path(item).resolve() == dest.resolve():
+            raise InputError(f"{out} is one of the Items: name another file for the Collection")
     collection = collection_of(item_files, dest, collection_id or dest.resolve().parent.name, description)
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, stac_json(collection).encode())
