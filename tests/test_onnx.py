@@ -245,3 +245,26 @@ def test_the_export_model_command_lists_its_files_and_refuses_in_one_line(tmp_pa
     errors = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode != 0 and len(errors) == 1 and "torch model package" in errors[0], refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_an_onnx_file_has_the_usual_mode_and_killed_exports_leave_nothing(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    forest = stub_package(tmp_path / "forest")
+    out = tmp_path / "forest.onnx"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    left = tmp_path / f".forest.onnx.{dead}-0123abcd.onnx"  # what an export killed mid-write leaves
+    left.write_bytes(b"half an onnx file")
+    mask = os.umask(0o022)
+    try:
+        export_onnx(forest, out)
+    finally:
+        os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o644  # mkstemp's 0600 kept other users out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forest", "forest.onnx"]
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(ModelPackageError, match=r"--onnx .*folder\.onnx is a folder"):
+        export_onnx(forest, tmp_path / "folder.onnx")

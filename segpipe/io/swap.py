@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -28,7 +29,16 @@ from pathlib import Path
 from segpipe.errors import InputError
 from segpipe.io.runs import pid_alive
 
-__all__ = ["recover", "run_tag", "staged_folder", "staging_path", "swap_in", "target_folder"]
+__all__ = [
+    "recover",
+    "remove_stale_temporaries",
+    "run_tag",
+    "staged_folder",
+    "staging_path",
+    "swap_in",
+    "target_folder",
+    "temporary_name",
+]
 
 
 def run_tag() -> str:
@@ -180,3 +190,21 @@ def _carry_over(target: Path, staging: Path, owned: Callable[[str], bool]) -> No
             shutil.copytree(entry, dst, symlinks=True, copy_function=_link)
         else:
             _link(str(entry), str(dst))
+
+
+def temporary_name(dest: Path, suffix: str = "") -> Path:
+    """A hidden temporary ``.NAME.PID-HEX<suffix>`` beside ``dest``: what remove_stale_temporaries sweeps."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def remove_stale_temporaries(dest: Path) -> None:
+    """Delete temporaries of earlier exports to ``dest`` (``.NAME.PID-HEX.*``) whose process has ended.
+
+    The COG's, its legend's, the polygons' and the ONNX file's temporaries share that form
+    (:func:`temporary_name`), so one sweep serves every export.
+    """
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(\d+)-[0-9a-f]{{8}}\.")
+    for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.*"):
+        match = pattern.match(tmp.name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)

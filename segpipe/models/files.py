@@ -15,10 +15,12 @@ from collections.abc import Collection
 from pathlib import Path
 
 __all__ = [
+    "MLM_FILE",
     "ONNX_FILE",
     "SPEC_FILE",
     "WEIGHTS_FILE",
     "atomic_write",
+    "give_default_mode",
     "remove_stale_plots",
     "replace_package_files",
     "settle_package",
@@ -28,6 +30,7 @@ SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 # The weights of an ONNX package (model.json's weights_format "onnx"), run by onnxruntime.
 ONNX_FILE = "model.onnx"
+MLM_FILE = "mlm.json"  # the package's STAC MLM description (segpipe.models.mlm)
 
 
 def _umask() -> int:
@@ -44,15 +47,22 @@ _UMASK_LOCK = threading.Lock()
 _MKSTEMP_PART = re.compile(r"[a-z0-9_]{8}")
 
 
+def give_default_mode(path: Path) -> None:
+    """Give a file the mode ``open()`` would have (0666 less the umask).
+
+    mkstemp makes its files 0600: workers or containers running as another user could not
+    read a package or an ONNX file renamed from one.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all (a temporary beside it, renamed over it)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        # mkstemp makes the file 0600: workers or containers running as another user
-        # could not read the package. Give it the mode open() would have.
-        os.chmod(tmp, 0o666 & ~_umask())
+        give_default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,8 +97,6 @@ def _remove_write_temporaries(folder: Path) -> None:
     Only a writer calls this (see :func:`settle_package`): a package has one writer at a
     time, so none of these can belong to a write still at work.
     """
-    from segpipe.models.mlm import MLM_FILE  # mlm imports this module
-
     names = (WEIGHTS_FILE, ONNX_FILE, SPEC_FILE)
     for path in (*(_staged(folder, n) for n in names), folder / SPEC_FILE, folder / MLM_FILE):
         for tmp in _write_temporaries(path):

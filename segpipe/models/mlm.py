@@ -18,14 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segpipe.models.files import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write
+from segpipe.models.files import MLM_FILE, ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write
 
 if TYPE_CHECKING:
     from segpipe.models.spec import ModelSpec
 
 __all__ = ["MLM_EXTENSION", "MLM_FILE", "STAC_VERSION", "mlm_item", "write_mlm"]
 
-MLM_FILE = "mlm.json"
 MLM_EXTENSION = "https://stac-extensions.github.io/mlm/v1.5.0/schema.json"
 STAC_VERSION = "1.1.0"
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segpipe.errors import EnvironmentFaultError, ModelPackageError
-from segpipe.models.files import SPEC_FILE, WEIGHTS_FILE, atomic_write, replace_package_files
+from segpipe.io.swap import remove_stale_temporaries, temporary_name
+from segpipe.models.files import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    atomic_write,
+    give_default_mode,
+    replace_package_files,
+)
 from segpipe.models.package import ONNX_FILE, load_model
 from segpipe.models.spec import ModelSpec
 
@@ -300,14 +306,16 @@ def export_onnx(
     # Checked on another batch size and, where dynamic, another (non-square) window.
     probe = torch.randn(3, bands, size if fixed else size + stride, size, generator=gen)
     out = Path(out_path)
+    if out.is_dir():
+        raise ModelPackageError(f"--onnx {out} is a folder: name the .onnx file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".onnx")
-    os.close(fd)
-    tmp = Path(name)
+    remove_stale_temporaries(out)  # what killed exports to ``out`` left (each as big as the model)
+    tmp = temporary_name(out, ".onnx")
     try:
         _trace(module, sample, tmp, opset, dynamic=not fixed)
         _describe_graph(tmp, spec)
         diff = _verify(net, tmp, spec, probe)
+        give_default_mode(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -56,8 +55,8 @@ from segpipe.io.remote import (
     url_name,
     url_parent,
 )
-from segpipe.io.runs import pid_alive
 from segpipe.io.store import RegionInfo, read_region_info, same_nodata
+from segpipe.io.swap import remove_stale_temporaries
 from segpipe.stages.export.band_stats import band_statistics
 from segpipe.stages.export.geotiff import WINDOW, write_geotiff_layer
 from segpipe.stages.export.layers import ExportLayer, band_colormap, classes_from_tags, describe_layer
@@ -72,7 +71,7 @@ from segpipe.stages.export.legend import (
 from segpipe.stages.export.lineage import read_lineage
 from segpipe.stages.export.stac import file_fields, stac_bands, stac_item, stac_item_path, stac_json
 
-__all__ = ["COMPRESSIONS", "COPY_CACHE_BYTES", "READ_CACHE_BYTES", "remove_stale_temporaries", "write_cog"]
+__all__ = ["COMPRESSIONS", "COPY_CACHE_BYTES", "READ_CACHE_BYTES", "write_cog"]
 
 COMPRESSIONS = ("DEFLATE", "ZSTD")
 # GDAL's block cache during the conversion, in bytes (as rasterio takes it). The COG driver
@@ -165,19 +164,6 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
             if not parent.is_dir():
                 raise StorageError(f"cannot write COG {dest}: {parent} is a file, not a folder")
             break
-
-
-def remove_stale_temporaries(dest: Path) -> None:
-    """Delete temporaries of earlier exports to ``dest`` (``.NAME.PID-HEX.*``) whose process has ended.
-
-    The COG's, its legend's and the polygons' temporaries share that form, so one sweep
-    serves every export.
-    """
-    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(\d+)-[0-9a-f]{{8}}\.")
-    for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.*"):
-        match = pattern.match(tmp.name)
-        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
-            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
