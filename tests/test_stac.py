@@ -220,3 +220,5 @@ def test_collection_of_a_batch(tmp_path: Path) -> None:
     assert items[0].read_bytes() == item_bytes
     with pytest.raises(InputError, match="give a list"):  # iterated letter by letter before
         write_collection(str(items[0]), tmp_path / "c3.json")
+    with pytest.raises(InputError, match=r"region0 is a folder: name the Collection file"):
+        write_collection(items, tmp_path / "region0")

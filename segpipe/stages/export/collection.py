@@ -58,8 +58,8 @@ def collection_of(
     """The Collection of some Item files, with links relative to ``out``.
 
     Raises:
-        InputError: No Item given, one path instead of a list, ``out`` among the Items, or
-            a file is not a STAC Item.
+        InputError: No Item given, one path instead of a list, ``out`` a folder or among
+            the Items, or a file is not a STAC Item.
         MissingInputError: An Item file does not exist.
     """
     if not item_files:
@@ -100,11 +100,14 @@ def write_collection(
         The file written.
 
     Raises:
-        InputError: No Item given, one path instead of a list, ``out`` among the Items, or
-            a file is not a STAC Item.
+        InputError: No Item given, one path instead of a list, ``out`` a folder or among
+            the Items, or a file is not a STAC Item.
         MissingInputError: An Item file does not exist.
     """
     dest = Path(out)
+    if dest.is_dir():
+        example = dest / "collection.json"
+        raise InputError(f"{out} is a folder: name the Collection file to write, e.g. {example}")
     if isinstance(item_files, str | Path):  # one path given where a list belongs (the API)
         raise InputError(f"item_files {str(item_files)!r}: give a list of .stac.json paths")
     for item in item_files:
