@@ -29,7 +29,7 @@ from typing import Any
 
 from segpipe.errors import EngineError, InputError
 
-__all__ = ["START_TIMEOUT_ENV", "start_local_engine", "use_local_engine"]
+__all__ = ["START_TIMEOUT_ENV", "leave_tracebacks_to_the_command", "start_local_engine", "use_local_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,35 @@ def _start_timeout() -> int:
     if seconds < 1:
         raise InputError(f"{START_TIMEOUT_ENV}={raw!r} must be a whole number of seconds, 1 or more")
     return seconds
+
+
+class _NoTraceback(logging.Filter):
+    """Keep a failed task's or flow's log line, without its traceback (the command prints the error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+# Prefect's loggers of task and flow runs: each failure is logged there with its traceback.
+_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+def leave_tracebacks_to_the_command() -> None:
+    """Log failed tasks and flows in one line: the ``segpipe`` command ends with the error itself.
+
+    Without this, a missing image in a region file printed Prefect's ERROR records with
+    the full traceback (112 lines for ``run``, three tracebacks for a ``batch``) before
+    the command's one ``error:`` line; ``--debug`` prints the traceback there. Only with
+    the local engine, which ends with the command: a configured Prefect server keeps the
+    traceback in the run's logs (the filter would cut it from them too).
+    """
+    if "PREFECT_API_URL" in os.environ:
+        return
+    for name in _RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
 
 
 def use_local_engine(home: Path | None = None, start: bool = True) -> None:

@@ -925,6 +925,9 @@ def _flow_console(task_runner: str | None) -> None:
 
     if task_runner not in (None, "local", "dask"):
         raise InputError(f"--task-runner {task_runner!r} must be local or dask")
+    from flows.engine import leave_tracebacks_to_the_command
+
+    leave_tracebacks_to_the_command()
     _show_cluster_log()
 
 

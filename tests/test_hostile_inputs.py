@@ -667,6 +667,14 @@ def _(w: World, tmp: Path) -> Case:
     return Case(["run", str(tmp / "region.yaml")], culprit="region.yaml", script=True)
 
 
+@case("run: an image the region file names does not exist")
+def _(w: World, tmp: Path) -> Case:
+    # Found by the flow's ingest task: Prefect logged it with the traceback before the error line.
+    (tmp / "region.yaml").write_text("images: [nothere.vrt]\nstore: r.zarr\nmodel: m\nexport_dir: x\n"
+                                     "train: {arch: random_forest}\n")
+    return Case(["run", str(tmp / "region.yaml")], culprit="nothere.vrt", script=True)
+
+
 @case("run: the region file is a list")
 def _(w: World, tmp: Path) -> Case:
     (tmp / "region.yaml").write_text("- images: a.tif\n- store: b.zarr\n")
