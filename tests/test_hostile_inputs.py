@@ -235,6 +235,13 @@ def _(w: World, tmp: Path) -> Case:
 # ---------------------------------------------------------------- ingest
 
 
+@case("ingest: a STAC file that is not valid JSON")
+def _(w: World, tmp: Path) -> Case:
+    (tmp / "scene.stac.json").write_text('{"type": "Feature", ')
+    return Case(["ingest", str(tmp / "scene.stac.json"), "--out", str(tmp / "s.zarr")],
+                culprit="not valid JSON", absent=[tmp / "s.zarr"])
+
+
 @case("ingest: image does not exist")
 def _(w: World, tmp: Path) -> Case:
     return Case(["ingest", str(tmp / "nope.tif"), "--out", str(tmp / "s.zarr")], culprit="nope.tif",

@@ -222,3 +222,5 @@ def test_collection_of_a_batch(tmp_path: Path) -> None:
         write_collection(str(items[0]), tmp_path / "c3.json")
     with pytest.raises(InputError, match=r"region0 is a folder: name the Collection file"):
         write_collection(items, tmp_path / "region0")
+    with pytest.raises(InputError, match="is given twice"):
+        write_collection([items[0], items[1], items[0]], tmp_path / "c4.json")

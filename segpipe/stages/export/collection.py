@@ -58,8 +58,8 @@ def collection_of(
     """The Collection of some Item files, with links relative to ``out``.
 
     Raises:
-        InputError: No Item given, one path instead of a list, ``out`` a folder or among
-            the Items, or a file is not a STAC Item.
+        InputError: No Item given, one path instead of a list, an Item twice, ``out`` a
+            folder or among the Items, or a file is not a STAC Item.
         MissingInputError: An Item file does not exist.
     """
     if not item_files:
@@ -100,8 +100,8 @@ def write_collection(
         The file written.
 
     Raises:
-        InputError: No Item given, one path instead of a list, ``out`` a folder or among
-            the Items, or a file is not a STAC Item.
+        InputError: No Item given, one path instead of a list, an Item twice, ``out`` a
+            folder or among the Items, or a file is not a STAC Item.
         MissingInputError: An Item file does not exist.
     """
     dest = Path(out)
@@ -110,9 +110,13 @@ def write_collection(
         raise InputError(f"{out} is a folder: name the Collection file to write, e.g. {example}")
     if isinstance(item_files, str | Path):  # one path given where a list belongs (the API)
         raise InputError(f"item_files {str(item_files)!r}: give a list of .stac.json paths")
+    seen: set[Path] = set()
     for item in item_files:
         if Path(item).resolve() == dest.resolve():
             raise InputError(f"{out} is one of the Items: name another file for the Collection")
+        if Path(item).resolve() in seen:
+            raise InputError(f"STAC Item {item} is given twice: name each Item once")
+        seen.add(Path(item).resolve())
     collection = collection_of(item_files, dest, collection_id or dest.resolve().parent.name, description)
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, stac_json(collection).encode())

@@ -10,6 +10,7 @@ for a flow deciding whether its store is up to date.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,13 @@ def _stac_input(images: Sequence[str | Path] | str | Path) -> str | Path | None:
     items = [images] if isinstance(images, str | Path) else list(images)
     if len(items) != 1:
         return None
-    return items[0] if is_stac(items[0]) else None
+    if is_stac(items[0]):
+        return items[0]
+    if str(items[0]).lower().endswith(".json") and os.path.isfile(items[0]):
+        # No raster either: read_stac names what is wrong with it (JSON syntax, not STAC),
+        # where GDAL would only say it cannot be read as a raster.
+        read_stac(items[0])
+    return None
 
 
 def _one_grid(images: Sequence[str | Path] | str | Path) -> bool:

@@ -128,7 +128,9 @@ def _check_request(info: RegionInfo, chip_size: int, count: int) -> None:
     """Refuse a count below one or a chip that does not fit the region."""
     if count < 1:
         raise InputError(f"--count must be at least 1, not {count}")
-    if not 1 <= chip_size <= min(info.height, info.width):
+    if chip_size < 1:
+        raise InputError(f"--chip-size must be a positive number of pixels, not {chip_size}")
+    if chip_size > min(info.height, info.width):
         raise InputError(
             f"--chip-size {chip_size} does not fit the {info.height} x {info.width} px region: "
             f"use at most {min(info.height, info.width)}"
