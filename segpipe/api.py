@@ -11,11 +11,13 @@ README's "Python API").
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segpipe.errors import InputError
 from segpipe.io.remote import as_url, beside, is_remote, join
 from segpipe.types import ClassInfo
 
@@ -175,6 +177,17 @@ class EvaluateResult:
     metrics: Mapping[str, Any]
 
 
+def _require_paths(**given: object) -> None:
+    """Refuse an argument that is not a path or URL by name (``None`` raised a TypeError deep inside).
+
+    Raises:
+        InputError: A value is not a ``str`` or ``os.PathLike``.
+    """
+    for name, value in given.items():
+        if not isinstance(value, str | os.PathLike):
+            raise InputError(f"{name} must be a path or an s3:// URL (str or pathlib.Path), not {value!r}")
+
+
 def _within(folder: str | Path, name: str) -> Path | str:
     """``name`` in a local folder (a Path) or under an ``s3://`` prefix (a URL)."""
     return join(as_url(folder), name) if is_remote(folder) else Path(folder) / name
@@ -231,6 +244,7 @@ def ingest(
             that disagree in bands or type, unusable STAC or labels, a destination that
             cannot be written).
     """
+    _require_paths(out=out)
     from segpipe.stages.ingest import ingest as run
 
     info = run(images, out, labels=labels, label_field=label_field, classes=classes,
@@ -291,6 +305,7 @@ def train(
         SegpipeError: As :func:`segpipe.stages.train.train` (no labels, a store that is
             missing or damaged, nothing to resume).
     """
+    _require_paths(store=store, out=out)
     from segpipe.stages.train.config import train_config
 
     settings = {**(config or {}), **fields}
@@ -354,6 +369,7 @@ def predict(
         SegpipeError: As :func:`segpipe.stages.predict.predict` (an invalid package, bands
             or pixel size that differ, bad settings, a store held by another run).
     """
+    _require_paths(store=store, model=model)
     from segpipe.stages.predict.driver import MAX_TASK_PIXELS
     from segpipe.stages.predict.driver import predict as run
 
@@ -389,6 +405,7 @@ def export(
         SegpipeError: As :func:`segpipe.stages.export.write_cog` (no such layer, a bad
             destination or compression, a destination that cannot be written).
     """
+    _require_paths(store=store, out=out)
     from segpipe.stages.export.cog import write_cog
     from segpipe.stages.export.legend import legend_files
     from segpipe.stages.export.stac import stac_item_path
@@ -426,6 +443,7 @@ def export_model(
         ModelPackageError: The package is invalid or already ONNX, the window does not
             fit the network, the export does not match torch, or ``package`` holds torch weights.
     """
+    _require_paths(model=model, onnx=onnx)
     from segpipe.models.onnx import export_onnx
 
     return export_onnx(model, onnx, opset, package=package, window=window)
@@ -459,6 +477,7 @@ def polygons(
     Raises:
         InputError: A bad destination or setting; MissingLayerError without classes.
     """
+    _require_paths(store=store, out=out)
     from segpipe.stages.export.vector import write_vector
 
     return write_vector(store, out, min_area=min_area, simplify=simplify, client=client)
@@ -481,6 +500,7 @@ def preview(cog: str | Path, out: str | Path, *, max_size: int = 1024) -> Path:
     Raises:
         InputError: ``cog`` is missing or no raster, or ``out`` is no ``.png``.
     """
+    _require_paths(cog=cog, out=out)
     from segpipe.stages.export.preview import write_preview
 
     return write_preview(cog, out, max_size)
@@ -519,6 +539,7 @@ def evaluate(
             overlap or no labelled pixel, bad points or sampling, a report folder that
             cannot be written).
     """
+    _require_paths(prediction=prediction, reference=reference, out=out)
     from segpipe.stages.evaluate import evaluate as run
 
     metrics = run(prediction, reference, out, reference_field=reference_field, layer=layer,

@@ -210,3 +210,18 @@ def test_open_region_without_predictions(scene: Any, tmp_path: Path) -> None:
     assert set(ds.data_vars) == {"image"} and ds.image.data.chunks[1] == (128, 64)
     with pytest.raises(segpipe.MissingInputError):
         segpipe.open_region(tmp_path / "absent.zarr")
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: segpipe.predict(None, "model"), "store"),  # type: ignore[arg-type]
+        (lambda: segpipe.train("s.zarr", None), "out"),  # type: ignore[arg-type]
+        (lambda: segpipe.export("s.zarr", 3), "out"),  # type: ignore[arg-type]
+        (lambda: segpipe.evaluate("s.zarr", None, "report"), "reference"),  # type: ignore[arg-type]
+        (lambda: segpipe.preview(["a.tif"], "p.png"), "cog"),  # type: ignore[arg-type]
+    ],
+)
+def test_an_argument_that_is_no_path_is_named(call: Any, name: str) -> None:
+    with pytest.raises(segpipe.InputError, match=rf"^{name} must be a path or an s3:// URL"):
+        call()
