@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -44,7 +43,7 @@ from segpipe.errors import InputError, VectorFormatError
 from segpipe.grid.box import Box, iter_boxes
 from segpipe.io.remote import is_remote, storage_errors
 from segpipe.io.store import RegionInfo, has_layer, open_layer, read_region_info
-from segpipe.io.swap import remove_stale_temporaries
+from segpipe.io.swap import remove_stale_temporaries, temporary_name
 from segpipe.stages.export.vector_blocks import BlockPolygons, polygonize_block, sieve_facts
 from segpipe.stages.export.vector_merge import Patches, RowMerger
 from segpipe.stages.export.vector_parquet import GeoParquetSink
@@ -232,10 +231,10 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
 def _staged(dest: Path) -> Iterator[Path]:
     """A hidden temporary beside ``dest`` (same filesystem: the rename is atomic), always removed.
 
-    Its name, ``.<name>.<pid>-<8 hex>.<suffix>``, is the COG export's temporaries' form, which
-    its sweep of dead processes' leftovers (:func:`segpipe.io.swap.remove_stale_temporaries`) recognises.
+    Its name (:func:`segpipe.io.swap.temporary_name`) is the one the sweep of dead processes'
+    leftovers (:func:`segpipe.io.swap.remove_stale_temporaries`) recognises.
     """
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{dest.suffix}")
+    tmp = temporary_name(dest, dest.suffix)
     try:
         yield tmp
     finally:
